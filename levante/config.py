@@ -1,0 +1,151 @@
+"""Small dataclasses that describe a model and how the engine runs it.
+
+`ModelConfig.from_hf_dict` accepts both config.json layouts in the wild: the
+classic one (`rope_theta`, `rope_scaling`) and transformers 5's
+(`rope_parameters`, possibly keyed by layer type).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from levante.errors import ModelLoadError
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | llama3 | dynamic | yarn
+    factor: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    layer_types: list[str] = field(default_factory=list)
+    rope: dict[str, RopeConfig] = field(default_factory=dict)
+    sliding_window: int | None = None
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcapping: float | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        cfg = dict(cfg.get("text_config") or {}, **{k: v for k, v in cfg.items() if k != "text_config"}) \
+            if "text_config" in cfg and "hidden_size" not in cfg else cfg
+        try:
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            layers = int(cfg["num_hidden_layers"])
+            archs = cfg.get("architectures") or [cfg.get("model_type", "")]
+            eos = cfg.get("eos_token_id")
+            sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+            return cls(
+                architecture=archs[0],
+                model_type=cfg.get("model_type", ""),
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=layers,
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu",
+                layer_types=_layer_types(cfg, layers, sliding),
+                rope=_rope_configs(cfg),
+                sliding_window=sliding,
+                query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
+                final_logit_softcapping=cfg.get("final_logit_softcapping"),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+                raw=cfg,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"config is missing or has a bad value for {e}") from None
+
+
+def _layer_types(cfg: dict, num_layers: int, sliding: int | None) -> list[str]:
+    if cfg.get("layer_types"):
+        return list(cfg["layer_types"])
+    if sliding and cfg.get("model_type", "").startswith("gemma3"):
+        pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        return [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers)]
+    if sliding and cfg.get("use_sliding_window"):
+        start = int(cfg.get("max_window_layers", num_layers))
+        return [SLIDING if i >= start else FULL for i in range(num_layers)]
+    return [FULL] * num_layers
+
+
+def _rope_from(params: dict | None, theta: float) -> RopeConfig:
+    params = dict(params or {})
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    theta = float(params.pop("rope_theta", theta))
+    factor = float(params.pop("factor", 1.0))
+    return RopeConfig(theta=theta, rope_type=rope_type, factor=factor, extra=params)
+
+
+def _rope_configs(cfg: dict) -> dict[str, RopeConfig]:
+    params = cfg.get("rope_parameters")
+    theta = float(cfg.get("rope_theta", 10000.0))
+    if isinstance(params, dict) and (FULL in params or SLIDING in params):
+        return {kind: _rope_from(p, theta) for kind, p in params.items()}
+    if isinstance(params, dict):
+        full = _rope_from(params, theta)
+    else:
+        full = _rope_from(cfg.get("rope_scaling"), theta)
+    local_theta = cfg.get("rope_local_base_freq")
+    local = RopeConfig(theta=float(local_theta)) if local_theta else full
+    return {FULL: full, SLIDING: local}
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    # Memory for the KV cache; blocks are preallocated from it at start.
+    memory_gb: float = 2.0
+    num_blocks: int | None = None  # overrides memory_gb when set
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024  # the per-step token budget; bounds chunked-prefill latency
+    max_model_len: int | None = None
+    dtype: torch.dtype | None = None  # None: float32 for tests? no: bfloat16 on CPU with AMX/AVX512-BF16, else float32
+    device: str = "cpu"
+    num_threads: int | None = None
+    warmup: bool = True
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)

@@ -1,0 +1,262 @@
+"""The engine: requests in, outputs out, one `step()` at a time.
+
+    add_request -> Scheduler -> ModelRunner (Model.forward) -> Sampler -> detokenizer
+
+`step()` is synchronous; `EngineLoop` (engine/loop.py) drives it from a thread
+for the server, sleeping while there is nothing to do.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from levante.config import EngineConfig
+from levante.engine.kv_cache import BlockManager
+from levante.engine.outputs import CompletionOutput, RequestOutput
+from levante.engine.runner import ModelRunner, kv_bytes_per_token
+from levante.engine.sampler import Sampler, top_logprobs
+from levante.engine.sampling_params import SamplingParams
+from levante.engine.scheduler import ScheduledSequence, Scheduler
+from levante.engine.sequence import Sequence
+from levante.errors import InvalidRequest
+from levante.loader.auto import open_model
+from levante.loader.tokenizer import IncrementalDetokenizer
+from levante.models.registry import build_model, load_weights
+
+logger = logging.getLogger("levante")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return torch.bfloat16 if caps.get("avx512_bf16") or caps.get("amx_bf16") else torch.float32
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+class Engine:
+    def __init__(self, model: str, config: EngineConfig | None = None, progress: bool = False):
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        self.dtype = config.dtype or default_dtype(self.device)
+        started = time.monotonic()
+        self.source = open_model(model)
+        self.model_config = self.source.config
+        self.tokenizer = self.source.tokenizer()
+        self.model = build_model(self.model_config, self.dtype, self.device)
+        load_weights(self.model, _with_progress(self.source, progress))
+        self.model.eval()
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self._init_cache()
+        self.sampler = Sampler(self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.load_seconds = time.monotonic() - started
+        if config.warmup:
+            self.warmup()
+
+    def _init_cache(self) -> None:
+        cache, cfg = self.config.cache, self.config
+        per_token = kv_bytes_per_token(self.model, self.dtype)
+        num_blocks = cache.num_blocks or int(cache.memory_gb * (1 << 30) // (per_token * cache.block_size))
+        capacity = num_blocks * cache.block_size
+        self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings, capacity)
+        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+
+    def warmup(self) -> None:
+        """One dummy request, run and drained to the end before the engine reports ready (#1645)."""
+        self.add_request("warmup", [self.tokenizer.bos_token_id or 0] * 8,
+                         SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+
+    # -- requests ---------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id '{request_id}' is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(ids)
+        params = self._clamp(params, len(ids))
+        seqs = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            seqs.append(Sequence(request_id, i, ids, params, detok, seed))
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len}"
+                                 " (prompt and at least one generated token)")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequest(f"token ids must be in [0, {vocab})")
+
+    def _clamp(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        room = self.max_model_len - prompt_len
+        if params.max_tokens is None or params.max_tokens > room:
+            params = SamplingParams(**{**params.__dict__, "max_tokens": room})
+        return params
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else []:
+            if not seq.finished:
+                seq.finish("abort")
+            self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step ---------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        wants_all = [self._wants_prompt_rows(item) for item in batch]
+        samples = [item.samples for item in batch]
+        logits = self.runner.run(batch, wants_all)
+        self.scheduler.after_step(batch)
+        to_sample, sample_rows, row = [], [], 0
+        for item, want_all, sample in zip(batch, wants_all, samples):
+            count = item.num_new_tokens if want_all else int(sample)
+            if want_all:
+                self._record_prompt_rows(item, logits[row:row + count])
+            if sample:
+                to_sample.append(item.seq)
+                sample_rows.append(row + count - 1)
+            row += count
+        if to_sample:
+            rows = logits[sample_rows]
+            tokens, raw_logprobs = self.sampler(rows, to_sample)
+            for i, (seq, token) in enumerate(zip(to_sample, tokens)):
+                self._append_token(seq, token, None if raw_logprobs is None else raw_logprobs[i])
+        touched = dict.fromkeys(seq.request_id for seq in to_sample)
+        return [self._output(rid) for rid in touched if rid in self.requests]
+
+    @staticmethod
+    def _wants_prompt_rows(item: ScheduledSequence) -> bool:
+        seq = item.seq
+        wants = seq.prompt_logprobs is not None or seq.params.return_prompt_logits
+        return wants and seq.num_computed_tokens < seq.num_prompt_tokens
+
+    def _record_prompt_rows(self, item: ScheduledSequence, logits: torch.Tensor) -> None:
+        seq = item.seq
+        start = seq.num_computed_tokens - item.num_new_tokens
+        rows = min(item.num_new_tokens, seq.num_prompt_tokens - start)
+        if seq.params.return_prompt_logits:
+            previous = seq.prompt_logits if seq.prompt_logits is not None else logits[:0]
+            seq.prompt_logits = torch.cat([previous, logits[:rows].cpu()])
+        if seq.prompt_logprobs is None:
+            return
+        logprobs = logits.log_softmax(-1)
+        k = seq.params.prompt_logprobs
+        for r in range(rows):
+            position = start + r + 1
+            if position < seq.num_prompt_tokens and seq.prompt_logprobs[position] is None:
+                seq.prompt_logprobs[position] = top_logprobs(
+                    logprobs[r], seq.token_ids[position], k, self.tokenizer.id_to_token)
+
+    def _append_token(self, seq: Sequence, token: int, raw_logprobs: torch.Tensor | None) -> None:
+        request = self.requests[seq.request_id]
+        request.first_token_time = request.first_token_time or time.monotonic()
+        seq.token_ids.append(token)
+        params = seq.params
+        if raw_logprobs is not None:
+            seq.cumulative_logprob += float(raw_logprobs[token])
+            if params.logprobs is not None:
+                seq.logprobs.append(top_logprobs(raw_logprobs, token, params.logprobs, self.tokenizer.id_to_token))
+        new_text = seq.detokenizer.step([token])
+        seq.text += new_text
+        if token in params.stop_token_ids:
+            seq.finish("stop", token)
+        elif token in self.eos_token_ids and not params.ignore_eos:
+            seq.finish("stop")
+        elif (stop := self._find_stop(seq, len(new_text))) is not None:
+            seq.finish("stop", stop)
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+        if seq.finished:
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _find_stop(seq: Sequence, new_chars: int) -> str | None:
+        for stop in seq.params.stop:
+            index = seq.text.find(stop, max(0, len(seq.text) - new_chars - len(stop) + 1))
+            if index >= 0:
+                end = index + len(stop) if seq.params.include_stop_str_in_output else index
+                seq.text = seq.text[:end]
+                return stop
+        return None
+
+    def _output(self, request_id: str) -> RequestOutput:
+        request = self.requests[request_id]
+        outputs = [_completion(seq) for seq in request.seqs]
+        finished = request.finished
+        if finished:
+            del self.requests[request_id]
+        first = request.seqs[0]
+        return RequestOutput(
+            request_id=request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
+            outputs=outputs, finished=finished, prompt_logprobs=first.prompt_logprobs,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics={"arrival_time": request.arrival_time, "first_token_time": request.first_token_time,
+                     "prompt_logits": first.prompt_logits},
+        )
+
+
+def _completion(seq: Sequence) -> CompletionOutput:
+    return CompletionOutput(
+        index=seq.index, text=_visible_text(seq), token_ids=list(seq.output_token_ids),
+        cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+        logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+        finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+    )
+
+
+def _visible_text(seq: Sequence) -> str:
+    """While running, hold back a tail that could still grow into a stop string."""
+    text = seq.text
+    if seq.finished or not seq.params.stop:
+        return text
+    hold = 0
+    for stop in seq.params.stop:
+        for size in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:size]):
+                hold = size
+                break
+    return text[: len(text) - hold]
+
+
+def _with_progress(source, progress: bool):
+    weights = source.weights()
+    if not progress:
+        return weights
+    from tqdm import tqdm
+
+    return tqdm(weights, total=source.num_tensors(), desc=f"loading {source.name}", unit="tensor", leave=False)

@@ -1,0 +1,114 @@
+"""The paged KV cache's bookkeeping: a free list, reference counts and a prefix hash map.
+
+Blocks hold `block_size` token slots. A block whose tokens are all computed gets
+a hash chained from its predecessor's, so a later sequence with the same prefix
+reuses it. Freed blocks keep their hash until the free list hands them out again
+(least recently freed first), which makes recompute after preemption cheap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from levante.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = field(default=())
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion-ordered set
+        self.cached: dict[int, int] = {}  # block hash -> block id
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / max(1, len(self.blocks))
+
+    def _block_hash(self, previous: int | None, tokens: tuple[int, ...]) -> int:
+        return hash((previous, tokens))
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks that hold a prefix of `seq`, leaving at least its last token to compute."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []
+        matched, previous = [], None
+        limit = (seq.num_tokens - 1) // self.block_size
+        for i in range(limit):
+            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            previous = self._block_hash(previous, tokens)
+            block_id = self.cached.get(previous)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            matched.append(block_id)
+        return matched
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = ()) -> int:
+        """Free blocks taken if `seq` (after claiming `prefix`) computes `num_new_tokens` more."""
+        held = len(seq.block_table) or len(prefix)
+        computed = seq.num_computed_tokens or len(prefix) * self.block_size
+        total = -(-(computed + num_new_tokens) // self.block_size)
+        revived = sum(1 for b in prefix if self.blocks[b].ref_count == 0)
+        return max(0, total - held) + revived
+
+    def claim_prefix(self, seq: Sequence, prefix: list[int]) -> None:
+        for block_id in prefix:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+        seq.block_table = list(prefix)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(prefix) * self.block_size
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        while len(seq.block_table) < total:
+            block_id = next(iter(self.free))
+            del self.free[block_id]
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.token_ids, block.ref_count = None, (), 1
+            seq.block_table.append(block_id)
+
+    def commit(self, seq: Sequence) -> None:
+        """Hash the blocks that became full of computed tokens, so others can share them."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        start = max(0, seq.num_hashed_blocks - 1)
+        previous = None
+        for i in range(start, full):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None:
+                tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+                block.hash, block.token_ids = self._block_hash(previous, tokens), tokens
+                self.cached.setdefault(block.hash, block.block_id)
+            previous = block.hash
+        seq.num_hashed_blocks = full
+
+    def free_sequence(self, seq: Sequence) -> None:
+        # Reverse order: a sequence's tail is the least likely to be shared, so reuse it first.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_cached_tokens = 0
+        seq.num_hashed_blocks = 0

@@ -1,0 +1,110 @@
+"""From logits to the next token of each sequence.
+
+Order (as vLLM): logit bias, min-tokens EOS mask, repetition / presence /
+frequency penalties, temperature, top-k, top-p, min-p, then a draw. Every
+sequence with a seed draws from its own generator, so its output does not depend
+on what else shares the batch. Reported logprobs are the model's raw ones.
+"""
+from __future__ import annotations
+
+import torch
+
+from levante.engine.outputs import Logprob, PositionLogprobs
+from levante.engine.sequence import Sequence
+
+
+def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.zeros(logits.size(1), device=logits.device).index_add_(
+                0, output, torch.ones(len(output), device=logits.device))
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+
+def _bias_and_mask(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]) -> None:
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+        if seq.num_output_tokens < p.min_tokens:
+            blocked = list((eos_ids if not p.ignore_eos else set()) | set(p.stop_token_ids))
+            if blocked:
+                logits[row, blocked] = float("-inf")
+
+
+def _truncate(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Top-k, then top-p, then min-p, on temperature-scaled logits."""
+    top_k = [s.params.top_k for s in seqs]
+    if any(top_k):
+        k = torch.tensor([kk if kk else logits.size(1) for kk in top_k], device=logits.device).clamp(max=logits.size(1))
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
+    if (top_p < 1).any():
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = (cumulative - sorted_logits.softmax(-1)) >= top_p.unsqueeze(1)  # keep the token crossing p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    min_p = torch.tensor([s.params.min_p for s in seqs], device=logits.device)
+    if (min_p > 0).any():
+        probs = logits.softmax(-1)
+        floor = probs.max(-1, keepdim=True).values * min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    return logits
+
+
+def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Exponential-race sampling (argmax of p / Exp(1)), one generator per seeded sequence."""
+    noise = torch.empty_like(probs)
+    for row, seq in enumerate(seqs):
+        noise[row].exponential_(generator=seq.generator)
+    return (probs / noise).argmax(-1)
+
+
+def top_logprobs(logprobs: torch.Tensor, token: int, k: int, decode) -> PositionLogprobs:
+    """The chosen token's logprob and rank, plus the k most likely tokens."""
+    chosen = float(logprobs[token])
+    result = {token: Logprob(chosen, int((logprobs > chosen).sum()) + 1, decode(token))}
+    if k:
+        values, ids = logprobs.topk(k)
+        for rank, (value, tid) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+            result.setdefault(tid, Logprob(value, rank, decode(tid)))
+    return result
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: set[int]):
+        self.eos_token_ids = eos_token_ids
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
+        """Returns the sampled token ids and, when any sequence wants logprobs, raw logprobs."""
+        raw_logprobs = None
+        if any(s.params.logprobs is not None for s in seqs):
+            raw_logprobs = logits.log_softmax(-1)
+        if all(s.params.greedy and _plain(s) for s in seqs):
+            return logits.argmax(-1).tolist(), raw_logprobs
+        logits = logits.clone()
+        _bias_and_mask(logits, seqs, self.eos_token_ids)
+        _penalize(logits, seqs)
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+        temperature = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs],
+                                   device=logits.device)
+        argmax = logits.argmax(-1)
+        if greedy.all():
+            return argmax.tolist(), raw_logprobs
+        probs = _truncate(logits / temperature.unsqueeze(1), seqs).softmax(-1)
+        sampled = _draw(probs, seqs)
+        return torch.where(greedy, argmax, sampled).tolist(), raw_logprobs
+
+
+def _plain(seq: Sequence) -> bool:
+    p = seq.params
+    return (not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty and seq.num_output_tokens >= p.min_tokens)

@@ -1,0 +1,103 @@
+"""Which sequences run this step, and how many tokens each computes.
+
+Thinks in tokens, not phases (vLLM v1): every sequence has `num_computed_tokens`
+and wants to reach `num_tokens`; a prefill is just many tokens, cut into chunks
+by the step's token budget. Running sequences go first, oldest first; when the
+cache is full the newest running sequence is preempted (its blocks freed, to be
+recomputed later, mostly from the prefix cache) so that older ones finish.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from levante.engine.kv_cache import BlockManager
+from levante.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the sequence's last known token, so it yields a new one."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSequence]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted below while making room
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while self.block_manager.blocks_needed(seq, num_new) > self.block_manager.num_free_blocks:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.allocate(seq, num_new)
+                scheduled.append(ScheduledSequence(seq, num_new))
+                budget -= num_new
+        if not preempted:
+            budget = self._admit_waiting(scheduled, budget)
+        return scheduled
+
+    def _admit_waiting(self, scheduled: list[ScheduledSequence], budget: int) -> int:
+        manager = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            prefix = manager.match_prefix(seq)
+            num_new = min(seq.num_tokens - len(prefix) * manager.block_size, budget)
+            if manager.blocks_needed(seq, num_new, prefix) > manager.num_free_blocks:
+                break
+            self.waiting.popleft()
+            manager.claim_prefix(seq, prefix)
+            manager.allocate(seq, num_new)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return budget
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free_sequence(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def after_step(self, scheduled: list[ScheduledSequence]) -> None:
+        """Record computed tokens and share newly full blocks; call once the forward is done."""
+        for item in scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit(item.seq)
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free_sequence(seq)

@@ -1,0 +1,17 @@
+"""Error types raised inside levante and turned into user messages once, at the edge."""
+
+
+class LevanteError(Exception):
+    """Base class: its message is meant for the user, one line, no traceback."""
+
+
+class ModelLoadError(LevanteError):
+    """The model path, file or its contents cannot be loaded."""
+
+
+class UnsupportedArchitecture(ModelLoadError):
+    """The checkpoint declares an architecture levante does not implement."""
+
+
+class InvalidRequest(LevanteError):
+    """A request (prompt, sampling parameters) cannot be served as asked."""

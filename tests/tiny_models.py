@@ -1,0 +1,67 @@
+"""Tiny random checkpoints of each architecture, saved with transformers' `save_pretrained`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+
+
+def _tokenizer(folder: Path):
+    """A small byte-level BPE tokenizer trained on a fixed text (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4, special_tokens=["<pad>", "<eos>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["The quick brown fox jumps over the lazy dog. " * 4, "def add(a, b):\n    return a + b\n",
+            "Bonjour, ça va? 你好，世界。 🙂"]
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+
+
+def _config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.1, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    if arch == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"])
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=24,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                   architectures=["Gemma3ForCausalLM"])
+    raise ValueError(arch)
+
+
+def build(arch: str, folder: Path) -> Path:
+    """Save a tiny random `arch` model (float32) with a tokenizer into `folder`."""
+    import transformers as tf
+
+    config = _config(arch)
+    torch.manual_seed(0)
+    cls = tf.Gemma3ForCausalLM if arch == "gemma3" else tf.AutoModelForCausalLM
+    model = cls.from_config(config) if cls is tf.AutoModelForCausalLM else cls(config)
+    with torch.no_grad():  # norms start at 1 (or 0 for gemma): make them random so they are tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.to(torch.float32).save_pretrained(folder)
+    _tokenizer(folder)
+    return folder
+
+
+def load_reference(folder: Path):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
