@@ -110,5 +110,4 @@ class BlockManager:
                 self.free[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
-        seq.num_cached_tokens = 0
         seq.num_hashed_blocks = 0

@@ -17,6 +17,7 @@ from levante.config import ModelConfig
 from levante.errors import ModelLoadError, UnsupportedArchitecture
 from levante.loader import hf
 from levante.loader.sources import PACKAGED_MODELS, resolve_alias
+from levante.models.registry import model_class
 
 
 @dataclass
@@ -65,11 +66,14 @@ def open_model(model: str | os.PathLike) -> ModelSource:
         from levante.loader.gguf import GGUFFile
 
         gguf_file = GGUFFile(path)
-        config = ModelConfig.from_hf_dict(gguf_file.hf_config())
-        return ModelSource(name, path, "gguf", config, gguf_file)
-    if is_embedding_folder(path):
-        raise UnsupportedArchitecture(f"{path} is a sentence-embedding model; embedding models are not supported yet")
-    raw = hf.read_config(path)
-    if not raw.get("architectures"):
-        raise ModelLoadError(f"{path / 'config.json'} names no architectures")
-    return ModelSource(name, path, "hf", ModelConfig.from_hf_dict(raw))
+        source = ModelSource(name, path, "gguf", ModelConfig.from_hf_dict(gguf_file.hf_config()), gguf_file)
+    else:
+        if is_embedding_folder(path):
+            raise UnsupportedArchitecture(
+                f"{path} is a sentence-embedding model; embedding models are not supported yet")
+        raw = hf.read_config(path)
+        if not raw.get("architectures"):
+            raise ModelLoadError(f"{path / 'config.json'} names no architectures")
+        source = ModelSource(name, path, "hf", ModelConfig.from_hf_dict(raw))
+    model_class(source.config.architecture)  # fail before reading weights or tokenizer
+    return source

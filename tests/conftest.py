@@ -1,0 +1,23 @@
+"""Shared pytest setup."""
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that takes many seconds (deselect with -m 'not slow')")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A function arch -> folder of a tiny random checkpoint, built once per session."""
+    from tiny_models import build
+
+    folders = {}
+
+    def get(arch: str):
+        if arch not in folders:
+            folders[arch] = build(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return folders[arch]
+
+    return get

@@ -1,0 +1,57 @@
+"""The CLI answers bad input with one line that names the problem, never a traceback."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "levante", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_one_line_error(result, *needles):
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_path():
+    _assert_one_line_error(_run("run", "-m", "/no/such/model", "hi"), "/no/such/model", "not found")
+
+
+def test_corrupt_and_truncated_gguf(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 100)
+    _assert_one_line_error(_run("run", "-m", str(junk), "hi"), "junk.gguf")
+    from levante.loader.sources import resolve_alias
+
+    real = resolve_alias("smollm2:135m").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(real[: len(real) // 2])
+    _assert_one_line_error(_run("run", "-m", str(cut), "hi"), "cut.gguf", "truncated")
+
+
+def test_unsupported_architecture(tmp_path, tiny_model):
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    config = json.loads((tiny_model("llama") / "config.json").read_text())
+    config["architectures"] = ["FrobnicatorForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    _assert_one_line_error(_run("run", "-m", str(folder), "hi"), "FrobnicatorForCausalLM", "LlamaForCausalLM")
+
+
+def test_prompt_longer_than_context(tiny_model):
+    result = _run("run", "-m", str(tiny_model("llama")), "--dtype", "float32", "--max-model-len", "16",
+                  "--raw", "word " * 40)
+    _assert_one_line_error(result, "context")
+
+
+@pytest.mark.slow
+def test_run_streams_the_default_model():
+    result = _run("run", "--max-tokens", "24", "--temperature", "0", "Write hello world in Python.", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "print" in result.stdout

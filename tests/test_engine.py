@@ -1,0 +1,80 @@
+"""Continuous batching, prefix caching, chunked prefill and preemption never change greedy output."""
+import pytest
+import torch
+
+from levante import LLM, SamplingParams
+from levante.errors import InvalidRequest
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def _prompts(count=6, shared_prefix=0):
+    g = torch.Generator().manual_seed(7)
+    prefix = torch.randint(3, 384, (shared_prefix,), generator=g).tolist()
+    return [prefix + torch.randint(3, 384, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_model):
+    return str(tiny_model("qwen2"))
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    """One request at a time, no prefix cache: the ground truth for everything else."""
+    llm = LLM(folder, dtype="float32", enable_prefix_caching=False)
+    prompts = _prompts(shared_prefix=20)
+    return prompts, [llm.generate(p, GREEDY)[0].outputs[0].token_ids for p in prompts]
+
+
+def _tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_batched_equals_one_at_a_time(folder, reference):
+    prompts, expected = reference
+    llm = LLM(folder, dtype="float32", enable_prefix_caching=False)
+    assert _tokens(llm.generate(prompts, GREEDY)) == expected
+
+
+def test_prefix_cache_hits_keep_outputs(folder, reference):
+    prompts, expected = reference
+    llm = LLM(folder, dtype="float32", block_size=4)
+    llm.generate(prompts[0], GREEDY)  # fills the cache with the shared 20-token prefix
+    outputs = llm.generate(prompts, GREEDY)
+    assert _tokens(outputs) == expected
+    assert all(o.num_cached_tokens >= 16 for o in outputs[1:])
+
+
+def test_chunked_prefill_keeps_outputs(folder, reference):
+    prompts, expected = reference
+    llm = LLM(folder, dtype="float32", max_num_batched_tokens=7, block_size=4)
+    assert _tokens(llm.generate(prompts, GREEDY)) == expected
+
+
+def test_preemption_under_a_tiny_kv_budget(folder, reference):
+    prompts, expected = reference
+    # 24 blocks of 4 = 96 slots: the six sequences need ~330, so some must be preempted and recomputed.
+    llm = LLM(folder, dtype="float32", block_size=4, num_kv_blocks=24, max_model_len=96)
+    outputs = llm.generate(prompts, GREEDY)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert _tokens(outputs) == expected
+    assert llm.engine.block_manager.num_free_blocks == 24
+
+
+def test_errors_name_the_problem(folder):
+    llm = LLM(folder, dtype="float32", max_model_len=64, warmup=False)
+    with pytest.raises(InvalidRequest, match="64"):
+        llm.generate([5] * 64, GREEDY)
+    with pytest.raises(InvalidRequest, match="empty"):
+        llm.generate([[]], GREEDY)
+    with pytest.raises(InvalidRequest, match="token ids"):
+        llm.generate([[10**6]], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_max_tokens_capped_by_context(folder):
+    llm = LLM(folder, dtype="float32", max_model_len=32, warmup=False)
+    out = llm.generate([5] * 28, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"
