@@ -1,0 +1,126 @@
+"""Chat templates: the Jinja program a model ships to turn messages into its prompt text.
+
+Templates come from downloaded files, so they are untrusted code: they run in Jinja's immutable
+sandbox, see only plain JSON data, and get the same helpers transformers gives them
+(`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text), so a template renders
+here exactly as `tokenizer.apply_chat_template(..., tokenize=False)` renders it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from levante.errors import InvalidRequest, ModelLoadError
+
+# Used when a model ships no template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """Jinja's own `tojson` escapes HTML characters; templates expect plain `json.dumps`."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore names, which could reach CPython internals."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild the template's inputs from JSON types, so no object exposes methods to the sandbox."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for base in (bool, int, float, str):
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, Mapping):
+        return {_plain(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):  # pydantic models
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace)
+    return env
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class ChatTemplate:
+    """A compiled chat template; `render` turns OpenAI-style messages into prompt text.
+
+    Compile errors raise `ModelLoadError` (the model's file is at fault); render errors, including
+    the template's own `raise_exception` ("roles must alternate"), raise `InvalidRequest`.
+    """
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+        self.source = source
+        self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token}
+        try:
+            self._template = _environment().from_string(source)
+        except jinja2.exceptions.TemplateError as error:
+            raise ModelLoadError(f"invalid chat template: {_one_line(error)}") from error
+
+    @classmethod
+    def fallback(cls, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
+        """ChatML (`<|im_start|>role ... <|im_end|>`), for models that ship no template."""
+        return cls(CHATML_TEMPLATE, bos_token, eos_token)
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None,
+               add_generation_prompt: bool = True, **extra: Any) -> str:
+        """The prompt text. Message keys whose value is None are dropped (an OpenAI client sends
+        `content: null` beside `tool_calls`), as transformers does; `extra` reaches the template
+        as variables (e.g. `enable_thinking`)."""
+        messages = [{key: value for key, value in _plain(message).items() if value is not None}
+                    for message in messages]
+        context = _plain({**self.special_tokens, "documents": None, **extra})
+        context.update(messages=messages, tools=_plain(tools), add_generation_prompt=add_generation_prompt)
+        try:
+            return self._template.render(**context)
+        except Exception as error:  # the template is foreign code: any failure is the request's
+            raise InvalidRequest(f"chat template failed: {_one_line(error)}") from error
