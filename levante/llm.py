@@ -26,9 +26,12 @@ class LLM:
 
         self.engine = Engine(model or DEFAULT_MODEL, _engine_config(options), progress=progress)
         self.tokenizer = self.engine.tokenizer
-        template = self.tokenizer.chat_template
-        self.chat_template = ChatTemplate(template, self.tokenizer.bos_token or "", self.tokenizer.eos_token or "") \
-            if template else ChatTemplate.fallback()
+        tok = self.tokenizer
+        if tok.chat_template:
+            self.chat_template = ChatTemplate(tok.chat_template, tok.bos_token or "", tok.eos_token or "")
+        else:
+            vocabulary = {"<start_of_turn>"} if tok.token_to_id("<start_of_turn>") is not None else ()
+            self.chat_template = ChatTemplate.fallback(tok.bos_token or "", tok.eos_token or "", vocabulary)
         self._ids = itertools.count()
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,

@@ -202,6 +202,8 @@ class Engine:
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish("length")
         if seq.finished:
+            if not isinstance(seq.stop_reason, str):
+                seq.text += seq.detokenizer.flush()  # e.g. a length cut inside a multi-byte character
             self.scheduler.finish(seq)
 
     @staticmethod

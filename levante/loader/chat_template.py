@@ -26,6 +26,18 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Gemma's turn format, for Gemma checkpoints that ship no template (base models such as gemma3:270m).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{% if message['role'] == 'system' %}{{ '<start_of_turn>user\n' + message['content'] + '\n\n' }}"
+    "{% else %}{{ ('' if loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'system' else "
+    "'<start_of_turn>' + role + '\n') + (message['content'] or '') + '<end_of_turn>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 
 def _raise_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)
@@ -107,9 +119,11 @@ class ChatTemplate:
             raise ModelLoadError(f"invalid chat template: {_one_line(error)}") from error
 
     @classmethod
-    def fallback(cls, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
-        """ChatML (`<|im_start|>role ... <|im_end|>`), for models that ship no template."""
-        return cls(CHATML_TEMPLATE, bos_token, eos_token)
+    def fallback(cls, bos_token: str = "", eos_token: str = "", vocabulary: Any = ()) -> ChatTemplate:
+        """For models that ship no template: Gemma's turns when the vocabulary has
+        `<start_of_turn>`, else ChatML (`<|im_start|>role ... <|im_end|>`)."""
+        source = GEMMA_TEMPLATE if "<start_of_turn>" in vocabulary else CHATML_TEMPLATE
+        return cls(source, bos_token, eos_token)
 
     def render(self, messages: list[dict], tools: list[dict] | None = None,
                add_generation_prompt: bool = True, **extra: Any) -> str:

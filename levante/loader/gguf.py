@@ -1,0 +1,303 @@
+"""A GGUF checkpoint seen the Hugging Face way: metadata, a config.json dict, and tensors
+under transformers parameter names and layouts.
+
+llama.cpp's converter changes a few weights on the way in (Q/K rows permuted for
+``llama``, ``+1`` folded into Gemma norms); they are undone here exactly as
+transformers' GGUF loader undoes them, so a model built for HF checkpoints loads both.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader
+
+from levante.errors import ModelLoadError, UnsupportedArchitecture
+from levante.quant.gguf_blocks import as_bytes, dequantize
+
+_HF_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+}
+SUPPORTED_ARCHITECTURES = tuple(sorted(_HF_ARCHITECTURES))
+
+_TOP_LEVEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Gemma 3 normalises around the attention and the MLP both before and after.
+_GEMMA3_LAYER_NAMES = _LAYER_NAMES | {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Precomputed RoPE frequencies (Llama 3.x); transformers rebuilds them, so they are not parameters.
+_NOT_PARAMETERS = {"rope_freqs.weight"}
+_REQUIRED = object()
+# Gemma 3: every sixth layer attends globally, the others within the sliding window.
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+
+
+class _Reader(GGUFReader):
+    """GGUFReader over a plain ndarray view of the memmap, and bounds-checked.
+
+    Every slice of an ``np.memmap`` runs ``memmap.__array_finalize__``, which makes
+    parsing a 150k-token vocabulary about 3x slower; and reading past the end of a
+    truncated file should say so rather than fail in a reshape.
+    """
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._bytes
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._bytes = value.view(np.ndarray)
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        end = int(offset) + int(count) * np.dtype(dtype).itemsize
+        if end > self._bytes.size:
+            raise _Truncated(f"needs byte {end} but the file has {self._bytes.size}")
+        return super()._get(offset, dtype, count, override_order)
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _open_reader(path: Path) -> GGUFReader:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        with path.open("rb") as stream:
+            magic = stream.read(4)
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot read ({error.strerror})") from None
+    if len(magic) < 4 or int.from_bytes(magic, "little") != GGUF_MAGIC:
+        raise ModelLoadError(f"{path}: not a GGUF file (bad magic {magic!r})")
+    try:
+        # Copy-on-write: tensors handed out are writable without touching the file.
+        return _Reader(path, mode="c")
+    except _Truncated as error:
+        raise ModelLoadError(f"{path}: truncated or corrupt GGUF file ({error})") from None
+    except Exception as error:  # gguf raises ValueError, KeyError, IndexError, ... on bad headers
+        raise ModelLoadError(f"{path}: corrupt GGUF header or metadata ({type(error).__name__}: {error})") from None
+
+
+class GGUFFile:
+    """One GGUF file, memory-mapped; tensors are read only when asked for."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._reader = _open_reader(self.path)
+        self._check_tensor_bounds()
+        try:
+            self.metadata: dict[str, Any] = {key: field.contents() for key, field in self._reader.fields.items()}
+        except Exception as error:
+            raise ModelLoadError(f"{self.path}: unreadable GGUF metadata ({error})") from None
+        self.architecture: str = self.metadata.get("general.architecture", "")
+        if not self.architecture:
+            raise ModelLoadError(f"{self.path}: GGUF metadata has no general.architecture")
+        self._tensors = {tensor.name: tensor for tensor in self._reader.tensors}
+
+    def _check_tensor_bounds(self) -> None:
+        size = self._reader.data.size
+        for tensor in self._reader.tensors:
+            end = tensor.data_offset + tensor.n_bytes
+            if end > size:
+                raise ModelLoadError(
+                    f"{self.path}: truncated GGUF file (tensor {tensor.name} ends at byte {end}, file has {size})"
+                )
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self._tensors)
+
+    def field(self, key: str, default: Any = None) -> Any:
+        """A metadata value (arrays as lists), or ``default`` when the key is absent."""
+        return self.metadata.get(key, default)
+
+    def _arch_field(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self.metadata.get(f"{self.architecture}.{key}", default)
+        if value is _REQUIRED:
+            raise ModelLoadError(f"{self.path}: GGUF metadata lacks {self.architecture}.{key}")
+        return value
+
+    def _require_supported(self) -> None:
+        if self.architecture not in _HF_ARCHITECTURES:
+            raise UnsupportedArchitecture(
+                f"{self.path}: GGUF architecture '{self.architecture}' is not supported "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+
+    # -- config ---------------------------------------------------------------------------
+
+    def hf_config(self) -> dict[str, Any]:
+        """The transformers ``config.json`` this checkpoint was converted from, as far as
+        GGUF records it (plus ``rope_parameters`` in transformers 5 form)."""
+        self._require_supported()
+        hf_class, model_type = _HF_ARCHITECTURES[self.architecture]
+        hidden = self._arch_field("embedding_length")
+        heads = self._arch_field("attention.head_count")
+        rope_theta = float(self._arch_field("rope.freq_base", 10000.0))
+        config = {
+            "architectures": [hf_class],
+            "model_type": model_type,
+            "hidden_size": hidden,
+            "intermediate_size": self._arch_field("feed_forward_length"),
+            "num_hidden_layers": self._arch_field("block_count"),
+            "num_attention_heads": heads,
+            "num_key_value_heads": self._arch_field("attention.head_count_kv", heads),
+            "head_dim": self._arch_field("attention.key_length", hidden // heads),
+            "rms_norm_eps": self._arch_field("attention.layer_norm_rms_epsilon"),
+            "rope_theta": rope_theta,
+            "rope_scaling": self._rope_scaling(),
+            "max_position_embeddings": self._arch_field("context_length"),
+            "vocab_size": self._vocab_size(),
+            "tie_word_embeddings": "output.weight" not in self._tensors,
+            "bos_token_id": self.field("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.field("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": self.field("tokenizer.ggml.padding_token_id"),
+            "attention_bias": "blk.0.attn_q.bias" in self._tensors,
+            "hidden_act": "silu",
+            "sliding_window": None,
+            "layer_types": ["full_attention"] * self._arch_field("block_count"),
+        }
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta} | (config["rope_scaling"] or {})
+        if self.architecture == "gemma3":
+            config["sliding_window"] = self._arch_field("attention.sliding_window")
+            _add_gemma3_fields(config)
+        return config
+
+    def _vocab_size(self) -> int:
+        """Declared, else the token list's length (as transformers does), else the embedding's rows."""
+        size = self._arch_field("vocab_size", None) or len(self.field("tokenizer.ggml.tokens") or [])
+        if not size and "token_embd.weight" in self._tensors:
+            size = int(self._tensors["token_embd.weight"].shape[-1])
+        return size
+
+    def _rope_scaling(self) -> dict[str, Any] | None:
+        """``{arch}.rope.scaling.*`` in transformers' ``rope_scaling`` form, or None."""
+        kind = self._arch_field("rope.scaling.type", None)
+        factor = self._arch_field("rope.scaling.factor", None)
+        if kind is None and self._arch_field("rope.scale_linear", None) is not None:
+            kind, factor = "linear", self._arch_field("rope.scale_linear")
+        if kind in (None, "none"):
+            return None
+        scaling = {"rope_type": kind, "factor": float(factor if factor is not None else 1.0)}
+        for gguf_key, hf_key in [
+            ("rope.scaling.original_context_length", "original_max_position_embeddings"),
+            ("rope.scaling.attn_factor", "attention_factor"),
+            ("rope.scaling.yarn_beta_fast", "beta_fast"),
+            ("rope.scaling.yarn_beta_slow", "beta_slow"),
+        ]:
+            if (value := self._arch_field(gguf_key, None)) is not None:
+                scaling[hf_key] = value
+        return scaling
+
+    # -- tensors --------------------------------------------------------------------------
+
+    def raw_tensors(self) -> Iterator[tuple[str, GGMLQuantizationType, torch.Tensor, tuple[int, ...]]]:
+        """``(hf_name, qtype, raw bytes, hf_shape)`` for every parameter, still quantised.
+
+        The bytes have shape ``hf_shape[:-1] + (bytes_per_row,)``; Q/K rows are already
+        un-permuted. Tensors whose values transformers changes (Gemma norms) come back
+        dequantised, as F32 bytes.
+        """
+        self._require_supported()
+        for name, tensor in self._tensors.items():
+            hf_name = self._hf_name(name)
+            if hf_name is None:
+                continue
+            shape = tuple(reversed(tensor.shape.tolist()))
+            qtype = tensor.tensor_type
+            if self._shifts_values(name):
+                values = self._undo_conversion(name, dequantize(tensor.data, qtype, shape))
+                yield hf_name, GGMLQuantizationType.F32, values.view(torch.uint8).view(*shape[:-1], -1), shape
+                continue
+            block_size, type_size = GGML_QUANT_SIZES[qtype]
+            raw = as_bytes(tensor.data).view(*shape[:-1], shape[-1] // block_size * type_size)
+            yield hf_name, qtype, self._unpermute(name, raw), shape
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(hf_name, float32 tensor)`` for every parameter, in transformers' layout."""
+        self._require_supported()
+        for name, tensor in self._tensors.items():
+            hf_name = self._hf_name(name)
+            if hf_name is None:
+                continue
+            shape = tuple(reversed(tensor.shape.tolist()))
+            yield hf_name, self._undo_conversion(name, dequantize(tensor.data, tensor.tensor_type, shape))
+
+    def _hf_name(self, name: str) -> str | None:
+        if name in _NOT_PARAMETERS:
+            return None
+        base, _, suffix = name.rpartition(".")
+        if base in _TOP_LEVEL_NAMES:
+            return f"{_TOP_LEVEL_NAMES[base]}.{suffix}"
+        layer_names = _GEMMA3_LAYER_NAMES if self.architecture == "gemma3" else _LAYER_NAMES
+        match = _LAYER_TENSOR.fullmatch(name)
+        if match is None or match[2] not in layer_names:
+            raise ModelLoadError(f"{self.path}: tensor {name} has no known role in a {self.architecture} model")
+        return f"model.layers.{match[1]}.{layer_names[match[2]]}.{match[3]}"
+
+    def _shifts_values(self, name: str) -> bool:
+        """llama.cpp stores Gemma's RMSNorm weights as ``1 + w``; transformers keeps ``w``."""
+        return self.architecture == "gemma3" and name.endswith("norm.weight")
+
+    def _undo_conversion(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        if self._shifts_values(name):
+            return values - 1
+        return self._unpermute(name, values)
+
+    def _unpermute(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Undo the Q/K row permutation llama.cpp applies to ``llama`` checkpoints.
+
+        HF's RoPE pairs element i of a head with element i + head_dim/2; llama.cpp's pairs
+        neighbours, so the converter stored HF row (head, half, i) at (head, i, half).
+        """
+        if self.architecture != "llama" or not re.search(r"\.attn_[qk]\.", name):
+            return rows
+        heads = self._arch_field("attention.head_count")
+        if ".attn_k." in name:
+            heads = self._arch_field("attention.head_count_kv", heads)
+        grouped = rows.reshape(heads, rows.shape[0] // heads // 2, 2, *rows.shape[1:])
+        return grouped.transpose(1, 2).reshape(rows.shape)
+
+
+def _add_gemma3_fields(config: dict[str, Any]) -> None:
+    """Gemma 3 settings GGUF leaves implicit, as llama.cpp and transformers fix them."""
+    layers, head_dim = config["num_hidden_layers"], config["head_dim"]
+    config["sliding_window_pattern"] = GEMMA3_SLIDING_WINDOW_PATTERN
+    config["layer_types"] = [
+        "full_attention" if (i + 1) % GEMMA3_SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
+        for i in range(layers)
+    ]
+    config["rope_local_base_freq"] = 10000.0
+    # llama.cpp scales queries by hidden/heads for the 62-layer (27B) model, by head_dim otherwise.
+    big = layers == 62
+    config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"] if big else head_dim
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    config.pop("hidden_act")
+    config["final_logit_softcapping"] = None
+    config["attn_logit_softcapping"] = None
+    config["rope_parameters"] = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": config["rope_local_base_freq"]},
+        "full_attention": {"rope_type": "default", "rope_theta": config["rope_theta"]} | (config["rope_scaling"] or {}),
+    }
