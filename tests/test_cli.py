@@ -52,6 +52,7 @@ def test_prompt_longer_than_context(tiny_model):
 
 @pytest.mark.slow
 def test_run_streams_the_default_model():
-    result = _run("run", "--max-tokens", "24", "--temperature", "0", "Write hello world in Python.", timeout=600)
+    result = _run("run", "--max-tokens", "48", "--temperature", "0",
+                  "Write a Python function add(a, b) that returns the sum.", timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "print" in result.stdout
+    assert "def add(a, b):" in result.stdout

@@ -1,0 +1,31 @@
+"""`levante bench`: load time, prefill and decode speed of one model on this machine.
+
+For a side-by-side comparison with llama.cpp see benchmarks/decode_vs_llamacpp.py.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def run_bench(args) -> int:
+    from levante.cli import _load
+    from levante.engine.sampling_params import SamplingParams
+
+    start = time.perf_counter()
+    llm = _load(args, warmup=True)
+    load = time.perf_counter() - start
+    prompt = [(i * 7919) % 20000 + 100 for i in range(args.prompt_tokens)]
+    prefill, decode = [], []
+    for run in range(args.runs):
+        ids = [prompt[0] + run + 1] + prompt[1:]
+        start = time.perf_counter()
+        llm.generate([ids], SamplingParams(temperature=0, max_tokens=1))
+        prefill.append(len(ids) / (time.perf_counter() - start))
+        params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
+        stamps = [time.perf_counter() for _ in llm.stream([ids[0] + 7, 11, 12], params)]
+        decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    print(f"model {args.model} ({llm.engine.dtype}), load {load:.2f} s")
+    for name, values in [("prefill tok/s", prefill), ("decode tok/s", decode)]:
+        print(f"{name:14} min {min(values):8.1f}  median {statistics.median(values):8.1f}  max {max(values):8.1f}")
+    return 0
