@@ -81,7 +81,7 @@ def test_streamed_completion_joins_to_the_full_text(client):
 @pytest.mark.parametrize("body,status", [
     ({"messages": []}, 400),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400),
-    ({"messages": [{"role": "user", "content": "x"}], "model": "nope"}, 400),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "nope"}, 404),
     ({"messages": [{"role": "user", "content": "x"}], "bogus_parameter": 1}, 400),
 ])
 def test_bad_requests_get_openai_errors(client, body, status):

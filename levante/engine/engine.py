@@ -21,6 +21,7 @@ from levante.engine.sampler import Sampler, top_logprobs
 from levante.engine.sampling_params import SamplingParams
 from levante.engine.scheduler import ScheduledSequence, Scheduler
 from levante.engine.sequence import Sequence
+from levante.engine.structured import GrammarCompiler
 from levante.errors import InvalidRequest
 from levante.loader.auto import open_model
 from levante.loader.tokenizer import IncrementalDetokenizer
@@ -68,6 +69,7 @@ class Engine:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self._init_cache()
         self.sampler = Sampler(self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.load_seconds = time.monotonic() - started
         if config.warmup:
@@ -102,7 +104,8 @@ class Engine:
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-            seqs.append(Sequence(request_id, i, ids, params, detok, seed))
+            grammar = self.grammars.matcher(params.structured) if params.structured else None
+            seqs.append(Sequence(request_id, i, ids, params, detok, seed, grammar))
         self.requests[request_id] = Request(request_id, text, ids, params, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -159,6 +162,9 @@ class Engine:
         touched = dict.fromkeys(seq.request_id for seq in to_sample)
         return [self._output(rid) for rid in touched if rid in self.requests]
 
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
     @staticmethod
     def _wants_prompt_rows(item: ScheduledSequence) -> bool:
         seq = item.seq
@@ -180,7 +186,7 @@ class Engine:
             position = start + r + 1
             if position < seq.num_prompt_tokens and seq.prompt_logprobs[position] is None:
                 seq.prompt_logprobs[position] = top_logprobs(
-                    logprobs[r], seq.token_ids[position], k, self.tokenizer.id_to_token)
+                    logprobs[r], seq.token_ids[position], k, self._token_text)
 
     def _append_token(self, seq: Sequence, token: int, raw_logprobs: torch.Tensor | None) -> None:
         request = self.requests[seq.request_id]
@@ -190,12 +196,15 @@ class Engine:
         if raw_logprobs is not None:
             seq.cumulative_logprob += float(raw_logprobs[token])
             if params.logprobs is not None:
-                seq.logprobs.append(top_logprobs(raw_logprobs, token, params.logprobs, self.tokenizer.id_to_token))
+                seq.logprobs.append(top_logprobs(raw_logprobs, token, params.logprobs, self._token_text))
         new_text = seq.detokenizer.step([token])
         seq.text += new_text
+        grammar_done = seq.grammar is not None and _advance_grammar(seq, token)
         if token in params.stop_token_ids:
             seq.finish("stop", token)
         elif token in self.eos_token_ids and not params.ignore_eos:
+            seq.finish("stop")
+        elif grammar_done:
             seq.finish("stop")
         elif (stop := self._find_stop(seq, len(new_text))) is not None:
             seq.finish("stop", stop)
@@ -230,6 +239,14 @@ class Engine:
             metrics={"arrival_time": request.arrival_time, "first_token_time": request.first_token_time,
                      "prompt_logits": first.prompt_logits},
         )
+
+
+def _advance_grammar(seq: Sequence, token: int) -> bool:
+    """Feed the sampled token to the sequence's grammar; True once the grammar is complete."""
+    if not seq.grammar.accept(token):  # cannot happen while the mask is applied: a bug, not a user error
+        logger.warning("structured output: request %s: grammar rejected token %d: %s",
+                       seq.request_id, token, seq.grammar.error)
+    return seq.grammar.is_finished()
 
 
 def _completion(seq: Sequence) -> CompletionOutput:

@@ -1,9 +1,10 @@
 """From logits to the next token of each sequence.
 
-Order (as vLLM): logit bias, min-tokens EOS mask, repetition / presence /
-frequency penalties, temperature, top-k, top-p, min-p, then a draw. Every
-sequence with a seed draws from its own generator, so its output does not depend
-on what else shares the batch. Reported logprobs are the model's raw ones.
+Order (as vLLM): the structured-output grammar mask, logit bias, min-tokens
+EOS mask, repetition / presence / frequency penalties, temperature, top-k,
+top-p, min-p, then a draw. Every sequence with a seed draws from its own
+generator, so its output does not depend on what else shares the batch.
+Reported logprobs are the model's raw ones.
 """
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ import torch
 
 from levante.engine.outputs import Logprob, PositionLogprobs
 from levante.engine.sequence import Sequence
+
+
+def _mask_by_grammar(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """A copy of `logits` in which each constrained row allows only what its grammar allows next."""
+    logits = logits.clone()
+    for row, seq in enumerate(seqs):
+        if seq.grammar is not None:
+            seq.grammar.fill_mask(logits[row])
+    return logits
 
 
 def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -88,6 +98,8 @@ class Sampler:
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in seqs):
             raw_logprobs = logits.log_softmax(-1)
+        if any(s.grammar is not None for s in seqs):
+            logits = _mask_by_grammar(logits, seqs)
         if all(s.params.greedy and _plain(s) for s in seqs):
             return logits.argmax(-1).tolist(), raw_logprobs
         logits = logits.clone()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from levante.engine.structured import StructuredOutput
 from levante.errors import InvalidRequest
 
 
@@ -27,6 +28,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled one always included)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # constrained decoding: JSON schema, regex, grammar, choice
     # Internal: keep the raw logits of every prompt position (used by scoring and tests).
     return_prompt_logits: bool = field(default=False, repr=False)
 
@@ -56,6 +58,10 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise InvalidRequest(message)
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise InvalidRequest("structured must be a StructuredOutput")
+            self.structured.validate()
 
     @property
     def greedy(self) -> bool:

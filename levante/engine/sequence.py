@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import itertools
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from levante.engine.outputs import PositionLogprobs
 from levante.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from levante.engine.structured import GrammarMatcher
 
 
 class Status(Enum):
@@ -21,7 +25,7 @@ _ids = itertools.count()
 
 class Sequence:
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 detokenizer=None, seed: int | None = None):
+                 detokenizer=None, seed: int | None = None, grammar: GrammarMatcher | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # which of the request's n outputs
@@ -46,6 +50,7 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
+        self.grammar = grammar  # structured output: what the next token may be
 
     @property
     def num_tokens(self) -> int:

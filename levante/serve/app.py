@@ -1,4 +1,10 @@
-"""The OpenAI-compatible HTTP face: a thin adapter over `EngineLoop`."""
+"""The OpenAI-compatible HTTP face: routes over `EngineLoop`, nothing more.
+
+Requests are validated by the schemas in protocol.py, rendered to token ids
+(chat template), submitted to the engine loop, and its outputs are turned back
+into OpenAI's JSON (openai_format.py), streamed as server-sent events or not.
+A client that disconnects has its request aborted, which frees its KV blocks.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -9,22 +15,30 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from levante.engine.loop import EngineLoop
 from levante.engine.outputs import RequestOutput
 from levante.engine.sampling_params import SamplingParams
 from levante.errors import InvalidRequest, LevanteError
-from levante.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from levante.serve import openai_format as fmt
+from levante.serve.chat import ChatPlan, plan_chat
+from levante.serve.metrics import Metrics
+from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    TokenizeRequest, error_body)
+from levante.serve.responses import register_responses
+from levante.serve.tool_parsers import messages_for_template
 
 
 class ServerState:
-    """What the routes share: the loaded model (once ready) and its name."""
+    """What the routes share: the loaded model (once warm), its name, metrics."""
 
     def __init__(self, model_name: str):
         self.model_name = model_name
         self.llm = None  # levante.LLM, set when loading and warm-up are done
         self.loop: EngineLoop | None = None
+        self.metrics = Metrics()
 
     @property
     def ready(self) -> bool:
@@ -34,38 +48,99 @@ class ServerState:
         self.llm = llm
         self.loop = EngineLoop(llm.engine)
 
+    def check(self, model: str | None) -> None:
+        if not self.ready:
+            raise ServiceUnavailable("the model is still loading; retry when /health answers 200")
+        if model and model != self.model_name:
+            raise ModelNotFound(f"model '{model}' is not served here; this server serves '{self.model_name}'")
 
-async def stream_outputs(state: ServerState, prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-    """Yield the request's outputs; abort it (freeing its cache) if the caller goes away."""
+    async def generate(self, prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come; aborted (cache freed) if the caller stops listening."""
+        queue: asyncio.Queue = asyncio.Queue()
+        event_loop = asyncio.get_running_loop()
+        request_id = uuid.uuid4().hex
+        self.loop.submit(request_id, prompt, params,
+                         lambda item: event_loop.call_soon_threadsafe(queue.put_nowait, item))
+        finished, started, last = False, time.monotonic(), None
+        emitted = 0
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                now = time.monotonic()
+                self._observe(item, now - (last or started), first=last is None, emitted=emitted)
+                emitted = sum(len(c.token_ids) for c in item.outputs)
+                last = now
+                yield item
+        finally:
+            if not finished:
+                self.loop.abort(request_id)
+                self.metrics.requests.labels("abort").inc()
+
+    def _observe(self, output: RequestOutput, seconds: float, first: bool, emitted: int) -> None:
+        m = self.metrics
+        (m.ttft if first else m.itl).observe(seconds)
+        if first:
+            m.prompt_tokens.inc(len(output.prompt_token_ids))
+        m.generation_tokens.inc(sum(len(c.token_ids) for c in output.outputs) - emitted)
+        if output.finished:
+            for c in output.outputs:
+                m.requests.labels(c.finish_reason or "unknown").inc()
+
+
+class ServiceUnavailable(LevanteError):
+    status = 503
+
+
+class ModelNotFound(LevanteError):
+    status = 404
+
+
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Interleave several async iterators, yielding (which, item) as items arrive."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
     queue: asyncio.Queue = asyncio.Queue()
-    event_loop = asyncio.get_running_loop()
-    request_id = uuid.uuid4().hex
-    state.loop.submit(request_id, prompt, params, lambda item: event_loop.call_soon_threadsafe(queue.put_nowait, item))
-    finished = False
+    done = object()
+
+    async def pump(index, stream):
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+        except BaseException as e:  # handed to the consumer
+            await queue.put((index, e))
+        finally:
+            await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
     try:
-        while not finished:
-            item = await queue.get()
-            if isinstance(item, BaseException):
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
                 raise item
-            finished = item.finished
-            yield item
+            else:
+                yield index, item
     finally:
-        if not finished:
-            state.loop.abort(request_id)
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="levante", description="OpenAI-compatible LLM server")
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return JSONResponse(error_body(f"{param or 'request'}: {first.get('msg', 'invalid')}", param=param), 400)
-
-    @app.exception_handler(LevanteError)
-    async def levante_error(_: Request, exc: LevanteError):
-        return JSONResponse(error_body(str(exc)), 400)
+    app = FastAPI(title="levante", description="OpenAI-compatible LLM server", version="0.1.0")
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -73,82 +148,145 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "loading"}, 503)
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def metrics():
+        engine = state.llm.engine if state.llm else None
+        return Response(state.metrics.render(engine), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": state.model_name, "object": "model", "created": 0, "owned_by": "levante"}]}
+        card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "levante"}
+        if state.llm:
+            card["max_model_len"] = state.llm.engine.max_model_len
+        return {"object": "list", "data": [card]}
 
-    def check(body) -> None:
-        if not state.ready:
-            raise InvalidRequest("the model is still loading")
-        if body.model and body.model != state.model_name:
-            raise InvalidRequest(f"model '{body.model}' is not served here; this server serves '{state.model_name}'")
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        raise InvalidRequest(f"'{state.model_name}' is not an embedding model, and no embedding model is loaded")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        state.check(body.model)
+        if body.messages is not None:
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            ids = state.llm.apply_chat_template(messages_for_template(messages), None, body.add_generation_prompt)
+        else:
+            ids = state.llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.llm.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        state.check(body.model)
+        vocab = state.llm.engine.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise InvalidRequest(f"tokens: ids must be in [0, {vocab})")
+        return {"prompt": state.llm.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
-        check(body)
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        prompt = state.llm.apply_chat_template(messages)
-        return await respond(body, prompt, "chat.completion")
+        state.check(body.model)
+        plan = plan_chat(state.llm, body)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        stream = state.generate(plan.prompt_ids, plan.params)
+        if body.stream:
+            first = await anext(stream)  # request errors become a 400 before the stream starts
+            return StreamingResponse(chat_events(plan, body, rid, created, first, stream),
+                                     media_type="text/event-stream")
+        final = None
+        async for final in stream:
+            pass
+        return fmt.chat_response(plan, rid, created, state.model_name, final)
+
+    async def chat_events(plan: ChatPlan, body, rid, created, first, rest):
+        writer = fmt.ChatStreamWriter(plan, rid, created, state.model_name, state.llm.tokenizer)
+        output = first
+        try:
+            for chunk in writer.chunks(first):
+                yield sse(chunk)
+            async for output in rest:
+                for chunk in writer.chunks(output):
+                    yield sse(chunk)
+        except LevanteError as e:
+            yield sse(error_body(str(e)))
+        finally:
+            await rest.aclose()  # a client gone mid-stream: abort the request now, freeing its cache
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse(writer.usage_chunk(output))
+        yield sse("[DONE]")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        check(body)
-        return await respond(body, body.prompt, "text_completion")
-
-    async def respond(body, prompt, kind: str):
-        params = body.sampling_params()
-        created, rid = int(time.time()), f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        outputs = stream_outputs(state, prompt, params)
+        state.check(body.model)
+        engine = state.llm.engine
+        prompts = body.prompts()
+        params = body.sampling_params(engine.model_config.vocab_size, body.max_tokens, logprobs=body.logprobs,
+                                      prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None
+                                      else None)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        streams = [state.generate(p, params) for p in prompts]
+        merged = merge(streams)
         if body.stream:
-            first = await anext(outputs)  # surface request errors as a 400 before the stream starts
-            return StreamingResponse(sse(kind, rid, created, first, outputs), media_type="text/event-stream")
-        final = None
-        async for final in outputs:
-            pass
-        return JSONResponse(full_response(kind, rid, created, state.model_name, final))
+            first = await anext(merged)
+            return StreamingResponse(completion_events(body, rid, created, first, merged),
+                                     media_type="text/event-stream")
+        finals: dict[int, RequestOutput] = {}
+        async for index, output in merged:
+            finals[index] = output
+        return fmt.completion_response(body, rid, created, state.model_name,
+                                       [finals[i] for i in range(len(prompts))], state.llm.tokenizer)
 
-    async def sse(kind, rid, created, first, rest):
-        sent = {}
-        async def chunks(output: RequestOutput):
-            for c in output.outputs:
-                delta = c.text[len(sent.get(c.index, "")):]
-                sent[c.index] = c.text
-                if not delta and not c.finish_reason:
-                    continue
-                if kind == "chat.completion":
-                    choice = {"index": c.index, "delta": {"content": delta}, "finish_reason": c.finish_reason}
-                    if c.index not in started:
-                        choice["delta"]["role"] = "assistant"
-                        started.add(c.index)
-                    obj = "chat.completion.chunk"
-                else:
-                    choice = {"index": c.index, "text": delta, "finish_reason": c.finish_reason}
-                    obj = "text_completion"
-                yield {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [choice]}
-        started: set[int] = set()
-        async for chunk in chunks(first):
-            yield f"data: {json.dumps(chunk)}\n\n"
-        async for output in rest:
-            async for chunk in chunks(output):
-                yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
+    async def completion_events(body, rid, created, first, rest):
+        writer = fmt.CompletionStreamWriter(body, rid, created, state.model_name, state.llm.tokenizer)
+        latest: dict[int, RequestOutput] = {}
+        try:
+            for index, output in [first]:
+                latest[index] = output
+                for chunk in writer.chunks(index, output):
+                    yield sse(chunk)
+            async for index, output in rest:
+                latest[index] = output
+                for chunk in writer.chunks(index, output):
+                    yield sse(chunk)
+        except LevanteError as e:
+            yield sse(error_body(str(e)))
+        finally:
+            await rest.aclose()
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse(writer.usage_chunk(list(latest.values())))
+        yield sse("[DONE]")
 
+    register_responses(app, state)
     return app
 
 
-def usage(output: RequestOutput) -> dict:
-    prompt = len(output.prompt_token_ids)
-    completion = sum(len(c.token_ids) for c in output.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        location = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(location) or None
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if first.get("type") == "extra_forbidden":
+            message = f"unsupported parameter '{param}'"
+        elif first.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        elif param and not message.startswith(param.split(".")[0]):
+            message = f"{param}: {message}"
+        return JSONResponse(error_body(message, param=param), 400)
 
+    @app.exception_handler(LevanteError)
+    async def levante_error(_: Request, exc: LevanteError):
+        status = getattr(exc, "status", 400)
+        kind = {404: "not_found_error", 503: "service_unavailable"}.get(status, "invalid_request_error")
+        return JSONResponse(error_body(str(exc), kind, code=status), status)
 
-def full_response(kind: str, rid: str, created: int, model: str, output: RequestOutput) -> dict:
-    if kind == "chat.completion":
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "finish_reason": c.finish_reason, "logprobs": None} for c in output.outputs]
-    else:
-        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-                   for c in output.outputs]
-    return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
-            "usage": usage(output)}
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", code=exc.status_code),
+                            exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception):
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", code=500),
+                            500)

@@ -6,7 +6,7 @@ import sys
 import threading
 
 import uvicorn
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from levante.serve.app import ServerState, create_app
@@ -14,18 +14,31 @@ from levante.serve.protocol import error_body
 
 logger = logging.getLogger("levante")
 
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+def require_api_key(app: FastAPI, api_key: str) -> None:
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if request.url.path.startswith(PROTECTED_PREFIXES) and \
+                request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse(error_body("invalid or missing API key", "authentication_error",
+                                           code="invalid_api_key"), 401)
+        return await call_next(request)
+
+
+def build_server(state: ServerState, host: str, port: int, api_key: str | None = None,
+                 log_level: str = "info") -> uvicorn.Server:
+    app = create_app(state)
+    if api_key:
+        require_api_key(app, api_key)
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                         timeout_graceful_shutdown=5))
+
 
 def serve(args) -> int:
     state = ServerState(args.served_model_name or args.model)
-    app = create_app(state)
-    if args.api_key:
-        @app.middleware("http")
-        async def require_key(request: Request, call_next):
-            if request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {args.api_key}":
-                return JSONResponse(error_body("invalid or missing API key", "authentication_error", code=401), 401)
-            return await call_next(request)
-
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    server = build_server(state, args.host, args.port, args.api_key)
     failure: list[str] = []
 
     def load():
@@ -43,6 +56,8 @@ def serve(args) -> int:
 
     threading.Thread(target=load, name="levante-load", daemon=True).start()
     server.run()
+    if state.loop is not None:
+        state.loop.stop()
     if failure:
         print(f"levante: error: {failure[0]}", file=sys.stderr)
         return 1

@@ -1,0 +1,71 @@
+"""From a chat request to what the engine runs: prompt ids, sampling params, tool handling."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from levante.engine.sampling_params import SamplingParams
+from levante.engine.structured import StructuredOutput
+from levante.errors import InvalidRequest
+from levante.serve.protocol import ChatCompletionRequest, Grammar, NamedToolChoice, ResponseFormat
+from levante.serve.tool_parsers import messages_for_template, parser_for, tool_call_grammar
+
+
+@dataclass
+class ChatPlan:
+    prompt_ids: list[int]
+    params: SamplingParams
+    tools: list[dict] | None = None  # function definitions offered to the model
+    tool_parser: object | None = None  # parses the model's tool calls; None when tools are off
+    logprobs: bool = False
+    top_logprobs: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def plan_chat(llm, body: ChatCompletionRequest) -> ChatPlan:
+    messages = messages_for_template([m.model_dump(exclude_none=True) for m in body.messages])
+    tools = [t.function.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    use_tools = bool(tools) and body.tool_choice != "none"
+    template_tools = [{"type": "function", "function": t} for t in tools] if use_tools else None
+    text = llm.chat_template.render(messages, tools=template_tools, add_generation_prompt=True,
+                                    **(body.chat_template_kwargs or {}))
+    prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    engine = llm.engine
+    top = body.top_logprobs or 0
+    params = body.sampling_params(engine.model_config.vocab_size, body.output_limit,
+                                  logprobs=top if body.logprobs else None)
+    parser = parser_for(llm.chat_template.source, engine.model_config.model_type, tools) if use_tools else None
+    if parser is not None and parser.family in ("mistral", "llama"):
+        params.skip_special_tokens = False  # their call markers are control tokens
+    params.structured = structured_output(body.response_format, body.grammar)
+    if use_tools and body.tool_choice not in (None, "auto"):
+        if params.structured is not None:
+            raise InvalidRequest("tool_choice: cannot be combined with response_format or grammar")
+        named = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
+        grammar = tool_call_grammar(tools, parser.family, "named" if named else "required", named,
+                                    parallel=body.parallel_tool_calls and named is None,
+                                    token_to_id=llm.tokenizer.token_to_id)
+        params.structured = StructuredOutput("lark", grammar)
+    return ChatPlan(prompt_ids, params, tools if use_tools else None, parser, body.logprobs, top)
+
+
+def structured_output(response_format: ResponseFormat | None, grammar: Grammar | None) -> StructuredOutput | None:
+    if response_format is not None and grammar is not None:
+        raise InvalidRequest("response_format: cannot be combined with grammar")
+    if grammar is not None:
+        kind = {"json": "json_schema", "llguidance": "lark"}.get(grammar.type, grammar.type)
+        value = grammar.value
+        if kind == "json_schema" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise InvalidRequest(f"grammar: the JSON schema is not valid JSON: {e}") from None
+        return StructuredOutput(kind, value)
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return StructuredOutput("json_object")
+    spec = response_format.json_schema
+    if spec is None or spec.json_schema is None:
+        raise InvalidRequest("response_format.json_schema: a 'schema' is required")
+    return StructuredOutput("json_schema", spec.json_schema)

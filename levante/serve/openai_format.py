@@ -1,0 +1,181 @@
+"""Engine outputs -> OpenAI JSON: whole responses and streamed chunks, logprobs included."""
+from __future__ import annotations
+
+from levante.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+
+
+def _entry(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], k: int) -> list[dict]:
+    content = []
+    for token, position in zip(token_ids, positions):
+        chosen = position[token]
+        top = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= k),
+                     key=lambda lp: lp.rank)[:k]
+        content.append({**_entry(chosen.decoded_token or "", chosen.logprob),
+                        "top_logprobs": [_entry(lp.decoded_token or "", lp.logprob) for lp in top]})
+    return content
+
+
+def usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish_reason(c: CompletionOutput, has_tool_calls: bool = False) -> str | None:
+    if c.finish_reason is None:
+        return None
+    if has_tool_calls:
+        return "tool_calls"
+    return "length" if c.finish_reason == "length" else "stop"
+
+
+def chat_response(plan, rid: str, created: int, model: str, output: RequestOutput) -> dict:
+    choices = []
+    for c in output.outputs:
+        content, calls = c.text, []
+        if plan.tool_parser is not None:
+            content, calls = plan.tool_parser.parse(c.text)
+        message = {"role": "assistant", "content": content if (content or not calls) else None}
+        if calls:
+            message["tool_calls"] = [call.to_openai() for call in calls]
+        logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, plan.top_logprobs)} if plan.logprobs else None
+        choices.append({"index": c.index, "message": message, "logprobs": logprobs,
+                        "finish_reason": _finish_reason(c, bool(calls))})
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage([output])}
+
+
+class ChatStreamWriter:
+    """Turns successive RequestOutputs (cumulative text) into chat.completion.chunk deltas."""
+
+    def __init__(self, plan, rid: str, created: int, model: str, tokenizer):
+        self.plan, self.rid, self.created, self.model = plan, rid, created, model
+        self.sent_text: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+        self.parsers: dict[int, object] = {}
+        self.saw_calls: set[int] = set()
+
+    def _chunk(self, choice: dict, usage_stats: dict | None = None) -> dict:
+        chunk = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                 "model": self.model, "choices": [choice]}
+        return chunk
+
+    def chunks(self, output: RequestOutput):
+        for c in output.outputs:
+            first = c.index not in self.sent_text
+            delta_text = c.text[self.sent_text.get(c.index, 0):]
+            self.sent_text[c.index] = len(c.text)
+            new_tokens = c.token_ids[self.sent_tokens.get(c.index, 0):]
+            new_logprobs = (c.logprobs or [])[self.sent_tokens.get(c.index, 0):]
+            self.sent_tokens[c.index] = len(c.token_ids)
+            if first:
+                yield self._chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None})
+            deltas = self._deltas(c.index, delta_text, finished=c.finish_reason is not None)
+            logprobs = ({"content": chat_logprobs(new_tokens, new_logprobs, self.plan.top_logprobs)}
+                        if self.plan.logprobs and new_tokens else None)
+            for i, delta in enumerate(deltas):
+                yield self._chunk({"index": c.index, "delta": delta,
+                                   "logprobs": logprobs if i == 0 else None, "finish_reason": None})
+            if not deltas and logprobs:
+                yield self._chunk({"index": c.index, "delta": {}, "logprobs": logprobs, "finish_reason": None})
+            if c.finish_reason is not None:
+                reason = _finish_reason(c, c.index in self.saw_calls)
+                yield self._chunk({"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason})
+
+    def _deltas(self, index: int, text: str, finished: bool) -> list[dict]:
+        if self.plan.tool_parser is None:
+            return [{"content": text}] if text else []
+        parser = self.parsers.setdefault(index, self.plan.tool_parser.stream())
+        deltas = parser.finish(text) if finished else parser.feed(text)
+        out = []
+        for delta in deltas:
+            if delta.tool_call is not None:
+                self.saw_calls.add(index)
+                out.append({"tool_calls": [delta.tool_call]})
+            elif delta.content:
+                out.append({"content": delta.content})
+        return out
+
+    def usage_chunk(self, output: RequestOutput) -> dict:
+        return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "usage": usage([output])}
+
+
+def _completion_logprobs(prompt_text: str, output: RequestOutput, c: CompletionOutput, k: int, echo: bool,
+                         tokenizer) -> dict:
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    offset = 0
+    pairs = []
+    if echo:
+        for i, token in enumerate(output.prompt_token_ids):
+            position = output.prompt_logprobs[i] if output.prompt_logprobs else None
+            pairs.append((token, position))
+    pairs += list(zip(c.token_ids, c.logprobs or []))
+    for token, position in pairs:
+        text = tokenizer.decode([token])
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if position is None:
+            token_logprobs.append(None)
+            tops.append(None)
+            continue
+        token_logprobs.append(position[token].logprob)
+        top = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= k), key=lambda lp: lp.rank)
+        tops.append({lp.decoded_token: lp.logprob for lp in top[:k]})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _prompt_text(output: RequestOutput, tokenizer) -> str:
+    return output.prompt if output.prompt is not None else tokenizer.decode(output.prompt_token_ids)
+
+
+def completion_response(body, rid: str, created: int, model: str, outputs: list[RequestOutput], tokenizer) -> dict:
+    choices = []
+    for p, output in enumerate(outputs):
+        prompt_text = _prompt_text(output, tokenizer) if body.echo else ""
+        for c in output.outputs:
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = _completion_logprobs(prompt_text, output, c, body.logprobs, body.echo, tokenizer)
+            choices.append({"index": p * body.n + c.index, "text": prompt_text + c.text, "logprobs": logprobs,
+                            "finish_reason": _finish_reason(c)})
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage(outputs)}
+
+
+class CompletionStreamWriter:
+    def __init__(self, body, rid: str, created: int, model: str, tokenizer):
+        self.body, self.rid, self.created, self.model, self.tokenizer = body, rid, created, model, tokenizer
+        self.sent_text: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+
+    def chunks(self, prompt_index: int, output: RequestOutput):
+        body = self.body
+        for c in output.outputs:
+            index = prompt_index * body.n + c.index
+            prefix = ""
+            if index not in self.sent_text and body.echo:
+                prefix = _prompt_text(output, self.tokenizer)
+            text = prefix + c.text[self.sent_text.get(index, 0):]
+            self.sent_text[index] = len(c.text)
+            start = self.sent_tokens.get(index, 0)
+            self.sent_tokens[index] = len(c.token_ids)
+            logprobs = None
+            if body.logprobs is not None:
+                partial = CompletionOutput(c.index, "", c.token_ids[start:], logprobs=(c.logprobs or [])[start:])
+                logprobs = _completion_logprobs("", output, partial, body.logprobs, False, self.tokenizer)
+            if not text and c.finish_reason is None and not (logprobs and logprobs["tokens"]):
+                continue
+            yield {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
+                   "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                "finish_reason": _finish_reason(c)}]}
+
+    def usage_chunk(self, outputs: list[RequestOutput]) -> dict:
+        return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [], "usage": usage(outputs)}

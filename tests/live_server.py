@@ -1,0 +1,46 @@
+"""A real uvicorn server on a loopback port, in a thread, for client tests."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+
+from levante.serve.app import ServerState
+from levante.serve.server import build_server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(llm, name: str = "test-model", api_key: str | None = None):
+    """Yields (base_url, state) with `llm` attached and warm; stops the server afterwards."""
+    state = ServerState(name)
+    port = free_port()
+    server = build_server(state, "127.0.0.1", port, api_key, log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/health").status_code == 503:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    state.attach(llm)
+    try:
+        yield base, state
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        state.loop.stop()
