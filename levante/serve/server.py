@@ -51,6 +51,7 @@ def serve(args) -> int:
             failure.append(str(e))
             server.should_exit = True
             return
+        llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
         state.attach(llm)
         logger.warning("levante: %s ready (load %.1fs)", state.model_name, llm.engine.load_seconds)
 
