@@ -130,3 +130,19 @@ def test_mistralrs_grammar_extension(client):
     except openai.BadRequestError as e:
         bad = e
     assert bad is not None and "regex" in bad.body["message"]
+
+
+def test_responses_api_with_tools(client):
+    tool = {"type": "function", **WEATHER["function"]}
+    r = client.responses.create(model="qwen2.5-coder:0.5b", input="What's the weather in Paris?", tools=[tool],
+                                tool_choice="required", temperature=0, max_output_tokens=80)
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["function"]["parameters"])
+    followup = client.responses.create(
+        model="qwen2.5-coder:0.5b", tools=[tool], temperature=0, max_output_tokens=60,
+        input=[{"role": "user", "content": "What's the weather in Paris?"},
+               {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather",
+                "arguments": calls[0].arguments},
+               {"type": "function_call_output", "call_id": calls[0].call_id, "output": '{"temperature_c": 17}'}])
+    assert "17" in followup.output_text
