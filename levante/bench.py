@@ -4,7 +4,9 @@ For a side-by-side comparison with llama.cpp see benchmarks/decode_vs_llamacpp.p
 """
 from __future__ import annotations
 
+import resource
 import statistics
+import sys
 import time
 
 
@@ -25,7 +27,21 @@ def run_bench(args) -> int:
         params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
         stamps = [time.perf_counter() for _ in llm.stream([ids[0] + 7, 11, 12], params)]
         decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    print(f"model {args.model} ({llm.engine.dtype}), load {load:.2f} s")
+    engine = llm.engine
+    print(f"model {args.model} ({engine.dtype}, quantization {engine.quantization or 'none'}), load {load:.2f} s, "
+          f"weights {_weight_bytes(engine.model) / 2**20:.0f} MiB, peak RSS {_peak_rss_mib():.0f} MiB")
     for name, values in [("prefill tok/s", prefill), ("decode tok/s", decode)]:
         print(f"{name:14} min {min(values):8.1f}  median {statistics.median(values):8.1f}  max {max(values):8.1f}")
     return 0
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the weights the model holds: dense parameters plus packed ones (shared ones once)."""
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    packed = {id(m.packed): m.packed.nbytes for m in model.modules() if getattr(m, "packed", None) is not None}
+    return dense + sum(packed.values())
+
+
+def _peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)

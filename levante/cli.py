@@ -21,6 +21,10 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="memory preallocated for the KV cache")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--quantization", "--isq", dest="quantization", default="auto",
+                        choices=["auto", "none", "int8", "int4"],
+                        help="weights in memory: auto keeps GGUF quantised (packed int8/int4), none dequantises "
+                             "to --dtype, int8/int4 quantise any model in situ (default: auto)")
 
 
 def _load(args, warmup: bool = True):
@@ -28,7 +32,8 @@ def _load(args, warmup: bool = True):
 
     return LLM(args.model, progress=sys.stderr.isatty(), dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               kv_cache_gb=args.kv_cache_gb, num_threads=args.threads, warmup=warmup)
+               kv_cache_gb=args.kv_cache_gb, num_threads=args.threads, warmup=warmup,
+               quantization=args.quantization)
 
 
 def _sampling(args):
@@ -123,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("LEVANTE_API_KEY"))
     serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--embedding-model", default=None,
+                       help="also serve this embedding model on /v1/embeddings (alias or folder)")
+    serve.add_argument("--search-url", default=os.environ.get("LEVANTE_SEARCH_URL"),
+                       help="SearxNG URL for web_search_options on chat requests (env LEVANTE_SEARCH_URL)")
     serve.set_defaults(func=cmd_serve)
 
     run = sub.add_parser("run", help="generate once from a prompt, streamed to stdout")

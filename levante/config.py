@@ -146,6 +146,9 @@ class EngineConfig:
     dtype: torch.dtype | None = None  # None: float32 for tests? no: bfloat16 on CPU with AMX/AVX512-BF16, else float32
     device: str = "cpu"
     num_threads: int | None = None
+    # "auto": GGUF weights stay quantised (int8/int4 packed, quant/packed.py), others dense;
+    # "none": dequantise to `dtype`; "int8" | "int4": quantise every linear layer (ISQ).
+    quantization: str = "auto"
     warmup: bool = True
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -15,3 +15,15 @@ class UnsupportedArchitecture(ModelLoadError):
 
 class InvalidRequest(LevanteError):
     """A request (prompt, sampling parameters) cannot be served as asked."""
+
+
+class ServiceUnavailable(LevanteError):
+    """The model is still loading (HTTP 503)."""
+
+    status = 503
+
+
+class ModelNotFound(LevanteError):
+    """A request names a model this server does not serve (HTTP 404)."""
+
+    status = 404

@@ -1,30 +1,47 @@
-"""The Python API, shaped like vLLM's: `LLM(model).generate(prompts, SamplingParams(...))`."""
+"""The Python API, shaped like vLLM's: `LLM(model).generate(prompts, SamplingParams(...))`.
+
+An embedding model (a sentence-transformers folder or alias) loads an `Embedder`
+instead of the generation engine: `LLM("all-minilm:l6-v2").embed(texts)`.
+"""
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
 
 from levante.config import CacheConfig, EngineConfig
+from levante.engine.embedder import EmbeddingInput, Embedder
 from levante.engine.engine import Engine
 from levante.engine.outputs import RequestOutput
 from levante.engine.sampling_params import SamplingParams
+from levante.errors import InvalidRequest
+from levante.loader.auto import is_embedding_model
 from levante.loader.chat_template import ChatTemplate
 
 Prompt = str | list[int]
 
 
 class LLM:
-    """Loads a model (HF folder, .gguf file or alias) and generates from it.
+    """Loads a model (HF folder, .gguf file or alias) and generates from it, or embeds with it.
 
     Keyword arguments configure the engine: `dtype`, `device`, `max_model_len`,
     `max_num_seqs`, `max_num_batched_tokens`, `block_size`, `kv_cache_gb`,
-    `num_kv_blocks`, `enable_prefix_caching`, `num_threads`, `warmup`.
+    `num_kv_blocks`, `enable_prefix_caching`, `num_threads`, `warmup`, and
+    `quantization`: "auto" (default: GGUF weights stay quantised, packed int8/int4),
+    "none" (dequantise to `dtype`), "int8" or "int4" (in-situ quantisation of any model).
     """
 
     def __init__(self, model: str | None = None, *, progress: bool = False, **options):
         from levante.loader.sources import DEFAULT_MODEL
 
-        self.engine = Engine(model or DEFAULT_MODEL, _engine_config(options), progress=progress)
+        self.model_name = str(model or DEFAULT_MODEL)
+        self.engine: Engine | None = None
+        self.embedder: Embedder | None = None
+        self._ids = itertools.count()
+        if is_embedding_model(self.model_name):
+            self.embedder = Embedder.load(self.model_name, _engine_config(options))
+            self.tokenizer, self.chat_template = self.embedder.tokenizer, None
+            return
+        self.engine = Engine(self.model_name, _engine_config(options), progress=progress)
         self.tokenizer = self.engine.tokenizer
         tok = self.tokenizer
         if tok.chat_template:
@@ -32,11 +49,34 @@ class LLM:
         else:
             vocabulary = {"<start_of_turn>"} if tok.token_to_id("<start_of_turn>") is not None else ()
             self.chat_template = ChatTemplate.fallback(tok.bos_token or "", tok.eos_token or "", vocabulary)
-        self._ids = itertools.count()
+
+    @property
+    def is_embedding_model(self) -> bool:
+        return self.embedder is not None
+
+    def embed(self, inputs: EmbeddingInput, *, dimensions: int | None = None, prompt_name: str | None = None,
+              prompt: str | None = None, as_tensor: bool = False):
+        """One vector per input (a text, texts, or token-id lists): list[list[float]], or a float32 tensor.
+
+        `prompt_name` picks one of the model's prompts ("query", "document", ...), `prompt`
+        gives the prefix itself; `dimensions` truncates (and renormalises) Matryoshka models.
+        """
+        if self.embedder is None:
+            raise InvalidRequest(f"'{self.model_name}' is not an embedding model; load one to embed")
+        ids = self.embedder.token_ids(inputs, prompt_name, prompt)
+        vectors = self.embedder.embed(ids, dimensions)
+        return vectors if as_tensor else vectors.tolist()
+
+    def _require_engine(self) -> Engine:
+        if self.engine is None:
+            raise InvalidRequest(f"'{self.model_name}' is an embedding model: it embeds (embed()), "
+                                 "it does not generate")
+        return self.engine
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
                  ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids) in one continuous batch; outputs in prompt order."""
+        self._require_engine()
         ids = self._submit(prompts, params)
         finished: dict[str, RequestOutput] = {}
         try:
@@ -52,6 +92,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that adds to it; text is cumulative."""
+        self._require_engine()
         (rid,) = self._submit([prompt], params)
         done = False
         try:
@@ -73,6 +114,7 @@ class LLM:
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True) -> list[int]:
+        self._require_engine()
         text = self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False)
 

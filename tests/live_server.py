@@ -19,8 +19,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(llm, name: str = "test-model", api_key: str | None = None):
-    """Yields (base_url, state) with `llm` attached and warm; stops the server afterwards."""
+def live_server(llm, name: str = "test-model", api_key: str | None = None, embedding_llm=None,
+                embedding_name: str | None = None, web_search=None):
+    """Yields (base_url, state) with `llm` (and an embedding model) attached and warm; stops the server afterwards."""
     state = ServerState(name)
     port = free_port()
     server = build_server(state, "127.0.0.1", port, api_key, log_level="warning")
@@ -37,10 +38,12 @@ def live_server(llm, name: str = "test-model", api_key: str | None = None):
         if time.monotonic() > deadline:
             raise RuntimeError("server did not start")
         time.sleep(0.05)
-    state.attach(llm)
+    state.web_search = web_search
+    state.attach(llm, embedding_llm, embedding_name)
     try:
         yield base, state
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        state.loop.stop()
+        if state.loop is not None:
+            state.loop.stop()

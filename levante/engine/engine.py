@@ -26,6 +26,7 @@ from levante.errors import InvalidRequest
 from levante.loader.auto import open_model
 from levante.loader.tokenizer import IncrementalDetokenizer
 from levante.models.registry import build_model, load_weights
+from levante.quant.packed import resolve_mode
 
 logger = logging.getLogger("levante")
 
@@ -63,8 +64,10 @@ class Engine:
         self.source = open_model(model)
         self.model_config = self.source.config
         self.tokenizer = self.source.tokenizer()
+        self.quantization = resolve_mode(config.quantization, self.source.format)
         self.model = build_model(self.model_config, self.dtype, self.device)
-        load_weights(self.model, _with_progress(self.source, progress))
+        weights = _with_progress(self.source, progress, quantized=self.quantization is not None)
+        load_weights(self.model, weights, self.quantization)
         self.model.eval()
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self._init_cache()
@@ -272,8 +275,8 @@ def _visible_text(seq: Sequence) -> str:
     return text[: len(text) - hold]
 
 
-def _with_progress(source, progress: bool):
-    weights = source.weights()
+def _with_progress(source, progress: bool, quantized: bool):
+    weights = source.weights(quantized)
     if not progress:
         return weights
     from tqdm import tqdm

@@ -13,6 +13,7 @@ sliding-window and padding mask.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -58,23 +59,24 @@ class AttentionMetadata:
         return self._masks[sliding_window]
 
 
-_metadata: AttentionMetadata | None = None
+# Per thread: the engine loop and the embedding batcher may run forwards at the same time.
+_local = threading.local()
 
 
 def get_attention_metadata() -> AttentionMetadata:
-    if _metadata is None:
+    metadata = getattr(_local, "metadata", None)
+    if metadata is None:
         raise RuntimeError("attention metadata is not set: run the model through the runner")
-    return _metadata
+    return metadata
 
 
 @contextmanager
 def attention_metadata(metadata: AttentionMetadata):
-    global _metadata
-    previous, _metadata = _metadata, metadata
+    previous, _local.metadata = getattr(_local, "metadata", None), metadata
     try:
         yield metadata
     finally:
-        _metadata = previous
+        _local.metadata = previous
 
 
 class Attention(nn.Module):
@@ -93,14 +95,7 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
         md = get_attention_metadata()
-        if self.k_cache is not None:
-            self.k_cache.index_copy_(0, md.slot_mapping, k)
-            self.v_cache.index_copy_(0, md.slot_mapping, v)
-            k_store, v_store = self.k_cache, self.v_cache
-        else:
-            k_store, v_store = k, v
-        keys = k_store[md.key_slots].transpose(1, 2)  # [batch, kv_heads, max_kv, head_dim]
-        values = v_store[md.key_slots].transpose(1, 2)
+        keys, values = (t.transpose(1, 2) for t in self._context(k, v, md))  # [batch, kv_heads, max_kv, head_dim]
         queries = self._pad_queries(q, md).transpose(1, 2)  # [batch, heads, max_q, head_dim]
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
@@ -111,6 +106,19 @@ class Attention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)
         return out if md.output_index is None else out.index_select(0, md.output_index)
+
+    def _context(self, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata):
+        """Each sequence's keys and values, [batch, max_kv, kv_heads, head_dim]."""
+        if self.k_cache is not None:
+            self.k_cache.index_copy_(0, md.slot_mapping, k)
+            self.v_cache.index_copy_(0, md.slot_mapping, v)
+            return self.k_cache[md.key_slots], self.v_cache[md.key_slots]
+        if md.query_index is None:
+            # No cache and rows already [batch, max_q] (an encoder's padded batch): the keys are the
+            # step's own tokens in place, so views replace the gather.
+            shape = (md.batch_size, md.max_q, *k.shape[1:])
+            return k.view(shape), v.view(shape)
+        return k[md.key_slots], v[md.key_slots]
 
     @staticmethod
     def _pad_queries(q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:

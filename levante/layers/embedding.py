@@ -1,28 +1,57 @@
-"""Token embedding and LM head, vocabulary-parallel under tensor parallelism."""
+"""Token embedding and LM head, vocabulary-parallel under tensor parallelism.
+
+Quantised (``quantization`` set before loading): the embedding keeps a table it looks
+rows up in without a dense copy (GGUF blocks as stored, or int8 rows), and the head a
+packed weight for its matmul (quant/packed.py). A tied head packs the same checkpoint
+tensor for itself (models/registry.py hands it over), since lookup and matmul want
+different forms.
+"""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from levante.distributed import all_reduce, tp_rank, tp_size
+from levante.quant.packed import GGUFRows, pack, pack_embedding
 
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
-        self.vocab_size = vocab_size
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.shard_size = -(-vocab_size // self.tp_size)
         self.vocab_start = self.tp_rank * self.shard_size
         self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.dtype = self.weight.dtype
+        self.quantization: str | None = None  # "auto" | "int8" | "int4", set before loading
+        self.packed = None  # a table with .rows(ids, dtype), or for the head a weight with .matmul
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+        if self.quantization is not None:
+            return self._adopt(self._pack(loaded))
         shard = loaded[self.vocab_start:self.vocab_start + self.shard_size]
         param.data.zero_()
         param.data[: shard.size(0)].copy_(shard)
 
+    def _pack(self, loaded):
+        return pack_embedding(loaded, self.quantization, self.dtype)
+
+    def _adopt(self, weight) -> None:
+        if self.tp_size > 1:
+            raise NotImplementedError("quantized embeddings under tensor parallelism")
+        if tuple(weight.shape) != (self.vocab_size, self.hidden_size):
+            raise RuntimeError(f"table {tuple(weight.shape)} != expected {(self.vocab_size, self.hidden_size)}")
+        if isinstance(weight, torch.Tensor):
+            self.weight.data = weight
+        else:
+            self.packed = weight
+            self.weight.data = torch.empty(0, dtype=self.dtype)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.rows(input_ids, self.dtype)
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
@@ -34,7 +63,20 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to float32 logits over the whole vocabulary."""
 
+    def _pack(self, loaded):
+        return pack([loaded], self.quantization, self.dtype)
+
+    def load_tied(self, embedding: VocabParallelEmbedding, loaded) -> None:
+        """Quantised and tied to ``embedding``: pack ``loaded`` (the shared matrix) for the
+        matmul; the embedding then looks rows up in this packed weight too, unless it keeps
+        the checkpoint's GGUF blocks (exact, and no memory of their own)."""
+        self._adopt(self._pack(loaded))
+        if self.packed is not None and not isinstance(embedding.packed, GGUFRows):
+            embedding.packed = self.packed
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.matmul(hidden).float()[..., : self.vocab_size]
         logits = F.linear(hidden, self.weight).float()
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]

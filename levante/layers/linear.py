@@ -3,6 +3,14 @@
 As in nano-vllm: each parameter carries a `weight_loader(param, loaded, shard_id)`
 so a checkpoint's separate q/k/v or gate/up tensors land in one fused matrix,
 and a column/row-parallel rank keeps only its slice.
+
+Quantised (``quantization`` set before loading, see models/registry.py): the loader
+keeps each shard as it comes (a dense tensor or GGUF blocks) and, once the last shard
+of the fused matrix has arrived, packs them all into one int8/int4 weight
+(quant/packed.py); the dense parameter is never filled and is released. Packing the
+assembled rows, rather than packing shards and joining packed blocks, lets shards of
+different GGUF types settle on one form, and the int4 layout interleaves rows in
+blocks of 64 that shard boundaries need not respect.
 """
 from __future__ import annotations
 
@@ -11,9 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from levante.distributed import all_reduce, tp_rank, tp_size
+from levante.quant.packed import PackedWeight, pack
 
 
 class LinearBase(nn.Module):
+    # The checkpoint tensors fused into this weight, in row order (None: stored whole).
+    shard_ids: tuple = (None,)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, shard_dim: int | None):
         super().__init__()
         self.shard_dim = shard_dim
@@ -25,6 +37,9 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.quantization: str | None = None  # "auto" | "int8" | "int4", set before loading
+        self.packed: PackedWeight | None = None
+        self._pending: dict = {}
 
     def _shard(self, loaded: torch.Tensor, dim: int | None) -> torch.Tensor:
         if dim is None or self.tp_size == 1 or loaded.dim() <= dim:
@@ -33,10 +48,39 @@ class LinearBase(nn.Module):
         return loaded.narrow(dim, self.tp_rank * size, size)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+        if self._collects(param):
+            return self._collect(self._shard(loaded, self.shard_dim), shard_id)
         param.data.copy_(self._shard(loaded, self.shard_dim))
 
+    def _collects(self, param: nn.Parameter) -> bool:
+        return self.quantization is not None and param is self.weight
+
+    def _collect(self, shard, shard_id) -> None:
+        """Keep one shard of the weight; pack them all when the last one arrives."""
+        self._pending[shard_id] = shard
+        ids = [None] if None in self._pending else self.shard_ids
+        if all(i in self._pending for i in ids):
+            shards, self._pending = [self._pending[i] for i in ids], {}
+            self._adopt(pack(shards, self.quantization, self.weight.dtype))
+
+    def _adopt(self, weight: PackedWeight | torch.Tensor) -> None:
+        expected = tuple(self.weight.shape)
+        if tuple(weight.shape) != expected:
+            raise RuntimeError(f"assembled weight {tuple(weight.shape)} != expected {expected}")
+        if isinstance(weight, torch.Tensor):  # "auto" met float tensors: stays dense
+            self.weight.data = weight
+        else:
+            self.packed = weight
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, bias)
+        out = self.packed.matmul(x)
+        return out if bias is None else out + bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -56,9 +100,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
         self.output_sizes = output_sizes
+        self.shard_ids = tuple(range(len(output_sizes)))
         super().__init__(in_features, sum(output_sizes), bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0):
+        if self._collects(param):
+            return self._collect(self._shard(loaded, 0), shard_id)
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
         param.data.narrow(0, offset, size).copy_(self._shard(loaded, 0))
@@ -67,6 +114,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections fused; kv heads are split across ranks like q heads."""
 
+    shard_ids = ("q", "k", "v")
+
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
         tp = tp_size()
         self.q_size = num_heads // tp * head_dim
@@ -74,6 +123,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q"):
+        if self._collects(param):
+            return self._collect(self._shard(loaded, 0), shard_id)
         offset = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}[shard_id]
         size = self.q_size if shard_id == "q" else self.kv_size
         param.data.narrow(0, offset, size).copy_(self._shard(loaded, 0))
@@ -86,8 +137,10 @@ class RowParallelLinear(LinearBase):
         super().__init__(in_features // tp_size(), out_features, bias, shard_dim=1)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+        if self._collects(param):
+            return self._collect(self._shard(loaded, 1), shard_id)
         param.data.copy_(self._shard(loaded, 1 if loaded.dim() == 2 else None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        return all_reduce(F.linear(x, self.weight, bias))
+        return all_reduce(self._matmul(x, bias))

@@ -1,5 +1,9 @@
 """What is this path? An alias, a Hugging Face folder or a GGUF file, and which architecture.
 
+A folder with sentence-transformers' files (`modules.json`,
+`config_sentence_transformers.json`) is an embedding model whatever its
+config.json names (#1707): its source carries the pooling/dense/normalize pipeline.
+
 `open_model` answers with a `ModelSource`: the normalised config, a weight
 iterator in Hugging Face names, and the tokenizer and chat template, whatever
 the format. The engine never looks at the format itself.
@@ -14,10 +18,11 @@ from pathlib import Path
 import torch
 
 from levante.config import ModelConfig
-from levante.errors import ModelLoadError, UnsupportedArchitecture
+from levante.errors import ModelLoadError
 from levante.loader import hf
+from levante.loader.sentence_transformers import EmbeddingPipeline, dense_weights, read_pipeline
 from levante.loader.sources import PACKAGED_MODELS, resolve_alias
-from levante.models.registry import model_class
+from levante.models.registry import embedding_encoder_class, model_class
 
 
 @dataclass
@@ -27,11 +32,25 @@ class ModelSource:
     format: str  # "hf" | "gguf"
     config: ModelConfig
     _gguf: object = None
+    pipeline: EmbeddingPipeline | None = None  # set for sentence-embedding models
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    @property
+    def is_embedding(self) -> bool:
+        return self.pipeline is not None
+
+    def weights(self, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Checkpoint tensors in HF names; with `quantized`, GGUF blocks stay blocks (`GGUFTensor`)."""
         if self.format == "gguf":
-            return self._gguf.named_tensors()
+            return self._gguf.quantized_tensors() if quantized else self._gguf.named_tensors()
+        if self.pipeline is not None:
+            return self._embedding_weights()
         return hf.named_tensors(self.path)
+
+    def _embedding_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The transformer's tensors as saved, then each dense stage's as `dense.<i>.<name>`."""
+        yield from hf.named_tensors(self.path)
+        for index, spec in enumerate(self.pipeline.dense):
+            yield from dense_weights(spec, index)
 
     def num_tensors(self) -> int | None:
         return self._gguf.tensor_count if self.format == "gguf" else None
@@ -47,6 +66,12 @@ class ModelSource:
 def is_embedding_folder(path: Path) -> bool:
     """sentence-transformers folders are embedding models even when config.json names a causal LM (#1707)."""
     return (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file()
+
+
+def is_embedding_model(model: str | os.PathLike) -> bool:
+    """Whether `model` (alias or path) loads as an embedding model, without reading weights."""
+    path = resolve_path(model)[1]
+    return path.is_dir() and is_embedding_folder(path)
 
 
 def resolve_path(model: str | os.PathLike) -> tuple[str, Path]:
@@ -67,10 +92,12 @@ def open_model(model: str | os.PathLike) -> ModelSource:
 
         gguf_file = GGUFFile(path)
         source = ModelSource(name, path, "gguf", ModelConfig.from_hf_dict(gguf_file.hf_config()), gguf_file)
+    elif is_embedding_folder(path):
+        raw = hf.read_config(path)
+        source = ModelSource(name, path, "hf", ModelConfig.from_hf_dict(raw), pipeline=read_pipeline(path, raw))
+        embedding_encoder_class(source.config.model_type)  # fail before reading weights or tokenizer
+        return source
     else:
-        if is_embedding_folder(path):
-            raise UnsupportedArchitecture(
-                f"{path} is a sentence-embedding model; embedding models are not supported yet")
         raw = hf.read_config(path)
         if not raw.get("architectures"):
             raise ModelLoadError(f"{path / 'config.json'} names no architectures")

@@ -7,6 +7,7 @@ transformers' GGUF loader undoes them, so a model built for HF checkpoints loads
 """
 from __future__ import annotations
 
+import mmap
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,7 +17,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader
 
 from levante.errors import ModelLoadError, UnsupportedArchitecture
-from levante.quant.gguf_blocks import as_bytes, dequantize
+from levante.quant.gguf_blocks import GGUFTensor, as_bytes, dequantize
 
 _HF_ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
@@ -69,6 +70,18 @@ class _Reader(GGUFReader):
     @data.setter
     def data(self, value: np.ndarray) -> None:
         self._bytes = value.view(np.ndarray)
+        self._mmap = getattr(value, "_mmap", None)
+
+    def release(self, offset: int, size: int) -> None:
+        """Drop this process's resident pages of bytes [offset, offset + size) of the file.
+
+        The map is private and never written, so a later read just faults the pages back
+        in from the file (or the page cache); meanwhile they stop counting in our RSS.
+        """
+        page = mmap.PAGESIZE
+        start, end = -(-offset // page) * page, (offset + size) // page * page
+        if self._mmap is not None and end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def _get(self, offset, dtype, count=1, override_order=None):
         end = int(offset) + int(count) * np.dtype(dtype).itemsize
@@ -111,6 +124,8 @@ class GGUFFile:
             self.metadata: dict[str, Any] = {key: field.contents() for key, field in self._reader.fields.items()}
         except Exception as error:
             raise ModelLoadError(f"{self.path}: unreadable GGUF metadata ({error})") from None
+        # The reader keeps a numpy view per array element (~110 MB for a 150k vocabulary).
+        self._reader.fields.clear()
         self.architecture: str = self.metadata.get("general.architecture", "")
         if not self.architecture:
             raise ModelLoadError(f"{self.path}: GGUF metadata has no general.architecture")
@@ -234,6 +249,38 @@ class GGUFFile:
             block_size, type_size = GGML_QUANT_SIZES[qtype]
             raw = as_bytes(tensor.data).view(*shape[:-1], shape[-1] // block_size * type_size)
             yield hf_name, qtype, self._unpermute(name, raw), shape
+
+    def quantized_tensors(self) -> Iterator[tuple[str, GGUFTensor | torch.Tensor]]:
+        """``(hf_name, tensor)`` with block-quantised tensors left as ``GGUFTensor`` (float
+        ones come as float32 tensors), for layers that keep weights packed.
+
+        The pages of the mapped file are released as loading moves on, so the file does not
+        stay resident beside the packed copies: a block's tensors once the next block
+        starts (a fused q/k/v or gate/up is read when its last shard arrives), others at once.
+        """
+        block, held = None, []
+        for (hf_name, qtype, raw, shape), tensor in zip(self.raw_tensors(), self._parameter_tensors()):
+            match = _LAYER_TENSOR.fullmatch(tensor.name)
+            if match is None or match[1] != block:
+                self._release(held)
+                block, held = match and match[1], []
+            if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+                yield hf_name, dequantize(raw, qtype, shape)
+            else:
+                yield hf_name, GGUFTensor(GGMLQuantizationType(qtype), raw, shape)
+            held.append(tensor)
+            if block is None:
+                self._release(held)
+                held = []
+        self._release(held)
+
+    def _release(self, tensors) -> None:
+        for tensor in tensors:
+            self._reader.release(tensor.data_offset, tensor.n_bytes)
+
+    def _parameter_tensors(self):
+        """The reader's tensors in ``raw_tensors``' order (those with a parameter name)."""
+        return (t for name, t in self._tensors.items() if self._hf_name(name) is not None)
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(hf_name, float32 tensor)`` for every parameter, in transformers' layout."""

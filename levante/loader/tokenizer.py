@@ -99,6 +99,10 @@ class Tokenizer:
             backend = Backend.from_file(str(folder / "tokenizer.json"))
         except Exception as error:
             raise ModelLoadError(f"cannot read {folder / 'tokenizer.json'}: {error}") from error
+        # Some tokenizer.json files pad or truncate to a fixed length (MiniLM pads to 128): a prompt
+        # must never be silently padded or cut, so callers that want truncation ask for it.
+        backend.no_padding()
+        backend.no_truncation()
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
         generation = _read_json(folder / "generation_config.json")

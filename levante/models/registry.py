@@ -1,4 +1,8 @@
-"""Architecture name -> model class, and loading checkpoint tensors into a model."""
+"""Architecture name -> model class, and loading checkpoint tensors into a model.
+
+Embedding models are chosen by `model_type` instead: their config.json may name
+a causal LM (Qwen3-Embedding says `Qwen3ForCausalLM`) or a bare encoder.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -8,16 +12,31 @@ from torch import nn
 
 from levante.config import ModelConfig
 from levante.errors import ModelLoadError, UnsupportedArchitecture
+from levante.layers.embedding import VocabParallelEmbedding
+from levante.layers.linear import LinearBase
+from levante.models.bert import BertModel
+from levante.models.embedding import (DecoderEncoder, Gemma3Encoder, Qwen2Encoder, Qwen3Encoder,
+                                      SentenceEmbeddingModel)
 from levante.models.gemma3 import Gemma3ForCausalLM
 from levante.models.llama import LlamaForCausalLM
 from levante.models.qwen2 import Qwen2ForCausalLM
 from levante.models.qwen3 import Qwen3ForCausalLM
+from levante.quant.gguf_blocks import GGUFTensor
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+}
+
+# model_type -> the encoder of a sentence-embedding model.
+EMBEDDING_ENCODERS: dict[str, type[nn.Module]] = {
+    "bert": BertModel,
+    "gemma3_text": Gemma3Encoder,
+    "qwen3": Qwen3Encoder,
+    "qwen2": Qwen2Encoder,
+    "llama": DecoderEncoder,
 }
 
 # Checkpoint prefixes that wrap the text decoder in multimodal layouts.
@@ -32,13 +51,31 @@ def model_class(architecture: str) -> type[nn.Module]:
     return ARCHITECTURES[architecture]
 
 
+def embedding_encoder_class(model_type: str) -> type[nn.Module]:
+    if model_type not in EMBEDDING_ENCODERS:
+        raise UnsupportedArchitecture(
+            f"unsupported embedding model type '{model_type}'; supported: {', '.join(sorted(EMBEDDING_ENCODERS))}")
+    return EMBEDDING_ENCODERS[model_type]
+
+
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
     cls = model_class(config.architecture)
+    return _construct(lambda: cls(config), dtype, device)
+
+
+def build_embedding_model(config: ModelConfig, pipeline, dtype: torch.dtype,
+                          device: torch.device) -> SentenceEmbeddingModel:
+    """The encoder for `config.model_type` followed by `pipeline`'s pooling, dense and normalize stages."""
+    encoder_cls = embedding_encoder_class(config.model_type)
+    return _construct(lambda: SentenceEmbeddingModel(encoder_cls(config), pipeline), dtype, device)
+
+
+def _construct(make, dtype: torch.dtype, device: torch.device) -> nn.Module:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return cls(config)
+            return make()
     finally:
         torch.set_default_dtype(previous)
 
@@ -47,9 +84,27 @@ def _default_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) ->
     param.data.copy_(loaded)
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into `model`, fusing q/k/v and gate/up as its mapping says."""
+def _set_quantization(model: nn.Module, quantization: str | None) -> set[int]:
+    """Have every linear and embedding layer keep packed weights; the ids of their weight parameters."""
+    if quantization is None:
+        return set()
+    takes_blocks = set()
+    for module in model.modules():
+        if isinstance(module, (LinearBase, VocabParallelEmbedding)):
+            module.quantization = quantization
+            takes_blocks.add(id(module.weight))
+    return takes_blocks
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                 quantization: str | None = None) -> None:
+    """Copy checkpoint tensors into `model`, fusing q/k/v and gate/up as its mapping says.
+
+    With `quantization` ("auto", "int8", "int4"; see quant/packed.py) linear and embedding
+    layers keep packed weights instead, and checkpoint tensors may arrive as GGUF blocks.
+    """
     params = dict(model.named_parameters())
+    takes_blocks = _set_quantization(model, quantization)
     mapping = getattr(model, "packed_modules_mapping", {})
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     expected = {name: 1 for name in params}
@@ -72,8 +127,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         param = params.get(target)
         if param is None:
             raise ModelLoadError(f"checkpoint tensor '{name}' has no place in {type(model).__name__}")
+        if isinstance(tensor, GGUFTensor) and id(param) not in takes_blocks:
+            tensor = tensor.dequantize()
         try:
             getattr(param, "weight_loader", _default_loader)(param, tensor, shard_id)
+            if tied and quantization and target == "model.embed_tokens.weight":
+                model.lm_head.load_tied(model.get_submodule("model.embed_tokens"), tensor)
         except RuntimeError as e:
             raise ModelLoadError(f"tensor '{name}' does not fit: shape {tuple(tensor.shape)} ({e})") from None
         loaded[target] = loaded.get(target, 0) + 1

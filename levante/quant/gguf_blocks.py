@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -174,3 +175,72 @@ def dequantize(raw: torch.Tensor | np.ndarray, qtype: T | int, shape: tuple[int,
     for start in range(0, blocks.shape[0], step):
         out[start : start + step] = _BLOCK_DEQUANTIZERS[qtype](blocks[start : start + step])
     return out.reshape(shape)
+
+
+# Formats whose values are ``scale * q + offset`` with q in 0..15 over groups of 32: they
+# map onto a 4-bit groupwise-affine weight without requantising.
+INT4_AFFINE_TYPES: frozenset[T] = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
+
+
+def _q4_0_affine(blocks: torch.Tensor):
+    d = _half(blocks, 0)
+    return _unpack(blocks[:, 2:], 4, 16), d, -8 * d
+
+
+def _q4_1_affine(blocks: torch.Tensor):
+    return _unpack(blocks[:, 4:], 4, 16), _half(blocks, 0), _half(blocks, 2)
+
+
+def _q4_k_affine(blocks: torch.Tensor):
+    scales, mins = _k_scales(blocks[:, 4:16])
+    return _unpack(blocks[:, 16:], 4, 32), _half(blocks, 0) * scales, -(_half(blocks, 2) * mins)
+
+
+_AFFINE = {T.Q4_0: _q4_0_affine, T.Q4_1: _q4_1_affine, T.Q4_K: _q4_k_affine}
+
+
+def int4_affine(raw: torch.Tensor, qtype: T | int, shape: tuple[int, int]):
+    """The 4-bit codes of a Q4_0/Q4_1/Q4_K matrix and, per group of 32, the scale and offset
+    with ``value = scale * q + offset`` (the same float32 products ``dequantize`` forms).
+
+    Returns ``q`` uint8 ``[rows, cols]``, ``scale`` and ``offset`` float32 ``[rows, cols // 32]``.
+    """
+    qtype = T(qtype)
+    rows, cols = shape
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    q, scale, offset = _AFFINE[qtype](as_bytes(raw).view(-1, type_size))
+    groups = cols // 32
+    return q.reshape(rows, cols), scale.reshape(rows, groups), offset.reshape(rows, groups)
+
+
+@dataclass
+class GGUFTensor:
+    """A GGUF weight still in its block format: ``raw`` holds each row's blocks as bytes,
+    shape ``shape[:-1] + (bytes_per_row,)``. Dequantised only when, and where, asked."""
+
+    qtype: T
+    raw: torch.Tensor
+    shape: tuple[int, ...]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int) -> int:
+        return self.shape[dim]
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.raw, self.qtype, self.shape)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Float32 rows ``index`` (any shape) of a matrix: ``[*index.shape, cols]``."""
+        picked = self.raw.index_select(0, index.reshape(-1))
+        return dequantize(picked, self.qtype, (picked.shape[0], self.shape[-1])).view(*index.shape, -1)
+
+    def row_slice(self, start: int, length: int) -> "GGUFTensor":
+        return GGUFTensor(self.qtype, self.raw.narrow(0, start, length), (length, *self.shape[1:]))
+
+    def narrow(self, dim: int, start: int, length: int):
+        """Rows stay quantised; a cut across columns dequantises (blocks run along a row)."""
+        if dim == 0:
+            return self.row_slice(start, length)
+        return self.dequantize().narrow(dim, start, length)

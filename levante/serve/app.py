@@ -21,36 +21,49 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from levante.engine.loop import EngineLoop
 from levante.engine.outputs import RequestOutput
 from levante.engine.sampling_params import SamplingParams
-from levante.errors import InvalidRequest, LevanteError
+from levante.errors import InvalidRequest, LevanteError, ModelNotFound, ServiceUnavailable
 from levante.serve import openai_format as fmt
 from levante.serve.chat import ChatPlan, plan_chat
+from levante.serve.embeddings import EmbeddingService, register_embeddings
 from levante.serve.metrics import Metrics
 from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest, error_body)
 from levante.serve.responses import register_responses
 from levante.serve.tool_parsers import messages_for_template
+from levante.serve.web_search import search_for_chat
 
 
 class ServerState:
-    """What the routes share: the loaded model (once warm), its name, metrics."""
+    """What the routes share: the loaded models (once warm), their names, metrics, web search."""
 
     def __init__(self, model_name: str):
         self.model_name = model_name
-        self.llm = None  # levante.LLM, set when loading and warm-up are done
+        self.llm = None  # levante.LLM, set when loading and warm-up are done; None when serving embeddings only
         self.loop: EngineLoop | None = None
+        self.embeddings: EmbeddingService | None = None  # the embedding model, if one is served
+        self.web_search = None  # levante.search.WebSearch, when web search is enabled
         self.metrics = Metrics()
 
     @property
     def ready(self) -> bool:
-        return self.loop is not None
+        return self.loop is not None or self.embeddings is not None
 
-    def attach(self, llm) -> None:
+    def attach(self, llm, embedding_llm=None, embedding_name: str | None = None) -> None:
+        """Serve `llm` and/or an embedding model; an embedding `llm` alone serves embeddings only."""
+        if llm is not None and llm.is_embedding_model:
+            llm, embedding_llm, embedding_name = None, llm, self.model_name
         self.llm = llm
-        self.loop = EngineLoop(llm.engine)
+        self.loop = EngineLoop(llm.engine) if llm is not None else None
+        if embedding_llm is not None:  # last: `ready` turns true here when only embeddings are served
+            self.embeddings = EmbeddingService(embedding_llm, embedding_name or embedding_llm.model_name)
 
     def check(self, model: str | None) -> None:
         if not self.ready:
             raise ServiceUnavailable("the model is still loading; retry when /health answers 200")
+        embedding_name = self.embeddings.name if self.embeddings else None
+        if self.llm is None or (model and model == embedding_name and model != self.model_name):
+            raise InvalidRequest(f"'{model or embedding_name}' is an embedding model: it serves /v1/embeddings "
+                                 "only (start the server with a chat model to generate)")
         if model and model != self.model_name:
             raise ModelNotFound(f"model '{model}' is not served here; this server serves '{self.model_name}'")
 
@@ -88,14 +101,6 @@ class ServerState:
         if output.finished:
             for c in output.outputs:
                 m.requests.labels(c.finish_reason or "unknown").inc()
-
-
-class ServiceUnavailable(LevanteError):
-    status = 503
-
-
-class ModelNotFound(LevanteError):
-    status = 404
 
 
 async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -155,14 +160,17 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "levante"}
-        if state.llm:
-            card["max_model_len"] = state.llm.engine.max_model_len
-        return {"object": "list", "data": [card]}
+        cards = []
+        if state.llm or not state.embeddings:
+            card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "levante"}
+            if state.llm:
+                card["max_model_len"] = state.llm.engine.max_model_len
+            cards.append(card)
+        if state.embeddings:
+            cards.append(state.embeddings.card())
+        return {"object": "list", "data": cards}
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request):
-        raise InvalidRequest(f"'{state.model_name}' is not an embedding model, and no embedding model is loaded")
+    register_embeddings(app, state)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -185,7 +193,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         state.check(body.model)
-        plan = plan_chat(state.llm, body)
+        search = await search_for_chat(state, body)  # None unless web_search_options asks for it
+        plan = plan_chat(state.llm, search.body if search else body)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = state.generate(plan.prompt_ids, plan.params)
         if body.stream:
@@ -195,7 +204,8 @@ def create_app(state: ServerState) -> FastAPI:
         final = None
         async for final in stream:
             pass
-        return fmt.chat_response(plan, rid, created, state.model_name, final)
+        response = fmt.chat_response(plan, rid, created, state.model_name, final)
+        return search.annotate(response) if search else response
 
     async def chat_events(plan: ChatPlan, body, rid, created, first, rest):
         writer = fmt.ChatStreamWriter(plan, rid, created, state.model_name, state.llm.tokenizer)

@@ -137,6 +137,14 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
+class WebSearchOptions(BaseModel):
+    """OpenAI's `web_search_options`; `user_location` is accepted and not used."""
+
+    model_config = ConfigDict(extra="allow")
+    search_context_size: Literal["low", "medium", "high"] = "medium"
+    user_location: dict[str, Any] | None = None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -147,6 +155,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    web_search_options: WebSearchOptions | None = None
     # Accepted and ignored: they change nothing about the generated text.
     metadata: dict[str, str] | None = None
     store: bool | None = None

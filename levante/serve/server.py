@@ -9,8 +9,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from levante.errors import InvalidRequest
 from levante.serve.app import ServerState, create_app
 from levante.serve.protocol import error_body
+from levante.serve.web_search import configure_web_search
 
 logger = logging.getLogger("levante")
 
@@ -36,6 +38,19 @@ def build_server(state: ServerState, host: str, port: int, api_key: str | None =
                                          timeout_graceful_shutdown=5))
 
 
+def _load_embedding_model(args):
+    """The `--embedding-model`, served next to the chat model, or None."""
+    if not getattr(args, "embedding_model", None):
+        return None
+    from levante import LLM
+    from levante.loader.auto import is_embedding_model
+
+    if not is_embedding_model(args.embedding_model):
+        raise InvalidRequest(f"--embedding-model: '{args.embedding_model}' is not a sentence-embedding model "
+                             "(a folder with modules.json or config_sentence_transformers.json, or an alias)")
+    return LLM(args.embedding_model, dtype=args.dtype, device=args.device, num_threads=args.threads)
+
+
 def serve(args) -> int:
     state = ServerState(args.served_model_name or args.model)
     server = build_server(state, args.host, args.port, args.api_key)
@@ -47,13 +62,17 @@ def serve(args) -> int:
 
         try:
             llm = _load(args, warmup=True)
+            embedding_llm = _load_embedding_model(args)
+            configure_web_search(state, args.search_url, embedding_llm or (llm if llm.is_embedding_model else None))
         except LevanteError as e:
             failure.append(str(e))
             server.should_exit = True
             return
-        llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
-        state.attach(llm)
-        logger.warning("levante: %s ready (load %.1fs)", state.model_name, llm.engine.load_seconds)
+        if llm.engine is not None:
+            llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
+        state.attach(llm, embedding_llm, args.embedding_model)
+        seconds = llm.engine.load_seconds if llm.engine else llm.embedder.load_seconds
+        logger.warning("levante: %s ready (load %.1fs)", state.model_name, seconds)
 
     threading.Thread(target=load, name="levante-load", daemon=True).start()
     server.run()

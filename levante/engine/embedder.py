@@ -1,0 +1,165 @@
+"""Runs a sentence-embedding model: texts or token ids in, one vector per input out.
+
+No paged cache and no scheduler: a batch is one forward pass over right-padded
+texts, with attention metadata that keeps each text to its own tokens. Inputs are
+sorted by length first, so a batch holds texts of about the same length and
+padding wastes little; results come back in input order.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from levante.config import EngineConfig
+from levante.engine.engine import default_dtype
+from levante.errors import InvalidRequest
+from levante.layers.attention import AttentionMetadata, attention_metadata
+from levante.layers.pooling import normalize
+from levante.loader.auto import ModelSource, open_model
+from levante.models.registry import build_embedding_model, load_weights
+
+# What callers may pass: one text, texts, one token-id list, token-id lists.
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+
+
+class Embedder:
+    def __init__(self, source: ModelSource, dtype: torch.dtype, device: torch.device,
+                 max_batch_tokens: int = 16384, max_batch_size: int = 128):
+        started = time.monotonic()
+        self.source, self.pipeline, self.config = source, source.pipeline, source.config
+        self.device, self.dtype = device, dtype
+        self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
+        self.max_length = self.pipeline.max_seq_length or self.config.max_position_embeddings
+        self.tokenizer = source.tokenizer()
+        self.tokenizer.backend.enable_truncation(self.max_length)  # as sentence-transformers truncates
+        self.model = build_embedding_model(self.config, self.pipeline, dtype, device)
+        load_weights(self.model, self.model.checkpoint_tensors(source.weights()))
+        self.model.eval()
+        self.dimensions = self._output_dimensions()
+        self.load_seconds = time.monotonic() - started
+
+    @classmethod
+    def load(cls, model: str, config: EngineConfig) -> Embedder:
+        """Open `model` (alias or folder) with the engine's dtype, device and thread settings."""
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        device = torch.device(config.device)
+        source = open_model(model)
+        if not source.is_embedding:
+            raise InvalidRequest(f"'{model}' is not a sentence-embedding model")
+        return cls(source, config.dtype or default_dtype(device), device)
+
+    def _output_dimensions(self) -> int:
+        if self.pipeline.dense:
+            return self.pipeline.dense[-1].out_features
+        return self.config.hidden_size * len(self.pipeline.pooling)
+
+    # -- inputs -----------------------------------------------------------
+    def tokenize(self, texts: list[str], prompt: str = "") -> list[list[int]]:
+        """Token ids of `prompt + text` for each text, truncated to the model's maximum length."""
+        if prompt and not self.pipeline.include_prompt:
+            raise InvalidRequest("this model pools without its prompt tokens (include_prompt: false), "
+                                 "which levante does not support: embed without a prompt")
+        texts = [prompt + t for t in texts]
+        if self.pipeline.do_lower_case:
+            texts = [t.lower() for t in texts]
+        return [e.ids for e in self.tokenizer.backend.encode_batch(texts)]
+
+    def token_ids(self, inputs: EmbeddingInput, prompt_name: str | None = None,
+                  prompt: str | None = None) -> list[list[int]]:
+        """Any accepted input shape -> token-id lists; texts get the named (or given) prompt prefix."""
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not inputs:
+            raise InvalidRequest("input is empty")
+        if all(isinstance(x, int) for x in inputs):
+            return [list(inputs)]
+        if all(isinstance(x, str) for x in inputs):
+            if prompt is None:
+                try:
+                    prompt = self.pipeline.prompt_for(prompt_name)
+                except KeyError as e:
+                    raise InvalidRequest(str(e.args[0])) from None
+            return self.tokenize(list(inputs), prompt)
+        if all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in inputs):
+            return [list(x) for x in inputs]
+        raise InvalidRequest("input must be a string, a list of strings, a list of token ids or a list of those")
+
+    def validate(self, inputs: list[list[int]]) -> None:
+        vocab = self.config.vocab_size
+        for index, ids in enumerate(inputs):
+            if not ids:
+                raise InvalidRequest(f"input[{index}] is empty")
+            if len(ids) > self.max_length:
+                raise InvalidRequest(f"input[{index}] has {len(ids)} tokens; this model takes at most "
+                                     f"{self.max_length}")
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise InvalidRequest(f"input[{index}]: token ids must be in [0, {vocab})")
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        if dimensions is None or dimensions == self.dimensions:
+            return
+        if not self.pipeline.matryoshka:
+            raise InvalidRequest(f"dimensions: this model makes {self.dimensions}-dimensional embeddings and "
+                                 "was not trained to be truncated (not a Matryoshka model)")
+        if not 1 <= dimensions <= self.dimensions:
+            raise InvalidRequest(f"dimensions: must be between 1 and {self.dimensions}")
+
+    # -- forward ----------------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, inputs: list[list[int]], dimensions: int | None = None) -> torch.Tensor:
+        """[len(inputs), dimensions] float32 on the CPU, in input order."""
+        self.validate(inputs)
+        self.check_dimensions(dimensions)
+        out = torch.empty(len(inputs), self.dimensions)
+        for batch in self._batches(inputs):
+            out[batch] = self._forward([inputs[i] for i in batch]).cpu()
+        return self.truncate(out, dimensions)
+
+    def truncate(self, vectors: torch.Tensor, dimensions: int | None) -> torch.Tensor:
+        """Keep the first `dimensions` (Matryoshka), renormalised when the model normalises."""
+        if dimensions is None or dimensions >= vectors.size(-1):
+            return vectors
+        vectors = vectors[:, :dimensions]
+        return normalize(vectors) if self.pipeline.normalize else vectors
+
+    def _batches(self, inputs: list[list[int]]) -> list[list[int]]:
+        """Indices grouped longest first, each group within the padded-token and size budgets."""
+        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+        batches, current = [], []
+        for i in order:
+            longest = len(inputs[current[0]]) if current else len(inputs[i])
+            if current and ((len(current) + 1) * longest > self.max_batch_tokens
+                            or len(current) >= self.max_batch_size):
+                batches.append(current)
+                current = []
+            current.append(i)
+        return batches + [current] if current else batches
+
+    def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+        lengths = [len(ids) for ids in batch]
+        longest, dev = max(lengths), self.device
+        input_ids = torch.tensor([ids + [0] * (longest - len(ids)) for ids in batch], dtype=torch.long)
+        positions = torch.arange(longest).repeat(len(batch))
+        metadata = padded_metadata(lengths, self.model.is_causal, dev)
+        with attention_metadata(metadata):
+            return self.model(input_ids.view(-1).to(dev), positions.to(dev), metadata.kv_lens)
+
+
+def padded_metadata(lengths: list[int], causal: bool, device: torch.device) -> AttentionMetadata:
+    """Attention over a right-padded batch with no cache: each text attends to its own tokens only.
+
+    Rows are `[texts, max_len]` already, so attention takes keys in place. A padding row
+    queries as its text's last token does, so it always has keys to attend to (no NaN
+    rows to leak into later layers); its output is never pooled.
+    """
+    lens = torch.tensor(lengths, dtype=torch.long)
+    longest = max(lengths)
+    row = torch.arange(longest)
+    return AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long, device=device),
+        key_slots=(torch.arange(len(lengths) * longest).view(-1, longest)).to(device),
+        query_positions=torch.minimum(row, (lens - 1).unsqueeze(1)).to(device),
+        kv_lens=lens.to(device), query_index=None, output_index=None, max_position=longest - 1, causal=causal,
+    )

@@ -1,0 +1,416 @@
+"""Weights kept quantised in memory and multiplied by PyTorch's packed CPU kernels.
+
+* ``Int8Weight``: symmetric int8 per output row (``aten._weight_int8pack_mm``).
+* ``Int4Weight``: asymmetric 4-bit codes in groups along the input dimension
+  (``aten._weight_int4pack_mm_for_cpu``): ``value = (q - 8) * scale + zero``, q in 0..15.
+
+Both kernels are matrix-vector products at heart: their time grows with every row of
+``x``. From ``dense_from_rows`` rows on (prefill), the weight is dequantised to ``x``'s
+dtype for that call and multiplied densely (oneDNN, AMX), which is several times faster.
+
+How a GGUF weight is kept (``pack``, mode ``"auto"``):
+
+* Q4_0, Q4_1, Q4_K -> ``Int4Weight``, group 32, without requantising: each format's
+  32-value group is ``scale * q + offset`` and becomes ``zero = offset + 8 * scale``.
+  In float32 the packed weight equals the dequantised one up to that one rounding; the
+  kernel takes scale and zero in the activations' dtype, so under bfloat16 they are
+  rounded to bfloat16.
+* Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K -> ``Int8Weight``, requantised per row from
+  the dequantised values (the int8 step is the row's max / 127; see tests/test_quant.py
+  for the measured error).
+* F32, F16, BF16 -> dense, in the model's dtype.
+
+Modes ``"int8"`` and ``"int4"`` quantise everything to that form (in-situ quantisation
+of a dense checkpoint, mistral.rs's ``--isq``).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+
+from levante.errors import ModelLoadError
+from levante.quant.gguf_blocks import INT4_AFFINE_TYPES, GGUFTensor, int4_affine
+
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+# Rows converted per step when quantising: bounds the float32 temporaries (a multiple of 64,
+# the int4 packing's row block, so chunks pack independently).
+_CHUNK_ROWS = 4096
+_FLOAT_TYPES = {T.F32, T.F16, T.BF16}
+
+Shard = torch.Tensor | GGUFTensor
+
+
+def resolve_mode(requested: str, checkpoint_format: str) -> str | None:
+    """The quantisation to load with: None for dense; "auto" keeps GGUF blocks' precision."""
+    if requested not in QUANTIZATION_MODES:
+        raise ModelLoadError(f"unknown quantization '{requested}'; choose one of {', '.join(QUANTIZATION_MODES)}")
+    if requested == "none" or (requested == "auto" and checkpoint_format != "gguf"):
+        return None
+    return requested
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class Int8Weight:
+    """``weight ~= qweight * scales[:, None]``, qweight int8 ``[out, in]``."""
+
+    # From this many rows of x on, dequantising (one int8 -> bf16 pass) and a dense matmul
+    # beat the kernel (measured crossover 8-16 rows on this project's layer shapes).
+    dense_from_rows = 16
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        self.qweight, self.scales = qweight, scales
+        self.shape = tuple(qweight.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes + self.scales.nbytes
+
+    def _scales(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.scales if self.scales.dtype == dtype else self.scales.to(dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _flatten(x)
+        if rows.shape[0] >= self.dense_from_rows:
+            out = F.linear(rows, self.qweight.to(x.dtype)).mul_(self._scales(x.dtype))
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self._scales(x.dtype))
+        return out.view(*x.shape[:-1], self.shape[0])
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.qweight.to(dtype) * self._scales(dtype).unsqueeze(1)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = index.reshape(-1)
+        values = self.qweight.index_select(0, flat).to(dtype) * self._scales(dtype).index_select(0, flat).unsqueeze(1)
+        return values.view(*index.shape, self.shape[1])
+
+
+def _int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return (w / scales.unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8), scales
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype | None = None) -> Int8Weight:
+    """Symmetric per-row int8 (round to nearest); scales kept in ``dtype`` (default: w's)."""
+    return _int8_from_chunks(_dense_chunks(w), w.shape, dtype or w.dtype)
+
+
+def _int8_from_chunks(chunks: Iterator[torch.Tensor], shape, dtype: torch.dtype) -> Int8Weight:
+    qweight = torch.empty(shape, dtype=torch.int8)
+    scales = torch.empty(shape[0], dtype=torch.float32)
+    start = 0
+    for chunk in chunks:
+        end = start + chunk.shape[0]
+        qweight[start:end], scales[start:end] = _int8_codes(chunk)
+        start = end
+    return Int8Weight(qweight, scales.to(dtype))
+
+
+# -- int4 ------------------------------------------------------------------------------------
+
+_BLOCK_N = 64  # rows interleaved together by _convert_weight_to_int4pack_for_cpu (AVX-512 build)
+
+
+def _unpack_blocks(blocks: torch.Tensor, cols: int) -> torch.Tensor:
+    """Codes ``[b * 64, cols]`` of ``b`` full 64-row blocks of the AVX-512 int4pack layout:
+    byte ``(k, j, d)`` of a block holds rows ``d + 16 j`` (low nibble) and ``d + 32 + 16 j`` (high)."""
+    grouped = blocks.reshape(-1, cols, 2, 16)
+    codes = torch.cat([grouped & 0xF, grouped >> 4], dim=2)  # [b, k, 4, 16]: row 16 * i + d
+    return codes.reshape(-1, cols, _BLOCK_N).transpose(1, 2).reshape(-1, cols)
+
+
+def _unpack_tail(tail: torch.Tensor, cols: int) -> torch.Tensor:
+    """The last ``rows % 64`` rows: byte ``(k, n // 2)`` holds rows n (low) and n + 1 (high)."""
+    grouped = tail.reshape(cols, -1, 1)
+    return torch.cat([grouped & 0xF, grouped >> 4], dim=2).reshape(cols, -1).t()
+
+
+def _blocks_as_float(blocks: torch.Tensor, cols: int) -> torch.Tensor:
+    """Like ``_unpack_blocks`` but into float32, each nibble plane converted as it is
+    transposed (one pass each): the fast path of a prefill's dequantisation."""
+    grouped = blocks.reshape(-1, cols, 32)
+    out = torch.empty(grouped.shape[0], _BLOCK_N, cols)
+    out[:, :32].copy_((grouped & 0xF).transpose(1, 2))
+    out[:, 32:].copy_((grouped >> 4).transpose(1, 2))
+    return out.view(-1, cols)
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The uint8 codes ``[rows, cols]`` of an int4pack weight (inverse of ``pack_int4``)."""
+    rows = packed.shape[0]
+    full = rows // _BLOCK_N * _BLOCK_N
+    flat = packed.reshape(-1)
+    parts = [_unpack_blocks(flat[: full * cols // 2], cols)] if full else []
+    if rows > full:
+        parts.append(_unpack_tail(flat[full * cols // 2:], cols))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _unpack_rows(packed: torch.Tensor, cols: int, index: torch.Tensor) -> torch.Tensor:
+    """Codes of rows ``index`` (1-D) only, unpacking just the 64-row blocks they sit in."""
+    rows = packed.shape[0]
+    full = rows // _BLOCK_N * _BLOCK_N
+    if full == 0:
+        return unpack_int4(packed, cols).index_select(0, index)
+    blocks = packed[:full].reshape(-1, _BLOCK_N * cols // 2)
+    in_blocks = index.clamp_max(full - 1)
+    codes = _unpack_blocks(blocks.index_select(0, in_blocks // _BLOCK_N), cols).view(-1, _BLOCK_N, cols)
+    picked = codes[torch.arange(len(index)), in_blocks % _BLOCK_N]
+    if rows > full:
+        tail = unpack_int4(packed[full:], cols)
+        from_tail = index >= full
+        picked[from_tail] = tail.index_select(0, index[from_tail] - full)
+    return picked
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``[rows, cols]`` -> the kernel's packed layout ``[rows, cols // 2]``, packed
+    a chunk of rows at a time (the layout keeps 64-row blocks apart, so chunks concatenate)."""
+    packed = torch.empty(codes.shape[0], codes.shape[1] // 2, dtype=torch.uint8)
+    for start in range(0, codes.shape[0], _CHUNK_ROWS):
+        chunk = codes[start:start + _CHUNK_ROWS].to(torch.int32)
+        packed[start:start + chunk.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk, 1)
+    return packed
+
+
+@functools.cache
+def int4_supported() -> bool:
+    """Whether this PyTorch has the CPU int4 kernels and packs in the layout ``unpack_int4`` reads."""
+    try:
+        codes = torch.randint(0, 16, (144, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        return torch.equal(unpack_int4(pack_int4(codes), 64), codes)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def int4_fits(shape: Sequence[int], group_size: int = 32) -> bool:
+    rows, cols = shape
+    return int4_supported() and group_size in INT4_GROUP_SIZES and rows % 16 == 0 and cols % group_size == 0
+
+
+class Int4Weight:
+    """4-bit codes packed for ``_weight_int4pack_mm_for_cpu``; ``scales_and_zeros`` is
+    ``[cols // group_size, rows, 2]`` in the compute dtype."""
+
+    # Dequantising 4-bit groups costs ~6x an int8 conversion (9 ms for 9728 x 896 on one
+    # core), so the kernel stays ahead up to ~48 rows.
+    dense_from_rows = 48
+    _dequantize_rows = 256  # rows per step of `dequantize`: float32 temporaries stay in cache
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, cols: int):
+        self.packed, self.scales_and_zeros, self.group_size = packed, scales_and_zeros, group_size
+        self.shape = (packed.shape[0], cols)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype,
+                   ) -> Int4Weight:
+        """``codes`` uint8 ``[rows, cols]``; ``scale``, ``zero`` ``[rows, groups]``: value = (q - 8) * scale + zero."""
+        group_size = codes.shape[1] // scale.shape[1]
+        scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
+        return cls(pack_int4(codes), scales_and_zeros, group_size, codes.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_and_zeros.nbytes
+
+    def _scales_and_zeros(self, dtype: torch.dtype) -> torch.Tensor:
+        sz = self.scales_and_zeros
+        return sz if sz.dtype == dtype else sz.to(dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _flatten(x)
+        if rows.shape[0] >= self.dense_from_rows:
+            out = F.linear(rows, self.dequantize(x.dtype))
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows.contiguous(), self.packed, self.group_size, self._scales_and_zeros(x.dtype))
+        return out.view(*x.shape[:-1], self.shape[0])
+
+    def _affine(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+        """float32 (q - 8) * scale + zero for codes ``[n, cols]`` and their ``[groups, n, 2]``
+        (in float32, where bfloat16 elementwise arithmetic is slow and rounds twice)."""
+        sz = scales_and_zeros.float()
+        scale, zero = sz[..., 0].t().unsqueeze(2), sz[..., 1].t().unsqueeze(2)
+        values = codes.float()
+        values.view(codes.shape[0], -1, self.group_size).mul_(scale).add_(zero - 8 * scale)
+        return values
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        rows, cols = self.shape
+        full = rows // _BLOCK_N * _BLOCK_N
+        out = torch.empty(rows, cols, dtype=dtype)
+        for start in range(0, full, self._dequantize_rows):
+            end = min(start + self._dequantize_rows, full)
+            codes = _blocks_as_float(self.packed[start:end], cols)
+            out[start:end] = self._affine(codes, self.scales_and_zeros[:, start:end])
+        if full < rows:
+            out[full:] = self._affine(unpack_int4(self.packed[full:], cols), self.scales_and_zeros[:, full:])
+        return out
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = index.reshape(-1)
+        codes = _unpack_rows(self.packed, self.shape[1], flat)
+        values = self._affine(codes, self.scales_and_zeros.index_select(1, flat))
+        return values.to(dtype).view(*index.shape, self.shape[1])
+
+
+def _round_groups(groups: torch.Tensor, scale: torch.Tensor, low: torch.Tensor):
+    """Nearest 4-bit codes for ``scale * q + low`` and each group's squared error."""
+    codes = ((groups - low) / scale).round_().clamp_(0, 15)
+    return codes, (codes * scale + low - groups).square_().sum(-1, keepdim=True)
+
+
+def _least_squares(groups: torch.Tensor, codes: torch.Tensor):
+    """Per group, the ``scale, low`` minimising ``|scale * codes + low - groups|^2``."""
+    n = groups.shape[-1]
+    sum_q, sum_w = codes.sum(-1, keepdim=True), groups.sum(-1, keepdim=True)
+    sum_qq, sum_qw = (codes * codes).sum(-1, keepdim=True), (codes * groups).sum(-1, keepdim=True)
+    scale = (n * sum_qw - sum_q * sum_w) / (n * sum_qq - sum_q * sum_q).clamp_min(1e-12)
+    scale = scale.clamp_min(1e-12)
+    return scale, (sum_w - scale * sum_q) / n
+
+
+def _int4_codes(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes per group, with the least squared error this search finds.
+
+    Start from each group's [min, max], try ranges shrunk at either end (trading a clipped
+    outlier for a finer step), then refit scale and offset by least squares to the codes
+    and round again (as llama.cpp's k-quants do). On Gaussian weights this cuts the error
+    of plain min/max rounding by ~10%.
+    """
+    groups = w.float().reshape(w.shape[0], -1, group_size)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    best = None
+    for low_shrink in (1.0, 0.92, 0.85):
+        for high_shrink in (1.0, 0.92, 0.85):
+            lo = low * low_shrink
+            scale = ((high * high_shrink - lo) / 15).clamp_min(1e-12)
+            best = _keep_better(best, scale, lo, *_round_groups(groups, scale, lo))
+    for _ in range(2):
+        scale, lo = _least_squares(groups, best[2])
+        best = _keep_better(best, scale, lo, *_round_groups(groups, scale, lo))
+    scale, lo, codes, _ = best
+    scale, lo = scale.squeeze(-1), lo.squeeze(-1)
+    return codes.to(torch.uint8).reshape(w.shape), scale, lo + 8 * scale
+
+
+def _keep_better(best, scale, low, codes, error):
+    """Per group, whichever of ``best`` and the new candidate has the smaller error."""
+    if best is None:
+        return [scale, low, codes, error]
+    better = error < best[3]
+    return [torch.where(better, new, old) for new, old in zip((scale, low, codes, error), best)]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32, dtype: torch.dtype | None = None) -> Int4Weight:
+    """Groupwise asymmetric 4-bit (groups of ``group_size`` along the input dimension)."""
+    if not int4_fits(w.shape, group_size):
+        raise ValueError(f"int4 needs rows % 16 == 0 and cols % {group_size} == 0 (and the CPU int4 kernels); "
+                         f"got {tuple(w.shape)}")
+    return _int4_from_parts([_int4_codes(chunk, group_size) for chunk in _dense_chunks(w)], dtype or w.dtype)
+
+
+def _int4_from_parts(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dtype) -> Int4Weight:
+    codes, scale, zero = (torch.cat(column) for column in zip(*parts))
+    return Int4Weight.from_codes(codes, scale, zero, dtype)
+
+
+# -- from checkpoint shards ------------------------------------------------------------------
+
+PackedWeight = Int8Weight | Int4Weight
+
+
+def _dense_chunks(w: torch.Tensor) -> Iterator[torch.Tensor]:
+    for start in range(0, w.shape[0], _CHUNK_ROWS):
+        yield w[start:start + _CHUNK_ROWS]
+
+
+def _float_chunks(shard: Shard) -> Iterator[torch.Tensor]:
+    """A shard's rows as float32, a chunk at a time (a GGUF vocabulary is ~0.5 GB as float32)."""
+    if isinstance(shard, torch.Tensor):
+        yield from _dense_chunks(shard)
+        return
+    for start in range(0, shard.shape[0], _CHUNK_ROWS):
+        yield shard.row_slice(start, min(_CHUNK_ROWS, shard.shape[0] - start)).dequantize()
+
+
+def _auto_form(shard: Shard) -> str:
+    if not isinstance(shard, GGUFTensor) or shard.qtype in _FLOAT_TYPES:
+        return "dense"
+    return "int4" if shard.qtype in INT4_AFFINE_TYPES else "int8"
+
+
+def _form(shards: Sequence[Shard], mode: str, shape: tuple[int, int]) -> str:
+    """One form for all shards of a fused weight: the most precise any of them needs."""
+    if mode == "auto":
+        forms = {_auto_form(shard) for shard in shards}
+        form = "dense" if "dense" in forms else "int8" if "int8" in forms else "int4"
+    else:
+        form = mode
+    return "int8" if form == "int4" and not int4_fits(shape) else form
+
+
+def _int4_parts(shard: Shard) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    if isinstance(shard, GGUFTensor) and shard.qtype in INT4_AFFINE_TYPES:
+        for start in range(0, shard.shape[0], _CHUNK_ROWS):
+            piece = shard.row_slice(start, min(_CHUNK_ROWS, shard.shape[0] - start))
+            codes, scale, offset = int4_affine(piece.raw, piece.qtype, piece.shape)
+            yield codes, scale, offset + 8 * scale
+        return
+    for chunk in _float_chunks(shard):
+        yield _int4_codes(chunk, 32)
+
+
+def pack(shards: Sequence[Shard], mode: str, dtype: torch.dtype) -> PackedWeight | torch.Tensor:
+    """The shards of one weight (q, k, v of a fused projection, or just one), stacked by rows,
+    in the form ``mode`` ("auto", "int8" or "int4") asks for: a packed weight, or a dense
+    tensor in ``dtype`` when "auto" meets float checkpoint tensors."""
+    cols = shards[0].shape[-1]
+    shape = (sum(shard.shape[0] for shard in shards), cols)
+    form = _form(shards, mode, shape)
+    if form == "dense":
+        return torch.cat([_dense(shard, dtype) for shard in shards])
+    if form == "int4":
+        return _int4_from_parts([part for shard in shards for part in _int4_parts(shard)], dtype)
+    chunks = (chunk for shard in shards for chunk in _float_chunks(shard))
+    return _int8_from_chunks(chunks, shape, dtype)
+
+
+def _dense(shard: Shard, dtype: torch.dtype) -> torch.Tensor:
+    return (shard.dequantize() if isinstance(shard, GGUFTensor) else shard).to(dtype)
+
+
+class GGUFRows:
+    """An embedding table left in its GGUF blocks: rows are dequantised when looked up
+    (exact, no copy; pages of the memory-mapped file are read as tokens need them)."""
+
+    def __init__(self, tensor: GGUFTensor):
+        self.tensor = tensor
+        self.shape = tensor.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.raw.nbytes
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.tensor.rows(index).to(dtype)
+
+
+def pack_embedding(table: Shard, mode: str, dtype: torch.dtype) -> GGUFRows | Int8Weight | torch.Tensor:
+    """An embedding table for row lookups: GGUF blocks stay as they are (float types become
+    dense), a dense table becomes int8 rows under "int8"/"int4" (lookups are not
+    bandwidth-bound, so 4 bits would only lose precision)."""
+    if isinstance(table, GGUFTensor):
+        return _dense(table, dtype) if table.qtype in _FLOAT_TYPES else GGUFRows(table)
+    if mode == "auto":
+        return table.to(dtype)
+    return quantize_int8(table, dtype)

@@ -1,0 +1,129 @@
+"""`/v1/embeddings`: OpenAI's embeddings API over the served embedding model.
+
+Concurrent requests share forward passes: each request queues its token ids,
+and one worker takes everything queued, embeds it in one call (in a thread, so
+the event loop keeps serving) and hands each request its rows. While a forward
+runs, new requests gather for the next one.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Literal
+
+import torch
+from fastapi import FastAPI
+from pydantic import Field
+
+from levante.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from levante.serve.protocol import Strict
+
+
+class EmbeddingRequest(Strict):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+    # levante extensions: a prompt of the model's (sentence-transformers `prompts`), or the prefix itself
+    prompt_name: str | None = None
+    prompt: str | None = None
+
+
+class EmbeddingBatcher:
+    """Merges the token ids of concurrent requests into shared `Embedder.embed` calls."""
+
+    def __init__(self, embedder):
+        self.embedder = embedder
+        self._pending: list[tuple[list[list[int]], asyncio.Future]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self.forward_calls = 0  # embedder calls made, for tests and metrics
+
+    async def embed(self, inputs: list[list[int]]) -> torch.Tensor:
+        """Full-size vectors for `inputs` (already validated), computed with whatever else is queued."""
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = asyncio.create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((inputs, future))
+        self._wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                taken, self._pending = self._pending, []
+                await self._embed_together(taken)
+
+    async def _embed_together(self, taken: list[tuple[list[list[int]], asyncio.Future]]) -> None:
+        merged = [ids for inputs, _ in taken for ids in inputs]
+        self.forward_calls += 1
+        try:
+            vectors = await asyncio.to_thread(self.embedder.embed, merged)
+        except Exception as e:  # every request of the batch learns why
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        offset = 0
+        for inputs, future in taken:
+            if not future.done():  # a caller that went away has a cancelled future
+                future.set_result(vectors[offset:offset + len(inputs)])
+            offset += len(inputs)
+
+
+class EmbeddingService:
+    """The served embedding model: its name, its `LLM`, and the batcher in front of it."""
+
+    def __init__(self, llm, name: str):
+        self.llm, self.name = llm, name
+        self.embedder = llm.embedder
+        self.batcher = EmbeddingBatcher(self.embedder)
+
+    def card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "levante",
+                "type": "embedding", "dimensions": self.embedder.dimensions,
+                "max_model_len": self.embedder.max_length}
+
+    async def respond(self, body: EmbeddingRequest) -> dict:
+        embedder = self.embedder
+        inputs = embedder.token_ids(body.input, body.prompt_name, body.prompt)
+        embedder.validate(inputs)
+        embedder.check_dimensions(body.dimensions)
+        vectors = embedder.truncate(await self.batcher.embed(inputs), body.dimensions)
+        encode = _base64 if body.encoding_format == "base64" else torch.Tensor.tolist
+        data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
+        tokens = sum(len(ids) for ids in inputs)
+        return {"object": "list", "data": data, "model": self.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _base64(vector: torch.Tensor) -> str:
+    """Little-endian float32 bytes, base64: what the `openai` client decodes by default."""
+    return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
+
+
+def service_for(state, model: str | None) -> EmbeddingService:
+    """The embedding model a request names (or the only one), with a clear error otherwise."""
+    if not state.ready:
+        raise ServiceUnavailable("the model is still loading; retry when /health answers 200")
+    service: EmbeddingService | None = state.embeddings
+    if service is None:
+        raise InvalidRequest(f"'{state.model_name}' is not an embedding model, and no embedding model is loaded "
+                             "(start the server with --embedding-model)")
+    if model and model != service.name:
+        if model == state.model_name:
+            raise InvalidRequest(f"'{model}' is a chat model; embeddings come from '{service.name}'")
+        raise ModelNotFound(f"model '{model}' is not served here; embeddings come from '{service.name}'")
+    return service
+
+
+def register_embeddings(app: FastAPI, state) -> None:
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        return await service_for(state, body.model).respond(body)
+
+
