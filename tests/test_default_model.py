@@ -41,7 +41,8 @@ Die Sonne ist der Stern, der der Erde am nächsten ist und das Zentrum des Sonne
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(DEFAULT_MODEL, dtype="float32", warmup=False)
+    # Dequantised, like transformers: the packed path is checked in test_quant.py.
+    return LLM(DEFAULT_MODEL, dtype="float32", quantization="none", warmup=False)
 
 
 @pytest.mark.slow

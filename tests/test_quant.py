@@ -241,19 +241,36 @@ def test_auto_keeps_safetensors_dense_and_rejects_unknown_modes(tiny_model):
         LLM(folder, dtype="float32", quantization="int3", warmup=False)
 
 
+def test_cli_takes_quantization_and_isq():
+    from levante.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["bench"]).quantization == "auto"
+    assert parser.parse_args(["bench", "--isq", "int4"]).quantization == "int4"
+    assert parser.parse_args(["run", "--quantization", "none", "hi"]).quantization == "none"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--isq", "int3"])
+
+
 # -- the default model --------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_default_model_auto_agrees_with_dequantized():
     """Teacher-forced top-1 over 300 tokens, packed ("auto") vs dequantised ("none"), both in
     the default dtype: through the prefill (dense) path, and in chunks of 8 tokens through
-    the int8/int4 kernels that decoding uses."""
+    the int8/int4 kernels that decoding uses.
+
+    Top-1 flips happen at near-ties, so the margin is thin: measured 98.3% (prefill) and
+    98.7% (chunks of 8) in bfloat16, 98.0% in float32; bfloat16 alone, "none" in chunks of
+    8 vs whole, already flips 1.3%. The mean KL divergence (measured 0.0012-0.0017 nats)
+    is the steadier measure of how little the requantisation changes.
+    """
     from test_default_model import TEXT as LONG_TEXT
 
     dense = LLM(DEFAULT_MODEL, quantization="none", warmup=False)
     ids = dense.tokenizer.encode(LONG_TEXT)[:301]
     params = SamplingParams(max_tokens=1, temperature=0, return_prompt_logits=True)
-    want = dense.generate([ids], params)[0].metrics["prompt_logits"][:300].argmax(-1)
+    want = dense.generate([ids], params)[0].metrics["prompt_logits"][:300].float()
     del dense
     packed = LLM(DEFAULT_MODEL, quantization="auto", warmup=False, enable_prefix_caching=False)
     assert packed.engine.quantization == "auto"
@@ -262,7 +279,10 @@ def test_default_model_auto_agrees_with_dequantized():
     assert isinstance(model.lm_head.packed, Int8Weight)
     for chunk in (1024, 8):
         packed.engine.scheduler.max_num_batched_tokens = chunk
-        got = packed.generate([ids], params)[0].metrics["prompt_logits"][:300].argmax(-1)
-        agreement = (got == want).float().mean().item()
-        print(f"chunk {chunk}: top-1 agreement over 300 tokens: {agreement:.4f}")
+        got = packed.generate([ids], params)[0].metrics["prompt_logits"][:300].float()
+        agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+        want_logprobs, got_logprobs = want.log_softmax(-1), got.log_softmax(-1)
+        kl = (want_logprobs.exp() * (want_logprobs - got_logprobs)).sum(-1).mean().item()
+        print(f"chunk {chunk}: top-1 agreement over 300 tokens {agreement:.4f}, mean KL {kl:.5f}")
         assert agreement >= 0.98
+        assert kl < 0.005

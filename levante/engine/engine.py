@@ -24,6 +24,7 @@ from levante.engine.sequence import Sequence
 from levante.engine.structured import GrammarCompiler
 from levante.errors import InvalidRequest
 from levante.loader.auto import open_model
+from levante.loader.memory import return_free_memory
 from levante.loader.tokenizer import IncrementalDetokenizer
 from levante.models.registry import build_model, load_weights
 from levante.quant.packed import resolve_mode
@@ -62,12 +63,14 @@ class Engine:
         self.dtype = config.dtype or default_dtype(self.device)
         started = time.monotonic()
         self.source = open_model(model)
+        self.quantization = resolve_mode(config.quantization, self.source.format)
         self.model_config = self.source.config
         self.tokenizer = self.source.tokenizer()
-        self.quantization = resolve_mode(config.quantization, self.source.format)
         self.model = build_model(self.model_config, self.dtype, self.device)
+        return_free_memory()  # what reading the tokenizer freed, before the weights come in
         weights = _with_progress(self.source, progress, quantized=self.quantization is not None)
         load_weights(self.model, weights, self.quantization)
+        return_free_memory()
         self.model.eval()
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self._init_cache()

@@ -14,9 +14,11 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from levante.errors import ModelLoadError, UnsupportedArchitecture
+from levante.loader.gguf_metadata import read_gguf_metadata
+from levante.loader.memory import return_free_memory, trim_heap
 from levante.quant.gguf_blocks import GGUFTensor, as_bytes, dequantize
 
 _HF_ARCHITECTURES = {
@@ -51,6 +53,9 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Precomputed RoPE frequencies (Llama 3.x); transformers rebuilds them, so they are not parameters.
 _NOT_PARAMETERS = {"rope_freqs.weight"}
 _REQUIRED = object()
+# Arrays longer than this (the vocabulary, its merges) are not kept in memory: ~90 MB of
+# Python strings for a 150k vocabulary, which the tokenizer reads for itself.
+_LARGE_ARRAY = 4096
 # Gemma 3: every sixth layer attends globally, the others within the sliding window.
 GEMMA3_SLIDING_WINDOW_PATTERN = 6
 
@@ -120,12 +125,17 @@ class GGUFFile:
         self.path = Path(path)
         self._reader = _open_reader(self.path)
         self._check_tensor_bounds()
+        fields = self._reader.fields
+        self._array_lengths = {key: len(field.data) for key, field in fields.items()
+                               if field.types[:1] == [GGUFValueType.ARRAY] and len(field.data) > _LARGE_ARRAY}
         try:
-            self.metadata: dict[str, Any] = {key: field.contents() for key, field in self._reader.fields.items()}
+            self.metadata: dict[str, Any] = {key: field.contents() for key, field in fields.items()
+                                             if key not in self._array_lengths}
         except Exception as error:
             raise ModelLoadError(f"{self.path}: unreadable GGUF metadata ({error})") from None
         # The reader keeps a numpy view per array element (~110 MB for a 150k vocabulary).
-        self._reader.fields.clear()
+        fields.clear()
+        return_free_memory()
         self.architecture: str = self.metadata.get("general.architecture", "")
         if not self.architecture:
             raise ModelLoadError(f"{self.path}: GGUF metadata has no general.architecture")
@@ -145,7 +155,10 @@ class GGUFFile:
         return len(self._tensors)
 
     def field(self, key: str, default: Any = None) -> Any:
-        """A metadata value (arrays as lists), or ``default`` when the key is absent."""
+        """A metadata value (arrays as lists), or ``default`` when the key is absent.
+        Large arrays are read from the file again on each call."""
+        if key in self._array_lengths:
+            return read_gguf_metadata(self.path, prefixes=(key,)).get(key, default)
         return self.metadata.get(key, default)
 
     def _arch_field(self, key: str, default: Any = _REQUIRED) -> Any:
@@ -202,7 +215,8 @@ class GGUFFile:
 
     def _vocab_size(self) -> int:
         """Declared, else the token list's length (as transformers does), else the embedding's rows."""
-        size = self._arch_field("vocab_size", None) or len(self.field("tokenizer.ggml.tokens") or [])
+        size = self._arch_field("vocab_size", None) or self._array_lengths.get("tokenizer.ggml.tokens") \
+            or len(self.field("tokenizer.ggml.tokens") or [])
         if not size and "token_embd.weight" in self._tensors:
             size = int(self._tensors["token_embd.weight"].shape[-1])
         return size
@@ -275,8 +289,10 @@ class GGUFFile:
         self._release(held)
 
     def _release(self, tensors) -> None:
+        """Release the tensors' file pages, and the heap pages their conversion freed."""
         for tensor in tensors:
             self._reader.release(tensor.data_offset, tensor.n_bytes)
+        trim_heap()
 
     def _parameter_tensors(self):
         """The reader's tensors in ``raw_tensors``' order (those with a parameter name)."""

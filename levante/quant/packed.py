@@ -12,9 +12,9 @@ How a GGUF weight is kept (``pack``, mode ``"auto"``):
 
 * Q4_0, Q4_1, Q4_K -> ``Int4Weight``, group 32, without requantising: each format's
   32-value group is ``scale * q + offset`` and becomes ``zero = offset + 8 * scale``.
-  In float32 the packed weight equals the dequantised one up to that one rounding; the
-  kernel takes scale and zero in the activations' dtype, so under bfloat16 they are
-  rounded to bfloat16.
+  In float32 the packed weight dequantises bit for bit to what ``dequantize`` gives (the
+  tests check real files); the kernel takes scale and zero in the activations' dtype, so
+  under bfloat16 they are rounded to bfloat16 (relative error up to 2^-9 per group).
 * Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K -> ``Int8Weight``, requantised per row from
   the dequantised values (the int8 step is the row's max / 127; see tests/test_quant.py
   for the measured error).
@@ -45,8 +45,10 @@ _FLOAT_TYPES = {T.F32, T.F16, T.BF16}
 Shard = torch.Tensor | GGUFTensor
 
 
-def resolve_mode(requested: str, checkpoint_format: str) -> str | None:
+def resolve_mode(requested: str | None, checkpoint_format: str) -> str | None:
     """The quantisation to load with: None for dense; "auto" keeps GGUF blocks' precision."""
+    if requested is None:
+        return None
     if requested not in QUANTIZATION_MODES:
         raise ModelLoadError(f"unknown quantization '{requested}'; choose one of {', '.join(QUANTIZATION_MODES)}")
     if requested == "none" or (requested == "auto" and checkpoint_format != "gguf"):
@@ -93,10 +95,12 @@ class Int8Weight:
         return values.view(*index.shape, self.shape[1])
 
 
-def _int8_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _int8_codes(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales; the scales are rounded to ``dtype`` before the codes are chosen."""
     w = w.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    return (w / scales.unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8), scales
+    scales = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(dtype).tiny).to(dtype)
+    codes = (w / scales.float().unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
+    return codes, scales
 
 
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype | None = None) -> Int8Weight:
@@ -106,13 +110,13 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype | None = None) -> Int8Weig
 
 def _int8_from_chunks(chunks: Iterator[torch.Tensor], shape, dtype: torch.dtype) -> Int8Weight:
     qweight = torch.empty(shape, dtype=torch.int8)
-    scales = torch.empty(shape[0], dtype=torch.float32)
+    scales = torch.empty(shape[0], dtype=dtype)
     start = 0
     for chunk in chunks:
         end = start + chunk.shape[0]
-        qweight[start:end], scales[start:end] = _int8_codes(chunk)
+        qweight[start:end], scales[start:end] = _int8_codes(chunk, dtype)
         start = end
-    return Int8Weight(qweight, scales.to(dtype))
+    return Int8Weight(qweight, scales)
 
 
 # -- int4 ------------------------------------------------------------------------------------
@@ -211,12 +215,31 @@ class Int4Weight:
         self.shape = (packed.shape[0], cols)
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype,
-                   ) -> Int4Weight:
-        """``codes`` uint8 ``[rows, cols]``; ``scale``, ``zero`` ``[rows, groups]``: value = (q - 8) * scale + zero."""
-        group_size = codes.shape[1] // scale.shape[1]
-        scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
-        return cls(pack_int4(codes), scales_and_zeros, group_size, codes.shape[1])
+    def from_parts(cls, parts: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   shape: tuple[int, int], dtype: torch.dtype) -> Int4Weight:
+        """From consecutive row blocks ``(codes, scale, zero)``: codes uint8 ``[n, cols]``,
+        scale and zero ``[n, groups]``, value = (q - 8) * scale + zero.
+
+        Rows are packed as soon as a run of them is a whole number of the layout's 64-row
+        blocks, so a vocabulary-sized weight never exists unpacked in full.
+        """
+        rows, cols = shape
+        packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
+        scales_and_zeros, group_size = None, None
+        start, waiting = 0, []
+        for codes, scale, zero in parts:
+            if scales_and_zeros is None:
+                group_size = cols // scale.shape[1]
+                scales_and_zeros = torch.empty(scale.shape[1], rows, 2, dtype=dtype)
+            end = start + codes.shape[0]
+            scales_and_zeros[:, start:end] = torch.stack([scale.t(), zero.t()], dim=-1)
+            waiting.append(codes)
+            start = end
+            if start % _BLOCK_N == 0 or start == rows:
+                run = torch.cat(waiting) if len(waiting) > 1 else waiting[0]
+                packed[start - run.shape[0]:start] = pack_int4(run)
+                waiting = []
+        return cls(packed, scales_and_zeros, group_size, cols)
 
     @property
     def nbytes(self) -> int:
@@ -316,12 +339,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32, dtype: torch.dtype | No
     if not int4_fits(w.shape, group_size):
         raise ValueError(f"int4 needs rows % 16 == 0 and cols % {group_size} == 0 (and the CPU int4 kernels); "
                          f"got {tuple(w.shape)}")
-    return _int4_from_parts([_int4_codes(chunk, group_size) for chunk in _dense_chunks(w)], dtype or w.dtype)
-
-
-def _int4_from_parts(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dtype) -> Int4Weight:
-    codes, scale, zero = (torch.cat(column) for column in zip(*parts))
-    return Int4Weight.from_codes(codes, scale, zero, dtype)
+    parts = (_int4_codes(chunk, group_size) for chunk in _dense_chunks(w))
+    return Int4Weight.from_parts(parts, tuple(w.shape), dtype or w.dtype)
 
 
 # -- from checkpoint shards ------------------------------------------------------------------
@@ -380,7 +399,7 @@ def pack(shards: Sequence[Shard], mode: str, dtype: torch.dtype) -> PackedWeight
     if form == "dense":
         return torch.cat([_dense(shard, dtype) for shard in shards])
     if form == "int4":
-        return _int4_from_parts([part for shard in shards for part in _int4_parts(shard)], dtype)
+        return Int4Weight.from_parts((part for shard in shards for part in _int4_parts(shard)), shape, dtype)
     chunks = (chunk for shard in shards for chunk in _float_chunks(shard))
     return _int8_from_chunks(chunks, shape, dtype)
 
