@@ -249,12 +249,7 @@ class GGUFFile:
         un-permuted. Tensors whose values transformers changes (Gemma norms) come back
         dequantised, as F32 bytes.
         """
-        self._require_supported()
-        for name, tensor in self._tensors.items():
-            hf_name = self._hf_name(name)
-            if hf_name is None:
-                continue
-            shape = tuple(reversed(tensor.shape.tolist()))
+        for name, hf_name, tensor, shape in self._parameters():
             qtype = tensor.tensor_type
             if self._shifts_values(name):
                 values = self._undo_conversion(name, dequantize(tensor.data, qtype, shape))
@@ -294,18 +289,21 @@ class GGUFFile:
             self._reader.release(tensor.data_offset, tensor.n_bytes)
         trim_heap()
 
-    def _parameter_tensors(self):
-        """The reader's tensors in ``raw_tensors``' order (those with a parameter name)."""
-        return (t for name, t in self._tensors.items() if self._hf_name(name) is not None)
-
-    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(hf_name, float32 tensor)`` for every parameter, in transformers' layout."""
+    def _parameters(self):
+        """``(gguf_name, hf_name, reader tensor, hf_shape)`` for every tensor that is a parameter."""
         self._require_supported()
         for name, tensor in self._tensors.items():
             hf_name = self._hf_name(name)
-            if hf_name is None:
-                continue
-            shape = tuple(reversed(tensor.shape.tolist()))
+            if hf_name is not None:
+                yield name, hf_name, tensor, tuple(reversed(tensor.shape.tolist()))
+
+    def _parameter_tensors(self):
+        """The reader's tensors in ``raw_tensors``' order."""
+        return (tensor for _, _, tensor, _ in self._parameters())
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(hf_name, float32 tensor)`` for every parameter, in transformers' layout."""
+        for name, hf_name, tensor, shape in self._parameters():
             yield hf_name, self._undo_conversion(name, dequantize(tensor.data, tensor.tensor_type, shape))
 
     def _hf_name(self, name: str) -> str | None:
