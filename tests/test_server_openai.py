@@ -1,6 +1,5 @@
 """The HTTP server against the official `openai` client, on a live loopback port."""
 import asyncio
-import json
 import time
 
 import httpx
