@@ -1,0 +1,1 @@
+"""Images in prompts: loading, per-family preprocessing, and what the engine needs to place them."""
