@@ -18,6 +18,7 @@ from levante.models.bert import BertModel
 from levante.models.embedding import (DecoderEncoder, Gemma3Encoder, Qwen2Encoder, Qwen3Encoder,
                                       SentenceEmbeddingModel)
 from levante.models.gemma3 import Gemma3ForCausalLM
+from levante.models.gemma3_vision import Gemma3ForConditionalGeneration
 from levante.models.llama import LlamaForCausalLM
 from levante.models.qwen2 import Qwen2ForCausalLM
 from levante.models.qwen3 import Qwen3ForCausalLM
@@ -28,6 +29,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
 }
 
 # model_type -> the encoder of a sentence-embedding model.
@@ -113,8 +115,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             if f".{shards[0]}." in pname:
                 expected[pname] = sum(1 for s in mapping.values() if s[0] == shards[0])
     loaded: dict[str, int] = {}
+    prefixes = getattr(model, "checkpoint_prefixes", []) + _PREFIXES  # the model's own layouts first
     for name, tensor in weights:
-        for old, new in _PREFIXES:
+        for old, new in prefixes:
             if name.startswith(old):
                 name = new + name[len(old):]
         if "rotary_emb." in name or (tied and name == "lm_head.weight"):
