@@ -57,8 +57,11 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        cfg = dict(cfg.get("text_config") or {}, **{k: v for k, v in cfg.items() if k != "text_config"}) \
+        text = cfg.get("text_config") or {}
+        cfg = dict(text, **{k: v for k, v in cfg.items() if k != "text_config"}) \
             if "text_config" in cfg and "hidden_size" not in cfg else cfg
+        # Vision-language checkpoints may say it in text_config only (Qwen3-VL, #1682).
+        tied = bool(cfg.get("tie_word_embeddings", False)) or bool(text.get("tie_word_embeddings", False))
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
@@ -78,7 +81,7 @@ class ModelConfig:
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=tied,
                 attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu",

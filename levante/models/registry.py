@@ -21,6 +21,7 @@ from levante.models.gemma3 import Gemma3ForCausalLM
 from levante.models.gemma3_vision import Gemma3ForConditionalGeneration
 from levante.models.llama import LlamaForCausalLM
 from levante.models.qwen2 import Qwen2ForCausalLM
+from levante.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from levante.models.qwen3 import Qwen3ForCausalLM
 from levante.quant.gguf_blocks import GGUFTensor
 
@@ -30,6 +31,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
 }
 
 # model_type -> the encoder of a sentence-embedding model.
@@ -43,7 +45,7 @@ EMBEDDING_ENCODERS: dict[str, type[nn.Module]] = {
 
 # Checkpoint prefixes that wrap the text decoder in multimodal layouts.
 _PREFIXES = [("model.language_model.", "model."), ("language_model.model.", "model."),
-             ("language_model.lm_head.", "lm_head.")]
+             ("language_model.lm_head.", "lm_head."), ("model.visual.", "visual.")]
 
 
 def model_class(architecture: str) -> type[nn.Module]:
