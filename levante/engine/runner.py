@@ -62,8 +62,24 @@ class ModelRunner:
         dev = self.device
         metadata = self._metadata(q_lens, kv_lens, block_tables, slot_mapping)
         metadata.logits_indices = torch.tensor(logits_rows, dtype=torch.long, device=dev)
+        metadata.key_limits = self._key_limits(batch, metadata.query_positions)
         return (torch.tensor(input_ids, dtype=torch.long, device=dev),
                 torch.tensor(positions, dtype=torch.long, device=dev), metadata)
+
+    def _key_limits(self, batch: list[ScheduledSequence], query_positions: torch.Tensor) -> torch.Tensor | None:
+        """Queries inside a bidirectional span (MultiModalPrompt.bidirectional_spans) see keys to its end;
+        None when no query of the step lies in one. The scheduler keeps each span in one step."""
+        limits = None
+        for b, item in enumerate(batch):
+            mm, start = item.seq.multimodal, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            for span_start, span_end in (() if mm is None else mm.bidirectional_spans):
+                lo, hi = max(start, span_start), min(end, span_end)
+                if lo < hi:
+                    if limits is None:
+                        limits = query_positions.clone()
+                    limits[b, lo - start:hi - start] = span_end - 1
+        return limits
 
     def _metadata(self, q_lens, kv_lens, block_tables, slot_mapping) -> AttentionMetadata:
         dev, bs = self.device, self.block_size
