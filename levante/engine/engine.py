@@ -76,7 +76,7 @@ class Engine:
         self.model.eval()
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         # Vision-language models: turns token ids + images into a MultiModalPrompt (None: text only).
-        self.processor = load_processor(self.source.path, self.model_config) \
+        self.processor = load_processor(self.source.path, self.model_config, self.tokenizer) \
             if self.source.format == "hf" and hasattr(self.model, "encode_images") else None
         self._init_cache()
         self.sampler = Sampler(self.eos_token_ids)
