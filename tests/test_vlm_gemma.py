@@ -140,3 +140,72 @@ def test_patch_convolution_stays_float32(folder):
 
     rows = model.encode_images([ImageInput("k", 0, 4, {"pixel_values": torch.randn(3, 56, 56)})])
     assert rows[0].dtype == torch.bfloat16 and rows[0].shape == (4, 64)
+
+
+# A ragged batch: no image; one image; three images of different sizes, two with pan-and-scan crops.
+BATCH = [
+    ("<bos><start_of_turn>user\nThe quick brown fox jumps over the lazy dog.<end_of_turn>\n<start_of_turn>model\n",
+     [], False),
+    ("<bos><start_of_turn>user\n<start_of_image>Describe this picture.<end_of_turn>\n<start_of_turn>model\n",
+     [(40, 30)], False),
+    ("<bos><start_of_turn>user\nWhat is in it?\n<start_of_image> and <start_of_image><start_of_image>"
+     "<end_of_turn>\n<start_of_turn>model\n", [(70, 30), (56, 56), (20, 64)], True),
+]
+
+
+def _batch(llm):
+    prompts, refs = [], []
+    for i, (text, sizes, pas) in enumerate(BATCH):
+        images = [picture(w, h, 10 * i + j) for j, (w, h) in enumerate(sizes)]
+        prompts.append(ours(llm.engine.processor, text, images, pas))
+        refs.append(theirs(llm._test_folder, text, images, pas))
+    return prompts, refs
+
+
+@pytest.fixture(scope="module", params=[1024, 7], ids=["whole", "chunked"])
+def llm(request, folder):
+    from levante import LLM
+
+    llm = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=256, max_num_batched_tokens=request.param)
+    llm._test_folder = folder
+    return llm
+
+
+def test_ragged_batch_logits_match_transformers(llm, reference):
+    from levante import SamplingParams
+
+    prompts, refs = _batch(llm)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, return_prompt_logits=True))
+    for prompt, ref, output in zip(prompts, refs, outputs):
+        assert prompt.token_ids == ref["input_ids"][0].tolist()
+        with torch.no_grad():
+            expected = reference(**ref).logits[0]
+        got = output.metrics["prompt_logits"]  # rows served from the prefix cache have no logits
+        first_image = prompt.images[0].offset if prompt.images else len(prompt.token_ids) - 1
+        assert len(got) >= len(expected) - first_image
+        torch.testing.assert_close(got, expected[len(expected) - len(got):], atol=1e-4, rtol=0)
+
+
+def test_greedy_continuations_match_transformers(llm, reference):
+    from levante import SamplingParams
+
+    prompts, refs = _batch(llm)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for ref, output in zip(refs, outputs):
+        with torch.no_grad():
+            expected = reference.generate(**ref, do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                                          pad_token_id=0)[0, ref["input_ids"].shape[1]:].tolist()
+        assert output.outputs[0].token_ids == expected
+
+
+def test_bidirectional_mask_matters(llm, reference):
+    """Without the image spans' two-way attention the logits differ: the test above can fail."""
+    from levante import SamplingParams
+
+    prompts, refs = _batch(llm)
+    prompt = prompts[1]
+    prompt.bidirectional_spans = []
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, return_prompt_logits=True))[0]
+    with torch.no_grad():
+        expected = reference(**refs[1]).logits[0]
+    assert (out.metrics["prompt_logits"] - expected).abs().max() > 1e-3

@@ -52,6 +52,9 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
                            ("model.multi_modal_projector.", "multi_modal_projector.")]
 
     def __init__(self, config: ModelConfig):
+        raw = config.raw
+        if "tie_word_embeddings" not in raw and "tie_word_embeddings" not in (raw.get("text_config") or {}):
+            config.tie_word_embeddings = True  # Gemma3Config's default; released checkpoints have no lm_head
         super().__init__(config)
         vision = config.raw.get("vision_config") or {}
         for key in ("hidden_size", "image_size", "patch_size", "num_hidden_layers", "num_attention_heads",

@@ -129,6 +129,8 @@ class Gemma3ImageProcessor:
 class Gemma3Processor:
     """Token ids with one `<start_of_image>` per image, plus the images -> `MultiModalPrompt`."""
 
+    image_placeholder = BOI  # one image, as the chat template writes it
+
     def __init__(self, tokenizer, image_processor: Gemma3ImageProcessor, *, boi_id: int, eoi_id: int,
                  image_token_id: int, tokens_per_image: int):
         self.tokenizer = tokenizer
