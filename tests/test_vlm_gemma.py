@@ -209,3 +209,79 @@ def test_bidirectional_mask_matters(llm, reference):
     with torch.no_grad():
         expected = reference(**refs[1]).logits[0]
     assert (out.metrics["prompt_logits"] - expected).abs().max() > 1e-3
+
+
+# -- the server, with the official openai client ------------------------------------------------
+
+def _data_url(image: Image.Image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    from levante import LLM
+    from live_server import live_server
+
+    llm = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=256)
+    with live_server(llm, "tiny-vlm") as (base, _):
+        yield base, llm
+
+
+def test_openai_client_sends_an_image(server, folder, reference):
+    import openai
+
+    base, llm = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    image = picture(48, 36, 7)
+    response = client.chat.completions.create(
+        model="tiny-vlm", max_tokens=8, temperature=0, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is in it?"},
+            {"type": "image_url", "image_url": {"url": _data_url(image), "detail": "auto"}}]}])
+    # The reference: the same conversation through transformers' processor and generate.
+    text = llm.chat_template.render([{"role": "user", "content": [{"type": "text", "text": "What is in it?"},
+                                                                  {"type": "image"}]}], add_generation_prompt=True)
+    ref = theirs(folder, text, [image], False)
+    with torch.no_grad():
+        ids = reference.generate(**ref, do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+    expected = tiny.hf_tokenizer().decode(ids[0, ref["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert expected and response.choices[0].message.content == expected
+    assert response.usage.prompt_tokens == ref["input_ids"].shape[1]
+    # The image given as a bare string URL, streamed: the same answer.
+    chunks = client.chat.completions.create(
+        model="tiny-vlm", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}, stream=True,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "What is in it?"},
+                                               {"type": "image_url", "image_url": {"url": _data_url(image)}}]}])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
+def test_bad_images_answer_400(server):
+    import openai
+
+    base, _ = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    for url, message in [("data:image/png;base64,bm90IGFuIGltYWdl", "not an image"),
+                         ("/no/such/picture.png", "no such file"),
+                         ("gopher://example.com/a.png", "unsupported URL scheme")]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.chat.completions.create(model="tiny-vlm", max_tokens=2, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+    assert client.chat.completions.create(model="tiny-vlm", max_tokens=2, messages=[
+        {"role": "user", "content": "still serving"}]).choices[0].message.content is not None
+
+
+def test_text_model_refuses_images(tiny_model):
+    from levante import LLM
+    from levante.serve.chat import plan_chat
+    from levante.serve.protocol import ChatCompletionRequest
+
+    llm = LLM(str(tiny_model("qwen2")), dtype="float32", num_kv_blocks=16)
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}])
+    with pytest.raises(InvalidRequest, match="does not accept images"):
+        plan_chat(llm, body)
