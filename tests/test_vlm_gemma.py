@@ -285,3 +285,44 @@ def test_text_model_refuses_images(tiny_model):
         {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}])
     with pytest.raises(InvalidRequest, match="does not accept images"):
         plan_chat(llm, body)
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+def _cli(*args, stdin=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "levante", *args], capture_output=True, text=True, timeout=300,
+                          input=stdin)
+
+
+def test_cli_run_and_chat_take_images(server, folder, tmp_path):
+    from levante import SamplingParams
+
+    _, llm = server
+    paths = []
+    for i, size in enumerate([(48, 36), (20, 50)]):
+        paths.append(tmp_path / f"pic{i}.png")
+        picture(*size, 20 + i).save(paths[-1])
+    content = [{"type": "image_url", "image_url": {"url": str(p)}} for p in paths] + \
+        [{"type": "text", "text": "What is in them?"}]
+    expected = llm.chat([{"role": "user", "content": content}], SamplingParams(temperature=0, max_tokens=6))
+    expected = expected[0].outputs[0].text
+    assert expected.strip()
+    common = ["-m", str(folder), "--dtype", "float32", "--temperature", "0", "--max-tokens", "6"]
+    result = _cli("run", *common, "--image", str(paths[0]), "--image", str(paths[1]), "What is in them?")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    chat = _cli("chat", *common, stdin=f"/image {paths[0]}\n/image {paths[1]}\nWhat is in them?\n")
+    assert chat.returncode == 0, chat.stderr
+    assert expected in chat.stdout
+
+
+def test_cli_bad_image_is_one_line(folder, tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_text("not a picture")
+    result = _cli("run", "-m", str(folder), "--dtype", "float32", "--image", str(junk), "hi")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "not an image" in lines[0], result.stderr
