@@ -326,3 +326,35 @@ def test_cli_bad_image_is_one_line(folder, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "not an image" in lines[0], result.stderr
+
+
+def test_expansion_merges_newlines_like_text_replacement_on_gemma_vocabulary():
+    """Gemma 3's real vocabulary (the packaged gemma3:270m's tokenizer) has tokens for runs of newlines:
+    the expanded ids must equal tokenizing the text transformers builds by string replacement."""
+    from levante.loader.sources import is_installed, resolve_alias
+    from levante.multimodal.gemma3 import Gemma3ImageProcessor
+
+    if not is_installed("gemma3:270m"):
+        pytest.skip("gemma3:270m is not installed (make test installs it)")
+    tok = Tokenizer.from_gguf_metadata(resolve_alias("gemma3:270m"))
+    soft = "<unused5>"  # the text-only vocabulary has no <image_soft_token>: any special token will do
+    processor = Gemma3Processor(tok, Gemma3ImageProcessor(), boi_id=tok.token_to_id("<start_of_image>"),
+                                eoi_id=tok.token_to_id("<end_of_image>"), image_token_id=tok.token_to_id(soft),
+                                tokens_per_image=3)
+    full = f"\n\n<start_of_image>{soft * 3}<end_of_image>\n\n"
+    for text in PROMPTS_WITH_NEWLINES:
+        for crops in ([0] * text.count("<start_of_image>"), [2] * text.count("<start_of_image>")):
+            pieces = text.split("<start_of_image>")
+            expanded = pieces[0] + "".join(
+                (full if n == 0 else "Here is the original image " + full
+                 + " and here are some crops to help you see better " + " ".join([full] * n)) + rest
+                for n, rest in zip(crops, pieces[1:]))
+            assert processor.expand(tok.encode(text, add_special_tokens=False), crops) == \
+                tok.encode(expanded, add_special_tokens=False)
+
+
+PROMPTS_WITH_NEWLINES = [
+    "<bos><start_of_turn>user\n<start_of_image>Describe this.<end_of_turn>\n<start_of_turn>model\n",
+    "<start_of_turn>user\nText before\n\n<start_of_image>\n  after<start_of_image>   x<end_of_turn>\n",
+    "<start_of_image>", "a <start_of_image> b", "<start_of_image><start_of_image>\n\n\n", "\t\t<start_of_image> <table> x",
+]

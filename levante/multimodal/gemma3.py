@@ -10,7 +10,7 @@ Prompt: each `<start_of_image>` placeholder becomes
 with crops, "Here is the original image {that} and here are some crops to help you see
 better {crop} {crop} ...". transformers replaces text before tokenizing, so the newlines
 merge with neighbouring text ("\\n" + "\\n\\n" -> one "\\n\\n\\n" token): here the text run
-on each side of an expansion (up to the nearest added token) is decoded, joined with the
+on each side of an expansion (up to the nearest special token) is decoded, joined with the
 expansion's text and encoded again, giving the ids transformers gives.
 
 The soft tokens of one image (or crop) attend to each other both ways: each is one
@@ -138,7 +138,10 @@ class Gemma3Processor:
         self.boi_id, self.eoi_id, self.image_token_id = boi_id, eoi_id, image_token_id
         self.tokens_per_image = tokens_per_image
         backend = getattr(tokenizer, "backend", tokenizer)
-        self._split_ids = set(backend.get_added_tokens_decoder()) | {boi_id, eoi_id, image_token_id}
+        # Special tokens cut the text into pieces tokenized apart; other added tokens (Gemma's runs of
+        # newlines and spaces) merge with their neighbours, so they are re-encoded as text.
+        special = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
+        self._split_ids = special | {boi_id, eoi_id, image_token_id}
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: dict, tokenizer=None) -> Gemma3Processor:
