@@ -198,6 +198,20 @@ def test_greedy_continuations_match_transformers(llm, reference):
         assert output.outputs[0].token_ids == expected
 
 
+def test_repeated_image_is_encoded_once(llm):
+    from levante import SamplingParams
+
+    image, other = picture(30, 44, 99), picture(44, 30, 98)
+    text = "<bos><start_of_turn>user\n<start_of_image> <start_of_image><end_of_turn>\n"
+    runner = llm.engine.runner
+    before = runner.encoder_cache.num_encoded
+    prompts = [ours(llm.engine.processor, text, [image, image.copy()], False),
+               ours(llm.engine.processor, text, [other, image], False)]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2))
+    assert runner.encoder_cache.num_encoded - before == 2  # two distinct pictures
+    assert all(len(o.outputs[0].token_ids) == 2 for o in outputs)
+
+
 def test_bidirectional_mask_matters(llm, reference):
     """Without the image spans' two-way attention the logits differ: the test above can fail."""
     from levante import SamplingParams
@@ -297,6 +311,7 @@ def _cli(*args, stdin=None):
                           input=stdin)
 
 
+@pytest.mark.slow
 def test_cli_run_and_chat_take_images(server, folder, tmp_path):
     from levante import SamplingParams
 
@@ -358,3 +373,23 @@ PROMPTS_WITH_NEWLINES = [
     "<start_of_turn>user\nText before\n\n<start_of_image>\n  after<start_of_image>   x<end_of_turn>\n",
     "<start_of_image>", "a <start_of_image> b", "<start_of_image><start_of_image>\n\n\n", "\t\t<start_of_image> <table> x",
 ]
+
+
+def test_google_minimal_config_reads_with_gemma3_defaults():
+    """google/gemma-3-4b-it's config.json lists only what differs from transformers' defaults."""
+    from levante.config import FULL, SLIDING, ModelConfig
+
+    raw = {"architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+           "eos_token_id": [1, 106], "image_token_index": 262144, "mm_tokens_per_image": 256, "model_type": "gemma3",
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024},
+           "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                             "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                             "patch_size": 14, "vision_use_head": False}}
+    config = ModelConfig.from_hf_dict(raw)
+    assert (config.vocab_size, config.num_heads, config.num_kv_heads, config.head_dim) == (262208, 8, 4, 256)
+    assert config.layer_types[:6] == [SLIDING] * 5 + [FULL] and len(config.layer_types) == 34
+    assert config.rope[FULL].theta == 1e6 and config.rope[FULL].rope_type == "linear" and config.rope[FULL].factor == 8
+    assert config.rope[SLIDING].theta == 1e4 and config.rope[SLIDING].rope_type == "default"
+    assert config.attention_scale == 256 ** -0.5 and config.eos_token_ids == [1, 106]

@@ -56,11 +56,11 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
         if "tie_word_embeddings" not in raw and "tie_word_embeddings" not in (raw.get("text_config") or {}):
             config.tie_word_embeddings = True  # Gemma3Config's default; released checkpoints have no lm_head
         super().__init__(config)
-        vision = config.raw.get("vision_config") or {}
+        vision = dict(config.raw.get("vision_config") or {})
         for key in ("hidden_size", "image_size", "patch_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size"):
             if key not in vision:
-                vision[key] = _SIGLIP_400M[key]
+                vision[key] = _SIGLIP_DEFAULTS[key]
         self.tokens_per_image = int(config.raw.get("mm_tokens_per_image") or 256)
         self.image_token_id = int(config.raw.get("image_token_index", config.raw.get("image_token_id", 262144)))
         self.vision_tower = SiglipVisionModel(vision)
@@ -88,7 +88,6 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
         return self.model(input_ids, positions, inputs_embeds)
 
 
-# transformers' SiglipVisionConfig defaults (the tower of every Gemma 3 VLM is SigLIP-So400m at 896 px;
-# their config.json lists only what differs from these).
-_SIGLIP_400M = {"hidden_size": 768, "image_size": 224, "patch_size": 16, "num_hidden_layers": 12,
+# transformers' SiglipVisionConfig defaults (Gemma 3's config.json lists only what differs from these).
+_SIGLIP_DEFAULTS = {"hidden_size": 768, "image_size": 224, "patch_size": 16, "num_hidden_layers": 12,
                 "num_attention_heads": 12, "intermediate_size": 3072}
