@@ -15,7 +15,7 @@ import torch
 from levante import LLM, SamplingParams
 from tiny_vlm_models import IMAGE, VISION_END, VISION_START, build, image_processor, load_reference, random_image
 
-ARCHS = ["qwen2_5_vl"]
+ARCHS = ["qwen2_5_vl", "qwen3_vl"]
 ATOL = 1e-4
 PLACEHOLDER = [VISION_START, IMAGE, VISION_END]
 
