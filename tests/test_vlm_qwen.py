@@ -15,7 +15,7 @@ import torch
 from levante import LLM, SamplingParams
 from tiny_vlm_models import IMAGE, VISION_END, VISION_START, build, image_processor, load_reference, random_image
 
-ARCHS = ["qwen2_5_vl"]
+ARCHS = ["qwen2_5_vl", "qwen3_vl"]
 ATOL = 1e-4
 PLACEHOLDER = [VISION_START, IMAGE, VISION_END]
 
@@ -182,3 +182,19 @@ def test_bad_images_are_invalid_requests(arch_folder):
                                                 "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
     with pytest.raises(InvalidRequest, match="placeholders"):
         llm.generate([1, 2, 3], images=[random_image(56, 56, 1)])
+
+
+def test_bfloat16_model_keeps_float32_patch_embedding(arch_folder):
+    """Convolutions run in float32 on CPU whatever the model dtype (#1650); bf16 stays near float32."""
+    _, folder = arch_folder
+    ids, images = _prompts()[1]
+    params = SamplingParams(temperature=0, max_tokens=1, return_prompt_logits=True)
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        llm = LLM(str(folder), dtype=dtype, block_size=4, num_kv_blocks=64, warmup=False)
+        model = llm.engine.model
+        assert model.visual.patch_embed.proj.weight.dtype == torch.float32
+        assert model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+        (output,) = llm.generate(_multimodal(llm, [(ids, images)]), params)
+        logits[dtype] = output.metrics["prompt_logits"]
+    torch.testing.assert_close(logits["bfloat16"], logits["float32"], atol=0.05, rtol=0)

@@ -2,8 +2,8 @@
 
 An image's rows are computed once and reused by every chunk of its prompt, by the
 other samples of the request (n > 1), by a recompute after preemption and by later
-requests that send the same image. Bounded by rows (tokens), not entries, since one
-large image can weigh as much as a hundred small ones.
+requests that send the same image. Bounded by bytes, not entries, since one large
+image can weigh as much as a hundred small ones.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 
 
 class EncoderCache:
-    def __init__(self, max_rows: int = 32768):
-        self.max_rows = max_rows
+    def __init__(self, max_bytes: int = 512 << 20):
+        self.max_bytes = max_bytes
         self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.rows = 0
+        self.bytes = 0
         self.num_encoded = 0  # images run through the encoder (a repeated image counts once while cached)
 
     def __contains__(self, key: str) -> bool:
@@ -30,9 +30,13 @@ class EncoderCache:
 
     def put(self, key: str, rows: torch.Tensor) -> None:
         if key in self.entries:
-            self.rows -= self.entries.pop(key).size(0)
+            self.bytes -= _size(self.entries.pop(key))
         self.entries[key] = rows
-        self.rows += rows.size(0)
-        while self.rows > self.max_rows and len(self.entries) > 1:
+        self.bytes += _size(rows)
+        while self.bytes > self.max_bytes and len(self.entries) > 1:
             _, old = self.entries.popitem(last=False)
-            self.rows -= old.size(0)
+            self.bytes -= _size(old)
+
+
+def _size(rows: torch.Tensor) -> int:
+    return rows.numel() * rows.element_size()

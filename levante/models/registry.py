@@ -22,6 +22,7 @@ from levante.models.gemma3_vision import Gemma3ForConditionalGeneration
 from levante.models.llama import LlamaForCausalLM
 from levante.models.qwen2 import Qwen2ForCausalLM
 from levante.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from levante.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from levante.models.qwen3 import Qwen3ForCausalLM
 from levante.quant.gguf_blocks import GGUFTensor
 
@@ -32,6 +33,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
+    "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,
 }
 
 # model_type -> the encoder of a sentence-embedding model.

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from levante.errors import InvalidRequest
+from levante.errors import InvalidRequest, ModelLoadError
 from levante.multimodal.inputs import ImageInput, MultiModalPrompt
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -75,7 +75,7 @@ class QwenVLProcessor:
         text = config.get("text_config") or {}
         token = config.get("image_token_id", text.get("image_token_id", config.get("image_token_index")))
         if token is None:
-            raise InvalidRequest("the model's config names no image_token_id")
+            raise ModelLoadError("config.json names no image_token_id")
         self.image_token_id = int(token)
 
     # -- pixels -----------------------------------------------------------
