@@ -46,6 +46,7 @@ class Gemma3MultiModalProjector(nn.Module):
 
 
 class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    encode_batch = 8  # images (or pan-and-scan crops) through the tower at once
     # Checkpoint layouts in the wild: transformers 4.5x / 5 (`model.vision_tower.`), older
     # (`vision_tower.vision_model.`), both with `multi_modal_projector.` at either level.
     checkpoint_prefixes = [("model.vision_tower.", "vision_tower."), ("vision_tower.vision_model.", "vision_tower."),
@@ -72,9 +73,12 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
         if not images:
             return []
         device = self.multi_modal_projector.mm_input_projection_weight.device
-        pixels = torch.stack([image.tensors["pixel_values"] for image in images]).to(device)
-        rows = self.multi_modal_projector(self.vision_tower(pixels))
-        return list(rows.unbind(0))
+        out = []
+        for first in range(0, len(images), self.encode_batch):  # bounds activation memory (4096 patches each)
+            group = images[first:first + self.encode_batch]
+            pixels = torch.stack([image.tensors["pixel_values"] for image in group]).to(device)
+            out.extend(self.multi_modal_projector(self.vision_tower(pixels)).unbind(0))
+        return out
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         # transformers embeds out-of-vocabulary image tokens as id 0 (their rows are replaced anyway)
