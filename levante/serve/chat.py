@@ -37,7 +37,8 @@ def plan_chat(llm, body: ChatCompletionRequest) -> ChatPlan:
     if has_images(messages):
         processor = llm.engine.processor
         if processor is None:
-            raise InvalidRequest(f"model '{llm.model_name}' does not accept images (image_url content parts)")
+            name = body.model or llm.model_name
+            raise InvalidRequest(f"model '{name}' does not accept images (image_url content parts)")
     messages, images = extract_images(messages) if processor is not None else (messages, [])
     if images and not llm.tokenizer.chat_template:  # the fallback templates know text content only
         messages = flatten(messages, processor.image_placeholder)
@@ -71,7 +72,9 @@ def plan_chat(llm, body: ChatCompletionRequest) -> ChatPlan:
 
 
 def has_images(messages: list[dict]) -> bool:
-    return any(isinstance(part, dict) and (part.get("type") in ("image_url", "image") or "image_url" in part)
+    """Whether any message has an image content part (as multimodal/messages.py reads them)."""
+    return any(isinstance(part, dict) and (part.get("type") in ("image_url", "image")
+                                           or (part.get("type") is None and ("image_url" in part or "image" in part)))
                for message in messages if isinstance(message.get("content"), list) for part in message["content"])
 
 
