@@ -214,6 +214,32 @@ def test_repeated_image_is_encoded_once(llm):
     assert all(len(o.outputs[0].token_ids) == 2 for o in outputs)
 
 
+def test_prefix_cache_hit_inside_an_image_span(llm, reference):
+    """A repeated prompt reuses cached blocks that end inside an image's span: the rest of the span is
+    computed in one step, seeing the cached part, and the logits still equal transformers'."""
+    from levante import SamplingParams
+
+    images = [picture(50, 30, 5)]
+    block = llm.engine.config.cache.block_size
+    for pad in range(block):  # a prompt whose last cacheable block ends inside the image's span
+        text = "<bos>" + "x" * pad + " the dog<start_of_image>"
+        prompt = ours(llm.engine.processor, text, images, False)
+        cacheable = (len(prompt.token_ids) - 1) // block * block
+        if any(start < cacheable < end for start, end in prompt.bidirectional_spans):
+            break
+    else:
+        pytest.fail("no prompt puts a block boundary inside the span")
+    params = SamplingParams(temperature=0, max_tokens=1, return_prompt_logits=True)
+    llm.generate([prompt], params)
+    again = llm.generate([prompt], params)[0]
+    assert again.num_cached_tokens == cacheable
+    with torch.no_grad():
+        expected = reference(**theirs(llm._test_folder, text, images, False)).logits[0]
+    got = again.metrics["prompt_logits"]
+    assert len(got) == len(expected) - cacheable
+    torch.testing.assert_close(got, expected[cacheable:], atol=1e-4, rtol=0)
+
+
 def test_bidirectional_mask_matters(llm, reference):
     """Without the image spans' two-way attention the logits differ: the test above can fail."""
     from levante import SamplingParams
