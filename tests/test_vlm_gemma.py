@@ -302,6 +302,46 @@ def test_openai_client_sends_an_image(server, folder, reference):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
 
 
+def test_openai_client_image_by_http_url(server):
+    """An http URL is fetched; the answer equals the one for the same picture as a data URL."""
+    import http.server
+    import io
+    import threading
+
+    import openai
+
+    base, _ = server
+    buffer = io.BytesIO()
+    picture(33, 47, 3).save(buffer, format="PNG")
+    body = buffer.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200 if self.path == "/pic.png" else 404)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(body if self.path == "/pic.png" else b"")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        answers = [client.chat.completions.create(
+            model="tiny-vlm", max_tokens=6, temperature=0, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": source}}]}],
+        ).choices[0].message.content for source in (f"{url}/pic.png", _data_url(Image.open(io.BytesIO(body))))]
+        assert answers[0] == answers[1]
+        with pytest.raises(openai.BadRequestError, match="HTTP 404"):
+            client.chat.completions.create(model="tiny-vlm", max_tokens=2, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{url}/gone.png"}}]}])
+    finally:
+        httpd.shutdown()
+
+
 def test_bad_images_answer_400(server):
     import openai
 
