@@ -97,10 +97,11 @@ class ModelRunner:
         input_ids, positions, metadata = self.prepare(batch, all_logits)
         if self.uses_mrope:
             positions = self._mrope_positions(batch)
-        images = self._image_rows(batch) if self.takes_images else None
+        images = None
         if self.takes_images:
+            images = self._image_rows(batch)
             spans = self._bidirectional_spans(batch)
-            if spans:
+            if spans:  # read by the attention mask of models with bidirectional image spans (Gemma 3)
                 metadata.bidirectional_spans = spans
         with attention_metadata(metadata):
             if images is None:
