@@ -200,26 +200,6 @@ def test_bfloat16_model_keeps_float32_patch_embedding(arch_folder):
     torch.testing.assert_close(logits["bfloat16"], logits["float32"], atol=0.05, rtol=0)
 
 
-def test_chunks_never_end_inside_a_bidirectional_span():
-    """Gemma 3's image tokens attend to their whole image: the scheduler keeps each span in one chunk."""
-    from levante.engine.kv_cache import BlockManager
-    from levante.engine.scheduler import Scheduler
-    from levante.engine.sequence import Sequence
-    from levante.multimodal.inputs import MultiModalPrompt
-
-    ids = list(range(10, 40))
-    prompt = MultiModalPrompt(ids, bidirectional_spans=[(3, 12), (14, 16)])
-    seq = Sequence("r", 0, ids, SamplingParams(max_tokens=1), multimodal=prompt)
-    scheduler = Scheduler(BlockManager(64, 4, enable_prefix_caching=False), max_num_seqs=4, max_num_batched_tokens=5)
-    scheduler.add(seq)
-    chunks = []
-    while seq.num_computed_tokens < seq.num_tokens:
-        (item,) = scheduler.schedule()
-        chunks.append(item.num_new_tokens)
-        scheduler.after_step([item])
-    assert chunks == [3, 9, 5, 5, 5, 3]  # 0-3 | the span 3-12 whole | 12-17 holds 14-16 | ...
-
-
 def test_hub_config_layouts():
     """Configs as published: Qwen2.5-VL's flat text fields with rope_scaling {type: mrope}; Qwen3-VL's
     nested text_config whose tie_word_embeddings is the only one (#1682)."""

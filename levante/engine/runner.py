@@ -97,12 +97,7 @@ class ModelRunner:
         input_ids, positions, metadata = self.prepare(batch, all_logits)
         if self.uses_mrope:
             positions = self._mrope_positions(batch)
-        images = None
-        if self.takes_images:
-            images = self._image_rows(batch)
-            spans = self._bidirectional_spans(batch)
-            if spans:  # read by the attention mask of models with bidirectional image spans (Gemma 3)
-                metadata.bidirectional_spans = spans
+        images = self._image_rows(batch) if self.takes_images else None
         with attention_metadata(metadata):
             if images is None:
                 hidden = self.model(input_ids, positions)
@@ -166,18 +161,6 @@ class ModelRunner:
             token_index.append(torch.arange(first + lo - start, first + hi - start))
             rows.append(step_rows[img.key][lo - img.offset:hi - img.offset])
         return torch.cat(token_index).to(self.device), torch.cat(rows)
-
-    @staticmethod
-    def _bidirectional_spans(batch: list[ScheduledSequence]) -> list[tuple[int, int, int]]:
-        """[(batch row, start, end)]: image spans (Gemma 3) within each sequence's context this step."""
-        spans = []
-        for row, item in enumerate(batch):
-            mm = item.seq.multimodal
-            end = item.seq.num_computed_tokens + item.num_new_tokens
-            for start, stop in [] if mm is None else mm.bidirectional_spans:
-                if start < end:
-                    spans.append((row, start, stop))
-        return spans
 
     def _merge_images(self, input_ids: torch.Tensor, token_index: torch.Tensor, rows: torch.Tensor):
         """inputs_embeds with image rows in place, plus any extra forward arguments the model asks for."""

@@ -46,12 +46,11 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         preempted = False
         for seq in list(self.running):
-            if budget <= 0:
+            if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted below while making room
                 continue
-            start = seq.num_computed_tokens
-            num_new = _whole_spans(seq, start, min(seq.num_tokens - start, budget))
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while self.block_manager.blocks_needed(seq, num_new) > self.block_manager.num_free_blocks:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -71,8 +70,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             prefix = manager.match_prefix(seq)
-            start = len(prefix) * manager.block_size
-            num_new = _whole_spans(seq, start, min(seq.num_tokens - start, budget))
+            num_new = min(seq.num_tokens - len(prefix) * manager.block_size, budget)
             if manager.blocks_needed(seq, num_new, prefix) > manager.num_free_blocks:
                 break
             self.waiting.popleft()
@@ -103,16 +101,3 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free_sequence(seq)
-
-
-def _whole_spans(seq: Sequence, start: int, num_new: int) -> int:
-    """Never end a chunk inside a bidirectional image span (Gemma 3): its tokens attend to the
-    whole span, so stop before the span, or take all of it even past the token budget."""
-    mm = seq.multimodal
-    if mm is None or not mm.bidirectional_spans:
-        return num_new
-    end = start + num_new
-    for span_start, span_end in mm.bidirectional_spans:
-        if span_start < end < span_end:
-            return span_start - start if span_start > start else span_end - start
-    return num_new

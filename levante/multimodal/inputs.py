@@ -27,14 +27,15 @@ What the engine does with a `MultiModalPrompt` (engine/runner.py, engine/kv_cach
   by `ImageInput.key`) is encoded, all such images of the step in one `encode_images` call.
 - Each step slices, per sequence, the encoder rows of the placeholder tokens it computes,
   so chunked prefill may cut an image span anywhere (exact for causal attention; a model
-  with bidirectional image spans needs each span in one chunk).
+  with bidirectional image spans gets each span in one chunk: see below).
 - Positions of an M-RoPE model: `mrope_positions[:, i]` for prompt token i, and
   `i + mrope_position_delta` on all three axes past the prompt (text-only prompts: i).
 - Prefix caching: a KV block's hash covers its token ids and the (key, offset) of every
   image whose span overlaps it, since placeholder ids are the same for every image.
-- `bidirectional_spans`: the runner sets `metadata.bidirectional_spans` (attention
-  metadata, layers/attention.py) to `[(batch row, start, end)]`, positions in the
-  sequence, for the spans overlapping the step's keys; the attention mask must honour it.
+- `bidirectional_spans`: the runner gives each query inside a span a key limit at the
+  span's end (`AttentionMetadata.key_limits`, layers/attention.py), so an image's tokens
+  see each other both ways (also on sliding layers, as transformers' Gemma 3); the
+  scheduler never ends a chunk inside a span (`keep_spans_whole`, engine/scheduler.py).
 
 Families: a processor (multimodal/processor.py `load_processor`) builds the prompt from
 token ids with one placeholder per image; `LLM.chat` / `LLM.generate(..., images=)` and
