@@ -17,7 +17,7 @@ from levante.errors import InvalidRequest
 from levante.loader.auto import is_embedding_model
 from levante.loader.chat_template import ChatTemplate
 from levante.multimodal.inputs import MultiModalPrompt
-from levante.multimodal.messages import extract_images, flatten
+from levante.multimodal.messages import extract_images, flatten, to_image
 
 Prompt = str | list[int] | MultiModalPrompt
 
@@ -157,9 +157,8 @@ class LLM:
             raise InvalidRequest(f"{len(prompts)} prompts but {len(per_prompt)} image lists")
         processor, out = self._processor(), []
         for prompt, imgs in zip(prompts, per_prompt):
-            _, loaded = extract_images([{"role": "user", "content": [{"type": "image", "image": i} for i in imgs]}])
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            out.append(processor.process(ids, loaded))
+            out.append(processor.process(ids, [to_image(image) for image in imgs]))
         return out
 
     def _submit(self, prompts, params: SamplingParams | None) -> list[str]:

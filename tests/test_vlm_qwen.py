@@ -198,3 +198,34 @@ def test_bfloat16_model_keeps_float32_patch_embedding(arch_folder):
         (output,) = llm.generate(_multimodal(llm, [(ids, images)]), params)
         logits[dtype] = output.metrics["prompt_logits"]
     torch.testing.assert_close(logits["bfloat16"], logits["float32"], atol=0.05, rtol=0)
+
+
+def test_hub_config_layouts():
+    """Configs as published: Qwen2.5-VL's flat text fields with rope_scaling {type: mrope}; Qwen3-VL's
+    nested text_config whose tie_word_embeddings is the only one (#1682)."""
+    from levante.config import FULL, ModelConfig
+    from levante.layers.rotary import RotaryEmbedding
+
+    qwen25 = ModelConfig.from_hf_dict({
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_size": 2048,
+        "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
+        "vocab_size": 151936, "rope_theta": 1000000.0, "tie_word_embeddings": True, "image_token_id": 151655,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"depth": 32, "hidden_size": 1280, "out_hidden_size": 2048, "in_chans": 3}})
+    rope = qwen25.rope[FULL]
+    assert (rope.rope_type, rope.theta, rope.extra["mrope_section"]) == ("mrope", 1e6, [16, 24, 24])
+    assert qwen25.tie_word_embeddings and qwen25.raw["vision_config"]["depth"] == 32
+    rotary = RotaryEmbedding(128, rope, 4096)
+    assert rotary.mrope_axis[:64].tolist() == [0] * 16 + [1] * 24 + [2] * 24
+
+    qwen3 = ModelConfig.from_hf_dict({
+        "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "image_token_id": 151655,
+        "text_config": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "head_dim": 128,
+                        "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 151936,
+                        "rope_theta": 5000000, "tie_word_embeddings": True,
+                        "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                         "rope_type": "default"}},
+        "vision_config": {"depth": 24, "deepstack_visual_indexes": [5, 11, 17]}})
+    assert qwen3.tie_word_embeddings and qwen3.head_dim == 128 and qwen3.rope[FULL].theta == 5e6
+    axes = RotaryEmbedding(128, qwen3.rope[FULL], 4096).mrope_axis[:64].tolist()
+    assert axes[:9] == [0, 1, 2] * 3 and axes[60:] == [0] * 4 and axes.count(1) == 20 and axes.count(2) == 20

@@ -28,6 +28,15 @@ def _source(part: dict):
     return None
 
 
+def to_image(source, load: Callable | None = None):
+    """A PIL image as is; a URL or path through `load` (default: multimodal/images.py's `load_image`)."""
+    if not isinstance(source, (str, bytes)):
+        return source
+    if load is None:
+        from levante.multimodal.images import load_image as load
+    return load(source)
+
+
 def extract_images(messages: list[dict], load: Callable | None = None) -> tuple[list[dict], list]:
     """(messages with each image part replaced by {"type": "image"}, the images in order).
 
@@ -46,11 +55,7 @@ def extract_images(messages: list[dict], load: Callable | None = None) -> tuple[
             if source is None:
                 parts.append(part)
                 continue
-            if isinstance(source, str):
-                if load is None:
-                    from levante.multimodal.images import load_image as load
-                source = load(source)
-            images.append(source)
+            images.append(to_image(source, load))
             parts.append({"type": "image"})
         out.append({**message, "content": parts})
     return out, images
