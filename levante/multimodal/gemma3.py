@@ -114,12 +114,22 @@ class Gemma3ImageProcessor:
         """One uint8 [H, W, 3] image -> float32 [3, height, width] as the tower takes it."""
         s = self.settings
         height, width = s.size
-        resized = Image.fromarray(np.ascontiguousarray(array)).resize((width, height), resample=_RESAMPLE[s.resample])
-        values = (np.asarray(resized).astype(np.float64) * s.rescale_factor).astype(np.float32)
-        mean = np.array(s.image_mean, dtype=np.float32)
-        std = np.array(s.image_std, dtype=np.float32)
-        values = (values - mean) / std
-        return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
+        resized = np.asarray(Image.fromarray(np.ascontiguousarray(array)).resize(
+            (width, height), resample=_RESAMPLE[s.resample]))
+        lut = self._lookup()
+        return torch.from_numpy(np.stack([lut[c][resized[..., c]] for c in range(3)]))
+
+    def _lookup(self) -> np.ndarray:
+        """[3, 256] float32: each uint8 value rescaled and normalised per channel, by the very operations
+        transformers applies to every pixel (rescale in float64, cast to float32, then (x - mean) / std)."""
+        s = self.settings
+        key = (s.rescale_factor, s.image_mean, s.image_std)
+        if getattr(self, "_lut_key", None) != key:
+            values = (np.arange(256).astype(np.float64) * s.rescale_factor).astype(np.float32)
+            mean = np.array(s.image_mean, dtype=np.float32)[:, None]
+            std = np.array(s.image_std, dtype=np.float32)[:, None]
+            self._lut, self._lut_key = (values[None, :] - mean) / std, key
+        return self._lut
 
     def preprocess(self, image: Image.Image, do_pan_and_scan: bool | None = None) -> torch.Tensor:
         """[1 + num_crops, 3, height, width] float32."""
