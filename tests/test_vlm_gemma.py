@@ -461,3 +461,18 @@ def test_google_minimal_config_reads_with_gemma3_defaults():
     assert config.rope[FULL].theta == 1e6 and config.rope[FULL].rope_type == "linear" and config.rope[FULL].factor == 8
     assert config.rope[SLIDING].theta == 1e4 and config.rope[SLIDING].rope_type == "default"
     assert config.attention_scale == 256 ** -0.5 and config.eos_token_ids == [1, 106]
+
+
+@pytest.mark.parametrize("size", [(1000, 500), (300, 700), (896, 896)])
+def test_real_size_pixels_match_transformers(size):
+    """Gemma 3's own settings (896 px, pan-and-scan with 256 px minimum crops): bit-exact pixels."""
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from levante.multimodal.gemma3 import Gemma3ImageProcessor, Gemma3ImageSettings
+
+    image = picture(*size, 4)
+    ours_ = Gemma3ImageProcessor(Gemma3ImageSettings(do_pan_and_scan=True)).preprocess(image)
+    theirs_ = Gemma3ImageProcessorPil(size={"height": 896, "width": 896})(
+        image, return_tensors="pt", do_pan_and_scan=True, pan_and_scan_min_crop_size=256,
+        pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2)["pixel_values"]
+    assert torch.equal(ours_, theirs_)
