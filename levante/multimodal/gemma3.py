@@ -97,6 +97,18 @@ def pan_and_scan_crops(image: np.ndarray, min_crop_size: int, max_num_crops: int
                                                [crop_w * i for i in range(num_w)])]
 
 
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return value
+
+
 class Gemma3ImageProcessor:
     def __init__(self, settings: Gemma3ImageSettings | None = None):
         self.settings = settings or Gemma3ImageSettings()
@@ -161,28 +173,21 @@ class Gemma3Processor:
             from levante.loader.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_folder(folder)
-        preprocessor = {}
-        path = folder / "preprocessor_config.json"
-        if path.is_file():
-            try:
-                preprocessor = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise ModelLoadError(f"cannot read {path}: {e}") from None
-        processor_config = {}
-        if (folder / "processor_config.json").is_file():
-            processor_config = json.loads((folder / "processor_config.json").read_text())
+        preprocessor = _read_json(folder / "preprocessor_config.json")
+        processor_config = _read_json(folder / "processor_config.json")
         settings = Gemma3ImageSettings.from_dicts(preprocessor, config.get("vision_config") or {})
 
-        def token_id(key: str, text: str, default: int) -> int:
-            value = config.get(key) if config.get(key) is not None else tokenizer.token_to_id(text)
+        def token_id(keys: tuple[str, str], text: str, default: int) -> int:
+            value = next((config[k] for k in keys if config.get(k) is not None), None)
+            value = tokenizer.token_to_id(text) if value is None else value
             return int(default if value is None else value)
 
         tokens = int(config.get("mm_tokens_per_image") or processor_config.get("image_seq_length")
                      or preprocessor.get("image_seq_length") or 256)
         return cls(tokenizer, Gemma3ImageProcessor(settings),
-                   boi_id=token_id("boi_token_index", BOI, 255999),
-                   eoi_id=token_id("eoi_token_index", EOI, 256000),
-                   image_token_id=token_id("image_token_index", IMAGE_TOKEN, 262144),
+                   boi_id=token_id(("boi_token_index", "boi_token_id"), BOI, 255999),
+                   eoi_id=token_id(("eoi_token_index", "eoi_token_id"), EOI, 256000),
+                   image_token_id=token_id(("image_token_index", "image_token_id"), IMAGE_TOKEN, 262144),
                    tokens_per_image=tokens)
 
     # -- the prompt -----------------------------------------------------------------------
