@@ -84,7 +84,8 @@ def test_pan_and_scan_rules():
     assert pan_and_scan_crops(landscape, 200, 4, 1.2) == []  # crops would be under the minimum
     assert pan_and_scan_crops(np.zeros((100, 110, 3), np.uint8), 10, 4, 1.2) == []  # not elongated enough
     assert len(pan_and_scan_crops(np.zeros((10, 1000, 3), np.uint8), 2, 4, 1.2)) == 4  # capped
-    assert [c.shape[:2] for c in pan_and_scan_crops(np.zeros((301, 100, 3), np.uint8), 10, 4, 1.2)] == [(101, 100)] * 2 + [(99, 100)]
+    portrait = pan_and_scan_crops(np.zeros((301, 100, 3), np.uint8), 10, 4, 1.2)
+    assert [c.shape[:2] for c in portrait] == [(101, 100)] * 2 + [(99, 100)]
 
 
 def test_keys_follow_pixels(processor):
@@ -439,7 +440,8 @@ def test_expansion_merges_newlines_like_text_replacement_on_gemma_vocabulary():
 PROMPTS_WITH_NEWLINES = [
     "<bos><start_of_turn>user\n<start_of_image>Describe this.<end_of_turn>\n<start_of_turn>model\n",
     "<start_of_turn>user\nText before\n\n<start_of_image>\n  after<start_of_image>   x<end_of_turn>\n",
-    "<start_of_image>", "a <start_of_image> b", "<start_of_image><start_of_image>\n\n\n", "\t\t<start_of_image> <table> x",
+    "<start_of_image>", "a <start_of_image> b", "<start_of_image><start_of_image>\n\n\n",
+    "\t\t<start_of_image> <table> x",
 ]
 
 
