@@ -182,6 +182,8 @@ def test_bad_images_are_invalid_requests(arch_folder):
                                                 "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
     with pytest.raises(InvalidRequest, match="placeholders"):
         llm.generate([1, 2, 3], images=[random_image(56, 56, 1)])
+    with pytest.raises(InvalidRequest, match="no images"):
+        llm.generate([1] + PLACEHOLDER + [2])
 
 
 def test_bfloat16_model_keeps_float32_patch_embedding(arch_folder):

@@ -118,6 +118,8 @@ class Engine:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(ids)
+        if multimodal is None and self.processor is not None and self.processor.image_token_id in ids:
+            raise InvalidRequest("the prompt has image placeholder tokens but no images")
         params = self._clamp(params, len(ids))
         seqs = []
         for i in range(params.n):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from levante.config import ModelConfig
+from levante.errors import ModelLoadError
 from levante.layers.conv import PatchEmbed
 from levante.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from levante.layers.norms import RMSNorm
@@ -54,8 +55,11 @@ class VisionGatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(dim, [hidden, hidden], bias=True)
         self.down_proj = RowParallelLinear(hidden, dim, bias=True)
-        self.act = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-                    "gelu": F.gelu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}[act]
+        acts = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                "gelu": F.gelu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+        if act not in acts:
+            raise ModelLoadError(f"unsupported vision activation {act!r}")
+        self.act = acts[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -164,7 +168,10 @@ class QwenVLBase(CausalLM):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.vision_config = config.raw.get("vision_config") or {}
-        self.visual = self.build_vision(self.vision_config, config.hidden_size)
+        try:
+            self.visual = self.build_vision(self.vision_config, config.hidden_size)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"config.json vision_config is missing or has a bad value for {e}") from None
 
     def build_vision(self, vc: dict, out_dim: int) -> nn.Module:
         raise NotImplementedError

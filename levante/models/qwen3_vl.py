@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from levante.config import ModelConfig
+from levante.errors import ModelLoadError
 from levante.layers.conv import PatchEmbed
 from levante.layers.linear import ReplicatedLinear
 from levante.layers.vision import rope_2d
@@ -29,7 +30,7 @@ class VisionMLP(nn.Module):
         self.linear_fc2 = ReplicatedLinear(hidden, dim, bias=True)
         self.approximate = "tanh" if act in ("gelu_pytorch_tanh", "gelu_tanh") else "none"
         if act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
-            raise ValueError(f"unsupported vision activation {act!r}")
+            raise ModelLoadError(f"unsupported vision activation {act!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate=self.approximate))
