@@ -51,10 +51,27 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
+def _with_images(text: str, images: list[str]):
+    """A user message's content: the images (paths or URLs) first, then the text."""
+    if not images:
+        return text
+    return [{"type": "image_url", "image_url": {"url": path}} for path in images] + [{"type": "text", "text": text}]
+
+
 def cmd_run(args) -> int:
     llm = _load(args, warmup=False)
     use_chat = not args.raw and llm.tokenizer.chat_template is not None
-    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if use_chat else args.prompt
+    if use_chat or (args.image and not args.raw):
+        prompt = llm.chat_prompt([{"role": "user", "content": _with_images(args.prompt, args.image)}])
+    elif args.image:  # raw text with the model's image placeholders written in it
+        from levante.multimodal.images import load_image
+
+        processor = llm.engine.processor
+        if processor is None:
+            raise LevanteError(f"model '{args.model}' does not accept images")
+        prompt = processor.process(llm.tokenizer.encode(args.prompt), [load_image(p) for p in args.image])
+    else:
+        prompt = args.prompt
     printed = 0
     for output in llm.stream(prompt, _sampling(args)):
         text = output.outputs[0].text
@@ -69,7 +86,9 @@ def cmd_chat(args) -> int:
     llm = _load(args, warmup=False)
     params = _sampling(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("levante chat: type a message, Ctrl+D to quit, /clear to start over.", file=sys.stderr)
+    images = list(args.image or [])  # attached to the next message
+    print("levante chat: type a message, Ctrl+D to quit, /clear to start over, /image PATH to attach an image.",
+          file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -79,12 +98,26 @@ def cmd_chat(args) -> int:
         if line.strip() == "/clear":
             messages = messages[:1] if args.system else []
             continue
+        if line.strip().startswith("/image"):
+            path = line.strip()[len("/image"):].strip()
+            if path:
+                images.append(path)
+                print(f"[image attached to the next message: {path}]", file=sys.stderr)
+            continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
+        messages.append({"role": "user", "content": _with_images(line, images)})
         printed, text = 0, ""
         try:
-            for output in llm.stream(llm.apply_chat_template(messages), params):
+            prompt = llm.chat_prompt(messages)
+        except LevanteError as e:  # a bad image: say so, drop the message, keep chatting
+            print(f"levante: error: {e}", file=sys.stderr)
+            messages.pop()
+            images = []
+            continue
+        images = []
+        try:
+            for output in llm.stream(prompt, params):
                 text = output.outputs[0].text
                 sys.stdout.write(text[printed:])
                 sys.stdout.flush()
@@ -139,12 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(run)
     run.add_argument("prompt")
     run.add_argument("--raw", action="store_true", help="no chat template: complete the text as given")
+    run.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image (path or URL) for a vision-language model; repeatable")
     run.set_defaults(func=cmd_run)
 
     chat = sub.add_parser("chat", help="chat in the terminal")
     _engine_args(chat)
     _sampling_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--image", action="append", default=[], metavar="PATH",
+                      help="an image (path or URL) sent with the first message; repeatable (or /image PATH)")
     chat.set_defaults(func=cmd_chat)
 
     models = sub.add_parser("models", help="list model aliases and whether each is installed")

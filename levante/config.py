@@ -17,6 +17,16 @@ FULL = "full_attention"
 SLIDING = "sliding_attention"
 
 
+# transformers' Gemma3TextConfig defaults, for the text_config of Gemma3ForConditionalGeneration checkpoints.
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "sliding_window_pattern": 6, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+}
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
@@ -57,8 +67,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        cfg = dict(cfg.get("text_config") or {}, **{k: v for k, v in cfg.items() if k != "text_config"}) \
+        text = cfg.get("text_config") or {}
+        if cfg.get("model_type") == "gemma3" and text:  # Google's config.json lists only what differs
+            text = {**GEMMA3_TEXT_DEFAULTS, **text}
+        cfg = dict(text, **{k: v for k, v in cfg.items() if k != "text_config"}) \
             if "text_config" in cfg and "hidden_size" not in cfg else cfg
+        # Vision-language checkpoints may say it in text_config only (Qwen3-VL, #1682).
+        tied = bool(cfg.get("tie_word_embeddings", False)) or bool(text.get("tie_word_embeddings", False))
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
@@ -78,7 +93,7 @@ class ModelConfig:
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=tied,
                 attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu",

@@ -16,8 +16,10 @@ from levante.engine.sampling_params import SamplingParams
 from levante.errors import InvalidRequest
 from levante.loader.auto import is_embedding_model
 from levante.loader.chat_template import ChatTemplate
+from levante.multimodal.inputs import MultiModalPrompt
+from levante.multimodal.messages import extract_images, flatten, to_image
 
-Prompt = str | list[int]
+Prompt = str | list[int] | MultiModalPrompt
 
 
 class LLM:
@@ -74,9 +76,17 @@ class LLM:
         return self.engine
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
-                 ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids) in one continuous batch; outputs in prompt order."""
+                 images: list | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids) in one continuous batch; outputs in prompt order.
+
+        Vision-language models: `images` (PIL images, paths or URLs) for a single prompt, or one
+        list per prompt; each prompt writes one image placeholder per image (for Qwen-VL
+        "<|vision_start|><|image_pad|><|vision_end|>", `llm.engine.processor.image_placeholder`).
+        A prompt may also be a ready `MultiModalPrompt`.
+        """
         self._require_engine()
+        if images is not None:
+            prompts = self._with_images(prompts, images)
         ids = self._submit(prompts, params)
         finished: dict[str, RequestOutput] = {}
         try:
@@ -107,9 +117,14 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
              tools: list[dict] | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Render each conversation through the model's chat template, then generate."""
+        """Render each conversation through the model's chat template, then generate.
+
+        Message content may be a list of OpenAI-style parts: `{"type": "text", "text": ...}`,
+        `{"type": "image_url", "image_url": {"url": data URL | http(s) URL | path}}` or
+        `{"type": "image", "image": PIL.Image}` (vision-language models only).
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.apply_chat_template(c, tools, add_generation_prompt) for c in conversations]
+        prompts = [self.chat_prompt(c, tools, add_generation_prompt) for c in conversations]
         return self.generate(prompts, params)
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
@@ -118,8 +133,36 @@ class LLM:
         text = self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True) -> list[int] | MultiModalPrompt:
+        """Token ids of the rendered conversation; with images, a `MultiModalPrompt`."""
+        messages, images = extract_images(messages)
+        if not images:
+            return self.apply_chat_template(messages, tools, add_generation_prompt)
+        processor = self._processor()
+        if not self.tokenizer.chat_template:  # the fallback templates know text content only
+            messages = flatten(messages, processor.image_placeholder)
+        return processor.process(self.apply_chat_template(messages, tools, add_generation_prompt), images)
+
+    def _processor(self):
+        processor = self._require_engine().processor
+        if processor is None:
+            raise InvalidRequest(f"'{self.model_name}' does not take images")
+        return processor
+
+    def _with_images(self, prompts, images: list) -> list[MultiModalPrompt]:
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        prompts, per_prompt = ([prompts], [images]) if single else (list(prompts), images)
+        if len(per_prompt) != len(prompts):
+            raise InvalidRequest(f"{len(prompts)} prompts but {len(per_prompt)} image lists")
+        processor, out = self._processor(), []
+        for prompt, imgs in zip(prompts, per_prompt):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            out.append(processor.process(ids, [to_image(image) for image in imgs]))
+        return out
+
     def _submit(self, prompts, params: SamplingParams | None) -> list[str]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, MultiModalPrompt)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
         ids = []

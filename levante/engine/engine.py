@@ -27,6 +27,8 @@ from levante.loader.auto import open_model
 from levante.loader.memory import return_free_memory
 from levante.loader.tokenizer import IncrementalDetokenizer
 from levante.models.registry import build_model, load_weights
+from levante.multimodal.inputs import MultiModalPrompt
+from levante.multimodal.processor import load_processor
 from levante.quant.packed import resolve_mode
 
 logger = logging.getLogger("levante")
@@ -73,6 +75,9 @@ class Engine:
         return_free_memory()
         self.model.eval()
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        # Vision-language models: turns token ids + images into a MultiModalPrompt (None: text only).
+        self.processor = load_processor(self.source.path, self.model_config, self.tokenizer) \
+            if self.source.format == "hf" and hasattr(self.model, "encode_images") else None
         self._init_cache()
         self.sampler = Sampler(self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
@@ -99,19 +104,29 @@ class Engine:
             self.step()
 
     # -- requests ---------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int] | MultiModalPrompt,
+                    params: SamplingParams) -> None:
+        """Queue a prompt: text, token ids, or a `MultiModalPrompt` (token ids plus images, built by
+        the model's processor, multimodal/processor.py)."""
         if request_id in self.requests:
             raise InvalidRequest(f"request id '{request_id}' is already in use")
+        multimodal = prompt if isinstance(prompt, MultiModalPrompt) else None
+        if multimodal is not None:
+            prompt = multimodal.token_ids
+            self._validate_images(multimodal)
+            multimodal = multimodal if multimodal.images or multimodal.mrope_positions is not None else None
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(ids)
+        if multimodal is None and self.processor is not None and self.processor.image_token_id in ids:
+            raise InvalidRequest("the prompt has image placeholder tokens but no images")
         params = self._clamp(params, len(ids))
         seqs = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             grammar = self.grammars.matcher(params.structured) if params.structured else None
-            seqs.append(Sequence(request_id, i, ids, params, detok, seed, grammar))
+            seqs.append(Sequence(request_id, i, ids, params, detok, seed, grammar, multimodal))
         self.requests[request_id] = Request(request_id, text, ids, params, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -125,6 +140,16 @@ class Engine:
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequest(f"token ids must be in [0, {vocab})")
+
+    def _validate_images(self, prompt: MultiModalPrompt) -> None:
+        if prompt.images and not hasattr(self.model, "encode_images"):
+            raise InvalidRequest(f"model '{self.source.name}' does not take images")
+        n = len(prompt.token_ids)
+        for image in prompt.images:
+            if image.offset < 0 or image.length <= 0 or image.offset + image.length > n:
+                raise InvalidRequest("an image's placeholder span lies outside the prompt")
+        if prompt.mrope_positions is not None and tuple(prompt.mrope_positions.shape) != (3, n):
+            raise InvalidRequest(f"M-RoPE positions must be [3, {n}]")
 
     def _clamp(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         room = self.max_model_len - prompt_len

@@ -17,7 +17,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     hash: int | None = None
-    token_ids: tuple[int, ...] = field(default=())
+    token_ids: tuple = field(default=())  # token ids, then the keys of any images in the block
 
 
 class BlockManager:
@@ -42,6 +42,12 @@ class BlockManager:
     def _block_hash(self, previous: int | None, tokens: tuple[int, ...]) -> int:
         return hash((previous, tokens))
 
+    def _block_content(self, seq: Sequence, i: int) -> tuple:
+        """What identifies block i of `seq`: its token ids, plus the keys of images placed in it."""
+        start, end = i * self.block_size, (i + 1) * self.block_size
+        tokens = tuple(seq.token_ids[start:end])
+        return tokens if seq.multimodal is None else tokens + seq.image_keys(start, end)
+
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold a prefix of `seq`, leaving at least its last token to compute."""
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
@@ -49,7 +55,7 @@ class BlockManager:
         matched, previous = [], None
         limit = (seq.num_tokens - 1) // self.block_size
         for i in range(limit):
-            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            tokens = self._block_content(seq, i)
             previous = self._block_hash(previous, tokens)
             block_id = self.cached.get(previous)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
@@ -95,7 +101,7 @@ class BlockManager:
         for i in range(start, full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
-                tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+                tokens = self._block_content(seq, i)
                 block.hash, block.token_ids = self._block_hash(previous, tokens), tokens
                 self.cached.setdefault(block.hash, block.block_id)
             previous = block.hash

@@ -26,6 +26,18 @@ class ScheduledSequence:
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
+def keep_spans_whole(seq: Sequence, start: int, num_new: int) -> int:
+    """`num_new` moved so a chunk does not end inside a bidirectional span (an image's tokens, which
+    see each other): back to the span's start, or, when the chunk starts inside or at it, on to its end
+    (over the step's budget if need be)."""
+    spans = () if seq.multimodal is None else seq.multimodal.bidirectional_spans
+    end = start + num_new
+    for span_start, span_end in spans:
+        if span_start < end < span_end:
+            return span_start - start if span_start > start else span_end - start
+    return num_new
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.block_manager = block_manager
@@ -46,11 +58,12 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         preempted = False
         for seq in list(self.running):
-            if budget == 0:
+            if budget <= 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted below while making room
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = keep_spans_whole(seq, seq.num_computed_tokens,
+                                       min(seq.num_tokens - seq.num_computed_tokens, budget))
             while self.block_manager.blocks_needed(seq, num_new) > self.block_manager.num_free_blocks:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -70,7 +83,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             prefix = manager.match_prefix(seq)
-            num_new = min(seq.num_tokens - len(prefix) * manager.block_size, budget)
+            start = len(prefix) * manager.block_size
+            num_new = keep_spans_whole(seq, start, min(seq.num_tokens - start, budget))
             if manager.blocks_needed(seq, num_new, prefix) > manager.num_free_blocks:
                 break
             self.waiting.popleft()

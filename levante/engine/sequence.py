@@ -12,6 +12,7 @@ from levante.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from levante.engine.structured import GrammarMatcher
+    from levante.multimodal.inputs import MultiModalPrompt
 
 
 class Status(Enum):
@@ -25,7 +26,8 @@ _ids = itertools.count()
 
 class Sequence:
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 detokenizer=None, seed: int | None = None, grammar: GrammarMatcher | None = None):
+                 detokenizer=None, seed: int | None = None, grammar: GrammarMatcher | None = None,
+                 multimodal: MultiModalPrompt | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # which of the request's n outputs
@@ -51,6 +53,15 @@ class Sequence:
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
         self.grammar = grammar  # structured output: what the next token may be
+        self.multimodal = multimodal  # images in the prompt and their M-RoPE positions, if any
+
+    def image_keys(self, start: int, end: int) -> tuple:
+        """(key, offset) of the images whose placeholder tokens overlap [start, end): placeholders
+        are one token id for every image, so prefix-cache block hashes must include these."""
+        if self.multimodal is None:
+            return ()
+        return tuple((img.key, img.offset) for img in self.multimodal.images
+                     if img.offset < end and img.offset + img.length > start)
 
     @property
     def num_tokens(self) -> int:

@@ -35,6 +35,9 @@ class AttentionMetadata:
     max_position: int
     logits_indices: torch.Tensor | None = None  # hidden-state rows that need logits
     causal: bool = True
+    # [batch, max_q] the last key each query may see when it is past the causal limit (tokens of one
+    # image attending both ways, Gemma 3); None: the query's own position.
+    key_limits: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -52,9 +55,13 @@ class AttentionMetadata:
             q = self.query_positions.unsqueeze(-1)
             allowed = key_pos < self.kv_lens.view(-1, 1, 1)
             if self.causal:
-                allowed = allowed & (key_pos <= q)
+                limit = q if self.key_limits is None else self.key_limits.unsqueeze(-1)
+                allowed = allowed & (key_pos <= limit)
             if sliding_window is not None:
-                allowed = allowed & (q - key_pos < sliding_window) & (key_pos - q < sliding_window)
+                # Keys past the query (bidirectional spans) are not cut by the window, as in transformers.
+                allowed = allowed & (q - key_pos < sliding_window)
+                if not self.causal:
+                    allowed = allowed & (key_pos - q < sliding_window)
             self._masks[sliding_window] = allowed.unsqueeze(1)
         return self._masks[sliding_window]
 

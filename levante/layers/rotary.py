@@ -1,4 +1,11 @@
-"""Rotary position embeddings (neox layout: rotate the two halves of each head)."""
+"""Rotary position embeddings (neox layout: rotate the two halves of each head).
+
+M-RoPE (Qwen2-VL family): positions are `[3, tokens]` (temporal, height, width) and
+each frequency takes its angle from one of the three axes. `mrope_section` (from the
+rope parameters) says how many frequencies each axis owns: in order, t then h then w
+(Qwen2-VL, Qwen2.5-VL), or interleaved t h w t h w ... with t filling the tail
+(Qwen3-VL, `mrope_interleaved`). 1-D positions take the plain path.
+"""
 from __future__ import annotations
 
 import math
@@ -14,7 +21,7 @@ def _inv_freq(dim: int, rope: RopeConfig, max_position: int) -> tuple[torch.Tens
     """Inverse frequencies and the attention scale for one rope type (as in transformers)."""
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     extra = rope.extra
-    if rope.rope_type == "default":
+    if rope.rope_type in ("default", "mrope"):  # "mrope": old Qwen2-VL configs, default frequencies
         return inv_freq, 1.0
     if rope.rope_type == "linear":
         return inv_freq / rope.factor, 1.0
@@ -51,6 +58,10 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scale = _inv_freq(head_dim, rope, max_position)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.cos_sin: torch.Tensor | None = None  # [positions, head_dim], cos half then sin half
+        section = rope.extra.get("mrope_section")
+        self.register_buffer("mrope_axis", None if not section else
+                             _mrope_axes(section, head_dim // 2, bool(rope.extra.get("mrope_interleaved"))),
+                             persistent=False)
 
     def _cache(self, needed: int, device) -> torch.Tensor:
         cache = self.cos_sin
@@ -69,10 +80,31 @@ class RotaryEmbedding(nn.Module):
         """
         needed = (max_position if max_position is not None else int(positions.max())) + 1
         cache = self._cache(needed, q.device)
-        cos, sin = cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        if positions.dim() == 2:  # M-RoPE: [3, tokens]; each frequency reads its own axis
+            table = cache[positions]  # [3, tokens, head_dim]
+            axis = self.mrope_axis.view(1, 1, -1).expand(1, table.size(1), -1)
+            cos, sin = table.gather(0, axis)[0].unsqueeze(1).chunk(2, dim=-1)
+        else:
+            cos, sin = cache[positions].unsqueeze(1).chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _mrope_axes(section: list[int], half: int, interleaved: bool) -> torch.Tensor:
+    """For each of the head_dim entries (cos half then sin half), which position axis (0 t, 1 h, 2 w)."""
+    if sum(section) != half:
+        raise ModelLoadError(f"mrope_section {section} does not add up to head_dim / 2 = {half}")
+    if interleaved:  # as transformers' Qwen3-VL: t everywhere, then h at 1, 4, 7, ... and w at 2, 5, 8, ...
+        axes = torch.zeros(half, dtype=torch.long)
+        for axis in (1, 2):
+            axes[axis:section[axis] * 3:3] = axis
+    else:
+        axes = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
+    return torch.cat([axes, axes])
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+rotate = _rotate  # for vision towers that compute their own angles (layers/vision.py)

@@ -18,8 +18,11 @@ from levante.models.bert import BertModel
 from levante.models.embedding import (DecoderEncoder, Gemma3Encoder, Qwen2Encoder, Qwen3Encoder,
                                       SentenceEmbeddingModel)
 from levante.models.gemma3 import Gemma3ForCausalLM
+from levante.models.gemma3_vision import Gemma3ForConditionalGeneration
 from levante.models.llama import LlamaForCausalLM
 from levante.models.qwen2 import Qwen2ForCausalLM
+from levante.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from levante.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from levante.models.qwen3 import Qwen3ForCausalLM
 from levante.quant.gguf_blocks import GGUFTensor
 
@@ -28,6 +31,9 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
+    "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,
 }
 
 # model_type -> the encoder of a sentence-embedding model.
@@ -41,7 +47,7 @@ EMBEDDING_ENCODERS: dict[str, type[nn.Module]] = {
 
 # Checkpoint prefixes that wrap the text decoder in multimodal layouts.
 _PREFIXES = [("model.language_model.", "model."), ("language_model.model.", "model."),
-             ("language_model.lm_head.", "lm_head.")]
+             ("language_model.lm_head.", "lm_head."), ("model.visual.", "visual.")]
 
 
 def model_class(architecture: str) -> type[nn.Module]:
@@ -113,8 +119,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             if f".{shards[0]}." in pname:
                 expected[pname] = sum(1 for s in mapping.values() if s[0] == shards[0])
     loaded: dict[str, int] = {}
+    prefixes = getattr(model, "checkpoint_prefixes", []) + _PREFIXES  # the model's own layouts first
     for name, tensor in weights:
-        for old, new in _PREFIXES:
+        for old, new in prefixes:
             if name.startswith(old):
                 name = new + name[len(old):]
         if "rotary_emb." in name or (tied and name == "lm_head.weight"):

@@ -194,9 +194,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest):
         state.check(body.model)
         search = await search_for_chat(state, body)  # None unless web_search_options asks for it
-        plan = plan_chat(state.llm, search.body if search else body)
+        plan = await asyncio.to_thread(plan_chat, state.llm, search.body if search else body)  # may fetch images
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stream = state.generate(plan.prompt_ids, plan.params)
+        stream = state.generate(plan.prompt, plan.params)
         if body.stream:
             first = await anext(stream)  # request errors become a 400 before the stream starts
             return StreamingResponse(chat_events(plan, body, rid, created, first, stream),

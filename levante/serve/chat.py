@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from levante.engine.sampling_params import SamplingParams
 from levante.engine.structured import StructuredOutput
 from levante.errors import InvalidRequest
+from levante.multimodal.inputs import MultiModalPrompt
+from levante.multimodal.messages import extract_images, flatten
 from levante.serve.protocol import ChatCompletionRequest, Grammar, NamedToolChoice, ResponseFormat
 from levante.serve.tool_parsers import messages_for_template, parser_for, tool_call_grammar
 
@@ -20,16 +22,35 @@ class ChatPlan:
     logprobs: bool = False
     top_logprobs: int = 0
     extra: dict = field(default_factory=dict)
+    multimodal: MultiModalPrompt | None = None  # the prompt with its images, when the messages carry some
+
+    @property
+    def prompt(self) -> list[int] | MultiModalPrompt:
+        """What the engine runs."""
+        return self.multimodal if self.multimodal is not None else self.prompt_ids
 
 
 def plan_chat(llm, body: ChatCompletionRequest) -> ChatPlan:
+    """Blocking (it may fetch and decode images): run it off the event loop."""
     messages = messages_for_template([m.model_dump(exclude_none=True) for m in body.messages])
+    processor = None
+    if has_images(messages):
+        processor = llm.engine.processor
+        if processor is None:
+            name = body.model or llm.model_name
+            raise InvalidRequest(f"model '{name}' does not accept images (image_url content parts)")
+    messages, images = extract_images(messages) if processor is not None else (messages, [])
+    if images and not llm.tokenizer.chat_template:  # the fallback templates know text content only
+        messages = flatten(messages, processor.image_placeholder)
     tools = [t.function.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     use_tools = bool(tools) and body.tool_choice != "none"
     template_tools = [{"type": "function", "function": t} for t in tools] if use_tools else None
     text = llm.chat_template.render(messages, tools=template_tools, add_generation_prompt=True,
                                     **(body.chat_template_kwargs or {}))
     prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    multimodal = processor.process(prompt_ids, images) if images else None
+    if multimodal is not None:
+        prompt_ids = multimodal.token_ids
     engine = llm.engine
     top = body.top_logprobs or 0
     params = body.sampling_params(engine.model_config.vocab_size, body.output_limit,
@@ -46,7 +67,15 @@ def plan_chat(llm, body: ChatCompletionRequest) -> ChatPlan:
                                     parallel=body.parallel_tool_calls and named is None,
                                     token_to_id=llm.tokenizer.token_to_id)
         params.structured = StructuredOutput("lark", grammar)
-    return ChatPlan(prompt_ids, params, tools if use_tools else None, parser, body.logprobs, top)
+    return ChatPlan(prompt_ids, params, tools if use_tools else None, parser, body.logprobs, top,
+                    multimodal=multimodal)
+
+
+def has_images(messages: list[dict]) -> bool:
+    """Whether any message has an image content part (as multimodal/messages.py reads them)."""
+    return any(isinstance(part, dict) and (part.get("type") in ("image_url", "image")
+                                           or (part.get("type") is None and ("image_url" in part or "image" in part)))
+               for message in messages if isinstance(message.get("content"), list) for part in message["content"])
 
 
 def structured_output(response_format: ResponseFormat | None, grammar: Grammar | None) -> StructuredOutput | None:

@@ -1,0 +1,151 @@
+"""Load an image from what a request names: a data URL, a local path, a file:// URL or an http(s) URL.
+
+Every failure raises `InvalidRequest` (HTTP 400) with a message that says which
+image source failed and why: not an image, truncated, too large (bytes or
+pixels), unreachable, timed out, or a scheme levante does not fetch.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from PIL import Image, UnidentifiedImageError
+
+from levante.errors import InvalidRequest
+
+MAX_BYTES = 20 * 1024 * 1024
+TIMEOUT_S = 10.0
+MAX_PIXELS = 8192 * 8192  # decompression-bomb guard; well above anything a vision tower resizes from
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def load_image(source: str | bytes, *, max_bytes: int = MAX_BYTES, timeout: float = TIMEOUT_S,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB `PIL.Image` from raw bytes, a data URL, a path, a file:// URL or an http(s) URL."""
+    if isinstance(source, (bytes, bytearray)):
+        return decode_image(bytes(source), "image bytes", max_bytes=max_bytes, max_pixels=max_pixels)
+    if not isinstance(source, str) or not source:
+        raise InvalidRequest("image: expected a data URL, a file path or an http(s) URL")
+    what = _describe(source)
+    if source.startswith("data:"):
+        data = _data_url_bytes(source, max_bytes)
+    elif source.startswith(("http://", "https://")):
+        data = _fetch(source, max_bytes, timeout)
+    elif source.startswith("file://"):
+        data = _read_file(Path(unquote(urlparse(source).path)), what, max_bytes)
+    elif _SCHEME.match(source) and not Path(source).exists():
+        scheme = source.split("://", 1)[0]
+        raise InvalidRequest(f"image {what}: unsupported URL scheme '{scheme}' "
+                             "(use data:, file://, http:// or https://, or a file path)")
+    else:
+        data = _read_file(Path(source).expanduser(), what, max_bytes)
+    return decode_image(data, what, max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def decode_image(data: bytes, what: str = "image", *, max_bytes: int = MAX_BYTES,
+                 max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode and fully load `data` into an RGB image, refusing oversized and broken files."""
+    if len(data) > max_bytes:
+        raise InvalidRequest(f"{what}: too large ({len(data)} bytes; the limit is {max_bytes})")
+    if not data:
+        raise InvalidRequest(f"{what}: empty, not an image")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InvalidRequest(f"{what}: not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise InvalidRequest(f"{what}: too large ({e})") from None
+    except (OSError, ValueError) as e:
+        raise InvalidRequest(f"{what}: cannot be read as an image ({e})") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidRequest(f"{what}: the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InvalidRequest(f"{what}: too large ({width}x{height} pixels; the limit is {max_pixels} pixels)")
+    try:
+        image.load()  # decode now: a truncated file fails here, not later inside the model
+        if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+            # Like transformers' convert_rgb: transparent pixels become white, not black.
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = "truncated or corrupt" if "truncated" in str(e).lower() or isinstance(e, SyntaxError) \
+            else "corrupt"
+        raise InvalidRequest(f"{what}: {reason} image data ({e})") from None
+
+
+def _describe(source: str) -> str:
+    if source.startswith("data:"):
+        return f"'{source[:30]}...'" if len(source) > 30 else f"'{source}'"
+    return f"'{source}'" if len(source) <= 200 else f"'{source[:200]}...'"
+
+
+def _data_url_bytes(url: str, max_bytes: int) -> bytes:
+    what = _describe(url)
+    header, sep, payload = url[5:].partition(",")
+    if not sep:
+        raise InvalidRequest(f"image {what}: malformed data URL (no ',' before the data)")
+    params = header.split(";")
+    mime = params[0].strip().lower()
+    if mime and not mime.startswith("image/") and mime != "application/octet-stream":
+        raise InvalidRequest(f"image {what}: the data URL's type '{mime}' is not an image type")
+    if len(payload) > max_bytes * 4 // 3 + 8:
+        raise InvalidRequest(f"image {what}: too large (over {max_bytes} bytes; the limit is {max_bytes})")
+    if "base64" in (p.strip().lower() for p in params[1:]):
+        try:
+            return base64.b64decode(payload.strip(), validate=False)
+        except (binascii.Error, ValueError) as e:
+            raise InvalidRequest(f"image {what}: bad base64 in the data URL ({e})") from None
+    return unquote(payload).encode("latin-1", errors="replace")
+
+
+def _read_file(path: Path, what: str, max_bytes: int) -> bytes:
+    try:
+        if not path.is_file():
+            raise InvalidRequest(f"image {what}: no such file")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise InvalidRequest(f"image {what}: too large ({size} bytes; the limit is {max_bytes})")
+        with open(path, "rb") as f:
+            return f.read(max_bytes + 1)
+    except OSError as e:
+        raise InvalidRequest(f"image {what}: cannot be read ({e.strerror or e})") from None
+
+
+def _fetch(url: str, max_bytes: int, timeout: float) -> bytes:
+    import httpx
+
+    what = _describe(url)
+    try:
+        with httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=5) as client:
+            with client.stream("GET", url, headers={"User-Agent": "levante"}) as response:
+                if response.status_code >= 400:
+                    raise InvalidRequest(f"image {what}: the server answered HTTP {response.status_code}")
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise InvalidRequest(f"image {what}: too large ({declared} bytes; the limit is {max_bytes})")
+                chunks, total = [], 0
+                for chunk in response.iter_bytes():
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise InvalidRequest(f"image {what}: too large (over {max_bytes} bytes; "
+                                             f"the limit is {max_bytes})")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+    except httpx.TimeoutException:
+        raise InvalidRequest(f"image {what}: timed out after {timeout:g} s") from None
+    except httpx.HTTPError as e:
+        raise InvalidRequest(f"image {what}: unreachable ({type(e).__name__}: {e})") from None
+
+
+def image_hash_bytes(image: Image.Image) -> bytes:
+    """The decoded pixels and size, for content hashes (same picture, different file -> same key)."""
+    return f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode() + image.tobytes()
+
+

@@ -1,0 +1,74 @@
+"""Images in OpenAI-style chat messages: take them out, leave `{"type": "image"}` for the template.
+
+Content parts understood: `{"type": "text", "text": ...}`,
+`{"type": "image_url", "image_url": {"url": ...}}` (or `"image_url": "..."`), and
+`{"type": "image", "image": <PIL.Image | url | path>}`. Chat templates of vision models
+(Qwen-VL, Gemma 3) render an `image` part as the model's placeholder; for a template that
+cannot (plain text only), `flatten` writes the placeholder text inline instead.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from levante.errors import InvalidRequest
+
+
+def _source(part: dict):
+    kind = part.get("type")
+    if kind == "image_url" or (kind is None and "image_url" in part):
+        value = part.get("image_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        if not url:
+            raise InvalidRequest("image_url content part: 'url' is required")
+        return url
+    if kind == "image" or (kind is None and "image" in part):
+        if part.get("image") is None:
+            raise InvalidRequest("image content part: 'image' is required")
+        return part["image"]
+    return None
+
+
+def to_image(source, load: Callable | None = None):
+    """A PIL image as is; a URL or path through `load` (default: multimodal/images.py's `load_image`)."""
+    if not isinstance(source, (str, bytes)):
+        return source
+    if load is None:
+        from levante.multimodal.images import load_image as load
+    return load(source)
+
+
+def extract_images(messages: list[dict], load: Callable | None = None) -> tuple[list[dict], list]:
+    """(messages with each image part replaced by {"type": "image"}, the images in order).
+
+    `load(url_or_path) -> PIL.Image` turns URLs and paths into images (default:
+    multimodal/images.py's `load_image`); PIL images pass through.
+    """
+    images, out = [], []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for part in content:
+            source = _source(part) if isinstance(part, dict) else None
+            if source is None:
+                parts.append(part)
+                continue
+            images.append(to_image(source, load))
+            parts.append({"type": "image"})
+        out.append({**message, "content": parts})
+    return out, images
+
+
+def flatten(messages: list[dict], placeholder: str) -> list[dict]:
+    """Content part lists joined into one string, each image written as `placeholder`."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            text = "".join(placeholder if isinstance(p, dict) and p.get("type") == "image"
+                           else (p.get("text") or "") if isinstance(p, dict) else str(p) for p in content)
+            message = {**message, "content": text}
+        out.append(message)
+    return out

@@ -1,0 +1,130 @@
+"""load_image: data URLs, paths, file:// and http(s) URLs; every failure a clear InvalidRequest."""
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from levante.errors import InvalidRequest
+from levante.multimodal.images import load_image
+
+
+def _png(width=7, height=5, mode="RGB") -> bytes:
+    image = Image.new(mode, (width, height))
+    image.putdata([((x * 37) % 256, (x * 11) % 256, (x * 5) % 256)[:len(mode)] if mode != "L" else x % 256
+                   for x in range(width * height)])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(width=16, height=12) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 40)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_data_url_path_file_url_and_bytes_agree(tmp_path):
+    data = _png()
+    path = tmp_path / "pic.png"
+    path.write_bytes(data)
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    images = [load_image(url), load_image(str(path)), load_image(path.as_uri()), load_image(data)]
+    for image in images:
+        assert image.mode == "RGB" and image.size == (7, 5)
+        assert image.tobytes() == images[0].tobytes()
+    assert images[0].tobytes() == Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+def test_grayscale_and_transparent_become_rgb():
+    assert load_image(_png(mode="L")).mode == "RGB"
+    rgba = Image.new("RGBA", (2, 1), (10, 20, 30, 0))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    image = load_image(buffer.getvalue())
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+
+
+@pytest.mark.parametrize("source, message", [
+    ("data:image/png;base64,aGVsbG8gd29ybGQ=", "not an image"),
+    ("data:text/plain;base64,aGVsbG8=", "not an image type"),
+    ("data:image/png;base64", "malformed data URL"),
+    ("ftp://example.com/a.png", "unsupported URL scheme"),
+    ("/no/such/file.png", "no such file"),
+])
+def test_bad_sources(source, message):
+    with pytest.raises(InvalidRequest, match=message):
+        load_image(source)
+
+
+def test_truncated_and_not_an_image_files(tmp_path):
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(_jpeg()[:-60])
+    with pytest.raises(InvalidRequest, match="truncated"):
+        load_image(str(truncated))
+    text = tmp_path / "notes.png"
+    text.write_text("just some text, no pixels here")
+    with pytest.raises(InvalidRequest, match="not an image"):
+        load_image(str(text))
+
+
+def test_too_large_bytes_and_pixels(tmp_path):
+    data = _png(64, 64)
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    for source in (str(path), data, "data:image/png;base64," + base64.b64encode(data).decode()):
+        with pytest.raises(InvalidRequest, match="too large"):
+            load_image(source, max_bytes=len(data) - 1)
+    with pytest.raises(InvalidRequest, match="too large .*pixels"):
+        load_image(data, max_pixels=64 * 64 - 1)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    routes: dict = {}
+
+    def do_GET(self):  # noqa: N802
+        body, delay, status = self.routes.get(self.path, (b"", 0, 404))
+        time.sleep(delay)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http(http_server):
+    data = _png()
+    _Handler.routes.update({"/pic.png": (data, 0, 200), "/slow.png": (data, 1.5, 200),
+                            "/big.png": (data * 50, 0, 200)})
+    assert load_image(f"{http_server}/pic.png").tobytes() == load_image(data).tobytes()
+    with pytest.raises(InvalidRequest, match="HTTP 404"):
+        load_image(f"{http_server}/missing.png")
+    with pytest.raises(InvalidRequest, match="timed out"):
+        load_image(f"{http_server}/slow.png", timeout=0.3)
+    with pytest.raises(InvalidRequest, match="too large"):
+        load_image(f"{http_server}/big.png", max_bytes=len(data) * 10)
+
+
+def test_unreachable():
+    with pytest.raises(InvalidRequest, match="unreachable"):
+        load_image("http://127.0.0.1:9/pic.png", timeout=2)
