@@ -73,9 +73,9 @@ class Qwen3VisionTransformer(nn.Module):
         self.head_dim = dim // vc["num_heads"]
         self.theta = float((vc.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         patch = vc.get("patch_size", 16)
+        kernel = (vc.get("temporal_patch_size", 2), patch, patch)
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = PatchEmbed(vc.get("in_channels", 3), dim, (vc.get("temporal_patch_size", 2), patch, patch),
-                                           bias=True)
+        self.patch_embed.proj = PatchEmbed(vc.get("in_channels", 3), dim, kernel, bias=True)
         self.pos_embed = nn.Embedding(vc["num_position_embeddings"], dim)
         self.side = int(vc["num_position_embeddings"] ** 0.5)
         self.blocks = nn.ModuleList(VisionBlock(vc) for _ in range(vc["depth"]))
