@@ -100,3 +100,73 @@ def test_chat_with_two_images_matches_transformers(client, arch_folder, referenc
         messages=[{"role": "user", "content": chat_content(images)}])
     assert response.choices[0].message.content == expected
     assert response.usage.prompt_tokens == prompt_tokens
+
+
+# -- /v1/responses ------------------------------------------------------------------------------
+
+def responses_input(image_urls, question=QUESTION) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "input_text", "text": question}] + [
+        {"type": "input_image", "image_url": url, "detail": "auto"} for url in image_urls]}]
+
+
+def test_responses_with_an_image_matches_transformers(client, arch_folder, reference, hf_tokenizer, tmp_path):
+    image = random_image(84, 56, 44)
+    # No ignore_eos in the Responses API: both sides stop at the end-of-turn token or after 8 tokens.
+    arch, folder = arch_folder
+    content = [{"type": "text", "text": QUESTION}, {"type": "image"}]
+    text = hf_tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                            add_generation_prompt=True)
+    inputs = reference_inputs(arch, hf_tokenizer(text, add_special_tokens=False)["input_ids"], [image])
+    with torch.no_grad():
+        ids = reference.generate(**inputs, do_sample=False, max_new_tokens=8, pad_token_id=0)
+    length = inputs["input_ids"].shape[1]
+    expected = hf_tokenizer.decode(ids[0, length:], skip_special_tokens=True)
+    assert expected
+
+    response = client.responses.create(model="tiny-vlm", input=responses_input([data_url(image)]),
+                                       max_output_tokens=8, temperature=0)
+    assert response.output_text == expected
+    assert response.usage.input_tokens == length
+    assert response.usage.output_tokens == ids.shape[1] - length
+
+    path = tmp_path / "picture.png"  # a file path in image_url, streamed: the same answer
+    image.save(path)
+    events = client.responses.create(model="tiny-vlm", input=responses_input([str(path)]), max_output_tokens=8,
+                                     temperature=0, stream=True)
+    deltas, final = [], None
+    for event in events:
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        elif event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    assert "".join(deltas) == expected and final.output_text == expected
+
+
+def test_responses_image_errors_answer_400(client):
+    import openai
+
+    for part, message in [({"type": "input_image", "image_url": "data:image/png;base64,bm90IGFuIGltYWdl"},
+                           "not an image"),
+                          ({"type": "input_image", "image_url": "/no/such/picture.png"}, "no such file"),
+                          ({"type": "input_image", "file_id": "file-123"}, "file_id"),
+                          ({"type": "input_image"}, "image_url"),
+                          ({"type": "input_audio", "input_audio": {}}, "input_audio")]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.responses.create(model="tiny-vlm", max_output_tokens=2,
+                                    input=[{"role": "user", "content": [part]}])
+    assert client.responses.create(model="tiny-vlm", max_output_tokens=2, input="still serving").status
+
+
+def test_text_model_refuses_input_image(tiny_model):
+    from levante import LLM
+    from levante.errors import InvalidRequest
+    from levante.serve.chat import plan_chat
+    from levante.serve.responses import ResponsesRequest, to_chat_request
+
+    llm = LLM(str(tiny_model("qwen2")), dtype="float32", num_kv_blocks=16, warmup=False)
+    body = ResponsesRequest(input=responses_input(["data:image/png;base64,AA=="]))
+    with pytest.raises(InvalidRequest, match="does not accept images"):
+        plan_chat(llm, to_chat_request(body))
+    text_only = ResponsesRequest(input=[{"role": "user", "content": [{"type": "input_text", "text": "a"},
+                                                                     {"type": "input_text", "text": "b"}]}])
+    assert to_chat_request(text_only).messages[0].content == "ab"
