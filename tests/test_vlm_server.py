@@ -170,3 +170,45 @@ def test_text_model_refuses_input_image(tiny_model):
     text_only = ResponsesRequest(input=[{"role": "user", "content": [{"type": "input_text", "text": "a"},
                                                                      {"type": "input_text", "text": "b"}]}])
     assert to_chat_request(text_only).messages[0].content == "ab"
+
+
+# -- /tokenize ----------------------------------------------------------------------------------
+
+def test_tokenize_counts_image_tokens_as_the_engine(client, server, arch_folder, hf_tokenizer):
+    import httpx
+
+    images = [random_image(56, 84, 45), random_image(150, 40, 46)]
+    messages = [{"role": "user", "content": chat_content(images)}]
+    tokenized = httpx.post(f"{server}/tokenize", json={"model": "tiny-vlm", "messages": messages}).json()
+    usage = client.chat.completions.create(model="tiny-vlm", max_tokens=1, messages=messages).usage
+    assert tokenized["count"] == len(tokenized["tokens"]) == usage.prompt_tokens
+    # The very ids transformers runs: its template, its tokenizer, its image processor's patch counts.
+    content = [{"type": "text", "text": QUESTION}, {"type": "image"}, {"type": "image"}]
+    text = hf_tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                            add_generation_prompt=True)
+    ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenized["tokens"] == reference_inputs(arch_folder[0], ids, images)["input_ids"][0].tolist()
+    assert len(ids) < tokenized["count"]  # the placeholders did grow
+    without_prompt = httpx.post(f"{server}/tokenize", json={"messages": messages, "add_generation_prompt": False})
+    assert without_prompt.json()["tokens"] == tokenized["tokens"][:without_prompt.json()["count"]]
+    assert without_prompt.json()["count"] < tokenized["count"]
+
+
+def test_tokenize_image_errors_answer_400(server):
+    import httpx
+
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/no/such/picture.png"}}]}]
+    response = httpx.post(f"{server}/tokenize", json={"messages": bad})
+    assert response.status_code == 400 and "no such file" in response.json()["error"]["message"]
+
+
+def test_tokenize_on_a_text_model_refuses_images(tiny_model):
+    from levante import LLM
+    from levante.errors import InvalidRequest
+    from levante.serve.chat import render_chat
+
+    llm = LLM(str(tiny_model("qwen2")), dtype="float32", num_kv_blocks=16, warmup=False)
+    with pytest.raises(InvalidRequest, match="does not accept images"):
+        render_chat(llm, [{"role": "user", "content": chat_content([random_image(30, 30, 1)])}])
+    text = [{"role": "user", "content": "hello"}]
+    assert render_chat(llm, text) == (llm.apply_chat_template(text), None)
