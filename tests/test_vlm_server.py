@@ -27,14 +27,20 @@ def arch_folder(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(arch_folder):
+def served(arch_folder):
+    """(base URL, the served LLM)."""
     from levante import LLM
     from live_server import live_server
 
     _, folder = arch_folder
     llm = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=512, warmup=False)
     with live_server(llm, "tiny-vlm") as (base, _):
-        yield base
+        yield base, llm
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +63,25 @@ def hf_tokenizer(arch_folder):
 
 
 def expected_answer(arch_folder, reference, hf_tokenizer, images, max_tokens, question=QUESTION):
-    """(greedy text, prompt length) from transformers: its tokenizer's chat template, its image
-    processor's patch counts, its generate."""
+    """(greedy text, prompt length, each generated token's logprob) from transformers: its tokenizer's
+    chat template, its image processor's patch counts, its generate. The logprobs tell images apart
+    even where a tiny random model's greedy text does not (Qwen3-VL's answers are all newlines)."""
     arch, _ = arch_folder
     content = [{"type": "text", "text": question}] + [{"type": "image"} for _ in images]
     text = hf_tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                             add_generation_prompt=True)
     inputs = reference_inputs(arch, hf_tokenizer(text, add_special_tokens=False)["input_ids"], images)
     with torch.no_grad():
-        ids = reference.generate(**inputs, do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                 pad_token_id=0)
+        out = reference.generate(**inputs, do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                 pad_token_id=0, return_dict_in_generate=True, output_logits=True)
     length = inputs["input_ids"].shape[1]
-    return hf_tokenizer.decode(ids[0, length:], skip_special_tokens=True), length
+    generated = out.sequences[0, length:]
+    logprobs = [float(step[0].log_softmax(-1)[token]) for step, token in zip(out.logits, generated)]
+    return hf_tokenizer.decode(generated, skip_special_tokens=True), length, logprobs
+
+
+def logprobs_of(choice) -> list[float]:
+    return [position.logprob for position in choice.logprobs.content]
 
 
 def chat_content(images, question=QUESTION) -> list[dict]:
@@ -78,12 +91,13 @@ def chat_content(images, question=QUESTION) -> list[dict]:
 
 def test_chat_with_an_image_matches_transformers(client, arch_folder, reference, hf_tokenizer):
     image = random_image(70, 50, 41)
-    expected, prompt_tokens = expected_answer(arch_folder, reference, hf_tokenizer, [image], 8)
+    expected, prompt_tokens, logprobs = expected_answer(arch_folder, reference, hf_tokenizer, [image], 8)
     assert expected
     response = client.chat.completions.create(
-        model="tiny-vlm", max_tokens=8, temperature=0, extra_body={"ignore_eos": True},
+        model="tiny-vlm", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}, logprobs=True,
         messages=[{"role": "user", "content": chat_content([image])}])
     assert response.choices[0].message.content == expected
+    assert logprobs_of(response.choices[0]) == pytest.approx(logprobs, abs=1e-4)
     assert response.usage.prompt_tokens == prompt_tokens
     assert response.usage.completion_tokens == 8
     chunks = client.chat.completions.create(
@@ -94,11 +108,12 @@ def test_chat_with_an_image_matches_transformers(client, arch_folder, reference,
 
 def test_chat_with_two_images_matches_transformers(client, arch_folder, reference, hf_tokenizer):
     images = [random_image(40, 150, 42), random_image(120, 60, 43)]
-    expected, prompt_tokens = expected_answer(arch_folder, reference, hf_tokenizer, images, 6)
+    expected, prompt_tokens, logprobs = expected_answer(arch_folder, reference, hf_tokenizer, images, 6)
     response = client.chat.completions.create(
-        model="tiny-vlm", max_tokens=6, temperature=0, extra_body={"ignore_eos": True},
+        model="tiny-vlm", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}, logprobs=True,
         messages=[{"role": "user", "content": chat_content(images)}])
     assert response.choices[0].message.content == expected
+    assert logprobs_of(response.choices[0]) == pytest.approx(logprobs, abs=1e-4)
     assert response.usage.prompt_tokens == prompt_tokens
 
 
@@ -212,3 +227,61 @@ def test_tokenize_on_a_text_model_refuses_images(tiny_model):
         render_chat(llm, [{"role": "user", "content": chat_content([random_image(30, 30, 1)])}])
     text = [{"role": "user", "content": "hello"}]
     assert render_chat(llm, text) == (llm.apply_chat_template(text), None)
+
+
+# -- several clients at once --------------------------------------------------------------------
+
+def test_concurrent_multi_image_requests_match_single_answers(client, served, arch_folder, reference,
+                                                              hf_tokenizer):
+    """Six clients at once, 0 to 3 images each (one picture shared by three requests), different
+    lengths: the engine runs them as one ragged batch; each answer equals transformers' greedy answer
+    and the answer to the same request sent alone."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, llm = served
+    pictures = [random_image(56, 84, 51), random_image(40, 150, 52), random_image(120, 60, 53),
+                random_image(64, 64, 54)]
+    requests = [("The quick brown fox", [], 5), ("Describe this image.", [pictures[0]], 8),
+                (QUESTION, [pictures[1], pictures[2]], 6), ("What is in them?", [pictures[3], pictures[0],
+                                                                                  pictures[1]], 10),
+                ("Describe this image.", [pictures[1]], 7), ("a + b", [pictures[2], pictures[0]], 4)]
+
+    def ask(request):
+        question, images, max_tokens = request
+        choice = client.chat.completions.create(
+            model="tiny-vlm", max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}, logprobs=True,
+            messages=[{"role": "user", "content": chat_content(images, question)}]).choices[0]
+        return choice.message.content, logprobs_of(choice)
+
+    # Hold the engine's steps until every request is in, so they share steps (a ragged batch).
+    engine, added, batch_sizes = llm.engine, [], []
+    add_request, step = engine.add_request, engine.step
+    deadline = time.monotonic() + 30
+
+    def counting_add(request_id, *args, **kwargs):
+        added.append(request_id)
+        return add_request(request_id, *args, **kwargs)
+
+    def gated_step():
+        if len(added) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.005)
+            return []
+        outputs = step()
+        batch_sizes.append(len({output.request_id for output in outputs}))
+        return outputs
+
+    engine.add_request, engine.step = counting_add, gated_step
+    try:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(ask, requests))
+    finally:
+        engine.add_request, engine.step = add_request, step
+    assert max(batch_sizes) == len(requests)
+    alone = [ask(request) for request in requests]
+    expected = [expected_answer(arch_folder, reference, hf_tokenizer, images, max_tokens, question)
+                for question, images, max_tokens in requests]
+    for (text, logprobs), (text_alone, logprobs_alone), (want, _, want_logprobs) in zip(together, alone, expected):
+        assert text == text_alone == want
+        assert logprobs == pytest.approx(logprobs_alone, abs=1e-4)
+        assert logprobs == pytest.approx(want_logprobs, abs=1e-4)
