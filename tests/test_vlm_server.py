@@ -239,13 +239,19 @@ def test_concurrent_multi_image_requests_match_single_answers(client, served, ar
     import time
     from concurrent.futures import ThreadPoolExecutor
 
+    import openai
+
     _, llm = served
     pictures = [random_image(56, 84, 51), random_image(40, 150, 52), random_image(120, 60, 53),
                 random_image(64, 64, 54)]
-    requests = [("The quick brown fox", [], 5), ("Describe this image.", [pictures[0]], 8),
-                (QUESTION, [pictures[1], pictures[2]], 6), ("What is in them?", [pictures[3], pictures[0],
-                                                                                  pictures[1]], 10),
-                ("Describe this image.", [pictures[1]], 7), ("a + b", [pictures[2], pictures[0]], 4)]
+    requests = [  # (question, images, max_tokens)
+        ("The quick brown fox", [], 5),
+        ("Describe this image.", [pictures[0]], 8),
+        (QUESTION, [pictures[1], pictures[2]], 6),
+        ("What is in them?", [pictures[3], pictures[0], pictures[1]], 10),
+        ("Describe this image.", [pictures[1]], 7),
+        ("a + b", [pictures[2], pictures[0]], 4),
+    ]
 
     def ask(request):
         question, images, max_tokens = request
@@ -273,8 +279,13 @@ def test_concurrent_multi_image_requests_match_single_answers(client, served, ar
 
     engine.add_request, engine.step = counting_add, gated_step
     try:
-        with ThreadPoolExecutor(len(requests)) as pool:
+        with ThreadPoolExecutor(len(requests) + 1) as pool:
+            junk = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]
+            bad = pool.submit(client.chat.completions.create, model="tiny-vlm", max_tokens=2,
+                              messages=[{"role": "user", "content": junk}])
             together = list(pool.map(ask, requests))
+            with pytest.raises(openai.BadRequestError, match="not an image"):  # a bad one among them fails alone
+                bad.result()
     finally:
         engine.add_request, engine.step = add_request, step
     assert max(batch_sizes) == len(requests)
