@@ -296,3 +296,16 @@ def test_concurrent_multi_image_requests_match_single_answers(client, served, ar
         assert text == text_alone == want
         assert logprobs == pytest.approx(logprobs_alone, abs=1e-4)
         assert logprobs == pytest.approx(want_logprobs, abs=1e-4)
+
+
+def test_text_parts_reach_a_string_only_template(tiny_model):
+    """OpenAI clients often send text as content parts; a text model's template that concatenates
+    `message['content']` gets them joined into one string, with the same prompt as plain text."""
+    from levante import LLM
+    from levante.serve.chat import render_chat
+
+    llm = LLM(str(tiny_model("qwen2")), dtype="float32", num_kv_blocks=16, warmup=False)
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "The quick "}, {"type": "text", "text": "fox"}]}]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick fox"}]
+    assert render_chat(llm, parts) == render_chat(llm, plain) == (llm.apply_chat_template(plain), None)

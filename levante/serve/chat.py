@@ -72,6 +72,8 @@ def render_chat(llm, messages: list[dict], tools: list[dict] | None = None, add_
     messages, images = extract_images(messages) if processor is not None else (messages, [])
     if images and not llm.tokenizer.chat_template:  # the fallback templates know text content only
         messages = flatten(messages, processor.image_placeholder)
+    elif llm.engine.processor is None:  # a text model's template may know string content only
+        messages = join_text_parts(messages)
     text = llm.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                     **(template_kwargs or {}))
     prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
@@ -79,6 +81,19 @@ def render_chat(llm, messages: list[dict], tools: list[dict] | None = None, add_
         return prompt_ids, None
     multimodal = processor.process(prompt_ids, images)
     return multimodal.token_ids, multimodal
+
+
+def join_text_parts(messages: list[dict]) -> list[dict]:
+    """Content given as text parts only (`[{"type": "text", "text": ...}, ...]`, as many OpenAI
+    clients send it) joined into one string; other content is left to the template."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                             and isinstance(part.get("text"), str) for part in content):
+            message = {**message, "content": "".join(part["text"] for part in content)}
+        out.append(message)
+    return out
 
 
 def has_images(messages: list[dict]) -> bool:
