@@ -309,3 +309,4 @@ def test_text_parts_reach_a_string_only_template(tiny_model):
              {"role": "user", "content": [{"type": "text", "text": "The quick "}, {"type": "text", "text": "fox"}]}]
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick fox"}]
     assert render_chat(llm, parts) == render_chat(llm, plain) == (llm.apply_chat_template(plain), None)
+    assert llm.chat_prompt(parts) == llm.apply_chat_template(plain)  # the Python API too

@@ -8,7 +8,7 @@ from levante.engine.sampling_params import SamplingParams
 from levante.engine.structured import StructuredOutput
 from levante.errors import InvalidRequest
 from levante.multimodal.inputs import MultiModalPrompt
-from levante.multimodal.messages import extract_images, flatten
+from levante.multimodal.messages import extract_images, flatten, join_text_parts
 from levante.serve.protocol import ChatCompletionRequest, Grammar, NamedToolChoice, ResponseFormat
 from levante.serve.tool_parsers import messages_for_template, parser_for, tool_call_grammar
 
@@ -81,19 +81,6 @@ def render_chat(llm, messages: list[dict], tools: list[dict] | None = None, add_
         return prompt_ids, None
     multimodal = processor.process(prompt_ids, images)
     return multimodal.token_ids, multimodal
-
-
-def join_text_parts(messages: list[dict]) -> list[dict]:
-    """Content given as text parts only (`[{"type": "text", "text": ...}, ...]`, as many OpenAI
-    clients send it) joined into one string; other content is left to the template."""
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
-                                             and isinstance(part.get("text"), str) for part in content):
-            message = {**message, "content": "".join(part["text"] for part in content)}
-        out.append(message)
-    return out
 
 
 def has_images(messages: list[dict]) -> bool:
