@@ -17,7 +17,7 @@ from levante.errors import InvalidRequest
 from levante.loader.auto import is_embedding_model
 from levante.loader.chat_template import ChatTemplate
 from levante.multimodal.inputs import MultiModalPrompt
-from levante.multimodal.messages import extract_images, flatten, to_image
+from levante.multimodal.messages import extract_images, flatten, join_text_parts, to_image
 
 Prompt = str | list[int] | MultiModalPrompt
 
@@ -138,6 +138,8 @@ class LLM:
         """Token ids of the rendered conversation; with images, a `MultiModalPrompt`."""
         messages, images = extract_images(messages)
         if not images:
+            if self._require_engine().processor is None:  # a text model's template may know strings only
+                messages = join_text_parts(messages)
             return self.apply_chat_template(messages, tools, add_generation_prompt)
         processor = self._processor()
         if not self.tokenizer.chat_template:  # the fallback templates know text content only

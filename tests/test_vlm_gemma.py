@@ -478,3 +478,22 @@ def test_real_size_pixels_match_transformers(size):
         image, return_tensors="pt", do_pan_and_scan=True, pan_and_scan_min_crop_size=256,
         pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2)["pixel_values"]
     assert torch.equal(ours_, theirs_)
+
+
+def test_tokenize_counts_gemma_image_tokens(server, folder):
+    """/tokenize expands `<start_of_image>` (newlines re-encoded around it) as the engine does."""
+    import httpx
+    import openai
+
+    base, llm = server
+    images = [picture(48, 36, 8), picture(20, 50, 9)]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is in it?"}] + [
+        {"type": "image_url", "image_url": {"url": _data_url(image)}} for image in images]}]
+    tokenized = httpx.post(f"{base}/tokenize", json={"messages": messages}).json()
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    usage = client.chat.completions.create(model="tiny-vlm", max_tokens=1, messages=messages).usage
+    text = llm.chat_template.render([{"role": "user", "content": [{"type": "text", "text": "What is in it?"},
+                                                                  {"type": "image"}, {"type": "image"}]}],
+                                    add_generation_prompt=True)
+    expected = theirs(folder, text, images, False)["input_ids"][0].tolist()
+    assert tokenized["tokens"] == expected and tokenized["count"] == usage.prompt_tokens == len(expected)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from levante import LLM, SamplingParams
-from tiny_vlm_models import IMAGE, VISION_END, VISION_START, build, image_processor, load_reference, random_image
+from tiny_vlm_models import (IMAGE, VISION_END, VISION_START, build, image_processor, load_reference,
+                              random_image, reference_inputs)
 
 ARCHS = ["qwen2_5_vl", "qwen3_vl"]
 ATOL = 1e-4
@@ -47,21 +48,6 @@ def _prompts():
     return [(no_image, []), (one, images[:1]), (three, images)]
 
 
-def _reference_inputs(arch, ids, images):
-    """transformers' own preprocessing and placeholder expansion, independent of ours."""
-    if not images:
-        ids = torch.tensor([ids])
-        return {"input_ids": ids, "mm_token_type_ids": torch.zeros_like(ids, dtype=torch.int32)}
-    features = image_processor(arch)(images, return_tensors="pt")
-    counts = (features["image_grid_thw"].prod(-1) // 4).tolist()
-    expanded, it = [], iter(counts)
-    for token in ids:
-        expanded.extend([IMAGE] * next(it) if token == IMAGE else [token])
-    ids = torch.tensor([expanded])
-    return {"input_ids": ids, "mm_token_type_ids": (ids == IMAGE).int(),
-            "pixel_values": features["pixel_values"], "image_grid_thw": features["image_grid_thw"]}
-
-
 def _multimodal(llm, prompts):
     return [llm.engine.processor.process(ids, images) for ids, images in prompts]
 
@@ -88,7 +74,7 @@ def test_ragged_batch_logits_match_transformers(arch_folder, reference):
     outputs = llm.generate(_multimodal(llm, prompts),
                            SamplingParams(temperature=0, max_tokens=1, return_prompt_logits=True))
     for (ids, images), output in zip(prompts, outputs):
-        inputs = _reference_inputs(arch, ids, images)
+        inputs = reference_inputs(arch, ids, images)
         assert output.prompt_token_ids == inputs["input_ids"][0].tolist()
         with torch.no_grad():
             expected = reference(**inputs).logits[0]
@@ -102,7 +88,7 @@ def test_chunked_prefill_across_images_matches(arch_folder, reference):
     (output,) = llm.generate(_multimodal(llm, [(ids, images)]),
                              SamplingParams(temperature=0, max_tokens=1, return_prompt_logits=True))
     with torch.no_grad():
-        expected = reference(**_reference_inputs(arch, ids, images)).logits[0]
+        expected = reference(**reference_inputs(arch, ids, images)).logits[0]
     torch.testing.assert_close(output.metrics["prompt_logits"], expected, atol=ATOL, rtol=0)
 
 
@@ -112,7 +98,7 @@ def test_greedy_continuation_matches_transformers(arch_folder, reference):
     prompts = _prompts()
     outputs = llm.generate(_multimodal(llm, prompts), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     for (ids, images), output in zip(prompts, outputs):
-        inputs = _reference_inputs(arch, ids, images)
+        inputs = reference_inputs(arch, ids, images)
         with torch.no_grad():
             generated = reference.generate(**inputs, do_sample=False, max_new_tokens=12, min_new_tokens=12,
                                            pad_token_id=0)
@@ -148,7 +134,7 @@ def test_prefix_cache_tells_images_apart(arch_folder, reference):
         cached = output.num_cached_tokens
         assert cached <= 8  # at most the text before the image
         with torch.no_grad():
-            expected = reference(**_reference_inputs(arch, ids, [image])).logits[0]
+            expected = reference(**reference_inputs(arch, ids, [image])).logits[0]
         torch.testing.assert_close(output.metrics["prompt_logits"], expected[cached:], atol=ATOL, rtol=0)
     assert cached == 8  # the shared text before the image was reused
 

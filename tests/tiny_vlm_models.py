@@ -111,6 +111,21 @@ def load_reference(arch: str, folder: Path):
     return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
+def reference_inputs(arch, ids, images):
+    """transformers' own preprocessing and placeholder expansion, independent of ours."""
+    if not images:
+        ids = torch.tensor([ids])
+        return {"input_ids": ids, "mm_token_type_ids": torch.zeros_like(ids, dtype=torch.int32)}
+    features = image_processor(arch)(images, return_tensors="pt")
+    counts = (features["image_grid_thw"].prod(-1) // 4).tolist()
+    expanded, it = [], iter(counts)
+    for token in ids:
+        expanded.extend([IMAGE] * next(it) if token == IMAGE else [token])
+    ids = torch.tensor([expanded])
+    return {"input_ids": ids, "mm_token_type_ids": (ids == IMAGE).int(),
+            "pixel_values": features["pixel_values"], "image_grid_thw": features["image_grid_thw"]}
+
+
 def random_image(width: int, height: int, seed: int, mode: str = "RGB"):
     from PIL import Image
     import numpy as np

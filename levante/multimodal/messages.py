@@ -4,7 +4,8 @@ Content parts understood: `{"type": "text", "text": ...}`,
 `{"type": "image_url", "image_url": {"url": ...}}` (or `"image_url": "..."`), and
 `{"type": "image", "image": <PIL.Image | url | path>}`. Chat templates of vision models
 (Qwen-VL, Gemma 3) render an `image` part as the model's placeholder; for a template that
-cannot (plain text only), `flatten` writes the placeholder text inline instead.
+cannot (plain text only), `flatten` writes the placeholder text inline instead; for a text
+model, `join_text_parts` turns content that is text parts only into one string.
 """
 from __future__ import annotations
 
@@ -70,5 +71,18 @@ def flatten(messages: list[dict], placeholder: str) -> list[dict]:
             text = "".join(placeholder if isinstance(p, dict) and p.get("type") == "image"
                            else (p.get("text") or "") if isinstance(p, dict) else str(p) for p in content)
             message = {**message, "content": text}
+        out.append(message)
+    return out
+
+
+def join_text_parts(messages: list[dict]) -> list[dict]:
+    """Content given as text parts only (`[{"type": "text", "text": ...}, ...]`, as many OpenAI
+    clients send it) joined into one string; other content is left to the template."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                             and isinstance(part.get("text"), str) for part in content):
+            message = {**message, "content": "".join(part["text"] for part in content)}
         out.append(message)
     return out

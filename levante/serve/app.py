@@ -23,13 +23,12 @@ from levante.engine.outputs import RequestOutput
 from levante.engine.sampling_params import SamplingParams
 from levante.errors import InvalidRequest, LevanteError, ModelNotFound, ServiceUnavailable
 from levante.serve import openai_format as fmt
-from levante.serve.chat import ChatPlan, plan_chat
+from levante.serve.chat import ChatPlan, plan_chat, render_chat
 from levante.serve.embeddings import EmbeddingService, register_embeddings
 from levante.serve.metrics import Metrics
 from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest, error_body)
 from levante.serve.responses import register_responses
-from levante.serve.tool_parsers import messages_for_template
 from levante.serve.web_search import search_for_chat
 
 
@@ -175,9 +174,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         state.check(body.model)
-        if body.messages is not None:
+        if body.messages is not None:  # images expanded to their tokens, as the engine will run them
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            ids = state.llm.apply_chat_template(messages_for_template(messages), None, body.add_generation_prompt)
+            ids, _ = await asyncio.to_thread(render_chat, state.llm, messages, None, body.add_generation_prompt,
+                                             None, body.model)
         else:
             ids = state.llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.llm.engine.max_model_len}

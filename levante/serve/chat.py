@@ -8,7 +8,7 @@ from levante.engine.sampling_params import SamplingParams
 from levante.engine.structured import StructuredOutput
 from levante.errors import InvalidRequest
 from levante.multimodal.inputs import MultiModalPrompt
-from levante.multimodal.messages import extract_images, flatten
+from levante.multimodal.messages import extract_images, flatten, join_text_parts
 from levante.serve.protocol import ChatCompletionRequest, Grammar, NamedToolChoice, ResponseFormat
 from levante.serve.tool_parsers import messages_for_template, parser_for, tool_call_grammar
 
@@ -32,25 +32,11 @@ class ChatPlan:
 
 def plan_chat(llm, body: ChatCompletionRequest) -> ChatPlan:
     """Blocking (it may fetch and decode images): run it off the event loop."""
-    messages = messages_for_template([m.model_dump(exclude_none=True) for m in body.messages])
-    processor = None
-    if has_images(messages):
-        processor = llm.engine.processor
-        if processor is None:
-            name = body.model or llm.model_name
-            raise InvalidRequest(f"model '{name}' does not accept images (image_url content parts)")
-    messages, images = extract_images(messages) if processor is not None else (messages, [])
-    if images and not llm.tokenizer.chat_template:  # the fallback templates know text content only
-        messages = flatten(messages, processor.image_placeholder)
     tools = [t.function.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     use_tools = bool(tools) and body.tool_choice != "none"
     template_tools = [{"type": "function", "function": t} for t in tools] if use_tools else None
-    text = llm.chat_template.render(messages, tools=template_tools, add_generation_prompt=True,
-                                    **(body.chat_template_kwargs or {}))
-    prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
-    multimodal = processor.process(prompt_ids, images) if images else None
-    if multimodal is not None:
-        prompt_ids = multimodal.token_ids
+    prompt_ids, multimodal = render_chat(llm, [m.model_dump(exclude_none=True) for m in body.messages],
+                                         template_tools, True, body.chat_template_kwargs, body.model)
     engine = llm.engine
     top = body.top_logprobs or 0
     params = body.sampling_params(engine.model_config.vocab_size, body.output_limit,
@@ -69,6 +55,32 @@ def plan_chat(llm, body: ChatCompletionRequest) -> ChatPlan:
         params.structured = StructuredOutput("lark", grammar)
     return ChatPlan(prompt_ids, params, tools if use_tools else None, parser, body.logprobs, top,
                     multimodal=multimodal)
+
+
+def render_chat(llm, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                template_kwargs: dict | None = None, model: str | None = None
+                ) -> tuple[list[int], MultiModalPrompt | None]:
+    """The conversation's prompt ids as the engine runs them: with images, each placeholder expanded
+    to the image's tokens (and the `MultiModalPrompt` that carries the pixels). Blocking: it may fetch
+    and decode images."""
+    messages = messages_for_template(messages)
+    processor = None
+    if has_images(messages):
+        processor = llm.engine.processor
+        if processor is None:
+            raise InvalidRequest(f"model '{model or llm.model_name}' does not accept images (image_url content parts)")
+    messages, images = extract_images(messages) if processor is not None else (messages, [])
+    if images and not llm.tokenizer.chat_template:  # the fallback templates know text content only
+        messages = flatten(messages, processor.image_placeholder)
+    elif llm.engine.processor is None:  # a text model's template may know string content only
+        messages = join_text_parts(messages)
+    text = llm.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                    **(template_kwargs or {}))
+    prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    if not images:
+        return prompt_ids, None
+    multimodal = processor.process(prompt_ids, images)
+    return multimodal.token_ids, multimodal
 
 
 def has_images(messages: list[dict]) -> bool:

@@ -1,6 +1,7 @@
 """`/v1/responses`: OpenAI's Responses API, translated to and from a chat completion."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -44,15 +45,44 @@ class ResponsesRequest(BaseModel):
     truncation: Literal["disabled"] | None = None
 
 
-def _text_of(content) -> str:
-    if isinstance(content, str):
-        return content
+def _content(content) -> str | list[dict]:
+    """A message's content for the chat template: one string when it is all text, else chat content
+    parts (`input_image` becomes an `image_url` part, which plan_chat loads as chat does)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise InvalidRequest("input: a message's content must be a string or a list of content parts")
     parts = []
-    for part in content or []:
-        if part.get("type") not in ("input_text", "output_text", "text"):
-            raise InvalidRequest(f"input: content part type '{part.get('type')}' is not supported")
-        parts.append(part.get("text", ""))
-    return "".join(parts)
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text"):
+            parts.append({"type": "text", "text": part.get("text") or ""})
+        elif kind == "input_image":
+            parts.append(_image_part(part))
+        else:
+            raise InvalidRequest(f"input: content part type '{kind}' is not supported")
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts
+
+
+def _image_part(part: dict) -> dict:
+    """OpenAI's `{"type": "input_image", "image_url": ..., "detail": ...}` as a chat `image_url` part.
+    `image_url` is a data URL, an http(s) or file:// URL, or a local path; `file_id` needs a Files API."""
+    url = part.get("image_url")
+    if isinstance(url, dict):  # the chat completions shape, sent here by mistake: take it
+        url = url.get("url")
+    if not url:
+        if part.get("file_id"):
+            raise InvalidRequest("input: input_image 'file_id' is not supported (levante has no Files API); "
+                                 "give 'image_url' (a data URL, an http(s) URL or a file path)")
+        raise InvalidRequest("input: input_image needs an 'image_url'")
+    if not isinstance(url, str):
+        raise InvalidRequest("input: input_image 'image_url' must be a string")
+    image_url = {"url": url}
+    if part.get("detail"):
+        image_url["detail"] = part["detail"]
+    return {"type": "image_url", "image_url": image_url}
 
 
 def to_messages(body: ResponsesRequest) -> list[dict]:
@@ -62,7 +92,7 @@ def to_messages(body: ResponsesRequest) -> list[dict]:
     for item in body.input:
         kind = item.get("type", "message")
         if kind == "message":
-            messages.append({"role": item.get("role", "user"), "content": _text_of(item.get("content"))})
+            messages.append({"role": item.get("role", "user"), "content": _content(item.get("content"))})
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
@@ -134,9 +164,9 @@ def register_responses(app: FastAPI, state) -> None:
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest):
         state.check(body.model)
-        plan = plan_chat(state.llm, to_chat_request(body))
+        plan = await asyncio.to_thread(plan_chat, state.llm, to_chat_request(body))  # may fetch images
         rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
-        stream = state.generate(plan.prompt_ids, plan.params)
+        stream = state.generate(plan.prompt, plan.params)
         if body.stream:
             first = await anext(stream)
             return StreamingResponse(events(plan, body, rid, created, first, stream), media_type="text/event-stream")
