@@ -66,33 +66,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    llm = _load(args, warmup=False)
-    params = _sampling(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("levante chat: type a message, Ctrl+D to quit, /clear to start over.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print()
-            return 0
-        if line.strip() == "/clear":
-            messages = messages[:1] if args.system else []
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        printed, text = 0, ""
-        try:
-            for output in llm.stream(llm.apply_chat_template(messages), params):
-                text = output.outputs[0].text
-                sys.stdout.write(text[printed:])
-                sys.stdout.flush()
-                printed = len(text)
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        print()
-        messages.append({"role": "assistant", "content": text})
+    from levante.tui.main import run_chat
+
+    return run_chat(args)
 
 
 def cmd_models(args) -> int:
@@ -145,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     _sampling_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--url", default=None,
+                      help="chat with this OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) "
+                           "instead of loading a model here")
+    chat.add_argument("--api-key", default=None, help="API key for --url (default: env OPENAI_API_KEY)")
+    chat.add_argument("--mcp-config", default=None,
+                      help="MCP servers whose tools the model may call (default: env MCP_CONFIG_PATH)")
+    chat.add_argument("--resume", type=int, default=None, metavar="ID",
+                      help="resume a saved conversation (see /history)")
+    chat.set_defaults(model=None)  # local: the default model; --url: the server's first model
     chat.set_defaults(func=cmd_chat)
 
     models = sub.add_parser("models", help="list model aliases and whether each is installed")
