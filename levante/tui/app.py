@@ -83,13 +83,13 @@ class ChatApp(App):
 
     def update_status(self, state: str = "") -> None:
         s = self.session.settings
-        parts = [self.session.model, f"temperature {s.temperature}", f"top_p {s.top_p}",
-                 f"max_tokens {s.max_tokens}"]
-        if self.conversation_id is not None:
-            parts.append(f"conversation {self.conversation_id}")
+        parts = [state or self.last_stats]
         if self.pending_images:
             parts.append(f"{len(self.pending_images)} image(s) attached")
-        parts.append(state or self.last_stats)
+        if self.conversation_id is not None:
+            parts.append(f"conversation {self.conversation_id}")
+        parts += [f"temperature {s.temperature}", f"top_p {s.top_p}", f"max_tokens {s.max_tokens}",
+                  self.session.model]
         self.query_one("#status", Static).update(" · ".join(p for p in parts if p))
 
     async def notice(self, text: str, error: bool = False) -> Notice:
