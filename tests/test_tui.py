@@ -172,17 +172,35 @@ def test_tool_loop_bad_arguments_and_bounded_rounds():
         session.max_tool_rounds = 2
         endpoint.scripts = [[tool_call(0, "c1", "multiply", '{"a": 6,')],
                             [tool_call(0, "c2", "divide", '{"a": 1}')],
-                            [tool_call(0, "c3", "multiply", '{"a": 2, "b": 3}')]]
-        return tools, [e async for e in session.send("go")]
+                            [tool_call(0, "c3", "multiply", '{"a": 2, "b": 3}')],  # ignores tool_choice none
+                            [text("fine")]]
+        events = [e async for e in session.send("go")]
+        return tools, session, events, [e async for e in session.send("next")]
 
     with scripted_endpoint() as (base_url, endpoint):
-        tools, events = asyncio.run(run(base_url, endpoint))
+        tools, session, events, after = asyncio.run(run(base_url, endpoint))
     results = [e for e in events if isinstance(e, ToolResult)]
     assert results[0].is_error and "not valid JSON" in results[0].content
     assert results[1].is_error and "unknown tool divide" in results[1].content
-    assert results[2].content == "6" and not results[2].is_error
-    assert isinstance(events[-1], TurnError) and "2 rounds" in events[-1].message
-    assert len(endpoint.requests) == 3 and tools.calls == [("divide", {"a": 1}), ("multiply", {"a": 2, "b": 3})]
+    assert len(results) == 2 and tools.calls == [("divide", {"a": 1})]
+    assert isinstance(events[-1], TurnError) and "after 2 rounds" in events[-1].message
+    assert [r.get("tool_choice") for r in endpoint.requests[:3]] == [None, None, "none"]
+    # the unanswered call is not left in the history, so the next turn's request is valid
+    assert "tool_calls" not in endpoint.requests[3]["messages"][-2] and [type(e) for e in after][-1] is TurnEnd
+
+
+def test_tool_loop_repeated_call_asks_for_an_answer():
+    async def run(base_url, endpoint):
+        session = _session(base_url, tools=Calculator())
+        endpoint.scripts = [[tool_call(0, "c1", "multiply", '{"a": 2, "b": 3}')],
+                            [tool_call(0, "c2", "multiply", '{"a":2,"b":3}')],
+                            [text("6")]]
+        return [e async for e in session.send("2*3")]
+
+    with scripted_endpoint() as (base_url, endpoint):
+        events = asyncio.run(run(base_url, endpoint))
+    assert [r.get("tool_choice") for r in endpoint.requests] == [None, None, "none"]
+    assert isinstance(events[-1], TurnEnd) and sum(isinstance(e, ToolResult) for e in events) == 2
 
 
 def test_server_error_is_reported_and_the_turn_not_kept():
@@ -383,7 +401,7 @@ def test_pilot_local_engine_matches_llm_chat(store, tiny_model):
     from levante import LLM, SamplingParams
     from levante.tui.local import LocalServer
 
-    llm = LLM(str(tiny_model("llama")), dtype="float32", max_model_len=256, kv_cache_gb=0.05)
+    llm = LLM(str(tiny_model("llama")), dtype="float32", max_model_len=256, kv_cache_gb=0.05, warmup=False)
     question = [{"role": "user", "content": "hello there"}]
     expected = llm.chat(question, SamplingParams(temperature=0.0, max_tokens=12))[0].outputs[0].text
 

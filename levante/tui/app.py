@@ -3,8 +3,10 @@ saved after every turn in `ConversationStore` (store.py); this file is only the 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import json
+import logging
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -65,6 +67,9 @@ class ChatApp(App):
 
     async def on_mount(self) -> None:
         self.query_one("#prompt", Input).focus()
+        self.log_handler = _LogToLog()
+        logging.getLogger().addHandler(self.log_handler)  # warnings (a failed MCP server...) into the log view
+        self.set_interval(0.5, self._drain_log)
         if self.tools_host is not None:
             self.run_worker(self.tools_host.serve(), group="tools", exit_on_error=False)
         if self.conversation_id is not None:
@@ -72,6 +77,13 @@ class ChatApp(App):
         else:
             await self.notice(f"Chatting with {self.session.model}{self.server_label}. /help lists the commands.")
         self.update_status()
+
+    async def on_unmount(self) -> None:
+        logging.getLogger().removeHandler(self.log_handler)
+
+    async def _drain_log(self) -> None:
+        while self.log_handler.lines:
+            await self.notice(self.log_handler.lines.popleft(), error=True)
 
     @property
     def log_view(self) -> VerticalScroll:
@@ -336,6 +348,17 @@ class ChatApp(App):
         for server, reason in (getattr(tools, "failures", None) or {}).items():
             lines.append(f"  failed server {server}: {reason}")
         await self.notice("\n".join(lines))
+
+
+class _LogToLog(logging.Handler):
+    """Keeps warnings from any thread until the app shows them (the terminal is the app's)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: collections.deque[str] = collections.deque(maxlen=100)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname.lower()}: {record.getMessage()}")
 
 
 def _stats(end: TurnEnd) -> str:

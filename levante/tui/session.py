@@ -4,7 +4,9 @@
 model makes (run with the tool provider, its result sent back as a `tool` message), then the end
 of the turn. The provider is any object with `openai_tools() -> list[dict]` and
 `async call_tool(name, arguments: dict)` returning something with `.content` and `.is_error`
-(`levante.mcp.McpToolManager` is one). Rounds of tool calls are bounded by `max_tool_rounds`.
+(`levante.mcp.McpToolManager` is one). Rounds of tool calls are bounded: after `max_tool_rounds`,
+or once the model only repeats calls it already made this turn, the next request says
+`tool_choice: "none"` so that the model answers from the results it has.
 
 If the consumer stops listening (the task is cancelled: Ctrl+C), the partial answer is kept in
 `messages` and the HTTP stream is closed, which makes a levante server abort the request.
@@ -118,22 +120,32 @@ class ChatSession:
         start = len(self.messages)
         self.messages.append({"role": "user", "content": content})
         tools = self.tools.openai_tools() if self.tools is not None else []
-        for _ in range(self.max_tool_rounds + 1):
+        seen: set[tuple[str, str]] = set()
+        answer_now = False
+        for round_ in range(self.max_tool_rounds + 1):
+            # the last round, or a round after the model only repeated calls it had made: answer in text
+            last = round_ == self.max_tool_rounds or answer_now
             calls: list[dict] = []
-            async for event in self._complete(tools, calls):
+            async for event in self._complete(tools, calls, "none" if last and tools else None):
                 if isinstance(event, TurnError):  # the turn is not kept: the next one must not repeat the error
                     del self.messages[start:]
                 yield event
             if not calls:
                 return
+            if last:
+                break
+            keys = {(c["function"]["name"], _canonical(c["function"]["arguments"])) for c in calls}
+            answer_now, seen = keys <= seen, seen | keys
             for call in calls:
                 yield ToolCall(call["id"], call["function"]["name"], call["function"]["arguments"])
                 result = await self._run_tool(call)
                 yield result
                 self.messages.append({"role": "tool", "tool_call_id": call["id"], "content": result.content})
-        yield TurnError(f"stopped after {self.max_tool_rounds} rounds of tool calls")
+        self.messages[-1].pop("tool_calls", None)  # calls left unanswered would break the next request
+        yield TurnError(f"stopped: the model still called tools after {round_} rounds of tool calls")
 
-    async def _complete(self, tools: list[dict], calls: list[dict]) -> AsyncIterator[Event]:
+    async def _complete(self, tools: list[dict], calls: list[dict], tool_choice: str | None = None,
+                        ) -> AsyncIterator[Event]:
         """One streamed request; appends the assistant message (also when cancelled) and fills `calls`."""
         text: list[str] = []
         partial: dict[int, dict] = {}
@@ -141,7 +153,8 @@ class ChatSession:
         try:
             stream = await self.client.chat.completions.create(
                 model=self.model, messages=self.messages, stream=True, stream_options={"include_usage": True},
-                **({"tools": tools} if tools else {}), **self.settings.request_options())
+                **({"tools": tools} if tools else {}), **({"tool_choice": tool_choice} if tool_choice else {}),
+                **self.settings.request_options())
             async with stream:
                 async for chunk in stream:
                     if chunk.usage is not None:
@@ -199,6 +212,13 @@ class ChatSession:
         except Exception as e:  # a tool's failure is the model's to read, not a crash
             return ToolResult(call["id"], name, f"error: {type(e).__name__}: {e}", True)
         return ToolResult(call["id"], name, str(result.content), bool(result.is_error))
+
+
+def _canonical(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments), sort_keys=True)
+    except ValueError:
+        return arguments
 
 
 def api_error_message(error: openai.APIStatusError) -> str:
