@@ -422,3 +422,20 @@ def test_pilot_local_engine_matches_llm_chat(store, tiny_model):
             bad_key.models.list()
     assert messages == [*question, {"role": "assistant", "content": expected}]
     assert "tiny (owned by levante, max_model_len 256)" in notices[-1]
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """In-process `levante.cli.main` (tests/test_cli.py checks the subprocess road for other commands)."""
+    from levante.cli import main
+
+    monkeypatch.setenv("LEVANTE_DATA_DIR", str(tmp_path))
+    cases = [(["--url", "notaurl"], "--url must be an http(s) URL"),
+             (["--url", "http://127.0.0.1:1"], "cannot reach http://127.0.0.1:1/v1"),
+             (["--resume", "99"], "no conversation 99"),
+             (["--url", "http://127.0.0.1:1", "--mcp-config", str(tmp_path / "none.json")], "none.json")]
+    for args, needle in cases:
+        assert main(["chat", *args]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("levante: error: ") and needle in lines[0], lines

@@ -5,7 +5,7 @@ import os
 import sys
 from urllib.parse import urlparse
 
-from levante.errors import InvalidRequest, LevanteError, ServiceUnavailable
+from levante.errors import InvalidRequest, ServiceUnavailable
 
 
 def load_tools(path: str | None):
@@ -20,7 +20,9 @@ def load_tools(path: str | None):
 
     try:
         config = McpConfig.load(path)
-    except (McpConfigError, OSError) as e:
+    except McpConfigError:
+        raise
+    except OSError as e:
         raise InvalidRequest(f"MCP config {path}: {e}") from None
     return McpToolHost(McpToolManager(config))
 
@@ -84,8 +86,6 @@ def run_chat(args) -> int:
         session.set_system(args.system)
         app = ChatApp(session, store, conversation_id=args.resume, server_label=label, tools_host=tools)
         app.run()
-        if isinstance(app.return_value, LevanteError):
-            raise app.return_value
         return 0
     finally:
         if server is not None:
