@@ -55,6 +55,8 @@ class ChatApp(App):
         self.tools_host = tools_host  # an object with async serve() / close(), e.g. McpToolHost; or None
         self.pending_images: list[dict] = []
         self.turn = None  # the worker running the current turn
+        self.busy = False
+        self.turn_running = False
         self.last_stats = ""
 
     # --- layout --------------------------------------------------------------------------------
@@ -91,7 +93,8 @@ class ChatApp(App):
 
     @property
     def generating(self) -> bool:
-        return self.turn is not None and not self.turn.is_finished
+        """From sending until the turn's answer is shown and saved (stopped or not)."""
+        return self.busy
 
     def update_status(self, state: str = "") -> None:
         s = self.session.settings
@@ -127,11 +130,13 @@ class ChatApp(App):
     async def send(self, text: str) -> None:
         content = user_content(text, self.pending_images)
         self.pending_images = []
+        self.busy = True
         await self.log_view.mount(UserMessage(content))
         self.log_view.scroll_end(animate=False)
         self.turn = self.run_worker(self.run_turn(content), group="turn", exclusive=True, exit_on_error=False)
 
     async def run_turn(self, content) -> None:
+        self.turn_running = True  # from here on, a cancel runs the `finally` below
         self.update_status("answering… (Ctrl+C stops)")
         answer, stream, views, stopped = None, None, {}, False
         try:
@@ -159,13 +164,16 @@ class ChatApp(App):
             stopped = True
             raise
         finally:
-            if stream is not None:
-                await stream.stop()
-            if stopped:
-                self.last_stats = "stopped"
-                await self.notice("[stopped]")
-            self.save()
-            self.update_status()
+            try:
+                if stream is not None:
+                    await stream.stop()
+                if stopped:
+                    self.last_stats = "stopped"
+                    await self.notice("[stopped]")
+                self.save()
+                self.update_status()
+            finally:
+                self.busy = self.turn_running = False
 
     async def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR:  # a bug: say so in the log rather than die or go quiet
@@ -173,13 +181,15 @@ class ChatApp(App):
             await self.notice(f"internal error: {type(error).__name__}: {error}", error=True)
 
     def action_stop(self) -> None:
-        if self.generating:
+        if self.generating and self.turn_running and not self.turn.is_cancelled:
             self.turn.cancel()
+        elif self.generating:
+            self.notify("Starting the answer; press Ctrl+C again to stop it.")
         else:
             self.notify("Nothing to stop. Ctrl+Q or /quit quits.")
 
     async def action_quit(self) -> None:
-        if self.generating:
+        if self.generating and self.turn_running:
             self.turn.cancel()
             try:
                 await self.turn.wait()
@@ -330,7 +340,9 @@ class ChatApp(App):
                 lines.append(f"{mark} {card.id} (owned by {card.owned_by}{', ' + details if details else ''})")
         except Exception as e:  # the listing is informative only
             lines.append(f"(the server's model list is unavailable: {e})")
-        lines.append("settings: " + json.dumps(self.session.settings.request_options()))
+        settings = self.session.settings.request_options()
+        settings.update(settings.pop("extra_body", {}))
+        lines.append("settings: " + json.dumps(settings))
         if self.session.system:
             lines.append(f"system prompt: {self.session.system}")
         await self.notice("\n".join(lines))

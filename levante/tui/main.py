@@ -81,7 +81,7 @@ def run_chat(args) -> int:
             base_url, api_key, model, label = server.base_url, server.api_key, args.model, " (local engine)"
         client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
         settings = Settings(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                            seed=args.seed)
+                            seed=args.seed, extra={"top_k": args.top_k} if args.top_k else {})
         session = ChatSession(client, model, tools, settings)
         session.set_system(args.system)
         app = ChatApp(session, store, conversation_id=args.resume, server_label=label, tools_host=tools)

@@ -75,11 +75,13 @@ class Settings:
     top_p: float | None = 0.9
     max_tokens: int | None = 512
     seed: int | None = None
+    extra: dict = field(default_factory=dict)  # beyond OpenAI's fields (levante/vLLM: top_k, min_tokens, ...)
 
     def request_options(self) -> dict:
         options = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
                    "seed": self.seed}
-        return {k: v for k, v in options.items() if v is not None}
+        options = {k: v for k, v in options.items() if v is not None}
+        return {**options, "extra_body": self.extra} if self.extra else options
 
 
 @dataclass
