@@ -17,8 +17,6 @@ from levante.tui.widgets import AssistantMessage, Notice, ToolCallView
 from scripted_openai import scripted_endpoint, text, tool_call
 from test_tui import _answers, _notices, _type, _until
 
-pytestmark = pytest.mark.slow  # an MCP server takes seconds to start; the default model, more
-
 
 @pytest.fixture
 def mcp_config(tmp_path):
@@ -53,6 +51,9 @@ def test_scripted_model_calls_the_real_mcp_time_server(mcp_config, store):
         app = ChatApp(ChatSession(client, "scripted", host), store, tools_host=host)
         async with app.run_test() as pilot:
             await _until(pilot, lambda: host.started and host.openai_tools(), 60, "the MCP servers")
+            await _until(pilot, lambda: any(n.startswith("MCP: 2 tool(s) ready") for n in _notices(app)), 10,
+                         "the ready notice")
+            assert "failed: broken:" in [n for n in _notices(app) if n.startswith("MCP:")][0]
             await _type(pilot, "/tools")
             listing = _notices(app)[-1]
             assert "time_get_current_time" in listing and "time_convert_time" in listing
@@ -75,6 +76,7 @@ def test_scripted_model_calls_the_real_mcp_time_server(mcp_config, store):
     assert requests[1]["messages"][-1] == {"role": "tool", "tool_call_id": "call_t", "content": view.result}
 
 
+@pytest.mark.slow  # loads the default model and generates on CPU
 def test_default_model_calls_the_mcp_tool_itself(mcp_config, store):
     """The real road end to end: local levante server, default model, real MCP server, the app's pilot."""
     from levante import LLM

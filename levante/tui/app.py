@@ -73,12 +73,19 @@ class ChatApp(App):
         logging.getLogger().addHandler(self.log_handler)  # warnings (a failed MCP server...) into the log view
         self.set_interval(0.5, self._drain_log)
         if self.tools_host is not None:
+            self.tools_host.on_ready = self._tools_ready
             self.run_worker(self.tools_host.serve(), group="tools", exit_on_error=False)
         if self.conversation_id is not None:
             await self.load_conversation(self.conversation_id)
         else:
             await self.notice(f"Chatting with {self.session.model}{self.server_label}. /help lists the commands.")
         self.update_status()
+
+    async def _tools_ready(self) -> None:
+        host = self.tools_host
+        failures = "; ".join(f"{name}: {why}" for name, why in host.failures.items())
+        await self.notice(f"MCP: {len(host.openai_tools())} tool(s) ready (/tools lists them)"
+                          + (f"; failed: {failures}" if failures else ""), error=bool(failures))
 
     async def on_unmount(self) -> None:
         logging.getLogger().removeHandler(self.log_handler)

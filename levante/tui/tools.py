@@ -17,15 +17,20 @@ class McpToolHost:
         self.error: str | None = None
         self._stop: asyncio.Event | None = None
         self._done: asyncio.Event | None = None
+        self.on_ready = None  # called once the servers are up (or have failed)
 
     async def serve(self) -> None:
         self._stop, self._done = asyncio.Event(), asyncio.Event()
         try:
-            await self.manager.start()
-            self.started = True
-            await self._stop.wait()
-        except Exception as e:  # no tools then; /tools says why
-            self.error = f"{type(e).__name__}: {e}"
+            try:
+                await self.manager.start()
+                self.started = True
+            except Exception as e:  # no tools then; /tools says why
+                self.error = f"{type(e).__name__}: {e}"
+            if self.on_ready is not None:
+                await self.on_ready()
+            if self.started:
+                await self._stop.wait()
         finally:
             self.started = False
             try:
