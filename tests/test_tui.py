@@ -322,6 +322,11 @@ def test_pilot_history_resume_and_commands(store, tmp_path):
             assert '"temperature": 0.2' in _notices(app)[-1]
             await _type(pilot, "/bogus")
             assert "unknown command /bogus" in _notices(app)[-1]
+            prompt = app.query_one("#prompt")
+            await pilot.press("up", "up")
+            assert prompt.value == "/model"
+            await pilot.press("down", "down")
+            assert prompt.value == ""
             return app.conversation_id
 
     async def second(base_url, endpoint, conversation):

@@ -18,7 +18,7 @@ from levante.errors import LevanteError
 from levante.tui.session import (ChatSession, TextDelta, ToolCall, ToolResult, TurnEnd, TurnError, image_part,
                                  user_content)
 from levante.tui.store import ConversationStore
-from levante.tui.widgets import AssistantMessage, Notice, ToolCallView, UserMessage
+from levante.tui.widgets import AssistantMessage, Notice, PromptInput, ToolCallView, UserMessage
 
 HELP = """Commands:
   /system PROMPT     set the system prompt (/system alone clears it)
@@ -64,7 +64,7 @@ class ChatApp(App):
     def compose(self) -> ComposeResult:
         yield VerticalScroll(id="log")
         yield Static(id="status")
-        yield Input(placeholder="Message, or /help", id="prompt")
+        yield PromptInput(placeholder="Message, or /help", id="prompt")
         yield Footer()
 
     async def on_mount(self) -> None:
@@ -127,6 +127,8 @@ class ChatApp(App):
         event.input.value = ""
         if not text:
             return
+        if isinstance(event.input, PromptInput):
+            event.input.remember(text)
         if text.startswith("/"):
             await self.command(text)
         elif self.generating:

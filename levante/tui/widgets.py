@@ -4,8 +4,33 @@ from __future__ import annotations
 import json
 
 from rich.text import Text
+from textual.binding import Binding
 from textual.containers import Vertical
-from textual.widgets import Collapsible, Markdown, Static
+from textual.widgets import Collapsible, Input, Markdown, Static
+
+
+class PromptInput(Input):
+    """The message line; Up and Down walk through what was sent before."""
+
+    BINDINGS = [Binding("up", "history(-1)", "Previous", show=False),
+                Binding("down", "history(1)", "Next", show=False)]
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.history: list[str] = []
+        self._position = 0
+
+    def remember(self, text: str) -> None:
+        if text and (not self.history or self.history[-1] != text):
+            self.history.append(text)
+        self._position = len(self.history)
+
+    def action_history(self, step: int) -> None:
+        if not self.history:
+            return
+        self._position = max(0, min(len(self.history), self._position + step))
+        self.value = self.history[self._position] if self._position < len(self.history) else ""
+        self.cursor_position = len(self.value)
 
 
 class UserMessage(Static):
