@@ -401,7 +401,7 @@ def test_pilot_image_is_sent_as_a_data_url_and_errors_shown(store, tmp_path):
 
 # --- the real road: levante's server in-process with a tiny random model ---------------------------------
 
-def test_pilot_local_engine_matches_llm_chat(store, tiny_model):
+def test_pilot_local_engine_matches_llm_chat(store, tiny_model, tmp_path):
     """LocalServer + the app + a tiny random llama: the streamed answer equals `LLM.chat` at temperature 0."""
     from levante import LLM, SamplingParams
     from levante.tui.local import LocalServer
@@ -418,15 +418,28 @@ def test_pilot_local_engine_matches_llm_chat(store, tiny_model):
             await _type(pilot, "hello there")
             await _until(pilot, lambda: not app.generating, what="the answer")
             await _type(pilot, "/model")
-            return session.messages, _notices(app)
+            model_info = _notices(app)[-1]
+            # an image to this text-only model: the server's own error, shown as it is, the turn not kept
+            await _type(pilot, f"/image {image}")
+            await _type(pilot, "what is this?")
+            await _until(pilot, lambda: not app.generating, what="the error")
+            return session.messages, model_info, _notices(app)[-1]
 
+    image = tmp_path / "dot.png"
+    image.write_bytes(PNG)
     with LocalServer(llm, "tiny") as server:
-        messages, notices = asyncio.run(run(server))
+        messages, model_info, error = asyncio.run(run(server))
+        client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
+        with pytest.raises(openai.BadRequestError) as direct:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()}}]}])
         bad_key = openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad_key.models.list()
     assert messages == [*question, {"role": "assistant", "content": expected}]
-    assert "tiny (owned by levante, max_model_len 256)" in notices[-1]
+    assert "tiny (owned by levante, max_model_len 256)" in model_info
+    assert error == f"error: {direct.value.body['message']} (HTTP 400)"
 
 
 def test_pilot_ctrl_c_aborts_the_request_in_the_local_engine(store, tiny_model):
