@@ -203,6 +203,37 @@ def test_tool_loop_repeated_call_asks_for_an_answer():
     assert isinstance(events[-1], TurnEnd) and sum(isinstance(e, ToolResult) for e in events) == 2
 
 
+def test_stopping_during_a_tool_call_keeps_the_history_valid():
+    """Scripted endpoint asks for two tools; the first hangs and the turn is cancelled (Ctrl+C in the app)."""
+    class SlowTools(Calculator):
+        async def call_tool(self, name, arguments):
+            await asyncio.sleep(60)
+
+    async def run(base_url, endpoint):
+        session = _session(base_url, tools=SlowTools())
+        endpoint.scripts = [[tool_call(0, "c1", "multiply", '{"a": 1, "b": 2}'),
+                             tool_call(1, "c2", "multiply", '{"a": 3, "b": 4}')]]
+
+        async def consume():
+            async for _ in session.send("go"):
+                pass
+
+        task = asyncio.create_task(consume())
+        while len(session.messages) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return session.messages
+
+    with scripted_endpoint() as (base_url, endpoint):
+        messages = asyncio.run(run(base_url, endpoint))
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
+    assert [(m["tool_call_id"], m["content"]) for m in messages[2:]] == [("c1", "error: stopped by the user"),
+                                                                        ("c2", "error: stopped by the user")]
+
+
 def test_server_error_is_reported_and_the_turn_not_kept():
     async def run(base_url, endpoint):
         session = _session(base_url)

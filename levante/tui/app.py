@@ -30,7 +30,7 @@ HELP = """Commands:
   /new               start a new conversation (this one stays in /history)
   /history           saved conversations;  /load ID  resumes one
   /help  /quit
-Keys: Enter sends, Ctrl+C stops a generation, Ctrl+Q quits."""
+Keys: Enter sends, Up/Down recall what you sent, Ctrl+C stops a generation, Ctrl+Q quits."""
 
 
 class ChatApp(App):
@@ -178,6 +178,9 @@ class ChatApp(App):
                     await stream.stop()
                 if stopped:
                     self.last_stats = "stopped"
+                    for view in views.values():
+                        if view.result is None:
+                            view.set_result("error: stopped by the user", True)
                     await self.notice("[stopped]")
                 self.save()
                 self.update_status()

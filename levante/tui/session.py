@@ -138,11 +138,18 @@ class ChatSession:
                 break
             keys = {(c["function"]["name"], _canonical(c["function"]["arguments"])) for c in calls}
             answer_now, seen = keys <= seen, seen | keys
-            for call in calls:
-                yield ToolCall(call["id"], call["function"]["name"], call["function"]["arguments"])
-                result = await self._run_tool(call)
-                yield result
-                self.messages.append({"role": "tool", "tool_call_id": call["id"], "content": result.content})
+            answered = 0
+            try:
+                for call in calls:
+                    yield ToolCall(call["id"], call["function"]["name"], call["function"]["arguments"])
+                    result = await self._run_tool(call)
+                    self.messages.append({"role": "tool", "tool_call_id": call["id"], "content": result.content})
+                    answered += 1
+                    yield result
+            finally:  # stopped mid-call: every call still gets its answer, so the history stays valid
+                for call in calls[answered:]:
+                    self.messages.append({"role": "tool", "tool_call_id": call["id"],
+                                          "content": "error: stopped by the user"})
         self.messages[-1].pop("tool_calls", None)  # calls left unanswered would break the next request
         yield TurnError(f"stopped: the model still called tools after {round_} rounds of tool calls")
 
