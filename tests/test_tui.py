@@ -248,6 +248,18 @@ def test_server_error_is_reported_and_the_turn_not_kept():
     assert session.messages == []
 
 
+def test_unreachable_server_is_an_error_event():
+    from live_server import free_port
+
+    async def run():
+        session = _session(f"http://127.0.0.1:{free_port()}/v1")
+        return [e async for e in session.send("hi")], session.messages
+
+    events, messages = asyncio.run(run())
+    assert [type(e) for e in events] == [TurnError] and "cannot reach http://127.0.0.1:" in events[0].message
+    assert messages == []
+
+
 # --- the app, through Textual's pilot ----------------------------------------------------------------
 
 def test_pilot_streams_an_answer_and_saves_it(store):

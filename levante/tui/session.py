@@ -188,10 +188,12 @@ class ChatSession:
             done = True
         except openai.APIStatusError as e:
             yield TurnError(api_error_message(e))
-        except openai.APIConnectionError as e:
-            yield TurnError(f"cannot reach {self.client.base_url}: {e.__cause__ or e}")
         except openai.APITimeoutError:
             yield TurnError("the server did not answer in time")
+        except openai.APIConnectionError as e:
+            yield TurnError(f"cannot reach {self.client.base_url}: {e.__cause__ or e}")
+        except openai.APIError as e:  # e.g. an error event in the middle of the stream
+            yield TurnError(str(e.message if hasattr(e, "message") else e))
         finally:
             message: dict = {"role": "assistant", "content": "".join(text)}
             if done and partial:
