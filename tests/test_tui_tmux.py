@@ -70,6 +70,36 @@ def test_chat_in_tmux_remote_server(tmp_path, tiny_model):
             terminal.close()
 
 
+def test_ctrl_c_in_tmux_stops_the_answer(tmp_path):
+    """Scripted endpoint (holds its stream like a slow model): the terminal's Ctrl+C stops the answer, not the app."""
+    import threading
+
+    from scripted_openai import scripted_endpoint, text
+
+    never = threading.Event()
+    with scripted_endpoint() as (base_url, endpoint):
+        endpoint.scripts = [[text("The answer is long"), never], [text("second answer")]]
+        terminal = Terminal(tmp_path, ["--url", base_url, "--model", "scripted"])
+        try:
+            terminal.wait_for("Chatting with scripted.")
+            terminal.send("first", "Enter")
+            terminal.wait_for("The answer is long")
+            terminal.send("C-c")
+            terminal.wait_for("[stopped]", 30)
+            deadline = time.monotonic() + 10
+            while endpoint.disconnects != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert endpoint.disconnects == 1  # the stream was closed
+            terminal.send("second", "Enter")
+            terminal.wait_for("second answer", 30)
+            terminal.send("/quit", "Enter")
+            terminal.wait_for("LEVANTE-EXITED rc=0", 30)
+        finally:
+            never.set()
+            terminal.close()
+    assert endpoint.requests[1]["messages"][1] == {"role": "assistant", "content": "The answer is long"}
+
+
 def test_chat_in_tmux(tmp_path, tiny_model):
     """The local engine: type, see the answer and the status line, Ctrl+C with nothing to stop, /history, Ctrl+Q."""
     terminal = Terminal(tmp_path, ["-m", str(tiny_model("llama")), "--dtype", "float32", "--max-model-len", "256",
