@@ -424,6 +424,9 @@ def test_pilot_image_is_sent_as_a_data_url_and_errors_shown(store, tmp_path):
             assert "no image at" in _notices(app)[-1]
             await _type(pilot, f"/image {tmp_path / 'notes.txt'}")
             assert "does not look like an image" in _notices(app)[-1]
+            await _type(pilot, "/image https://example.com/cat.png")
+            assert app.pending_images[-1] == {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+            app.pending_images.clear()
             await _type(pilot, f"/image {tmp_path / 'dot.png'}")
             assert app.pending_images
             await _type(pilot, "what is in this picture?")

@@ -56,7 +56,7 @@ def run_chat(args) -> int:
     import openai
 
     from levante.tui.app import ChatApp
-    from levante.tui.session import ChatSession, Settings
+    from levante.tui.session import ChatSession, Settings, image_part
     from levante.tui.store import ConversationStore
 
     store = ConversationStore()
@@ -85,6 +85,7 @@ def run_chat(args) -> int:
         session = ChatSession(client, model, tools, settings)
         session.set_system(args.system)
         app = ChatApp(session, store, conversation_id=args.resume, server_label=label, tools_host=tools)
+        app.pending_images = [image_part(p) for p in getattr(args, "image", None) or []]  # `--image`, if offered
         app.run()
         return 0
     finally:

@@ -243,7 +243,9 @@ def api_error_message(error: openai.APIStatusError) -> str:
 
 
 def image_part(path: str | Path) -> dict:
-    """An OpenAI `image_url` content part carrying the file as a data URL."""
+    """An OpenAI `image_url` content part: a local file as a data URL; http(s) and data URLs as they are."""
+    if str(path).startswith(("http://", "https://", "data:")):
+        return {"type": "image_url", "image_url": {"url": str(path)}}
     path = Path(path).expanduser()
     if not path.is_file():
         raise InvalidRequest(f"no image at {path}")
