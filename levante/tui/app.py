@@ -25,7 +25,7 @@ HELP = """Commands:
   /temperature X     sampling temperature (also /top_p X, /max_tokens N, /seed N)
   /model             the model and the settings in use
   /tools             MCP tools offered to the model, and servers that failed
-  /image PATH        attach an image to the next message
+  /image PATH|URL    attach an image to the next message
   /clear             forget this conversation's messages
   /new               start a new conversation (this one stays in /history)
   /history           saved conversations;  /load ID  resumes one
