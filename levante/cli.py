@@ -83,49 +83,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    llm = _load(args, warmup=False)
-    params = _sampling(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    images = list(args.image or [])  # attached to the next message
-    print("levante chat: type a message, Ctrl+D to quit, /clear to start over, /image PATH to attach an image.",
-          file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print()
-            return 0
-        if line.strip() == "/clear":
-            messages = messages[:1] if args.system else []
-            continue
-        if line.strip().startswith("/image"):
-            path = line.strip()[len("/image"):].strip()
-            if path:
-                images.append(path)
-                print(f"[image attached to the next message: {path}]", file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": _with_images(line, images)})
-        printed, text = 0, ""
-        try:
-            prompt = llm.chat_prompt(messages)
-        except LevanteError as e:  # a bad image: say so, drop the message, keep chatting
-            print(f"levante: error: {e}", file=sys.stderr)
-            messages.pop()
-            images = []
-            continue
-        images = []
-        try:
-            for output in llm.stream(prompt, params):
-                text = output.outputs[0].text
-                sys.stdout.write(text[printed:])
-                sys.stdout.flush()
-                printed = len(text)
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        print()
-        messages.append({"role": "assistant", "content": text})
+    from levante.tui.main import run_chat
+
+    return run_chat(args)
 
 
 def cmd_models(args) -> int:
@@ -182,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--image", action="append", default=[], metavar="PATH",
                       help="an image (path or URL) sent with the first message; repeatable (or /image PATH)")
+    chat.add_argument("--url", default=None,
+                      help="chat with this OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) "
+                           "instead of loading a model here")
+    chat.add_argument("--api-key", default=None, help="API key for --url (default: env OPENAI_API_KEY)")
+    chat.add_argument("--mcp-config", default=None,
+                      help="MCP servers whose tools the model may call (default: env MCP_CONFIG_PATH)")
+    chat.add_argument("--resume", type=int, default=None, metavar="ID",
+                      help="resume a saved conversation (see /history)")
+    chat.set_defaults(model=None)  # local: the default model; --url: the server's first model
     chat.set_defaults(func=cmd_chat)
 
     models = sub.add_parser("models", help="list model aliases and whether each is installed")

@@ -1,0 +1,123 @@
+"""Smoke test of `levante chat` in a real terminal: tmux runs it, we type, read the screen, quit."""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from levante.tui.store import ConversationStore
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Terminal:
+    """`levante chat ARGS` in a detached tmux session on a private socket."""
+
+    def __init__(self, tmp_path, args: list[str]):
+        self.tmux = ["tmux", "-L", f"levante-test-{os.getpid()}"]
+        env = {"PYTHONPATH": str(REPO), "LEVANTE_DATA_DIR": str(tmp_path / "data"), "TERM": "xterm-256color"}
+        command = [sys.executable, "-m", "levante", "chat", *args]
+        shell = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(command)
+        shell = f"cd {shlex.quote(str(REPO))} && {shell}; echo LEVANTE-EXITED rc=$?; sleep 60"
+        subprocess.run([*self.tmux, "new-session", "-d", "-s", "chat", "-x", "200", "-y", "50", shell], check=True)
+
+    def screen(self) -> str:
+        return subprocess.run([*self.tmux, "capture-pane", "-p", "-t", "chat"], capture_output=True, text=True).stdout
+
+    def send(self, *keys: str) -> None:
+        subprocess.run([*self.tmux, "send-keys", "-t", "chat", *keys], check=True)
+
+    def wait_for(self, needle: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.screen()
+            if needle in text:
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"'{needle}' never appeared; the screen:\n{text}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True)
+
+
+def test_chat_in_tmux_remote_server(tmp_path, tiny_model):
+    """--url/--api-key against levante's server (in this process); no --model: the server's first model."""
+    from levante import LLM
+    from levante.tui.local import LocalServer
+
+    llm = LLM(str(tiny_model("llama")), dtype="float32", max_model_len=256, kv_cache_gb=0.05, warmup=False)
+    with LocalServer(llm, "tiny-remote") as server:
+        terminal = Terminal(tmp_path, ["--url", server.base_url, "--api-key", server.api_key, "--max-tokens", "8"])
+        try:
+            terminal.wait_for("Chatting with tiny-remote.")
+            terminal.send("/model", "Enter")
+            terminal.wait_for("tiny-remote (owned by levante, max_model_len 256)")
+            terminal.send("hi", "Enter")
+            terminal.wait_for("tok/s")
+            terminal.send("/quit", "Enter")
+            terminal.wait_for("LEVANTE-EXITED rc=0", 30)
+        finally:
+            terminal.close()
+
+
+def test_ctrl_c_in_tmux_stops_the_answer(tmp_path):
+    """Scripted endpoint (holds its stream like a slow model): the terminal's Ctrl+C stops the answer, not the app."""
+    import threading
+
+    from scripted_openai import scripted_endpoint, text
+
+    never = threading.Event()
+    with scripted_endpoint() as (base_url, endpoint):
+        endpoint.scripts = [[text("The answer is long"), never], [text("second answer")]]
+        terminal = Terminal(tmp_path, ["--url", base_url, "--model", "scripted"])
+        try:
+            terminal.wait_for("Chatting with scripted.")
+            terminal.send("first", "Enter")
+            terminal.wait_for("The answer is long")
+            terminal.send("C-c")
+            terminal.wait_for("[stopped]", 30)
+            deadline = time.monotonic() + 10
+            while endpoint.disconnects != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert endpoint.disconnects == 1  # the stream was closed
+            terminal.send("second", "Enter")
+            terminal.wait_for("second answer", 30)
+            terminal.send("/quit", "Enter")
+            terminal.wait_for("LEVANTE-EXITED rc=0", 30)
+        finally:
+            never.set()
+            terminal.close()
+    assert endpoint.requests[1]["messages"][1] == {"role": "assistant", "content": "The answer is long"}
+
+
+def test_chat_in_tmux(tmp_path, tiny_model):
+    """The local engine: type, see the answer and the status line, Ctrl+C with nothing to stop, /history, Ctrl+Q."""
+    terminal = Terminal(tmp_path, ["-m", str(tiny_model("llama")), "--dtype", "float32", "--max-model-len", "256",
+                                   "--kv-cache-gb", "0.05", "--max-tokens", "16", "--temperature", "0"])
+    try:
+        terminal.wait_for("/help lists the commands")
+        terminal.send("hello from tmux", "Enter")
+        text = terminal.wait_for("tok/s")  # the status line after the answer: N tokens, N tok/s
+        assert "hello from tmux" in text and "conversation 1" in text
+        terminal.send("C-c")  # nothing to stop: the app stays
+        terminal.send("/history", "Enter")
+        terminal.wait_for("Saved conversations")
+        terminal.send("C-q")
+        terminal.wait_for("LEVANTE-EXITED rc=0", 30)
+    finally:
+        terminal.close()
+    store = ConversationStore(tmp_path / "data" / "chats.sqlite3")
+    (conversation,) = store.list()
+    messages = store.load(conversation.id)
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "hello from tmux"
+    store.close()
