@@ -83,9 +83,58 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    if not sys.stdin.isatty() and not (args.url or args.mcp_config or args.resume is not None):
+        return _line_chat(args)  # piped input to the local engine: one message per line, scriptable
     from levante.tui.main import run_chat
 
     return run_chat(args)
+
+
+def _line_chat(args) -> int:
+    """`levante chat` with stdin not a terminal: one message per line, answers streamed to stdout."""
+    llm = _load(args, warmup=False)
+    params = _sampling(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    images = list(args.image or [])  # attached to the next message
+    print("levante chat: type a message, Ctrl+D to quit, /clear to start over, /image PATH to attach an image.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() == "/clear":
+            messages = messages[:1] if args.system else []
+            continue
+        if line.strip().startswith("/image"):
+            path = line.strip()[len("/image"):].strip()
+            if path:
+                images.append(path)
+                print(f"[image attached to the next message: {path}]", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": _with_images(line, images)})
+        printed, text = 0, ""
+        try:
+            prompt = llm.chat_prompt(messages)
+        except LevanteError as e:  # a bad image: say so, drop the message, keep chatting
+            print(f"levante: error: {e}", file=sys.stderr)
+            messages.pop()
+            images = []
+            continue
+        images = []
+        try:
+            for output in llm.stream(prompt, params):
+                text = output.outputs[0].text
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        print()
+        messages.append({"role": "assistant", "content": text})
 
 
 def cmd_models(args) -> int:
