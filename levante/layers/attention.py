@@ -36,6 +36,19 @@ class AttentionMetadata:
     logits_indices: torch.Tensor | None = None  # hidden-state rows that need logits
     causal: bool = True
     _masks: dict = field(default_factory=dict, repr=False)
+    _copies: dict = field(default_factory=dict, repr=False)
+
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        """This step's metadata on `device` (layers mapped to several devices), copied once per step."""
+        if self.slot_mapping.device == device:
+            return self
+        if device not in self._copies:
+            move = lambda t: None if t is None else t.to(device)  # noqa: E731
+            self._copies[device] = AttentionMetadata(
+                move(self.slot_mapping), move(self.key_slots), move(self.query_positions), move(self.kv_lens),
+                move(self.query_index), move(self.output_index), self.max_position,
+                move(self.logits_indices), self.causal)
+        return self._copies[device]
 
     @property
     def batch_size(self) -> int:
@@ -94,7 +107,7 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
-        md = get_attention_metadata()
+        md = get_attention_metadata().to(q.device)
         keys, values = (t.transpose(1, 2) for t in self._context(k, v, md))  # [batch, kv_heads, max_kv, head_dim]
         queries = self._pad_queries(q, md).transpose(1, 2)  # [batch, heads, max_q, head_dim]
         if self.num_kv_heads != self.num_heads:
