@@ -16,7 +16,9 @@ from levante.quant.packed import resolve_mode
 
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
     """Clear errors for a model that cannot be split `tp` ways (before any process starts)."""
-    if tp <= 1:
+    if tp < 1:
+        raise ModelLoadError(f"--tensor-parallel-size must be at least 1, got {tp}")
+    if tp == 1:
         return
     problems = []
     if config.num_heads % tp:

@@ -66,7 +66,7 @@ class Engine:
         self.model_config = self.source.config
         self.tokenizer = self.source.tokenizer()
         self.tensor_parallel = None  # engine/tp.py: the worker ranks, under --tensor-parallel-size
-        if config.tensor_parallel_size > 1:
+        if config.tensor_parallel_size != 1:
             self.tensor_parallel, self.device = tp.start_rank0(model, self.model_config, config, self.device,
                                                                self.dtype)
         self.model = tp.load_model_all_ranks(
