@@ -74,3 +74,36 @@ def test_tp2_quantized_int4_matches_tp1(tiny_model):
     vocabulary-split) embedding and head. int4 groups run along the input dimension in 32s,
     which the row-parallel split keeps whole, so both sides quantize identically."""
     _compare(tiny_model("qwen2"), quantization="int4")
+
+
+_TORCHRUN_SCRIPT = """
+import sys
+from levante import LLM, SamplingParams
+llm = LLM(sys.argv[1], dtype="float32", kv_cache_gb=0.01, tensor_parallel_size=2)
+out = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+print("TOKENS", out[0].outputs[0].token_ids, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_follow_rank_0(tiny_model, tmp_path):
+    """Under torchrun the same script runs on every rank: rank 0 generates, rank 1 serves its steps."""
+    import os
+    import subprocess
+    import sys
+
+    from levante.distributed.parallel_state import free_port
+
+    folder = str(tiny_model("qwen2"))
+    script = tmp_path / "generate.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), str(script), folder],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("TOKENS")]
+    assert len(lines) == 1  # only rank 0 gets past LLM(): rank 1 leaves when rank 0 is done
+    expected = LLM(folder, dtype="float32", kv_cache_gb=0.01).generate(
+        [[5, 6, 7, 8, 9]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert lines[0] == f"TOKENS {expected[0].outputs[0].token_ids}"

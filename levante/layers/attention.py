@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +43,9 @@ class AttentionMetadata:
         if self.slot_mapping.device == device:
             return self
         if device not in self._copies:
-            move = lambda t: None if t is None else t.to(device)  # noqa: E731
+            values = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
             self._copies[device] = AttentionMetadata(
-                move(self.slot_mapping), move(self.key_slots), move(self.query_positions), move(self.kv_lens),
-                move(self.query_index), move(self.output_index), self.max_position,
-                move(self.logits_indices), self.causal)
+                **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
         return self._copies[device]
 
     @property
