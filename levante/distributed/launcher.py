@@ -14,6 +14,7 @@ also watches its parent process id (LEVANTE_TP_PARENT).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -53,6 +54,9 @@ def exit_with_parent(interval: float = 1.0) -> None:
     parent = os.environ.get(PARENT_ENV)
     if not parent:
         return
+    # Ctrl+C in a terminal reaches the whole process group; `levante chat` uses it to stop one
+    # answer, so a spawned worker leaves it to rank 0 and ends only with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch():
         while True:
