@@ -28,9 +28,12 @@ def _run(llm):
 
 
 def _compare(folder, **options):
-    ref_logits, ref_tokens = _run(LLM(str(folder), **OPTIONS, **options))
     with LLM(str(folder), **OPTIONS, **options, tensor_parallel_size=2) as llm:
         assert llm.engine.model.model.layers[0].self_attn.num_heads == 2  # half of the 4 heads
+        # A single-rank engine built and run while this process holds the group stays whole.
+        reference = LLM(str(folder), **OPTIONS, **options)
+        assert reference.engine.model.model.layers[0].self_attn.num_heads == 4
+        ref_logits, ref_tokens = _run(reference)
         logits, tokens = _run(llm)
         procs = llm.engine.tensor_parallel.procs
     assert all(p.poll() is not None for p in procs), "workers outlive close()"

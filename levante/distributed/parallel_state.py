@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -32,13 +34,38 @@ class _Group:
 
 
 _group: _Group | None = None
+# Layers read the split when they are built, and only inside `building()`: a single-rank model
+# built in this process (an embedding model, a TP1 reference) stays whole while a group exists.
+_local = threading.local()
+
+
+@contextmanager
+def building():
+    previous, _local.active = getattr(_local, "active", False), True
+    try:
+        yield
+    finally:
+        _local.active = previous
+
+
+def _active() -> bool:
+    return _group is not None and getattr(_local, "active", False)
 
 
 def world_size() -> int:
-    return _group.world_size if _group else 1
+    return _group.world_size if _active() else 1
 
 
 def rank() -> int:
+    return _group.rank if _active() else 0
+
+
+def group_size() -> int:
+    """The size of this process's group, whatever is being built (1 without a group)."""
+    return _group.world_size if _group else 1
+
+
+def group_rank() -> int:
     return _group.rank if _group else 0
 
 

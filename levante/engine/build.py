@@ -2,11 +2,13 @@
 start-up that rank 0 and tensor-parallel workers share."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from levante.config import EngineConfig, ModelConfig
-from levante.distributed import tp_size
+from levante.distributed import parallel_state
 from levante.distributed.topology import Topology
 from levante.errors import InvalidTopology, ModelLoadError
 from levante.loader.memory import return_free_memory
@@ -39,10 +41,12 @@ def load_model(source, config: EngineConfig, dtype: torch.dtype, device: torch.d
     `progress_weights(source, quantized)` may wrap the weight iterator (a progress bar)."""
     quantization = resolve_mode(config.quantization, source.format)
     topology = Topology.from_file(config.topology) if config.topology else None
-    if tp_size() > 1 and (config.device_map or (topology is not None and topology.sets_devices)):
+    tp = config.tensor_parallel_size > 1
+    if tp and (config.device_map or (topology is not None and topology.sets_devices)):
         raise InvalidTopology("tensor parallelism and per-layer device mapping cannot be combined: "
                               "use one or the other")
-    model = build_model(source.config, dtype, device)
+    with parallel_state.building() if tp else contextlib.nullcontext():
+        model = build_model(source.config, dtype, device)
     overrides = None
     if config.device_map or topology is not None:
         from levante.engine.placement import place

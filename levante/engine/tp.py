@@ -120,8 +120,8 @@ def report_loaded(error: BaseException | None) -> None:
     """Every rank says whether it loaded its shard; any failure is raised on all ranks."""
     message = None if error is None else (str(error) if isinstance(error, LevanteError)
                                           else f"{type(error).__name__}: {error}")
-    statuses = [None] * parallel_state.world_size()
-    dist.all_gather_object(statuses, (parallel_state.rank(), message), group=parallel_state.cpu_group())
+    statuses = [None] * parallel_state.group_size()
+    dist.all_gather_object(statuses, (parallel_state.group_rank(), message), group=parallel_state.cpu_group())
     if error is not None:
         raise error
     for rank, msg in statuses:

@@ -91,4 +91,6 @@ class ParallelLMHead(VocabParallelEmbedding):
                 logits = F.pad(logits, (0, self.shard_size - logits.size(-1)))
         else:
             logits = F.linear(hidden, self.weight).float()
-        return all_gather(logits, dim=-1)[..., : self.vocab_size]
+        if self.tp_size > 1:
+            logits = all_gather(logits, dim=-1)
+        return logits[..., : self.vocab_size]

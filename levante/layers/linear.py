@@ -153,4 +153,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        return all_reduce(self._matmul(x, bias))
+        out = self._matmul(x, bias)
+        # The split is fixed when the layer is built: a single-rank model never communicates,
+        # even while another engine of this process holds a tensor-parallel group.
+        return all_reduce(out) if self.tp_size > 1 else out
