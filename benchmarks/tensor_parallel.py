@@ -63,21 +63,25 @@ def main() -> None:
 
         threads = torch.get_num_threads()
         options = dict(dtype="float32", kv_cache_gb=0.25, enable_prefix_caching=False)
-        engines = {1: LLM(folder, **options), 2: LLM(folder, **options, tensor_parallel_size=2)}
-        results = {tp: ([], []) for tp in engines}
+        tp1, tp2 = LLM(folder, **options), LLM(folder, **options, tensor_parallel_size=2)
+        half = max(1, threads // 2)
+        # Threads are per process: TP2's rank 0 has half of them (its worker the other half).
+        # TP1 runs with all of them, and with half (what one TP2 rank has).
+        setups = {f"TP1, {threads} threads": (tp1, threads), f"TP1, {half} thread(s)": (tp1, half),
+                  f"TP2, {half} thread(s) per rank": (tp2, half)}
+        results = {label: ([], []) for label in setups}
         for run in range(args.runs):
-            for tp, llm in engines.items():
-                # Threads are per process: TP1 gets them all, TP2's rank 0 its half (the worker has the other).
-                torch.set_num_threads(threads if tp == 1 else max(1, threads // 2))
+            for label, (llm, n) in setups.items():
+                torch.set_num_threads(n)
                 prefill, decode = _measure(llm, args.prompt_tokens, args.gen_tokens, run)
-                results[tp][0].append(prefill)
-                results[tp][1].append(decode)
-        engines[2].close()
-    print(f"{threads} threads in all; prefill {args.prompt_tokens} tokens, decode {args.gen_tokens} tokens; median of {args.runs} "
+                results[label][0].append(prefill)
+                results[label][1].append(decode)
+        tp2.close()
+    print(f"prefill {args.prompt_tokens} tokens, decode {args.gen_tokens} tokens; median (min) of {args.runs} "
           "interleaved runs")
-    for tp, (prefill, decode) in results.items():
-        print(f"TP{tp}: prefill {statistics.median(prefill) * 1000:8.1f} ms   "
-              f"decode {statistics.median(decode) * 1000:7.1f} ms/token")
+    for label, (prefill, decode) in results.items():
+        print(f"{label:28} prefill {statistics.median(prefill) * 1000:7.0f} ms ({min(prefill) * 1000:5.0f})   "
+              f"decode {statistics.median(decode) * 1000:6.1f} ms/token ({min(decode) * 1000:5.1f})")
 
 
 if __name__ == "__main__":
