@@ -20,8 +20,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-# A worker waits for the next step for as long as the server idles.
+# A worker waits for the next step header (CPU group) for as long as the server idles; the
+# rendezvous and the collectives inside a step (default group) fail after STEP_TIMEOUT, so a
+# rank that never arrives (a worker that died at start) is an error, not a hang.
 IDLE_TIMEOUT = timedelta(days=365)
+STEP_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass
@@ -30,7 +33,7 @@ class _Group:
     world_size: int
     backend: str
     device: torch.device
-    cpu_group: object  # gloo group for step headers
+    cpu_group: object  # gloo group for step headers and start-up messages
 
 
 _group: _Group | None = None
@@ -123,8 +126,8 @@ def init(rank: int, world_size: int, device: torch.device, master_addr: str | No
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=IDLE_TIMEOUT)
-    cpu = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if backend != "gloo" else None
+                                timeout=STEP_TIMEOUT)
+    cpu = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     _group = _Group(rank, world_size, backend, device, cpu)
 
 

@@ -91,7 +91,12 @@ def start_rank0(model: str, model_config, config: EngineConfig, device: torch.de
         port = parallel_state.free_port()
         procs = launcher.spawn_workers("levante.engine.tp_worker", tp, port, [str(device)])
         device = parallel_state.local_device(str(device), 0)
-        parallel_state.init(0, tp, device, "127.0.0.1", port)
+        try:
+            parallel_state.init(0, tp, device, "127.0.0.1", port)
+        except Exception as e:  # a worker that never joined (it died at start): say so, once
+            launcher.join_workers(procs, timeout=1.0)
+            codes = [p.returncode for p in procs]
+            raise ModelLoadError(f"tensor-parallel workers did not join (exit codes {codes}): {e}") from None
     dist.broadcast_object_list([model, config], src=0, group=parallel_state.cpu_group())
     return TensorParallel(procs, threads), device
 
@@ -110,9 +115,12 @@ def load_model_all_ranks(source, config: EngineConfig, dtype: torch.dtype, devic
         error = e
     try:
         report_loaded(error)
-    except BaseException:
+    except LevanteError:
         group.close(notify=False)
         raise
+    except Exception as e:  # a rank vanished during start-up
+        group.close(notify=False)
+        raise ModelLoadError(f"a tensor-parallel rank failed during start-up: {e}") from None
     return model
 
 
