@@ -110,3 +110,58 @@ def test_torchrun_ranks_follow_rank_0(tiny_model, tmp_path):
     expected = LLM(folder, dtype="float32", kv_cache_gb=0.01).generate(
         [[5, 6, 7, 8, 9]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert lines[0] == f"TOKENS {expected[0].outputs[0].token_ids}"
+
+
+_HOLD_SCRIPT = """
+import sys, time
+from levante import LLM
+llm = LLM(sys.argv[1], dtype="float32", kv_cache_gb=0.01, tensor_parallel_size=2)
+print("ready", flush=True)
+time.sleep(300)
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow
+def test_idle_worker_sleeps_and_dies_with_rank_0(tiny_model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "hold.py"
+    script.write_text(_HOLD_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    rank0 = subprocess.Popen([sys.executable, str(script), str(tiny_model("qwen2"))], stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        assert rank0.stdout.readline().strip() == "ready"
+        children = open(f"/proc/{rank0.pid}/task/{rank0.pid}/children").read().split()
+        assert len(children) == 1
+        worker = int(children[0])
+        before = _cpu_seconds(worker)
+        time.sleep(2)
+        assert _cpu_seconds(worker) - before < 0.2  # waiting for a step costs no CPU
+    finally:
+        rank0.send_signal(signal.SIGKILL)
+        rank0.wait()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+        try:
+            os.waitpid(worker, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        state = open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()[0] \
+            if os.path.exists(f"/proc/{worker}") else "gone"
+        if state in ("Z", "gone"):
+            break
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{worker}") or \
+        open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
