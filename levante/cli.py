@@ -25,6 +25,13 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "none", "int8", "int4"],
                         help="weights in memory: auto keeps GGUF quantised (packed int8/int4), none dequantises "
                              "to --dtype, int8/int4 quantise any model in situ (default: auto)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="split every layer across N ranks (worker processes on this host, or torchrun's "
+                             "ranks across hosts); NCCL on CUDA, gloo on CPU")
+    parser.add_argument("--device-map", default=None,
+                        help='layers per device: "auto" or "ORDINAL:LAYERS;..." such as "0:12;1:12"')
+    parser.add_argument("--topology", default=None,
+                        help="YAML file: per-layer-range or /regex/ device and isq (mistral.rs's format)")
 
 
 def _load(args, warmup: bool = True):
@@ -33,7 +40,8 @@ def _load(args, warmup: bool = True):
     return LLM(args.model, progress=sys.stderr.isatty(), dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                kv_cache_gb=args.kv_cache_gb, num_threads=args.threads, warmup=warmup,
-               quantization=args.quantization)
+               quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
+               device_map=args.device_map, topology=args.topology)
 
 
 def _sampling(args):
@@ -214,9 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _torchrun_worker(args) -> bool:
+    """Under torchrun every rank runs this same command: ranks other than 0 follow rank 0's steps."""
+    return getattr(args, "tensor_parallel_size", 1) > 1 and int(os.environ.get("RANK", "0")) > 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if _torchrun_worker(args):
+            from levante.engine.tp import worker_main
+
+            worker_main(args.device)  # returns when rank 0 shuts down (the process exits)
         return args.func(args)
     except LevanteError as e:
         print(f"levante: error: {e}", file=sys.stderr)

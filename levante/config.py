@@ -167,3 +167,8 @@ class EngineConfig:
     warmup: bool = True
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
+    # Scale-out (engine/tp.py, engine/placement.py): ranks of tensor parallelism, a layer
+    # map ("auto" or "0:12;1:12") and a topology YAML (per-layer device and quantization).
+    tensor_parallel_size: int = 1
+    device_map: str | None = None
+    topology: str | None = None

@@ -27,3 +27,7 @@ class ModelNotFound(LevanteError):
     """A request names a model this server does not serve (HTTP 404)."""
 
     status = 404
+
+
+class InvalidTopology(ModelLoadError):
+    """A topology file or device map is malformed or does not fit the model."""

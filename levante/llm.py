@@ -30,6 +30,9 @@ class LLM:
     `num_kv_blocks`, `enable_prefix_caching`, `num_threads`, `warmup`, and
     `quantization`: "auto" (default: GGUF weights stay quantised, packed int8/int4),
     "none" (dequantise to `dtype`), "int8" or "int4" (in-situ quantisation of any model).
+    Scale-out: `tensor_parallel_size` (worker processes started here, or torchrun's ranks),
+    `device_map` ("auto" or "0:12;1:12") and `topology` (a YAML file: per-layer device and
+    quantization). With tensor parallelism, `close()` (or `with LLM(...)`) stops the workers.
     """
 
     def __init__(self, model: str | None = None, *, progress: bool = False, **options):
@@ -51,6 +54,17 @@ class LLM:
         else:
             vocabulary = {"<start_of_turn>"} if tok.token_to_id("<start_of_turn>") is not None else ()
             self.chat_template = ChatTemplate.fallback(tok.bos_token or "", tok.eos_token or "", vocabulary)
+
+    def close(self) -> None:
+        """Release what outlives the object: tensor-parallel worker processes (also done at exit)."""
+        if self.engine is not None:
+            self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def is_embedding_model(self) -> bool:

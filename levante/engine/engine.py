@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from levante.config import EngineConfig
+from levante.engine import tp
 from levante.engine.kv_cache import BlockManager
 from levante.engine.outputs import CompletionOutput, RequestOutput
 from levante.engine.runner import ModelRunner, kv_bytes_per_token
@@ -24,9 +25,7 @@ from levante.engine.sequence import Sequence
 from levante.engine.structured import GrammarCompiler
 from levante.errors import InvalidRequest
 from levante.loader.auto import open_model
-from levante.loader.memory import return_free_memory
 from levante.loader.tokenizer import IncrementalDetokenizer
-from levante.models.registry import build_model, load_weights
 from levante.multimodal.inputs import MultiModalPrompt
 from levante.multimodal.processor import load_processor
 from levante.quant.packed import resolve_mode
@@ -68,12 +67,13 @@ class Engine:
         self.quantization = resolve_mode(config.quantization, self.source.format)
         self.model_config = self.source.config
         self.tokenizer = self.source.tokenizer()
-        self.model = build_model(self.model_config, self.dtype, self.device)
-        return_free_memory()  # what reading the tokenizer freed, before the weights come in
-        weights = _with_progress(self.source, progress, quantized=self.quantization is not None)
-        load_weights(self.model, weights, self.quantization)
-        return_free_memory()
-        self.model.eval()
+        self.tensor_parallel = None  # engine/tp.py: the worker ranks, under --tensor-parallel-size
+        if config.tensor_parallel_size != 1:
+            self.tensor_parallel, self.device = tp.start_rank0(model, self.model_config, config, self.device,
+                                                               self.dtype)
+        self.model = tp.load_model_all_ranks(
+            self.source, config, self.dtype, self.device, lambda s, q: _with_progress(s, progress, quantized=q),
+            self.tensor_parallel)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         # Vision-language models: turns token ids + images into a MultiModalPrompt (None: text only).
         self.processor = load_processor(self.source.path, self.model_config, self.tokenizer) \
@@ -94,7 +94,13 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings, capacity)
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+        runner = tp.TensorParallelRunner if self.tensor_parallel else ModelRunner
+        self.runner = runner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at exit)."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.close()
 
     def warmup(self) -> None:
         """One dummy request, run and drained to the end before the engine reports ready (#1645)."""

@@ -26,9 +26,10 @@ class ModelRunner:
         self.device = device
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         slots = num_blocks * block_size
+        # A layer mapped to another device (engine/placement.py) keeps its cache there.
         self.kv_cache = [
-            (torch.empty(slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=device),
-             torch.empty(slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=device))
+            (torch.empty(slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=getattr(m, "cache_device", device)),
+             torch.empty(slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=getattr(m, "cache_device", device)))
             for m in self.attention_layers
         ]
         for layer, (k_cache, v_cache) in zip(self.attention_layers, self.kv_cache):

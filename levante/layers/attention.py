@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,17 @@ class AttentionMetadata:
     # image attending both ways, Gemma 3); None: the query's own position.
     key_limits: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict, repr=False)
+    _copies: dict = field(default_factory=dict, repr=False)
+
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        """This step's metadata on `device` (layers mapped to several devices), copied once per step."""
+        if self.slot_mapping.device == device:
+            return self
+        if device not in self._copies:
+            values = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+            self._copies[device] = AttentionMetadata(
+                **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+        return self._copies[device]
 
     @property
     def batch_size(self) -> int:
@@ -101,7 +112,7 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
-        md = get_attention_metadata()
+        md = get_attention_metadata().to(q.device)
         keys, values = (t.transpose(1, 2) for t in self._context(k, v, md))  # [batch, kv_heads, max_kv, head_dim]
         queries = self._pad_queries(q, md).transpose(1, 2)  # [batch, heads, max_q, head_dim]
         if self.num_kv_heads != self.num_heads:

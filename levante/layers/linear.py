@@ -112,22 +112,32 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections fused; kv heads are split across ranks like q heads."""
+    """q, k and v projections fused. q heads are split across ranks; kv heads too when the
+    rank count divides them, otherwise (fewer kv heads than ranks) each rank keeps a copy of
+    the one kv head its q heads read, as vLLM does."""
 
     shard_ids = ("q", "k", "v")
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
         tp = tp_size()
+        self.head_dim, self.total_kv_heads = head_dim, num_kv_heads
         self.q_size = num_heads // tp * head_dim
         self.kv_size = max(1, num_kv_heads // tp) * head_dim
-        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
+        super().__init__(hidden_size, tp * (self.q_size + 2 * self.kv_size), bias)
+
+    def _kv_shard(self, loaded):
+        if self.tp_size == 1 or self.total_kv_heads >= self.tp_size:
+            return self._shard(loaded, 0)
+        head = self.tp_rank * self.total_kv_heads // self.tp_size
+        return loaded.narrow(0, head * self.head_dim, self.head_dim)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q"):
+        shard = self._shard(loaded, 0) if shard_id == "q" else self._kv_shard(loaded)
         if self._collects(param):
-            return self._collect(self._shard(loaded, 0), shard_id)
+            return self._collect(shard, shard_id)
         offset = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}[shard_id]
         size = self.q_size if shard_id == "q" else self.kv_size
-        param.data.narrow(0, offset, size).copy_(self._shard(loaded, 0))
+        param.data.narrow(0, offset, size).copy_(shard)
 
 
 class RowParallelLinear(LinearBase):
@@ -143,4 +153,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        return all_reduce(self._matmul(x, bias))
+        out = self._matmul(x, bias)
+        # The split is fixed when the layer is built: a single-rank model never communicates,
+        # even while another engine of this process holds a tensor-parallel group.
+        return all_reduce(out) if self.tp_size > 1 else out

@@ -90,27 +90,42 @@ def _default_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) ->
     param.data.copy_(loaded)
 
 
-def _set_quantization(model: nn.Module, quantization: str | None) -> set[int]:
-    """Have every linear and embedding layer keep packed weights; the ids of their weight parameters."""
-    if quantization is None:
+def _set_quantization(model: nn.Module, quantization: str | None, overrides: dict | None = None) -> set[int]:
+    """Have every linear and embedding layer keep packed weights (in the mode `overrides`
+    gives by module name, else `quantization`; None: dense); the ids of their weight parameters."""
+    overrides = overrides or {}
+    if quantization is None and not any(overrides.values()):
         return set()
     takes_blocks = set()
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, (LinearBase, VocabParallelEmbedding)):
-            module.quantization = quantization
+            module.quantization = overrides.get(name, quantization)
+    head, embed = getattr(model, "lm_head", None), _find(model, "model.embed_tokens")
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and head is not None and embed:
+        head.quantization = embed.quantization  # one shared matrix: one decision
+    for module in model.modules():
+        if isinstance(module, (LinearBase, VocabParallelEmbedding)) and module.quantization is not None:
             takes_blocks.add(id(module.weight))
     return takes_blocks
 
 
+def _find(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = None, overrides: dict[str, str | None] | None = None) -> None:
     """Copy checkpoint tensors into `model`, fusing q/k/v and gate/up as its mapping says.
 
     With `quantization` ("auto", "int8", "int4"; see quant/packed.py) linear and embedding
     layers keep packed weights instead, and checkpoint tensors may arrive as GGUF blocks.
+    `overrides` (module name -> mode or None for dense) sets it per module (a topology).
     """
     params = dict(model.named_parameters())
-    takes_blocks = _set_quantization(model, quantization)
+    takes_blocks = _set_quantization(model, quantization, overrides)
     mapping = getattr(model, "packed_modules_mapping", {})
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     expected = {name: 1 for name in params}
@@ -138,7 +153,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             tensor = tensor.dequantize()
         try:
             getattr(param, "weight_loader", _default_loader)(param, tensor, shard_id)
-            if tied and quantization and target == "model.embed_tokens.weight":
+            if tied and getattr(getattr(model, "lm_head", None), "quantization", None) \
+                    and target == "model.embed_tokens.weight":
                 model.lm_head.load_tied(model.get_submodule("model.embed_tokens"), tensor)
         except RuntimeError as e:
             raise ModelLoadError(f"tensor '{name}' does not fit: shape {tuple(tensor.shape)} ({e})") from None

@@ -240,7 +240,12 @@ class GGUFTensor:
         return GGUFTensor(self.qtype, self.raw.narrow(0, start, length), (length, *self.shape[1:]))
 
     def narrow(self, dim: int, start: int, length: int):
-        """Rows stay quantised; a cut across columns dequantises (blocks run along a row)."""
+        """Rows stay quantised; so does a cut across columns on block boundaries (a row-parallel
+        shard); any other cut dequantises (blocks run along a row)."""
         if dim == 0:
             return self.row_slice(start, length)
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        if dim == self.dim() - 1 and self.dim() == 2 and start % block == 0 and length % block == 0:
+            raw = self.raw.narrow(1, start // block * size, length // block * size)
+            return GGUFTensor(self.qtype, raw, (self.shape[0], length))
         return self.dequantize().narrow(dim, start, length)

@@ -1,0 +1,213 @@
+"""Tensor parallelism: rank 0 runs the engine, every other rank follows its steps.
+
+Start-up (`start`, called by Engine before it builds the model):
+* one host: rank 0 spawns ranks 1..N-1 (`worker_main`) with MASTER_ADDR=127.0.0.1 and a
+  free port, then joins the group;
+* under torchrun (RANK / WORLD_SIZE set): every rank was started with the same command;
+  rank 0 goes on to serve, the others enter `run_worker` here and leave the process
+  when rank 0 shuts down.
+Rank 0 sends its resolved model path and EngineConfig, every rank builds its shard of the
+model, and all report success or their error together, so a failure on any rank fails
+start-up everywhere with its message.
+
+Each step (`TensorParallelRunner.prepare`): rank 0 builds the step's inputs as usual and
+broadcasts them (distributed/messages.py); workers rebuild the attention metadata and run
+the same forward. Layers all-reduce inside; the head's logits are all-gathered, and only
+rank 0 samples. Workers end on a SHUTDOWN message, or when rank 0 disappears.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from levante.config import EngineConfig
+from levante.distributed import launcher, messages, parallel_state
+from levante.engine.runner import ModelRunner
+from levante.errors import LevanteError, ModelLoadError
+from levante.layers.attention import AttentionMetadata, attention_metadata
+
+logger = logging.getLogger("levante")
+
+_FIELDS = ("input_ids", "positions", "slot_mapping", "key_slots", "query_positions", "kv_lens",
+           "query_index", "output_index", "logits_indices")
+
+
+class TensorParallel:
+    """Rank 0's handle on the group: the spawned workers and the shutdown."""
+
+    def __init__(self, procs: list, threads: int | None = None):
+        self.procs = procs
+        self.closed = False
+        self._threads = threads  # rank 0's thread count before the group, restored on close
+        atexit.register(self.close)
+
+    def close(self, notify: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if notify:
+            try:
+                messages.send(messages.SHUTDOWN, [], [], torch.device("cpu"))
+            except Exception:  # a worker already gone: nothing to tell
+                pass
+        launcher.join_workers(self.procs)
+        parallel_state.destroy()
+        if self._threads:
+            torch.set_num_threads(self._threads)
+
+
+def start_rank0(model: str, model_config, config: EngineConfig, device: torch.device,
+                dtype: torch.dtype) -> tuple[TensorParallel, torch.device]:
+    """Form the group (spawning workers, or joining torchrun's); rank 0's handle and device.
+    A torchrun worker rank does not return: it serves rank 0's steps, then exits."""
+    from levante.engine.build import check_tensor_parallel
+
+    tp = config.tensor_parallel_size
+    check_tensor_parallel(model_config, tp)
+    threads = None
+    if device.type == "cpu" and not config.num_threads:
+        # The ranks of one host share its cores.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // tp))
+    config = dataclasses.replace(config, dtype=dtype, num_threads=config.num_threads or torch.get_num_threads())
+    env = parallel_state.torchrun_env()
+    if env is not None:
+        rank, world, local_rank = env
+        if world != tp:
+            raise ModelLoadError(f"torchrun started {world} processes but --tensor-parallel-size is {tp}")
+        device = parallel_state.local_device(str(device), local_rank)
+        parallel_state.init(rank, world, device)
+        if rank != 0:
+            _serve_steps(device)
+            parallel_state.destroy()
+            raise SystemExit(0)
+        procs = []
+    else:
+        port = parallel_state.free_port()
+        procs = launcher.spawn_workers("levante.engine.tp_worker", tp, port, [str(device)])
+        device = parallel_state.local_device(str(device), 0)
+        try:
+            parallel_state.init(0, tp, device, "127.0.0.1", port)
+        except Exception as e:  # a worker that never joined (it died at start): say so, once
+            launcher.join_workers(procs, timeout=1.0)
+            codes = [p.returncode for p in procs]
+            raise ModelLoadError(f"tensor-parallel workers did not join (exit codes {codes}): {e}") from None
+    dist.broadcast_object_list([model, config], src=0, group=parallel_state.cpu_group())
+    return TensorParallel(procs, threads), device
+
+
+def load_model_all_ranks(source, config: EngineConfig, dtype: torch.dtype, device: torch.device,
+                         progress_weights, group: TensorParallel | None):
+    """Rank 0 (or the only rank) loads its model; with a group, all ranks confirm together."""
+    from levante.engine.build import load_model
+
+    if group is None:
+        return load_model(source, config, dtype, device, progress_weights)[0]
+    model, error = None, None
+    try:
+        model = load_model(source, config, dtype, device, progress_weights)[0]
+    except Exception as e:
+        error = e
+    try:
+        report_loaded(error)
+    except LevanteError:
+        group.close(notify=False)
+        raise
+    except Exception as e:  # a rank vanished during start-up
+        group.close(notify=False)
+        raise ModelLoadError(f"a tensor-parallel rank failed during start-up: {e}") from None
+    return model
+
+
+def report_loaded(error: BaseException | None) -> None:
+    """Every rank says whether it loaded its shard; any failure is raised on all ranks."""
+    message = None if error is None else (str(error) if isinstance(error, LevanteError)
+                                          else f"{type(error).__name__}: {error}")
+    statuses = [None] * parallel_state.group_size()
+    dist.all_gather_object(statuses, (parallel_state.group_rank(), message), group=parallel_state.cpu_group())
+    if error is not None:
+        raise error
+    for rank, msg in statuses:
+        if msg is not None:
+            raise ModelLoadError(f"tensor-parallel rank {rank} failed to load: {msg}")
+
+
+def worker_main(device: str) -> None:
+    """A worker rank started by `start_rank0` or by torchrun: `python -m levante.engine.tp_worker DEVICE`."""
+    launcher.exit_with_parent()
+    rank, world, local_rank = parallel_state.torchrun_env()
+    dev = parallel_state.local_device(device, local_rank)
+    parallel_state.init(rank, world, dev)
+    try:
+        _serve_steps(dev)
+    except (ConnectionError, RuntimeError) as e:  # rank 0 went away mid-step
+        logger.debug("tensor-parallel worker %d stops: %s", rank, e)
+    finally:
+        os._exit(0)
+
+
+def _serve_steps(device: torch.device) -> None:
+    """A worker: build this rank's shard, then run every step rank 0 sends until SHUTDOWN."""
+    from levante.engine.build import load_model
+    from levante.loader.auto import open_model
+
+    box: list = [None, None]
+    dist.broadcast_object_list(box, src=0, group=parallel_state.cpu_group())
+    model_path, config = box
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    model, error = None, None
+    try:
+        source = open_model(model_path)
+        dtype = config.dtype  # resolved by rank 0
+        model, _ = load_model(source, config, dtype, device)
+    except BaseException as e:  # reported to rank 0, which fails start-up with it
+        error = e
+    try:
+        report_loaded(error)
+    except LevanteError:
+        return
+    runner = None
+    while True:
+        kind, ints, tensors = messages.recv(device)
+        if kind == messages.SHUTDOWN:
+            return
+        if kind == messages.INIT:
+            num_blocks, block_size = ints
+            runner = ModelRunner(model, num_blocks, block_size, dtype, device)
+            continue
+        _forward(runner, ints, tensors)
+
+
+@torch.inference_mode()
+def _forward(runner: ModelRunner, ints: list[int], tensors: list) -> None:
+    max_position, causal = ints
+    fields = dict(zip(_FIELDS, tensors))
+    metadata = AttentionMetadata(
+        slot_mapping=fields["slot_mapping"], key_slots=fields["key_slots"],
+        query_positions=fields["query_positions"], kv_lens=fields["kv_lens"],
+        query_index=fields["query_index"], output_index=fields["output_index"],
+        max_position=max_position, logits_indices=fields["logits_indices"], causal=bool(causal))
+    with attention_metadata(metadata):
+        hidden = runner.model(fields["input_ids"], fields["positions"])
+        runner.model.compute_logits(hidden.index_select(0, metadata.logits_indices))
+
+
+class TensorParallelRunner(ModelRunner):
+    """Rank 0's runner: each step's inputs also go to the workers before the forward."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(model, num_blocks, block_size, dtype, device)
+        messages.send(messages.INIT, [num_blocks, block_size], [], device)
+
+    def prepare(self, batch, all_logits):
+        input_ids, positions, md = super().prepare(batch, all_logits)
+        values = {"input_ids": input_ids, "positions": positions, **{
+            name: getattr(md, name) for name in _FIELDS[2:]}}
+        messages.send(messages.STEP, [md.max_position, int(md.causal)], [values[n] for n in _FIELDS], self.device)
+        return input_ids, positions, md
