@@ -165,3 +165,15 @@ def test_idle_worker_sleeps_and_dies_with_rank_0(tiny_model, tmp_path):
         time.sleep(0.2)
     assert not os.path.exists(f"/proc/{worker}") or \
         open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_vision_models_refuse_tensor_parallel():
+    from levante.config import ModelConfig
+    from levante.engine.build import check_tensor_parallel
+
+    config = ModelConfig.from_hf_dict({"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+                                       "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                       "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 100})
+    with pytest.raises(ModelLoadError, match="vision-language models"):
+        check_tensor_parallel(config, 2)
+    check_tensor_parallel(config, 1)

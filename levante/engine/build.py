@@ -22,6 +22,10 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
         raise ModelLoadError(f"--tensor-parallel-size must be at least 1, got {tp}")
     if tp == 1:
         return
+    if config.architecture.endswith("ForConditionalGeneration"):
+        # Workers receive token ids only; image embeddings would have to travel with each step.
+        raise ModelLoadError(f"--tensor-parallel-size {tp}: vision-language models ({config.architecture}) "
+                             "run on one rank for now")
     problems = []
     if config.num_heads % tp:
         problems.append(f"{config.num_heads} attention heads")
