@@ -128,3 +128,19 @@ def test_http(http_server):
 def test_unreachable():
     with pytest.raises(InvalidRequest, match="unreachable"):
         load_image("http://127.0.0.1:9/pic.png", timeout=2)
+
+
+def test_local_paths_can_be_confined_to_folders(tmp_path):
+    inside, outside = tmp_path / "media", tmp_path / "private"
+    inside.mkdir(), outside.mkdir()
+    for folder in (inside, outside):
+        Image.new("RGB", (4, 3), (10, 20, 30)).save(folder / "a.png")
+    assert load_image(str(inside / "a.png"), local_paths=[inside]).size == (4, 3)
+    assert load_image(f"file://{inside / 'a.png'}", local_paths=[inside]).size == (4, 3)
+    for source in (str(outside / "a.png"), str(inside / ".." / "private" / "a.png"), f"file://{outside / 'a.png'}"):
+        with pytest.raises(InvalidRequest, match="outside the allowed folders"):
+            load_image(source, local_paths=[inside])
+    with pytest.raises(InvalidRequest, match="reads no local files"):
+        load_image(str(inside / "a.png"), local_paths=False)
+    with pytest.raises(InvalidRequest, match="reads no local files"):  # no probing for which files exist
+        load_image(str(tmp_path / "missing.png"), local_paths=False)

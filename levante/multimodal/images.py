@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -24,8 +25,11 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def load_image(source: str | bytes, *, max_bytes: int = MAX_BYTES, timeout: float = TIMEOUT_S,
-               max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """An RGB `PIL.Image` from raw bytes, a data URL, a path, a file:// URL or an http(s) URL."""
+               max_pixels: int = MAX_PIXELS, local_paths: bool | Sequence[Path] = True) -> Image.Image:
+    """An RGB `PIL.Image` from raw bytes, a data URL, a path, a file:// URL or an http(s) URL.
+
+    `local_paths`: True reads any file, False none, a list of folders only files inside them
+    (a server on a public address must not read its own disk for anyone who asks)."""
     if isinstance(source, (bytes, bytearray)):
         return decode_image(bytes(source), "image bytes", max_bytes=max_bytes, max_pixels=max_pixels)
     if not isinstance(source, str) or not source:
@@ -36,13 +40,13 @@ def load_image(source: str | bytes, *, max_bytes: int = MAX_BYTES, timeout: floa
     elif source.startswith(("http://", "https://")):
         data = _fetch(source, max_bytes, timeout)
     elif source.startswith("file://"):
-        data = _read_file(Path(unquote(urlparse(source).path)), what, max_bytes)
+        data = _read_file(_allowed(Path(unquote(urlparse(source).path)), what, local_paths), what, max_bytes)
     elif _SCHEME.match(source) and not Path(source).exists():
         scheme = source.split("://", 1)[0]
         raise InvalidRequest(f"image {what}: unsupported URL scheme '{scheme}' "
                              "(use data:, file://, http:// or https://, or a file path)")
     else:
-        data = _read_file(Path(source).expanduser(), what, max_bytes)
+        data = _read_file(_allowed(Path(source).expanduser(), what, local_paths), what, max_bytes)
     return decode_image(data, what, max_bytes=max_bytes, max_pixels=max_pixels)
 
 
@@ -103,6 +107,19 @@ def _data_url_bytes(url: str, max_bytes: int) -> bytes:
         except (binascii.Error, ValueError) as e:
             raise InvalidRequest(f"image {what}: bad base64 in the data URL ({e})") from None
     return unquote(payload).encode("latin-1", errors="replace")
+
+
+def _allowed(path: Path, what: str, local_paths: bool | Sequence[Path]) -> Path:
+    if local_paths is True:
+        return path
+    folders = [] if local_paths is False else [Path(folder).resolve() for folder in local_paths]
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(folder) for folder in folders):
+        where = "this server reads no local files" if not folders else \
+            "allowed folders: " + ", ".join(str(folder) for folder in folders)
+        raise InvalidRequest(f"image {what}: local paths outside the allowed folders are refused ({where}; "
+                             "send a data URL or an http(s) URL)")
+    return resolved
 
 
 def _read_file(path: Path, what: str, max_bytes: int) -> bytes:
