@@ -275,6 +275,7 @@ class McpToolManager:
         finally:
             self._shutdown_loop()
             await asyncio.to_thread(self._thread.join, 10)
+            self._close_loop()
 
     def close(self) -> None:
         """`aclose` for code outside any event loop (a server shutting down)."""
@@ -286,6 +287,11 @@ class McpToolManager:
             pass
         self._shutdown_loop()
         self._thread.join(10)
+        self._close_loop()
+
+    def _close_loop(self) -> None:
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def _shutdown_loop(self) -> None:
         loop = self._loop
