@@ -7,10 +7,11 @@ before: the model's calls go back to the client (mistral.rs does the same).
 Each round renders the conversation with the MCP tools, generates, and parses the reply; calls are
 run against MCP (at once, up to `max_concurrent_calls`), appended to the conversation as an assistant
 message with `tool_calls` and one `tool` message per result, and the model goes again, until it
-answers. It is made to answer (an "answer round": no tools offered, and the reply must open with a
-letter or digit, so neither a call nor a bare JSON object) when it has had `max_rounds` rounds of
-calls, when it only repeats calls it already made, or when, after calls ran, it writes what looks
-like a call the parser cannot take (small models do both, and would otherwise loop or answer JSON).
+answers. It is made to answer in an "answer round" when it has had `max_rounds` rounds of calls,
+when it only repeats calls it already made, or when, after calls ran, it writes what looks like a
+call the parser cannot take (small models do all three, and would otherwise loop or answer JSON).
+An answer round offers no tools, adds one user turn (ANSWER_NUDGE, not part of any reply) and makes
+the reply open with a letter or digit, so it is neither a call nor a bare JSON object.
 `max_tokens` bounds each round.
 
 What the client sees (OpenAI's schema has no place for calls the server ran, so levante adds one):
@@ -40,6 +41,7 @@ from levante.serve.protocol import ChatCompletionRequest, error_body
 DEFAULT_MAX_ROUNDS = 5
 ANSWER_PATTERN = r"[\p{L}\p{N}][\s\S]*"  # an answer round's reply: text, not a call or a JSON object
 CALL_OPENERS = ("{", "[", "<", "`")  # how a call the parser missed begins
+ANSWER_NUDGE = "Answer my question above in plain text, using the tool results."  # the answer round's last turn
 
 
 async def mcp_chat_completion(state, body: ChatCompletionRequest, search=None):
@@ -91,6 +93,8 @@ class McpChat:
         data["messages"] = self.messages
         if not answer_round:
             data["tools"] = self.tools
+        elif self.calls:
+            data["messages"] = self.messages + [{"role": "user", "content": ANSWER_NUDGE}]
         plan = plan_chat(self.state.llm, ChatCompletionRequest.model_validate(data))
         if answer_round and self.calls:
             plan.params.structured = StructuredOutput("regex", ANSWER_PATTERN)
