@@ -123,8 +123,8 @@ class _Connection:
                 return  # an error while shutting down is no failure
             self.failure = self._with_stderr(describe_error(e))
             was_ready = self.client is not None
-            logger.warning("MCP server '%s' %s: %s", self.server.id, "died" if was_ready else "failed to start",
-                           self.failure)
+            log = logger.warning if was_ready else logger.info  # a failed start is the caller's to report
+            log("MCP server '%s' %s: %s", self.server.id, "died" if was_ready else "failed to start", self.failure)
         finally:
             self.client = None
             self.ready.set()

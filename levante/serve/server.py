@@ -55,6 +55,8 @@ def _load_embedding_model(args):
 def _mcp_manager(args):
     """The MCP tool manager for `--mcp-config` (or MCP_CONFIG_PATH), not yet started; None without one."""
     path = getattr(args, "mcp_config", None)
+    if getattr(args, "mcp_max_rounds", 0) < 0:
+        raise InvalidRequest("--mcp-max-rounds: must be 0 or more")
     if not path:
         return None
     from levante.mcp import McpConfig, McpToolManager
