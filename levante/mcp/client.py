@@ -121,7 +121,7 @@ class _Connection:
         except BaseException as e:  # anything a transport or server can throw: record it, keep the others alive
             if self.stop.is_set() and self.client is not None:
                 return  # an error while shutting down is no failure
-            self.failure = self._with_stderr(describe_error(e))
+            self.failure = self.failure or self._with_stderr(describe_error(e))
             was_ready = self.client is not None
             log = logger.warning if was_ready else logger.info  # a failed start is the caller's to report
             log("MCP server '%s' %s: %s", self.server.id, "died" if was_ready else "failed to start", self.failure)
@@ -184,13 +184,13 @@ class _Connection:
             async with sse_client(source.url, headers=source.headers, timeout=source.timeout_secs or 5.0) as streams:
                 yield streams
         else:
-            yield await self._websocket(source)
+            if util.find_spec("mcp.client.websocket") is None:  # mcp 1.x had one; 2.x has none
+                raise ConnectionError(f"WebSocket transport: the installed mcp SDK ({metadata.version('mcp')}) "
+                                      "offers no WebSocket client; use the server's streamable HTTP endpoint")
+            from mcp.client.websocket import websocket_client
 
-    async def _websocket(self, source: UrlSource):
-        if util.find_spec("mcp.client.websocket") is None:
-            raise ConnectionError(f"WebSocket transport: the installed mcp SDK ({metadata.version('mcp')}) offers "
-                                  "no WebSocket client; use the server's streamable HTTP endpoint")
-        raise ConnectionError("WebSocket transport: not wired up for this mcp SDK version")
+            async with websocket_client(source.url) as streams:
+                yield streams
 
     @staticmethod
     async def _list_tools(client) -> list:
