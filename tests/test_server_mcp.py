@@ -106,3 +106,22 @@ def test_a_server_that_crashed_is_reported_and_the_request_answered(serve, tmp_p
     assert response.choices[0].finish_reason in ("stop", "length") and message.content
     assert "time" in manager.failures and "everything" not in manager.failures
     assert (asyncio.run(manager.call_tool("everything_echo", {"message": "alive"}))).content == "Echo: alive"
+
+
+def test_responses_api_runs_the_loop(serve):
+    client, _ = serve({"time": time_server()})
+    response = client.responses.create(model=MODEL, input="What time is it in Tokyo?", temperature=0,
+                                       max_output_tokens=100)
+    calls = [item for item in response.output if item.type == "mcp_call"]
+    assert calls and calls[0].server_label == "time" and calls[0].name == "get_current_time" and not calls[0].error
+    records = [{"name": "time_" + c.name, "arguments": c.arguments, "content": c.output, "is_error": False}
+               for c in calls]
+    assert response.status == "completed" and response.output[-1].type == "message"
+    assert_answers_from_the_tool(response.output_text, records)
+
+    stream = client.responses.create(model=MODEL, input="What time is it in Tokyo?", temperature=0,
+                                     max_output_tokens=100, stream=True)
+    events = list(stream)
+    assert events[-1].type == "response.completed"
+    assert [i.type for i in events[-1].response.output][-1] == "message"
+    assert any(e.type == "response.output_item.done" and e.item.type == "mcp_call" for e in events)

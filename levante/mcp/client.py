@@ -243,6 +243,10 @@ class McpToolManager:
             return []
         return [tool.to_openai() for tool in self.tools]
 
+    def tool(self, name: str) -> McpTool | None:
+        """The tool offered under `name` (its server and its own name there), or None."""
+        return self._by_name.get(name)
+
     def server_of(self, name: str) -> str | None:
         tool = self._by_name.get(name)
         return tool.server_id if tool else None
