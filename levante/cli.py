@@ -34,6 +34,14 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         help="YAML file: per-layer-range or /regex/ device and isq (mistral.rs's format)")
 
 
+def _mcp_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mcp-config", default=os.environ.get("MCP_CONFIG_PATH"),
+                        help="MCP servers whose tools the model may use, JSON in mistral.rs's shape or the "
+                             "'mcpServers' shape (env MCP_CONFIG_PATH)")
+    parser.add_argument("--mcp-max-rounds", type=int, default=5,
+                        help="rounds of MCP tool calls per request before the model must answer (default: 5)")
+
+
 def _load(args, warmup: bool = True):
     from levante import LLM
 
@@ -182,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also serve this embedding model on /v1/embeddings (alias or folder)")
     serve.add_argument("--search-url", default=os.environ.get("LEVANTE_SEARCH_URL"),
                        help="SearxNG URL for web_search_options on chat requests (env LEVANTE_SEARCH_URL)")
+    _mcp_args(serve)
+    serve.add_argument("--mcp-port", type=int, default=None,
+                       help="also serve levante itself as an MCP server (streamable HTTP at /mcp, tool 'chat')")
     serve.set_defaults(func=cmd_serve)
 
     run = sub.add_parser("run", help="generate once from a prompt, streamed to stdout")

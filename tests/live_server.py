@@ -20,7 +20,7 @@ def free_port() -> int:
 
 @contextmanager
 def live_server(llm, name: str = "test-model", api_key: str | None = None, embedding_llm=None,
-                embedding_name: str | None = None, web_search=None):
+                embedding_name: str | None = None, web_search=None, mcp=None, mcp_max_rounds: int | None = None):
     """Yields (base_url, state) with `llm` (and an embedding model) attached and warm; stops the server afterwards."""
     state = ServerState(name)
     port = free_port()
@@ -39,6 +39,9 @@ def live_server(llm, name: str = "test-model", api_key: str | None = None, embed
             raise RuntimeError("server did not start")
         time.sleep(0.05)
     state.web_search = web_search
+    state.mcp = mcp  # a started levante.mcp.McpToolManager, or None
+    if mcp_max_rounds is not None:
+        state.mcp_max_rounds = mcp_max_rounds
     state.attach(llm, embedding_llm, embedding_name)
     try:
         yield base, state

@@ -121,10 +121,10 @@ class _Connection:
         except BaseException as e:  # anything a transport or server can throw: record it, keep the others alive
             if self.stop.is_set() and self.client is not None:
                 return  # an error while shutting down is no failure
-            self.failure = self._with_stderr(describe_error(e))
+            self.failure = self.failure or self._with_stderr(describe_error(e))
             was_ready = self.client is not None
-            logger.warning("MCP server '%s' %s: %s", self.server.id, "died" if was_ready else "failed to start",
-                           self.failure)
+            log = logger.warning if was_ready else logger.info  # a failed start is the caller's to report
+            log("MCP server '%s' %s: %s", self.server.id, "died" if was_ready else "failed to start", self.failure)
         finally:
             self.client = None
             self.ready.set()
@@ -184,13 +184,13 @@ class _Connection:
             async with sse_client(source.url, headers=source.headers, timeout=source.timeout_secs or 5.0) as streams:
                 yield streams
         else:
-            yield await self._websocket(source)
+            if util.find_spec("mcp.client.websocket") is None:  # mcp 1.x had one; 2.x has none
+                raise ConnectionError(f"WebSocket transport: the installed mcp SDK ({metadata.version('mcp')}) "
+                                      "offers no WebSocket client; use the server's streamable HTTP endpoint")
+            from mcp.client.websocket import websocket_client
 
-    async def _websocket(self, source: UrlSource):
-        if util.find_spec("mcp.client.websocket") is None:
-            raise ConnectionError(f"WebSocket transport: the installed mcp SDK ({metadata.version('mcp')}) offers "
-                                  "no WebSocket client; use the server's streamable HTTP endpoint")
-        raise ConnectionError("WebSocket transport: not wired up for this mcp SDK version")
+            async with websocket_client(source.url) as streams:
+                yield streams
 
     @staticmethod
     async def _list_tools(client) -> list:
@@ -243,6 +243,10 @@ class McpToolManager:
             return []
         return [tool.to_openai() for tool in self.tools]
 
+    def tool(self, name: str) -> McpTool | None:
+        """The tool offered under `name` (its server and its own name there), or None."""
+        return self._by_name.get(name)
+
     def server_of(self, name: str) -> str | None:
         tool = self._by_name.get(name)
         return tool.server_id if tool else None
@@ -275,6 +279,7 @@ class McpToolManager:
         finally:
             self._shutdown_loop()
             await asyncio.to_thread(self._thread.join, 10)
+            self._close_loop()
 
     def close(self) -> None:
         """`aclose` for code outside any event loop (a server shutting down)."""
@@ -286,6 +291,11 @@ class McpToolManager:
             pass
         self._shutdown_loop()
         self._thread.join(10)
+        self._close_loop()
+
+    def _close_loop(self) -> None:
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def _shutdown_loop(self) -> None:
         loop = self._loop

@@ -25,6 +25,7 @@ from levante.errors import InvalidRequest, LevanteError, ModelNotFound, ServiceU
 from levante.serve import openai_format as fmt
 from levante.serve.chat import ChatPlan, plan_chat, render_chat
 from levante.serve.embeddings import EmbeddingService, register_embeddings
+from levante.serve.mcp_loop import DEFAULT_MAX_ROUNDS, mcp_chat_completion, offers_mcp_tools
 from levante.serve.metrics import Metrics
 from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest, error_body)
@@ -41,6 +42,8 @@ class ServerState:
         self.loop: EngineLoop | None = None
         self.embeddings: EmbeddingService | None = None  # the embedding model, if one is served
         self.web_search = None  # levante.search.WebSearch, when web search is enabled
+        self.mcp = None  # levante.mcp.McpToolManager, when MCP servers are configured (see serve/mcp_loop.py)
+        self.mcp_max_rounds = DEFAULT_MAX_ROUNDS
         self.metrics = Metrics()
 
     @property
@@ -194,6 +197,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest):
         state.check(body.model)
         search = await search_for_chat(state, body)  # None unless web_search_options asks for it
+        if offers_mcp_tools(state, body):
+            return await mcp_chat_completion(state, search.body if search else body, search)
         plan = await asyncio.to_thread(plan_chat, state.llm, search.body if search else body)  # may fetch images
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = state.generate(plan.prompt, plan.params)

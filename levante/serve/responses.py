@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from levante.errors import InvalidRequest, LevanteError
 from levante.serve.chat import plan_chat
+from levante.serve.mcp_loop import McpChat, offers_mcp_tools
 from levante.serve.protocol import ChatCompletionRequest, error_body
 
 
@@ -164,7 +165,10 @@ def register_responses(app: FastAPI, state) -> None:
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest):
         state.check(body.model)
-        plan = await asyncio.to_thread(plan_chat, state.llm, to_chat_request(body))  # may fetch images
+        chat_body = to_chat_request(body)
+        if offers_mcp_tools(state, chat_body):
+            return await mcp_response(state, body, chat_body)
+        plan = await asyncio.to_thread(plan_chat, state.llm, chat_body)  # may fetch images
         rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
         stream = state.generate(plan.prompt, plan.params)
         if body.stream:
@@ -256,3 +260,62 @@ def register_responses(app: FastAPI, state) -> None:
             response["output"] = [empty]
         kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
         yield event(kind, response=response)
+
+
+async def mcp_response(state, body: ResponsesRequest, chat_body: ChatCompletionRequest):
+    """The MCP tool loop (serve/mcp_loop.py) as a Response: an `mcp_call` item per call it ran, then the answer.
+
+    Streamed, the finished items are replayed as events once the loop is done (no token-by-token text).
+    """
+    rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
+    completion = await McpChat(state, chat_body.model_copy(update={"stream": False})).run(rid, created)
+    choice, usage = completion["choices"][0], completion["usage"]
+    items = []
+    for call in choice["message"]["mcp_calls"]:
+        tool = state.mcp.tool(call["name"])
+        items.append({"type": "mcp_call", "id": f"mcp_{uuid.uuid4().hex}", "status": "completed",
+                      "server_label": call["server"] or "", "name": tool.tool_name if tool else call["name"],
+                      "arguments": call["arguments"], "output": None if call["is_error"] else call["content"],
+                      "error": call["content"] if call["is_error"] else None})
+    items += _output_items(choice["message"]["content"], [])
+    status = "incomplete" if choice["finish_reason"] == "length" else "completed"
+    response = _response(rid, created, state.model_name, status, items, {
+        "input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+        "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0}}, body)
+    if status == "incomplete":
+        response["incomplete_details"] = {"reason": "max_output_tokens"}
+    if not body.stream:
+        return response
+    return StreamingResponse(_replay(response, body, rid, created, state.model_name),
+                             media_type="text/event-stream")
+
+
+def _replay(response: dict, body: ResponsesRequest, rid: str, created: int, model: str):
+    counter = iter(range(1 << 30))
+
+    def event(kind: str, **fields) -> str:
+        payload = {"type": kind, "sequence_number": next(counter), **fields}
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    shell = _response(rid, created, model, "in_progress", [], None, body)
+    yield event("response.created", response=shell)
+    yield event("response.in_progress", response=shell)
+    for index, item in enumerate(response["output"]):
+        if item["type"] == "message":
+            part = item["content"][0]
+            yield event("response.output_item.added", output_index=index,
+                        item={**item, "status": "in_progress", "content": []})
+            yield event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                        part={**part, "text": ""})
+            yield event("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0,
+                        delta=part["text"], logprobs=[])
+            yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                        text=part["text"], logprobs=[])
+            yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                        part=part)
+        else:
+            yield event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"})
+        yield event("response.output_item.done", output_index=index, item=item)
+    kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
+    yield event(kind, response=response)

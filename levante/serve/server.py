@@ -1,6 +1,7 @@
 """`levante serve`: load the model in the background, answer /health 503 until warm."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
@@ -51,10 +52,50 @@ def _load_embedding_model(args):
     return LLM(args.embedding_model, dtype=args.dtype, device=args.device, num_threads=args.threads)
 
 
+def _mcp_manager(args):
+    """The MCP tool manager for `--mcp-config` (or MCP_CONFIG_PATH), not yet started; None without one."""
+    path = getattr(args, "mcp_config", None)
+    if getattr(args, "mcp_max_rounds", 0) < 0:
+        raise InvalidRequest("--mcp-max-rounds: must be 0 or more")
+    if not path:
+        return None
+    from levante.mcp import McpConfig, McpToolManager
+
+    return McpToolManager(McpConfig.load(path))
+
+
+def _start_mcp(state: ServerState, manager) -> None:
+    """Start the MCP servers (a failing one is reported, the others serve) and offer their tools."""
+    asyncio.run(manager.start())
+    for server_id, reason in manager.failures.items():
+        logger.warning("levante: MCP server '%s' is not available: %s", server_id, reason)
+    servers = {tool.server_id for tool in manager.tools}
+    logger.warning("levante: MCP: %d tools from %d servers%s", len(manager.tools), len(servers),
+                   "" if manager.config.auto_register_tools else " (auto_register_tools is off: none offered)")
+    state.mcp = manager
+
+
+def _serve_mcp(state: ServerState, args):
+    """`--mcp-port`: levante's own MCP server, in a thread next to the OpenAI one; None without the flag."""
+    if not getattr(args, "mcp_port", None):
+        return None
+    from levante.mcp.server import build_mcp_http_server
+
+    mcp_server = build_mcp_http_server(state, args.host, args.mcp_port)
+    threading.Thread(target=mcp_server.run, name="levante-mcp-server", daemon=True).start()
+    logger.warning("levante: MCP server at http://%s:%d/mcp", args.host, args.mcp_port)
+    return mcp_server
+
+
 def serve(args) -> int:
     state = ServerState(args.served_model_name or args.model)
+    state.mcp_max_rounds = getattr(args, "mcp_max_rounds", state.mcp_max_rounds)
+    manager = _mcp_manager(args)  # a bad config stops here, before anything starts
     server = build_server(state, args.host, args.port, args.api_key)
     failure: list[str] = []
+    mcp_start = threading.Thread(target=_start_mcp, args=(state, manager), name="levante-mcp-start", daemon=True)
+    if manager is not None:
+        mcp_start.start()
 
     def load():
         from levante.cli import _load
@@ -70,12 +111,19 @@ def serve(args) -> int:
             return
         if llm.engine is not None:
             llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
+        if manager is not None:
+            mcp_start.join()  # ready means the MCP tools are offered too
         state.attach(llm, embedding_llm, args.embedding_model)
         seconds = llm.engine.load_seconds if llm.engine else llm.embedder.load_seconds
         logger.warning("levante: %s ready (load %.1fs)", state.model_name, seconds)
 
     threading.Thread(target=load, name="levante-load", daemon=True).start()
+    mcp_server = _serve_mcp(state, args)
     server.run()
+    if mcp_server is not None:
+        mcp_server.should_exit = True
+    if manager is not None:
+        manager.close()
     if state.loop is not None:
         state.loop.stop()
     if failure:
