@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also serve this embedding model on /v1/embeddings (alias or folder)")
     serve.add_argument("--search-url", default=os.environ.get("LEVANTE_SEARCH_URL"),
                        help="SearxNG URL for web_search_options on chat requests (env LEVANTE_SEARCH_URL)")
+    serve.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",
+                       help="image_url parts may name files in DIR (repeatable); without it, any file when "
+                            "--host is loopback, none otherwise")
     _mcp_args(serve)
     serve.add_argument("--mcp-port", type=int, default=None,
                        help="also serve levante itself as an MCP server (streamable HTTP at /mcp, tool 'chat')")

@@ -144,3 +144,13 @@ def test_local_paths_can_be_confined_to_folders(tmp_path):
         load_image(str(inside / "a.png"), local_paths=False)
     with pytest.raises(InvalidRequest, match="reads no local files"):  # no probing for which files exist
         load_image(str(tmp_path / "missing.png"), local_paths=False)
+
+
+def test_serve_confines_local_media_paths_on_public_addresses(tmp_path):
+    from levante.serve.server import local_media_policy
+
+    assert local_media_policy("127.0.0.1", None) is True
+    assert local_media_policy("0.0.0.0", None) is False
+    assert local_media_policy("0.0.0.0", [str(tmp_path)]) == [tmp_path]
+    with pytest.raises(InvalidRequest, match="not a folder"):
+        local_media_policy("127.0.0.1", [str(tmp_path / "nope")])

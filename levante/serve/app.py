@@ -22,6 +22,7 @@ from levante.engine.loop import EngineLoop
 from levante.engine.outputs import RequestOutput
 from levante.engine.sampling_params import SamplingParams
 from levante.errors import InvalidRequest, LevanteError, ModelNotFound, ServiceUnavailable
+from levante.multimodal.images import load_image
 from levante.serve import openai_format as fmt
 from levante.serve.chat import ChatPlan, plan_chat, render_chat
 from levante.serve.embeddings import EmbeddingService, register_embeddings
@@ -45,6 +46,7 @@ class ServerState:
         self.mcp = None  # levante.mcp.McpToolManager, when MCP servers are configured (see serve/mcp_loop.py)
         self.mcp_max_rounds = DEFAULT_MAX_ROUNDS
         self.metrics = Metrics()
+        self.load_image = load_image  # image sources -> images; `levante serve` may confine local paths
 
     @property
     def ready(self) -> bool:
@@ -180,7 +182,7 @@ def create_app(state: ServerState) -> FastAPI:
         if body.messages is not None:  # images expanded to their tokens, as the engine will run them
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
             ids, _ = await asyncio.to_thread(render_chat, state.llm, messages, None, body.add_generation_prompt,
-                                             None, body.model)
+                                             None, body.model, state.load_image)
         else:
             ids = state.llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.llm.engine.max_model_len}
@@ -199,7 +201,8 @@ def create_app(state: ServerState) -> FastAPI:
         search = await search_for_chat(state, body)  # None unless web_search_options asks for it
         if offers_mcp_tools(state, body):
             return await mcp_chat_completion(state, search.body if search else body, search)
-        plan = await asyncio.to_thread(plan_chat, state.llm, search.body if search else body)  # may fetch images
+        plan = await asyncio.to_thread(plan_chat, state.llm, search.body if search else body,
+                                       state.load_image)  # may fetch images
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = state.generate(plan.prompt, plan.params)
         if body.stream:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from levante.engine.sampling_params import SamplingParams
@@ -30,13 +31,14 @@ class ChatPlan:
         return self.multimodal if self.multimodal is not None else self.prompt_ids
 
 
-def plan_chat(llm, body: ChatCompletionRequest) -> ChatPlan:
-    """Blocking (it may fetch and decode images): run it off the event loop."""
+def plan_chat(llm, body: ChatCompletionRequest, load_image: Callable | None = None) -> ChatPlan:
+    """Blocking (it may fetch and decode images): run it off the event loop. `load_image(url_or_path)`
+    turns image sources into images (default: multimodal/images.py's `load_image`, any local path)."""
     tools = [t.function.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     use_tools = bool(tools) and body.tool_choice != "none"
     template_tools = [{"type": "function", "function": t} for t in tools] if use_tools else None
     prompt_ids, multimodal = render_chat(llm, [m.model_dump(exclude_none=True) for m in body.messages],
-                                         template_tools, True, body.chat_template_kwargs, body.model)
+                                         template_tools, True, body.chat_template_kwargs, body.model, load_image)
     engine = llm.engine
     top = body.top_logprobs or 0
     params = body.sampling_params(engine.model_config.vocab_size, body.output_limit,
@@ -58,7 +60,7 @@ def plan_chat(llm, body: ChatCompletionRequest) -> ChatPlan:
 
 
 def render_chat(llm, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
-                template_kwargs: dict | None = None, model: str | None = None
+                template_kwargs: dict | None = None, model: str | None = None, load_image: Callable | None = None
                 ) -> tuple[list[int], MultiModalPrompt | None]:
     """The conversation's prompt ids as the engine runs them: with images, each placeholder expanded
     to the image's tokens (and the `MultiModalPrompt` that carries the pixels). Blocking: it may fetch
@@ -69,7 +71,7 @@ def render_chat(llm, messages: list[dict], tools: list[dict] | None = None, add_
         processor = llm.engine.processor
         if processor is None:
             raise InvalidRequest(f"model '{model or llm.model_name}' does not accept images (image_url content parts)")
-    messages, images = extract_images(messages) if processor is not None else (messages, [])
+    messages, images = extract_images(messages, load_image) if processor is not None else (messages, [])
     if images and not llm.tokenizer.chat_template:  # the fallback templates know text content only
         messages = flatten(messages, processor.image_placeholder)
     elif llm.engine.processor is None:  # a text model's template may know string content only

@@ -95,7 +95,7 @@ class McpChat:
             data["tools"] = self.tools
         elif self.calls:
             data["messages"] = self.messages + [{"role": "user", "content": ANSWER_NUDGE}]
-        plan = plan_chat(self.state.llm, ChatCompletionRequest.model_validate(data))
+        plan = plan_chat(self.state.llm, ChatCompletionRequest.model_validate(data), self.state.load_image)
         if answer_round and self.calls:
             plan.params.structured = StructuredOutput("regex", ANSWER_PATTERN)
         return plan

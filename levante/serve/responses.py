@@ -168,7 +168,7 @@ def register_responses(app: FastAPI, state) -> None:
         chat_body = to_chat_request(body)
         if offers_mcp_tools(state, chat_body):
             return await mcp_response(state, body, chat_body)
-        plan = await asyncio.to_thread(plan_chat, state.llm, chat_body)  # may fetch images
+        plan = await asyncio.to_thread(plan_chat, state.llm, chat_body, state.load_image)  # may fetch images
         rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
         stream = state.generate(plan.prompt, plan.params)
         if body.stream:

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import threading
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from levante.errors import InvalidRequest
+from levante.multimodal.images import load_image
 from levante.serve.app import ServerState, create_app
 from levante.serve.protocol import error_body
 from levante.serve.web_search import configure_web_search
@@ -87,8 +90,25 @@ def _serve_mcp(state: ServerState, args):
     return mcp_server
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def local_media_policy(host: str, allowed: list[str] | None) -> bool | list[Path]:
+    """Which local files an image_url may name: the `--allowed-local-media-path` folders; without any,
+    every file when serving on loopback (the user's own machine), none on a public address."""
+    if allowed:
+        folders = [Path(folder).expanduser() for folder in allowed]
+        for folder in folders:
+            if not folder.is_dir():
+                raise InvalidRequest(f"--allowed-local-media-path: '{folder}' is not a folder")
+        return folders
+    return host in LOOPBACK_HOSTS
+
+
 def serve(args) -> int:
     state = ServerState(args.served_model_name or args.model)
+    state.load_image = functools.partial(
+        load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)))
     state.mcp_max_rounds = getattr(args, "mcp_max_rounds", state.mcp_max_rounds)
     manager = _mcp_manager(args)  # a bad config stops here, before anything starts
     server = build_server(state, args.host, args.port, args.api_key)
