@@ -27,6 +27,7 @@ class ScriptedState:
     def __init__(self, llm, manager, replies: list[str], max_rounds: int = 5):
         self.llm, self.mcp, self.replies, self.mcp_max_rounds = llm, manager, list(replies), max_rounds
         self.model_name = "scripted"
+        self.load_image = None  # the default loader
         self.prompts, self.params = [], []
 
     async def generate(self, prompt_ids, params):
