@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
@@ -44,6 +45,11 @@ def _inv_freq(dim: int, rope: RopeConfig, max_position: int) -> tuple[torch.Tens
     raise ModelLoadError(f"unsupported rope type {rope.rope_type!r} (supported: default, linear, llama3, yarn)")
 
 
+# Per thread, the cos/sin rows of the positions the last forward used: every layer of a step
+# rotates the same positions, so the lookup is done once per step and rope variant.
+_step_rows = threading.local()
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, rope: RopeConfig, max_position: int):
         super().__init__()
@@ -51,6 +57,7 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scale = _inv_freq(head_dim, rope, max_position)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.cos_sin: torch.Tensor | None = None  # [positions, head_dim], cos half then sin half
+        self._variant = (head_dim, self.attention_scale, tuple(inv_freq.tolist()))
 
     def _cache(self, needed: int, device) -> torch.Tensor:
         cache = self.cos_sin
@@ -67,10 +74,19 @@ class RotaryEmbedding(nn.Module):
 
         `max_position` (known to the runner) saves a device sync on `positions.max()`.
         """
-        needed = (max_position if max_position is not None else int(positions.max())) + 1
-        cache = self._cache(needed, q.device)
-        cos, sin = cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        cos, sin = self._rows(positions, q.device, max_position)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _rows(self, positions: torch.Tensor, device, max_position: int | None):
+        memo = _step_rows.__dict__
+        if memo.get("positions") is not positions:  # a new step (the memo holds it, so `is` is safe)
+            memo.clear()
+            memo["positions"] = positions
+        key = (self._variant, device)
+        if key not in memo:
+            needed = (max_position if max_position is not None else int(positions.max())) + 1
+            memo[key] = self._cache(needed, device)[positions].unsqueeze(1).chunk(2, dim=-1)
+        return memo[key]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
