@@ -151,4 +151,6 @@ class EngineConfig:
     quantization: str = "auto"
     warmup: bool = True
     seed: int = 0
+    # Keep quantised weights as packed after the first load (<cache>/prepared/) and map them next time.
+    prepared_cache: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)

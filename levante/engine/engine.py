@@ -25,6 +25,8 @@ from levante.engine.structured import GrammarCompiler
 from levante.errors import InvalidRequest
 from levante.loader.auto import open_model
 from levante.loader.memory import return_free_memory
+from levante.loader.prepared import load_prepared, prepared_path, save_prepared
+from levante.loader.sources import cache_dir
 from levante.loader.tokenizer import IncrementalDetokenizer
 from levante.models.registry import build_model, load_weights
 from levante.quant.packed import resolve_mode
@@ -68,9 +70,7 @@ class Engine:
         self.tokenizer = self.source.tokenizer()
         self.model = build_model(self.model_config, self.dtype, self.device)
         return_free_memory()  # what reading the tokenizer freed, before the weights come in
-        weights = _with_progress(self.source, progress, quantized=self.quantization is not None)
-        load_weights(self.model, weights, self.quantization)
-        return_free_memory()
+        self._load_weights(progress)
         self.model.eval()
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self._init_cache()
@@ -80,6 +80,22 @@ class Engine:
         self.load_seconds = time.monotonic() - started
         if config.warmup:
             self.warmup()
+
+    def _load_weights(self, progress: bool) -> None:
+        """From the prepared-weights cache when this checkpoint was loaded this way before
+        (loader/prepared.py), else from the checkpoint, then saved there for next time."""
+        prepared = None
+        if self.config.prepared_cache:
+            prepared = prepared_path(cache_dir(), self.source.path, self.quantization, self.dtype)
+        if prepared is not None and load_prepared(self.model, prepared, self.quantization):
+            self.loaded_from = prepared
+            return
+        weights = _with_progress(self.source, progress, quantized=self.quantization is not None)
+        load_weights(self.model, weights, self.quantization)
+        return_free_memory()
+        self.loaded_from = self.source.path
+        if prepared is not None:
+            save_prepared(self.model, prepared)
 
     def _init_cache(self) -> None:
         cache, cfg = self.config.cache, self.config
