@@ -60,6 +60,26 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+# Bytes of dequantised weight rows per step of a dense matmul: a step's rows are still in
+# cache when the matmul reads them, instead of a whole vocabulary-sized copy going out to
+# memory and back (2.4x faster for the 151936 x 896 head at 16 rows, 1.5x for a gate/up).
+_DENSE_STEP_BYTES = 8 << 20
+
+
+def _dense_matmul(rows: torch.Tensor, shape: tuple[int, int], weight_rows) -> torch.Tensor:
+    """``rows @ W.T`` with ``W``'s rows dequantised a cache-sized step at a time by
+    ``weight_rows(start, end, dtype)`` (steps are multiples of 64 rows, the int4 layout's block)."""
+    n, k = shape
+    step = max(_BLOCK_N, _DENSE_STEP_BYTES // (rows.element_size() * k) // _BLOCK_N * _BLOCK_N)
+    if step >= n:
+        return F.linear(rows, weight_rows(0, n, rows.dtype))
+    out = torch.empty(rows.shape[0], n, dtype=rows.dtype, device=rows.device)
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        out[:, start:end] = F.linear(rows, weight_rows(start, end, rows.dtype))
+    return out
+
+
 class Int8Weight:
     """``weight ~= qweight * scales[:, None]``, qweight int8 ``[out, in]``."""
 
@@ -81,7 +101,8 @@ class Int8Weight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = _flatten(x)
         if rows.shape[0] >= self.dense_from_rows:
-            out = F.linear(rows, self.qweight.to(x.dtype)).mul_(self._scales(x.dtype))
+            weight_rows = lambda start, end, dtype: self.qweight[start:end].to(dtype)  # noqa: E731
+            out = _dense_matmul(rows, self.shape, weight_rows).mul_(self._scales(x.dtype))
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self._scales(x.dtype))
         return out.view(*x.shape[:-1], self.shape[0])
@@ -252,7 +273,7 @@ class Int4Weight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = _flatten(x)
         if rows.shape[0] >= self.dense_from_rows:
-            out = F.linear(rows, self.dequantize(x.dtype))
+            out = _dense_matmul(rows, self.shape, self._dequantize_range)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.contiguous(), self.packed, self.group_size, self._scales_and_zeros(x.dtype))
@@ -268,15 +289,19 @@ class Int4Weight:
         return values
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._dequantize_range(0, self.shape[0], dtype)
+
+    def _dequantize_range(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``first:last``; ``first`` a multiple of 64, ``last`` one too or the last row."""
         rows, cols = self.shape
         full = rows // _BLOCK_N * _BLOCK_N
-        out = torch.empty(rows, cols, dtype=dtype)
-        for start in range(0, full, self._dequantize_rows):
-            end = min(start + self._dequantize_rows, full)
+        out = torch.empty(last - first, cols, dtype=dtype)
+        for start in range(first, min(last, full), self._dequantize_rows):
+            end = min(start + self._dequantize_rows, last, full)
             codes = _blocks_as_float(self.packed[start:end], cols)
-            out[start:end] = self._affine(codes, self.scales_and_zeros[:, start:end])
-        if full < rows:
-            out[full:] = self._affine(unpack_int4(self.packed[full:], cols), self.scales_and_zeros[:, full:])
+            out[start - first:end - first] = self._affine(codes, self.scales_and_zeros[:, start:end])
+        if last > full:
+            out[full - first:] = self._affine(unpack_int4(self.packed[full:], cols), self.scales_and_zeros[:, full:])
         return out
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
