@@ -84,8 +84,9 @@ class Int8Weight:
     """``weight ~= qweight * scales[:, None]``, qweight int8 ``[out, in]``."""
 
     # From this many rows of x on, dequantising (one int8 -> bf16 pass) and a dense matmul
-    # beat the kernel (measured crossover 8-16 rows on this project's layer shapes).
-    dense_from_rows = 16
+    # beat the kernel (measured crossover ~10 rows on this project's layer shapes, one core,
+    # dequantising a cache-sized step at a time).
+    dense_from_rows = 12
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
         self.qweight, self.scales = qweight, scales
@@ -227,8 +228,9 @@ class Int4Weight:
     ``[cols // group_size, rows, 2]`` in the compute dtype."""
 
     # Dequantising 4-bit groups costs ~6x an int8 conversion (9 ms for 9728 x 896 on one
-    # core), so the kernel stays ahead up to ~48 rows.
-    dense_from_rows = 48
+    # core), and the kernel, a real GEMM, grows slowly with rows: it stays ahead up to ~85
+    # rows (896 x 4864: 7.1 ms vs 9.8 ms at 64 rows, 10.6 vs 9.3 at 96, one core).
+    dense_from_rows = 80
     _dequantize_rows = 256  # rows per step of `dequantize`: float32 temporaries stay in cache
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, cols: int):
