@@ -7,12 +7,14 @@ file under ``<cache>/prepared/``; the next start maps that file and hands its te
 the layers as they are (no copy: pages are read as the first forward touches them).
 
 The file's name is a hash of what its content depends on: the checkpoint file (resolved
-path, size, modification time), the quantisation mode, the dtype, the levante version and
-this format's version. A changed checkpoint or levante gets a new entry; a file that does
+path, size, modification time), the quantisation mode, the dtype, the levante version, this
+format's version and the source of the modules that decide the packed form (so a changed
+packing or name mapping in a development checkout never meets an old entry). A changed checkpoint or levante gets a new entry; a file that does
 not read back as expected is ignored (and the model loads from the checkpoint).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,6 +35,9 @@ from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight
 logger = logging.getLogger("levante")
 
 FORMAT_VERSION = 1
+# The modules whose code decides what a prepared file holds, relative to the package.
+_PACKING_SOURCES = ("quant/packed.py", "quant/gguf_blocks.py", "loader/gguf.py", "loader/prepared.py",
+                    "models/registry.py", "layers/linear.py", "layers/embedding.py")
 _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
            "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
            "F64": torch.float64}
@@ -47,8 +52,18 @@ def prepared_path(cache_dir: Path, checkpoint: Path, quantization: str | None, d
 
     stat = checkpoint.stat()
     key = json.dumps([str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, quantization, str(dtype),
-                      __version__, FORMAT_VERSION])
+                      __version__, FORMAT_VERSION, _packing_code()])
     return cache_dir / "prepared" / f"{checkpoint.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+@functools.cache
+def _packing_code() -> str:
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for relative in _PACKING_SOURCES:
+        path = package / relative
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()
 
 
 # -- saving ----------------------------------------------------------------------------------------
