@@ -9,8 +9,9 @@ the layers as they are (no copy: pages are read as the first forward touches the
 The file's name is a hash of what its content depends on: the checkpoint file (resolved
 path, size, modification time), the quantisation mode, the dtype, the levante version, this
 format's version and the source of the modules that decide the packed form (so a changed
-packing or name mapping in a development checkout never meets an old entry). A changed checkpoint or levante gets a new entry; a file that does
-not read back as expected is ignored (and the model loads from the checkpoint).
+packing or name mapping in a development checkout never meets an old entry). A changed
+checkpoint or levante gets a new entry; a file that does not read back as expected is
+ignored (and the model loads from the checkpoint).
 """
 from __future__ import annotations
 
