@@ -25,6 +25,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "none", "int8", "int4"],
                         help="weights in memory: auto keeps GGUF quantised (packed int8/int4), none dequantises "
                              "to --dtype, int8/int4 quantise any model in situ (default: auto)")
+    parser.add_argument("--no-prepared-cache", dest="prepared_cache", action="store_false",
+                        help="do not keep packed weights under <cache>/prepared/ (re-pack on every start)")
 
 
 def _load(args, warmup: bool = True):
@@ -33,7 +35,7 @@ def _load(args, warmup: bool = True):
     return LLM(args.model, progress=sys.stderr.isatty(), dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                kv_cache_gb=args.kv_cache_gb, num_threads=args.threads, warmup=warmup,
-               quantization=args.quantization)
+               quantization=args.quantization, prepared_cache=getattr(args, "prepared_cache", True))
 
 
 def _sampling(args):
