@@ -2,6 +2,9 @@
 packed, and runs the same model; a damaged or foreign cache entry is ignored."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 from levante import LLM, SamplingParams
@@ -52,3 +55,15 @@ def test_other_quantization_gets_its_own_entry_and_cache_can_be_off(gguf_path, t
     int8 = LLM(str(gguf_path), warmup=False, quantization="int8")
     assert int8.engine.loaded_from == gguf_path  # the "auto" entry is not the int8 one
     assert len(list((tmp_path / "cache" / "prepared").glob("*.safetensors"))) == 2
+
+
+@pytest.mark.slow
+def test_changed_checkpoint_gets_a_new_entry_that_replaces_the_old(gguf_path, tmp_path):
+    copy = tmp_path / "model.gguf"
+    shutil.copyfile(gguf_path, copy)
+    LLM(str(copy), warmup=False)
+    (first,) = (tmp_path / "cache" / "prepared").glob("*.safetensors")
+    os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))
+    assert LLM(str(copy), warmup=False).engine.loaded_from == copy
+    (second,) = (tmp_path / "cache" / "prepared").glob("*.safetensors")
+    assert second != first

@@ -16,6 +16,7 @@ ignored (and the model loads from the checkpoint).
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -54,7 +55,8 @@ def prepared_path(cache_dir: Path, checkpoint: Path, quantization: str | None, d
     stat = checkpoint.stat()
     key = json.dumps([str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, quantization, str(dtype),
                       __version__, FORMAT_VERSION, _packing_code()])
-    return cache_dir / "prepared" / f"{checkpoint.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    kind = f"{checkpoint.stem}-{quantization}-{str(dtype).removeprefix('torch.')}"
+    return cache_dir / "prepared" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
 @functools.cache
@@ -105,9 +107,19 @@ def save_prepared(model: nn.Module, path: Path) -> None:
     try:
         save_file(tensors, str(temporary), metadata={"levante_packed": json.dumps(packed)})
         os.replace(temporary, path)
+        _remove_superseded(path)
     except OSError as error:  # a read-only or full cache: the model still runs, it just is not saved
         logger.warning("could not save prepared weights to %s: %s", path, error)
         temporary.unlink(missing_ok=True)
+
+
+def _remove_superseded(path: Path) -> None:
+    """Entries for a checkpoint of the same name, quantisation and dtype but another key (the
+    file or levante changed since): each is as large as the model, and nothing reads them again."""
+    kind = path.name.rsplit("-", 1)[0]
+    for old in path.parent.glob(f"{glob.escape(kind)}-*.safetensors"):
+        if old != path and old.name.rsplit("-", 1)[0] == kind:
+            old.unlink(missing_ok=True)
 
 
 # -- loading ---------------------------------------------------------------------------------------
