@@ -27,6 +27,7 @@ test-fast: $(VENV)/.test mcp-servers
 
 bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/decode_vs_llamacpp.py
+	$(BIN)/python benchmarks/serve_vs_llamacpp.py --prepare --log-dir $(VENV)
 
 # llama.cpp built with -march=native crashes in its AMX kernel on some VMs (AMX present but unusable):
 # the peer for benchmarks is built with AVX-512 and without AMX.
@@ -35,6 +36,7 @@ LLAMA_CPP_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON 
 bench-deps: $(VENV)/.bench
 $(VENV)/.bench: $(VENV)/.test
 	CMAKE_ARGS="$(LLAMA_CPP_FLAGS)" $(PIP) --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
+	$(PIP) sse-starlette starlette-context pydantic-settings  # llama_cpp.server, for benchmarks/serve_vs_llamacpp.py
 	touch $@
 
 install: $(VENV)/.runtime

@@ -30,6 +30,7 @@ def run_bench(args) -> int:
     engine = llm.engine
     print(f"model {args.model} ({engine.dtype}, quantization {engine.quantization or 'none'}), load {load:.2f} s, "
           f"weights {_weight_bytes(engine.model) / 2**20:.0f} MiB, peak RSS {_peak_rss_mib():.0f} MiB")
+    print(f"weights loaded from {getattr(engine, 'loaded_from', None)}")
     for name, values in [("prefill tok/s", prefill), ("decode tok/s", decode)]:
         print(f"{name:14} min {min(values):8.1f}  median {statistics.median(values):8.1f}  max {max(values):8.1f}")
     return 0

@@ -166,6 +166,8 @@ class EngineConfig:
     quantization: str = "auto"
     warmup: bool = True
     seed: int = 0
+    # Keep quantised weights as packed after the first load (<cache>/prepared/) and map them next time.
+    prepared_cache: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     # Scale-out (engine/tp.py, engine/placement.py): ranks of tensor parallelism, a layer
     # map ("auto" or "0:12;1:12") and a topology YAML (per-layer device and quantization).

@@ -3,6 +3,7 @@ start-up that rank 0 and tensor-parallel workers share."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,6 +13,8 @@ from levante.distributed import parallel_state
 from levante.distributed.topology import Topology
 from levante.errors import InvalidTopology, ModelLoadError
 from levante.loader.memory import return_free_memory
+from levante.loader.prepared import load_prepared, prepared_path, save_prepared
+from levante.loader.sources import cache_dir
 from levante.models.registry import build_model, load_weights
 from levante.quant.packed import resolve_mode
 
@@ -39,8 +42,9 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
 
 
 def load_model(source, config: EngineConfig, dtype: torch.dtype, device: torch.device,
-               progress_weights=None) -> tuple[nn.Module, str | None]:
-    """Build the model for `source` and load its weights; (model, quantization mode).
+               progress_weights=None) -> tuple[nn.Module, str | None, Path]:
+    """Build the model for `source` and load its weights; (model, quantization mode, where the weights
+    came from: the checkpoint, or the prepared-weights cache of loader/prepared.py).
 
     `progress_weights(source, quantized)` may wrap the weight iterator (a progress bar)."""
     quantization = resolve_mode(config.quantization, source.format)
@@ -58,8 +62,15 @@ def load_model(source, config: EngineConfig, dtype: torch.dtype, device: torch.d
         kv_bytes = int(config.cache.memory_gb * (1 << 30))
         overrides = place(model, device, dtype, source.format, config.device_map, topology, kv_bytes)
     return_free_memory()  # what reading the tokenizer freed, before the weights come in
+    prepared = None  # packed weights kept from an earlier load: one rank, no per-layer placement
+    if config.prepared_cache and not tp and overrides is None:
+        prepared = prepared_path(cache_dir(), source.path, quantization, dtype)
+    if prepared is not None and load_prepared(model, prepared, quantization):
+        return model.eval(), quantization, prepared
     quantized = quantization is not None or any(overrides.values() if overrides else ())
     weights = source.weights(quantized) if progress_weights is None else progress_weights(source, quantized)
     load_weights(model, weights, quantization, overrides)
     return_free_memory()
-    return model.eval(), quantization
+    if prepared is not None:
+        save_prepared(model, prepared)
+    return model.eval(), quantization, source.path

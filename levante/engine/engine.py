@@ -71,7 +71,7 @@ class Engine:
         if config.tensor_parallel_size != 1:
             self.tensor_parallel, self.device = tp.start_rank0(model, self.model_config, config, self.device,
                                                                self.dtype)
-        self.model = tp.load_model_all_ranks(
+        self.model, self.loaded_from = tp.load_model_all_ranks(
             self.source, config, self.dtype, self.device, lambda s, q: _with_progress(s, progress, quantized=q),
             self.tensor_parallel)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)

@@ -103,11 +103,12 @@ def start_rank0(model: str, model_config, config: EngineConfig, device: torch.de
 
 def load_model_all_ranks(source, config: EngineConfig, dtype: torch.dtype, device: torch.device,
                          progress_weights, group: TensorParallel | None):
-    """Rank 0 (or the only rank) loads its model; with a group, all ranks confirm together."""
+    """Rank 0 (or the only rank) loads its model: (model, where its weights came from); with a group,
+    all ranks confirm together."""
     from levante.engine.build import load_model
 
     if group is None:
-        return load_model(source, config, dtype, device, progress_weights)[0]
+        return load_model(source, config, dtype, device, progress_weights)[::2]
     model, error = None, None
     try:
         model = load_model(source, config, dtype, device, progress_weights)[0]
@@ -121,7 +122,7 @@ def load_model_all_ranks(source, config: EngineConfig, dtype: torch.dtype, devic
     except Exception as e:  # a rank vanished during start-up
         group.close(notify=False)
         raise ModelLoadError(f"a tensor-parallel rank failed during start-up: {e}") from None
-    return model
+    return model, source.path
 
 
 def report_loaded(error: BaseException | None) -> None:
@@ -165,7 +166,7 @@ def _serve_steps(device: torch.device) -> None:
     try:
         source = open_model(model_path)
         dtype = config.dtype  # resolved by rank 0
-        model, _ = load_model(source, config, dtype, device)
+        model = load_model(source, config, dtype, device)[0]
     except BaseException as e:  # reported to rank 0, which fails start-up with it
         error = e
     try:

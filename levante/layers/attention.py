@@ -113,6 +113,8 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
         md = get_attention_metadata().to(q.device)
+        if self.k_cache is not None and md.max_q == 1 and md.query_index is None:
+            return self._decode(q, k, v, md)
         keys, values = (t.transpose(1, 2) for t in self._context(k, v, md))  # [batch, kv_heads, max_kv, head_dim]
         queries = self._pad_queries(q, md).transpose(1, 2)  # [batch, heads, max_q, head_dim]
         if self.num_kv_heads != self.num_heads:
@@ -124,6 +126,22 @@ class Attention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)
         return out if md.output_index is None else out.index_select(0, md.output_index)
+
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """One new token per sequence: the query heads that share a KV head become that head's
+        query rows (``[batch, kv_heads, heads / kv_heads, head_dim]``), so grouped-query attention
+        needs no copy of the keys per query head; a lone sequence needs no mask either."""
+        keys, values = (t.transpose(1, 2) for t in self._context(k, v, md))  # [batch, kv_heads, max_kv, head_dim]
+        batch = md.batch_size
+        queries = q.view(batch, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self._decode_mask(md), scale=self.scale)
+        return out.reshape(batch, self.num_heads * self.head_dim)
+
+    def _decode_mask(self, md: AttentionMetadata) -> torch.Tensor | None:
+        window = self.sliding_window
+        if md.batch_size == 1 and md.causal and (window is None or md.max_position < window):
+            return None  # one sequence, every cached key visible
+        return md.mask(window)  # [batch, 1, 1, max_kv]: broadcast over the grouped query rows
 
     def _context(self, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata):
         """Each sequence's keys and values, [batch, max_kv, kv_heads, head_dim]."""

@@ -9,6 +9,7 @@ rope parameters) says how many frequencies each axis owns: in order, t then h th
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
@@ -51,6 +52,11 @@ def _inv_freq(dim: int, rope: RopeConfig, max_position: int) -> tuple[torch.Tens
     raise ModelLoadError(f"unsupported rope type {rope.rope_type!r} (supported: default, linear, llama3, yarn)")
 
 
+# Per thread, the cos/sin rows of the positions the last forward used: every layer of a step
+# rotates the same positions, so the lookup is done once per step and rope variant.
+_step_rows = threading.local()
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, rope: RopeConfig, max_position: int):
         super().__init__()
@@ -62,6 +68,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("mrope_axis", None if not section else
                              _mrope_axes(section, head_dim // 2, bool(rope.extra.get("mrope_interleaved"))),
                              persistent=False)
+        # Layers with equal settings share one cos/sin lookup per step (see _rows).
+        self._variant = (head_dim, self.attention_scale, tuple(inv_freq.tolist()),
+                         None if self.mrope_axis is None else tuple(self.mrope_axis.tolist()))
 
     def _cache(self, needed: int, device) -> torch.Tensor:
         cache = self.cos_sin
@@ -78,15 +87,25 @@ class RotaryEmbedding(nn.Module):
 
         `max_position` (known to the runner) saves a device sync on `positions.max()`.
         """
-        needed = (max_position if max_position is not None else int(positions.max())) + 1
-        cache = self._cache(needed, q.device)
-        if positions.dim() == 2:  # M-RoPE: [3, tokens]; each frequency reads its own axis
-            table = cache[positions]  # [3, tokens, head_dim]
-            axis = self.mrope_axis.view(1, 1, -1).expand(1, table.size(1), -1)
-            cos, sin = table.gather(0, axis)[0].unsqueeze(1).chunk(2, dim=-1)
-        else:
-            cos, sin = cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        cos, sin = self._rows(positions, q.device, max_position)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _rows(self, positions: torch.Tensor, device, max_position: int | None):
+        memo = _step_rows.__dict__
+        if memo.get("positions") is not positions:  # a new step (the memo holds it, so `is` is safe)
+            memo.clear()
+            memo["positions"] = positions
+        key = (self._variant, device)
+        if key not in memo:
+            needed = (max_position if max_position is not None else int(positions.max())) + 1
+            cache = self._cache(needed, device)
+            if positions.dim() == 2:  # M-RoPE: [3, tokens]; each frequency reads its own axis
+                table = cache[positions]  # [3, tokens, head_dim]
+                axis = self.mrope_axis.view(1, 1, -1).expand(1, table.size(1), -1)
+                memo[key] = table.gather(0, axis)[0].unsqueeze(1).chunk(2, dim=-1)
+            else:
+                memo[key] = cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        return memo[key]
 
 
 def _mrope_axes(section: list[int], half: int, interleaved: bool) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import re
+import struct
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -93,6 +94,32 @@ class _Reader(GGUFReader):
         if end > self._bytes.size:
             raise _Truncated(f"needs byte {end} but the file has {self._bytes.size}")
         return super()._get(offset, dtype, count, override_order)
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        """Arrays longer than ``_LARGE_ARRAY`` (the vocabulary) are stepped over rather than
+        parsed into a numpy view per element (seconds for a 150k vocabulary): ``GGUFFile`` only
+        needs their length, and the tokenizer reads them itself (gguf_metadata.py)."""
+        if raw_type == GGUFValueType.ARRAY and self.byte_order == "I":
+            item_type, count = struct.unpack_from("<IQ", self._bytes, int(orig_offs)) if \
+                int(orig_offs) + 12 <= self._bytes.size else (None, 0)
+            if count > _LARGE_ARRAY and item_type != GGUFValueType.ARRAY:
+                size = 12 + self._array_bytes(int(orig_offs) + 12, GGUFValueType(item_type), count)
+                header = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+                return size, header, [0] * count, [GGUFValueType.ARRAY, GGUFValueType(item_type)]
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def _array_bytes(self, offset: int, item_type: GGUFValueType, count: int) -> int:
+        if item_type != GGUFValueType.STRING:
+            size = count * np.dtype(self.gguf_scalar_to_np[item_type]).itemsize
+        else:
+            size, buffer = 0, self._bytes
+            for _ in range(count):
+                if offset + size + 8 > buffer.size:
+                    raise _Truncated(f"an array runs past the end of the file ({buffer.size} bytes)")
+                size += 8 + struct.unpack_from("<Q", buffer, offset + size)[0]
+        if offset + size > self._bytes.size:
+            raise _Truncated(f"an array needs byte {offset + size} but the file has {self._bytes.size}")
+        return size
 
 
 class _Truncated(Exception):

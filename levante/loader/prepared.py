@@ -1,0 +1,209 @@
+"""Prepared weights: a model's packed tensors saved after the first load, memory-mapped after.
+
+Turning a GGUF file into packed int8/int4 weights (quant/packed.py) costs seconds of
+requantising and repacking on every start. After the first load the engine saves what the
+layers ended up holding, packed weights and dense parameters alike, in one safetensors
+file under ``<cache>/prepared/``; the next start maps that file and hands its tensors to
+the layers as they are (no copy: pages are read as the first forward touches them).
+
+The file's name is a hash of what its content depends on: the checkpoint file (resolved
+path, size, modification time), the quantisation mode, the dtype, the levante version, this
+format's version and the source of the modules that decide the packed form (so a changed
+packing or name mapping in a development checkout never meets an old entry). A changed
+checkpoint or levante gets a new entry; a file that does not read back as expected is
+ignored (and the model loads from the checkpoint).
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import json
+import logging
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from levante.layers.embedding import VocabParallelEmbedding
+from levante.layers.linear import LinearBase
+from levante.quant.gguf_blocks import GGUFTensor
+from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight
+
+logger = logging.getLogger("levante")
+
+FORMAT_VERSION = 1
+# The modules whose code decides what a prepared file holds, relative to the package.
+_PACKING_SOURCES = ("quant/packed.py", "quant/gguf_blocks.py", "loader/gguf.py", "loader/prepared.py",
+                    "models/registry.py", "layers/linear.py", "layers/embedding.py")
+_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+           "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+           "F64": torch.float64}
+
+
+def prepared_path(cache_dir: Path, checkpoint: Path, quantization: str | None, dtype: torch.dtype) -> Path | None:
+    """Where the prepared weights of this checkpoint, loaded this way, live; None when there is
+    nothing to prepare (dense loads are plain copies already) or the checkpoint is not a file."""
+    if quantization is None or not checkpoint.is_file():
+        return None
+    from levante import __version__  # at call time: levante/__init__ imports the engine, which imports this
+
+    stat = checkpoint.stat()
+    key = json.dumps([str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, quantization, str(dtype),
+                      __version__, FORMAT_VERSION, _packing_code()])
+    kind = f"{checkpoint.stem}-{quantization}-{str(dtype).removeprefix('torch.')}"
+    return cache_dir / "prepared" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+@functools.cache
+def _packing_code() -> str:
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for relative in _PACKING_SOURCES:
+        path = package / relative
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()
+
+
+# -- saving ----------------------------------------------------------------------------------------
+
+def _packed_entries(name: str, packed, tensors: dict, seen: dict) -> dict:
+    """The description of one packed weight; its tensors go into ``tensors`` (once, if shared)."""
+    if id(packed) in seen:
+        return {"kind": "same", "as": seen[id(packed)]}
+    seen[id(packed)] = name
+    if isinstance(packed, Int8Weight):
+        tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = packed.qweight, packed.scales
+        return {"kind": "int8"}
+    if isinstance(packed, Int4Weight):
+        tensors[f"{name}.packed"], tensors[f"{name}.scales_and_zeros"] = packed.packed, packed.scales_and_zeros
+        return {"kind": "int4", "group_size": packed.group_size, "cols": packed.shape[1]}
+    if isinstance(packed, GGUFRows):
+        tensors[f"{name}.raw"] = packed.tensor.raw
+        return {"kind": "gguf_rows", "qtype": int(packed.tensor.qtype), "shape": list(packed.tensor.shape)}
+    raise TypeError(f"cannot save a packed weight of type {type(packed).__name__}")
+
+
+def save_prepared(model: nn.Module, path: Path) -> None:
+    """Write the model's weights as its layers hold them (atomically: a temporary file, renamed)."""
+    tensors: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict] = {}
+    seen: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (LinearBase, VocabParallelEmbedding)) and module.packed is not None:
+            packed[name] = _packed_entries(f"packed.{name}", module.packed, tensors, seen)
+    shared: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.numel() and id(param) not in shared:
+            shared[id(param)] = name
+            tensors[f"param.{name}"] = param.data
+    tensors = {key: t.contiguous() for key, t in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(temporary), metadata={"levante_packed": json.dumps(packed)})
+        os.replace(temporary, path)
+        _remove_superseded(path)
+    except OSError as error:  # a read-only or full cache: the model still runs, it just is not saved
+        logger.warning("could not save prepared weights to %s: %s", path, error)
+        temporary.unlink(missing_ok=True)
+
+
+def _remove_superseded(path: Path) -> None:
+    """Entries for a checkpoint of the same name, quantisation and dtype but another key (the
+    file or levante changed since): each is as large as the model, and nothing reads them again."""
+    kind = path.name.rsplit("-", 1)[0]
+    for old in path.parent.glob(f"{glob.escape(kind)}-*.safetensors"):
+        if old != path and old.name.rsplit("-", 1)[0] == kind:
+            old.unlink(missing_ok=True)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+def _map(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors of a safetensors file as views of one private (copy-on-write) mapping."""
+    with path.open("rb") as stream:
+        mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY)
+    (header_size,) = struct.unpack("<Q", mapped[:8])
+    header = json.loads(mapped[8:8 + header_size])
+    metadata = header.pop("__metadata__", {})
+    data = torch.frombuffer(mapped, dtype=torch.uint8, offset=8 + header_size) if len(mapped) > 8 + header_size \
+        else torch.empty(0, dtype=torch.uint8)
+    tensors = {}
+    for key, info in header.items():
+        start, end = info["data_offsets"]
+        tensors[key] = data[start:end].view(_DTYPES[info["dtype"]]).view(info["shape"])
+    return tensors, metadata
+
+
+def _packed_weight(name: str, entry: dict, tensors: dict, built: dict):
+    kind = entry["kind"]
+    if kind == "same":
+        return built[entry["as"]]
+    if kind == "int8":
+        return Int8Weight(tensors[f"{name}.qweight"], tensors[f"{name}.scales"])
+    if kind == "int4":
+        return Int4Weight(tensors[f"{name}.packed"], tensors[f"{name}.scales_and_zeros"],
+                          entry["group_size"], entry["cols"])
+    if kind == "gguf_rows":
+        from gguf import GGMLQuantizationType
+
+        qtype = GGMLQuantizationType(entry["qtype"])
+        return GGUFRows(GGUFTensor(qtype, tensors[f"{name}.raw"], tuple(entry["shape"])))
+    raise ValueError(f"unknown packed weight kind {kind!r}")
+
+
+def load_prepared(model: nn.Module, path: Path, quantization: str) -> bool:
+    """Give the model's layers the prepared weights at ``path``; False (model untouched) when
+    the file is missing or does not describe this model."""
+    if not path.is_file():
+        return False
+    try:
+        return _load(model, path, quantization)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        logger.warning("ignoring prepared weights %s: %s", path, error)
+        return False
+
+
+def _describes(model: nn.Module, packed: dict, tensors: dict) -> bool:
+    """Every packed entry names a layer that packs, and every parameter has a tensor of its shape
+    (or belongs to a packed layer, or is tied to one that has)."""
+    modules = dict(model.named_modules())
+    if any(not isinstance(modules.get(name), (LinearBase, VocabParallelEmbedding)) for name in packed):
+        return False
+    covered = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        saved = tensors.get(f"param.{name}")
+        if saved is not None:
+            if tuple(saved.shape) != tuple(param.shape):
+                return False
+            covered.add(id(param))
+        elif name.endswith(".weight") and name.removesuffix(".weight") in packed:
+            covered.add(id(param))
+    return all(id(param) in covered for param in model.parameters())
+
+
+def _load(model: nn.Module, path: Path, quantization: str) -> bool:
+    tensors, metadata = _map(path)
+    packed = json.loads(metadata["levante_packed"])
+    if not _describes(model, packed, tensors):
+        return False
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    built: dict[str, object] = {}
+    for name, entry in packed.items():
+        key = f"packed.{name}"
+        built[key] = weight = _packed_weight(key, entry, tensors, built)
+        module = modules[name]
+        module.quantization = quantization
+        module.packed = weight
+        module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+    for name, param in params.items():
+        t = tensors.get(f"param.{name}")
+        if t is not None:
+            param.data = t
+    return True
