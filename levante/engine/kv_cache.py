@@ -50,8 +50,7 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold a prefix of `seq`, leaving at least its last token to compute."""
-        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None \
-                or seq.params.return_prompt_logits:
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         matched, previous = [], None
         limit = (seq.num_tokens - 1) // self.block_size
