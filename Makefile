@@ -34,7 +34,8 @@ bench: $(VENV)/.bench
 LLAMA_CPP_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
 bench-deps: $(VENV)/.bench
-$(VENV)/.bench: $(VENV)/.test
+# Order-only on .test: a pyproject change reinstalls levante, not the (minutes-long) llama.cpp build.
+$(VENV)/.bench: | $(VENV)/.test
 	CMAKE_ARGS="$(LLAMA_CPP_FLAGS)" $(PIP) --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
 	$(PIP) sse-starlette starlette-context pydantic-settings  # llama_cpp.server, for benchmarks/serve_vs_llamacpp.py
 	touch $@
