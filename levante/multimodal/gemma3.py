@@ -75,20 +75,13 @@ def pan_and_scan_crops(image: np.ndarray, min_crop_size: int, max_num_crops: int
                        min_ratio_to_activate: float) -> list[np.ndarray]:
     """Crops of a [H, W, C] array, by transformers' Gemma3ImageProcessor.pan_and_scan rules ([] when none)."""
     height, width = image.shape[:2]
-    if width >= height:
-        if width / height < min_ratio_to_activate:
-            return []
-        num_w = int(math.floor(width / height + 0.5))
-        num_w = min(int(math.floor(width / min_crop_size)), num_w)
-        num_w = min(max_num_crops, max(2, num_w))
-        num_h = 1
-    else:
-        if height / width < min_ratio_to_activate:
-            return []
-        num_h = int(math.floor(height / width + 0.5))
-        num_h = min(int(math.floor(height / min_crop_size)), num_h)
-        num_h = min(max_num_crops, max(2, num_h))
-        num_w = 1
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side / short_side < min_ratio_to_activate:
+        return []
+    # Crops split the long side only (width on ties, as transformers does).
+    num_crops = min(int(math.floor(long_side / short_side + 0.5)), int(math.floor(long_side / min_crop_size)))
+    num_crops = min(max_num_crops, max(2, num_crops))
+    num_w, num_h = (num_crops, 1) if width >= height else (1, num_crops)
     crop_w, crop_h = int(math.ceil(width / num_w)), int(math.ceil(height / num_h))
     if min(crop_w, crop_h) < min_crop_size:
         return []
