@@ -213,7 +213,7 @@ class Engine:
         start = seq.num_computed_tokens - item.num_new_tokens
         rows = min(item.num_new_tokens, seq.num_prompt_tokens - start)
         if seq.params.return_prompt_logits:
-            previous = seq.prompt_logits if seq.prompt_logits is not None else logits[:0]
+            previous = seq.prompt_logits if seq.prompt_logits is not None else logits[:0].cpu()
             seq.prompt_logits = torch.cat([previous, logits[:rows].cpu()])
         if seq.prompt_logprobs is None:
             return
