@@ -143,3 +143,37 @@ def test_strided_cache_views():
     dev = [t.to(DEVICE) for t in (tables, cu, lens)]
     got = paged_attention_triton(qs, kv[:, 0], kv[:, 1], *dev, block_size=5, scale=0.125, max_q=4)
     torch.testing.assert_close(got.cpu().double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real-size shapes: too slow for the interpreter")
+@pytest.mark.parametrize("window", [None, 256])
+def test_real_sizes_cuda(window):
+    # A long prefill chunk over a cached prefix among many decodes, Qwen2.5-0.5B heads (14 / 2, dim 64).
+    q_lens = [300] + [1] * 40 + [0, 17]
+    seq_lens = [2300] + [37 * i + 1 for i in range(40)] + [100, 17]
+    run_case(q_lens, seq_lens, heads=14, kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16,
+             window=window)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_cuda_graph_capture_and_replay():
+    # Captured once, replayed after the metadata tensors change in place (what the runner does per step).
+    q, k, v, tables, cu, lens = [t.cuda() for t in make_case([1] * 4, [5, 40, 1, 0], 8, 2, 128, 16,
+                                                                torch.bfloat16)]
+    out = torch.empty_like(q)
+
+    def step():
+        paged_attention_triton(q, k, v, tables, cu, lens, block_size=16, scale=128 ** -0.5, max_q=1, out=out)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for new_lens in ([6, 41, 2, 0], [1, 3, 0, 0]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference(q.cpu(), k.cpu(), v.cpu(), tables.cpu(), cu.cpu(), lens.cpu(), 16, 128 ** -0.5, None)
+        torch.testing.assert_close(out.cpu().double(), ref, atol=2e-2, rtol=2e-2)
