@@ -108,9 +108,25 @@ def test_sliding_window(block_size):
              block_size=block_size, dtype=torch.float32, window=7)
 
 
-def test_decode_batch_no_out():
-    run_case(q_lens=[1] * 6, seq_lens=[1, 7, 16, 17, 33, 70], heads=8, kv_heads=1, head_dim=64,
-             block_size=16, dtype=torch.bfloat16, give_out=False)
+@pytest.mark.parametrize("split_kv", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_batch_no_out(split_kv, dtype, monkeypatch):
+    # Small decode batches split each context over several programs (flash-decoding) unless turned off.
+    import levante.layers.triton_attention as ta
+
+    monkeypatch.setattr(ta, "SPLIT_KV_BELOW", 256 if split_kv else 0)
+    assert (ta._num_splits(1, 7, 1) > 1) == split_kv
+    run_case(q_lens=[1] * 7, seq_lens=[1, 7, 16, 17, 33, 200, 0], heads=8, kv_heads=1, head_dim=64,
+             block_size=16, dtype=dtype, give_out=False)
+
+
+@pytest.mark.parametrize("split_kv", [True, False])
+def test_decode_sliding_window(split_kv, monkeypatch):
+    import levante.layers.triton_attention as ta
+
+    monkeypatch.setattr(ta, "SPLIT_KV_BELOW", 256 if split_kv else 0)
+    run_case(q_lens=[1, 1, 1, 0], seq_lens=[150, 20, 70, 9], heads=4, kv_heads=2, head_dim=80, block_size=5,
+             dtype=torch.float32, window=33)
 
 
 def test_long_prefill_tiles():

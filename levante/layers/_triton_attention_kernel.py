@@ -5,6 +5,11 @@ positions x the G query heads sharing that KV head (row r = position r // G, hea
 K/V are read once for the whole group. It walks the keys the tile may see in TILE_N steps,
 looking each key's slot up in the block table (any block size), with an online softmax in
 float32 (flash-attention). Head dim is padded to D_PAD (a power of two) with masks.
+
+Split-KV (flash-decoding), for decode steps with too few (sequence, KV head) programs to fill
+the GPU: NUM_SPLITS > 1 makes program axis 1 a split of the key range instead of a query tile
+(the step has one query tile), each split writes its unnormalised partial (max, sum, acc) to
+scratch, and `combine_splits_kernel` merges them.
 """
 import triton
 import triton.language as tl
@@ -18,6 +23,8 @@ def paged_attention_kernel(
     stride_vs, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
     stride_bt,
+    part_m_ptr, part_l_ptr, part_acc_ptr,  # split-KV scratch [T, H, NUM_SPLITS(, D_PAD)] float32
+    num_heads,
     qk_scale,  # softmax scale * log2(e): exp2 below
     window,  # sliding window (keys with p - j >= window are masked); only read when USE_WINDOW
     block_size,
@@ -30,9 +37,14 @@ def paged_attention_kernel(
     USE_WINDOW: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots (no tf32)
     INTERPRET: tl.constexpr,  # running under TRITON_INTERPRET=1 (CPU tensors)
+    NUM_SPLITS: tl.constexpr,  # 1: the whole key range here; > 1: program axis 1 is the split
 ):
     seq = tl.program_id(0)
-    q_tile = tl.program_id(1)
+    if NUM_SPLITS > 1:
+        split = tl.program_id(1)
+        q_tile = 0
+    else:
+        q_tile = tl.program_id(1)
     kv_head = tl.program_id(2)
 
     q_start = tl.load(cu_seqlens_q_ptr + seq)
@@ -63,6 +75,10 @@ def paged_attention_kernel(
         lo = tl.maximum(seq_len - q_len + tile_first - window + 1, 0)
         lo = (lo // TILE_N) * TILE_N
     hi = tl.maximum(hi, lo)
+    if NUM_SPLITS > 1:  # this split's share, whole key tiles
+        per = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), TILE_N) * TILE_N
+        lo = lo + split * per
+        hi = tl.maximum(tl.minimum(hi, lo + per), lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -87,10 +103,36 @@ def paged_attention_kernel(
                 k_ptr, v_ptr, kv_h_off, stride_ks, stride_kh, stride_kd, stride_vs, stride_vh, stride_vd,
                 qk_scale, window, TILE_N, USE_WINDOW, IEEE, INTERPRET)
 
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    o = tl.where((l_i > 0.0)[:, None], acc / l_safe[:, None], 0.0)
-    o_offs = token[:, None] * stride_ot + head[:, None].to(tl.int64) * stride_oh + d[None, :] * stride_od
-    tl.store(out_ptr + o_offs, o.to(out_ptr.dtype.element_ty), mask=qm)
+    if NUM_SPLITS > 1:
+        part = (token * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + part[:, None] * D_PAD + d[None, :], acc, mask=row_ok[:, None])
+    else:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        o = tl.where((l_i > 0.0)[:, None], acc / l_safe[:, None], 0.0)
+        o_offs = token[:, None] * stride_ot + head[:, None].to(tl.int64) * stride_oh + d[None, :] * stride_od
+        tl.store(out_ptr + o_offs, o.to(out_ptr.dtype.element_ty), mask=qm)
+
+
+@triton.jit
+def combine_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, stride_ot, stride_oh, stride_od,
+                          num_heads, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """One program per (token, head): merge the splits' partial softmaxes (a row seeing nothing: zeros)."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    part = (token * num_heads + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, D_PAD)
+    m = tl.load(part_m_ptr + part)
+    big = tl.max(m, axis=0)
+    big = tl.where(big > float("-inf"), big, 0.0)
+    w = tl.exp2(m - big)  # empty splits (m = -inf): 0, and their l/acc (maybe never written) are not used
+    total = tl.sum(tl.where(w > 0.0, w * tl.load(part_l_ptr + part), 0.0), axis=0)
+    acc = tl.load(part_acc_ptr + part[:, None] * D_PAD + d[None, :])
+    acc = tl.sum(tl.where(w[:, None] > 0.0, w[:, None] * acc, 0.0), axis=0)
+    o = tl.where(total > 0.0, acc / tl.where(total > 0.0, total, 1.0), 0.0)
+    tl.store(out_ptr + token * stride_ot + head.to(tl.int64) * stride_oh + d * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit

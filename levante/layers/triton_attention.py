@@ -16,7 +16,10 @@ import math
 
 import torch
 
-_KERNEL = None
+_KERNELS = None
+# Decode steps with fewer (sequence, KV head) programs than this split each sequence's keys
+# (flash-decoding); 0 turns split-KV off.
+SPLIT_KV_BELOW = 256
 
 
 def triton_available() -> bool:
@@ -29,12 +32,20 @@ def triton_available() -> bool:
     return True
 
 
-def _kernel():
-    global _KERNEL
-    if _KERNEL is None:
-        from levante.layers._triton_attention_kernel import paged_attention_kernel
-        _KERNEL = paged_attention_kernel
-    return _KERNEL
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        from levante.layers._triton_attention_kernel import combine_splits_kernel, paged_attention_kernel
+        _KERNELS = paged_attention_kernel, combine_splits_kernel
+    return _KERNELS
+
+
+def _num_splits(max_q: int, batch: int, num_kv_heads: int) -> int:
+    """Key-range splits per (sequence, KV head): > 1 only for decode steps too small to fill the GPU."""
+    programs = batch * num_kv_heads
+    if max_q != 1 or programs >= SPLIT_KV_BELOW:
+        return 1
+    return 16 if programs <= 64 else 8 if programs <= 128 else 4
 
 
 def _next_pow2(n: int) -> int:
@@ -86,23 +97,37 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_
     d_pad = max(16, _next_pow2(head_dim))
     block_m, tile_n, num_warps = _tiles(max_q, group, d_pad, q.dtype == torch.float32)
     block_q = block_m // group
-    grid = (batch, triton_cdiv(max_q, block_q), num_kv_heads)
+    splits = _num_splits(max_q, batch, num_kv_heads)
+    grid = (batch, splits if splits > 1 else triton_cdiv(max_q, block_q), num_kv_heads)
+    if splits > 1:  # float32 partials per (token, head, split); unwritten rows read as empty
+        part_m = torch.full((num_tokens, num_heads, splits), float("-inf"), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((num_tokens, num_heads, splits), dtype=torch.float32, device=q.device)
+        part_acc = torch.empty((num_tokens, num_heads, splits, d_pad), dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # not read
     window = sliding_window if sliding_window is not None else 0
-    _kernel()[grid](
+    attend, combine = _kernels()
+    interpret = q.device.type != "cuda"
+    attend[grid](
         q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         block_tables.stride(0),
+        part_m, part_l, part_acc, num_heads,
         float(scale) * math.log2(math.e),
         int(window),
         int(block_size),
         G=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
-        USE_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32,
-        INTERPRET=q.device.type != "cuda",
-        num_warps=num_warps,
+        USE_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32, INTERPRET=interpret,
+        NUM_SPLITS=splits, num_warps=num_warps,
     )
+    if splits > 1:
+        combine[(num_tokens, num_heads)](
+            part_m, part_l, part_acc, out, out.stride(0), out.stride(1), out.stride(2), num_heads,
+            HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SPLITS=splits, num_warps=4,
+        )
     return out
 
 
