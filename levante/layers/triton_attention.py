@@ -6,6 +6,8 @@ gather, no padding to the longest sequence, no host synchronisation (CUDA-graph 
 the grid depends only on python ints). The kernel follows the design of vLLM's Triton
 "unified attention": one program per (sequence, query tile, KV head), the tile covering
 query rows x the query heads grouped on that KV head; see `_triton_attention_kernel`.
+Decode steps with few (sequence, KV head) pairs split each context over several programs
+and merge the partial softmaxes in a second small kernel (flash-decoding; `SPLIT_KV_BELOW`).
 
 Triton is imported lazily: this module imports where triton is absent (CPU CI);
 `triton_available()` says whether the kernel can run.
