@@ -207,3 +207,13 @@ def test_compiles_for_sm90_without_spills():
     run = subprocess.run([sys.executable, str(here / "triton_compile_check.py")], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_bad_metadata_is_a_clear_error():
+    q, k, v, tables, cu, lens = make_case([1, 1], [3, 4], 4, 2, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="metadata shapes"):
+        paged_attention_triton(q, k, v, tables, cu[:-1], lens, block_size=16, scale=0.125, max_q=1)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_attention_triton(q[:, :3], k, v, tables, cu, lens, block_size=16, scale=0.125, max_q=1)
+    with pytest.raises(ValueError, match="integer"):
+        paged_attention_triton(q, k, v, tables.float(), cu, lens, block_size=16, scale=0.125, max_q=1)

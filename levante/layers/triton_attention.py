@@ -92,6 +92,12 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_
     elif out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} does not match q {tuple(q.shape)} {q.dtype}")
     batch = seq_lens.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or cu_seqlens_q.shape != (batch + 1,):
+        raise ValueError(f"metadata shapes do not agree: block_tables {tuple(block_tables.shape)}, "
+                         f"cu_seqlens_q {tuple(cu_seqlens_q.shape)}, seq_lens {tuple(seq_lens.shape)}")
+    for name, t in (("block_tables", block_tables), ("cu_seqlens_q", cu_seqlens_q), ("seq_lens", seq_lens)):
+        if t.dtype not in (torch.int32, torch.int64) or t.device != q.device:
+            raise ValueError(f"{name} must be an integer tensor on {q.device}, got {t.dtype} on {t.device}")
     if num_tokens == 0 or batch == 0 or max_q <= 0:
         return out
 
