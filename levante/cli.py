@@ -18,8 +18,16 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="memory preallocated for the KV cache")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="sequences batched together (default: 64 on the CPU, 256 on CUDA)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens computed per step, prefill chunks included (default: 1024 on the CPU, "
+                             "8192 on CUDA)")
+    parser.add_argument("--kv-cache-gb", type=float, default=None,
+                        help="memory preallocated for the KV cache (default: 2 on the CPU; on CUDA what "
+                             "--gpu-memory-utilization leaves after the weights)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of the GPU's memory levante may use, KV cache included (default: 0.9)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--quantization", "--isq", dest="quantization", default="auto",
                         choices=["auto", "none", "int8", "int4"],
@@ -49,7 +57,8 @@ def _load(args, warmup: bool = True):
 
     return LLM(args.model, progress=sys.stderr.isatty(), dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               kv_cache_gb=args.kv_cache_gb, num_threads=args.threads, warmup=warmup,
+               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gb=args.kv_cache_gb,
+               gpu_memory_utilization=args.gpu_memory_utilization, num_threads=args.threads, warmup=warmup,
                quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
                device_map=args.device_map, topology=args.topology,
                prepared_cache=getattr(args, "prepared_cache", True))

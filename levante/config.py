@@ -147,18 +147,22 @@ def _rope_configs(cfg: dict) -> dict[str, RopeConfig]:
 @dataclass
 class CacheConfig:
     block_size: int = 16
-    # Memory for the KV cache; blocks are preallocated from it at start.
-    memory_gb: float = 2.0
+    # Memory for the KV cache; blocks are preallocated from it at start. None: 2 GiB on the CPU; on
+    # CUDA what `gpu_memory_utilization` of the card leaves once the weights are in (as vLLM does).
+    memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None  # overrides memory_gb when set
     enable_prefix_caching: bool = True
 
 
 @dataclass
 class EngineConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024  # the per-step token budget; bounds chunked-prefill latency
+    # None: per device (`with_device_defaults`): 64 sequences and 1024 tokens a step on the CPU,
+    # 256 and 8192 on CUDA. The token budget bounds chunked-prefill latency.
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
-    dtype: torch.dtype | None = None  # None: float32 for tests? no: bfloat16 on CPU with AMX/AVX512-BF16, else float32
+    dtype: torch.dtype | None = None  # None: bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32
     device: str = "cpu"
     num_threads: int | None = None
     # "auto": GGUF weights stay quantised (int8/int4 packed, quant/packed.py), others dense;
@@ -174,3 +178,12 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     device_map: str | None = None
     topology: str | None = None
+
+    def with_device_defaults(self, device: torch.device) -> "EngineConfig":
+        """Fill the knobs left None with the defaults of `device`'s type (in place; returns self)."""
+        cuda = torch.device(device).type == "cuda"
+        if self.max_num_seqs is None:
+            self.max_num_seqs = 256 if cuda else 64
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 8192 if cuda else 1024
+        return self

@@ -192,7 +192,7 @@ class LLM:
 def _engine_config(options: dict) -> EngineConfig:
     cache = CacheConfig()
     renames = {"block_size": "block_size", "kv_cache_gb": "memory_gb", "num_kv_blocks": "num_blocks",
-               "enable_prefix_caching": "enable_prefix_caching"}
+               "enable_prefix_caching": "enable_prefix_caching", "gpu_memory_utilization": "gpu_memory_utilization"}
     config = EngineConfig(cache=cache)
     for key, value in options.items():
         if key in renames:

@@ -90,3 +90,30 @@ def test_prompt_logits_are_the_rows_computed_after_a_prefix_cache_hit(tiny_model
     second = llm.generate([prompt], params)[0].metrics["prompt_logits"]
     assert first.shape[0] == len(prompt) and 0 < second.shape[0] < len(prompt)
     torch.testing.assert_close(second, first[-second.shape[0]:])
+
+
+def test_device_defaults_and_cuda_kv_cache_size(monkeypatch):
+    """CPU keeps small batches and a 2 GiB cache; CUDA batches 256 sequences and sizes the cache from the
+    card's free memory (what gpu_memory_utilization leaves past the weights and one step's reserve)."""
+    from types import SimpleNamespace
+
+    from levante.config import EngineConfig, ModelConfig
+    from levante.engine.engine import Engine
+
+    cpu = EngineConfig().with_device_defaults(torch.device("cpu"))
+    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (64, 1024)
+    cuda = EngineConfig(max_num_seqs=32).with_device_defaults(torch.device("cuda"))
+    assert (cuda.max_num_seqs, cuda.max_num_batched_tokens) == (32, 8192)  # what was given stays
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * gib, 80 * gib))
+    mc = ModelConfig(architecture="x", model_type="x", vocab_size=1000, hidden_size=64, intermediate_size=128,
+                     num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32)
+    fake = SimpleNamespace(device=torch.device("cuda"), config=cuda, model_config=mc, dtype=torch.bfloat16)
+    size = Engine._kv_cache_bytes(fake, per_token=256)
+    reserve = 8192 * (4 * 128 + 8 * 64) * 2 + 2 * 32 * 1000 * 4 + gib
+    assert size == int(80 * gib * 0.9 - 10 * gib - reserve)
+    fake.config.cache.gpu_memory_utilization = 0.1  # less than what is in use: a floor of 64 blocks, warned
+    assert Engine._kv_cache_bytes(fake, per_token=256) == 256 * 16 * 64
+    fake.device = torch.device("cpu")
+    assert Engine._kv_cache_bytes(fake, per_token=256) == 2 * gib

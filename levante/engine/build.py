@@ -59,7 +59,7 @@ def load_model(source, config: EngineConfig, dtype: torch.dtype, device: torch.d
     if config.device_map or topology is not None:
         from levante.engine.placement import place
 
-        kv_bytes = int(config.cache.memory_gb * (1 << 30))
+        kv_bytes = int((config.cache.memory_gb or 2.0) * (1 << 30))
         overrides = place(model, device, dtype, source.format, config.device_map, topology, kv_bytes)
     return_free_memory()  # what reading the tokenizer freed, before the weights come in
     prepared = None  # packed weights kept from an earlier load: one rank, no per-layer placement

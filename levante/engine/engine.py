@@ -61,6 +61,7 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
+        config.with_device_defaults(self.device)
         self.dtype = config.dtype or default_dtype(self.device)
         started = time.monotonic()
         self.source = open_model(model)
@@ -89,13 +90,34 @@ class Engine:
     def _init_cache(self) -> None:
         cache, cfg = self.config.cache, self.config
         per_token = kv_bytes_per_token(self.model, self.dtype)
-        num_blocks = cache.num_blocks or int(cache.memory_gb * (1 << 30) // (per_token * cache.block_size))
+        memory = self._kv_cache_bytes(per_token) if cache.memory_gb is None else cache.memory_gb * (1 << 30)
+        num_blocks = cache.num_blocks or int(memory // (per_token * cache.block_size))
+        if num_blocks < 1:
+            raise InvalidRequest(f"the KV cache ({memory / (1 << 30):.2f} GiB) holds no block of "
+                                 f"{cache.block_size} tokens ({per_token} bytes a token): raise --kv-cache-gb")
         capacity = num_blocks * cache.block_size
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings, capacity)
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         runner = tp.TensorParallelRunner if self.tensor_parallel else ModelRunner
         self.runner = runner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+
+    def _kv_cache_bytes(self, per_token: int) -> int:
+        """The default KV cache size: 2 GiB on the CPU; on CUDA, `gpu_memory_utilization` of the card
+        minus what is in use (the weights) and a reserve for one step's activations and logits."""
+        if self.device.type != "cuda":
+            return 2 << 30
+        cfg, mc = self.config, self.model_config
+        free, total = torch.cuda.mem_get_info(self.device)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        activations = cfg.max_num_batched_tokens * (4 * mc.intermediate_size + 8 * mc.hidden_size) * item
+        logits = 2 * cfg.max_num_seqs * mc.vocab_size * 4
+        budget = total * cfg.cache.gpu_memory_utilization - (total - free) - activations - logits - (1 << 30)
+        floor = per_token * self.config.cache.block_size * 64
+        if budget < floor:
+            logger.warning("little GPU memory left for the KV cache (%.2f GiB free of %.2f): using %.2f GiB",
+                           free / (1 << 30), total / (1 << 30), floor / (1 << 30))
+        return int(max(budget, floor))
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (also done at exit)."""
