@@ -174,3 +174,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     device_map: str | None = None
     topology: str | None = None
+    # CUDA: decode steps replay CUDA graphs captured at start for padded batch sizes up to
+    # min(max_num_seqs, cuda_graph_max_batch); enforce_eager turns that off.
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 256

@@ -96,6 +96,9 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         runner = tp.TensorParallelRunner if self.tensor_parallel else ModelRunner
         self.runner = runner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+        if not self.tensor_parallel:
+            self.runner.setup_decode_graphs(cfg.max_num_seqs, self.max_model_len, cfg.enforce_eager,
+                                            cfg.cuda_graph_max_batch)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (also done at exit)."""
