@@ -195,7 +195,8 @@ class Engine:
                 sample_rows.append(row + count - 1)
             row += count
         if to_sample:
-            rows = logits[sample_rows]
+            # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
+            rows = logits if len(sample_rows) == logits.size(0) else logits[sample_rows]
             tokens, raw_logprobs = self.sampler(rows, to_sample)
             for i, (seq, token) in enumerate(zip(to_sample, tokens)):
                 self._append_token(seq, token, None if raw_logprobs is None else raw_logprobs[i])
