@@ -47,9 +47,10 @@ class DecodeGraphs:
         # Staging: rows (ids, positions, slots, seq_lens) then the block table, one host->device copy.
         pin = dev.type == "cuda"
         self._host = torch.zeros(4 * n + n * self.width, dtype=torch.long, pin_memory=pin)
-        self._staging = torch.zeros_like(self._host, device=dev)
+        self._staging = torch.zeros(self._host.shape, dtype=torch.long, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: torch.Tensor | None = None  # [max_batch, vocab] static output of the graphs
+        self.capture_seconds = 0.0
 
     def takes(self, batch, all_logits) -> bool:
         """A pure-decode step that fits: one sampled token per sequence, no prompt rows, text only."""
@@ -92,8 +93,8 @@ class DecodeGraphs:
                 pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s in %.2f s", self.sizes,
-                    time.monotonic() - started)
+        self.capture_seconds = time.monotonic() - started
+        logger.info("captured CUDA graphs for decode batch sizes %s in %.2f s", self.sizes, self.capture_seconds)
 
     def run(self, batch) -> torch.Tensor:
         """Logits [len(batch), vocab] of the step, rows in batch order (every row samples)."""
