@@ -185,6 +185,41 @@ def test_padded_decode_path_matches_normal_decode(tiny_model, monkeypatch):
     assert llm.engine.runner.scratch_slot == llm.engine.runner.kv_cache[0][0].size(0) - 1
 
 
+def test_capture_bookkeeping_with_a_stand_in_for_cuda_graphs(tiny_model, monkeypatch):
+    """capture() and replay through the static logits buffer, with torch.cuda's graph API replaced by
+    a stand-in that re-runs the padded forward on replay (the capture itself needs a GPU)."""
+    import contextlib
+
+    folder = str(tiny_model("qwen3"))
+    prompts = _ragged_prompts(5, seed=6)
+    max_tokens = [9, 4, 14, 6, 11]
+    _, want = _run(folder, prompts, max_tokens, max_num_seqs=8)
+    monkeypatch.setenv(PADDED_DECODE_ENV, "1")
+    llm = LLM(folder, dtype="float32", block_size=4, max_model_len=128, max_num_seqs=8)
+    graphs = llm.engine.runner.decode_graphs
+    created = []
+
+    class StandIn:
+        def __init__(self):
+            created.append(self)
+
+        def pool(self):
+            return "pool"
+
+        def replay(self):
+            graphs.logits[:self.size].copy_(graphs._forward(self.size))
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandIn)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    graphs.capture()
+    assert list(graphs.graphs) == [8, 4, 2, 1] and graphs.logits.shape == (8, 384)
+    for size, graph in graphs.graphs.items():
+        graph.size = size
+    got = _generate(llm, prompts, max_tokens)
+    _same(got, want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_match_eager_and_cpu(tiny_model):
     folder = str(tiny_model("qwen3"))

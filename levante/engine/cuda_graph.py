@@ -47,6 +47,7 @@ class DecodeGraphs:
         # Staging: rows (ids, positions, slots, seq_lens) then the block table, one host->device copy.
         pin = dev.type == "cuda"
         self._host = torch.zeros(4 * n + n * self.width, dtype=torch.long, pin_memory=pin)
+        self._host_np = self._host.numpy()
         self._staging = torch.zeros(self._host.shape, dtype=torch.long, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: torch.Tensor | None = None  # [max_batch, vocab] static output of the graphs
@@ -101,27 +102,25 @@ class DecodeGraphs:
         count = len(batch)
         size = next(s for s in self.sizes if s >= count)
         bs, width = self.block_size, max(len(item.seq.block_table) for item in batch)
-        ids, positions, slots, lens, tables = [], [], [], [], []
-        for item in batch:
+        used = 4 * size + size * width
+        host = self._host_np[:used]  # numpy view of the (pinned) staging buffer
+        rows, table = host[:4 * size].reshape(4, size), host[4 * size:].reshape(size, width)
+        ids, positions, slots = [], [], []
+        for i, item in enumerate(batch):
             seq = item.seq
-            pos = seq.num_computed_tokens
-            table = seq.block_table
+            pos, blocks = seq.num_computed_tokens, seq.block_table
             ids.append(seq.token_ids[pos])
             positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            lens.append(pos + 1)
-            tables.append(table + [0] * (width - len(table)))
-        pad = size - count
-        rows = torch.tensor([ids + [0] * pad, positions + [0] * pad,
-                             slots + [self.runner.scratch_slot] * pad, lens + [0] * pad], dtype=torch.long)
-        used = 4 * size + size * width
-        host = self._host[:used]
-        host[:4 * size].view(4, size).copy_(rows)
-        host_table = host[4 * size:].view(size, width)
-        host_table[:count] = torch.tensor(tables, dtype=torch.long)
-        host_table[count:] = 0
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            table[i, :len(blocks)] = blocks
+            table[i, len(blocks):] = 0
+        rows[0, :count], rows[1, :count], rows[2, :count] = ids, positions, slots
+        rows[3, :count] = rows[1, :count] + 1  # context length after this step
+        rows[:, count:] = 0
+        rows[2, count:] = self.runner.scratch_slot  # padding rows: length 0, key written to the spare slot
+        table[count:] = 0
         staged = self._staging[:used]
-        staged.copy_(host, non_blocking=True)
+        staged.copy_(self._host[:used], non_blocking=True)
         rows = staged[:4 * size].view(4, size)
         self.input_ids[:size].copy_(rows[0])
         self.positions[:size].copy_(rows[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +27,14 @@ PAGED_ENV, PADDED_DECODE_ENV = "LEVANTE_PAGED_ATTENTION", "LEVANTE_PADDED_DECODE
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     return sum(2 * m.num_kv_heads * m.head_dim for m in layers) * torch.empty((), dtype=dtype).element_size()
+
+
+def padded_tables(block_tables: list[list[int]]) -> torch.Tensor:
+    """[batch, longest] int64, zero-padded (numpy row copies: several times faster than nested lists)."""
+    table = np.zeros((len(block_tables), max(len(t) for t in block_tables)), dtype=np.int64)
+    for row, blocks in zip(table, block_tables):
+        row[:len(blocks)] = blocks
+    return torch.from_numpy(table)
 
 
 class ModelRunner:
@@ -119,8 +128,7 @@ class ModelRunner:
         """Paged-attention metadata, vectorised on the host and sent in one copy; the SDPA fields
         (key_slots, masks) are built only if a layer asks (AttentionMetadata.sdpa)."""
         bs = self.block_size
-        width = max(len(t) for t in block_tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+        table = padded_tables(block_tables)
         q = torch.tensor(q_lens, dtype=torch.long)
         pos = torch.tensor(positions, dtype=torch.long)
         seq_index = torch.repeat_interleave(torch.arange(len(q_lens)), q)
