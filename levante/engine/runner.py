@@ -212,7 +212,11 @@ class ModelRunner:
     def run(self, batch: list[ScheduledSequence], all_logits: list[bool]) -> torch.Tensor:
         """Forward one step; logits [rows, vocab] float32 for the rows `prepare` selected, in order."""
         if self.decode_graphs is not None and self.decode_graphs.takes(batch, all_logits):
-            return self.decode_graphs.run(batch)
+            try:
+                return self.decode_graphs.run(batch)
+            except Exception as e:  # noqa: BLE001 - the eager forward below redoes the step
+                logger.warning("decode graphs off after a failed step, running eagerly: %s: %s", type(e).__name__, e)
+                self.decode_graphs = None
         input_ids, positions, metadata = self.prepare(batch, all_logits)
         if self.uses_mrope:
             positions = self._mrope_positions(batch)
