@@ -45,6 +45,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=dev)  # one query row each
         # Staging: rows (ids, positions, slots, seq_lens) then the block table, one host->device copy.
+        # Reusing the pinned buffer is safe: every step taken here samples, which syncs before the next.
         pin = dev.type == "cuda"
         self._host = torch.zeros(4 * n + n * self.width, dtype=torch.long, pin_memory=pin)
         self._host_np = self._host.numpy()

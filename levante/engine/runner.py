@@ -60,7 +60,6 @@ class ModelRunner:
         padded = os.environ.get(PADDED_DECODE_ENV) == "1"
         # Paged attention: always on CUDA; on CPU only under the test knobs (the CPU SDPA path is tuned).
         self.paged = device.type == "cuda" or padded or os.environ.get(PAGED_ENV) == "1"
-        self._pinned: torch.Tensor | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self._padded_eager = padded
 
@@ -153,16 +152,15 @@ class ModelRunner:
         return ids, pos, metadata
 
     def _upload(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """int64 host tensors -> the device in one copy from a reused pinned buffer (CUDA); as-is on CPU.
-        The previous step's copy is done by now: every step ends in a sync (sampling)."""
+        """int64 host tensors -> the device in one non-blocking copy from pinned memory (CUDA); as-is on CPU.
+
+        The pinned buffer comes from PyTorch's caching host allocator each step, which does not hand
+        a block out again before the copy reading it has run: a step without sampling has no sync,
+        so a buffer reused by hand could be overwritten while its copy is still queued."""
         if self.device.type != "cuda":
             return parts
         sizes = [p.numel() for p in parts]
-        total = sum(sizes)
-        if self._pinned is None or self._pinned.numel() < total:
-            self._pinned = torch.empty(max(total, 2 * (0 if self._pinned is None else self._pinned.numel())),
-                                       dtype=torch.long, pin_memory=True)
-        host = self._pinned[:total]
+        host = torch.empty(sum(sizes), dtype=torch.long, pin_memory=True)
         torch.cat([p.reshape(-1) for p in parts], out=host)
         flat = host.to(self.device, non_blocking=True)
         return [t.view(p.shape) for t, p in zip(flat.split(sizes), parts)]
