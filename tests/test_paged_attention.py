@@ -210,7 +210,7 @@ def test_capture_bookkeeping_with_a_stand_in_for_cuda_graphs(tiny_model, monkeyp
             graphs.logits[:self.size].copy_(graphs._forward(self.size))
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", StandIn)
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None, capture_error_mode=None: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     graphs.capture()
     assert list(graphs.graphs) == [8, 4, 2, 1] and graphs.logits.shape == (8, 384)

@@ -89,7 +89,8 @@ class DecodeGraphs:
                 self.logits = torch.empty(self.max_batch, logits.size(-1), dtype=logits.dtype, device=logits.device)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
+            # thread_local: CUDA work of other threads (another engine, the embedder) does not break capture.
+            with torch.cuda.graph(graph, pool, capture_error_mode="thread_local"):
                 self.logits[:size].copy_(self._forward(size))
             if pool is None:
                 pool = graph.pool()
