@@ -75,7 +75,8 @@ class ModelRunner:
         if capture:
             from levante.layers.paged_attention import triton_paged_attention_available
             if not triton_paged_attention_available():
-                logger.warning("CUDA graphs off: the Triton paged-attention kernel is unavailable (decode runs eagerly)")
+                logger.warning("CUDA graphs off: the Triton paged-attention kernel is unavailable "
+                               "(decode runs eagerly)")
                 return
         try:
             graphs = DecodeGraphs(self, min(max_num_seqs, max_batch), max_model_len)
