@@ -72,6 +72,25 @@ def test_paged_attention_torch_matches_a_per_sequence_reference(window):
     torch.testing.assert_close(out, got)
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_triton_kernel_agrees_with_the_torch_reference(window):
+    """Only where the kernel can run: CUDA, or the Triton interpreter on CPU (TRITON_INTERPRET=1)."""
+    import os
+
+    triton_attention = pytest.importorskip("levante.layers.triton_attention")
+    cuda = torch.cuda.is_available()
+    if not triton_attention.triton_available() or not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("no Triton kernel here")
+    dev = "cuda" if cuda else "cpu"
+    q, k_cache, v_cache, _, block_tables, cu, q_lens, seq_lens = _ragged_case(dim=64)
+    # block_tables keeps out-of-range ids past each sequence's blocks: the kernel must not read them.
+    args = [t.to(dev) for t in (q, k_cache, v_cache, block_tables, cu, torch.tensor(seq_lens, dtype=torch.int32))]
+    options = dict(block_size=3, scale=0.125, max_q=max(q_lens), sliding_window=window)
+    got = triton_attention.paged_attention_triton(*args, **options)
+    want = paged_attention_torch(*args, **options)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_padding_rows_give_zeros_not_nan():
     q = torch.randn(3, 2, 4)
     cache = torch.full((9, 1, 4), float("nan"))  # never-written slots may hold anything
