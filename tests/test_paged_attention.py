@@ -204,11 +204,26 @@ def test_padded_decode_path_matches_normal_decode(tiny_model, monkeypatch):
     assert llm.engine.runner.scratch_slot == llm.engine.runner.kv_cache[0][0].size(0) - 1
 
 
-def test_capture_bookkeeping_with_a_stand_in_for_cuda_graphs(tiny_model, monkeypatch):
-    """capture() and replay through the static logits buffer, with torch.cuda's graph API replaced by
-    a stand-in that re-runs the padded forward on replay (the capture itself needs a GPU)."""
+def _stand_in_graphs(monkeypatch, graphs, broken=False):
+    """torch.cuda's graph API replaced: capture records the batch size, replay re-runs the padded forward."""
     import contextlib
 
+    class StandIn:
+        def pool(self):
+            return "pool"
+
+        def replay(self):
+            size = next(s for s, g in graphs.graphs.items() if g is self)
+            graphs.logits[:size].copy_(graphs._forward(size) + (1.0 if broken else 0.0))
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandIn)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None, capture_error_mode=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def test_capture_bookkeeping_with_a_stand_in_for_cuda_graphs(tiny_model, monkeypatch):
+    """capture(), verify() and replay through the static logits buffer, with torch.cuda's graph API
+    replaced by a stand-in that re-runs the padded forward on replay (the capture itself needs a GPU)."""
     folder = str(tiny_model("qwen3"))
     prompts = _ragged_prompts(5, seed=6)
     max_tokens = [9, 4, 14, 6, 11]
@@ -216,28 +231,22 @@ def test_capture_bookkeeping_with_a_stand_in_for_cuda_graphs(tiny_model, monkeyp
     monkeypatch.setenv(PADDED_DECODE_ENV, "1")
     llm = LLM(folder, dtype="float32", block_size=4, max_model_len=128, max_num_seqs=8)
     graphs = llm.engine.runner.decode_graphs
-    created = []
-
-    class StandIn:
-        def __init__(self):
-            created.append(self)
-
-        def pool(self):
-            return "pool"
-
-        def replay(self):
-            graphs.logits[:self.size].copy_(graphs._forward(self.size))
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandIn)
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None, capture_error_mode=None: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    _stand_in_graphs(monkeypatch, graphs)
     graphs.capture()
     assert list(graphs.graphs) == [8, 4, 2, 1] and graphs.logits.shape == (8, 384)
-    for size, graph in graphs.graphs.items():
-        graph.size = size
     got = _generate(llm, prompts, max_tokens)
     _same(got, want)
 
+
+def test_a_replay_that_differs_from_eager_turns_graphs_off(tiny_model, monkeypatch):
+    folder = str(tiny_model("qwen3"))
+    monkeypatch.setenv(PADDED_DECODE_ENV, "1")
+    llm = LLM(folder, dtype="float32", block_size=4, max_model_len=128, max_num_seqs=8)
+    graphs = llm.engine.runner.decode_graphs
+    _stand_in_graphs(monkeypatch, graphs, broken=True)
+    with pytest.raises(RuntimeError, match="differs from the eager forward"):
+        graphs.capture()
+    assert graphs.seq_lens.abs().sum() == 0  # the static buffers are left as padding
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_match_eager_and_cpu(tiny_model):

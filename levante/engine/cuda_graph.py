@@ -98,6 +98,27 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.capture_seconds = time.monotonic() - started
         logger.info("captured CUDA graphs for decode batch sizes %s in %.2f s", self.sizes, self.capture_seconds)
+        self.verify()
+
+    @torch.inference_mode()
+    def verify(self) -> None:
+        """Replay against the eager forward on one live row (token 0 at position 0, its key in the
+        spare slot, read back through block id `num_blocks`), smallest and largest size; raises on a
+        mismatch, so the runner falls back to eager."""
+        scratch = self.runner.scratch_slot
+        try:
+            self.seq_lens[0] = 1
+            self.block_tables[0, 0] = scratch // self.block_size  # the spare slot is offset 0 of that block
+            for size in sorted({self.sizes[0], self.sizes[-1]}):
+                want = self._forward(size).float()
+                self.graphs[size].replay()
+                got = self.logits[:size].float()
+                error = (got - want).abs().max().item()
+                if not error <= 1e-2 * (1.0 + want.abs().max().item()):  # also catches NaN
+                    raise RuntimeError(f"graph replay differs from the eager forward at batch {size} (max error {error})")
+        finally:
+            self.seq_lens[0] = 0
+            self.block_tables[0, 0] = 0
 
     def run(self, batch) -> torch.Tensor:
         """Logits [len(batch), vocab] of the step, rows in batch order (every row samples)."""
