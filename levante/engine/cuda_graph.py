@@ -115,7 +115,8 @@ class DecodeGraphs:
                 got = self.logits[:size].float()
                 error = (got - want).abs().max().item()
                 if not error <= 1e-2 * (1.0 + want.abs().max().item()):  # also catches NaN
-                    raise RuntimeError(f"graph replay differs from the eager forward at batch {size} (max error {error})")
+                    raise RuntimeError(f"graph replay differs from the eager forward at batch {size} "
+                                       f"(max error {error})")
         finally:
             self.seq_lens[0] = 0
             self.block_tables[0, 0] = 0
