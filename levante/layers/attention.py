@@ -161,7 +161,7 @@ class Attention(nn.Module):
         out = paged_attention(q, self.k_cache, self.v_cache, md.block_tables, md.cu_seqlens_q, md.seq_lens,
                               block_size=md.block_size, scale=self.scale, max_q=md.max_query_len,
                               sliding_window=self.sliding_window)
-        return out.view(-1, self.num_heads * self.head_dim)
+        return out.reshape(-1, self.num_heads * self.head_dim)
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         """One new token per sequence: the query heads that share a KV head become that head's
