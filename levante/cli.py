@@ -40,6 +40,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         help='layers per device: "auto" or "ORDINAL:LAYERS;..." such as "0:12;1:12"')
     parser.add_argument("--topology", default=None,
                         help="YAML file: per-layer-range or /regex/ device and isq (mistral.rs's format)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="CUDA: no CUDA graphs for decode steps (always the eager forward)")
     parser.add_argument("--no-prepared-cache", dest="prepared_cache", action="store_false",
                         help="do not keep packed weights under <cache>/prepared/ (re-pack on every start)")
 
@@ -61,7 +63,8 @@ def _load(args, warmup: bool = True):
                gpu_memory_utilization=args.gpu_memory_utilization, num_threads=args.threads, warmup=warmup,
                quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
                device_map=args.device_map, topology=args.topology,
-               prepared_cache=getattr(args, "prepared_cache", True))
+               prepared_cache=getattr(args, "prepared_cache", True),
+               enforce_eager=getattr(args, "enforce_eager", False))
 
 
 def _sampling(args):

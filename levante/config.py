@@ -178,6 +178,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     device_map: str | None = None
     topology: str | None = None
+    # CUDA: decode steps replay CUDA graphs captured at start for padded batch sizes up to
+    # min(max_num_seqs, cuda_graph_max_batch); enforce_eager turns that off.
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 256
 
     def with_device_defaults(self, device: torch.device) -> "EngineConfig":
         """Fill the knobs left None with the defaults of `device`'s type (in place; returns self)."""

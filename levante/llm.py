@@ -33,6 +33,7 @@ class LLM:
     Scale-out: `tensor_parallel_size` (worker processes started here, or torchrun's ranks),
     `device_map` ("auto" or "0:12;1:12") and `topology` (a YAML file: per-layer device and
     quantization). With tensor parallelism, `close()` (or `with LLM(...)`) stops the workers.
+    CUDA: `enforce_eager` (no CUDA graphs for decode steps), `cuda_graph_max_batch` (default 256).
     """
 
     def __init__(self, model: str | None = None, *, progress: bool = False, **options):

@@ -101,6 +101,9 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         runner = tp.TensorParallelRunner if self.tensor_parallel else ModelRunner
         self.runner = runner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+        if not self.tensor_parallel:
+            self.runner.setup_decode_graphs(cfg.max_num_seqs, self.max_model_len, cfg.enforce_eager,
+                                            cfg.cuda_graph_max_batch)
 
     def _kv_cache_bytes(self, per_token: int) -> int:
         """The default KV cache size: 2 GiB on the CPU; on CUDA, `gpu_memory_utilization` of the card
@@ -214,7 +217,8 @@ class Engine:
                 sample_rows.append(row + count - 1)
             row += count
         if to_sample:
-            rows = logits[sample_rows]
+            # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
+            rows = logits if len(sample_rows) == logits.size(0) else logits[sample_rows]
             tokens, raw_logprobs = self.sampler(rows, to_sample)
             for i, (seq, token) in enumerate(zip(to_sample, tokens)):
                 self._append_token(seq, token, None if raw_logprobs is None else raw_logprobs[i])

@@ -6,17 +6,35 @@ attention layer as views.
 """
 from __future__ import annotations
 
+import logging
+import os
+
+import numpy as np
 import torch
 from torch import nn
 
+from levante.engine.cuda_graph import DecodeGraphs
 from levante.engine.encoder_cache import EncoderCache
 from levante.engine.scheduler import ScheduledSequence
 from levante.layers.attention import Attention, AttentionMetadata, attention_metadata
+
+logger = logging.getLogger("levante")
+
+# Test knobs (CPU): the paged attention path, and the padded static-buffer decode path run eagerly.
+PAGED_ENV, PADDED_DECODE_ENV = "LEVANTE_PAGED_ATTENTION", "LEVANTE_PADDED_DECODE"
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     return sum(2 * m.num_kv_heads * m.head_dim for m in layers) * torch.empty((), dtype=dtype).element_size()
+
+
+def padded_tables(block_tables: list[list[int]]) -> torch.Tensor:
+    """[batch, longest] int64, zero-padded (numpy row copies: several times faster than nested lists)."""
+    table = np.zeros((len(block_tables), max(len(t) for t in block_tables)), dtype=np.int64)
+    for row, blocks in zip(table, block_tables):
+        row[:len(blocks)] = blocks
+    return torch.from_numpy(table)
 
 
 class ModelRunner:
@@ -25,7 +43,9 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        slots = num_blocks * block_size
+        # One spare slot past the blocks: padding rows of CUDA-graph batches write their keys there.
+        slots = num_blocks * block_size + 1
+        self.scratch_slot = num_blocks * block_size
         # A layer mapped to another device (engine/placement.py) keeps its cache there.
         self.kv_cache = [
             (torch.empty(slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=getattr(m, "cache_device", device)),
@@ -37,6 +57,37 @@ class ModelRunner:
         self.uses_mrope = getattr(model, "uses_mrope", False)
         self.takes_images = hasattr(model, "encode_images")
         self.encoder_cache = EncoderCache()
+        padded = os.environ.get(PADDED_DECODE_ENV) == "1"
+        # Paged attention: always on CUDA; on CPU only under the test knobs (the CPU SDPA path is tuned).
+        self.paged = device.type == "cuda" or padded or os.environ.get(PAGED_ENV) == "1"
+        self.decode_graphs: DecodeGraphs | None = None
+        self._padded_eager = padded
+
+    def setup_decode_graphs(self, max_num_seqs: int, max_model_len: int, enforce_eager: bool,
+                            max_batch: int = 256) -> None:
+        """CUDA graphs for pure-decode steps (padded batch sizes), or, under LEVANTE_PADDED_DECODE=1,
+        the same padded static-buffer path run eagerly (CPU tests). Any failure: eager, with a warning."""
+        capture = self.device.type == "cuda" and not enforce_eager
+        if not (capture or self._padded_eager) or self.uses_mrope:
+            return
+        if any(k.device != self.device for k, _ in self.kv_cache):
+            return  # layers spread over devices (device_map): eager
+        if capture:
+            from levante.layers.paged_attention import triton_paged_attention_available
+            if not triton_paged_attention_available():
+                logger.warning("CUDA graphs off: the Triton paged-attention kernel is unavailable "
+                               "(decode runs eagerly)")
+                return
+        try:
+            graphs = DecodeGraphs(self, min(max_num_seqs, max_batch), max_model_len)
+            if capture:
+                graphs.capture()
+            self.decode_graphs = graphs
+        except Exception as e:  # noqa: BLE001 - keep serving eagerly
+            logger.warning("CUDA graph capture failed, decode runs eagerly: %s: %s", type(e).__name__, e)
+            self.decode_graphs = None
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -46,13 +97,15 @@ class ModelRunner:
         """Build input ids, positions, attention metadata and which rows need logits."""
         input_ids, positions, slot_mapping, logits_rows = [], [], [], []
         q_lens, kv_lens, block_tables = [], [], []
+        paged = self.paged
         for item, want_all in zip(batch, all_logits):
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
             first_row = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slot_mapping.extend(self._slots(seq.block_table, start, end))
+            if not paged:
+                slot_mapping.extend(self._slots(seq.block_table, start, end))
             if want_all:
                 logits_rows.extend(range(first_row, first_row + item.num_new_tokens))
             elif item.samples:
@@ -60,14 +113,60 @@ class ModelRunner:
             q_lens.append(item.num_new_tokens)
             kv_lens.append(end)
             block_tables.append(seq.block_table)
+        if paged:
+            ids, pos, metadata = self._prepare_paged(input_ids, positions, logits_rows, q_lens, kv_lens, block_tables)
+            metadata.key_limits = self._key_limits(batch, metadata)
+            return ids, pos, metadata
         dev = self.device
         metadata = self._metadata(q_lens, kv_lens, block_tables, slot_mapping)
         metadata.logits_indices = torch.tensor(logits_rows, dtype=torch.long, device=dev)
-        metadata.key_limits = self._key_limits(batch, metadata.query_positions)
+        metadata.key_limits = self._key_limits(batch, metadata)
         return (torch.tensor(input_ids, dtype=torch.long, device=dev),
                 torch.tensor(positions, dtype=torch.long, device=dev), metadata)
 
-    def _key_limits(self, batch: list[ScheduledSequence], query_positions: torch.Tensor) -> torch.Tensor | None:
+    def _prepare_paged(self, input_ids, positions, logits_rows, q_lens, kv_lens, block_tables):
+        """Paged-attention metadata, vectorised on the host and sent in one copy; the SDPA fields
+        (key_slots, masks) are built only if a layer asks (AttentionMetadata.sdpa)."""
+        bs = self.block_size
+        table = padded_tables(block_tables)
+        q = torch.tensor(q_lens, dtype=torch.long)
+        pos = torch.tensor(positions, dtype=torch.long)
+        seq_index = torch.repeat_interleave(torch.arange(len(q_lens)), q)
+        slots = table[seq_index, pos // bs] * bs + pos % bs
+        cu = torch.zeros(len(q_lens) + 1, dtype=torch.long)
+        torch.cumsum(q, 0, out=cu[1:])
+        ids, pos, slots, logits, cu, kv, table = self._upload([
+            torch.tensor(input_ids, dtype=torch.long), pos, slots, torch.tensor(logits_rows, dtype=torch.long),
+            cu, torch.tensor(kv_lens, dtype=torch.long), table])
+        metadata = AttentionMetadata(
+            slot_mapping=slots, key_slots=None, query_positions=None, kv_lens=kv, query_index=None,
+            output_index=None, max_position=max(kv_lens) - 1, logits_indices=logits,
+            block_tables=table.to(torch.int32), cu_seqlens_q=cu.to(torch.int32), seq_lens=kv.to(torch.int32),
+            max_query_len=max(q_lens), block_size=bs)
+
+        def sdpa_fields():
+            full = self._metadata(q_lens, kv_lens, block_tables, [])
+            return {name: getattr(full, name) for name in ("key_slots", "query_positions", "query_index",
+                                                            "output_index")}
+
+        metadata._sdpa_builder = sdpa_fields
+        return ids, pos, metadata
+
+    def _upload(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """int64 host tensors -> the device in one non-blocking copy from pinned memory (CUDA); as-is on CPU.
+
+        The pinned buffer comes from PyTorch's caching host allocator each step, which does not hand
+        a block out again before the copy reading it has run: a step without sampling has no sync,
+        so a buffer reused by hand could be overwritten while its copy is still queued."""
+        if self.device.type != "cuda":
+            return parts
+        sizes = [p.numel() for p in parts]
+        host = torch.empty(sum(sizes), dtype=torch.long, pin_memory=True)
+        torch.cat([p.reshape(-1) for p in parts], out=host)
+        flat = host.to(self.device, non_blocking=True)
+        return [t.view(p.shape) for t, p in zip(flat.split(sizes), parts)]
+
+    def _key_limits(self, batch: list[ScheduledSequence], metadata: AttentionMetadata) -> torch.Tensor | None:
         """Queries inside a bidirectional span (MultiModalPrompt.bidirectional_spans) see keys to its end;
         None when no query of the step lies in one. The scheduler keeps each span in one step."""
         limits = None
@@ -78,7 +177,7 @@ class ModelRunner:
                 lo, hi = max(start, span_start), min(end, span_end)
                 if lo < hi:
                     if limits is None:
-                        limits = query_positions.clone()
+                        limits = metadata.sdpa().query_positions.clone()
                     limits[b, lo - start:hi - start] = span_end - 1
         return limits
 
@@ -111,6 +210,12 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence], all_logits: list[bool]) -> torch.Tensor:
         """Forward one step; logits [rows, vocab] float32 for the rows `prepare` selected, in order."""
+        if self.decode_graphs is not None and self.decode_graphs.takes(batch, all_logits):
+            try:
+                return self.decode_graphs.run(batch)
+            except Exception as e:  # noqa: BLE001 - the eager forward below redoes the step
+                logger.warning("decode graphs off after a failed step, running eagerly: %s: %s", type(e).__name__, e)
+                self.decode_graphs = None
         input_ids, positions, metadata = self.prepare(batch, all_logits)
         if self.uses_mrope:
             positions = self._mrope_positions(batch)

@@ -56,14 +56,15 @@ def _truncate(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         k = torch.tensor([kk if kk else logits.size(1) for kk in top_k], device=logits.device).clamp(max=logits.size(1))
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
-    if (top_p < 1).any():
+    # Which filters apply is decided from the host-side params: no device sync.
+    if any(s.params.top_p < 1 for s in seqs):
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         remove = (cumulative - sorted_logits.softmax(-1)) >= top_p.unsqueeze(1)  # keep the token crossing p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=logits.device)
-    if (min_p > 0).any():
+    if any(s.params.min_p > 0 for s in seqs):
+        min_p = torch.tensor([s.params.min_p for s in seqs], device=logits.device)
         probs = logits.softmax(-1)
         floor = probs.max(-1, keepdim=True).values * min_p.unsqueeze(1)
         logits = logits.masked_fill(probs < floor, float("-inf"))
@@ -72,9 +73,10 @@ def _truncate(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Exponential-race sampling (argmax of p / Exp(1)), one generator per seeded sequence."""
-    noise = torch.empty_like(probs)
+    noise = torch.empty_like(probs).exponential_()
     for row, seq in enumerate(seqs):
-        noise[row].exponential_(generator=seq.generator)
+        if seq.generator is not None:  # a CPU generator: its draw is the same on every device
+            noise[row] = torch.empty(probs.size(1), dtype=probs.dtype).exponential_(generator=seq.generator)
     return (probs / noise).argmax(-1)
 
 
@@ -105,12 +107,12 @@ class Sampler:
         logits = logits.clone()
         _bias_and_mask(logits, seqs, self.eos_token_ids)
         _penalize(logits, seqs)
+        argmax = logits.argmax(-1)
+        if all(s.params.greedy for s in seqs):
+            return argmax.tolist(), raw_logprobs
         greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
         temperature = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs],
                                    device=logits.device)
-        argmax = logits.argmax(-1)
-        if greedy.all():
-            return argmax.tolist(), raw_logprobs
         probs = _truncate(logits / temperature.unsqueeze(1), seqs).softmax(-1)
         sampled = _draw(probs, seqs)
         return torch.where(greedy, argmax, sampled).tolist(), raw_logprobs

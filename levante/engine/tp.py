@@ -208,6 +208,7 @@ class TensorParallelRunner(ModelRunner):
 
     def prepare(self, batch, all_logits):
         input_ids, positions, md = super().prepare(batch, all_logits)
+        md.sdpa()  # the workers take the SDPA fields
         values = {"input_ids": input_ids, "positions": positions, **{
             name: getattr(md, name) for name in _FIELDS[2:]}}
         messages.send(messages.STEP, [md.max_position, int(md.causal)], [values[n] for n in _FIELDS], self.device)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from levante.layers.paged_attention import paged_attention
+
 
 @dataclass
 class AttentionMetadata:
@@ -38,6 +40,15 @@ class AttentionMetadata:
     # [batch, max_q] the last key each query may see when it is past the causal limit (tokens of one
     # image attending both ways, Gemma 3); None: the query's own position.
     key_limits: torch.Tensor | None = None
+    # Paged attention (layers/paged_attention.py, /work/notes/gpu_interface.md): set by the runner on
+    # CUDA (or under LEVANTE_PAGED_ATTENTION=1); then the SDPA fields above may be None until a layer
+    # that needs them calls `sdpa()`, which builds them once.
+    block_tables: torch.Tensor | None = None  # [batch, width] int32
+    cu_seqlens_q: torch.Tensor | None = None  # [batch + 1] int32
+    seq_lens: torch.Tensor | None = None  # [batch] int32
+    max_query_len: int = 0
+    block_size: int = 0
+    _sdpa_builder: object = field(default=None, repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
     _copies: dict = field(default_factory=dict, repr=False)
 
@@ -45,15 +56,28 @@ class AttentionMetadata:
         """This step's metadata on `device` (layers mapped to several devices), copied once per step."""
         if self.slot_mapping.device == device:
             return self
+        self.sdpa()
         if device not in self._copies:
             values = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
             self._copies[device] = AttentionMetadata(
                 **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
         return self._copies[device]
 
+    def sdpa(self) -> "AttentionMetadata":
+        """Fill the SDPA fields if the runner left them to be built on demand."""
+        if self._sdpa_builder is not None:
+            builder, self._sdpa_builder = self._sdpa_builder, None
+            for name, value in builder().items():
+                setattr(self, name, value)
+        return self
+
+    def uses_paged(self, layer: "Attention") -> bool:
+        return (self.block_tables is not None and layer.k_cache is not None and self.causal
+                and self.key_limits is None)
+
     @property
     def batch_size(self) -> int:
-        return self.key_slots.size(0)
+        return self.key_slots.size(0) if self.key_slots is not None else self.seq_lens.size(0)
 
     @property
     def max_q(self) -> int:
@@ -113,6 +137,9 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
         md = get_attention_metadata().to(q.device)
+        if md.uses_paged(self):
+            return self._paged(q, k, v, md)
+        md.sdpa()
         if self.k_cache is not None and md.max_q == 1 and md.query_index is None:
             return self._decode(q, k, v, md)
         keys, values = (t.transpose(1, 2) for t in self._context(k, v, md))  # [batch, kv_heads, max_kv, head_dim]
@@ -126,6 +153,15 @@ class Attention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)
         return out if md.output_index is None else out.index_select(0, md.output_index)
+
+    def _paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """Write the step's keys and values, then attend through the block tables (no gather, no mask)."""
+        self.k_cache.index_copy_(0, md.slot_mapping, k)
+        self.v_cache.index_copy_(0, md.slot_mapping, v)
+        out = paged_attention(q, self.k_cache, self.v_cache, md.block_tables, md.cu_seqlens_q, md.seq_lens,
+                              block_size=md.block_size, scale=self.scale, max_q=md.max_query_len,
+                              sliding_window=self.sliding_window)
+        return out.reshape(-1, self.num_heads * self.head_dim)
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         """One new token per sequence: the query heads that share a KV head become that head's
