@@ -16,6 +16,8 @@ tokens, seconds); a peer engine can be added beside it with the same contract.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import gc
 import json
 import random
@@ -108,6 +110,10 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model shape (default on CPU)")
     parser.add_argument("--model-dir", default=None, help="reuse a model folder built by an earlier run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peer", choices=["none", "transformers"], default="transformers",
+                        help="peer engine on the same workload (CUDA only; vLLM does not fit the GPU machine)")
+    parser.add_argument("--peer-cap", type=float, default=60.0,
+                        help="seconds the peer may run; its rate is tokens streamed within them")
     args = parser.parse_args()
     import logging
 
@@ -118,32 +124,55 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     shape = TINY if (args.tiny or not cuda) else QWEN3_0_6B
     dtype = torch.bfloat16 if cuda else torch.float32
+    # CUDA: the KV cache sized by levante itself (gpu_memory_utilization 0.9, as nano-vllm's bench).
     options = dict(dtype="bfloat16" if cuda else "float32",
-                   kv_cache_gb=args.kv_cache_gb or (40.0 if cuda else 1.0),
+                   kv_cache_gb=args.kv_cache_gb or (None if cuda else 1.0),
                    max_num_batched_tokens=args.max_num_batched_tokens or (16384 if cuda else 1024))
     prompts, max_tokens = workload(args.num_seqs, args.max_len, shape["vocab_size"], args.seed)
     if not cuda:
-        runs = [("levante cpu", True)]
+        runs = [("levante cpu", True)] + ([] if args.peer == "none" else [("transformers CB", None)])
     elif args.enforce_eager:
         runs = [("levante eager", True)]
     else:
-        runs = [("levante graphs", False)] + ([] if args.no_eager else [("levante eager", True)])
+        runs = [("levante graphs", False)] + ([] if args.peer == "none" else [("transformers CB", None)]) \
+            + ([] if args.no_eager else [("levante eager", True)])
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model_dir or str(build_model(Path(tmp), shape, dtype))
         prompt_tokens = sum(len(p) for p in prompts)
         results = []
         for name, eager in runs:
-            generated, seconds = run_levante(folder, prompts, max_tokens, eager, device=args.device, **options)
+            try:
+                if eager is None:
+                    from transformers_peer import run_transformers
+
+                    generated, seconds, finished = run_transformers(folder, prompts, max_tokens, args.device,
+                                                                    cap=args.peer_cap)
+                    print(f"{name}: {finished}/{len(prompts)} requests finished within {seconds:.1f} s", flush=True)
+                    complete = finished == len(prompts)
+                else:
+                    generated, seconds = run_levante(folder, prompts, max_tokens, eager, device=args.device,
+                                                     **options)
+                    complete = True
+            except Exception as exc:  # one engine failing must not lose the others' numbers
+                print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
             results.append({"engine": name, "seqs": len(prompts), "prompt_tokens": prompt_tokens,
                             "generated_tokens": generated, "seconds": round(seconds, 3),
                             "output_tok_s": round(generated / seconds, 1),
-                            "total_tok_s": round((generated + prompt_tokens) / seconds, 1)})
+                            # a capped peer did not read every prompt: no total rate
+                            "total_tok_s": round((generated + prompt_tokens) / seconds, 1) if complete else None})
             print(json.dumps(results[-1]), flush=True)
         print(f"{'engine':<16}{'seqs':>6}{'generated':>11}{'seconds':>9}{'out tok/s':>11}{'total tok/s':>13}")
         for r in results:
             print(f"{r['engine']:<16}{r['seqs']:>6}{r['generated_tokens']:>11}{r['seconds']:>9.2f}"
-                  f"{r['output_tok_s']:>11.1f}{r['total_tok_s']:>13.1f}")
+                  f"{r['output_tok_s']:>11.1f}{r['total_tok_s'] or '-':>13}")
+        by_name = {r["engine"]: r["output_tok_s"] for r in results}
+        ours = by_name.get("levante graphs") or by_name.get("levante cpu")
+        if ours and by_name.get("transformers CB"):
+            print(f"levante / transformers CB, generated tok/s: {ours / by_name['transformers CB']:.2f}x")
 
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    os._exit(0)  # the peer's generation thread must not keep the process alive
