@@ -42,4 +42,7 @@ def run_transformers(model_dir: str, prompts: list[list[int]], max_tokens: list[
             finished += r.is_finished()
         return sum(tokens.values()), time.perf_counter() - started, finished
     finally:
+        import logging
+
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)  # its loop complains when stopped
         manager.stop(block=False)

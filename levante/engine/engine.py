@@ -61,6 +61,8 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" names the current card:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # tensors say cuda:N, compare so
         config.with_device_defaults(self.device)
         self.dtype = config.dtype or default_dtype(self.device)
         started = time.monotonic()

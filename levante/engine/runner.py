@@ -71,7 +71,8 @@ class ModelRunner:
         if not (capture or self._padded_eager) or self.uses_mrope:
             return
         if any(k.device != self.device for k, _ in self.kv_cache):
-            return  # layers spread over devices (device_map): eager
+            logger.info("CUDA graphs off: layers are spread over several devices (decode runs eagerly)")
+            return
         if capture:
             from levante.layers.paged_attention import triton_paged_attention_available
             if not triton_paged_attention_available():
