@@ -21,7 +21,7 @@ from levante.engine.runner import ModelRunner, kv_bytes_per_token
 from levante.engine.sampler import Sampler, top_logprobs
 from levante.engine.sampling_params import SamplingParams
 from levante.engine.scheduler import ScheduledSequence, Scheduler
-from levante.engine.sequence import Sequence
+from levante.engine.sequence import Sequence, Status
 from levante.engine.structured import GrammarCompiler
 from levante.errors import InvalidRequest
 from levante.loader.auto import open_model
@@ -206,26 +206,39 @@ class Engine:
         if not batch:
             return []
         wants_all = [self._wants_prompt_rows(item) for item in batch]
-        samples = [item.samples for item in batch]
         logits = self.runner.run(batch, wants_all)
         self.scheduler.after_step(batch)
         to_sample, sample_rows, row = [], [], 0
-        for item, want_all, sample in zip(batch, wants_all, samples):
-            count = item.num_new_tokens if want_all else int(sample)
+        for item, want_all in zip(batch, wants_all):
+            # `samples` was fixed when scheduled (before after_step moved num_computed_tokens).
             if want_all:
+                count = item.num_new_tokens
                 self._record_prompt_rows(item, logits[row:row + count])
-            if sample:
+            else:
+                count = int(item.samples)
+            if item.samples:
                 to_sample.append(item.seq)
                 sample_rows.append(row + count - 1)
             row += count
-        if to_sample:
-            # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
-            rows = logits if len(sample_rows) == logits.size(0) else logits[sample_rows]
-            tokens, raw_logprobs = self.sampler(rows, to_sample)
+        if not to_sample:
+            return []
+        # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
+        rows = logits if len(sample_rows) == logits.size(0) else logits[sample_rows]
+        tokens, raw_logprobs = self.sampler(rows, to_sample)
+        append = self._append_token
+        if raw_logprobs is None:
+            for seq, token in zip(to_sample, tokens):
+                append(seq, token, None)
+        else:
             for i, (seq, token) in enumerate(zip(to_sample, tokens)):
-                self._append_token(seq, token, None if raw_logprobs is None else raw_logprobs[i])
+                append(seq, token, raw_logprobs[i])
+        requests, output = self.requests, self._output
+        if len(to_sample) == len(requests):  # often every request samples once (n = 1): no dedup needed
+            touched = [seq.request_id for seq in to_sample]
+            if len(set(touched)) == len(touched):
+                return [output(rid) for rid in touched]
         touched = dict.fromkeys(seq.request_id for seq in to_sample)
-        return [self._output(rid) for rid in touched if rid in self.requests]
+        return [output(rid) for rid in touched if rid in requests]
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -233,8 +246,9 @@ class Engine:
     @staticmethod
     def _wants_prompt_rows(item: ScheduledSequence) -> bool:
         seq = item.seq
-        wants = seq.prompt_logprobs is not None or seq.params.return_prompt_logits
-        return wants and seq.num_computed_tokens < seq.num_prompt_tokens
+        if seq.prompt_logprobs is None and not seq.params.return_prompt_logits:
+            return False
+        return seq.num_computed_tokens < seq.num_prompt_tokens
 
     def _record_prompt_rows(self, item: ScheduledSequence, logits: torch.Tensor) -> None:
         seq = item.seq
@@ -255,7 +269,8 @@ class Engine:
 
     def _append_token(self, seq: Sequence, token: int, raw_logprobs: torch.Tensor | None) -> None:
         request = self.requests[seq.request_id]
-        request.first_token_time = request.first_token_time or time.monotonic()
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
         seq.token_ids.append(token)
         params = seq.params
         if raw_logprobs is not None:
@@ -263,7 +278,8 @@ class Engine:
             if params.logprobs is not None:
                 seq.logprobs.append(top_logprobs(raw_logprobs, token, params.logprobs, self._token_text))
         new_text = seq.detokenizer.step([token])
-        seq.text += new_text
+        if new_text:
+            seq.text += new_text
         grammar_done = seq.grammar is not None and _advance_grammar(seq, token)
         if token in params.stop_token_ids:
             seq.finish("stop", token)
@@ -271,11 +287,12 @@ class Engine:
             seq.finish("stop")
         elif grammar_done:
             seq.finish("stop")
-        elif (stop := self._find_stop(seq, len(new_text))) is not None:
+        elif params.stop and new_text and (stop := self._find_stop(seq, len(new_text))) is not None:
             seq.finish("stop", stop)
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif (len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens
+              or len(seq.token_ids) >= self.max_model_len):
             seq.finish("length")
-        if seq.finished:
+        if seq.status is Status.FINISHED:
             if not isinstance(seq.stop_reason, str):
                 seq.text += seq.detokenizer.flush()  # e.g. a length cut inside a multi-byte character
             self.scheduler.finish(seq)
@@ -292,17 +309,22 @@ class Engine:
 
     def _output(self, request_id: str) -> RequestOutput:
         request = self.requests[request_id]
-        outputs = [_completion(seq) for seq in request.seqs]
-        finished = request.finished
+        seqs = request.seqs
+        if len(seqs) == 1:
+            first = seqs[0]
+            outputs = [_completion(first)]
+            finished = first.status is Status.FINISHED
+        else:
+            first = seqs[0]
+            outputs = [_completion(seq) for seq in seqs]
+            finished = request.finished
         if finished:
             del self.requests[request_id]
-        first = request.seqs[0]
         return RequestOutput(
-            request_id=request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
-            outputs=outputs, finished=finished, prompt_logprobs=first.prompt_logprobs,
-            num_cached_tokens=first.num_cached_tokens,
-            metrics={"arrival_time": request.arrival_time, "first_token_time": request.first_token_time,
-                     "prompt_logits": first.prompt_logits},
+            request_id, request.prompt, request.prompt_token_ids, outputs, finished, first.prompt_logprobs,
+            first.num_cached_tokens,
+            {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time,
+             "prompt_logits": first.prompt_logits},
         )
 
 
@@ -315,12 +337,13 @@ def _advance_grammar(seq: Sequence, token: int) -> bool:
 
 
 def _completion(seq: Sequence) -> CompletionOutput:
-    return CompletionOutput(
-        index=seq.index, text=_visible_text(seq), token_ids=list(seq.output_token_ids),
-        cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-        logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-        finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-    )
+    params = seq.params
+    # Positional: this runs for every running request on every step.
+    if params.logprobs is None:
+        return CompletionOutput(seq.index, _visible_text(seq) if params.stop else seq.text,
+                                seq.token_ids[seq.num_prompt_tokens:], None, None, seq.finish_reason, seq.stop_reason)
+    return CompletionOutput(seq.index, _visible_text(seq), seq.token_ids[seq.num_prompt_tokens:],
+                            seq.cumulative_logprob, list(seq.logprobs), seq.finish_reason, seq.stop_reason)
 
 
 def _visible_text(seq: Sequence) -> str:

@@ -96,9 +96,38 @@ class ModelRunner:
 
     def prepare(self, batch: list[ScheduledSequence], all_logits: list[bool]):
         """Build input ids, positions, attention metadata and which rows need logits."""
+        paged = self.paged
+        if not any(all_logits) and all(item.num_new_tokens == 1 and item.samples for item in batch):
+            input_ids, positions, slot_mapping, logits_rows, q_lens, kv_lens, block_tables = \
+                self._decode_lists(batch, paged)
+        else:
+            input_ids, positions, slot_mapping, logits_rows, q_lens, kv_lens, block_tables = \
+                self._step_lists(batch, all_logits, paged)
+        if paged:
+            ids, pos, metadata = self._prepare_paged(input_ids, positions, logits_rows, q_lens, kv_lens, block_tables)
+            metadata.key_limits = self._key_limits(batch, metadata)
+            return ids, pos, metadata
+        dev = self.device
+        metadata = self._metadata(q_lens, kv_lens, block_tables, slot_mapping)
+        metadata.logits_indices = torch.tensor(logits_rows, dtype=torch.long, device=dev)
+        metadata.key_limits = self._key_limits(batch, metadata)
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), metadata)
+
+    def _decode_lists(self, batch: list[ScheduledSequence], paged: bool):
+        """`_step_lists` for a pure-decode step (one token per sequence, each sampled), in comprehensions."""
+        bs = self.block_size
+        seqs = [item.seq for item in batch]
+        positions = [seq.num_computed_tokens for seq in seqs]
+        input_ids = [seq.token_ids[p] for seq, p in zip(seqs, positions)]
+        block_tables = [seq.block_table for seq in seqs]
+        slot_mapping = [] if paged else [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)]
+        return (input_ids, positions, slot_mapping, list(range(len(batch))), [1] * len(batch),
+                [p + 1 for p in positions], block_tables)
+
+    def _step_lists(self, batch: list[ScheduledSequence], all_logits: list[bool], paged: bool):
         input_ids, positions, slot_mapping, logits_rows = [], [], [], []
         q_lens, kv_lens, block_tables = [], [], []
-        paged = self.paged
         for item, want_all in zip(batch, all_logits):
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
@@ -114,16 +143,7 @@ class ModelRunner:
             q_lens.append(item.num_new_tokens)
             kv_lens.append(end)
             block_tables.append(seq.block_table)
-        if paged:
-            ids, pos, metadata = self._prepare_paged(input_ids, positions, logits_rows, q_lens, kv_lens, block_tables)
-            metadata.key_limits = self._key_limits(batch, metadata)
-            return ids, pos, metadata
-        dev = self.device
-        metadata = self._metadata(q_lens, kv_lens, block_tables, slot_mapping)
-        metadata.logits_indices = torch.tensor(logits_rows, dtype=torch.long, device=dev)
-        metadata.key_limits = self._key_limits(batch, metadata)
-        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), metadata)
+        return input_ids, positions, slot_mapping, logits_rows, q_lens, kv_lens, block_tables
 
     def _prepare_paged(self, input_ids, positions, logits_rows, q_lens, kv_lens, block_tables):
         """Paged-attention metadata, vectorised on the host and sent in one copy; the SDPA fields
@@ -171,6 +191,8 @@ class ModelRunner:
         """Queries inside a bidirectional span (MultiModalPrompt.bidirectional_spans) see keys to its end;
         None when no query of the step lies in one. The scheduler keeps each span in one step."""
         limits = None
+        if all(item.seq.multimodal is None for item in batch):
+            return None
         for b, item in enumerate(batch):
             mm, start = item.seq.multimodal, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
@@ -185,8 +207,7 @@ class ModelRunner:
     def _metadata(self, q_lens, kv_lens, block_tables, slot_mapping) -> AttentionMetadata:
         dev, bs = self.device, self.block_size
         batch, max_q, max_kv = len(q_lens), max(q_lens), max(kv_lens)
-        width = max(len(t) for t in block_tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+        table = padded_tables(block_tables)
         key_pos = torch.arange(max_kv)
         kv = torch.tensor(kv_lens, dtype=torch.long)
         key_slots = table[:, key_pos // bs] * bs + key_pos % bs

@@ -1,0 +1,109 @@
+"""Host (Python) time of the engine's decode steps: `Engine.step()` minus the model forward.
+
+    OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py              # 64 and 256 sequences
+    OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --profile    # plus a cProfile of the 256 run
+
+A tiny random Qwen3 (tests/tiny_models.py: byte-level BPE tokenizer, so detokenizing does real
+work) on the CPU. Every sequence gets a 32-token prompt and decodes with temperature 0.6 and
+ignore_eos (gpu_throughput.py's sampling); once all are decoding, `--steps` steps are timed.
+The model forward (`model.forward` and `model.compute_logits`, patched on the instance) is
+timed separately and subtracted: what is left is what the host adds to every step on any
+device, since the engine is synchronous (scheduler, runner.prepare, sampler, token append,
+detokenizing, outputs). Reported per step (min and median over the steps) and per sequence.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import os
+import torch
+SORT = os.environ.get("PROFILE_SORT", "tottime")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed_forward(model):
+    """Patch `model`'s forward and compute_logits to add their time to a counter; returns the counter."""
+    spent = [0.0]
+
+    def wrap(fn):
+        def inner(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return inner
+
+    model.forward = wrap(model.forward)
+    model.compute_logits = wrap(model.compute_logits)
+    return spent
+
+
+def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile: bool) -> dict:
+    from levante.config import CacheConfig, EngineConfig
+    from levante.engine.engine import Engine
+    from levante.engine.sampling_params import SamplingParams
+
+    config = EngineConfig(max_num_seqs=num_seqs, max_num_batched_tokens=max(1024, num_seqs * prompt_len),
+                          max_model_len=prompt_len + steps + 64, cache=CacheConfig(memory_gb=0.25))
+    engine = Engine(model_dir, config)
+    rng = random.Random(0)
+    vocab = engine.model_config.vocab_size
+    for i in range(num_seqs):
+        prompt = [rng.randint(3, vocab - 1) for _ in range(prompt_len)]
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.6, max_tokens=steps + 32, ignore_eos=True))
+    while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
+        engine.step()  # prefill
+    for _ in range(3):
+        engine.step()
+    spent = timed_forward(engine.runner.model)
+    host, total = [], []
+    profiler = cProfile.Profile() if profile else None
+    for _ in range(steps):
+        spent[0] = 0.0
+        if profiler:
+            profiler.enable()
+        start = time.perf_counter()
+        outputs = engine.step()
+        elapsed = time.perf_counter() - start
+        if profiler:
+            profiler.disable()
+        assert len(outputs) == num_seqs and len(engine.scheduler.running) == num_seqs
+        host.append(elapsed - spent[0])
+        total.append(elapsed)
+    if profiler:
+        pstats.Stats(profiler).sort_stats(SORT).print_stats(45)
+    return {"min": min(host), "median": statistics.median(host), "step_median": statistics.median(total)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-seqs", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--profile", action="store_true", help="cProfile the decode steps of the largest batch")
+    parser.add_argument("--model-dir", default=None, help="reuse a folder built by an earlier run")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from tests.tiny_models import build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir or str(build("qwen3", Path(tmp)))
+        for n in args.num_seqs:
+            r = measure(model_dir, n, args.steps, args.prompt_len, args.profile and n == max(args.num_seqs))
+            print(f"{n:4d} seqs: host {r['min'] * 1e3:7.3f} ms/step min, {r['median'] * 1e3:7.3f} median "
+                  f"({r['median'] / n * 1e6:5.2f} us/seq); whole step median {r['step_median'] * 1e3:.3f} ms",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
