@@ -5,16 +5,18 @@
 
 A tiny random Qwen3 (tests/tiny_models.py: byte-level BPE tokenizer, so detokenizing does real
 work) on the CPU. Every sequence gets a 32-token prompt and decodes with temperature 0.6 and
-ignore_eos (gpu_throughput.py's sampling); once all are decoding, `--steps` steps are timed.
+ignore_eos (gpu_throughput.py's sampling; `--temperature 0`: greedy); once all are decoding, `--steps` steps are timed.
 The model forward (`model.forward` and `model.compute_logits`, patched on the instance) is
 timed separately and subtracted: what is left is what the host adds to every step on any
 device, since the engine is synchronous (scheduler, runner.prepare, sampler, token append,
-detokenizing, outputs). Reported per step (min and median over the steps) and per sequence.
+detokenizing, outputs), plus, on the CPU, the sampler's tensor math (a few device kernels on
+CUDA). `--path padded` runs the CUDA-graph decode path (engine/cuda_graph.py) eagerly. Reported per step (min and median over the steps) and per sequence.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import random
 import statistics
@@ -24,10 +26,10 @@ import time
 from pathlib import Path
 
 import os
-import torch
-SORT = os.environ.get("PROFILE_SORT", "tottime")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: which levante is measured
 
 
 def timed_forward(model):
@@ -48,7 +50,8 @@ def timed_forward(model):
     return spent
 
 
-def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile: bool) -> dict:
+def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile: bool,
+            temperature: float = 0.6) -> dict:
     from levante.config import CacheConfig, EngineConfig
     from levante.engine.engine import Engine
     from levante.engine.sampling_params import SamplingParams
@@ -60,7 +63,7 @@ def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile:
     vocab = engine.model_config.vocab_size
     for i in range(num_seqs):
         prompt = [rng.randint(3, vocab - 1) for _ in range(prompt_len)]
-        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.6, max_tokens=steps + 32, ignore_eos=True))
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=temperature, max_tokens=steps + 32, ignore_eos=True))
     while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
         engine.step()  # prefill
     for _ in range(3):
@@ -81,7 +84,7 @@ def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile:
         host.append(elapsed - spent[0])
         total.append(elapsed)
     if profiler:
-        pstats.Stats(profiler).sort_stats(SORT).print_stats(45)
+        pstats.Stats(profiler).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(40)
     return {"min": min(host), "median": statistics.median(host), "step_median": statistics.median(total)}
 
 
@@ -91,15 +94,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--profile", action="store_true", help="cProfile the decode steps of the largest batch")
+    parser.add_argument("--path", choices=["sdpa", "paged", "padded"], default="sdpa",
+                        help="CPU attention path: sdpa (the CPU default), paged (CUDA's eager path), padded "
+                             "(the CUDA-graph decode path run eagerly)")
+    parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--model-dir", default=None, help="reuse a folder built by an earlier run")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.path == "paged":
+        os.environ["LEVANTE_PAGED_ATTENTION"] = "1"
+    elif args.path == "padded":
+        os.environ["LEVANTE_PADDED_DECODE"] = "1"
     from tests.tiny_models import build
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or str(build("qwen3", Path(tmp)))
         for n in args.num_seqs:
-            r = measure(model_dir, n, args.steps, args.prompt_len, args.profile and n == max(args.num_seqs))
+            r = measure(model_dir, n, args.steps, args.prompt_len, args.profile and n == max(args.num_seqs),
+                        args.temperature)
             print(f"{n:4d} seqs: host {r['min'] * 1e3:7.3f} ms/step min, {r['median'] * 1e3:7.3f} median "
                   f"({r['median'] / n * 1e6:5.2f} us/seq); whole step median {r['step_median'] * 1e3:.3f} ms",
                   flush=True)

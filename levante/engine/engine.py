@@ -205,7 +205,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        wants_all = [self._wants_prompt_rows(item) for item in batch]
+        wants_all = [self._wants_prompt_rows(item) if item.seq.wants_prompt_rows else False for item in batch]
         logits = self.runner.run(batch, wants_all)
         self.scheduler.after_step(batch)
         to_sample, sample_rows, row = [], [], 0

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from levante.engine.structured import StructuredOutput
 from levante.errors import InvalidRequest
 
+GREEDY_TEMPERATURE = 1e-5  # below it, sampling is greedy (argmax)
+
 
 @dataclass
 class SamplingParams:
@@ -65,4 +67,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_TEMPERATURE

@@ -357,6 +357,17 @@ class IncrementalDetokenizer:
             self.prefix_offset -= 1
         self._prefix_text = self._decode(self.prefix_offset, self.read_offset)
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        # Runs for every sequence on every step: a levante Tokenizer's backend is called directly
+        # (the same call Tokenizer.decode makes, one Python frame fewer).
+        self._backend_decode = tokenizer.backend.decode if type(tokenizer) is Tokenizer else None
+
     def step(self, new_token_ids: list[int]) -> str:
         """Append tokens; return the text they complete ("" while a character is unfinished)."""
         self.token_ids.extend(new_token_ids)
@@ -376,4 +387,6 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode(self, start: int, end: int | None = None) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
