@@ -51,7 +51,7 @@ def timed_forward(model):
 
 
 def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile: bool,
-            temperature: float = 0.6) -> dict:
+            temperature: float = 0.6, output_kind: str = "cumulative") -> dict:
     from levante.config import CacheConfig, EngineConfig
     from levante.engine.engine import Engine
     from levante.engine.sampling_params import SamplingParams
@@ -61,9 +61,11 @@ def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile:
     engine = Engine(model_dir, config)
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
+    kind = {} if output_kind == "cumulative" else {"output_kind": output_kind}  # main has no such field
     for i in range(num_seqs):
         prompt = [rng.randint(3, vocab - 1) for _ in range(prompt_len)]
-        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=temperature, max_tokens=steps + 32, ignore_eos=True))
+        engine.add_request(f"r{i}", prompt,
+                           SamplingParams(temperature=temperature, max_tokens=steps + 32, ignore_eos=True, **kind))
     while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
         engine.step()  # prefill
     for _ in range(3):
@@ -80,7 +82,8 @@ def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile:
         elapsed = time.perf_counter() - start
         if profiler:
             profiler.disable()
-        assert len(outputs) == num_seqs and len(engine.scheduler.running) == num_seqs
+        assert len(outputs) == (num_seqs if output_kind == "cumulative" else 0)
+        assert len(engine.scheduler.running) == num_seqs
         host.append(elapsed - spent[0])
         total.append(elapsed)
     if profiler:
@@ -98,6 +101,9 @@ def main() -> None:
                         help="CPU attention path: sdpa (the CPU default), paged (CUDA's eager path), padded "
                              "(the CUDA-graph decode path run eagerly)")
     parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--output-kind", choices=["cumulative", "final_only"], default="cumulative",
+                        help="cumulative: an output per running request per step (streaming, Engine's "
+                             "default); final_only: what LLM.generate asks for")
     parser.add_argument("--model-dir", default=None, help="reuse a folder built by an earlier run")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -111,7 +117,7 @@ def main() -> None:
         model_dir = args.model_dir or str(build("qwen3", Path(tmp)))
         for n in args.num_seqs:
             r = measure(model_dir, n, args.steps, args.prompt_len, args.profile and n == max(args.num_seqs),
-                        args.temperature)
+                        args.temperature, args.output_kind)
             print(f"{n:4d} seqs: host {r['min'] * 1e3:7.3f} ms/step min, {r['median'] * 1e3:7.3f} median "
                   f"({r['median'] / n * 1e6:5.2f} us/seq); whole step median {r['step_median'] * 1e3:.3f} ms",
                   flush=True)

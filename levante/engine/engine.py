@@ -49,6 +49,7 @@ class Request:
     seqs: list[Sequence]
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    final_only: bool = False  # params.output_kind == "final_only": no output until it finishes
 
     @property
     def finished(self) -> bool:
@@ -160,7 +161,8 @@ class Engine:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             grammar = self.grammars.matcher(params.structured) if params.structured else None
             seqs.append(Sequence(request_id, i, ids, params, detok, seed, grammar, multimodal))
-        self.requests[request_id] = Request(request_id, text, ids, params, seqs)
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs,
+                                            final_only=params.output_kind == "final_only")
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -233,12 +235,9 @@ class Engine:
             for i, (seq, token) in enumerate(zip(to_sample, tokens)):
                 append(seq, token, raw_logprobs[i])
         requests, output = self.requests, self._output
-        if len(to_sample) == len(requests):  # often every request samples once (n = 1): no dedup needed
-            touched = [seq.request_id for seq in to_sample]
-            if len(set(touched)) == len(touched):
-                return [output(rid) for rid in touched]
         touched = dict.fromkeys(seq.request_id for seq in to_sample)
-        return [output(rid) for rid in touched if rid in requests]
+        return [output(rid) for rid in touched
+                if (request := requests.get(rid)) is not None and (not request.final_only or request.finished)]
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
