@@ -207,21 +207,27 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        wants_all = [self._wants_prompt_rows(item) if item.seq.wants_prompt_rows else False for item in batch]
+        if any(item.seq.wants_prompt_rows for item in batch):
+            wants_all = [self._wants_prompt_rows(item) for item in batch]
+        else:
+            wants_all = [False] * len(batch)
         logits = self.runner.run(batch, wants_all)
         self.scheduler.after_step(batch)
-        to_sample, sample_rows, row = [], [], 0
-        for item, want_all in zip(batch, wants_all):
-            # `samples` was fixed when scheduled (before after_step moved num_computed_tokens).
-            if want_all:
-                count = item.num_new_tokens
-                self._record_prompt_rows(item, logits[row:row + count])
-            else:
-                count = int(item.samples)
-            if item.samples:
-                to_sample.append(item.seq)
-                sample_rows.append(row + count - 1)
-            row += count
+        # `samples` was fixed when scheduled (before after_step moved num_computed_tokens).
+        if all(item.samples for item in batch) and not any(wants_all):  # e.g. a decode step: a row each
+            to_sample, sample_rows = [item.seq for item in batch], range(len(batch))
+        else:
+            to_sample, sample_rows, row = [], [], 0
+            for item, want_all in zip(batch, wants_all):
+                if want_all:
+                    count = item.num_new_tokens
+                    self._record_prompt_rows(item, logits[row:row + count])
+                else:
+                    count = int(item.samples)
+                if item.samples:
+                    to_sample.append(item.seq)
+                    sample_rows.append(row + count - 1)
+                row += count
         if not to_sample:
             return []
         # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
@@ -234,8 +240,10 @@ class Engine:
         else:
             for i, (seq, token) in enumerate(zip(to_sample, tokens)):
                 append(seq, token, raw_logprobs[i])
-        requests, output = self.requests, self._output
-        touched = dict.fromkeys(seq.request_id for seq in to_sample)
+        # An output for each request that got a token, but for running final_only ones.
+        requests, output, finished = self.requests, self._output, Status.FINISHED
+        touched = dict.fromkeys(seq.request_id for seq in to_sample
+                                if seq.status is finished or seq.params.output_kind != "final_only")
         return [output(rid) for rid in touched
                 if (request := requests.get(rid)) is not None and (not request.final_only or request.finished)]
 
