@@ -3,14 +3,16 @@
     OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py              # 64 and 256 sequences
     OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --profile    # plus a cProfile of the 256 run
 
-A tiny random Qwen3 (tests/tiny_models.py: byte-level BPE tokenizer, so detokenizing does real
-work) on the CPU. Every sequence gets a 32-token prompt and decodes with temperature 0.6 and
-ignore_eos (gpu_throughput.py's sampling; `--temperature 0`: greedy); once all are decoding, `--steps` steps are timed.
-The model forward (`model.forward` and `model.compute_logits`, patched on the instance) is
-timed separately and subtracted: what is left is what the host adds to every step on any
-device, since the engine is synchronous (scheduler, runner.prepare, sampler, token append,
-detokenizing, outputs), plus, on the CPU, the sampler's tensor math (a few device kernels on
-CUDA). `--path padded` runs the CUDA-graph decode path (engine/cuda_graph.py) eagerly. Reported per step (min and median over the steps) and per sequence.
+A tiny random Qwen3 on the CPU: gpu_throughput.py's TINY shape with its word-level tokenizer
+(default), or tests/tiny_models.py's with a byte-level BPE (`--tokenizer bpe`). Every sequence
+gets a 32-token prompt of random ids and decodes with temperature 0.6 and ignore_eos
+(gpu_throughput.py's sampling; `--temperature 0`: greedy); once all are decoding, `--steps`
+steps are timed. The model forward (`model.forward` and `model.compute_logits`, patched on the
+instance) is timed separately and subtracted: what is left is what the host adds to every step
+on any device, since the engine is synchronous (scheduler, runner.prepare, sampler, token
+append, detokenizing, outputs), plus, on the CPU, the sampler's tensor math (a few kernels on
+CUDA). `--path padded` runs the CUDA-graph decode path (engine/cuda_graph.py) eagerly.
+Reported per step (min and median over the steps) and per sequence.
 """
 from __future__ import annotations
 
@@ -104,6 +106,10 @@ def main() -> None:
     parser.add_argument("--output-kind", choices=["cumulative", "final_only"], default="cumulative",
                         help="cumulative: an output per running request per step (streaming, Engine's "
                              "default); final_only: what LLM.generate asks for")
+    parser.add_argument("--tokenizer", choices=["word", "bpe"], default="word",
+                        help="word: gpu_throughput.py's TINY model and word-level tokenizer (the H200 run's "
+                             "workload); bpe: tests/tiny_models.py's byte-level BPE, on which random ids often "
+                             "end inside a UTF-8 character (detokenizing's worst case)")
     parser.add_argument("--model-dir", default=None, help="reuse a folder built by an earlier run")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -111,10 +117,15 @@ def main() -> None:
         os.environ["LEVANTE_PAGED_ATTENTION"] = "1"
     elif args.path == "padded":
         os.environ["LEVANTE_PADDED_DECODE"] = "1"
-    from tests.tiny_models import build
-
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model_dir or str(build("qwen3", Path(tmp)))
+        if args.model_dir:
+            model_dir = args.model_dir
+        elif args.tokenizer == "bpe":
+            from tests.tiny_models import build
+            model_dir = str(build("qwen3", Path(tmp)))
+        else:
+            from benchmarks.gpu_throughput import TINY, build_model
+            model_dir = str(build_model(Path(tmp), TINY, torch.float32))
         for n in args.num_seqs:
             r = measure(model_dir, n, args.steps, args.prompt_len, args.profile and n == max(args.num_seqs),
                         args.temperature, args.output_kind)
