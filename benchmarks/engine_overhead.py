@@ -90,7 +90,8 @@ def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile:
         total.append(elapsed)
     if profiler:
         pstats.Stats(profiler).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(40)
-    return {"min": min(host), "median": statistics.median(host), "step_median": statistics.median(total)}
+    return {"min": min(host), "median": statistics.median(host), "mean": statistics.mean(host), "max": max(host),
+            "step_median": statistics.median(total)}
 
 
 def main() -> None:
@@ -130,7 +131,8 @@ def main() -> None:
             r = measure(model_dir, n, args.steps, args.prompt_len, args.profile and n == max(args.num_seqs),
                         args.temperature, args.output_kind)
             print(f"{n:4d} seqs: host {r['min'] * 1e3:7.3f} ms/step min, {r['median'] * 1e3:7.3f} median "
-                  f"({r['median'] / n * 1e6:5.2f} us/seq); whole step median {r['step_median'] * 1e3:.3f} ms",
+                  f"({r['median'] / n * 1e6:5.2f} us/seq), mean {r['mean'] * 1e3:.3f}, max {r['max'] * 1e3:.3f}; "
+                  f"whole step median {r['step_median'] * 1e3:.3f} ms",
                   flush=True)
 
 

@@ -86,6 +86,9 @@ class Tokenizer:
             token_id for token_id, added in backend.get_added_tokens_decoder().items() if added.special
         )
         self.eos_token_ids = _end_of_generation_ids(self, eos_token_ids)
+        # skip_special_tokens -> {token id: decode([id])}, filled by IncrementalDetokenizer (at most
+        # the vocabulary; plain dict reads and writes of deterministic values, so thread-safe).
+        self.one_token_texts: dict[bool, dict[int, str]] = {False: {}, True: {}}
 
     # -- construction -------------------------------------------------------------------------
 
@@ -365,8 +368,11 @@ class IncrementalDetokenizer:
     def tokenizer(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         # Runs for every sequence on every step: a levante Tokenizer's backend is called directly
-        # (the same call Tokenizer.decode makes, one Python frame fewer).
-        self._backend_decode = tokenizer.backend.decode if type(tokenizer) is Tokenizer else None
+        # (the same call Tokenizer.decode makes, one Python frame fewer), and one-token windows
+        # come from its cache of single-token texts (decode is a pure function of the ids).
+        levante = type(tokenizer) is Tokenizer
+        self._backend_decode = tokenizer.backend.decode if levante else None
+        self._one_token_texts = tokenizer.one_token_texts if levante else None
 
     def step(self, new_token_ids: list[int]) -> str:
         """Append tokens; return the text they complete ("" while a character is unfinished)."""
@@ -383,7 +389,15 @@ class IncrementalDetokenizer:
     def _emit(self, text: str) -> str:
         delta = text[len(self._prefix_text):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        self._prefix_text = self._decode(self.prefix_offset, self.read_offset)
+        if self.read_offset - self.prefix_offset == 1 and self._one_token_texts is not None:
+            # The common case (every token completes its text): the new prefix is the last token alone.
+            cache, token = self._one_token_texts[self.skip_special_tokens], self.token_ids[-1]
+            prefix = cache.get(token)
+            if prefix is None:
+                prefix = cache[token] = self._decode(self.prefix_offset, self.read_offset)
+            self._prefix_text = prefix
+        else:
+            self._prefix_text = self._decode(self.prefix_offset, self.read_offset)
         return delta
 
     def _decode(self, start: int, end: int | None = None) -> str:
