@@ -275,9 +275,10 @@ class Engine:
                     logprobs[r], seq.token_ids[position], k, self._token_text)
 
     def _append_token(self, seq: Sequence, token: int, raw_logprobs: torch.Tensor | None) -> None:
-        request = self.requests[seq.request_id]
-        if request.first_token_time is None:
-            request.first_token_time = time.monotonic()
+        if len(seq.token_ids) == seq.num_prompt_tokens:  # this sequence's first token: maybe its request's
+            request = self.requests[seq.request_id]
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
         seq.token_ids.append(token)
         params = seq.params
         if raw_logprobs is not None:

@@ -377,7 +377,11 @@ class IncrementalDetokenizer:
     def step(self, new_token_ids: list[int]) -> str:
         """Append tokens; return the text they complete ("" while a character is unfinished)."""
         self.token_ids.extend(new_token_ids)
-        text = self._decode(self.prefix_offset)
+        decode = self._backend_decode  # _decode, inlined: this runs for every sequence on every step
+        if decode is not None:
+            text = decode(self.token_ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
+        else:
+            text = self._decode(self.prefix_offset)
         if len(text) <= len(self._prefix_text) or text.endswith("\ufffd"):
             return ""
         return self._emit(text)
