@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import os
 import pstats
 import random
@@ -53,7 +54,7 @@ def timed_forward(model):
 
 
 def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile: bool,
-            temperature: float = 0.6, output_kind: str = "cumulative") -> dict:
+            temperature: float = 0.6, output_kind: str = "cumulative", freeze_gc: bool = False) -> dict:
     from levante.config import CacheConfig, EngineConfig
     from levante.engine.engine import Engine
     from levante.engine.sampling_params import SamplingParams
@@ -72,6 +73,9 @@ def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile:
         engine.step()  # prefill
     for _ in range(3):
         engine.step()
+    if freeze_gc:  # what a long-running server could do once loaded (vLLM does): full collections skip the heap
+        gc.collect()
+        gc.freeze()
     spent = timed_forward(engine.runner.model)
     host, total = [], []
     profiler = cProfile.Profile() if profile else None
@@ -88,6 +92,8 @@ def measure(model_dir: str, num_seqs: int, steps: int, prompt_len: int, profile:
         assert len(engine.scheduler.running) == num_seqs
         host.append(elapsed - spent[0])
         total.append(elapsed)
+    if freeze_gc:
+        gc.unfreeze()
     if profiler:
         pstats.Stats(profiler).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(40)
     return {"min": min(host), "median": statistics.median(host), "mean": statistics.mean(host), "max": max(host),
@@ -111,6 +117,9 @@ def main() -> None:
                         help="word: gpu_throughput.py's TINY model and word-level tokenizer (the H200 run's "
                              "workload); bpe: tests/tiny_models.py's byte-level BPE, on which random ids often "
                              "end inside a UTF-8 character (detokenizing's worst case)")
+    parser.add_argument("--freeze-gc", action="store_true",
+                        help="gc.freeze() before the timed steps: Python's full collections (tens of ms each, "
+                             "about every 50 steps with cumulative outputs) then skip the objects made so far")
     parser.add_argument("--model-dir", default=None, help="reuse a folder built by an earlier run")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -129,7 +138,7 @@ def main() -> None:
             model_dir = str(build_model(Path(tmp), TINY, torch.float32))
         for n in args.num_seqs:
             r = measure(model_dir, n, args.steps, args.prompt_len, args.profile and n == max(args.num_seqs),
-                        args.temperature, args.output_kind)
+                        args.temperature, args.output_kind, args.freeze_gc)
             print(f"{n:4d} seqs: host {r['min'] * 1e3:7.3f} ms/step min, {r['median'] * 1e3:7.3f} median "
                   f"({r['median'] / n * 1e6:5.2f} us/seq), mean {r['mean'] * 1e3:.3f}, max {r['max'] * 1e3:.3f}; "
                   f"whole step median {r['step_median'] * 1e3:.3f} ms",
