@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py              # 64 and 256 sequences
     OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --profile    # plus a cProfile of the 256 run
+    OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --num-seqs 1 --temperature 0   # batch-1 decode
 
 A tiny random Qwen3 on the CPU: gpu_throughput.py's TINY shape with its word-level tokenizer
 (default), or tests/tiny_models.py's with a byte-level BPE (`--tokenizer bpe`). Every sequence
@@ -27,8 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import os
 
 import torch
 
