@@ -82,7 +82,8 @@ def run_levante(model_dir: str, prompts: list[list[int]], max_tokens: list[int],
         started = time.perf_counter()
         for i, (prompt, m) in enumerate(zip(prompts, max_tokens)):
             engine.add_request(f"bench-{i}", prompt,
-                               SamplingParams(temperature=0.6, max_tokens=m, ignore_eos=True, seed=None))
+                               SamplingParams(temperature=0.6, max_tokens=m, ignore_eos=True, seed=None,
+                                              output_kind="final_only"))  # as LLM.generate: only finished ones are read
         generated = 0
         while engine.has_unfinished_requests():
             for out in engine.step():

@@ -5,6 +5,7 @@ instead of the generation engine: `LLM("all-minilm:l6-v2").embed(texts)`.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -102,6 +103,8 @@ class LLM:
         self._require_engine()
         if images is not None:
             prompts = self._with_images(prompts, images)
+        # Only finished outputs are read here: the engine builds no output for a running request.
+        params = dataclasses.replace(params or SamplingParams(), output_kind="final_only")
         ids = self._submit(prompts, params)
         finished: dict[str, RequestOutput] = {}
         try:

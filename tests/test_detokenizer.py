@@ -105,3 +105,22 @@ def test_each_step_decodes_a_short_window(alias):
     text = "".join(detokenizer.step([token]) for token in ids)
     assert text == expected(tokenizer, prompt, ids, True)
     assert len(ids) > 1000 and max(windows) <= 16
+
+
+@pytest.mark.parametrize("alias", GGUF_ALIASES)
+def test_one_token_cache_changes_nothing(alias):
+    """One-token windows come from the tokenizer's cache: the deltas are those of plain decodes."""
+    tokenizer = ours(alias)
+    prompt = tokenizer.encode("System: réponds en français. 𓀀 User: ")
+    for skip in (True, False):
+        for text in TEXTS + ["<|im_start|>assistant\nHi!<|im_end|> 🫨🫠"]:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            plain = IncrementalDetokenizer(tokenizer, prompt, skip)
+            plain._one_token_texts = None
+            want = [plain.step([i]) for i in ids] + [plain.flush()]
+            for _ in range(2):  # the cache cold, then warm
+                chunks, rest = stream(tokenizer, prompt, ids, skip)
+                assert chunks + [rest] == want, text
+    assert tokenizer.one_token_texts[True] and tokenizer.one_token_texts[False]
+    assert all(tokenizer.decode([i], skip) == text for skip in (True, False)
+               for i, text in tokenizer.one_token_texts[skip].items())

@@ -117,3 +117,46 @@ def test_device_defaults_and_cuda_kv_cache_size(monkeypatch):
     assert Engine._kv_cache_bytes(fake, per_token=256) == 256 * 16 * 64
     fake.device = torch.device("cpu")
     assert Engine._kv_cache_bytes(fake, per_token=256) == 2 * gib
+
+
+def test_final_only_outputs_are_the_cumulative_runs_last(folder):
+    """output_kind="final_only" (what LLM.generate asks for): no output while a request runs, and the
+    one at the end equals the last output of the same request run with cumulative outputs."""
+    llm = LLM(folder, dtype="float32")
+    engine = llm.engine
+    prompts = _prompts(count=4)
+    last = {}
+    for kind in ("cumulative", "final_only"):
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True, stop=["zz"],
+                                    logprobs=2, output_kind=kind)
+            engine.add_request(f"{kind}-{i}", prompt, params)
+        seen = []
+        while engine.has_unfinished_requests():
+            seen += engine.step()
+        if kind == "final_only":
+            assert all(o.finished for o in seen) and len(seen) == len(prompts)
+        else:
+            assert len(seen) > len(prompts)
+        for o in seen:
+            last[o.request_id] = o
+    for i in range(len(prompts)):
+        a, b = last[f"cumulative-{i}"], last[f"final_only-{i}"]
+        assert a.finished and b.finished
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids and a.outputs[0].text == b.outputs[0].text
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+    with pytest.raises(InvalidRequest, match="output_kind"):
+        SamplingParams(output_kind="delta")
+
+
+def test_padded_tables_match_nested_lists():
+    from levante.engine.runner import padded_tables
+
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, 5, 9, 64):  # row by row up to 8, one masked assignment above
+        tables = [torch.randint(0, 1000, (int(torch.randint(0 if r else 1, 9, (1,), generator=g)),),
+                                generator=g).tolist() for r in range(rows)]
+        width = max(map(len, tables))
+        expected = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        got = padded_tables(tables)
+        assert got.dtype == torch.long and torch.equal(got, expected)

@@ -21,7 +21,7 @@ from levante.engine.runner import ModelRunner, kv_bytes_per_token
 from levante.engine.sampler import Sampler, top_logprobs
 from levante.engine.sampling_params import SamplingParams
 from levante.engine.scheduler import ScheduledSequence, Scheduler
-from levante.engine.sequence import Sequence
+from levante.engine.sequence import Sequence, Status
 from levante.engine.structured import GrammarCompiler
 from levante.errors import InvalidRequest
 from levante.loader.auto import open_model
@@ -49,6 +49,7 @@ class Request:
     seqs: list[Sequence]
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    final_only: bool = False  # params.output_kind == "final_only": no output until it finishes
 
     @property
     def finished(self) -> bool:
@@ -160,7 +161,8 @@ class Engine:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             grammar = self.grammars.matcher(params.structured) if params.structured else None
             seqs.append(Sequence(request_id, i, ids, params, detok, seed, grammar, multimodal))
-        self.requests[request_id] = Request(request_id, text, ids, params, seqs)
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs,
+                                            final_only=params.output_kind == "final_only")
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -205,27 +207,45 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        wants_all = [self._wants_prompt_rows(item) for item in batch]
-        samples = [item.samples for item in batch]
+        if any(item.seq.wants_prompt_rows for item in batch):
+            wants_all = [self._wants_prompt_rows(item) for item in batch]
+        else:
+            wants_all = [False] * len(batch)
         logits = self.runner.run(batch, wants_all)
         self.scheduler.after_step(batch)
-        to_sample, sample_rows, row = [], [], 0
-        for item, want_all, sample in zip(batch, wants_all, samples):
-            count = item.num_new_tokens if want_all else int(sample)
-            if want_all:
-                self._record_prompt_rows(item, logits[row:row + count])
-            if sample:
-                to_sample.append(item.seq)
-                sample_rows.append(row + count - 1)
-            row += count
-        if to_sample:
-            # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
-            rows = logits if len(sample_rows) == logits.size(0) else logits[sample_rows]
-            tokens, raw_logprobs = self.sampler(rows, to_sample)
+        # `samples` was fixed when scheduled (before after_step moved num_computed_tokens).
+        if all(item.samples for item in batch) and not any(wants_all):  # e.g. a decode step: a row each
+            to_sample, sample_rows = [item.seq for item in batch], range(len(batch))
+        else:
+            to_sample, sample_rows, row = [], [], 0
+            for item, want_all in zip(batch, wants_all):
+                if want_all:
+                    count = item.num_new_tokens
+                    self._record_prompt_rows(item, logits[row:row + count])
+                else:
+                    count = int(item.samples)
+                if item.samples:
+                    to_sample.append(item.seq)
+                    sample_rows.append(row + count - 1)
+                row += count
+        if not to_sample:
+            return []
+        # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
+        rows = logits if len(sample_rows) == logits.size(0) else logits[sample_rows]
+        tokens, raw_logprobs = self.sampler(rows, to_sample)
+        append = self._append_token
+        if raw_logprobs is None:
+            for seq, token in zip(to_sample, tokens):
+                append(seq, token, None)
+        else:
             for i, (seq, token) in enumerate(zip(to_sample, tokens)):
-                self._append_token(seq, token, None if raw_logprobs is None else raw_logprobs[i])
-        touched = dict.fromkeys(seq.request_id for seq in to_sample)
-        return [self._output(rid) for rid in touched if rid in self.requests]
+                append(seq, token, raw_logprobs[i])
+        # An output for each request that got a token, but for running final_only ones.
+        requests, output, finished = self.requests, self._output, Status.FINISHED
+        touched = dict.fromkeys(seq.request_id for seq in to_sample
+                                if seq.status is finished or seq.params.output_kind != "final_only")
+        return [output(rid) for rid in touched
+                if (request := requests.get(rid)) is not None and (not request.final_only or request.finished)]
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -233,8 +253,9 @@ class Engine:
     @staticmethod
     def _wants_prompt_rows(item: ScheduledSequence) -> bool:
         seq = item.seq
-        wants = seq.prompt_logprobs is not None or seq.params.return_prompt_logits
-        return wants and seq.num_computed_tokens < seq.num_prompt_tokens
+        if seq.prompt_logprobs is None and not seq.params.return_prompt_logits:
+            return False
+        return seq.num_computed_tokens < seq.num_prompt_tokens
 
     def _record_prompt_rows(self, item: ScheduledSequence, logits: torch.Tensor) -> None:
         seq = item.seq
@@ -254,8 +275,10 @@ class Engine:
                     logprobs[r], seq.token_ids[position], k, self._token_text)
 
     def _append_token(self, seq: Sequence, token: int, raw_logprobs: torch.Tensor | None) -> None:
-        request = self.requests[seq.request_id]
-        request.first_token_time = request.first_token_time or time.monotonic()
+        if len(seq.token_ids) == seq.num_prompt_tokens:  # this sequence's first token: maybe its request's
+            request = self.requests[seq.request_id]
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
         seq.token_ids.append(token)
         params = seq.params
         if raw_logprobs is not None:
@@ -263,7 +286,8 @@ class Engine:
             if params.logprobs is not None:
                 seq.logprobs.append(top_logprobs(raw_logprobs, token, params.logprobs, self._token_text))
         new_text = seq.detokenizer.step([token])
-        seq.text += new_text
+        if new_text:
+            seq.text += new_text
         grammar_done = seq.grammar is not None and _advance_grammar(seq, token)
         if token in params.stop_token_ids:
             seq.finish("stop", token)
@@ -271,11 +295,12 @@ class Engine:
             seq.finish("stop")
         elif grammar_done:
             seq.finish("stop")
-        elif (stop := self._find_stop(seq, len(new_text))) is not None:
+        elif params.stop and new_text and (stop := self._find_stop(seq, len(new_text))) is not None:
             seq.finish("stop", stop)
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif (len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens
+              or len(seq.token_ids) >= self.max_model_len):
             seq.finish("length")
-        if seq.finished:
+        if seq.status is Status.FINISHED:
             if not isinstance(seq.stop_reason, str):
                 seq.text += seq.detokenizer.flush()  # e.g. a length cut inside a multi-byte character
             self.scheduler.finish(seq)
@@ -292,17 +317,22 @@ class Engine:
 
     def _output(self, request_id: str) -> RequestOutput:
         request = self.requests[request_id]
-        outputs = [_completion(seq) for seq in request.seqs]
-        finished = request.finished
+        seqs = request.seqs
+        if len(seqs) == 1:
+            first = seqs[0]
+            outputs = [_completion(first)]
+            finished = first.status is Status.FINISHED
+        else:
+            first = seqs[0]
+            outputs = [_completion(seq) for seq in seqs]
+            finished = request.finished
         if finished:
             del self.requests[request_id]
-        first = request.seqs[0]
         return RequestOutput(
-            request_id=request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
-            outputs=outputs, finished=finished, prompt_logprobs=first.prompt_logprobs,
-            num_cached_tokens=first.num_cached_tokens,
-            metrics={"arrival_time": request.arrival_time, "first_token_time": request.first_token_time,
-                     "prompt_logits": first.prompt_logits},
+            request_id, request.prompt, request.prompt_token_ids, outputs, finished, first.prompt_logprobs,
+            first.num_cached_tokens,
+            {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time,
+             "prompt_logits": first.prompt_logits},
         )
 
 
@@ -315,12 +345,13 @@ def _advance_grammar(seq: Sequence, token: int) -> bool:
 
 
 def _completion(seq: Sequence) -> CompletionOutput:
-    return CompletionOutput(
-        index=seq.index, text=_visible_text(seq), token_ids=list(seq.output_token_ids),
-        cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-        logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-        finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-    )
+    params = seq.params
+    # Positional: this runs for every running request on every step.
+    if params.logprobs is None:
+        return CompletionOutput(seq.index, _visible_text(seq) if params.stop else seq.text,
+                                seq.token_ids[seq.num_prompt_tokens:], None, None, seq.finish_reason, seq.stop_reason)
+    return CompletionOutput(seq.index, _visible_text(seq), seq.token_ids[seq.num_prompt_tokens:],
+                            seq.cumulative_logprob, list(seq.logprobs), seq.finish_reason, seq.stop_reason)
 
 
 def _visible_text(seq: Sequence) -> str:

@@ -96,6 +96,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = seq.num_computed_tokens // self.block_size
+        if full == seq.num_hashed_blocks:  # nothing new is full (the blocks held keep their hashes)
+            return
         start = max(0, seq.num_hashed_blocks - 1)
         previous = None
         for i in range(start, full):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from levante.engine.outputs import Logprob, PositionLogprobs
+from levante.engine.sampling_params import GREEDY_TEMPERATURE
 from levante.engine.sequence import Sequence
 
 
@@ -26,6 +27,8 @@ def _mask_by_grammar(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
 def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     for row, seq in enumerate(seqs):
         p = seq.params
+        if p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty:
+            continue
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
             values = logits[row, seen]
@@ -40,6 +43,8 @@ def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 def _bias_and_mask(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]) -> None:
     for row, seq in enumerate(seqs):
         p = seq.params
+        if not p.logit_bias and not p.min_tokens:
+            continue
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
             logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
@@ -98,27 +103,36 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
         """Returns the sampled token ids and, when any sequence wants logprobs, raw logprobs."""
         raw_logprobs = None
-        if any(s.params.logprobs is not None for s in seqs):
+        params = [s.params for s in seqs]
+        if any(p.logprobs is not None for p in params):
             raw_logprobs = logits.log_softmax(-1)
         if any(s.grammar is not None for s in seqs):
             logits = _mask_by_grammar(logits, seqs)
-        if all(s.params.greedy and _plain(s) for s in seqs):
+        temperatures = [p.temperature for p in params]
+        greedy = [t < GREEDY_TEMPERATURE for t in temperatures]
+        if all(greedy) and (all(_no_adjustment(p) for p in params) or all(_plain(s) for s in seqs)):
             return logits.argmax(-1).tolist(), raw_logprobs
         logits = logits.clone()
         _bias_and_mask(logits, seqs, self.eos_token_ids)
         _penalize(logits, seqs)
         argmax = logits.argmax(-1)
-        if all(s.params.greedy for s in seqs):
+        if all(greedy):
             return argmax.tolist(), raw_logprobs
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
-        temperature = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs],
-                                   device=logits.device)
+        temperature = torch.tensor([1.0 if g else t for g, t in zip(greedy, temperatures)], device=logits.device)
         probs = _truncate(logits / temperature.unsqueeze(1), seqs).softmax(-1)
         sampled = _draw(probs, seqs)
-        return torch.where(greedy, argmax, sampled).tolist(), raw_logprobs
+        if any(greedy):
+            return torch.where(torch.tensor(greedy, device=logits.device), argmax, sampled).tolist(), raw_logprobs
+        return sampled.tolist(), raw_logprobs
+
+
+def _no_adjustment(p) -> bool:
+    """No bias, penalty or min_tokens: implies `_plain` (checked first: no per-sequence state)."""
+    return (not (p.logit_bias or p.presence_penalty or p.frequency_penalty or p.min_tokens)
+            and p.repetition_penalty == 1.0)
 
 
 def _plain(seq: Sequence) -> bool:
     p = seq.params
     return (not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
-            and not p.frequency_penalty and seq.num_output_tokens >= p.min_tokens)
+            and not p.frequency_penalty and (not p.min_tokens or seq.num_output_tokens >= p.min_tokens))

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from levante.engine.structured import StructuredOutput
 from levante.errors import InvalidRequest
 
+GREEDY_TEMPERATURE = 1e-5  # below it, sampling is greedy (argmax)
+OUTPUT_KINDS = ("cumulative", "final_only")
+
 
 @dataclass
 class SamplingParams:
@@ -29,6 +32,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured: StructuredOutput | None = None  # constrained decoding: JSON schema, regex, grammar, choice
+    # vLLM's RequestOutputKind: "cumulative" (an output after every step that adds to the request,
+    # text and tokens so far: streaming) or "final_only" (one output, when it finishes: LLM.generate,
+    # which then spares the engine building an output per running request per step).
+    output_kind: str = "cumulative"
     # Internal: keep the raw logits of every prompt position (used by scoring and tests).
     return_prompt_logits: bool = field(default=False, repr=False)
 
@@ -55,6 +62,7 @@ class SamplingParams:
             (self.logprobs is None or self.logprobs >= 0, "logprobs must be non-negative"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs must be non-negative"),
         ]
+        checks.append((self.output_kind in OUTPUT_KINDS, f"output_kind must be one of {', '.join(OUTPUT_KINDS)}"))
         for ok, message in checks:
             if not ok:
                 raise InvalidRequest(message)
@@ -65,4 +73,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_TEMPERATURE

@@ -9,21 +9,25 @@ recomputed later, mostly from the prefix cache) so that older ones finish.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from levante.engine.kv_cache import BlockManager
 from levante.engine.sequence import Sequence, Status
 
 
-@dataclass
 class ScheduledSequence:
-    seq: Sequence
-    num_new_tokens: int
+    """One sequence of a step and how many tokens it computes. `samples`: True when this step
+    computes the sequence's last known token, so it yields a new one (fixed when scheduled,
+    read before `Scheduler.after_step` moves `num_computed_tokens`)."""
 
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the sequence's last known token, so it yields a new one."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    __slots__ = ("seq", "num_new_tokens", "samples")
+
+    def __init__(self, seq: Sequence, num_new_tokens: int):
+        self.seq = seq
+        self.num_new_tokens = num_new_tokens
+        self.samples = seq.num_computed_tokens + num_new_tokens == len(seq.token_ids)
+
+    def __repr__(self) -> str:
+        return f"ScheduledSequence(seq={self.seq.seq_id}, num_new_tokens={self.num_new_tokens})"
 
 
 def keep_spans_whole(seq: Sequence, start: int, num_new: int) -> int:
@@ -57,21 +61,28 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted = False
+        manager, running = self.block_manager, Status.RUNNING
+        block_size, free = manager.block_size, manager.free
         for seq in list(self.running):
             if budget <= 0:
                 break
-            if seq.status is not Status.RUNNING:  # preempted below while making room
+            if seq.status is not running:  # preempted below while making room
                 continue
-            num_new = keep_spans_whole(seq, seq.num_computed_tokens,
-                                       min(seq.num_tokens - seq.num_computed_tokens, budget))
-            while self.block_manager.blocks_needed(seq, num_new) > self.block_manager.num_free_blocks:
+            computed = seq.num_computed_tokens
+            num_new = min(len(seq.token_ids) - computed, budget)
+            if seq.multimodal is not None:
+                num_new = keep_spans_whole(seq, computed, num_new)
+            # BlockManager.blocks_needed, inlined (no prefix: the sequence holds its blocks).
+            needed = -(-(computed + num_new) // block_size) - len(seq.block_table)
+            while needed > len(free):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
-                self.block_manager.allocate(seq, num_new)
+                if needed > 0:
+                    manager.allocate(seq, num_new)
                 scheduled.append(ScheduledSequence(seq, num_new))
                 budget -= num_new
         if not preempted:
@@ -105,9 +116,13 @@ class Scheduler:
 
     def after_step(self, scheduled: list[ScheduledSequence]) -> None:
         """Record computed tokens and share newly full blocks; call once the forward is done."""
+        manager = self.block_manager
+        hashing, block_size = manager.enable_prefix_caching, manager.block_size
         for item in scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.commit(item.seq)
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if hashing and seq.num_computed_tokens // block_size != seq.num_hashed_blocks:
+                manager.commit(seq)  # a block became full
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:

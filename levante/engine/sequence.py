@@ -49,6 +49,8 @@ class Sequence:
             [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None
         )
         self.prompt_logits: torch.Tensor | None = None
+        # Whether the prompt's rows of logits are kept (prompt logprobs or logits): checked every step.
+        self.wants_prompt_rows = params.prompt_logprobs is not None or params.return_prompt_logits
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)

@@ -86,6 +86,9 @@ class Tokenizer:
             token_id for token_id, added in backend.get_added_tokens_decoder().items() if added.special
         )
         self.eos_token_ids = _end_of_generation_ids(self, eos_token_ids)
+        # skip_special_tokens -> {token id: decode([id])}, filled by IncrementalDetokenizer (at most
+        # the vocabulary; plain dict reads and writes of deterministic values, so thread-safe).
+        self.one_token_texts: dict[bool, dict[int, str]] = {False: {}, True: {}}
 
     # -- construction -------------------------------------------------------------------------
 
@@ -357,10 +360,28 @@ class IncrementalDetokenizer:
             self.prefix_offset -= 1
         self._prefix_text = self._decode(self.prefix_offset, self.read_offset)
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        # Runs for every sequence on every step: a levante Tokenizer's backend is called directly
+        # (the same call Tokenizer.decode makes, one Python frame fewer), and one-token windows
+        # come from its cache of single-token texts (decode is a pure function of the ids).
+        levante = type(tokenizer) is Tokenizer
+        self._backend_decode = tokenizer.backend.decode if levante else None
+        self._one_token_texts = tokenizer.one_token_texts if levante else None
+
     def step(self, new_token_ids: list[int]) -> str:
         """Append tokens; return the text they complete ("" while a character is unfinished)."""
         self.token_ids.extend(new_token_ids)
-        text = self._decode(self.prefix_offset)
+        decode = self._backend_decode  # _decode, inlined: this runs for every sequence on every step
+        if decode is not None:
+            text = decode(self.token_ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
+        else:
+            text = self._decode(self.prefix_offset)
         if len(text) <= len(self._prefix_text) or text.endswith("\ufffd"):
             return ""
         return self._emit(text)
@@ -372,8 +393,18 @@ class IncrementalDetokenizer:
     def _emit(self, text: str) -> str:
         delta = text[len(self._prefix_text):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        self._prefix_text = self._decode(self.prefix_offset, self.read_offset)
+        if self.read_offset - self.prefix_offset == 1 and self._one_token_texts is not None:
+            # The common case (every token completes its text): the new prefix is the last token alone.
+            cache, token = self._one_token_texts[self.skip_special_tokens], self.token_ids[-1]
+            prefix = cache.get(token)
+            if prefix is None:
+                prefix = cache[token] = self._decode(self.prefix_offset, self.read_offset)
+            self._prefix_text = prefix
+        else:
+            self._prefix_text = self._decode(self.prefix_offset, self.read_offset)
         return delta
 
     def _decode(self, start: int, end: int | None = None) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
