@@ -260,3 +260,21 @@ def test_cuda_graphs_match_eager_and_cpu(tiny_model):
     _, eager = _run(folder, prompts, max_tokens, device="cuda", max_num_seqs=8, enforce_eager=True)
     _same(graphs, eager)
     _same(eager, cpu)
+
+
+def test_fill_tables_rows_beyond_the_batch_stay_zero():
+    """The CUDA-graph staging table has rows for the padded size: the batch's tables go in its first
+    rows (row loop for few, one masked assignment for many), the rest stays zero."""
+    import numpy as np
+
+    from levante.engine.kv_cache import fill_tables
+
+    rng = np.random.default_rng(0)
+    for count in (3, 20):
+        tables = [list(rng.integers(0, 1000, size=rng.integers(1, 9))) for _ in range(count)]
+        table = np.zeros((count + 5, 9), dtype=np.int64)
+        fill_tables(table, tables)
+        want = np.zeros_like(table)
+        for row, blocks in zip(want, tables):
+            row[:len(blocks)] = blocks
+        assert (table == want).all()

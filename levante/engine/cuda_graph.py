@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from levante.engine.kv_cache import fill_tables
 from levante.layers.attention import AttentionMetadata, attention_metadata
 
 logger = logging.getLogger("levante")
@@ -129,20 +130,17 @@ class DecodeGraphs:
         used = 4 * size + size * width
         host = self._host_np[:used]  # numpy view of the (pinned) staging buffer
         rows, table = host[:4 * size].reshape(4, size), host[4 * size:].reshape(size, width)
-        ids, positions, slots = [], [], []
-        for i, item in enumerate(batch):
-            seq = item.seq
-            pos, blocks = seq.num_computed_tokens, seq.block_table
-            ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.append(blocks[pos // bs] * bs + pos % bs)
-            table[i, :len(blocks)] = blocks
-            table[i, len(blocks):] = 0
-        rows[0, :count], rows[1, :count], rows[2, :count] = ids, positions, slots
+        seqs = [item.seq for item in batch]
+        positions = [seq.num_computed_tokens for seq in seqs]
+        tables = [seq.block_table for seq in seqs]
+        rows[0, :count] = [seq.token_ids[pos] for seq, pos in zip(seqs, positions)]
+        rows[1, :count] = positions
+        rows[2, :count] = [blocks[pos // bs] * bs + pos % bs for blocks, pos in zip(tables, positions)]
         rows[3, :count] = rows[1, :count] + 1  # context length after this step
+        table[:] = 0
+        fill_tables(table, tables)
         rows[:, count:] = 0
         rows[2, count:] = self.runner.scratch_slot  # padding rows: length 0, key written to the spare slot
-        table[count:] = 0
         staged = self._staging[:used]
         staged.copy_(self._host[:used], non_blocking=True)
         rows = staged[:4 * size].view(4, size)

@@ -7,7 +7,10 @@ reuses it. Freed blocks keep their hash until the free list hands them out again
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from levante.engine.sequence import Sequence
 
@@ -119,3 +122,16 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
+
+
+def fill_tables(table: np.ndarray, block_tables: list[list[int]]) -> None:
+    """Write each block table into its row of a zeroed `table` (wide enough). Many rows are filled in
+    one masked assignment (row-major order is the tables' concatenation), few row by row."""
+    if len(block_tables) <= 8:
+        for row, blocks in zip(table, block_tables):
+            row[:len(blocks)] = blocks
+        return
+    lengths = [len(t) for t in block_tables]
+    filled = np.arange(table.shape[1]) < np.array(lengths)[:, None]
+    table[:len(block_tables)][filled] = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int64,
+                                                    count=sum(lengths))

@@ -6,7 +6,6 @@ attention layer as views.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from levante.engine.cuda_graph import DecodeGraphs
 from levante.engine.encoder_cache import EncoderCache
+from levante.engine.kv_cache import fill_tables
 from levante.engine.scheduler import ScheduledSequence
 from levante.layers.attention import Attention, AttentionMetadata, attention_metadata
 
@@ -37,17 +37,9 @@ def long_tensor(values: list[int], device: torch.device | None = None) -> torch.
 
 
 def padded_tables(block_tables: list[list[int]]) -> torch.Tensor:
-    """[batch, longest] int64, zero-padded (numpy: several times faster than nested lists). Many rows
-    are filled in one masked assignment (row-major order is the tables' concatenation), few row by row."""
-    lengths = [len(t) for t in block_tables]
-    table = np.zeros((len(block_tables), max(lengths)), dtype=np.int64)
-    if len(block_tables) <= 8:
-        for row, blocks in zip(table, block_tables):
-            row[:len(blocks)] = blocks
-    else:
-        filled = np.arange(table.shape[1]) < np.array(lengths)[:, None]
-        table[filled] = np.fromiter(itertools.chain.from_iterable(block_tables), dtype=np.int64,
-                                    count=sum(lengths))
+    """[batch, longest] int64, zero-padded (numpy: several times faster than nested lists)."""
+    table = np.zeros((len(block_tables), max(len(t) for t in block_tables)), dtype=np.int64)
+    fill_tables(table, block_tables)
     return torch.from_numpy(table)
 
 
