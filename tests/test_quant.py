@@ -3,7 +3,9 @@ quantisation of tiny models, and GGUF 4-bit formats mapped onto int4 without los
 
 Tolerances (float32 unless said):
 * a packed weight's matmul equals ``x @ w_hat.T`` with its own dequantised ``w_hat`` to
-  1e-5 relative, through the kernel (few rows) and the dense path (many rows) alike;
+  1e-5 relative through PyTorch's kernel (few rows) and the dense path (many rows); the
+  native W8A8 kernel (few rows, where it runs) also rounds x to int8 in blocks of 32, which
+  costs up to ~0.5% relative on Gaussian data: 1% there (see tests/test_native_kernels.py);
 * round-to-nearest error on Gaussian weights: int8 per row < 1% (measured 0.7%), int4 in
   groups of 32 < 8.5% (measured 7.0%), relative Frobenius norm;
 * Q4_0, Q4_1 and Q4_K tensors of real GGUF files unpack to exactly the values
@@ -48,8 +50,9 @@ def test_int8_matmul_matches_its_dequantized_weight(shape, rows):
     x = torch.randn(2, rows, shape[1])
     got = packed.matmul(x)
     assert got.shape == (2, rows, shape[0])
-    assert relative_error(got, x @ packed.dequantize(torch.float32).t()) < 1e-5
-    assert relative_error(got, x @ w.t()) < 0.01
+    native_kernel = packed.layout == "t16" and 2 * rows < packed.dense_from_rows
+    assert relative_error(got, x @ packed.dequantize(torch.float32).t()) < (0.01 if native_kernel else 1e-5)
+    assert relative_error(got, x @ w.t()) < (0.015 if native_kernel else 0.01)
 
 
 @needs_int4
@@ -61,7 +64,8 @@ def test_int4_matmul_matches_its_dequantized_weight(shape, rows):
     x = torch.randn(2, rows, shape[1])
     got = packed.matmul(x)
     assert got.shape == (2, rows, shape[0])
-    assert relative_error(got, x @ packed.dequantize(torch.float32).t()) < 1e-5
+    native_kernel = packed.layout == "q4t16" and 2 * rows < packed.dense_from_rows
+    assert relative_error(got, x @ packed.dequantize(torch.float32).t()) < (0.01 if native_kernel else 1e-5)
     assert relative_error(got, x @ w.t()) < 0.085
 
 
@@ -146,7 +150,11 @@ def test_real_4bit_tensors_map_exactly(alias, qtype):
     assert isinstance(packed, Int4Weight) and packed.shape == tensor.shape
     assert torch.equal(packed.dequantize(torch.float32), weight)
     x = torch.randn(3, tensor.shape[1])
-    assert relative_error(packed.matmul(x), x @ weight.t()) < 1e-5
+    tolerance = 0.01 if packed.layout == "q4t16" else 1e-5  # the native kernel rounds x to int8
+    assert relative_error(packed.matmul(x), x @ weight.t()) < tolerance
+    aten = packed.in_layout("aten")  # PyTorch's kernel, exact to float32
+    assert torch.equal(aten.dequantize(torch.float32), weight)
+    assert relative_error(aten.matmul(x), x @ weight.t()) < 1e-5
 
 
 @pytest.mark.parametrize("qtype", [T.Q5_0, T.Q6_K, T.Q8_0])

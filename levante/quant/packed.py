@@ -26,6 +26,7 @@ of a dense checkpoint, mistral.rs's ``--isq``).
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
 from levante.errors import ModelLoadError
+from levante.quant import native
 from levante.quant.gguf_blocks import INT4_AFFINE_TYPES, GGUFTensor, int4_affine
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
@@ -84,16 +86,40 @@ def _dense_matmul(rows: torch.Tensor, shape: tuple[int, int], weight_rows) -> to
 
 
 class Int8Weight:
-    """``weight ~= qweight * scales[:, None]``, qweight int8 ``[out, in]``."""
+    """``weight ~= codes * scales[:, None]``, codes int8 ``[out, in]``.
+
+    ``qweight`` holds the codes in one of two layouts: ``"rows"``, the plain ``[out, in]``
+    int8 matrix that ``aten._weight_int8pack_mm`` reads, or ``"t16"``, tiles of 16 rows for
+    the native W8A8 kernel (quant/native.py, kernels.c: ~2x faster for one row of x, more
+    for several). ``pack``/``quantize_int8`` give "t16" wherever the native kernels load.
+    """
 
     # From this many rows of x on, dequantising (one int8 -> bf16 pass) and a dense matmul
     # beat the kernel (measured crossover ~10 rows on this project's layer shapes, one core,
     # dequantising a cache-sized step at a time).
     dense_from_rows = 12
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
-        self.qweight, self.scales = qweight, scales
-        self.shape = tuple(qweight.shape)
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, layout: str = "rows",
+                 shape: tuple[int, int] | None = None):
+        self.qweight, self.scales, self.layout = qweight, scales, layout
+        self.shape = tuple(shape) if shape is not None else tuple(qweight.shape)
+        if layout == "t16":
+            self._scales32 = scales.float().contiguous()
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, layout: str | None = None) -> Int8Weight:
+        """From int8 codes ``[out, in]``, in ``layout`` (default: "t16" where native kernels run)."""
+        if (layout or ("t16" if native.available() else "rows")) == "t16":
+            return cls(native.pack_int8(codes), scales, "t16", tuple(codes.shape))
+        return cls(codes, scales)
+
+    def in_layout(self, layout: str) -> Int8Weight:
+        """This weight with its codes in ``layout`` (itself if they already are)."""
+        return self if layout == self.layout else Int8Weight.from_codes(self.codes(), self.scales, layout)
+
+    def codes(self) -> torch.Tensor:
+        """The int8 codes ``[out, in]``, row-major."""
+        return self.qweight if self.layout == "rows" else native.unpack_int8(self.qweight, self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -102,21 +128,31 @@ class Int8Weight:
     def _scales(self, dtype: torch.dtype) -> torch.Tensor:
         return self.scales if self.scales.dtype == dtype else self.scales.to(dtype)
 
+    def _weight_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.layout == "t16":
+            return native.unpack_int8_rows(self.qweight, self.shape, start, end, dtype)
+        return self.qweight[start:end].to(dtype)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = _flatten(x)
         if rows.shape[0] >= self.dense_from_rows:
-            weight_rows = lambda start, end, dtype: self.qweight[start:end].to(dtype)  # noqa: E731
-            out = _dense_matmul(rows, self.shape, weight_rows).mul_(self._scales(x.dtype))
+            out = _dense_matmul(rows, self.shape, self._weight_rows).mul_(self._scales(x.dtype))
+        elif self.layout == "t16":
+            out = native.int8_matmul(self.qweight, self._scales32, self.shape, rows).to(x.dtype)
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self._scales(x.dtype))
         return out.view(*x.shape[:-1], self.shape[0])
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.qweight.to(dtype) * self._scales(dtype).unsqueeze(1)
+        return self._weight_rows(0, self.shape[0], dtype) * self._scales(dtype).unsqueeze(1)
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = index.reshape(-1)
-        values = self.qweight.index_select(0, flat).to(dtype) * self._scales(dtype).index_select(0, flat).unsqueeze(1)
+        if self.layout == "t16":
+            codes = native.int8_rows(self.qweight, self.shape, flat)
+        else:
+            codes = self.qweight.index_select(0, flat)
+        values = codes.to(dtype) * self._scales(dtype).index_select(0, flat).unsqueeze(1)
         return values.view(*index.shape, self.shape[1])
 
 
@@ -141,7 +177,7 @@ def _int8_from_chunks(chunks: Iterator[torch.Tensor], shape, dtype: torch.dtype)
         end = start + chunk.shape[0]
         qweight[start:end], scales[start:end] = _int8_codes(chunk, dtype)
         start = end
-    return Int8Weight(qweight, scales)
+    return Int8Weight.from_codes(qweight, scales)
 
 
 # -- int4 ------------------------------------------------------------------------------------
@@ -226,9 +262,20 @@ def int4_fits(shape: Sequence[int], group_size: int = 32) -> bool:
     return int4_supported() and group_size in INT4_GROUP_SIZES and rows % 16 == 0 and cols % group_size == 0
 
 
+def int4_layout(group_size: int, cols: int) -> str:
+    """The layout 4-bit weights take here: the native kernel's where it runs (groups of 32)."""
+    return "q4t16" if group_size == native.BLOCK and cols % native.BLOCK == 0 and native.available() else "aten"
+
+
 class Int4Weight:
-    """4-bit codes packed for ``_weight_int4pack_mm_for_cpu``; ``scales_and_zeros`` is
-    ``[cols // group_size, rows, 2]`` in the compute dtype."""
+    """4-bit codes q in 0..15 in groups of ``group_size`` columns, value = scale * q + offset.
+
+    Two layouts: ``"aten"``, packed for ``_weight_int4pack_mm_for_cpu`` with
+    ``scales_and_zeros`` ``[cols // group_size, rows, 2]`` in the compute dtype (value =
+    (q - 8) * scale + zero); ``"q4t16"``, tiles of 16 rows for the native kernel
+    (quant/native.py, kernels.c; groups of 32 only) with ``qscale``/``qoffset`` in float16
+    (float32 when the compute dtype is float32, so that GGUF blocks stay exact).
+    """
 
     # Dequantising 4-bit groups costs ~6x an int8 conversion (9 ms for 9728 x 896 on one
     # core), and the kernel, a real GEMM, grows slowly with rows: it stays ahead up to ~85
@@ -236,29 +283,38 @@ class Int4Weight:
     dense_from_rows = 80
     _dequantize_rows = 256  # rows per step of `dequantize`: float32 temporaries stay in cache
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, cols: int):
-        self.packed, self.scales_and_zeros, self.group_size = packed, scales_and_zeros, group_size
-        self.shape = (packed.shape[0], cols)
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor | None, group_size: int, cols: int,
+                 layout: str = "aten", qscale: torch.Tensor | None = None, qoffset: torch.Tensor | None = None,
+                 rows: int | None = None):
+        self.packed, self.scales_and_zeros, self.group_size, self.layout = packed, scales_and_zeros, group_size, layout
+        self.qscale, self.qoffset = qscale, qoffset
+        self.shape = (rows if rows is not None else packed.shape[0], cols)
 
     @classmethod
     def from_parts(cls, parts: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                   shape: tuple[int, int], dtype: torch.dtype) -> Int4Weight:
-        """From consecutive row blocks ``(codes, scale, zero)``: codes uint8 ``[n, cols]``,
-        scale and zero ``[n, groups]``, value = (q - 8) * scale + zero.
+                   shape: tuple[int, int], dtype: torch.dtype, layout: str | None = None) -> Int4Weight:
+        """From consecutive row blocks ``(codes, scale, offset)``: codes uint8 ``[n, cols]``,
+        scale and offset ``[n, groups]``, value = q * scale + offset.
 
-        Rows are packed as soon as a run of them is a whole number of the layout's 64-row
-        blocks, so a vocabulary-sized weight never exists unpacked in full.
+        In the aten layout rows are packed as soon as a run of them is a whole number of the
+        layout's 64-row blocks, so a vocabulary-sized weight never exists unpacked in full.
         """
+        parts = iter(parts)
+        first = next(parts)
+        group_size = shape[1] // first[1].shape[1]
+        layout = layout or int4_layout(group_size, shape[1])
+        if layout == "q4t16":
+            codes, scale, offset = (torch.cat(column) for column in zip(first, *parts))
+            scale_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+            packed, qscale, qoffset = native.pack_int4(codes, scale, offset, scale_dtype)
+            return cls(packed, None, group_size, shape[1], "q4t16", qscale, qoffset, shape[0])
         rows, cols = shape
         packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
-        scales_and_zeros, group_size = None, None
+        scales_and_zeros = torch.empty(first[1].shape[1], rows, 2, dtype=dtype)
         start, waiting = 0, []
-        for codes, scale, zero in parts:
-            if scales_and_zeros is None:
-                group_size = cols // scale.shape[1]
-                scales_and_zeros = torch.empty(scale.shape[1], rows, 2, dtype=dtype)
+        for codes, scale, offset in itertools.chain([first], parts):
             end = start + codes.shape[0]
-            scales_and_zeros[:, start:end] = torch.stack([scale.t(), zero.t()], dim=-1)
+            scales_and_zeros[:, start:end] = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1)
             waiting.append(codes)
             start = end
             if start % _BLOCK_N == 0 or start == rows:
@@ -267,9 +323,24 @@ class Int4Weight:
                 waiting = []
         return cls(packed, scales_and_zeros, group_size, cols)
 
+    def in_layout(self, layout: str) -> Int4Weight:
+        """This weight in ``layout`` (itself if it already is; scales and offsets round to the
+        new layout's dtypes)."""
+        if layout == self.layout:
+            return self
+        rows, cols = self.shape
+        if self.layout == "q4t16":
+            codes, scale, offset = native.unpack_int4(self.packed, self.qscale, self.qoffset, 0, rows)
+            dtype = torch.float32 if self.qscale.dtype == torch.float32 else torch.bfloat16
+        else:
+            codes, (scale, zero) = unpack_int4(self.packed, cols), self.scales_and_zeros.float().unbind(-1)
+            scale, offset, dtype = scale.t(), (zero - 8 * scale).t(), self.scales_and_zeros.dtype
+        return Int4Weight.from_parts([(codes, scale.float(), offset.float())], self.shape, dtype, layout)
+
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_and_zeros.nbytes
+        extra = self.scales_and_zeros if self.layout == "aten" else (self.qscale, self.qoffset)
+        return self.packed.nbytes + sum(t.nbytes for t in (extra if isinstance(extra, tuple) else (extra,)))
 
     def _scales_and_zeros(self, dtype: torch.dtype) -> torch.Tensor:
         sz = self.scales_and_zeros
@@ -279,6 +350,8 @@ class Int4Weight:
         rows = _flatten(x)
         if rows.shape[0] >= self.dense_from_rows:
             out = _dense_matmul(rows, self.shape, self._dequantize_range)
+        elif self.layout == "q4t16":
+            out = native.int4_matmul(self.packed, self.qscale, self.qoffset, self.shape, rows).to(x.dtype)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.contiguous(), self.packed, self.group_size, self._scales_and_zeros(x.dtype))
@@ -293,14 +366,27 @@ class Int4Weight:
         values.view(codes.shape[0], -1, self.group_size).mul_(scale).add_(zero - 8 * scale)
         return values
 
+    def _native_affine(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """float32 scale * q + offset for codes ``[n, cols]`` and their ``[n, groups]``."""
+        values = codes.float()
+        values.view(codes.shape[0], -1, self.group_size).mul_(scale.float().unsqueeze(2)).add_(
+            offset.float().unsqueeze(2))
+        return values
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self._dequantize_range(0, self.shape[0], dtype)
 
     def _dequantize_range(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``first:last``; ``first`` a multiple of 64, ``last`` one too or the last row."""
         rows, cols = self.shape
-        full = rows // _BLOCK_N * _BLOCK_N
         out = torch.empty(last - first, cols, dtype=dtype)
+        if self.layout == "q4t16":
+            for start in range(first, last, self._dequantize_rows):
+                end = min(start + self._dequantize_rows, last)
+                parts = native.unpack_int4(self.packed, self.qscale, self.qoffset, start, end)
+                out[start - first:end - first] = self._native_affine(*parts)
+            return out
+        full = rows // _BLOCK_N * _BLOCK_N
         for start in range(first, min(last, full), self._dequantize_rows):
             end = min(start + self._dequantize_rows, last, full)
             codes = _blocks_as_float(self.packed[start:end], cols)
@@ -311,8 +397,11 @@ class Int4Weight:
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = index.reshape(-1)
-        codes = _unpack_rows(self.packed, self.shape[1], flat)
-        values = self._affine(codes, self.scales_and_zeros.index_select(1, flat))
+        if self.layout == "q4t16":
+            values = self._native_affine(*native.int4_rows(self.packed, self.qscale, self.qoffset, self.shape, flat))
+        else:
+            codes = _unpack_rows(self.packed, self.shape[1], flat)
+            values = self._affine(codes, self.scales_and_zeros.index_select(1, flat))
         return values.to(dtype).view(*index.shape, self.shape[1])
 
 
@@ -353,7 +442,7 @@ def _int4_codes(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
         best = _keep_better(best, scale, lo, *_round_groups(groups, scale, lo))
     scale, lo, codes, _ = best
     scale, lo = scale.squeeze(-1), lo.squeeze(-1)
-    return codes.to(torch.uint8).reshape(w.shape), scale, lo + 8 * scale
+    return codes.to(torch.uint8).reshape(w.shape), scale, lo
 
 
 def _keep_better(best, scale, low, codes, error):
@@ -413,7 +502,7 @@ def _int4_parts(shard: Shard) -> Iterator[tuple[torch.Tensor, torch.Tensor, torc
         for start in range(0, shard.shape[0], _CHUNK_ROWS):
             piece = shard.row_slice(start, min(_CHUNK_ROWS, shard.shape[0] - start))
             codes, scale, offset = int4_affine(piece.raw, piece.qtype, piece.shape)
-            yield codes, scale, offset + 8 * scale
+            yield codes, scale, offset
         return
     for chunk in _float_chunks(shard):
         yield _int4_codes(chunk, 32)

@@ -1,0 +1,332 @@
+/* Matrix-vector kernels for levante's packed CPU weights (built by quant/native.py).
+ *
+ * W8A8, as ggml does it: each row of x is quantised to int8 in blocks of 32 values (one
+ * float scale per block, like llama.cpp's Q8_0 activations), then multiplied by the int8
+ * weight with AVX-512 VNNI (vpdpbusd: u8 x s8 -> s32, four products per 32-bit lane).
+ *
+ * Weight layout "t16": rows in tiles of 16; in a tile, for each group of 4 input columns,
+ * 64 bytes = 16 rows x 4 columns, so one 64-byte load is a vpdpbusd operand covering 16
+ * rows and the activation's 4 values are a broadcast. Bytes are the signed codes + 128
+ * (vpdpbusd wants the unsigned operand in a register); the +128 adds 128 * sum(xq) to
+ * every row, the same for all rows, and is taken off once per row of x. Rows are padded to
+ * a multiple of 16 (code 0), columns to a multiple of 32 (code 0, activations 0).
+ *
+ * Weight layout "q4t16" (4-bit codes q in 0..15, value = scale * q + offset per group of
+ * 32 columns): in a tile, for each group of 8 columns, 64 bytes = 16 rows x 4 bytes, the
+ * low nibbles holding columns 0..3 of the group and the high nibbles columns 4..7. Scales
+ * and offsets are float16 or float32, [tile][group][16] each.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define QB 32 /* activation block: values per float scale */
+#define MAX_M 8
+#define PREFETCH 2048 /* bytes ahead in each tile's stream (the hardware prefetchers stop at 4 KiB pages) */
+
+static inline __m512 load16(const void *x, int bf16, int64_t i, int n) {
+    __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n > 0 ? n : 0)) - 1);
+    if (bf16) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)x + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *)x + i);
+}
+
+static inline void store16(void *out, int bf16, int64_t i, __m512 v, int n) {
+    __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+    if (bf16) { /* round to nearest even (values here are finite) */
+        __m512i u = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+        _mm256_mask_storeu_epi16((uint16_t *)out + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+    } else {
+        _mm512_mask_storeu_ps((float *)out + i, m, v);
+    }
+}
+
+/* One row of x -> int8 codes (Kp of them, zero past K), block scales d, block sums s;
+ * returns sum_b d_b * s_b. */
+static float quantize_row(const void *x, int bf16, int64_t K, int64_t Kp, int8_t *xq, float *d, float *s) {
+    float total = 0.f;
+    for (int64_t b = 0; b * QB < Kp; b++) {
+        int64_t k = b * QB;
+        __m512 v0 = load16(x, bf16, k, (int)(K - k)), v1 = load16(x, bf16, k + 16, (int)(K - k - 16));
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i *)(xq + k), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + k + 16), _mm512_cvtsepi32_epi8(q1));
+        float sum = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        d[b] = scale;
+        s[b] = sum;
+        total += scale * sum;
+    }
+    return total;
+}
+
+typedef struct {
+    int64_t Kp, nb;         /* padded columns, activation blocks */
+    int M;
+    const int8_t *xq;       /* [M][Kp] */
+    const float *d, *s;     /* [M][nb] */
+    float corr[MAX_M];      /* 128 * sum_b d_b s_b per row of x */
+} Act;
+
+/* T tiles (16 rows each) x M rows of x, int8 weights: per tile and row of x the 16 dot
+ * products sum_b d_b * (sum over the block of (w + 128) * xq), before the correction. */
+static inline __attribute__((always_inline)) void w8_tiles(const uint8_t *w, int64_t tstride, const Act *a,
+                                                           const int T, const int M, __m512 acc[][MAX_M]) {
+    for (int t = 0; t < T; t++)
+        for (int m = 0; m < M; m++) acc[t][m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a->nb; b++) {
+        __m512i iacc[4][MAX_M];
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++)
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) iacc[t][m] = _mm512_setzero_si512();
+        const uint8_t *wb = w + b * 512;
+        const int8_t *xb = a->xq + b * QB;
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                __m512i wv = _mm512_loadu_si512(wb + t * tstride + g * 64);
+                _mm_prefetch((const char *)(wb + t * tstride + g * 64 + PREFETCH), _MM_HINT_T0);
+#pragma GCC unroll 8
+                for (int m = 0; m < M; m++) {
+                    int32_t xv;
+                    memcpy(&xv, xb + m * a->Kp + g * 4, 4);
+                    iacc[t][m] = _mm512_dpbusd_epi32(iacc[t][m], wv, _mm512_set1_epi32(xv));
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++)
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++)
+                acc[t][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][m]), _mm512_set1_ps(a->d[m * a->nb + b]), acc[t][m]);
+    }
+}
+
+typedef struct {
+    const uint8_t *w;
+    const float *scale;     /* [N] per-row scales (int8) */
+    const void *qscale, *qoffset; /* float16 or float32 [tiles][groups][16] (4-bit) */
+    int qscale_f32;
+    int64_t N, tstride;
+    void *out;
+    int64_t ldo;
+    int out_bf16;
+} Weight;
+
+static inline void store_tile(const Weight *wt, const Act *a, int64_t tile, int M, __m512 *acc) {
+    int64_t n0 = tile * 16;
+    int n = (int)(wt->N - n0 < 16 ? wt->N - n0 : 16);
+    __mmask16 mask = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+    __m512 scale = wt->scale ? _mm512_maskz_loadu_ps(mask, wt->scale + n0) : _mm512_set1_ps(1.f);
+    for (int m = 0; m < M; m++) {
+        __m512 v = wt->scale ? _mm512_mul_ps(_mm512_sub_ps(acc[m], _mm512_set1_ps(a->corr[m])), scale) : acc[m];
+        store16(wt->out, wt->out_bf16, m * wt->ldo + n0, v, n);
+    }
+}
+
+#define W8_RUN(T, M)                                                              \
+    case M: {                                                                      \
+        __m512 acc[T][MAX_M];                                                      \
+        for (; t + T <= t1; t += T) {                                              \
+            w8_tiles(wt->w + t * wt->tstride, wt->tstride, a, T, M, acc);          \
+            for (int i = 0; i < T; i++) store_tile(wt, a, t + i, M, acc[i]);       \
+        }                                                                          \
+        for (; t < t1; t++) {                                                      \
+            w8_tiles(wt->w + t * wt->tstride, wt->tstride, a, 1, M, acc);          \
+            store_tile(wt, a, t, M, acc[0]);                                       \
+        }                                                                          \
+        break;                                                                     \
+    }
+
+static void w8_range(const Weight *wt, const Act *a, int64_t t, int64_t t1) {
+    switch (a->M) {
+        W8_RUN(4, 1)
+        W8_RUN(4, 2)
+        W8_RUN(2, 3)
+        W8_RUN(2, 4)
+        W8_RUN(1, 5)
+        W8_RUN(1, 6)
+        W8_RUN(1, 7)
+        W8_RUN(1, 8)
+    }
+}
+
+/* 4-bit: per group of 32 columns (one activation block), T tiles x M rows of x. */
+static inline __attribute__((always_inline)) void q4_tiles(const Weight *wt, int64_t tile, const Act *a,
+                                                           const int T, const int M, __m512 acc[][MAX_M]) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int t = 0; t < T; t++)
+        for (int m = 0; m < M; m++) acc[t][m] = _mm512_setzero_ps();
+    const int64_t nb = a->nb;
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i iacc[4][MAX_M];
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++)
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) iacc[t][m] = _mm512_setzero_si512();
+        const int8_t *xb = a->xq + b * QB;
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; g++) {
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                const uint8_t *at = wt->w + (tile + t) * wt->tstride + b * 256 + g * 64;
+                __m512i v = _mm512_loadu_si512(at);
+                _mm_prefetch((const char *)(at + PREFETCH), _MM_HINT_T0);
+                __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+#pragma GCC unroll 8
+                for (int m = 0; m < M; m++) {
+                    int32_t x0, x1;
+                    memcpy(&x0, xb + m * a->Kp + g * 8, 4);
+                    memcpy(&x1, xb + m * a->Kp + g * 8 + 4, 4);
+                    iacc[t][m] = _mm512_dpbusd_epi32(iacc[t][m], lo, _mm512_set1_epi32(x0));
+                    iacc[t][m] = _mm512_dpbusd_epi32(iacc[t][m], hi, _mm512_set1_epi32(x1));
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            int64_t at = ((tile + t) * nb + b) * 16;
+            __m512 scale, offset;
+            if (wt->qscale_f32) {
+                scale = _mm512_loadu_ps((const float *)wt->qscale + at);
+                offset = _mm512_loadu_ps((const float *)wt->qoffset + at);
+            } else {
+                scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)wt->qscale + at)));
+                offset = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)wt->qoffset + at)));
+            }
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) {
+                float dx = a->d[m * nb + b];
+                __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(iacc[t][m]), _mm512_set1_ps(dx));
+                acc[t][m] = _mm512_fmadd_ps(dot, scale, acc[t][m]);
+                acc[t][m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(dx * a->s[m * nb + b]), acc[t][m]);
+            }
+        }
+    }
+}
+
+#define Q4_RUN(T, M)                                                              \
+    case M: {                                                                      \
+        __m512 acc[T][MAX_M];                                                      \
+        for (; t + T <= t1; t += T) {                                              \
+            q4_tiles(wt, t, a, T, M, acc);                                         \
+            for (int i = 0; i < T; i++) store_tile(wt, a, t + i, M, acc[i]);       \
+        }                                                                          \
+        for (; t < t1; t++) {                                                      \
+            q4_tiles(wt, t, a, 1, M, acc);                                         \
+            store_tile(wt, a, t, M, acc[0]);                                       \
+        }                                                                          \
+        break;                                                                     \
+    }
+
+static void q4_range(const Weight *wt, const Act *a, int64_t t, int64_t t1) {
+    switch (a->M) {
+        Q4_RUN(4, 1)
+        Q4_RUN(2, 2)
+        Q4_RUN(2, 3)
+        Q4_RUN(2, 4)
+        Q4_RUN(1, 5)
+        Q4_RUN(1, 6)
+        Q4_RUN(1, 7)
+        Q4_RUN(1, 8)
+    }
+}
+
+static int run(const Weight *wt, int is_q4, const void *x, int64_t ldx, int x_bf16, int M, int64_t K, int64_t Kp,
+               int nthreads) {
+    if (M < 1 || M > MAX_M || Kp % QB || K > Kp) return -1;
+    Act a;
+    a.Kp = Kp;
+    a.nb = Kp / QB;
+    a.M = M;
+    int8_t *xq = malloc((size_t)(M * Kp));
+    float *ds = malloc(sizeof(float) * 2 * M * a.nb);
+    if (!xq || !ds) { free(xq); free(ds); return -2; }
+    for (int m = 0; m < M; m++)
+        a.corr[m] = 128.f * quantize_row((const char *)x + m * ldx * (x_bf16 ? 2 : 4), x_bf16, K, Kp, xq + m * Kp,
+                                         ds + m * a.nb, ds + (M + m) * a.nb);
+    a.xq = xq;
+    a.d = ds;
+    a.s = ds + M * a.nb;
+    int64_t tiles = (wt->N + 15) / 16;
+    if (nthreads <= 1 || tiles < 8) {
+        if (is_q4) q4_range(wt, &a, 0, tiles); else w8_range(wt, &a, 0, tiles);
+    } else {
+        /* Chunks of tiles handed out as threads come for them: on a shared machine a thread
+         * that loses its core for a while holds up the others by one chunk at most. */
+        int64_t chunk = tiles / (8 * nthreads) / 4 * 4;
+        chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;
+        int64_t chunks = (tiles + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t t0 = c * chunk, t1 = t0 + chunk < tiles ? t0 + chunk : tiles;
+            if (is_q4) q4_range(wt, &a, t0, t1); else w8_range(wt, &a, t0, t1);
+        }
+    }
+    free(xq);
+    free(ds);
+    return 0;
+}
+
+/* out[m, n] = sum_k W[n, k] x[m, k] for m < M <= 8, W int8 in layout t16 times per-row scale. */
+int lv_w8a8(const uint8_t *w, const float *scale, int64_t N, int64_t K, int64_t Kp, const void *x, int64_t ldx,
+            int x_bf16, int M, void *out, int64_t ldo, int out_bf16, int nthreads) {
+    Weight wt = {w, scale, NULL, NULL, 0, N, 16 * Kp, out, ldo, out_bf16};
+    return run(&wt, 0, x, ldx, x_bf16, M, K, Kp, nthreads);
+}
+
+/* The same for 4-bit weights in layout q4t16 (groups of 32 columns; K a multiple of 32). */
+int lv_q4a8(const uint8_t *w, const void *qscale, const void *qoffset, int qscale_f32, int64_t N, int64_t K,
+            const void *x, int64_t ldx, int x_bf16, int M, void *out, int64_t ldo, int out_bf16, int nthreads) {
+    Weight wt = {w, NULL, qscale, qoffset, qscale_f32, N, 8 * K, out, ldo, out_bf16};
+    if (K % QB) return -1;
+    return run(&wt, 1, x, ldx, x_bf16, M, K, K, nthreads);
+}
+
+/* Rows [row0, row1) of a t16 weight as their signed codes, row-major [row1 - row0][K]
+ * float32 or bfloat16 (row0 a multiple of 16). */
+int lv_w8_unpack(const uint8_t *w, int64_t N, int64_t K, int64_t Kp, int64_t row0, int64_t row1, void *out,
+                 int out_bf16, int nthreads) {
+    if (row0 % 16 || row1 > N) return -1;
+    int64_t tiles0 = row0 / 16, tiles1 = (row1 + 15) / 16;
+    const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(64));
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && tiles1 - tiles0 > 4)
+    for (int64_t tile = tiles0; tile < tiles1; tile++) {
+        const uint8_t *base = w + tile * 16 * Kp;
+        for (int lane = 0; lane < 16; lane++) {
+            int64_t r = tile * 16 + lane;
+            if (r >= row1) break;
+            for (int64_t k = 0; k < K; k += 64) { /* 16 groups of 4 columns per gather */
+                int64_t groups = (Kp - k) / 4; /* groups of 4 columns left in the tile */
+                __mmask16 inside = groups >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << groups) - 1);
+                __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), inside, index,
+                                                        (const void *)(base + (k / 4) * 64 + lane * 4), 1);
+                v = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
+                for (int j = 0; j < 4; j++) {
+                    int64_t kk = k + 16 * j;
+                    if (kk >= K) break;
+                    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 0)));
+                    switch (j) { /* extract needs an immediate */
+                    case 1: f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 1))); break;
+                    case 2: f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 2))); break;
+                    case 3: f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 3))); break;
+                    }
+                    int n = (int)(K - kk < 16 ? K - kk : 16);
+                    store16(out, out_bf16, (r - row0) * K + kk, f, n);
+                }
+            }
+        }
+    }
+    return 0;
+}

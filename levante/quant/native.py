@@ -1,0 +1,255 @@
+"""Native matrix-vector kernels (kernels.c) for packed weights, built on first use.
+
+A decode step is a chain of matrix-vector products over int8/int4 weights. PyTorch's CPU
+kernels for them turn every weight into a float and multiply in float, which is slower
+than memory; kernels.c quantises the activations to int8 in blocks of 32 (as llama.cpp
+does) and multiplies integers with AVX-512 VNNI, at memory speed.
+
+The shared library is compiled with the system C compiler into
+``$LEVANTE_CACHE/kernels/`` (default ``~/.cache/levante/kernels/``) under a hash of the
+source and flags, once per machine (``make install`` does it ahead; a fresh checkout does
+it on first use, ~1 s). Without a compiler, without AVX-512 VNNI, or with
+``LEVANTE_NATIVE_KERNELS=0``, ``library()`` is None and the packed weights keep PyTorch's
+kernels (nothing else changes).
+
+The library's OpenMP comes from the libgomp.so.1 that PyTorch has already loaded (same
+soname), so both share one thread pool.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("levante")
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp",
+         "-shared", "-fPIC")
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+MAX_ROWS = 8  # rows of x per call (larger batches are split)
+BLOCK = 32  # activation values per scale; weights are padded to a multiple of it
+TILE = 16  # weight rows per tile
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("LEVANTE_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_supported() -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return all(flag in flags for flag in _CPU_FLAGS)
+    except OSError:
+        pass
+    return False
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LEVANTE_CACHE", Path.home() / ".cache" / "levante")) / "kernels"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+
+
+def build(compiler: str | None = None) -> Path:
+    """The compiled library's path (compiling it if this source and flags were not yet);
+    raises OSError or CalledProcessError when it cannot be built."""
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise OSError("no C compiler (gcc or cc) on PATH")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"levante-kernels-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(built, target)  # atomic: a concurrent builder's file is the same
+    return target
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.lv_w8a8.argtypes = [p, p, i64, i64, i64, p, i64, i32, i32, p, i64, i32, i32]
+    lib.lv_q4a8.argtypes = [p, p, p, i32, i64, i64, p, i64, i32, i32, p, i64, i32, i32]
+    lib.lv_w8_unpack.argtypes = [p, i64, i64, i64, i64, i64, p, i32, i32]
+    for fn in (lib.lv_w8a8, lib.lv_q4a8, lib.lv_w8_unpack):
+        fn.restype = i32
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The kernels, or None where they cannot run here (logged once, at debug level)."""
+    if not enabled_by_env():
+        logger.debug("native kernels disabled by LEVANTE_NATIVE_KERNELS")
+        return None
+    if not _cpu_supported():
+        logger.debug("native kernels need x86-64 Linux with AVX-512 VNNI; using PyTorch's kernels")
+        return None
+    try:
+        return _bind(ctypes.CDLL(str(build())))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        logger.debug("native kernels unavailable (%s %s); using PyTorch's kernels", error,
+                     detail.decode(errors="replace")[-2000:])
+        return None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# -- int8 ------------------------------------------------------------------------------------------
+
+def pack_int8(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes ``[N, K]`` -> layout t16 (uint8 ``[N16, K32]``, N and K padded; see kernels.c)."""
+    n, k = codes.shape
+    n16, k32 = _padded(n, TILE), _padded(k, BLOCK)
+    biased = torch.full((n16, k32), 128, dtype=torch.uint8)
+    biased[:n, :k] = codes.view(torch.uint8) ^ 0x80
+    return biased.view(n16 // TILE, TILE, k32 // 4, 4).transpose(1, 2).contiguous().view(n16, k32)
+
+
+def unpack_int8(tiles: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The int8 codes ``[N, K]`` of a t16 weight (inverse of ``pack_int8``; plain PyTorch)."""
+    n16, k32 = tiles.shape
+    rows = tiles.view(n16 // TILE, k32 // 4, TILE, 4).transpose(1, 2).reshape(n16, k32)
+    return (rows[:shape[0], :shape[1]] ^ 0x80).view(torch.int8)
+
+
+def int8_rows(tiles: torch.Tensor, shape: tuple[int, int], index: torch.Tensor) -> torch.Tensor:
+    """int8 codes of rows ``index`` (1-D) of a t16 weight, ``[len(index), K]``."""
+    n16, k32 = tiles.shape
+    picked = tiles.view(n16 // TILE, k32 // 4, TILE, 4)[index // TILE, :, index % TILE]  # [n, K32 // 4, 4]
+    return (picked.reshape(len(index), k32)[:, :shape[1]] ^ 0x80).view(torch.int8)
+
+
+def unpack_int8_rows(tiles: torch.Tensor, shape: tuple[int, int], start: int, end: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Codes of rows ``start:end`` (start a multiple of 16) in ``dtype`` (float32 or bfloat16
+    natively, others through float32)."""
+    n, k = shape
+    native = dtype in (torch.float32, torch.bfloat16)
+    out = torch.empty(end - start, k, dtype=dtype if native else torch.float32)
+    rc = library().lv_w8_unpack(tiles.data_ptr(), n, k, tiles.shape[1], start, end, out.data_ptr(),
+                                int(out.dtype == torch.bfloat16), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"lv_w8_unpack failed ({rc})")
+    return out if native else out.to(dtype)
+
+
+def _rows_call(x: torch.Tensor, out_features: int, call) -> torch.Tensor:
+    """Run ``call(x_chunk, out_chunk)`` over chunks of at most MAX_ROWS rows of 2-D ``x``."""
+    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    x = x.to(dtype).contiguous()
+    out = torch.empty(x.shape[0], out_features, dtype=dtype)
+    for start in range(0, x.shape[0], MAX_ROWS):
+        end = min(start + MAX_ROWS, x.shape[0])
+        rc = call(x[start:end], out[start:end])
+        if rc:
+            raise RuntimeError(f"native kernel failed ({rc})")
+    return out
+
+
+def int8_matmul(tiles: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+    """``x @ (codes * scales[:, None]).T`` for 2-D ``x``; ``scales`` float32."""
+    lib, n, k = library(), shape[0], shape[1]
+    threads = torch.get_num_threads()
+    bf16 = x.dtype == torch.bfloat16
+
+    def call(rows, out):
+        return lib.lv_w8a8(tiles.data_ptr(), scales.data_ptr(), n, k, tiles.shape[1], rows.data_ptr(), k, int(bf16),
+                           rows.shape[0], out.data_ptr(), n, int(bf16), threads)
+
+    return _rows_call(x, n, call)
+
+
+# -- int4 ------------------------------------------------------------------------------------------
+
+def pack_int4(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, scale_dtype: torch.dtype):
+    """Codes uint8 ``[N, K]`` (0..15, K a multiple of 32) with ``scale, offset`` ``[N, K // 32]``
+    (value = scale * q + offset) -> layout q4t16: packed uint8 ``[N16, K // 2]``, scales and
+    offsets ``[N16 // 16, K // 32, 16]`` each in ``scale_dtype`` (float16 or float32);
+    padded rows have code 0, scale and offset 0."""
+    n, k = codes.shape
+    n16 = _padded(n, TILE)
+    padded = torch.zeros(n16, k, dtype=torch.uint8)
+    padded[:n] = codes
+    groups = padded.view(n16 // TILE, TILE, k // 8, 2, 4)  # [tile, row, group of 8, half, 4]
+    nibbles = groups[:, :, :, 0] | (groups[:, :, :, 1] << 4)  # [tile, row, group, 4]
+    packed = nibbles.transpose(1, 2).contiguous().view(n16, k // 2)
+
+    def per_tile(values):
+        full = torch.zeros(n16, k // BLOCK, dtype=scale_dtype)
+        full[:n] = values
+        return full.view(n16 // TILE, TILE, -1).transpose(1, 2).contiguous()
+
+    return packed, per_tile(scale), per_tile(offset)
+
+
+def unpack_int4(packed: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, start: int, end: int):
+    """Codes (uint8) and per-group scales and offsets (``[rows, K // 32]``) of rows
+    ``start:end`` (a multiple of 16, and one or the last row) of a q4t16 weight."""
+    first, last = start // TILE, -(-end // TILE)
+    nibbles = packed[first * TILE:last * TILE].view(last - first, -1, TILE, 4)  # [tile, group of 8, row, 4]
+    codes = torch.stack([nibbles & 0xF, nibbles >> 4], dim=3)  # [tile, group, row, half, 4]
+    codes = codes.permute(0, 2, 1, 3, 4).reshape((last - first) * TILE, -1)
+    rows = slice(0, end - start)
+
+    def per_row(values):
+        return values[first:last].transpose(1, 2).reshape((last - first) * TILE, -1)[rows]
+
+    return codes[rows], per_row(qscale), per_row(qoffset)
+
+
+def int4_rows(packed: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, shape: tuple[int, int],
+              index: torch.Tensor):
+    """Codes ``[len(index), K]`` and per-group scales and offsets of rows ``index`` (1-D)."""
+    tile, lane = index // TILE, index % TILE
+    nibbles = packed.view(packed.shape[0] // TILE, -1, TILE, 4)[tile, :, lane]  # [n, K // 8, 4]
+    codes = torch.stack([nibbles & 0xF, nibbles >> 4], dim=2).reshape(len(index), shape[1])
+    return codes, qscale[tile, :, lane], qoffset[tile, :, lane]
+
+
+def int4_matmul(packed: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, shape: tuple[int, int],
+                x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` for 2-D ``x`` and a q4t16 weight ``W``."""
+    lib, n, k = library(), shape[0], shape[1]
+    threads = torch.get_num_threads()
+    bf16 = x.dtype == torch.bfloat16
+    f32 = int(qscale.dtype == torch.float32)
+
+    def call(rows, out):
+        return lib.lv_q4a8(packed.data_ptr(), qscale.data_ptr(), qoffset.data_ptr(), f32, n, k, rows.data_ptr(), k,
+                           int(bf16), rows.shape[0], out.data_ptr(), n, int(bf16), threads)
+
+    return _rows_call(x, n, call)
+
+
+if __name__ == "__main__":  # `python -m levante.quant.native`: build ahead (make install)
+    logging.basicConfig(level=logging.DEBUG)
+    print(library() and build() or "native kernels unavailable here (PyTorch's kernels will be used)")
