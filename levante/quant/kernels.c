@@ -20,7 +20,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #define QB 32 /* activation block: values per float scale */
 #define MAX_M 8
@@ -45,6 +51,105 @@ static inline void store16(void *out, int bf16, int64_t i, __m512 v, int n) {
     } else {
         _mm512_mask_storeu_ps((float *)out + i, m, v);
     }
+}
+
+/* -- threads ----------------------------------------------------------------------------------
+ * A job is split into chunks that the calling thread and up to nthreads - 1 helpers claim
+ * one at a time. The caller never waits for a helper to show up, only for chunks a helper
+ * has claimed: on a shared machine a helper that is not scheduled for a while costs a
+ * chunk's delay at most, not a whole job's (an OpenMP team would wait at its barrier).
+ * Helpers spin for a short while after a job (the next one usually follows within
+ * microseconds during decoding), then sleep on a futex. */
+
+#define MAX_HELPERS 63
+#define SPIN_NS 50000
+
+typedef void (*ChunkFn)(const void *ctx, int64_t chunk);
+typedef struct { ChunkFn fn; const void *ctx; int64_t chunks; int nthreads; } Job;
+
+static Job jobs[2];                       /* by generation parity */
+static _Atomic uint64_t state;            /* generation << 32 | next chunk */
+static _Atomic int64_t done;              /* chunks finished in this generation */
+static _Atomic uint32_t wake_word;        /* generation, for the futex */
+static _Atomic int sleepers;
+static int helpers_started;
+static pthread_mutex_t start_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER; /* one job at a time (callers of any thread) */
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Claim and run chunks of the current job while there are any; `helper` < 0 is the caller. */
+static void work(int helper) {
+    for (;;) {
+        uint64_t s = atomic_load(&state);
+        uint32_t gen = (uint32_t)(s >> 32);
+        Job job = jobs[gen & 1];
+        int64_t chunk = (int64_t)(uint32_t)s;
+        if (chunk >= job.chunks || helper + 1 >= job.nthreads) return;
+        if (!atomic_compare_exchange_weak(&state, &s, s + 1)) continue;
+        job.fn(job.ctx, chunk);
+        atomic_fetch_add(&done, 1);
+    }
+}
+
+static void *helper_main(void *arg) {
+    int id = (int)(intptr_t)arg;
+    uint32_t seen = atomic_load(&wake_word);
+    for (;;) {
+        int64_t until = now_ns() + SPIN_NS;
+        while (atomic_load(&wake_word) == seen) {
+            for (int i = 0; i < 32; i++) _mm_pause();
+            if (now_ns() > until) {
+                atomic_fetch_add(&sleepers, 1);
+                if (atomic_load(&wake_word) == seen)
+                    syscall(SYS_futex, &wake_word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+                atomic_fetch_sub(&sleepers, 1);
+                until = now_ns() + SPIN_NS;
+            }
+        }
+        seen = atomic_load(&wake_word);
+        work(id);
+    }
+    return NULL;
+}
+
+static void start_helpers(int count) {
+    pthread_mutex_lock(&start_lock);
+    for (; helpers_started < count && helpers_started < MAX_HELPERS; helpers_started++) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setstacksize(&attr, 1 << 20);
+        if (pthread_create(&thread, &attr, helper_main, (void *)(intptr_t)helpers_started)) {
+            pthread_attr_destroy(&attr);
+            break;
+        }
+        pthread_attr_destroy(&attr);
+        pthread_detach(thread);
+    }
+    pthread_mutex_unlock(&start_lock);
+}
+
+static void parallel(ChunkFn fn, const void *ctx, int64_t chunks, int nthreads) {
+    if (nthreads <= 1 || chunks <= 1) {
+        for (int64_t c = 0; c < chunks; c++) fn(ctx, c);
+        return;
+    }
+    if (helpers_started < nthreads - 1) start_helpers(nthreads - 1);
+    pthread_mutex_lock(&job_lock);
+    uint32_t gen = (uint32_t)(atomic_load(&state) >> 32) + 1;
+    jobs[gen & 1] = (Job){fn, ctx, chunks, nthreads};
+    atomic_store(&done, 0);
+    atomic_store(&state, (uint64_t)gen << 32);
+    atomic_store(&wake_word, gen);
+    if (atomic_load(&sleepers)) syscall(SYS_futex, &wake_word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    work(-1);
+    while (atomic_load(&done) < chunks) _mm_pause();
+    pthread_mutex_unlock(&job_lock);
 }
 
 /* One row of x -> int8 codes (Kp of them, zero past K), block scales d, block sums s;
@@ -242,6 +347,14 @@ static void q4_range(const Weight *wt, const Act *a, int64_t t, int64_t t1) {
     }
 }
 
+typedef struct { const Weight *wt; const Act *a; int is_q4; int64_t tiles, chunk; } Task;
+
+static void run_chunk(const void *ctx, int64_t c) {
+    const Task *task = ctx;
+    int64_t t0 = c * task->chunk, t1 = t0 + task->chunk < task->tiles ? t0 + task->chunk : task->tiles;
+    if (task->is_q4) q4_range(task->wt, task->a, t0, t1); else w8_range(task->wt, task->a, t0, t1);
+}
+
 static int run(const Weight *wt, int is_q4, const void *x, int64_t ldx, int x_bf16, int M, int64_t K, int64_t Kp,
                int nthreads) {
     if (M < 1 || M > MAX_M || Kp % QB || K > Kp) return -1;
@@ -259,20 +372,11 @@ static int run(const Weight *wt, int is_q4, const void *x, int64_t ldx, int x_bf
     a.d = ds;
     a.s = ds + M * a.nb;
     int64_t tiles = (wt->N + 15) / 16;
-    if (nthreads <= 1 || tiles < 8) {
-        if (is_q4) q4_range(wt, &a, 0, tiles); else w8_range(wt, &a, 0, tiles);
-    } else {
-        /* Chunks of tiles handed out as threads come for them: on a shared machine a thread
-         * that loses its core for a while holds up the others by one chunk at most. */
-        int64_t chunk = tiles / (8 * nthreads) / 4 * 4;
-        chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;
-        int64_t chunks = (tiles + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks; c++) {
-            int64_t t0 = c * chunk, t1 = t0 + chunk < tiles ? t0 + chunk : tiles;
-            if (is_q4) q4_range(wt, &a, t0, t1); else w8_range(wt, &a, t0, t1);
-        }
-    }
+    int64_t chunk = tiles / (8 * nthreads) / 4 * 4; /* ~8 chunks per thread, whole 4-tile groups */
+    chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;
+    int64_t chunks = nthreads > 1 && tiles >= 8 ? (tiles + chunk - 1) / chunk : 1;
+    Task task = {wt, &a, is_q4, tiles, chunks == 1 ? tiles : chunk};
+    parallel(run_chunk, &task, chunks, nthreads);
     free(xq);
     free(ds);
     return 0;
@@ -295,38 +399,41 @@ int lv_q4a8(const uint8_t *w, const void *qscale, const void *qoffset, int qscal
 
 /* Rows [row0, row1) of a t16 weight as their signed codes, row-major [row1 - row0][K]
  * float32 or bfloat16 (row0 a multiple of 16). */
-int lv_w8_unpack(const uint8_t *w, int64_t N, int64_t K, int64_t Kp, int64_t row0, int64_t row1, void *out,
-                 int out_bf16, int nthreads) {
-    if (row0 % 16 || row1 > N) return -1;
-    int64_t tiles0 = row0 / 16, tiles1 = (row1 + 15) / 16;
+typedef struct { const uint8_t *w; int64_t K, Kp, row0, row1; void *out; int out_bf16; } Unpack;
+
+static void unpack_tile(const void *ctx, int64_t tile) {
+    const Unpack *u = ctx;
     const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(64));
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && tiles1 - tiles0 > 4)
-    for (int64_t tile = tiles0; tile < tiles1; tile++) {
-        const uint8_t *base = w + tile * 16 * Kp;
-        for (int lane = 0; lane < 16; lane++) {
-            int64_t r = tile * 16 + lane;
-            if (r >= row1) break;
-            for (int64_t k = 0; k < K; k += 64) { /* 16 groups of 4 columns per gather */
-                int64_t groups = (Kp - k) / 4; /* groups of 4 columns left in the tile */
-                __mmask16 inside = groups >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << groups) - 1);
-                __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), inside, index,
-                                                        (const void *)(base + (k / 4) * 64 + lane * 4), 1);
-                v = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
-                for (int j = 0; j < 4; j++) {
-                    int64_t kk = k + 16 * j;
-                    if (kk >= K) break;
-                    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 0)));
-                    switch (j) { /* extract needs an immediate */
-                    case 1: f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 1))); break;
-                    case 2: f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 2))); break;
-                    case 3: f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v, 3))); break;
-                    }
-                    int n = (int)(K - kk < 16 ? K - kk : 16);
-                    store16(out, out_bf16, (r - row0) * K + kk, f, n);
-                }
+    int64_t K = u->K, Kp = u->Kp;
+    tile += u->row0 / 16;
+    const uint8_t *base = u->w + tile * 16 * Kp;
+    for (int lane = 0; lane < 16; lane++) {
+        int64_t r = tile * 16 + lane;
+        if (r >= u->row1) break;
+        for (int64_t k = 0; k < K; k += 64) { /* 16 groups of 4 columns per gather */
+            int64_t groups = (Kp - k) / 4; /* groups of 4 columns left in the tile */
+            __mmask16 inside = groups >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << groups) - 1);
+            __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), inside, index,
+                                                    (const void *)(base + (k / 4) * 64 + lane * 4), 1);
+            v = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
+            __m128i parts[4] = {_mm512_extracti32x4_epi32(v, 0), _mm512_extracti32x4_epi32(v, 1),
+                                _mm512_extracti32x4_epi32(v, 2), _mm512_extracti32x4_epi32(v, 3)};
+            for (int j = 0; j < 4; j++) {
+                int64_t kk = k + 16 * j;
+                if (kk >= K) break;
+                __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(parts[j]));
+                int n = (int)(K - kk < 16 ? K - kk : 16);
+                store16(u->out, u->out_bf16, (r - u->row0) * K + kk, f, n);
             }
         }
     }
+}
+
+int lv_w8_unpack(const uint8_t *w, int64_t N, int64_t K, int64_t Kp, int64_t row0, int64_t row1, void *out,
+                 int out_bf16, int nthreads) {
+    if (row0 % 16 || row1 > N || row0 > row1) return -1;
+    Unpack u = {w, K, Kp, row0, row1, out, out_bf16};
+    parallel(unpack_tile, &u, (row1 - row0 + 15) / 16, nthreads);
     return 0;
 }

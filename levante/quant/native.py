@@ -12,11 +12,13 @@ it on first use, ~1 s). Without a compiler, without AVX-512 VNNI, or with
 ``LEVANTE_NATIVE_KERNELS=0``, ``library()`` is None and the packed weights keep PyTorch's
 kernels (nothing else changes).
 
-The library's OpenMP comes from the libgomp.so.1 that PyTorch has already loaded (same
-soname), so both share one thread pool.
+The library runs its own helper threads (``torch.get_num_threads() - 1`` of them, see
+kernels.c), not OpenMP: on a machine shared with other work, a job must not wait at a
+barrier for a helper that is not scheduled.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -33,7 +35,7 @@ import torch
 logger = logging.getLogger("levante")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp",
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-pthread",
          "-shared", "-fPIC")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 MAX_ROWS = 8  # rows of x per call (larger batches are split)
@@ -119,6 +121,42 @@ def available() -> bool:
     return library() is not None
 
 
+_threads: int | None = None
+
+
+def set_threads(count: int | None) -> None:
+    """Threads the kernels use (None: ``torch.get_num_threads()``, read at each call)."""
+    global _threads
+    _threads = count
+
+
+def threads() -> int:
+    return _threads or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def kernel_step(all_native: bool):
+    """Around a forward whose packed matmuls all run here (``all_native``: few rows): PyTorch's
+    own ops, small at that size, on one thread, and the kernels on all of them.
+
+    Measured on 2 shared cores: with PyTorch on 2 threads as well, decode steps took 4-10x
+    longer whenever other processes were busy (PyTorch's OpenMP team waits at every op's
+    barrier for a worker that competes with the kernels' helper and everyone else for a
+    core); with this, steps stay at their quiet-machine time.
+    """
+    count = torch.get_num_threads()
+    if not all_native or count == 1 or not available():
+        yield
+        return
+    set_threads(count)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(count)
+        set_threads(None)
+
+
 def _padded(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -156,7 +194,7 @@ def unpack_int8_rows(tiles: torch.Tensor, shape: tuple[int, int], start: int, en
     native = dtype in (torch.float32, torch.bfloat16)
     out = torch.empty(end - start, k, dtype=dtype if native else torch.float32)
     rc = library().lv_w8_unpack(tiles.data_ptr(), n, k, tiles.shape[1], start, end, out.data_ptr(),
-                                int(out.dtype == torch.bfloat16), torch.get_num_threads())
+                                int(out.dtype == torch.bfloat16), threads())
     if rc:
         raise RuntimeError(f"lv_w8_unpack failed ({rc})")
     return out if native else out.to(dtype)
@@ -178,12 +216,12 @@ def _rows_call(x: torch.Tensor, out_features: int, call) -> torch.Tensor:
 def int8_matmul(tiles: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
     """``x @ (codes * scales[:, None]).T`` for 2-D ``x``; ``scales`` float32."""
     lib, n, k = library(), shape[0], shape[1]
-    threads = torch.get_num_threads()
+    count = threads()
     bf16 = x.dtype == torch.bfloat16
 
     def call(rows, out):
         return lib.lv_w8a8(tiles.data_ptr(), scales.data_ptr(), n, k, tiles.shape[1], rows.data_ptr(), k, int(bf16),
-                           rows.shape[0], out.data_ptr(), n, int(bf16), threads)
+                           rows.shape[0], out.data_ptr(), n, int(bf16), count)
 
     return _rows_call(x, n, call)
 
@@ -239,13 +277,13 @@ def int4_matmul(packed: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tenso
                 x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` for 2-D ``x`` and a q4t16 weight ``W``."""
     lib, n, k = library(), shape[0], shape[1]
-    threads = torch.get_num_threads()
+    count = threads()
     bf16 = x.dtype == torch.bfloat16
     f32 = int(qscale.dtype == torch.float32)
 
     def call(rows, out):
         return lib.lv_q4a8(packed.data_ptr(), qscale.data_ptr(), qoffset.data_ptr(), f32, n, k, rows.data_ptr(), k,
-                           int(bf16), rows.shape[0], out.data_ptr(), n, int(bf16), threads)
+                           int(bf16), rows.shape[0], out.data_ptr(), n, int(bf16), count)
 
     return _rows_call(x, n, call)
 

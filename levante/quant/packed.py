@@ -156,6 +156,10 @@ class Int8Weight:
         return values.view(*index.shape, self.shape[1])
 
 
+# Rows of x below which every packed weight's matmul takes its kernel (not the dense path).
+NATIVE_KERNEL_ROWS = Int8Weight.dense_from_rows
+
+
 def _int8_codes(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and scales; the scales are rounded to ``dtype`` before the codes are chosen."""
     w = w.float()
