@@ -64,8 +64,9 @@ def test_int4_kernel_against_float64(shape, rows):
     w = torch.randn(*shape, generator=generator)
     weight = quantize_int4(w, 32, torch.float32) if shape[0] % 16 == 0 else None
     if weight is None:  # the int4 path takes rows % 16 == 0 (quantize_int4's rule): go through the parts
-        codes, scale, offset = torch.randint(0, 16, shape, dtype=torch.uint8), torch.rand(shape[0], shape[1] // 32), \
-            torch.randn(shape[0], shape[1] // 32)
+        codes = torch.randint(0, 16, shape, dtype=torch.uint8, generator=generator)
+        scale = torch.rand(shape[0], shape[1] // 32, generator=generator)
+        offset = torch.randn(shape[0], shape[1] // 32, generator=generator)
         weight = Int4Weight.from_parts([(codes, scale, offset)], shape, torch.float32)
     assert weight.layout == "q4t16"
     x = torch.randn(rows, shape[1], generator=generator)
@@ -79,16 +80,20 @@ def test_int4_kernel_against_float64(shape, rows):
 @needs_native
 def test_int4_rows_not_a_multiple_of_the_tile():
     shape = (40, 64)
-    codes = torch.randint(0, 16, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    scale, offset = torch.rand(40, 2), torch.randn(40, 2)
+    generator = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, shape, dtype=torch.uint8, generator=generator)
+    scale, offset = torch.rand(40, 2, generator=generator), torch.randn(40, 2, generator=generator)
     weight = Int4Weight.from_parts([(codes[:24], scale[:24], offset[:24]), (codes[24:], scale[24:], offset[24:])],
                                    shape, torch.float32)
     want = (codes.float().view(40, 2, 32) * scale[..., None] + offset[..., None]).view(shape)
     assert torch.equal(weight.dequantize(torch.float32), want)
     index = torch.tensor([39, 0, 17])
     assert torch.equal(weight.rows(index, torch.float32), want[index])
-    x = torch.randn(2, 64)
-    assert relative_error(weight.matmul(x), x.double() @ want.double().t()) < 0.01
+    x = torch.randn(2, 64, generator=generator)
+    exact = x.double() @ want.double().t()
+    got = weight.matmul(x)
+    assert relative_error(got, exact) < 0.01
+    assert ((got.double() - exact).abs() <= rounding_bound(x, want) * 1.01 + 1e-5 * exact.abs() + 1e-4).all()
 
 
 @needs_native
