@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from levante.quant import native
-from levante.quant.packed import Int4Weight, Int8Weight, quantize_int4, quantize_int8
+from levante.quant.packed import Int4Weight, Int8Weight, Q5Weight, quantize_int4, quantize_int8
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX-512 VNNI or gcc)")
 
@@ -176,3 +176,60 @@ def test_build_failure_is_quiet(tmp_path, monkeypatch):
             native.build()
     finally:
         native.library.cache_clear()
+
+
+def q5_codes(shape, seed):
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 32, shape, dtype=torch.uint8, generator=generator)
+    d = (torch.rand(shape[0], shape[1] // 32, generator=generator) * 0.02).half()
+    values = ((codes.float() - 16).view(shape[0], -1, 32) * d.float().unsqueeze(2)).view(shape)
+    return codes, d, values
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(16, 32), (37, 96), (1152, 896)])
+@pytest.mark.parametrize("rows", [1, 4, 8, 11])
+def test_q5_kernel_against_float64(shape, rows):
+    codes, d, values = q5_codes(shape, rows)
+    weight = Q5Weight.from_codes(codes, d)
+    assert torch.equal(weight.dequantize(torch.float32), values)  # exact: the stored Q5_0 values
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(7))
+    want = x.double() @ values.double().t()
+    got = weight.matmul(x)
+    assert relative_error(got, want) < 0.01
+    assert ((got.double() - want).abs() <= rounding_bound(x, values) * 1.01 + 1e-5 * want.abs() + 1e-4).all()
+
+
+@needs_native
+def test_q5_layout_round_trips_and_rows():
+    codes, d, values = q5_codes((37, 64), 1)
+    weight = Q5Weight.from_codes(codes, d)
+    back_codes, back_d = native.unpack_q5(weight.packed, weight.shape)
+    assert torch.equal(back_codes, codes) and torch.equal(back_d, d)
+    index = torch.tensor([[36, 0], [17, 16]])
+    assert torch.equal(weight.rows(index, torch.float32), values[index])
+    assert torch.equal(native.q5_values(weight.packed, weight.shape, 16, 37, torch.bfloat16), values[16:].bfloat16())
+    x = torch.randn(30, 64)  # the dense path
+    assert relative_error(weight.matmul(x), x.double() @ values.double().t()) < 1e-6
+    int8 = weight.to_int8(torch.float32)
+    assert relative_error(int8.dequantize(torch.float32), values) < 0.01
+
+
+@needs_native
+def test_q5_0_gguf_tensors_stay_exact():
+    from gguf import GGMLQuantizationType as T
+    import gguf
+    import numpy as np
+
+    from levante.quant.gguf_blocks import GGUFTensor
+    from levante.quant.packed import pack
+
+    values = torch.randn(48, 128, generator=torch.Generator().manual_seed(2)).numpy()
+    raw = gguf.quants.quantize(values, T.Q5_0)
+    tensor = GGUFTensor(T.Q5_0, torch.from_numpy(np.ascontiguousarray(raw)), (48, 128))
+    weight = pack([tensor], "auto", torch.float32)
+    assert isinstance(weight, Q5Weight)
+    assert torch.equal(weight.dequantize(torch.float32), tensor.dequantize())
+    mixed = pack([tensor, GGUFTensor(T.Q8_0, torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(values, T.Q8_0))),
+                                     (48, 128))], "auto", torch.float32)
+    assert isinstance(mixed, Int8Weight)  # Q5_0 with Q8_0 shards: int8 for both

@@ -26,7 +26,8 @@ from levante.layers.linear import LinearBase
 from levante.loader.gguf import GGUFFile
 from levante.loader.sources import DEFAULT_MODEL, is_installed, resolve_alias
 from levante.quant.gguf_blocks import GGUFTensor, dequantize
-from levante.quant.packed import (GGUFRows, Int4Weight, Int8Weight, int4_supported, pack, pack_int4,
+from levante.quant import native
+from levante.quant.packed import (GGUFRows, Int4Weight, Int8Weight, Q5Weight, int4_supported, pack, pack_int4,
                                   quantize_int4, quantize_int8, unpack_int4)
 
 needs_int4 = pytest.mark.skipif(not int4_supported(), reason="no CPU int4 kernels in this PyTorch")
@@ -164,6 +165,9 @@ def test_real_tensors_requantized_to_int8(qtype):
         tensor = tensor.row_slice(0, 8192)
     weight = tensor.dequantize()
     packed = pack([tensor], "auto", torch.float32)
+    if qtype == T.Q5_0 and native.available():  # kept exactly, 5 bits (tests/test_native_kernels.py)
+        assert isinstance(packed, Q5Weight) and torch.equal(packed.dequantize(torch.float32), weight)
+        packed = packed.to_int8(torch.float32)  # what pack() gives without the native kernels
     assert isinstance(packed, Int8Weight)
     assert relative_error(packed.dequantize(torch.float32), weight) < 0.02
     x = torch.randn(3, tensor.shape[1])

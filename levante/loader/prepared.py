@@ -33,7 +33,7 @@ from levante.layers.embedding import VocabParallelEmbedding
 from levante.layers.linear import LinearBase
 from levante.quant import native
 from levante.quant.gguf_blocks import GGUFTensor
-from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight, int4_layout
+from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight, Q5Weight, int4_layout
 
 logger = logging.getLogger("levante")
 
@@ -72,7 +72,7 @@ def _packing_code() -> str:
 
 # -- saving ----------------------------------------------------------------------------------------
 
-def _packed_entries(name: str, packed, tensors: dict, seen: dict) -> dict:
+def _packed_entries(name: str, packed, tensors: dict, seen: dict, dtype: torch.dtype) -> dict:
     """The description of one packed weight; its tensors go into ``tensors`` (once, if shared)."""
     if id(packed) in seen:
         return {"kind": "same", "as": seen[id(packed)]}
@@ -88,6 +88,9 @@ def _packed_entries(name: str, packed, tensors: dict, seen: dict) -> dict:
             tensors[f"{name}.scales_and_zeros"] = packed.scales_and_zeros
         return {"kind": "int4", "group_size": packed.group_size, "cols": packed.shape[1], "layout": packed.layout,
                 "rows": packed.shape[0]}
+    if isinstance(packed, Q5Weight):
+        tensors[f"{name}.packed"] = packed.packed
+        return {"kind": "q5", "shape": list(packed.shape), "dtype": str(dtype).removeprefix("torch.")}
     if isinstance(packed, GGUFRows):
         tensors[f"{name}.raw"] = packed.tensor.raw
         return {"kind": "gguf_rows", "qtype": int(packed.tensor.qtype), "shape": list(packed.tensor.shape)}
@@ -101,7 +104,7 @@ def save_prepared(model: nn.Module, path: Path) -> None:
     seen: dict[int, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, (LinearBase, VocabParallelEmbedding)) and module.packed is not None:
-            packed[name] = _packed_entries(f"packed.{name}", module.packed, tensors, seen)
+            packed[name] = _packed_entries(f"packed.{name}", module.packed, tensors, seen, module.weight.dtype)
     shared: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if param.numel() and id(param) not in shared:
@@ -159,6 +162,9 @@ def _packed_weight(name: str, entry: dict, tensors: dict, built: dict):
                            entry["cols"], entry.get("layout", "aten"), tensors.get(f"{name}.qscale"),
                            tensors.get(f"{name}.qoffset"), entry.get("rows"))
         return saved.in_layout(int4_layout(saved.group_size, saved.shape[1]))
+    if kind == "q5":  # without the native kernels now: requantised to int8, as pack() would
+        saved = Q5Weight(tensors[f"{name}.packed"], tuple(entry["shape"]))
+        return saved if native.available() else saved.to_int8(getattr(torch, entry["dtype"]))
     if kind == "gguf_rows":
         from gguf import GGMLQuantizationType
 

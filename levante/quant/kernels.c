@@ -153,6 +153,13 @@ static void parallel(ChunkFn fn, const void *ctx, int64_t chunks, int nthreads) 
     pthread_mutex_unlock(&job_lock);
 }
 
+static inline __m512 round_bf16_(__m512 v) { /* to the nearest bfloat16 (as float32 bits) */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000)));
+}
+
 /* One row of x -> int8 codes (Kp of them, zero past K), block scales d, block sums s;
  * returns sum_b d_b * s_b. */
 static float quantize_row(const void *x, int bf16, int64_t K, int64_t Kp, int8_t *xq, float *d, float *s) {
@@ -348,15 +355,102 @@ static void q4_range(const Weight *wt, const Act *a, int64_t t, int64_t t1) {
     }
 }
 
-typedef struct { const Weight *wt; const Act *a; int is_q4; int64_t tiles, chunk; } Task;
+
+/* 5-bit (Q5_0: value = d * (q - 16), q in 0..31, d float16 per row and block of 32): per
+ * tile and block, 352 bytes = the low nibbles as in q4t16 (256), then per group of 8 columns
+ * two 64-bit masks of fifth bits in the order of the low- and high-nibble vectors (64), then
+ * the 16 rows' d (32). */
+#define Q5_BLOCK 352
+
+static inline __attribute__((always_inline)) void q5_tiles(const Weight *wt, int64_t tile, const Act *a,
+                                                           const int T, const int M, __m512 acc[][MAX_M]) {
+    const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+    for (int t = 0; t < T; t++)
+        for (int m = 0; m < M; m++) acc[t][m] = _mm512_setzero_ps();
+    const int64_t nb = a->nb;
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i iacc[4][MAX_M];
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++)
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) iacc[t][m] = _mm512_setzero_si512();
+        const int8_t *xb = a->xq + b * QB;
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; g++) {
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                const uint8_t *blk = wt->w + (tile + t) * wt->tstride + b * Q5_BLOCK;
+                __m512i v = _mm512_loadu_si512(blk + g * 64);
+                _mm_prefetch((const char *)(blk + g * 64 + PREFETCH), _MM_HINT_T0);
+                if (g < 2) _mm_prefetch((const char *)(blk + 256 + g * 64 + PREFETCH), _MM_HINT_T0);
+                uint64_t bits_lo, bits_hi;
+                memcpy(&bits_lo, blk + 256 + g * 16, 8);
+                memcpy(&bits_hi, blk + 256 + g * 16 + 8, 8);
+                __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(bits_lo), lo, sixteen);
+                hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(bits_hi), hi, sixteen);
+#pragma GCC unroll 8
+                for (int m = 0; m < M; m++) {
+                    int32_t x0, x1;
+                    memcpy(&x0, xb + m * a->Kp + g * 8, 4);
+                    memcpy(&x1, xb + m * a->Kp + g * 8 + 4, 4);
+                    iacc[t][m] = _mm512_dpbusd_epi32(iacc[t][m], lo, _mm512_set1_epi32(x0));
+                    iacc[t][m] = _mm512_dpbusd_epi32(iacc[t][m], hi, _mm512_set1_epi32(x1));
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            const uint8_t *blk = wt->w + (tile + t) * wt->tstride + b * Q5_BLOCK;
+            __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 320)));
+#pragma GCC unroll 8
+            for (int m = 0; m < M; m++) {
+                __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(iacc[t][m]), _mm512_set1_ps(16.f * a->s[m * nb + b]));
+                acc[t][m] = _mm512_fmadd_ps(_mm512_mul_ps(dot, _mm512_set1_ps(a->d[m * nb + b])), d, acc[t][m]);
+            }
+        }
+    }
+}
+
+#define Q5_RUN(T, M)                                                              \
+    case M: {                                                                      \
+        __m512 acc[T][MAX_M];                                                      \
+        for (; t + T <= t1; t += T) {                                              \
+            q5_tiles(wt, t, a, T, M, acc);                                         \
+            for (int i = 0; i < T; i++) store_tile(wt, a, t + i, M, acc[i]);       \
+        }                                                                          \
+        for (; t < t1; t++) {                                                      \
+            q5_tiles(wt, t, a, 1, M, acc);                                         \
+            store_tile(wt, a, t, M, acc[0]);                                       \
+        }                                                                          \
+        break;                                                                     \
+    }
+
+static void q5_range(const Weight *wt, const Act *a, int64_t t, int64_t t1) {
+    switch (a->M) {
+        Q5_RUN(4, 1)
+        Q5_RUN(2, 2)
+        Q5_RUN(2, 3)
+        Q5_RUN(2, 4)
+        Q5_RUN(1, 5)
+        Q5_RUN(1, 6)
+        Q5_RUN(1, 7)
+        Q5_RUN(1, 8)
+    }
+}
+
+enum { W8 = 0, Q4 = 1, Q5 = 2 };
+typedef struct { const Weight *wt; const Act *a; int kind; int64_t tiles, chunk; } Task;
 
 static void run_chunk(const void *ctx, int64_t c) {
     const Task *task = ctx;
     int64_t t0 = c * task->chunk, t1 = t0 + task->chunk < task->tiles ? t0 + task->chunk : task->tiles;
-    if (task->is_q4) q4_range(task->wt, task->a, t0, t1); else w8_range(task->wt, task->a, t0, t1);
+    if (task->kind == Q4) q4_range(task->wt, task->a, t0, t1);
+    else if (task->kind == Q5) q5_range(task->wt, task->a, t0, t1);
+    else w8_range(task->wt, task->a, t0, t1);
 }
 
-static int run(const Weight *wt, int is_q4, const void *x, int64_t ldx, int x_bf16, int M, int64_t K, int64_t Kp,
+static int run(const Weight *wt, int kind, const void *x, int64_t ldx, int x_bf16, int M, int64_t K, int64_t Kp,
                int nthreads) {
     if (M < 1 || M > MAX_M || Kp % QB || K > Kp) return -1;
     Act a;
@@ -376,7 +470,7 @@ static int run(const Weight *wt, int is_q4, const void *x, int64_t ldx, int x_bf
     int64_t chunk = tiles / (8 * nthreads) / 4 * 4; /* ~8 chunks per thread, whole 4-tile groups */
     chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;
     int64_t chunks = nthreads > 1 && tiles >= 8 ? (tiles + chunk - 1) / chunk : 1;
-    Task task = {wt, &a, is_q4, tiles, chunks == 1 ? tiles : chunk};
+    Task task = {wt, &a, kind, tiles, chunks == 1 ? tiles : chunk};
     parallel(run_chunk, &task, chunks, nthreads);
     free(xq);
     free(ds);
@@ -387,7 +481,7 @@ static int run(const Weight *wt, int is_q4, const void *x, int64_t ldx, int x_bf
 int lv_w8a8(const uint8_t *w, const float *scale, int64_t N, int64_t K, int64_t Kp, const void *x, int64_t ldx,
             int x_bf16, int M, void *out, int64_t ldo, int out_bf16, int nthreads) {
     Weight wt = {w, scale, NULL, NULL, 0, N, 16 * Kp, out, ldo, out_bf16};
-    return run(&wt, 0, x, ldx, x_bf16, M, K, Kp, nthreads);
+    return run(&wt, W8, x, ldx, x_bf16, M, K, Kp, nthreads);
 }
 
 /* The same for 4-bit weights in layout q4t16 (groups of 32 columns; K a multiple of 32). */
@@ -395,7 +489,70 @@ int lv_q4a8(const uint8_t *w, const void *qscale, const void *qoffset, int qscal
             const void *x, int64_t ldx, int x_bf16, int M, void *out, int64_t ldo, int out_bf16, int nthreads) {
     Weight wt = {w, NULL, qscale, qoffset, qscale_f32, N, 8 * K, out, ldo, out_bf16};
     if (K % QB) return -1;
-    return run(&wt, 1, x, ldx, x_bf16, M, K, K, nthreads);
+    return run(&wt, Q4, x, ldx, x_bf16, M, K, K, nthreads);
+}
+
+/* The same for 5-bit weights in layout q5t16 (K a multiple of 32). */
+int lv_q5a8(const uint8_t *w, int64_t N, int64_t K, const void *x, int64_t ldx, int x_bf16, int M, void *out,
+            int64_t ldo, int out_bf16, int nthreads) {
+    Weight wt = {w, NULL, NULL, NULL, 0, N, K / QB * Q5_BLOCK, out, ldo, out_bf16};
+    if (K % QB) return -1;
+    return run(&wt, Q5, x, ldx, x_bf16, M, K, K, nthreads);
+}
+
+/* Rows [row0, row1) of a q5t16 weight as values d * (q - 16), row-major float32 or
+ * bfloat16 (row0 a multiple of 16). */
+typedef struct { const uint8_t *w; int64_t K, row0, row1; void *out; int out_bf16; } Q5Unpack;
+
+static void q5_unpack_tile(const void *ctx, int64_t tile) {
+    const Q5Unpack *u = ctx;
+    int64_t K = u->K, nb = K / QB;
+    tile += u->row0 / 16;
+    const uint8_t *base = u->w + tile * nb * Q5_BLOCK;
+    const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = base + b * Q5_BLOCK;
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 320)));
+        for (int g = 0; g < 4; g++) {
+            __m512i v = _mm512_loadu_si512(blk + g * 64);
+            uint64_t bits[2];
+            memcpy(bits, blk + 256 + g * 16, 16);
+            __m512i half[2] = {_mm512_and_si512(v, low), _mm512_and_si512(_mm512_srli_epi16(v, 4), low)};
+            for (int h = 0; h < 2; h++) {
+                __m512i q = _mm512_mask_add_epi8(half[h], _cvtu64_mask64(bits[h]), half[h], sixteen);
+                __m128i lanes[4] = {_mm512_extracti32x4_epi32(q, 0), _mm512_extracti32x4_epi32(q, 1),
+                                    _mm512_extracti32x4_epi32(q, 2), _mm512_extracti32x4_epi32(q, 3)};
+                for (int l = 0; l < 4; l++) { /* rows 4l .. 4l + 3, 4 columns each */
+                    __m512 f = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lanes[l])), _mm512_set1_ps(16.f));
+                    __m512i which = _mm512_setr_epi32(4 * l, 4 * l, 4 * l, 4 * l, 4 * l + 1, 4 * l + 1, 4 * l + 1,
+                                                      4 * l + 1, 4 * l + 2, 4 * l + 2, 4 * l + 2, 4 * l + 2,
+                                                      4 * l + 3, 4 * l + 3, 4 * l + 3, 4 * l + 3);
+                    f = _mm512_mul_ps(f, _mm512_permutexvar_ps(which, d));
+                    float vals[16];
+                    _mm512_storeu_ps(vals, u->out_bf16 ? round_bf16_(f) : f);
+                    for (int r = 0; r < 4; r++) {
+                        int64_t row = tile * 16 + 4 * l + r;
+                        if (row >= u->row1) break;
+                        int64_t at = (row - u->row0) * K + b * QB + g * 8 + h * 4;
+                        if (u->out_bf16) {
+                            uint16_t *o = (uint16_t *)u->out + at;
+                            for (int c = 0; c < 4; c++) { uint32_t bitsf; memcpy(&bitsf, vals + 4 * r + c, 4); o[c] = (uint16_t)(bitsf >> 16); }
+                        } else {
+                            memcpy((float *)u->out + at, vals + 4 * r, 16);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+int lv_q5_unpack(const uint8_t *w, int64_t N, int64_t K, int64_t row0, int64_t row1, void *out, int out_bf16,
+                 int nthreads) {
+    if (row0 % 16 || row1 > N || row0 > row1 || K % QB) return -1;
+    Q5Unpack u = {w, K, row0, row1, out, out_bf16};
+    parallel(q5_unpack_tile, &u, (row1 - row0 + 15) / 16, nthreads);
+    return 0;
 }
 
 /* Rows [row0, row1) of a t16 weight as their signed codes, row-major [row1 - row0][K]

@@ -94,10 +94,13 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_w8a8.argtypes = [p, p, i64, i64, i64, p, i64, i32, i32, p, i64, i32, i32]
     lib.lv_q4a8.argtypes = [p, p, p, i32, i64, i64, p, i64, i32, i32, p, i64, i32, i32]
     lib.lv_w8_unpack.argtypes = [p, i64, i64, i64, i64, i64, p, i32, i32]
+    lib.lv_q5a8.argtypes = [p, i64, i64, p, i64, i32, i32, p, i64, i32, i32]
+    lib.lv_q5_unpack.argtypes = [p, i64, i64, i64, i64, p, i32, i32]
     lib.lv_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i32, i32]
     lib.lv_silu_mul.argtypes = [p, p, i64, i64, i32]
     lib.lv_rope.argtypes = [p, p, p, i64, i64, i64, i64, i32]
-    for fn in (lib.lv_w8a8, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_rms_norm, lib.lv_silu_mul, lib.lv_rope):
+    for fn in (lib.lv_w8a8, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
+               lib.lv_silu_mul, lib.lv_rope):
         fn.restype = i32
     return lib
 
@@ -282,6 +285,64 @@ def int4_matmul(packed: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tenso
     n, k = shape
     return _rows_call(library().lv_q4a8, x, n, packed.data_ptr(), qscale.data_ptr(), qoffset.data_ptr(),
                       int(qscale.dtype == torch.float32), n, k)
+
+
+# -- 5-bit (Q5_0) ------------------------------------------------------------------------------------
+
+Q5_BLOCK_BYTES = 352  # per tile of 16 rows and block of 32 columns (see kernels.c)
+
+
+def pack_q5(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 ``[N, K]`` (0..31, K a multiple of 32) and ``d`` float16 ``[N, K // 32]``
+    (value = d * (q - 16)) -> layout q5t16: uint8 ``[N16 // 16, K // 32 * 352]`` (padded rows:
+    code 16, d 0)."""
+    n, k = codes.shape
+    n16, blocks = _padded(n, TILE), k // BLOCK
+    padded = torch.full((n16, k), 16, dtype=torch.uint8)
+    padded[:n] = codes
+    scales = torch.zeros(n16, blocks, dtype=torch.float16)
+    scales[:n] = d
+    tiles = n16 // TILE
+    groups = padded.view(tiles, TILE, blocks, 4, 2, 4)  # [tile, row, block, group of 8, half, 4]
+    nibbles = (groups[..., 0, :] & 0xF) | ((groups[..., 1, :] & 0xF) << 4)  # [tile, row, block, group, 4]
+    nibbles = nibbles.permute(0, 2, 3, 1, 4).reshape(tiles, blocks, 256)
+    fifth = (groups >> 4).permute(0, 2, 3, 4, 1, 5).reshape(tiles, blocks, 4, 2, 64)  # bit j: row j // 4, col j % 4
+    weights = (1 << torch.arange(8, dtype=torch.int64)).repeat(8)
+    masks = (fifth.to(torch.int64) * weights).view(tiles, blocks, 4, 2, 8, 8).sum(-1).to(torch.uint8)
+    d_bytes = scales.view(tiles, TILE, blocks).transpose(1, 2).contiguous().view(torch.uint8)
+    out = torch.cat([nibbles, masks.reshape(tiles, blocks, 64), d_bytes.reshape(tiles, blocks, 32)], dim=2)
+    return out.reshape(tiles, blocks * Q5_BLOCK_BYTES)
+
+
+def unpack_q5(packed: torch.Tensor, shape: tuple[int, int]):
+    """Codes uint8 ``[N, K]`` and ``d`` float16 ``[N, K // 32]`` of a q5t16 weight (plain PyTorch)."""
+    n, k = shape
+    tiles, blocks = packed.shape[0], k // BLOCK
+    by_block = packed.view(tiles, blocks, Q5_BLOCK_BYTES)
+    nibbles = by_block[..., :256].reshape(tiles, blocks, 4, TILE, 4)
+    halves = torch.stack([nibbles & 0xF, nibbles >> 4], dim=3)  # [tile, block, group, half, row, 4]
+    masks = by_block[..., 256:320].reshape(tiles, blocks, 4, 2, 8, 1) >> torch.arange(8, dtype=torch.uint8)
+    fifth = (masks & 1).reshape(tiles, blocks, 4, 2, TILE, 4)
+    codes = (halves | (fifth << 4)).permute(0, 4, 1, 2, 3, 5).reshape(tiles * TILE, k)
+    d = by_block[..., 320:].contiguous().view(torch.float16).view(tiles, blocks, TILE).transpose(1, 2)
+    return codes[:n], d.reshape(tiles * TILE, blocks)[:n]
+
+
+def q5_matmul(packed: torch.Tensor, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+    n, k = shape
+    return _rows_call(library().lv_q5a8, x, n, packed.data_ptr(), n, k)
+
+
+def q5_values(packed: torch.Tensor, shape: tuple[int, int], start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Values of rows ``start:end`` (start a multiple of 16) in ``dtype``."""
+    n, k = shape
+    native = dtype in (torch.float32, torch.bfloat16)
+    out = torch.empty(end - start, k, dtype=dtype if native else torch.float32)
+    rc = library().lv_q5_unpack(packed.data_ptr(), n, k, start, end, out.data_ptr(), int(out.dtype == torch.bfloat16),
+                                threads())
+    if rc:
+        raise RuntimeError(f"lv_q5_unpack failed ({rc})")
+    return out if native else out.to(dtype)
 
 
 # -- small decode-step ops -------------------------------------------------------------------------

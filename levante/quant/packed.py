@@ -15,7 +15,8 @@ How a GGUF weight is kept (``pack``, mode ``"auto"``):
   In float32 the packed weight dequantises bit for bit to what ``dequantize`` gives (the
   tests check real files); the kernel takes scale and zero in the activations' dtype, so
   under bfloat16 they are rounded to bfloat16 (relative error up to 2^-9 per group).
-* Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K -> ``Int8Weight``, requantised per row from
+* Q5_0 -> ``Q5Weight`` (exact) where the native kernels run (quant/native.py).
+* Q5_0 (elsewhere), Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K -> ``Int8Weight``, requantised per row from
   the dequantised values (the int8 step is the row's max / 127; see tests/test_quant.py
   for the measured error).
 * F32, F16, BF16 -> dense, in the model's dtype.
@@ -35,7 +36,7 @@ from gguf import GGMLQuantizationType as T
 
 from levante.errors import ModelLoadError
 from levante.quant import native
-from levante.quant.gguf_blocks import INT4_AFFINE_TYPES, GGUFTensor, int4_affine
+from levante.quant.gguf_blocks import INT4_AFFINE_TYPES, GGUFTensor, five_bit, int4_affine
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -468,7 +469,55 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32, dtype: torch.dtype | No
 
 # -- from checkpoint shards ------------------------------------------------------------------
 
-PackedWeight = Int8Weight | Int4Weight
+class Q5Weight:
+    """A GGUF Q5_0 matrix kept exactly as stored (value = d * (q - 16), 5-bit q, float16 d
+    per block of 32), in the native kernel's layout q5t16 (quant/native.py, kernels.c):
+    5.5 bits a value, against 8 for the int8 it would otherwise be requantised to. Only
+    where the native kernels run."""
+
+    dense_from_rows = Int8Weight.dense_from_rows  # the dequantisation is as cheap as int8's
+
+    def __init__(self, packed: torch.Tensor, shape: tuple[int, int]):
+        self.packed, self.shape = packed, tuple(shape)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, d: torch.Tensor) -> Q5Weight:
+        return cls(native.pack_q5(codes, d), tuple(codes.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _flatten(x)
+        if rows.shape[0] >= self.dense_from_rows:
+            out = _dense_matmul(rows, self.shape, self._weight_rows)
+        else:
+            out = native.q5_matmul(self.packed, self.shape, rows).to(x.dtype)
+        return out.view(*x.shape[:-1], self.shape[0])
+
+    def _weight_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        return native.q5_values(self.packed, self.shape, start, end, dtype)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._weight_rows(0, self.shape[0], dtype)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = index.reshape(-1)
+        tiles = flat // native.TILE
+        codes, d = native.unpack_q5(self.packed[tiles], (len(flat) * native.TILE, self.shape[1]))
+        pick = torch.arange(len(flat)) * native.TILE + flat % native.TILE
+        values = (codes[pick].float() - 16).view(len(flat), -1, 32) * d[pick].float().unsqueeze(2)
+        return values.to(dtype).view(*index.shape, self.shape[1])
+
+    def to_int8(self, dtype: torch.dtype) -> Int8Weight:
+        """The int8 weight ``pack`` makes of the same Q5_0 tensor without native kernels."""
+        codes, d = native.unpack_q5(self.packed, self.shape)
+        values = (codes.float() - 16).view(self.shape[0], -1, 32) * d.float().unsqueeze(2)
+        return _int8_from_chunks(_dense_chunks(values.view(self.shape)), self.shape, dtype)
+
+
+PackedWeight = Int8Weight | Int4Weight | Q5Weight
 
 
 def _dense_chunks(w: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -488,6 +537,8 @@ def _float_chunks(shard: Shard) -> Iterator[torch.Tensor]:
 def _auto_form(shard: Shard) -> str:
     if not isinstance(shard, GGUFTensor) or shard.qtype in _FLOAT_TYPES:
         return "dense"
+    if shard.qtype == T.Q5_0 and native.available():
+        return "q5"
     return "int4" if shard.qtype in INT4_AFFINE_TYPES else "int8"
 
 
@@ -495,7 +546,9 @@ def _form(shards: Sequence[Shard], mode: str, shape: tuple[int, int]) -> str:
     """One form for all shards of a fused weight: the most precise any of them needs."""
     if mode == "auto":
         forms = {_auto_form(shard) for shard in shards}
-        form = "dense" if "dense" in forms else "int8" if "int8" in forms else "int4"
+        if forms == {"q5"}:
+            return "q5"
+        form = "dense" if "dense" in forms else "int8" if forms & {"int8", "q5"} else "int4"
     else:
         form = mode
     return "int8" if form == "int4" and not int4_fits(shape) else form
@@ -523,6 +576,9 @@ def pack(shards: Sequence[Shard], mode: str, dtype: torch.dtype) -> PackedWeight
         return torch.cat([_dense(shard, dtype) for shard in shards])
     if form == "int4":
         return Int4Weight.from_parts((part for shard in shards for part in _int4_parts(shard)), shape, dtype)
+    if form == "q5":
+        codes, d = zip(*(five_bit(shard.raw, shard.shape) for shard in shards))
+        return Q5Weight.from_codes(torch.cat(codes), torch.cat(d))
     chunks = (chunk for shard in shards for chunk in _float_chunks(shard))
     return _int8_from_chunks(chunks, shape, dtype)
 
