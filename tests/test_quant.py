@@ -275,7 +275,9 @@ def test_default_model_auto_agrees_with_dequantized():
     Top-1 flips happen at near-ties, so the margin is thin: measured 98.3% (prefill) and
     98.7% (chunks of 8) in bfloat16, 98.0% in float32; bfloat16 alone, "none" in chunks of
     8 vs whole, already flips 1.3%. The mean KL divergence (measured 0.0012-0.0017 nats)
-    is the steadier measure of how little the requantisation changes.
+    is the steadier measure of how little the requantisation changes. With the native
+    kernels (Q5_0 kept exact, activations rounded to int8 in blocks of 32 in the body, to
+    ~15 bits in the head): 98.7% / KL 0.0014 (prefill), 98.0% / KL 0.0015 (chunks of 8).
     """
     from test_default_model import TEXT as LONG_TEXT
 

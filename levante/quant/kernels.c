@@ -160,6 +160,13 @@ static inline __m512 round_bf16_(__m512 v) { /* to the nearest bfloat16 (as floa
     return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000)));
 }
 
+static inline float bf16_value(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* One row of x -> int8 codes (Kp of them, zero past K), block scales d, block sums s;
  * returns sum_b d_b * s_b. */
 static float quantize_row(const void *x, int bf16, int64_t K, int64_t Kp, int8_t *xq, float *d, float *s) {
@@ -183,7 +190,8 @@ static float quantize_row(const void *x, int bf16, int64_t K, int64_t Kp, int8_t
 
 typedef struct {
     int64_t Kp, nb;         /* padded columns, activation blocks */
-    int M;
+    int M;                  /* rows of quantised activations (2 per row of x when split) */
+    int split;              /* each row of x is two: its int8 rounding and the rounding's residual */
     const int8_t *xq;       /* [M][Kp] */
     const float *d, *s;     /* [M][nb] */
     float corr[MAX_M];      /* 128 * sum_b d_b s_b per row of x */
@@ -241,9 +249,11 @@ static inline void store_tile(const Weight *wt, const Act *a, int64_t tile, int 
     int n = (int)(wt->N - n0 < 16 ? wt->N - n0 : 16);
     __mmask16 mask = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
     __m512 scale = wt->scale ? _mm512_maskz_loadu_ps(mask, wt->scale + n0) : _mm512_set1_ps(1.f);
-    for (int m = 0; m < M; m++) {
-        __m512 v = wt->scale ? _mm512_mul_ps(_mm512_sub_ps(acc[m], _mm512_set1_ps(a->corr[m])), scale) : acc[m];
-        store16(wt->out, wt->out_bf16, m * wt->ldo + n0, v, n);
+    for (int m = 0; m < M; m += 1 + a->split) {
+        __m512 v = _mm512_sub_ps(acc[m], _mm512_set1_ps(wt->scale ? a->corr[m] : 0.f));
+        if (a->split) v = _mm512_add_ps(v, _mm512_sub_ps(acc[m + 1], _mm512_set1_ps(wt->scale ? a->corr[m + 1] : 0.f)));
+        if (wt->scale) v = _mm512_mul_ps(v, scale);
+        store16(wt->out, wt->out_bf16, (m >> a->split) * wt->ldo + n0, v, n);
     }
 }
 
@@ -450,19 +460,33 @@ static void run_chunk(const void *ctx, int64_t c) {
     else w8_range(task->wt, task->a, t0, t1);
 }
 
-static int run(const Weight *wt, int kind, const void *x, int64_t ldx, int x_bf16, int M, int64_t K, int64_t Kp,
-               int nthreads) {
-    if (M < 1 || M > MAX_M || Kp % QB || K > Kp) return -1;
+static int run(const Weight *wt, int kind, const void *x, int64_t ldx, int x_bf16, int rows, int64_t K, int64_t Kp,
+               int nthreads, int split) {
+    int M = rows << (split != 0);
+    if (rows < 1 || M > MAX_M || Kp % QB || K > Kp) return -1;
     Act a;
     a.Kp = Kp;
     a.nb = Kp / QB;
     a.M = M;
+    a.split = split != 0;
     int8_t *xq = malloc((size_t)(M * Kp));
     float *ds = malloc(sizeof(float) * 2 * M * a.nb);
-    if (!xq || !ds) { free(xq); free(ds); return -2; }
-    for (int m = 0; m < M; m++)
-        a.corr[m] = 128.f * quantize_row((const char *)x + m * ldx * (x_bf16 ? 2 : 4), x_bf16, K, Kp, xq + m * Kp,
-                                         ds + m * a.nb, ds + (M + m) * a.nb);
+    float *scratch = split ? malloc(sizeof(float) * (size_t)Kp) : NULL;
+    if (!xq || !ds || (split && !scratch)) { free(xq); free(ds); free(scratch); return -2; }
+    for (int r = 0; r < rows; r++) {
+        const void *row = (const char *)x + r * ldx * (x_bf16 ? 2 : 4);
+        int m = r << a.split;
+        a.corr[m] = 128.f * quantize_row(row, x_bf16, K, Kp, xq + m * Kp, ds + m * a.nb, ds + (M + m) * a.nb);
+        if (split) { /* the residual x - d * q, quantised the same way */
+            for (int64_t k = 0; k < Kp; k++) {
+                float v = k >= K ? 0.f : x_bf16 ? bf16_value(((const uint16_t *)row)[k]) : ((const float *)row)[k];
+                scratch[k] = v - ds[m * a.nb + k / QB] * (float)xq[m * Kp + k];
+            }
+            a.corr[m + 1] = 128.f * quantize_row(scratch, 0, Kp, Kp, xq + (m + 1) * Kp, ds + (m + 1) * a.nb,
+                                                 ds + (M + m + 1) * a.nb);
+        }
+    }
+    free(scratch);
     a.xq = xq;
     a.d = ds;
     a.s = ds + M * a.nb;
@@ -481,23 +505,33 @@ static int run(const Weight *wt, int kind, const void *x, int64_t ldx, int x_bf1
 int lv_w8a8(const uint8_t *w, const float *scale, int64_t N, int64_t K, int64_t Kp, const void *x, int64_t ldx,
             int x_bf16, int M, void *out, int64_t ldo, int out_bf16, int nthreads) {
     Weight wt = {w, scale, NULL, NULL, 0, N, 16 * Kp, out, ldo, out_bf16};
-    return run(&wt, W8, x, ldx, x_bf16, M, K, Kp, nthreads);
+    return run(&wt, W8, x, ldx, x_bf16, M, K, Kp, nthreads, 0);
+}
+
+/* lv_w8a8 with each row of x taken as two int8 roundings (the value's and its residual's):
+ * ~15 bits of activation precision for twice the integer work, which a matrix-vector
+ * product has to spare (memory is the bound): for a head, whose logits pick the tokens. */
+int lv_w8a16(const uint8_t *w, const float *scale, int64_t N, int64_t K, int64_t Kp, const void *x, int64_t ldx,
+             int x_bf16, int M, void *out, int64_t ldo, int out_bf16, int nthreads) {
+    Weight wt = {w, scale, NULL, NULL, 0, N, 16 * Kp, out, ldo, out_bf16};
+    return run(&wt, W8, x, ldx, x_bf16, M, K, Kp, nthreads, 1);
 }
 
 /* The same for 4-bit weights in layout q4t16 (groups of 32 columns; K a multiple of 32). */
 int lv_q4a8(const uint8_t *w, const void *qscale, const void *qoffset, int qscale_f32, int64_t N, int64_t K,
-            const void *x, int64_t ldx, int x_bf16, int M, void *out, int64_t ldo, int out_bf16, int nthreads) {
+            const void *x, int64_t ldx, int x_bf16, int M, void *out, int64_t ldo, int out_bf16, int nthreads,
+            int split) {
     Weight wt = {w, NULL, qscale, qoffset, qscale_f32, N, 8 * K, out, ldo, out_bf16};
     if (K % QB) return -1;
-    return run(&wt, Q4, x, ldx, x_bf16, M, K, K, nthreads);
+    return run(&wt, Q4, x, ldx, x_bf16, M, K, K, nthreads, split);
 }
 
 /* The same for 5-bit weights in layout q5t16 (K a multiple of 32). */
 int lv_q5a8(const uint8_t *w, int64_t N, int64_t K, const void *x, int64_t ldx, int x_bf16, int M, void *out,
-            int64_t ldo, int out_bf16, int nthreads) {
+            int64_t ldo, int out_bf16, int nthreads, int split) {
     Weight wt = {w, NULL, NULL, NULL, 0, N, K / QB * Q5_BLOCK, out, ldo, out_bf16};
     if (K % QB) return -1;
-    return run(&wt, Q5, x, ldx, x_bf16, M, K, K, nthreads);
+    return run(&wt, Q5, x, ldx, x_bf16, M, K, K, nthreads, split);
 }
 
 /* Rows [row0, row1) of a q5t16 weight as values d * (q - 16), row-major float32 or

@@ -92,14 +92,15 @@ def build(compiler: str | None = None) -> Path:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lv_w8a8.argtypes = [p, p, i64, i64, i64, p, i64, i32, i32, p, i64, i32, i32]
-    lib.lv_q4a8.argtypes = [p, p, p, i32, i64, i64, p, i64, i32, i32, p, i64, i32, i32]
+    lib.lv_w8a16.argtypes = lib.lv_w8a8.argtypes
+    lib.lv_q4a8.argtypes = [p, p, p, i32, i64, i64, p, i64, i32, i32, p, i64, i32, i32, i32]
     lib.lv_w8_unpack.argtypes = [p, i64, i64, i64, i64, i64, p, i32, i32]
-    lib.lv_q5a8.argtypes = [p, i64, i64, p, i64, i32, i32, p, i64, i32, i32]
+    lib.lv_q5a8.argtypes = [p, i64, i64, p, i64, i32, i32, p, i64, i32, i32, i32]
     lib.lv_q5_unpack.argtypes = [p, i64, i64, i64, i64, p, i32, i32]
     lib.lv_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i32, i32]
     lib.lv_silu_mul.argtypes = [p, p, i64, i64, i32]
     lib.lv_rope.argtypes = [p, p, p, i64, i64, i64, i64, i32]
-    for fn in (lib.lv_w8a8, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
+    for fn in (lib.lv_w8a8, lib.lv_w8a16, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
                lib.lv_silu_mul, lib.lv_rope):
         fn.restype = i32
     return lib
@@ -206,30 +207,43 @@ def unpack_int8_rows(tiles: torch.Tensor, shape: tuple[int, int], start: int, en
     return out if native else out.to(dtype)
 
 
-def _rows_call(fn, x: torch.Tensor, out_features: int, *head) -> torch.Tensor:
+def _rows_call(fn, x: torch.Tensor, out_features: int, *head, out_dtype: torch.dtype | None = None,
+               tail: tuple = (), max_rows: int = MAX_ROWS) -> torch.Tensor:
     """``fn(*head, x_rows, M, out_rows, ...)`` over chunks of at most MAX_ROWS rows of 2-D ``x``
-    (pointer arithmetic, no tensor slicing: this runs ~100 times per decode step)."""
+    (pointer arithmetic, no tensor slicing: this runs ~100 times per decode step). The output
+    is in ``out_dtype`` (float32 or bfloat16; default: x's)."""
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()
     if not x.is_contiguous():
         x = x.contiguous()
     rows, k = x.shape
-    out = torch.empty(rows, out_features, dtype=x.dtype)
-    bf16, size, count = int(x.dtype == torch.bfloat16), x.element_size(), threads()
+    out = torch.empty(rows, out_features, dtype=out_dtype or x.dtype)
+    x_bf16, out_bf16 = int(x.dtype == torch.bfloat16), int(out.dtype == torch.bfloat16)
+    x_size, out_size, count = x.element_size(), out.element_size(), threads()
     x_at, out_at = x.data_ptr(), out.data_ptr()
-    for start in range(0, rows, MAX_ROWS):
-        m = min(MAX_ROWS, rows - start)
-        rc = fn(*head, x_at + start * k * size, k, bf16, m, out_at + start * out_features * size, out_features, bf16,
-                count)
+    for start in range(0, rows, max_rows):
+        m = min(max_rows, rows - start)
+        rc = fn(*head, x_at + start * k * x_size, k, x_bf16, m, out_at + start * out_features * out_size,
+                out_features, out_bf16, count, *tail)
         if rc:
             raise RuntimeError(f"native kernel failed ({rc})")
     return out
 
 
-def int8_matmul(tiles: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
-    """``x @ (codes * scales[:, None]).T`` for 2-D ``x``; ``scales`` float32."""
+def int8_matmul(tiles: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], x: torch.Tensor,
+                out_dtype: torch.dtype | None = None, precise: bool | None = None) -> torch.Tensor:
+    """``x @ (codes * scales[:, None]).T`` for 2-D ``x``; ``scales`` float32.
+
+    ``precise`` (default: for up to 4 rows of x): x taken to ~15 bits (two int8 roundings,
+    lv_w8a16), twice the integer work, which an int8 matrix-vector product has to spare
+    (memory is its bound); otherwise 8 bits, like llama.cpp's Q8 activations.
+    """
     n, k = shape
-    return _rows_call(library().lv_w8a8, x, n, tiles.data_ptr(), scales.data_ptr(), n, k, tiles.shape[1])
+    if precise is None:
+        precise = x.shape[0] <= MAX_ROWS // 2
+    fn = library().lv_w8a16 if precise else library().lv_w8a8
+    return _rows_call(fn, x, n, tiles.data_ptr(), scales.data_ptr(), n, k, tiles.shape[1], out_dtype=out_dtype,
+                      max_rows=MAX_ROWS // 2 if precise else MAX_ROWS)
 
 
 # -- int4 ------------------------------------------------------------------------------------------
@@ -284,7 +298,7 @@ def int4_matmul(packed: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tenso
     """``x @ W.T`` for 2-D ``x`` and a q4t16 weight ``W``."""
     n, k = shape
     return _rows_call(library().lv_q4a8, x, n, packed.data_ptr(), qscale.data_ptr(), qoffset.data_ptr(),
-                      int(qscale.dtype == torch.float32), n, k)
+                      int(qscale.dtype == torch.float32), n, k, tail=(0,))
 
 
 # -- 5-bit (Q5_0) ------------------------------------------------------------------------------------
@@ -330,7 +344,7 @@ def unpack_q5(packed: torch.Tensor, shape: tuple[int, int]):
 
 def q5_matmul(packed: torch.Tensor, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
     n, k = shape
-    return _rows_call(library().lv_q5a8, x, n, packed.data_ptr(), n, k)
+    return _rows_call(library().lv_q5a8, x, n, packed.data_ptr(), n, k, tail=(0,))
 
 
 def q5_values(packed: torch.Tensor, shape: tuple[int, int], start: int, end: int, dtype: torch.dtype) -> torch.Tensor:

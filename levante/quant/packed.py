@@ -134,12 +134,16 @@ class Int8Weight:
             return native.unpack_int8_rows(self.qweight, self.shape, start, end, dtype)
         return self.qweight[start:end].to(dtype)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """``x @ weight.T`` in x's dtype; with ``float_out``, in float32, and the native kernel
+        then takes x to ~15 bits for any number of rows (a head: its logits pick the tokens)."""
         rows = _flatten(x)
         if rows.shape[0] >= self.dense_from_rows:
             out = _dense_matmul(rows, self.shape, self._weight_rows).mul_(self._scales(x.dtype))
         elif self.layout == "t16":
-            out = native.int8_matmul(self.qweight, self._scales32, self.shape, rows).to(x.dtype)
+            out_dtype = torch.float32 if float_out else x.dtype
+            out = native.int8_matmul(self.qweight, self._scales32, self.shape, rows, out_dtype,
+                                     precise=True if float_out else None)
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self._scales(x.dtype))
         return out.view(*x.shape[:-1], self.shape[0])
