@@ -229,7 +229,8 @@ static inline __attribute__((always_inline)) void w8_tiles(const uint8_t *w, int
         for (int t = 0; t < T; t++)
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++)
-                acc[t][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][m]), _mm512_set1_ps(a->d[m * a->nb + b]), acc[t][m]);
+                acc[t][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][m]), _mm512_set1_ps(a->d[m * a->nb + b]),
+                                            acc[t][m]);
     }
 }
 
@@ -570,7 +571,11 @@ static void q5_unpack_tile(const void *ctx, int64_t tile) {
                         int64_t at = (row - u->row0) * K + b * QB + g * 8 + h * 4;
                         if (u->out_bf16) {
                             uint16_t *o = (uint16_t *)u->out + at;
-                            for (int c = 0; c < 4; c++) { uint32_t bitsf; memcpy(&bitsf, vals + 4 * r + c, 4); o[c] = (uint16_t)(bitsf >> 16); }
+                            for (int c = 0; c < 4; c++) { /* already rounded: the top half */
+                                uint32_t bitsf;
+                                memcpy(&bitsf, vals + 4 * r + c, 4);
+                                o[c] = (uint16_t)(bitsf >> 16);
+                            }
                         } else {
                             memcpy((float *)u->out + at, vals + 4 * r, 16);
                         }
@@ -694,7 +699,8 @@ int lv_silu_mul(const void *x, void *out, int64_t rows, int64_t n, int bf16) {
         for (int64_t i = 0; i < n; i += 16) {
             int m = tail16(n - i);
             __m512 g = load16(x, bf16, r * 2 * n + i, m), u = load16(x, bf16, r * 2 * n + n + i, m);
-            __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
             if (bf16) s = round_bf16(s);
             store16(out, bf16, r * n + i, _mm512_mul_ps(s, u), m);
         }

@@ -35,8 +35,8 @@ import torch
 logger = logging.getLogger("levante")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fno-math-errno", "-pthread",
-         "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fno-math-errno",
+         "-pthread", "-shared", "-fPIC")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 MAX_ROWS = 8  # rows of x per call (larger batches are split)
 BLOCK = 32  # activation values per scale; weights are padded to a multiple of it
