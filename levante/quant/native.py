@@ -207,24 +207,26 @@ def unpack_int8_rows(tiles: torch.Tensor, shape: tuple[int, int], start: int, en
     return out if native else out.to(dtype)
 
 
+_SIZES = {torch.float32: 4, torch.bfloat16: 2}
+
+
 def _rows_call(fn, x: torch.Tensor, out_features: int, *head, out_dtype: torch.dtype | None = None,
                tail: tuple = (), max_rows: int = MAX_ROWS) -> torch.Tensor:
-    """``fn(*head, x_rows, M, out_rows, ...)`` over chunks of at most MAX_ROWS rows of 2-D ``x``
-    (pointer arithmetic, no tensor slicing: this runs ~100 times per decode step). The output
-    is in ``out_dtype`` (float32 or bfloat16; default: x's)."""
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        x = x.float()
+    """``fn(*head, x_rows, M, out_rows, ...)`` over chunks of at most ``max_rows`` rows of 2-D
+    ``x``. The output is in ``out_dtype`` (float32 or bfloat16; default: x's). Lean on
+    purpose (pointer arithmetic, no tensor slicing): it runs ~100 times per decode step."""
+    x_size = _SIZES.get(x.dtype)
+    if x_size is None:
+        x, x_size = x.float(), 4
     if not x.is_contiguous():
         x = x.contiguous()
     rows, k = x.shape
-    out = torch.empty(rows, out_features, dtype=out_dtype or x.dtype)
-    x_bf16, out_bf16 = int(x.dtype == torch.bfloat16), int(out.dtype == torch.bfloat16)
-    x_size, out_size, count = x.element_size(), out.element_size(), threads()
-    x_at, out_at = x.data_ptr(), out.data_ptr()
+    out = torch.empty((rows, out_features), dtype=out_dtype or x.dtype)
+    out_size = _SIZES[out.dtype]
+    x_at, out_at, count = x.data_ptr(), out.data_ptr(), _threads or torch.get_num_threads()
     for start in range(0, rows, max_rows):
-        m = min(max_rows, rows - start)
-        rc = fn(*head, x_at + start * k * x_size, k, x_bf16, m, out_at + start * out_features * out_size,
-                out_features, out_bf16, count, *tail)
+        rc = fn(*head, x_at + start * k * x_size, k, x_size == 2, min(max_rows, rows - start),
+                out_at + start * out_features * out_size, out_features, out_size == 2, count, *tail)
         if rc:
             raise RuntimeError(f"native kernel failed ({rc})")
     return out

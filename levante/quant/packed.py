@@ -60,7 +60,7 @@ def resolve_mode(requested: str | None, checkpoint_format: str) -> str | None:
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 # Bytes of dequantised weight rows per step of a dense matmul: a step's rows are still in
@@ -141,12 +141,13 @@ class Int8Weight:
         if rows.shape[0] >= self.dense_from_rows:
             out = _dense_matmul(rows, self.shape, self._weight_rows).mul_(self._scales(x.dtype))
         elif self.layout == "t16":
-            out_dtype = torch.float32 if float_out else x.dtype
-            out = native.int8_matmul(self.qweight, self._scales32, self.shape, rows, out_dtype,
-                                     precise=True if float_out else None)
+            out = native.int8_matmul(self.qweight, self._scales32, self.shape, rows,
+                                     torch.float32 if float_out else None, precise=True if float_out else None)
+            if out.dtype != x.dtype and not float_out:
+                out = out.to(x.dtype)
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self._scales(x.dtype))
-        return out.view(*x.shape[:-1], self.shape[0])
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.shape[0])
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self._weight_rows(0, self.shape[0], dtype) * self._scales(dtype).unsqueeze(1)
@@ -360,11 +361,13 @@ class Int4Weight:
         if rows.shape[0] >= self.dense_from_rows:
             out = _dense_matmul(rows, self.shape, self._dequantize_range)
         elif self.layout == "q4t16":
-            out = native.int4_matmul(self.packed, self.qscale, self.qoffset, self.shape, rows).to(x.dtype)
+            out = native.int4_matmul(self.packed, self.qscale, self.qoffset, self.shape, rows)
+            if out.dtype != x.dtype:
+                out = out.to(x.dtype)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.contiguous(), self.packed, self.group_size, self._scales_and_zeros(x.dtype))
-        return out.view(*x.shape[:-1], self.shape[0])
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.shape[0])
 
     def _affine(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
         """float32 (q - 8) * scale + zero for codes ``[n, cols]`` and their ``[groups, n, 2]``
@@ -497,8 +500,10 @@ class Q5Weight:
         if rows.shape[0] >= self.dense_from_rows:
             out = _dense_matmul(rows, self.shape, self._weight_rows)
         else:
-            out = native.q5_matmul(self.packed, self.shape, rows).to(x.dtype)
-        return out.view(*x.shape[:-1], self.shape[0])
+            out = native.q5_matmul(self.packed, self.shape, rows)
+            if out.dtype != x.dtype:
+                out = out.to(x.dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.shape[0])
 
     def _weight_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         return native.q5_values(self.packed, self.shape, start, end, dtype)
