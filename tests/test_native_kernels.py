@@ -102,6 +102,7 @@ def test_int8_layouts_round_trip(shape):
     weight = quantize_int8(torch.randn(*shape, generator=torch.Generator().manual_seed(6)))
     rows = weight.in_layout("rows")
     assert rows.layout == "rows" and rows.qweight.shape == shape
+    assert torch.equal(native._pack_int8_torch(rows.qweight), weight.qweight)  # C packing = PyTorch's
     assert torch.equal(rows.in_layout("t16").qweight, weight.qweight)
     assert torch.equal(rows.dequantize(torch.float32), weight.dequantize(torch.float32))
     index = torch.tensor([[shape[0] - 1, 0], [17, 16]])

@@ -213,16 +213,6 @@ def int4_affine(raw: torch.Tensor, qtype: T | int, shape: tuple[int, int]):
     return q.reshape(rows, cols), scale.reshape(rows, groups), offset.reshape(rows, groups)
 
 
-def five_bit(raw: torch.Tensor, shape: tuple[int, int]):
-    """The codes of a Q5_0 matrix (value = d * (q - 16)): ``q`` uint8 ``[rows, cols]`` in 0..31
-    and ``d`` float16 ``[rows, cols // 32]``, exactly as stored."""
-    rows, cols = shape
-    blocks = as_bytes(raw).view(-1, GGML_QUANT_SIZES[T.Q5_0][1])
-    q = _unpack(blocks[:, 6:], 4, 16) | (_unpack(blocks[:, 2:6], 1, 1) << 4)
-    d = blocks[:, :2].contiguous().view(torch.float16)
-    return q.reshape(rows, cols), d.reshape(rows, cols // 32)
-
-
 @dataclass
 class GGUFTensor:
     """A GGUF weight still in its block format: ``raw`` holds each row's blocks as bytes,

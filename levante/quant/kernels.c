@@ -732,3 +732,74 @@ int lv_rope(const void *x, void *out, const float *cos_sin, int64_t tokens, int6
     }
     return 0;
 }
+
+/* -- packing (at load) ------------------------------------------------------------------------ */
+
+typedef struct { const int8_t *codes; int64_t N, K, Kp; uint8_t *out; } W8Pack;
+
+static void w8_pack_tile(const void *ctx, int64_t tile) {
+    const W8Pack *p = ctx;
+    uint8_t *out = p->out + tile * 16 * p->Kp;
+    for (int lane = 0; lane < 16; lane++) {
+        int64_t row = tile * 16 + lane;
+        const int8_t *src = p->codes + row * p->K;
+        for (int64_t k = 0; k < p->Kp; k++) {
+            uint8_t v = row < p->N && k < p->K ? (uint8_t)src[k] ^ 0x80 : 0x80;
+            out[(k / 4) * 64 + lane * 4 + (k % 4)] = v;
+        }
+    }
+}
+
+/* int8 codes [N][K] -> layout t16 [N16][Kp] (see the top of this file). */
+int lv_w8_pack(const int8_t *codes, int64_t N, int64_t K, int64_t Kp, uint8_t *out, int nthreads) {
+    if (Kp % QB || K > Kp) return -1;
+    W8Pack p = {codes, N, K, Kp, out};
+    parallel(w8_pack_tile, &p, (N + 15) / 16, nthreads);
+    return 0;
+}
+
+typedef struct { const uint8_t *raw; int64_t N, K, row_bytes; uint8_t *out; } Q5Pack;
+
+static void q5_pack_tile(const void *ctx, int64_t tile) {
+    const Q5Pack *p = ctx;
+    int64_t nb = p->K / QB;
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *blk = p->out + (tile * nb + b) * Q5_BLOCK;
+        memset(blk, 0, Q5_BLOCK);
+        uint64_t masks[8] = {0};
+        for (int lane = 0; lane < 16; lane++) {
+            int64_t row = tile * 16 + lane;
+            uint8_t q[32];
+            uint16_t d = 0;
+            if (row < p->N) { /* GGUF Q5_0 block: d (f16), qh (32 fifth bits), qs (16 bytes of nibble pairs) */
+                const uint8_t *src = p->raw + row * p->row_bytes + b * 22;
+                uint32_t qh;
+                memcpy(&d, src, 2);
+                memcpy(&qh, src + 2, 4);
+                for (int i = 0; i < 16; i++) {
+                    q[i] = (uint8_t)((src[6 + i] & 0x0F) | (((qh >> i) & 1) << 4));
+                    q[i + 16] = (uint8_t)((src[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4));
+                }
+            } else {
+                memset(q, 16, 32); /* value 0 */
+            }
+            memcpy(blk + 320 + lane * 2, &d, 2);
+            for (int g = 0; g < 4; g++)
+                for (int c = 0; c < 4; c++) {
+                    uint8_t lo = q[g * 8 + c], hi = q[g * 8 + 4 + c];
+                    blk[g * 64 + lane * 4 + c] = (uint8_t)((lo & 0x0F) | ((hi & 0x0F) << 4));
+                    masks[2 * g] |= (uint64_t)(lo >> 4) << (lane * 4 + c);
+                    masks[2 * g + 1] |= (uint64_t)(hi >> 4) << (lane * 4 + c);
+                }
+        }
+        memcpy(blk + 256, masks, 64);
+    }
+}
+
+/* GGUF Q5_0 rows (N rows of K / 32 blocks of 22 bytes, `row_bytes` apart) -> layout q5t16. */
+int lv_q5_pack_gguf(const uint8_t *raw, int64_t N, int64_t K, int64_t row_bytes, uint8_t *out, int nthreads) {
+    if (K % QB) return -1;
+    Q5Pack p = {raw, N, K, row_bytes, out};
+    parallel(q5_pack_tile, &p, (N + 15) / 16, nthreads);
+    return 0;
+}

@@ -97,10 +97,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_w8_unpack.argtypes = [p, i64, i64, i64, i64, i64, p, i32, i32]
     lib.lv_q5a8.argtypes = [p, i64, i64, p, i64, i32, i32, p, i64, i32, i32, i32]
     lib.lv_q5_unpack.argtypes = [p, i64, i64, i64, i64, p, i32, i32]
+    lib.lv_w8_pack.argtypes = [p, i64, i64, i64, p, i32]
+    lib.lv_q5_pack_gguf.argtypes = [p, i64, i64, i64, p, i32]
     lib.lv_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i32, i32]
     lib.lv_silu_mul.argtypes = [p, p, i64, i64, i32]
     lib.lv_rope.argtypes = [p, p, p, i64, i64, i64, i64, i32]
-    for fn in (lib.lv_w8a8, lib.lv_w8a16, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
+    for fn in (lib.lv_w8_pack, lib.lv_q5_pack_gguf, lib.lv_w8a8, lib.lv_w8a16, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
                lib.lv_silu_mul, lib.lv_rope):
         fn.restype = i32
     return lib
@@ -172,6 +174,18 @@ def _padded(n: int, multiple: int) -> int:
 
 def pack_int8(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes ``[N, K]`` -> layout t16 (uint8 ``[N16, K32]``, N and K padded; see kernels.c)."""
+    n, k = codes.shape
+    n16, k32 = _padded(n, TILE), _padded(k, BLOCK)
+    if available():  # one pass in C (the PyTorch version takes seconds for a vocabulary)
+        codes = codes.contiguous()
+        out = torch.empty(n16, k32, dtype=torch.uint8)
+        if library().lv_w8_pack(codes.data_ptr(), n, k, k32, out.data_ptr(), threads()):
+            raise RuntimeError("lv_w8_pack failed")
+        return out
+    return _pack_int8_torch(codes)
+
+
+def _pack_int8_torch(codes: torch.Tensor) -> torch.Tensor:
     n, k = codes.shape
     n16, k32 = _padded(n, TILE), _padded(k, BLOCK)
     biased = torch.full((n16, k32), 128, dtype=torch.uint8)
@@ -328,6 +342,16 @@ def pack_q5(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     d_bytes = scales.view(tiles, TILE, blocks).transpose(1, 2).contiguous().view(torch.uint8)
     out = torch.cat([nibbles, masks.reshape(tiles, blocks, 64), d_bytes.reshape(tiles, blocks, 32)], dim=2)
     return out.reshape(tiles, blocks * Q5_BLOCK_BYTES)
+
+
+def pack_q5_gguf(raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """GGUF Q5_0 rows (``raw`` uint8 ``[N, K // 32 * 22]``) -> layout q5t16, in one pass in C."""
+    n, k = shape
+    raw = raw.contiguous()
+    out = torch.empty(_padded(n, TILE) // TILE, k // BLOCK * Q5_BLOCK_BYTES, dtype=torch.uint8)
+    if library().lv_q5_pack_gguf(raw.data_ptr(), n, k, raw.shape[1], out.data_ptr(), threads()):
+        raise RuntimeError("lv_q5_pack_gguf failed")
+    return out
 
 
 def unpack_q5(packed: torch.Tensor, shape: tuple[int, int]):

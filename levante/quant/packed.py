@@ -36,7 +36,7 @@ from gguf import GGMLQuantizationType as T
 
 from levante.errors import ModelLoadError
 from levante.quant import native
-from levante.quant.gguf_blocks import INT4_AFFINE_TYPES, GGUFTensor, five_bit, int4_affine
+from levante.quant.gguf_blocks import INT4_AFFINE_TYPES, GGUFTensor, int4_affine
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -586,8 +586,8 @@ def pack(shards: Sequence[Shard], mode: str, dtype: torch.dtype) -> PackedWeight
     if form == "int4":
         return Int4Weight.from_parts((part for shard in shards for part in _int4_parts(shard)), shape, dtype)
     if form == "q5":
-        codes, d = zip(*(five_bit(shard.raw, shard.shape) for shard in shards))
-        return Q5Weight.from_codes(torch.cat(codes), torch.cat(d))
+        raw = torch.cat([shard.raw.reshape(shard.shape[0], -1) for shard in shards])
+        return Q5Weight(native.pack_q5_gguf(raw, shape), shape)
     chunks = (chunk for shard in shards for chunk in _float_chunks(shard))
     return _int8_from_chunks(chunks, shape, dtype)
 
