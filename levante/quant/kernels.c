@@ -545,6 +545,8 @@ static void q5_unpack_tile(const void *ctx, int64_t tile) {
     tile += u->row0 / 16;
     const uint8_t *base = u->w + tile * nb * Q5_BLOCK;
     const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+    float stage[16][QB] __attribute__((aligned(64))); /* one block of the tile's 16 rows */
+    int rows = (int)(u->row1 - tile * 16 < 16 ? u->row1 - tile * 16 : 16);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = base + b * Q5_BLOCK;
         __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 320)));
@@ -563,25 +565,18 @@ static void q5_unpack_tile(const void *ctx, int64_t tile) {
                                                       4 * l + 1, 4 * l + 2, 4 * l + 2, 4 * l + 2, 4 * l + 2,
                                                       4 * l + 3, 4 * l + 3, 4 * l + 3, 4 * l + 3);
                     f = _mm512_mul_ps(f, _mm512_permutexvar_ps(which, d));
-                    float vals[16];
-                    _mm512_storeu_ps(vals, u->out_bf16 ? round_bf16_(f) : f);
-                    for (int r = 0; r < 4; r++) {
-                        int64_t row = tile * 16 + 4 * l + r;
-                        if (row >= u->row1) break;
-                        int64_t at = (row - u->row0) * K + b * QB + g * 8 + h * 4;
-                        if (u->out_bf16) {
-                            uint16_t *o = (uint16_t *)u->out + at;
-                            for (int c = 0; c < 4; c++) { /* already rounded: the top half */
-                                uint32_t bitsf;
-                                memcpy(&bitsf, vals + 4 * r + c, 4);
-                                o[c] = (uint16_t)(bitsf >> 16);
-                            }
-                        } else {
-                            memcpy((float *)u->out + at, vals + 4 * r, 16);
-                        }
-                    }
+                    int col = g * 8 + h * 4;
+                    _mm_store_ps(&stage[4 * l][col], _mm512_extractf32x4_ps(f, 0));
+                    _mm_store_ps(&stage[4 * l + 1][col], _mm512_extractf32x4_ps(f, 1));
+                    _mm_store_ps(&stage[4 * l + 2][col], _mm512_extractf32x4_ps(f, 2));
+                    _mm_store_ps(&stage[4 * l + 3][col], _mm512_extractf32x4_ps(f, 3));
                 }
             }
+        }
+        for (int r = 0; r < rows; r++) {
+            int64_t at = (tile * 16 + r - u->row0) * K + b * QB;
+            store16(u->out, u->out_bf16, at, _mm512_load_ps(&stage[r][0]), 16);
+            store16(u->out, u->out_bf16, at + 16, _mm512_load_ps(&stage[r][16]), 16);
         }
     }
 }
