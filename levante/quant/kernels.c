@@ -31,7 +31,9 @@
 
 #define QB 32 /* activation block: values per float scale */
 #define MAX_M 8
+#ifndef PREFETCH
 #define PREFETCH 2048 /* bytes ahead in each tile's stream (the hardware prefetchers stop at 4 KiB pages) */
+#endif
 
 static inline __m512 load16(const void *x, int bf16, int64_t i, int n) {
     __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n > 0 ? n : 0)) - 1);
@@ -63,7 +65,12 @@ static inline void store16(void *out, int bf16, int64_t i, __m512 v, int n) {
  * microseconds during decoding), then sleep on a futex. */
 
 #define MAX_HELPERS 63
-#define SPIN_NS 50000
+/* How long helpers spin after a job before sleeping: long after a decode step's kernel (the
+ * next follows within ~100 us, and PyTorch runs on one thread then), none after a prefill's
+ * dequantisation (PyTorch's own threads want the cores for the matmul that follows). */
+#ifndef SPIN_NS
+#define SPIN_NS 500000
+#endif
 
 typedef void (*ChunkFn)(const void *ctx, int64_t chunk);
 typedef struct { ChunkFn fn; const void *ctx; int64_t chunks; int nthreads; } Job;
@@ -73,6 +80,8 @@ static _Atomic uint64_t state;            /* generation << 32 | next chunk */
 static _Atomic int64_t done;              /* chunks finished in this generation */
 static _Atomic uint32_t wake_word;        /* generation, for the futex */
 static _Atomic int sleepers;
+static _Atomic int64_t spin_ns;           /* for the current job */
+static _Atomic int64_t kernel_spin_ns;    /* for matrix-vector jobs: lv_set_spin */
 static int helpers_started;
 static pthread_mutex_t start_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER; /* one job at a time (callers of any thread) */
@@ -101,7 +110,7 @@ static void *helper_main(void *arg) {
     int id = (int)(intptr_t)arg;
     uint32_t seen = atomic_load(&wake_word);
     for (;;) {
-        int64_t until = now_ns() + SPIN_NS;
+        int64_t until = now_ns() + atomic_load(&spin_ns);
         while (atomic_load(&wake_word) == seen) {
             for (int i = 0; i < 32; i++) _mm_pause();
             if (now_ns() > until) {
@@ -109,7 +118,7 @@ static void *helper_main(void *arg) {
                 if (atomic_load(&wake_word) == seen)
                     syscall(SYS_futex, &wake_word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
                 atomic_fetch_sub(&sleepers, 1);
-                until = now_ns() + SPIN_NS;
+                until = now_ns() + atomic_load(&spin_ns);
             }
         }
         seen = atomic_load(&wake_word);
@@ -135,7 +144,7 @@ static void start_helpers(int count) {
     pthread_mutex_unlock(&start_lock);
 }
 
-static void parallel(ChunkFn fn, const void *ctx, int64_t chunks, int nthreads) {
+static void parallel(ChunkFn fn, const void *ctx, int64_t chunks, int nthreads, int64_t spin) {
     if (nthreads <= 1 || chunks <= 1) {
         for (int64_t c = 0; c < chunks; c++) fn(ctx, c);
         return;
@@ -145,6 +154,7 @@ static void parallel(ChunkFn fn, const void *ctx, int64_t chunks, int nthreads) 
     uint32_t gen = (uint32_t)(atomic_load(&state) >> 32) + 1;
     jobs[gen & 1] = (Job){fn, ctx, chunks, nthreads};
     atomic_store(&done, 0);
+    atomic_store(&spin_ns, spin);
     atomic_store(&state, (uint64_t)gen << 32);
     atomic_store(&wake_word, gen);
     if (atomic_load(&sleepers)) syscall(SYS_futex, &wake_word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
@@ -166,6 +176,10 @@ static inline float bf16_value(uint16_t h) {
     memcpy(&f, &u, 4);
     return f;
 }
+
+/* Helpers spin `ns` after each matrix-vector job (0: sleep at once): quant/native.py sets
+ * SPIN_NS for decode steps, where PyTorch runs on one thread, and 0 around everything else. */
+void lv_set_spin(int on) { atomic_store(&kernel_spin_ns, on ? SPIN_NS : 0); }
 
 /* One row of x -> int8 codes (Kp of them, zero past K), block scales d, block sums s;
  * returns sum_b d_b * s_b. */
@@ -496,7 +510,7 @@ static int run(const Weight *wt, int kind, const void *x, int64_t ldx, int x_bf1
     chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;
     int64_t chunks = nthreads > 1 && tiles >= 8 ? (tiles + chunk - 1) / chunk : 1;
     Task task = {wt, &a, kind, tiles, chunks == 1 ? tiles : chunk};
-    parallel(run_chunk, &task, chunks, nthreads);
+    parallel(run_chunk, &task, chunks, nthreads, atomic_load(&kernel_spin_ns));
     free(xq);
     free(ds);
     return 0;
@@ -585,7 +599,7 @@ int lv_q5_unpack(const uint8_t *w, int64_t N, int64_t K, int64_t row0, int64_t r
                  int nthreads) {
     if (row0 % 16 || row1 > N || row0 > row1 || K % QB) return -1;
     Q5Unpack u = {w, K, row0, row1, out, out_bf16};
-    parallel(q5_unpack_tile, &u, (row1 - row0 + 15) / 16, nthreads);
+    parallel(q5_unpack_tile, &u, (row1 - row0 + 15) / 16, nthreads, 0);
     return 0;
 }
 
@@ -626,7 +640,7 @@ int lv_w8_unpack(const uint8_t *w, int64_t N, int64_t K, int64_t Kp, int64_t row
                  int out_bf16, int nthreads) {
     if (row0 % 16 || row1 > N || row0 > row1) return -1;
     Unpack u = {w, K, Kp, row0, row1, out, out_bf16};
-    parallel(unpack_tile, &u, (row1 - row0 + 15) / 16, nthreads);
+    parallel(unpack_tile, &u, (row1 - row0 + 15) / 16, nthreads, 0);
     return 0;
 }
 
@@ -749,7 +763,7 @@ static void w8_pack_tile(const void *ctx, int64_t tile) {
 int lv_w8_pack(const int8_t *codes, int64_t N, int64_t K, int64_t Kp, uint8_t *out, int nthreads) {
     if (Kp % QB || K > Kp) return -1;
     W8Pack p = {codes, N, K, Kp, out};
-    parallel(w8_pack_tile, &p, (N + 15) / 16, nthreads);
+    parallel(w8_pack_tile, &p, (N + 15) / 16, nthreads, 0);
     return 0;
 }
 
@@ -795,6 +809,6 @@ static void q5_pack_tile(const void *ctx, int64_t tile) {
 int lv_q5_pack_gguf(const uint8_t *raw, int64_t N, int64_t K, int64_t row_bytes, uint8_t *out, int nthreads) {
     if (K % QB) return -1;
     Q5Pack p = {raw, N, K, row_bytes, out};
-    parallel(q5_pack_tile, &p, (N + 15) / 16, nthreads);
+    parallel(q5_pack_tile, &p, (N + 15) / 16, nthreads, 0);
     return 0;
 }

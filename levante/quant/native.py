@@ -99,6 +99,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_q5_unpack.argtypes = [p, i64, i64, i64, i64, p, i32, i32]
     lib.lv_w8_pack.argtypes = [p, i64, i64, i64, p, i32]
     lib.lv_q5_pack_gguf.argtypes = [p, i64, i64, i64, p, i32]
+    lib.lv_set_spin.argtypes = [i32]
+    lib.lv_set_spin.restype = None
     lib.lv_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i32, i32]
     lib.lv_silu_mul.argtypes = [p, p, i64, i64, i32]
     lib.lv_rope.argtypes = [p, p, p, i64, i64, i64, i64, i32]
@@ -159,9 +161,11 @@ def kernel_step(all_native: bool):
         return
     set_threads(count)
     torch.set_num_threads(1)
+    library().lv_set_spin(1)  # helpers wait spinning for the step's next kernel (kernels.c)
     try:
         yield
     finally:
+        library().lv_set_spin(0)
         torch.set_num_threads(count)
         set_threads(None)
 
