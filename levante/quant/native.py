@@ -8,7 +8,7 @@ does) and multiplies integers with AVX-512 VNNI, at memory speed.
 The shared library is compiled with the system C compiler into
 ``$LEVANTE_CACHE/kernels/`` (default ``~/.cache/levante/kernels/``) under a hash of the
 source and flags, once per machine (``make install`` does it ahead; a fresh checkout does
-it on first use, ~1 s). Without a compiler, without AVX-512 VNNI, or with
+it on first use, ~3 s). Without a compiler, without AVX-512 VNNI, or with
 ``LEVANTE_NATIVE_KERNELS=0``, ``library()`` is None and the packed weights keep PyTorch's
 kernels (nothing else changes).
 
