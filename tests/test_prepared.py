@@ -67,3 +67,36 @@ def test_changed_checkpoint_gets_a_new_entry_that_replaces_the_old(gguf_path, tm
     assert LLM(str(copy), warmup=False).engine.loaded_from == copy
     (second,) = (tmp_path / "cache" / "prepared").glob("*.safetensors")
     assert second != first
+
+
+@pytest.mark.slow
+def test_entry_written_with_native_kernels_loads_without_them(gguf_path, tmp_path):
+    """Packed in the native kernels' layouts, the entry still serves a process where they are
+    off (LEVANTE_NATIVE_KERNELS=0): converted back to PyTorch's layouts on load, same greedy
+    tokens as that process packing the GGUF itself."""
+    import subprocess
+    import sys
+
+    from levante.quant import native
+
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+    LLM(str(gguf_path), warmup=False)
+    (prepared,) = (tmp_path / "cache" / "prepared").glob("*.safetensors")
+    code = (
+        "import sys\n"
+        "from levante import LLM, SamplingParams\n"
+        "from levante.quant import native\n"
+        "assert native.library() is None\n"
+        f"params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)\n"
+        f"mapped = LLM({str(gguf_path)!r}, warmup=False)\n"
+        f"assert str(mapped.engine.loaded_from) == {str(prepared)!r}, mapped.engine.loaded_from\n"
+        f"fresh = LLM({str(gguf_path)!r}, warmup=False, prepared_cache=False)\n"
+        f"a = mapped.generate([{PROMPT}], params)[0].outputs[0].token_ids\n"
+        f"b = fresh.generate([{PROMPT}], params)[0].outputs[0].token_ids\n"
+        "assert a == b, (a, b)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "LEVANTE_NATIVE_KERNELS": "0"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

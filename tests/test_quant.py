@@ -3,7 +3,9 @@ quantisation of tiny models, and GGUF 4-bit formats mapped onto int4 without los
 
 Tolerances (float32 unless said):
 * a packed weight's matmul equals ``x @ w_hat.T`` with its own dequantised ``w_hat`` to
-  1e-5 relative, through the kernel (few rows) and the dense path (many rows) alike;
+  1e-5 relative through PyTorch's kernel (few rows) and the dense path (many rows); the
+  native W8A8 kernel (few rows, where it runs) also rounds x to int8 in blocks of 32, which
+  costs up to ~0.5% relative on Gaussian data: 1% there (see tests/test_native_kernels.py);
 * round-to-nearest error on Gaussian weights: int8 per row < 1% (measured 0.7%), int4 in
   groups of 32 < 8.5% (measured 7.0%), relative Frobenius norm;
 * Q4_0, Q4_1 and Q4_K tensors of real GGUF files unpack to exactly the values
@@ -24,7 +26,8 @@ from levante.layers.linear import LinearBase
 from levante.loader.gguf import GGUFFile
 from levante.loader.sources import DEFAULT_MODEL, is_installed, resolve_alias
 from levante.quant.gguf_blocks import GGUFTensor, dequantize
-from levante.quant.packed import (GGUFRows, Int4Weight, Int8Weight, int4_supported, pack, pack_int4,
+from levante.quant import native
+from levante.quant.packed import (GGUFRows, Int4Weight, Int8Weight, Q5Weight, int4_supported, pack, pack_int4,
                                   quantize_int4, quantize_int8, unpack_int4)
 
 needs_int4 = pytest.mark.skipif(not int4_supported(), reason="no CPU int4 kernels in this PyTorch")
@@ -48,8 +51,9 @@ def test_int8_matmul_matches_its_dequantized_weight(shape, rows):
     x = torch.randn(2, rows, shape[1])
     got = packed.matmul(x)
     assert got.shape == (2, rows, shape[0])
-    assert relative_error(got, x @ packed.dequantize(torch.float32).t()) < 1e-5
-    assert relative_error(got, x @ w.t()) < 0.01
+    native_kernel = packed.layout == "t16" and 2 * rows < packed.dense_from_rows
+    assert relative_error(got, x @ packed.dequantize(torch.float32).t()) < (0.01 if native_kernel else 1e-5)
+    assert relative_error(got, x @ w.t()) < (0.015 if native_kernel else 0.01)
 
 
 @needs_int4
@@ -61,7 +65,8 @@ def test_int4_matmul_matches_its_dequantized_weight(shape, rows):
     x = torch.randn(2, rows, shape[1])
     got = packed.matmul(x)
     assert got.shape == (2, rows, shape[0])
-    assert relative_error(got, x @ packed.dequantize(torch.float32).t()) < 1e-5
+    native_kernel = packed.layout == "q4t16" and 2 * rows < packed.dense_from_rows
+    assert relative_error(got, x @ packed.dequantize(torch.float32).t()) < (0.01 if native_kernel else 1e-5)
     assert relative_error(got, x @ w.t()) < 0.085
 
 
@@ -146,7 +151,11 @@ def test_real_4bit_tensors_map_exactly(alias, qtype):
     assert isinstance(packed, Int4Weight) and packed.shape == tensor.shape
     assert torch.equal(packed.dequantize(torch.float32), weight)
     x = torch.randn(3, tensor.shape[1])
-    assert relative_error(packed.matmul(x), x @ weight.t()) < 1e-5
+    tolerance = 0.01 if packed.layout == "q4t16" else 1e-5  # the native kernel rounds x to int8
+    assert relative_error(packed.matmul(x), x @ weight.t()) < tolerance
+    aten = packed.in_layout("aten")  # PyTorch's kernel, exact to float32
+    assert torch.equal(aten.dequantize(torch.float32), weight)
+    assert relative_error(aten.matmul(x), x @ weight.t()) < 1e-5
 
 
 @pytest.mark.parametrize("qtype", [T.Q5_0, T.Q6_K, T.Q8_0])
@@ -156,6 +165,9 @@ def test_real_tensors_requantized_to_int8(qtype):
         tensor = tensor.row_slice(0, 8192)
     weight = tensor.dequantize()
     packed = pack([tensor], "auto", torch.float32)
+    if qtype == T.Q5_0 and native.available():  # kept exactly, 5 bits (tests/test_native_kernels.py)
+        assert isinstance(packed, Q5Weight) and torch.equal(packed.dequantize(torch.float32), weight)
+        packed = packed.to_int8(torch.float32)  # what pack() gives without the native kernels
     assert isinstance(packed, Int8Weight)
     assert relative_error(packed.dequantize(torch.float32), weight) < 0.02
     x = torch.randn(3, tensor.shape[1])
@@ -263,7 +275,9 @@ def test_default_model_auto_agrees_with_dequantized():
     Top-1 flips happen at near-ties, so the margin is thin: measured 98.3% (prefill) and
     98.7% (chunks of 8) in bfloat16, 98.0% in float32; bfloat16 alone, "none" in chunks of
     8 vs whole, already flips 1.3%. The mean KL divergence (measured 0.0012-0.0017 nats)
-    is the steadier measure of how little the requantisation changes.
+    is the steadier measure of how little the requantisation changes. With the native
+    kernels (Q5_0 kept exact, activations rounded to int8 in blocks of 32 in the body, to
+    ~15 bits in the head): 98.7% / KL 0.0014 (prefill), 98.0% / KL 0.0015 (chunks of 8).
     """
     from test_default_model import TEXT as LONG_TEXT
 

@@ -28,7 +28,8 @@ from levante.loader.auto import open_model
 from levante.loader.tokenizer import IncrementalDetokenizer
 from levante.multimodal.inputs import MultiModalPrompt
 from levante.multimodal.processor import load_processor
-from levante.quant.packed import resolve_mode
+from levante.quant import native
+from levante.quant.packed import NATIVE_KERNEL_ROWS, resolve_mode
 
 logger = logging.getLogger("levante")
 
@@ -203,6 +204,11 @@ class Engine:
         return bool(self.requests)
 
     # -- one step ---------------------------------------------------------
+    def _native_step(self, batch: list[ScheduledSequence]) -> bool:
+        """Whether every packed matmul of this step takes the native kernels (quant/native.py)."""
+        return (self.quantization is not None and self.tensor_parallel is None and self.device.type == "cpu"
+                and sum(item.num_new_tokens for item in batch) < NATIVE_KERNEL_ROWS)
+
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch:
@@ -211,7 +217,8 @@ class Engine:
             wants_all = [self._wants_prompt_rows(item) for item in batch]
         else:
             wants_all = [False] * len(batch)
-        logits = self.runner.run(batch, wants_all)
+        with native.kernel_step(self._native_step(batch)):
+            logits = self.runner.run(batch, wants_all)
         self.scheduler.after_step(batch)
         # `samples` was fixed when scheduled (before after_step moved num_computed_tokens).
         if all(item.samples for item in batch) and not any(wants_all):  # e.g. a decode step: a row each

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from levante.distributed import all_gather, all_reduce, tp_rank, tp_size
-from levante.quant.packed import GGUFRows, pack, pack_embedding
+from levante.quant.packed import GGUFRows, Int8Weight, pack, pack_embedding
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -86,7 +86,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            logits = self.packed.matmul(hidden).float()
+            if isinstance(self.packed, Int8Weight):
+                logits = self.packed.matmul(hidden, float_out=True).float()
+            else:
+                logits = self.packed.matmul(hidden).float()
             if logits.size(-1) < self.shard_size:
                 logits = F.pad(logits, (0, self.shard_size - logits.size(-1)))
         else:

@@ -16,6 +16,7 @@ from torch import nn
 
 from levante.config import RopeConfig
 from levante.errors import ModelLoadError
+from levante.quant import native
 
 
 def _inv_freq(dim: int, rope: RopeConfig, max_position: int) -> tuple[torch.Tensor, float]:
@@ -87,7 +88,10 @@ class RotaryEmbedding(nn.Module):
 
         `max_position` (known to the runner) saves a device sync on `positions.max()`.
         """
-        cos, sin = self._rows(positions, q.device, max_position)
+        rows = self._rows(positions, q.device, max_position)  # [tokens, head_dim]: cos half, sin half
+        if native.rope_fits(q) and native.rope_fits(k):  # a decode step's few rows: one call each
+            return native.rope(q, rows), native.rope(k, rows)
+        cos, sin = rows.unsqueeze(1).chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def _rows(self, positions: torch.Tensor, device, max_position: int | None):
@@ -102,9 +106,9 @@ class RotaryEmbedding(nn.Module):
             if positions.dim() == 2:  # M-RoPE: [3, tokens]; each frequency reads its own axis
                 table = cache[positions]  # [3, tokens, head_dim]
                 axis = self.mrope_axis.view(1, 1, -1).expand(1, table.size(1), -1)
-                memo[key] = table.gather(0, axis)[0].unsqueeze(1).chunk(2, dim=-1)
+                memo[key] = table.gather(0, axis)[0]
             else:
-                memo[key] = cache[positions].unsqueeze(1).chunk(2, dim=-1)
+                memo[key] = cache[positions]
         return memo[key]
 
 

@@ -31,15 +31,16 @@ from torch import nn
 
 from levante.layers.embedding import VocabParallelEmbedding
 from levante.layers.linear import LinearBase
+from levante.quant import native
 from levante.quant.gguf_blocks import GGUFTensor
-from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight
+from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight, Q5Weight, int4_layout
 
 logger = logging.getLogger("levante")
 
 FORMAT_VERSION = 1
 # The modules whose code decides what a prepared file holds, relative to the package.
-_PACKING_SOURCES = ("quant/packed.py", "quant/gguf_blocks.py", "loader/gguf.py", "loader/prepared.py",
-                    "models/registry.py", "layers/linear.py", "layers/embedding.py")
+_PACKING_SOURCES = ("quant/packed.py", "quant/native.py", "quant/gguf_blocks.py", "loader/gguf.py",
+                    "loader/prepared.py", "models/registry.py", "layers/linear.py", "layers/embedding.py")
 _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
            "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
            "F64": torch.float64}
@@ -71,17 +72,25 @@ def _packing_code() -> str:
 
 # -- saving ----------------------------------------------------------------------------------------
 
-def _packed_entries(name: str, packed, tensors: dict, seen: dict) -> dict:
+def _packed_entries(name: str, packed, tensors: dict, seen: dict, dtype: torch.dtype) -> dict:
     """The description of one packed weight; its tensors go into ``tensors`` (once, if shared)."""
     if id(packed) in seen:
         return {"kind": "same", "as": seen[id(packed)]}
     seen[id(packed)] = name
     if isinstance(packed, Int8Weight):
         tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = packed.qweight, packed.scales
-        return {"kind": "int8"}
+        return {"kind": "int8", "layout": packed.layout, "shape": list(packed.shape)}
     if isinstance(packed, Int4Weight):
-        tensors[f"{name}.packed"], tensors[f"{name}.scales_and_zeros"] = packed.packed, packed.scales_and_zeros
-        return {"kind": "int4", "group_size": packed.group_size, "cols": packed.shape[1]}
+        tensors[f"{name}.packed"] = packed.packed
+        if packed.layout == "q4t16":
+            tensors[f"{name}.qscale"], tensors[f"{name}.qoffset"] = packed.qscale, packed.qoffset
+        else:
+            tensors[f"{name}.scales_and_zeros"] = packed.scales_and_zeros
+        return {"kind": "int4", "group_size": packed.group_size, "cols": packed.shape[1], "layout": packed.layout,
+                "rows": packed.shape[0]}
+    if isinstance(packed, Q5Weight):
+        tensors[f"{name}.packed"] = packed.packed
+        return {"kind": "q5", "shape": list(packed.shape), "dtype": str(dtype).removeprefix("torch.")}
     if isinstance(packed, GGUFRows):
         tensors[f"{name}.raw"] = packed.tensor.raw
         return {"kind": "gguf_rows", "qtype": int(packed.tensor.qtype), "shape": list(packed.tensor.shape)}
@@ -95,7 +104,7 @@ def save_prepared(model: nn.Module, path: Path) -> None:
     seen: dict[int, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, (LinearBase, VocabParallelEmbedding)) and module.packed is not None:
-            packed[name] = _packed_entries(f"packed.{name}", module.packed, tensors, seen)
+            packed[name] = _packed_entries(f"packed.{name}", module.packed, tensors, seen, module.weight.dtype)
     shared: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if param.numel() and id(param) not in shared:
@@ -144,11 +153,18 @@ def _packed_weight(name: str, entry: dict, tensors: dict, built: dict):
     kind = entry["kind"]
     if kind == "same":
         return built[entry["as"]]
-    if kind == "int8":
-        return Int8Weight(tensors[f"{name}.qweight"], tensors[f"{name}.scales"])
+    if kind == "int8":  # in the layout this process runs (the native kernels may be off now)
+        saved = Int8Weight(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], entry.get("layout", "rows"),
+                           entry.get("shape"))
+        return saved.in_layout("t16" if native.available() else "rows")
     if kind == "int4":
-        return Int4Weight(tensors[f"{name}.packed"], tensors[f"{name}.scales_and_zeros"],
-                          entry["group_size"], entry["cols"])
+        saved = Int4Weight(tensors[f"{name}.packed"], tensors.get(f"{name}.scales_and_zeros"), entry["group_size"],
+                           entry["cols"], entry.get("layout", "aten"), tensors.get(f"{name}.qscale"),
+                           tensors.get(f"{name}.qoffset"), entry.get("rows"))
+        return saved.in_layout(int4_layout(saved.group_size, saved.shape[1]))
+    if kind == "q5":  # without the native kernels now: requantised to int8, as pack() would
+        saved = Q5Weight(tensors[f"{name}.packed"], tuple(entry["shape"]))
+        return saved if native.available() else saved.to_int8(getattr(torch, entry["dtype"]))
     if kind == "gguf_rows":
         from gguf import GGMLQuantizationType
 

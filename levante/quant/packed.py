@@ -15,7 +15,8 @@ How a GGUF weight is kept (``pack``, mode ``"auto"``):
   In float32 the packed weight dequantises bit for bit to what ``dequantize`` gives (the
   tests check real files); the kernel takes scale and zero in the activations' dtype, so
   under bfloat16 they are rounded to bfloat16 (relative error up to 2^-9 per group).
-* Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K -> ``Int8Weight``, requantised per row from
+* Q5_0 -> ``Q5Weight`` (exact) where the native kernels run (quant/native.py).
+* Q5_0 (elsewhere), Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K -> ``Int8Weight``, requantised per row from
   the dequantised values (the int8 step is the row's max / 127; see tests/test_quant.py
   for the measured error).
 * F32, F16, BF16 -> dense, in the model's dtype.
@@ -26,6 +27,7 @@ of a dense checkpoint, mistral.rs's ``--isq``).
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
 from levante.errors import ModelLoadError
+from levante.quant import native
 from levante.quant.gguf_blocks import INT4_AFFINE_TYPES, GGUFTensor, int4_affine
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
@@ -57,7 +60,7 @@ def resolve_mode(requested: str | None, checkpoint_format: str) -> str | None:
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 # Bytes of dequantised weight rows per step of a dense matmul: a step's rows are still in
@@ -84,16 +87,40 @@ def _dense_matmul(rows: torch.Tensor, shape: tuple[int, int], weight_rows) -> to
 
 
 class Int8Weight:
-    """``weight ~= qweight * scales[:, None]``, qweight int8 ``[out, in]``."""
+    """``weight ~= codes * scales[:, None]``, codes int8 ``[out, in]``.
+
+    ``qweight`` holds the codes in one of two layouts: ``"rows"``, the plain ``[out, in]``
+    int8 matrix that ``aten._weight_int8pack_mm`` reads, or ``"t16"``, tiles of 16 rows for
+    the native W8A8 kernel (quant/native.py, kernels.c: ~2x faster for one row of x, more
+    for several). ``pack``/``quantize_int8`` give "t16" wherever the native kernels load.
+    """
 
     # From this many rows of x on, dequantising (one int8 -> bf16 pass) and a dense matmul
     # beat the kernel (measured crossover ~10 rows on this project's layer shapes, one core,
     # dequantising a cache-sized step at a time).
     dense_from_rows = 12
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
-        self.qweight, self.scales = qweight, scales
-        self.shape = tuple(qweight.shape)
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, layout: str = "rows",
+                 shape: tuple[int, int] | None = None):
+        self.qweight, self.scales, self.layout = qweight, scales, layout
+        self.shape = tuple(shape) if shape is not None else tuple(qweight.shape)
+        if layout == "t16":
+            self._scales32 = scales.float().contiguous()
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, layout: str | None = None) -> Int8Weight:
+        """From int8 codes ``[out, in]``, in ``layout`` (default: "t16" where native kernels run)."""
+        if (layout or ("t16" if native.available() else "rows")) == "t16":
+            return cls(native.pack_int8(codes), scales, "t16", tuple(codes.shape))
+        return cls(codes, scales)
+
+    def in_layout(self, layout: str) -> Int8Weight:
+        """This weight with its codes in ``layout`` (itself if they already are)."""
+        return self if layout == self.layout else Int8Weight.from_codes(self.codes(), self.scales, layout)
+
+    def codes(self) -> torch.Tensor:
+        """The int8 codes ``[out, in]``, row-major."""
+        return self.qweight if self.layout == "rows" else native.unpack_int8(self.qweight, self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -102,22 +129,41 @@ class Int8Weight:
     def _scales(self, dtype: torch.dtype) -> torch.Tensor:
         return self.scales if self.scales.dtype == dtype else self.scales.to(dtype)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def _weight_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.layout == "t16":
+            return native.unpack_int8_rows(self.qweight, self.shape, start, end, dtype)
+        return self.qweight[start:end].to(dtype)
+
+    def matmul(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """``x @ weight.T`` in x's dtype; with ``float_out``, in float32, and the native kernel
+        then takes x to ~15 bits for any number of rows (a head: its logits pick the tokens)."""
         rows = _flatten(x)
         if rows.shape[0] >= self.dense_from_rows:
-            weight_rows = lambda start, end, dtype: self.qweight[start:end].to(dtype)  # noqa: E731
-            out = _dense_matmul(rows, self.shape, weight_rows).mul_(self._scales(x.dtype))
+            out = _dense_matmul(rows, self.shape, self._weight_rows).mul_(self._scales(x.dtype))
+        elif self.layout == "t16":
+            out = native.int8_matmul(self.qweight, self._scales32, self.shape, rows,
+                                     torch.float32 if float_out else None, precise=True if float_out else None)
+            if out.dtype != x.dtype and not float_out:
+                out = out.to(x.dtype)
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self._scales(x.dtype))
-        return out.view(*x.shape[:-1], self.shape[0])
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.shape[0])
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.qweight.to(dtype) * self._scales(dtype).unsqueeze(1)
+        return self._weight_rows(0, self.shape[0], dtype) * self._scales(dtype).unsqueeze(1)
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = index.reshape(-1)
-        values = self.qweight.index_select(0, flat).to(dtype) * self._scales(dtype).index_select(0, flat).unsqueeze(1)
+        if self.layout == "t16":
+            codes = native.int8_rows(self.qweight, self.shape, flat)
+        else:
+            codes = self.qweight.index_select(0, flat)
+        values = codes.to(dtype) * self._scales(dtype).index_select(0, flat).unsqueeze(1)
         return values.view(*index.shape, self.shape[1])
+
+
+# Rows of x below which every packed weight's matmul takes its kernel (not the dense path).
+NATIVE_KERNEL_ROWS = Int8Weight.dense_from_rows
 
 
 def _int8_codes(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +187,7 @@ def _int8_from_chunks(chunks: Iterator[torch.Tensor], shape, dtype: torch.dtype)
         end = start + chunk.shape[0]
         qweight[start:end], scales[start:end] = _int8_codes(chunk, dtype)
         start = end
-    return Int8Weight(qweight, scales)
+    return Int8Weight.from_codes(qweight, scales)
 
 
 # -- int4 ------------------------------------------------------------------------------------
@@ -226,9 +272,20 @@ def int4_fits(shape: Sequence[int], group_size: int = 32) -> bool:
     return int4_supported() and group_size in INT4_GROUP_SIZES and rows % 16 == 0 and cols % group_size == 0
 
 
+def int4_layout(group_size: int, cols: int) -> str:
+    """The layout 4-bit weights take here: the native kernel's where it runs (groups of 32)."""
+    return "q4t16" if group_size == native.BLOCK and cols % native.BLOCK == 0 and native.available() else "aten"
+
+
 class Int4Weight:
-    """4-bit codes packed for ``_weight_int4pack_mm_for_cpu``; ``scales_and_zeros`` is
-    ``[cols // group_size, rows, 2]`` in the compute dtype."""
+    """4-bit codes q in 0..15 in groups of ``group_size`` columns, value = scale * q + offset.
+
+    Two layouts: ``"aten"``, packed for ``_weight_int4pack_mm_for_cpu`` with
+    ``scales_and_zeros`` ``[cols // group_size, rows, 2]`` in the compute dtype (value =
+    (q - 8) * scale + zero); ``"q4t16"``, tiles of 16 rows for the native kernel
+    (quant/native.py, kernels.c; groups of 32 only) with ``qscale``/``qoffset`` in float16
+    (float32 when the compute dtype is float32, so that GGUF blocks stay exact).
+    """
 
     # Dequantising 4-bit groups costs ~6x an int8 conversion (9 ms for 9728 x 896 on one
     # core), and the kernel, a real GEMM, grows slowly with rows: it stays ahead up to ~85
@@ -236,29 +293,38 @@ class Int4Weight:
     dense_from_rows = 80
     _dequantize_rows = 256  # rows per step of `dequantize`: float32 temporaries stay in cache
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, cols: int):
-        self.packed, self.scales_and_zeros, self.group_size = packed, scales_and_zeros, group_size
-        self.shape = (packed.shape[0], cols)
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor | None, group_size: int, cols: int,
+                 layout: str = "aten", qscale: torch.Tensor | None = None, qoffset: torch.Tensor | None = None,
+                 rows: int | None = None):
+        self.packed, self.scales_and_zeros, self.group_size, self.layout = packed, scales_and_zeros, group_size, layout
+        self.qscale, self.qoffset = qscale, qoffset
+        self.shape = (rows if rows is not None else packed.shape[0], cols)
 
     @classmethod
     def from_parts(cls, parts: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                   shape: tuple[int, int], dtype: torch.dtype) -> Int4Weight:
-        """From consecutive row blocks ``(codes, scale, zero)``: codes uint8 ``[n, cols]``,
-        scale and zero ``[n, groups]``, value = (q - 8) * scale + zero.
+                   shape: tuple[int, int], dtype: torch.dtype, layout: str | None = None) -> Int4Weight:
+        """From consecutive row blocks ``(codes, scale, offset)``: codes uint8 ``[n, cols]``,
+        scale and offset ``[n, groups]``, value = q * scale + offset.
 
-        Rows are packed as soon as a run of them is a whole number of the layout's 64-row
-        blocks, so a vocabulary-sized weight never exists unpacked in full.
+        In the aten layout rows are packed as soon as a run of them is a whole number of the
+        layout's 64-row blocks, so a vocabulary-sized weight never exists unpacked in full.
         """
+        parts = iter(parts)
+        first = next(parts)
+        group_size = shape[1] // first[1].shape[1]
+        layout = layout or int4_layout(group_size, shape[1])
+        if layout == "q4t16":
+            codes, scale, offset = (torch.cat(column) for column in zip(first, *parts))
+            scale_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+            packed, qscale, qoffset = native.pack_int4(codes, scale, offset, scale_dtype)
+            return cls(packed, None, group_size, shape[1], "q4t16", qscale, qoffset, shape[0])
         rows, cols = shape
         packed = torch.empty(rows, cols // 2, dtype=torch.uint8)
-        scales_and_zeros, group_size = None, None
+        scales_and_zeros = torch.empty(first[1].shape[1], rows, 2, dtype=dtype)
         start, waiting = 0, []
-        for codes, scale, zero in parts:
-            if scales_and_zeros is None:
-                group_size = cols // scale.shape[1]
-                scales_and_zeros = torch.empty(scale.shape[1], rows, 2, dtype=dtype)
+        for codes, scale, offset in itertools.chain([first], parts):
             end = start + codes.shape[0]
-            scales_and_zeros[:, start:end] = torch.stack([scale.t(), zero.t()], dim=-1)
+            scales_and_zeros[:, start:end] = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1)
             waiting.append(codes)
             start = end
             if start % _BLOCK_N == 0 or start == rows:
@@ -267,9 +333,24 @@ class Int4Weight:
                 waiting = []
         return cls(packed, scales_and_zeros, group_size, cols)
 
+    def in_layout(self, layout: str) -> Int4Weight:
+        """This weight in ``layout`` (itself if it already is; scales and offsets round to the
+        new layout's dtypes)."""
+        if layout == self.layout:
+            return self
+        rows, cols = self.shape
+        if self.layout == "q4t16":
+            codes, scale, offset = native.unpack_int4(self.packed, self.qscale, self.qoffset, 0, rows)
+            dtype = torch.float32 if self.qscale.dtype == torch.float32 else torch.bfloat16
+        else:
+            codes, (scale, zero) = unpack_int4(self.packed, cols), self.scales_and_zeros.float().unbind(-1)
+            scale, offset, dtype = scale.t(), (zero - 8 * scale).t(), self.scales_and_zeros.dtype
+        return Int4Weight.from_parts([(codes, scale.float(), offset.float())], self.shape, dtype, layout)
+
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_and_zeros.nbytes
+        extra = self.scales_and_zeros if self.layout == "aten" else (self.qscale, self.qoffset)
+        return self.packed.nbytes + sum(t.nbytes for t in (extra if isinstance(extra, tuple) else (extra,)))
 
     def _scales_and_zeros(self, dtype: torch.dtype) -> torch.Tensor:
         sz = self.scales_and_zeros
@@ -279,10 +360,14 @@ class Int4Weight:
         rows = _flatten(x)
         if rows.shape[0] >= self.dense_from_rows:
             out = _dense_matmul(rows, self.shape, self._dequantize_range)
+        elif self.layout == "q4t16":
+            out = native.int4_matmul(self.packed, self.qscale, self.qoffset, self.shape, rows)
+            if out.dtype != x.dtype:
+                out = out.to(x.dtype)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.contiguous(), self.packed, self.group_size, self._scales_and_zeros(x.dtype))
-        return out.view(*x.shape[:-1], self.shape[0])
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.shape[0])
 
     def _affine(self, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
         """float32 (q - 8) * scale + zero for codes ``[n, cols]`` and their ``[groups, n, 2]``
@@ -293,14 +378,27 @@ class Int4Weight:
         values.view(codes.shape[0], -1, self.group_size).mul_(scale).add_(zero - 8 * scale)
         return values
 
+    def _native_affine(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """float32 scale * q + offset for codes ``[n, cols]`` and their ``[n, groups]``."""
+        values = codes.float()
+        values.view(codes.shape[0], -1, self.group_size).mul_(scale.float().unsqueeze(2)).add_(
+            offset.float().unsqueeze(2))
+        return values
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self._dequantize_range(0, self.shape[0], dtype)
 
     def _dequantize_range(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``first:last``; ``first`` a multiple of 64, ``last`` one too or the last row."""
         rows, cols = self.shape
-        full = rows // _BLOCK_N * _BLOCK_N
         out = torch.empty(last - first, cols, dtype=dtype)
+        if self.layout == "q4t16":
+            for start in range(first, last, self._dequantize_rows):
+                end = min(start + self._dequantize_rows, last)
+                parts = native.unpack_int4(self.packed, self.qscale, self.qoffset, start, end)
+                out[start - first:end - first] = self._native_affine(*parts)
+            return out
+        full = rows // _BLOCK_N * _BLOCK_N
         for start in range(first, min(last, full), self._dequantize_rows):
             end = min(start + self._dequantize_rows, last, full)
             codes = _blocks_as_float(self.packed[start:end], cols)
@@ -311,8 +409,11 @@ class Int4Weight:
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = index.reshape(-1)
-        codes = _unpack_rows(self.packed, self.shape[1], flat)
-        values = self._affine(codes, self.scales_and_zeros.index_select(1, flat))
+        if self.layout == "q4t16":
+            values = self._native_affine(*native.int4_rows(self.packed, self.qscale, self.qoffset, self.shape, flat))
+        else:
+            codes = _unpack_rows(self.packed, self.shape[1], flat)
+            values = self._affine(codes, self.scales_and_zeros.index_select(1, flat))
         return values.to(dtype).view(*index.shape, self.shape[1])
 
 
@@ -353,7 +454,7 @@ def _int4_codes(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
         best = _keep_better(best, scale, lo, *_round_groups(groups, scale, lo))
     scale, lo, codes, _ = best
     scale, lo = scale.squeeze(-1), lo.squeeze(-1)
-    return codes.to(torch.uint8).reshape(w.shape), scale, lo + 8 * scale
+    return codes.to(torch.uint8).reshape(w.shape), scale, lo
 
 
 def _keep_better(best, scale, low, codes, error):
@@ -375,7 +476,57 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32, dtype: torch.dtype | No
 
 # -- from checkpoint shards ------------------------------------------------------------------
 
-PackedWeight = Int8Weight | Int4Weight
+class Q5Weight:
+    """A GGUF Q5_0 matrix kept exactly as stored (value = d * (q - 16), 5-bit q, float16 d
+    per block of 32), in the native kernel's layout q5t16 (quant/native.py, kernels.c):
+    5.5 bits a value, against 8 for the int8 it would otherwise be requantised to. Only
+    where the native kernels run."""
+
+    dense_from_rows = Int8Weight.dense_from_rows  # the dequantisation is as cheap as int8's
+
+    def __init__(self, packed: torch.Tensor, shape: tuple[int, int]):
+        self.packed, self.shape = packed, tuple(shape)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, d: torch.Tensor) -> Q5Weight:
+        return cls(native.pack_q5(codes, d), tuple(codes.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _flatten(x)
+        if rows.shape[0] >= self.dense_from_rows:
+            out = _dense_matmul(rows, self.shape, self._weight_rows)
+        else:
+            out = native.q5_matmul(self.packed, self.shape, rows)
+            if out.dtype != x.dtype:
+                out = out.to(x.dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.shape[0])
+
+    def _weight_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        return native.q5_values(self.packed, self.shape, start, end, dtype)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._weight_rows(0, self.shape[0], dtype)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = index.reshape(-1)
+        tiles = flat // native.TILE
+        codes, d = native.unpack_q5(self.packed[tiles], (len(flat) * native.TILE, self.shape[1]))
+        pick = torch.arange(len(flat)) * native.TILE + flat % native.TILE
+        values = (codes[pick].float() - 16).view(len(flat), -1, 32) * d[pick].float().unsqueeze(2)
+        return values.to(dtype).view(*index.shape, self.shape[1])
+
+    def to_int8(self, dtype: torch.dtype) -> Int8Weight:
+        """The int8 weight ``pack`` makes of the same Q5_0 tensor without native kernels."""
+        codes, d = native.unpack_q5(self.packed, self.shape)
+        values = (codes.float() - 16).view(self.shape[0], -1, 32) * d.float().unsqueeze(2)
+        return _int8_from_chunks(_dense_chunks(values.view(self.shape)), self.shape, dtype)
+
+
+PackedWeight = Int8Weight | Int4Weight | Q5Weight
 
 
 def _dense_chunks(w: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -395,6 +546,8 @@ def _float_chunks(shard: Shard) -> Iterator[torch.Tensor]:
 def _auto_form(shard: Shard) -> str:
     if not isinstance(shard, GGUFTensor) or shard.qtype in _FLOAT_TYPES:
         return "dense"
+    if shard.qtype == T.Q5_0 and native.available():
+        return "q5"
     return "int4" if shard.qtype in INT4_AFFINE_TYPES else "int8"
 
 
@@ -402,7 +555,9 @@ def _form(shards: Sequence[Shard], mode: str, shape: tuple[int, int]) -> str:
     """One form for all shards of a fused weight: the most precise any of them needs."""
     if mode == "auto":
         forms = {_auto_form(shard) for shard in shards}
-        form = "dense" if "dense" in forms else "int8" if "int8" in forms else "int4"
+        if forms == {"q5"}:
+            return "q5"
+        form = "dense" if "dense" in forms else "int8" if forms & {"int8", "q5"} else "int4"
     else:
         form = mode
     return "int8" if form == "int4" and not int4_fits(shape) else form
@@ -413,7 +568,7 @@ def _int4_parts(shard: Shard) -> Iterator[tuple[torch.Tensor, torch.Tensor, torc
         for start in range(0, shard.shape[0], _CHUNK_ROWS):
             piece = shard.row_slice(start, min(_CHUNK_ROWS, shard.shape[0] - start))
             codes, scale, offset = int4_affine(piece.raw, piece.qtype, piece.shape)
-            yield codes, scale, offset + 8 * scale
+            yield codes, scale, offset
         return
     for chunk in _float_chunks(shard):
         yield _int4_codes(chunk, 32)
@@ -430,6 +585,9 @@ def pack(shards: Sequence[Shard], mode: str, dtype: torch.dtype) -> PackedWeight
         return torch.cat([_dense(shard, dtype) for shard in shards])
     if form == "int4":
         return Int4Weight.from_parts((part for shard in shards for part in _int4_parts(shard)), shape, dtype)
+    if form == "q5":
+        raw = torch.cat([shard.raw.reshape(shard.shape[0], -1) for shard in shards])
+        return Q5Weight(native.pack_q5_gguf(raw, shape), shape)
     chunks = (chunk for shard in shards for chunk in _float_chunks(shard))
     return _int8_from_chunks(chunks, shape, dtype)
 
