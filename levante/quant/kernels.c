@@ -272,32 +272,39 @@ static inline void store_tile(const Weight *wt, const Act *a, int64_t tile, int 
     }
 }
 
-#define W8_RUN(T, M)                                                              \
+/* One range of tiles for M rows of x: T tiles at a time (the activations stay in registers across
+ * them), then one at a time; CALL(tile, T, M, acc) runs a kind's tile kernel. */
+#define TILE_RUN(CALL, T, M)                                                      \
     case M: {                                                                      \
         __m512 acc[T][MAX_M];                                                      \
         for (; t + T <= t1; t += T) {                                              \
-            w8_tiles(wt->w + t * wt->tstride, wt->tstride, a, T, M, acc);          \
+            CALL(t, T, M, acc);                                                    \
             for (int i = 0; i < T; i++) store_tile(wt, a, t + i, M, acc[i]);       \
         }                                                                          \
         for (; t < t1; t++) {                                                      \
-            w8_tiles(wt->w + t * wt->tstride, wt->tstride, a, 1, M, acc);          \
+            CALL(t, 1, M, acc);                                                    \
             store_tile(wt, a, t, M, acc[0]);                                       \
         }                                                                          \
         break;                                                                     \
     }
 
-static void w8_range(const Weight *wt, const Act *a, int64_t t, int64_t t1) {
-    switch (a->M) {
-        W8_RUN(4, 1)
-        W8_RUN(4, 2)
-        W8_RUN(2, 3)
-        W8_RUN(2, 4)
-        W8_RUN(1, 5)
-        W8_RUN(1, 6)
-        W8_RUN(1, 7)
-        W8_RUN(1, 8)
+/* NAME(wt, a, t, t1): tiles t .. t1-1; T2 tiles at a time for two rows of x. */
+#define TILE_RANGE(NAME, CALL, T2)                                                 \
+    static void NAME(const Weight *wt, const Act *a, int64_t t, int64_t t1) {     \
+        switch (a->M) {                                                            \
+            TILE_RUN(CALL, 4, 1)                                                   \
+            TILE_RUN(CALL, T2, 2)                                                  \
+            TILE_RUN(CALL, 2, 3)                                                   \
+            TILE_RUN(CALL, 2, 4)                                                   \
+            TILE_RUN(CALL, 1, 5)                                                   \
+            TILE_RUN(CALL, 1, 6)                                                   \
+            TILE_RUN(CALL, 1, 7)                                                   \
+            TILE_RUN(CALL, 1, 8)                                                   \
+        }                                                                          \
     }
-}
+
+#define W8_CALL(tile, T, M, acc) w8_tiles(wt->w + (tile) * wt->tstride, wt->tstride, a, T, M, acc)
+TILE_RANGE(w8_range, W8_CALL, 4)
 
 /* 4-bit: per group of 32 columns (one activation block), T tiles x M rows of x. */
 static inline __attribute__((always_inline)) void q4_tiles(const Weight *wt, int64_t tile, const Act *a,
@@ -353,32 +360,8 @@ static inline __attribute__((always_inline)) void q4_tiles(const Weight *wt, int
     }
 }
 
-#define Q4_RUN(T, M)                                                              \
-    case M: {                                                                      \
-        __m512 acc[T][MAX_M];                                                      \
-        for (; t + T <= t1; t += T) {                                              \
-            q4_tiles(wt, t, a, T, M, acc);                                         \
-            for (int i = 0; i < T; i++) store_tile(wt, a, t + i, M, acc[i]);       \
-        }                                                                          \
-        for (; t < t1; t++) {                                                      \
-            q4_tiles(wt, t, a, 1, M, acc);                                         \
-            store_tile(wt, a, t, M, acc[0]);                                       \
-        }                                                                          \
-        break;                                                                     \
-    }
-
-static void q4_range(const Weight *wt, const Act *a, int64_t t, int64_t t1) {
-    switch (a->M) {
-        Q4_RUN(4, 1)
-        Q4_RUN(2, 2)
-        Q4_RUN(2, 3)
-        Q4_RUN(2, 4)
-        Q4_RUN(1, 5)
-        Q4_RUN(1, 6)
-        Q4_RUN(1, 7)
-        Q4_RUN(1, 8)
-    }
-}
+#define Q4_CALL(tile, T, M, acc) q4_tiles(wt, tile, a, T, M, acc)
+TILE_RANGE(q4_range, Q4_CALL, 2)
 
 
 /* 5-bit (Q5_0: value = d * (q - 16), q in 0..31, d float16 per row and block of 32): per
@@ -437,32 +420,8 @@ static inline __attribute__((always_inline)) void q5_tiles(const Weight *wt, int
     }
 }
 
-#define Q5_RUN(T, M)                                                              \
-    case M: {                                                                      \
-        __m512 acc[T][MAX_M];                                                      \
-        for (; t + T <= t1; t += T) {                                              \
-            q5_tiles(wt, t, a, T, M, acc);                                         \
-            for (int i = 0; i < T; i++) store_tile(wt, a, t + i, M, acc[i]);       \
-        }                                                                          \
-        for (; t < t1; t++) {                                                      \
-            q5_tiles(wt, t, a, 1, M, acc);                                         \
-            store_tile(wt, a, t, M, acc[0]);                                       \
-        }                                                                          \
-        break;                                                                     \
-    }
-
-static void q5_range(const Weight *wt, const Act *a, int64_t t, int64_t t1) {
-    switch (a->M) {
-        Q5_RUN(4, 1)
-        Q5_RUN(2, 2)
-        Q5_RUN(2, 3)
-        Q5_RUN(2, 4)
-        Q5_RUN(1, 5)
-        Q5_RUN(1, 6)
-        Q5_RUN(1, 7)
-        Q5_RUN(1, 8)
-    }
-}
+#define Q5_CALL(tile, T, M, acc) q5_tiles(wt, tile, a, T, M, acc)
+TILE_RANGE(q5_range, Q5_CALL, 2)
 
 enum { W8 = 0, Q4 = 1, Q5 = 2 };
 typedef struct { const Weight *wt; const Act *a; int kind; int64_t tiles, chunk; } Task;
