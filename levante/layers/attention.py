@@ -40,7 +40,7 @@ class AttentionMetadata:
     # [batch, max_q] the last key each query may see when it is past the causal limit (tokens of one
     # image attending both ways, Gemma 3); None: the query's own position.
     key_limits: torch.Tensor | None = None
-    # Paged attention (layers/paged_attention.py, /work/notes/gpu_interface.md): set by the runner on
+    # Paged attention (the interface in layers/paged_attention.py): set by the runner on
     # CUDA (or under LEVANTE_PAGED_ATTENTION=1); then the SDPA fields above may be None until a layer
     # that needs them calls `sdpa()`, which builds them once.
     block_tables: torch.Tensor | None = None  # [batch, width] int32

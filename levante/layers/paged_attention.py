@@ -1,11 +1,27 @@
 """Paged attention: packed queries attend to each sequence's context through its block table.
 
-The interface is fixed (/work/notes/gpu_interface.md): `paged_attention_triton` in
-`levante.layers.triton_attention` is the fast CUDA kernel; `paged_attention_torch` here is
-plain PyTorch with the same signature and semantics, the reference for tests and the
-fallback where Triton is missing. It has no host synchronisation either (the shapes depend
-only on python ints and tensor sizes), but it gathers the whole `[B, W * block_size]`
-context, so it is for small batches, tests and CPU.
+The interface, shared by `paged_attention_triton` (levante.layers.triton_attention, the CUDA
+kernel) and `paged_attention_torch` here (plain PyTorch: the reference for tests and the fallback
+where Triton is missing):
+
+    paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *,
+                    block_size, scale, max_q, sliding_window=None, out=None) -> [T, H, D]
+
+    q             [T, H, D]     the step's queries, sequence after sequence
+    k/v_cache     [S, KVH, D]   a layer's cache; slot = block * block_size + offset (q's dtype)
+    block_tables  [B, W] int32  each sequence's block ids (entries past its blocks are never read)
+    cu_seqlens_q  [B + 1] int32 sequence b owns query rows cu[b] .. cu[b+1]-1 (possibly none)
+    seq_lens      [B] int32     context length after this step (the new keys are already written)
+    max_q         python int    the longest query run of the step (sizes the grid)
+
+Query row i of sequence b sits at position p = seq_lens[b] - q_len_b + i and attends keys j <= p
+(and p - j < sliding_window when set); query head h reads KV head h // (H // KVH). Rows that see
+no key come out as zeros, never NaN. No host synchronisation (CUDA-graph capturable); softmax in
+float32, output in q's dtype. Not covered (the SDPA path of layers/attention.py keeps these):
+attention without a cache, non-causal attention, image spans attending both ways (key_limits).
+
+The torch version gathers the whole `[B, W * block_size]` context, so it is for small batches,
+tests and CPU.
 """
 from __future__ import annotations
 

@@ -71,7 +71,8 @@ def _tiles(max_q: int, group: int, d_pad: int, fp32: bool = False) -> tuple[int,
 def paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *,
                            block_size: int, scale: float, max_q: int,
                            sliding_window: int | None = None, out=None) -> torch.Tensor:
-    """Causal attention of packed queries `q` [T, H, D] over the paged cache; see gpu_interface.md.
+    """Causal attention of packed queries `q` [T, H, D] over the paged cache; the interface is in
+    layers/paged_attention.py.
 
     Query row i of sequence b (rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1) sits at position
     seq_lens[b] - q_len_b + i and sees keys j <= its position (and within the sliding window).

@@ -211,18 +211,30 @@ typedef struct {
     float corr[MAX_M];      /* 128 * sum_b d_b s_b per row of x */
 } Act;
 
+/* Zero the float accumulators of T tiles x M rows (the tile kernels' start). */
+static inline __attribute__((always_inline)) void zero_acc(__m512 acc[][MAX_M], const int T, const int M) {
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) acc[t][m] = _mm512_setzero_ps();
+}
+
+/* Zero the integer (one activation block's) accumulators of T tiles x M rows. */
+static inline __attribute__((always_inline)) void zero_iacc(__m512i iacc[][MAX_M], const int T, const int M) {
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) iacc[t][m] = _mm512_setzero_si512();
+}
+
 /* T tiles (16 rows each) x M rows of x, int8 weights: per tile and row of x the 16 dot
  * products sum_b d_b * (sum over the block of (w + 128) * xq), before the correction. */
 static inline __attribute__((always_inline)) void w8_tiles(const uint8_t *w, int64_t tstride, const Act *a,
                                                            const int T, const int M, __m512 acc[][MAX_M]) {
-    for (int t = 0; t < T; t++)
-        for (int m = 0; m < M; m++) acc[t][m] = _mm512_setzero_ps();
+    zero_acc(acc, T, M);
     for (int64_t b = 0; b < a->nb; b++) {
         __m512i iacc[4][MAX_M];
-#pragma GCC unroll 4
-        for (int t = 0; t < T; t++)
-#pragma GCC unroll 8
-            for (int m = 0; m < M; m++) iacc[t][m] = _mm512_setzero_si512();
+        zero_iacc(iacc, T, M);
         const uint8_t *wb = w + b * 512;
         const int8_t *xb = a->xq + b * QB;
 #pragma GCC unroll 8
@@ -310,15 +322,11 @@ TILE_RANGE(w8_range, W8_CALL, 4)
 static inline __attribute__((always_inline)) void q4_tiles(const Weight *wt, int64_t tile, const Act *a,
                                                            const int T, const int M, __m512 acc[][MAX_M]) {
     const __m512i low = _mm512_set1_epi8(0x0F);
-    for (int t = 0; t < T; t++)
-        for (int m = 0; m < M; m++) acc[t][m] = _mm512_setzero_ps();
+    zero_acc(acc, T, M);
     const int64_t nb = a->nb;
     for (int64_t b = 0; b < nb; b++) {
         __m512i iacc[4][MAX_M];
-#pragma GCC unroll 4
-        for (int t = 0; t < T; t++)
-#pragma GCC unroll 8
-            for (int m = 0; m < M; m++) iacc[t][m] = _mm512_setzero_si512();
+        zero_iacc(iacc, T, M);
         const int8_t *xb = a->xq + b * QB;
 #pragma GCC unroll 4
         for (int g = 0; g < 4; g++) {
@@ -373,15 +381,11 @@ TILE_RANGE(q4_range, Q4_CALL, 2)
 static inline __attribute__((always_inline)) void q5_tiles(const Weight *wt, int64_t tile, const Act *a,
                                                            const int T, const int M, __m512 acc[][MAX_M]) {
     const __m512i low = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
-    for (int t = 0; t < T; t++)
-        for (int m = 0; m < M; m++) acc[t][m] = _mm512_setzero_ps();
+    zero_acc(acc, T, M);
     const int64_t nb = a->nb;
     for (int64_t b = 0; b < nb; b++) {
         __m512i iacc[4][MAX_M];
-#pragma GCC unroll 4
-        for (int t = 0; t < T; t++)
-#pragma GCC unroll 8
-            for (int m = 0; m < M; m++) iacc[t][m] = _mm512_setzero_si512();
+        zero_iacc(iacc, T, M);
         const int8_t *xb = a->xq + b * QB;
 #pragma GCC unroll 4
         for (int g = 0; g < 4; g++) {
