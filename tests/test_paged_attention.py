@@ -190,8 +190,7 @@ def test_padded_decode_path_matches_normal_decode(tiny_model, monkeypatch):
     prompts = _ragged_prompts(5, seed=4)
     max_tokens = [20, 7, 30, 12, 25]
     _, want = _run(folder, prompts, max_tokens, max_num_seqs=8)
-    monkeypatch.setenv(PADDED_DECODE_ENV, "1")
-    llm = LLM(folder, dtype="float32", block_size=4, max_model_len=128, max_num_seqs=8)
+    llm = _padded_llm(folder, monkeypatch)
     graphs = llm.engine.runner.decode_graphs
     assert graphs is not None and graphs.sizes == [1, 2, 4, 8] and not graphs.graphs
     sizes_used = []
@@ -202,6 +201,12 @@ def test_padded_decode_path_matches_normal_decode(tiny_model, monkeypatch):
     assert 8 in sizes_used and 1 in sizes_used
     # Padding rows write the spare slot past every block.
     assert llm.engine.runner.scratch_slot == llm.engine.runner.kv_cache[0][0].size(0) - 1
+
+
+def _padded_llm(folder, monkeypatch) -> LLM:
+    """The tiny model with the padded static-buffer decode path (eager on CPU), batches up to 8."""
+    monkeypatch.setenv(PADDED_DECODE_ENV, "1")
+    return LLM(folder, dtype="float32", block_size=4, max_model_len=128, max_num_seqs=8)
 
 
 def _stand_in_graphs(monkeypatch, graphs, broken=False):
@@ -228,8 +233,7 @@ def test_capture_bookkeeping_with_a_stand_in_for_cuda_graphs(tiny_model, monkeyp
     prompts = _ragged_prompts(5, seed=6)
     max_tokens = [9, 4, 14, 6, 11]
     _, want = _run(folder, prompts, max_tokens, max_num_seqs=8)
-    monkeypatch.setenv(PADDED_DECODE_ENV, "1")
-    llm = LLM(folder, dtype="float32", block_size=4, max_model_len=128, max_num_seqs=8)
+    llm = _padded_llm(folder, monkeypatch)
     graphs = llm.engine.runner.decode_graphs
     _stand_in_graphs(monkeypatch, graphs)
     graphs.capture()
@@ -240,8 +244,7 @@ def test_capture_bookkeeping_with_a_stand_in_for_cuda_graphs(tiny_model, monkeyp
 
 def test_a_replay_that_differs_from_eager_turns_graphs_off(tiny_model, monkeypatch):
     folder = str(tiny_model("qwen3"))
-    monkeypatch.setenv(PADDED_DECODE_ENV, "1")
-    llm = LLM(folder, dtype="float32", block_size=4, max_model_len=128, max_num_seqs=8)
+    llm = _padded_llm(folder, monkeypatch)
     graphs = llm.engine.runner.decode_graphs
     _stand_in_graphs(monkeypatch, graphs, broken=True)
     with pytest.raises(RuntimeError, match="differs from the eager forward"):
