@@ -14,7 +14,7 @@ from levante.engine.embedder import EmbeddingInput, Embedder
 from levante.engine.engine import Engine
 from levante.engine.outputs import RequestOutput
 from levante.engine.sampling_params import SamplingParams
-from levante.errors import InvalidRequest
+from levante.errors import InvalidRequest, RequestFailed
 from levante.loader.auto import is_embedding_model
 from levante.loader.chat_template import ChatTemplate
 from levante.multimodal.inputs import MultiModalPrompt
@@ -116,7 +116,10 @@ class LLM:
             for rid in ids:
                 if rid not in finished:
                     self.engine.abort_request(rid)
-        return [finished[rid] for rid in ids]
+        outputs = [finished[rid] for rid in ids]
+        for index, output in enumerate(outputs):
+            _raise_if_failed(output, index)
+        return outputs
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that adds to it; text is cumulative."""
@@ -128,6 +131,7 @@ class LLM:
                 for output in self.engine.step():
                     if output.request_id == rid:
                         done = output.finished
+                        _raise_if_failed(output)
                         yield output
         finally:
             if not done:
@@ -191,6 +195,12 @@ class LLM:
             self.engine.add_request(rid, prompt, params)
             ids.append(rid)
         return ids
+
+
+def _raise_if_failed(output: RequestOutput, index: int | None = None) -> None:
+    if output.error is not None:
+        where = "" if index is None else f" (prompt {index})"
+        raise RequestFailed(f"the engine failed on this request{where}: {output.error}")
 
 
 def _engine_config(options: dict) -> EngineConfig:
