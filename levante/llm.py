@@ -9,7 +9,7 @@ import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 
-from levante.config import CacheConfig, EngineConfig
+from levante.engine.args import EngineArgs
 from levante.engine.embedder import EmbeddingInput, Embedder
 from levante.engine.engine import Engine
 from levante.engine.outputs import RequestOutput
@@ -37,18 +37,23 @@ class LLM:
     CUDA: `enforce_eager` (no CUDA graphs for decode steps), `cuda_graph_max_batch` (default 256).
     """
 
-    def __init__(self, model: str | None = None, *, progress: bool = False, **options):
+    def __init__(self, model: str | None = None, **options):
         from levante.loader.sources import DEFAULT_MODEL
 
+        try:
+            args = EngineArgs(model=model, **options)
+        except TypeError as e:
+            raise TypeError(f"unknown LLM option: {e}") from None
+        self.args = args
         self.model_name = str(model or DEFAULT_MODEL)
         self.engine: Engine | None = None
         self.embedder: Embedder | None = None
         self._ids = itertools.count()
         if is_embedding_model(self.model_name):
-            self.embedder = Embedder.load(self.model_name, _engine_config(options))
+            self.embedder = Embedder.load(self.model_name, args.engine_config())
             self.tokenizer, self.chat_template = self.embedder.tokenizer, None
             return
-        self.engine = Engine(self.model_name, _engine_config(options), progress=progress)
+        self.engine = Engine(self.model_name, args.engine_config(), progress=args.progress)
         self.tokenizer = self.engine.tokenizer
         tok = self.tokenizer
         if tok.chat_template:
@@ -56,6 +61,11 @@ class LLM:
         else:
             vocabulary = {"<start_of_turn>"} if tok.token_to_id("<start_of_turn>") is not None else ()
             self.chat_template = ChatTemplate.fallback(tok.bos_token or "", tok.eos_token or "", vocabulary)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLM:
+        """Load the model `args` names, configured by them (the CLI, the server and the TUI start here)."""
+        return cls(args.model, **args.options())
 
     def close(self) -> None:
         """Release what outlives the object: tensor-parallel worker processes (also done at exit)."""
@@ -201,23 +211,3 @@ def _raise_if_failed(output: RequestOutput, index: int | None = None) -> None:
     if output.error is not None:
         where = "" if index is None else f" (prompt {index})"
         raise RequestFailed(f"the engine failed on this request{where}: {output.error}")
-
-
-def _engine_config(options: dict) -> EngineConfig:
-    cache = CacheConfig()
-    renames = {"block_size": "block_size", "kv_cache_gb": "memory_gb", "num_kv_blocks": "num_blocks",
-               "enable_prefix_caching": "enable_prefix_caching", "gpu_memory_utilization": "gpu_memory_utilization"}
-    config = EngineConfig(cache=cache)
-    for key, value in options.items():
-        if key in renames:
-            setattr(cache, renames[key], value)
-        elif hasattr(config, key) and key != "cache":
-            if key == "dtype" and isinstance(value, str):
-                import torch
-
-                value = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                         "auto": None}[value]
-            setattr(config, key, value)
-        else:
-            raise TypeError(f"unknown LLM option '{key}'")
-    return config

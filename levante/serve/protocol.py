@@ -14,10 +14,11 @@ from levante.engine.sampling_params import SamplingParams
 from levante.errors import InvalidRequest
 
 MAX_N = 16
+INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(Strict):
@@ -26,7 +27,7 @@ class StreamOptions(Strict):
 
 
 class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -72,7 +73,7 @@ class SamplingFields(Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
@@ -80,7 +81,7 @@ class SamplingFields(Strict):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # Extensions (vLLM's names)
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, ge=-1, le=1 << 31)  # -1 or 0: no limit
     min_p: float = Field(default=0.0, ge=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0)
     min_tokens: int = Field(default=0, ge=0)
@@ -91,13 +92,18 @@ class SamplingFields(Strict):
     grammar: Grammar | None = None
 
     @model_validator(mode="after")
-    def _check_stop(self):
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 16:
-            raise ValueError("stop: at most 16 stop sequences")
+    def _check_sampling(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
+        limit = self.output_limit
+        if limit is not None and self.min_tokens > limit:
+            raise ValueError("min_tokens: must not exceed max_tokens")
         return self
+
+    @property
+    def output_limit(self) -> int | None:
+        """The most tokens to generate (max_tokens here; chat also has max_completion_tokens)."""
+        return self.max_tokens
 
     def logit_bias_ids(self, vocab_size: int) -> dict[int, float] | None:
         if not self.logit_bias:
@@ -105,9 +111,11 @@ class SamplingFields(Strict):
         bias = {}
         for key, value in self.logit_bias.items():
             try:
-                token = int(key)
+                token = int(key) if len(key) <= 20 else None
             except ValueError:
-                raise InvalidRequest(f"logit_bias: key '{key}' is not a token id") from None
+                token = None
+            if token is None:
+                raise InvalidRequest(f"logit_bias: key '{key[:40]}' is not a token id")
             if not 0 <= token < vocab_size or not -100 <= value <= 100:
                 raise InvalidRequest(f"logit_bias: token {key} must be in [0, {vocab_size}) "
                                      "with a bias in [-100, 100]")
