@@ -9,6 +9,7 @@ import os
 import sys
 
 from levante.engine.args import EngineArgs
+from levante.serve.limits import RequestLimits
 from levante.errors import LevanteError
 from levante.loader.sources import DEFAULT_MODEL
 
@@ -174,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "--host is loopback, none otherwise")
     _mcp_args(serve)
     serve.add_argument("--mcp-port", type=int, default=None,
-                       help="also serve levante itself as an MCP server (streamable HTTP at /mcp, tool 'chat')")
+                       help="also serve levante itself as an MCP server (streamable HTTP at /mcp, tool 'chat'; "
+                            "it takes the same --api-key)")
+    serve.add_argument("--open-metrics", action="store_true",
+                       help="let /metrics answer without the API key (/health always does)")
+    RequestLimits.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     run = sub.add_parser("run", help="generate once from a prompt, streamed to stdout")

@@ -164,7 +164,8 @@ class Engine:
             multimodal = multimodal if multimodal.images or multimodal.mrope_positions is not None else None
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate_prompt(ids)
+        self.check_prompt(ids)
+        self.check_params(params)
         if multimodal is None and self.processor is not None and self.processor.image_token_id in ids:
             raise InvalidRequest("the prompt has image placeholder tokens but no images")
         params = self._clamp(params, len(ids))
@@ -179,7 +180,15 @@ class Engine:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def _validate_prompt(self, ids: list[int]) -> None:
+    def check_params(self, params: SamplingParams) -> None:
+        """InvalidRequest for token ids the sampler would index the logits with but that lie outside them."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+            if any(not 0 <= token < vocab for token in ids):
+                raise InvalidRequest(f"{name}: token ids must be in [0, {vocab})")
+
+    def check_prompt(self, ids: list[int]) -> None:
+        """InvalidRequest unless `ids` fit the context and the vocabulary (callers may check ahead)."""
         if not ids:
             raise InvalidRequest("the prompt is empty")
         if len(ids) >= self.max_model_len:

@@ -36,6 +36,7 @@ class EngineLoop:
         self.engine = engine
         self.stall_seconds = stall_seconds
         self._adds: dict[str, tuple] = {}  # request id -> (prompt, params, callback), not yet in the engine
+        self._taken: dict[str, tuple] = {}  # the adds this iteration is making
         self._aborts: deque[str] = deque()
         self._callbacks: dict[str, OutputCallback] = {}
         self._wakeup = threading.Condition()
@@ -106,13 +107,16 @@ class EngineLoop:
             if self._stopped:
                 return False
             self._busy_since = time.monotonic()
-            adds, self._adds = self._adds, {}
+            self._taken, self._adds = self._adds, {}
             aborts, self._aborts = self._aborts, deque()
         for request_id in aborts:
             self._callbacks.pop(request_id, None)
             self.engine.abort_request(request_id)
-        for request_id, (prompt, params, callback) in adds.items():
+        while self._taken:
+            request_id = next(iter(self._taken))
+            prompt, params, callback = self._taken[request_id]
             self._add(request_id, prompt, params, callback)
+            del self._taken[request_id]
         if self.engine.has_unfinished_requests():
             self._step()
         return True
@@ -149,7 +153,7 @@ class EngineLoop:
 
     def _fail_everyone(self, error: Exception) -> None:
         with self._wakeup:
-            adds, self._adds = self._adds, {}
+            adds, self._adds = {**self._taken, **self._adds}, {}
         for request_id, callback in list(self._callbacks.items()):
             _deliver(callback, error)
         self._callbacks.clear()

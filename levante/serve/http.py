@@ -68,10 +68,29 @@ async def _send_json(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class BodyLimit:
+    """Starlette's body limit (counted while the body is read), with a body declared too large by its
+    Content-Length refused at once, in OpenAI's JSON."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = RequestBodyLimitMiddleware(app, max_body_size=max_bytes)
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            declared = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                message = f"the request body is larger than the server takes ({self.max_bytes} bytes)"
+                await _send_json(send, 413, {"error": {"message": message, "type": "invalid_request_error",
+                                                       "param": None, "code": 413}})
+                return
+        await self.app(scope, receive, send)
+
+
 def guard(app, limits: RequestLimits, api_key: str | None, open_metrics: bool = False):
     """`app` behind the body-size limit and, with a key, the key check (outermost: no body is read
     for a request without the key)."""
-    app = RequestBodyLimitMiddleware(app, max_body_size=limits.max_body_bytes)
+    app = BodyLimit(app, limits.max_body_bytes)
     if api_key:
         app = ApiKeyGate(app, api_key, OPEN_PATHS + (("/metrics",) if open_metrics else ()))
     return app

@@ -6,15 +6,17 @@ but levante cannot honour are listed in `UNSUPPORTED` with the reason.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from levante.engine.sampling_params import SamplingParams
-from levante.errors import InvalidRequest
+from levante.errors import InvalidRequest, LevanteError, Overloaded
 
 MAX_N = 16
 INT64 = (-(1 << 63), (1 << 63) - 1)
+_TOKEN_ID = re.compile(r"-?[0-9]{1,19}")  # a token id as logit_bias keys spell it (ASCII digits)
 
 
 class Strict(BaseModel):
@@ -110,12 +112,9 @@ class SamplingFields(Strict):
             return None
         bias = {}
         for key, value in self.logit_bias.items():
-            try:
-                token = int(key) if len(key) <= 20 else None
-            except ValueError:
-                token = None
-            if token is None:
+            if not _TOKEN_ID.fullmatch(key):
                 raise InvalidRequest(f"logit_bias: key '{key[:40]}' is not a token id")
+            token = int(key)
             if not 0 <= token < vocab_size or not -100 <= value <= 100:
                 raise InvalidRequest(f"logit_bias: token {key} must be in [0, {vocab_size}) "
                                      "with a bias in [-100, 100]")
@@ -233,3 +232,25 @@ class DetokenizeRequest(Strict):
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: int | str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+def error_for(error: BaseException) -> tuple[int, dict, dict]:
+    """(status, OpenAI error JSON, headers) for any error a request ends with: levante's own errors carry
+    their status (400 unless they say otherwise); anything else is a 500 that says what happened."""
+    if isinstance(error, LevanteError):
+        status = getattr(error, "status", 400)
+        message, param = str(error), _param_of(str(error))
+    else:
+        status, message, param = 500, f"internal error: {type(error).__name__}: {error}", None
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else {}
+    return status, error_body(message, ERROR_TYPES.get(status, "invalid_request_error"), param, status), headers
+
+
+def _param_of(message: str) -> str | None:
+    """The field an error message starts with ("stop_token_ids: ..."), if it names one."""
+    head, colon, _ = message.partition(":")
+    return head if colon and head and " " not in head and len(head) < 80 else None
