@@ -113,3 +113,53 @@ def test_the_loop_reports_the_failure_to_that_caller_only(llm, reference, faulty
         assert loop.healthy
     finally:
         loop.stop()
+
+
+def test_streams_beside_a_failing_one_finish_byte_identical(tiny_model):
+    """Over HTTP: the failing stream gets an error event and [DONE]; the others stream what they would alone."""
+    import asyncio
+    import json
+
+    import httpx
+
+    from live_server import live_server
+
+    llm = LLM(str(tiny_model("qwen2")), dtype="float32", enable_prefix_caching=False, warmup=False)
+    good = [{"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stream": True} for p in prompts()]
+    marked = {"prompt": [5, 6, 7, 8], "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stream": True,
+              "logit_bias": {str(MARKER): 100}}
+
+    async def stream(client, body):
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            return [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
+
+    async def run(base, bodies):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            return await asyncio.gather(*(stream(client, b) for b in bodies))
+
+    def text(lines):
+        chunks = [json.loads(line) for line in lines[:-1]]
+        assert lines[-1] == "[DONE]" and all("error" not in c for c in chunks)
+        return "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]["finish_reason"]
+
+    model, original = llm.engine.model, llm.engine.model.forward
+
+    def forward(input_ids, positions, *args, **kwargs):
+        if bool(((input_ids == MARKER) & (positions >= 7)).any()):
+            raise RuntimeError("injected fault")
+        return original(input_ids, positions, *args, **kwargs)
+
+    with live_server(llm, "tiny") as (base, state):
+        alone = [text(lines) for lines in asyncio.run(run(base, good))]
+        model.forward = forward
+        try:
+            *beside, failed = asyncio.run(run(base, good + [marked]))
+        finally:
+            del model.forward
+        assert [text(lines) for lines in beside] == alone
+        assert failed[-1] == "[DONE]"
+        error = json.loads(failed[-2])["error"]
+        assert error["code"] == 500 and "injected fault" in error["message"]
+        assert any("choices" in json.loads(line) for line in failed[:-2])  # it had streamed tokens first
+        assert state.llm.engine.block_manager.num_free_blocks == state.llm.engine.block_manager.num_blocks

@@ -3,8 +3,8 @@
     adapter (chat, completions, responses, MCP server tool): parse the body ... format the events
         -> Pipeline.chat_events(body) / completion_events(body)
              check     the model is served, loaded, and its engine alive        (404, 503)
-             admit     a bounded number of sequences in flight                  (429 + Retry-After)
              validate  against the vocabulary and the server's limits           (400, serve/validate.py)
+             admit     a bounded number of sequences in flight                  (429 + Retry-After)
              plan      template, token ids, images, grammar, off the event loop (serve/chat.py)
              submit    to the EngineLoop; outputs come back as events
         <- events: Round (a generation begins), Output (its progress), McpCalls, Searched, Finish
@@ -116,6 +116,7 @@ class Pipeline:
         from levante.serve.web_search import search_for_chat
 
         self.check(body.model)
+        validate.check_chat(body, self.state.llm.engine.model_config.vocab_size, self.state.limits)
         async with self.admitted(body.n):
             search = await search_for_chat(self.state, body)  # None unless web_search_options asks for it
             if search is not None:
@@ -132,6 +133,7 @@ class Pipeline:
 
     async def completion_events(self, body: CompletionRequest) -> AsyncIterator[Event]:
         self.check(body.model)
+        validate.check_completion(body, self.state.llm.engine.model_config.vocab_size, self.state.limits)
         async with self.admitted(body.n * len(body.prompts())):
             plan = await self.plan_completion(body)
             yield Round(plan)
@@ -140,11 +142,10 @@ class Pipeline:
 
     # plan
     async def plan_chat(self, body: ChatCompletionRequest, structured: StructuredOutput | None = None) -> ChatPlan:
-        """Validate, render (in a thread: images may be fetched), then compile any grammar (in a thread,
-        time-limited). `structured` replaces the request's own constraint (the MCP loop's answer round)."""
+        """Render (in a thread: images may be fetched), then compile any grammar (in a thread, time-limited).
+        `structured` replaces the request's own constraint (the MCP loop's answer round)."""
         state = self.state
         engine = state.llm.engine
-        validate.check_chat(body, engine.model_config.vocab_size, state.limits)
 
         def plan() -> ChatPlan:
             chat_plan = plan_chat(state.llm, body, state.load_image)
@@ -158,9 +159,7 @@ class Pipeline:
         return chat_plan
 
     async def plan_completion(self, body: CompletionRequest) -> CompletionPlan:
-        state = self.state
-        engine = state.llm.engine
-        validate.check_completion(body, engine.model_config.vocab_size, state.limits)
+        engine = self.state.llm.engine
         params = body.sampling_params(engine.model_config.vocab_size, body.max_tokens, logprobs=body.logprobs,
                                       prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None
                                       else None)
