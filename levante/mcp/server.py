@@ -26,7 +26,7 @@ def create_mcp_server(state):
 
     from levante.serve.app import chat_completion
     from levante.serve.http import BadBody, check_json
-    from levante.serve.protocol import ChatCompletionRequest
+    from levante.serve.protocol import ChatCompletionRequest, validation_error
 
     server = MCPServer(name="levante", instructions="A local LLM. Call `chat` to ask it something.",
                        log_level="WARNING")
@@ -47,7 +47,7 @@ def create_mcp_server(state):
         except (LevanteError, BadBody) as e:
             raise ToolError(str(getattr(e, "detail", e))) from None
         except ValidationError as e:  # a malformed conversation
-            raise ToolError(f"invalid arguments: {e.errors()[0]['msg']}") from None
+            raise ToolError(f"invalid arguments: {validation_error(e.errors())[0]}") from None
         return response["choices"][0]["message"]["content"] or ""
 
     return server

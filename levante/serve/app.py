@@ -21,7 +21,7 @@ from levante.serve.chat import render_chat
 from levante.serve.embeddings import register_embeddings
 from levante.serve.http import CheckedRoute
 from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                                    error_body, error_for)
+                                    error_body, error_for, validation_error)
 from levante.serve.responses import register_responses
 from levante.serve.sse import formatted, sse_response
 from levante.serve.state import ServerState
@@ -115,18 +115,8 @@ def create_app(state: ServerState) -> FastAPI:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        location = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(location) or None
-        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-        if first.get("type") == "extra_forbidden":
-            message = f"unsupported parameter '{param}'"
-        elif first.get("type") == "json_invalid":
-            message, param = "the request body is not valid JSON", None
-        elif param and not message.startswith(param.split(".")[0]):
-            message = f"{param}: {message}"
+    async def invalid_body(_: Request, exc: RequestValidationError):
+        message, param = validation_error(exc.errors())
         return JSONResponse(error_body(message, param=param), 400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -250,6 +250,21 @@ def error_for(error: BaseException) -> tuple[int, dict, dict]:
     return status, error_body(message, ERROR_TYPES.get(status, "invalid_request_error"), param, status), headers
 
 
+def validation_error(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) for pydantic's errors of a request body: the first one, naming its field."""
+    first = errors[0] if errors else {}
+    location = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(location) or None
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        message = f"unsupported parameter '{param}'"
+    elif first.get("type") == "json_invalid":
+        message, param = "the request body is not valid JSON", None
+    elif param and not message.startswith(param.split(".")[0]):
+        message = f"{param}: {message}"
+    return message, param
+
+
 def _param_of(message: str) -> str | None:
     """The field an error message starts with ("stop_token_ids: ..."), if it names one."""
     head, colon, _ = message.partition(":")

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from levante.errors import InvalidRequest
 from levante.serve.openai_format import ChatCompletion
 from levante.serve.pipeline import Event, Output, Round
-from levante.serve.protocol import ChatCompletionRequest
+from levante.serve.protocol import ChatCompletionRequest, validation_error
 from levante.serve.sse import formatted, sse_response
 
 
@@ -133,14 +133,7 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest(**fields)
     except ValidationError as e:
-        raise InvalidRequest(_first_error(e)) from None
-
-
-def _first_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ()))
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    return message if not where or message.startswith(where.split(".")[0]) else f"{where}: {message}"
+        raise InvalidRequest(validation_error(e.errors())[0]) from None
 
 
 def _output_items(text: str | None, calls: list[dict]) -> list[dict]:
