@@ -154,3 +154,25 @@ def test_serve_confines_local_media_paths_on_public_addresses(tmp_path):
     assert local_media_policy("0.0.0.0", [str(tmp_path)]) == [tmp_path]
     with pytest.raises(InvalidRequest, match="not a folder"):
         local_media_policy("127.0.0.1", [str(tmp_path / "nope")])
+
+
+def test_symlinks_and_dot_dot_are_resolved_before_the_folder_check(tmp_path):
+    """One rule for paths and file:// URLs: the resolved file must lie inside an allowed folder."""
+    media, private = tmp_path / "media", tmp_path / "private"
+    media.mkdir(), private.mkdir()
+    Image.new("RGB", (4, 3)).save(private / "secret.png")
+    Image.new("RGB", (2, 2)).save(media / "ok.png")
+    (media / "link.png").symlink_to(private / "secret.png")  # a file link out of the folder
+    (media / "door").symlink_to(private, target_is_directory=True)  # a folder link out of it
+    (private / "back.png").symlink_to(media / "ok.png")  # a link from outside into the folder
+    escapes = [media / "link.png", media / "door" / "secret.png", f"{media}/../private/secret.png",
+               f"{media}/door/../../private/secret.png"]
+    for path in escapes:
+        for source in (str(path), f"file://{path}", f"file://localhost{path}"):
+            with pytest.raises(InvalidRequest, match="outside the allowed folders"):
+                load_image(source, local_paths=[media])
+    assert load_image(str(private / "back.png"), local_paths=[media]).size == (2, 2)  # it is a media file
+    with pytest.raises(InvalidRequest, match="must name a local path"):
+        load_image(f"file://otherhost{media}/ok.png", local_paths=[media])
+    with pytest.raises(InvalidRequest, match="not a readable file path"):
+        load_image(f"{media}/a\0b.png", local_paths=[media])
