@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -22,6 +23,7 @@ from levante.net import FetchFailed, FetchPolicy, FetchRefused, fetch
 MAX_BYTES = 20 * 1024 * 1024
 TIMEOUT_S = 10.0
 MAX_PIXELS = 8192 * 8192  # decompression-bomb guard; well above anything a vision tower resizes from
+MIN_SIDE = 2  # a 1-pixel-wide image carries nothing a vision tower can see
 IMAGE_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -61,16 +63,18 @@ def decode_image(data: bytes, what: str = "image", *, max_bytes: int = MAX_BYTES
     if not data:
         raise InvalidRequest(f"{what}: empty, not an image")
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow warns from 89 MP on; the cap below is ours
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidRequest(f"{what}: not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:
         raise InvalidRequest(f"{what}: too large ({e})") from None
     except (OSError, ValueError) as e:
         raise InvalidRequest(f"{what}: cannot be read as an image ({e})") from None
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise InvalidRequest(f"{what}: the image has no pixels ({width}x{height})")
+    width, height = image.size  # from the header: nothing is decoded before these checks
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise InvalidRequest(f"{what}: too small ({width}x{height} pixels; the minimum is {MIN_SIDE}x{MIN_SIDE})")
     if width * height > max_pixels:
         raise InvalidRequest(f"{what}: too large ({width}x{height} pixels; the limit is {max_pixels} pixels)")
     try:
