@@ -19,6 +19,8 @@ import uvicorn
 from levante.engine.args import EngineArgs
 from levante.errors import InvalidRequest, LevanteError
 from levante.multimodal.images import load_image
+from levante.net import FetchPolicy
+from levante.net.policy import listens_on_loopback
 from levante.serve.app import ServerState, create_app
 from levante.serve.http import guard, uvicorn_server
 from levante.serve.limits import RequestLimits
@@ -57,7 +59,7 @@ def _load_embedding_model(args):
     return LLM(args.embedding_model, dtype=args.dtype, device=args.device, num_threads=args.num_threads)
 
 
-def _mcp_manager(args):
+def _mcp_manager(args, policy: FetchPolicy):
     """The MCP tool manager for `--mcp-config` (or MCP_CONFIG_PATH), not yet started; None without one."""
     path = getattr(args, "mcp_config", None)
     if getattr(args, "mcp_max_rounds", 0) < 0:
@@ -66,7 +68,7 @@ def _mcp_manager(args):
         return None
     from levante.mcp import McpConfig, McpToolManager
 
-    return McpToolManager(McpConfig.load(path))
+    return McpToolManager(McpConfig.load(path), policy=policy.without_domain_list())
 
 
 def _start_mcp(state: ServerState, manager) -> None:
@@ -92,9 +94,6 @@ def _serve_mcp(state: ServerState, args):
     return mcp_server
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
 def local_media_policy(host: str, allowed: list[str] | None) -> bool | list[Path]:
     """Which local files an image_url may name: the `--allowed-local-media-path` folders; without any,
     every file when serving on loopback (the user's own machine), none on a public address."""
@@ -104,16 +103,24 @@ def local_media_policy(host: str, allowed: list[str] | None) -> bool | list[Path
             if not folder.is_dir():
                 raise InvalidRequest(f"--allowed-local-media-path: '{folder}' is not a folder")
         return folders
-    return host in LOOPBACK_HOSTS
+    return listens_on_loopback(host)
+
+
+def fetch_policy(args) -> FetchPolicy:
+    """What URLs in requests (images, search result pages) and MCP server URLs may reach."""
+    return FetchPolicy.for_server(args.host, getattr(args, "allowed_media_domains", None),
+                                  getattr(args, "allow_private_network", False))
 
 
 def serve(args) -> int:
     engine_args = EngineArgs.from_cli_args(args, warmup=True, progress=sys.stderr.isatty())
     state = ServerState(args.served_model_name or args.model, RequestLimits.from_cli_args(args))
+    policy = fetch_policy(args)
     state.load_image = functools.partial(
-        load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)))
+        load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)),
+        fetch_policy=policy)
     state.mcp_max_rounds = getattr(args, "mcp_max_rounds", state.mcp_max_rounds)
-    manager = _mcp_manager(args)  # a bad config stops here, before anything starts
+    manager = _mcp_manager(args, policy)  # a bad config stops here, before anything starts
     check_model(args)  # so does a model that cannot be found or is not supported
     server = build_server(state, args.host, args.port, args.api_key, open_metrics=getattr(args, "open_metrics", False))
     mcp_start = threading.Thread(target=_start_mcp, args=(state, manager), name="levante-mcp-start", daemon=True)
@@ -126,7 +133,8 @@ def serve(args) -> int:
 
             llm = LLM.from_engine_args(engine_args)
             embedding_llm = _load_embedding_model(args)
-            configure_web_search(state, args.search_url, embedding_llm or (llm if llm.is_embedding_model else None))
+            configure_web_search(state, args.search_url, embedding_llm or (llm if llm.is_embedding_model else None),
+                                 policy)
             if llm.engine is not None:
                 llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
         except Exception as e:  # noqa: BLE001 - any failure stops the server with one line
