@@ -99,6 +99,8 @@ async def soak(base: str) -> collections.Counter:
                 status = await kind(client, rng)
                 assert status in (200, "abandoned", 429) or kind is invalid, (kind.__name__, status)
                 outcomes[(kind.__name__, status)] += 1
+                if status == 429:
+                    await asyncio.sleep(1)  # as Retry-After says
 
     await asyncio.gather(*(client_loop(i) for i in range(CLIENTS)))
     return outcomes
