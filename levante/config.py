@@ -86,7 +86,7 @@ class ModelConfig:
                 model_type=cfg.get("model_type", ""),
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
+                intermediate_size=_widest(cfg["intermediate_size"]),
                 num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -108,6 +108,11 @@ class ModelConfig:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"config is missing or has a bad value for {e}") from None
+
+
+def _widest(size) -> int:
+    """The MLP width; the widest layer's when it is given per layer (Gemma 3n's MatFormer configs)."""
+    return max(int(s) for s in size) if isinstance(size, list) else int(size)
 
 
 def _layer_types(cfg: dict, num_layers: int, sliding: int | None) -> list[str]:

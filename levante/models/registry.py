@@ -19,6 +19,7 @@ from levante.models.embedding import (DecoderEncoder, Gemma3Encoder, Qwen2Encode
                                       SentenceEmbeddingModel)
 from levante.models.gemma3 import Gemma3ForCausalLM
 from levante.models.gemma3_vision import Gemma3ForConditionalGeneration
+from levante.models.gemma3n import Gemma3nForCausalLM
 from levante.models.llama import LlamaForCausalLM
 from levante.models.qwen2 import Qwen2ForCausalLM
 from levante.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -32,6 +33,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    "Gemma3nForCausalLM": Gemma3nForCausalLM,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,
 }
@@ -135,15 +137,17 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 expected[pname] = sum(1 for s in mapping.values() if s[0] == shards[0])
     loaded: dict[str, int] = {}
     prefixes = getattr(model, "checkpoint_prefixes", []) + _PREFIXES  # the model's own layouts first
+    # Tensors a checkpoint carries that the model does not use (Gemma 3n's k/v of KV-sharing layers).
+    unused = getattr(model, "unused_checkpoint_tensor", lambda name: False)
     for name, tensor in weights:
         for old, new in prefixes:
             if name.startswith(old):
                 name = new + name[len(old):]
-        if "rotary_emb." in name or (tied and name == "lm_head.weight"):
+        if "rotary_emb." in name or (tied and name == "lm_head.weight") or unused(name):
             continue
         target, shard_id = name, None
         for ckpt_name, (fused, shard) in mapping.items():
-            if f".{ckpt_name}." in name:
+            if name not in params and f".{ckpt_name}." in name:  # a parameter of that name takes it unfused
                 target, shard_id = name.replace(f".{ckpt_name}.", f".{fused}."), shard
                 break
         param = params.get(target)

@@ -1,0 +1,156 @@
+"""Gemma 3n text decoder against transformers' Gemma3nForCausalLM (float32): AltUp, LAuReL, per-layer
+embeddings, activation sparsity, per-layer MLP widths, sliding and full layers, and KV sharing in the paged
+engine (blocks counted for producing layers only, prefix caching, chunked prefill, preemption, a device map
+that puts the sharing layers on another device than their producers)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny_gemma3n as tiny
+
+PROMPTS = [
+    [tiny.BOS] + list(range(20, 27)),
+    [tiny.BOS] + [(7 * i) % 280 + 10 for i in range(29)],  # past the sliding window (5) many times
+    [tiny.BOS, 40, 41],
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny.build_text(tmp_path_factory.mktemp("gemma3n_text"))
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    return tiny.load_reference(folder, text_only=True)
+
+
+def _expected_logits(reference, ids):
+    with torch.no_grad():
+        return reference(torch.tensor([ids])).logits[0]
+
+
+def _expected_continuation(reference, ids, n):
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                 pad_token_id=tiny.PAD)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module", params=[1024, 6], ids=["whole", "chunked"])
+def llm(request, folder):
+    from levante import LLM
+
+    return LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=128, max_num_batched_tokens=request.param)
+
+
+def test_ragged_batch_logits_match_transformers(llm, reference):
+    from levante import SamplingParams
+
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=1, return_prompt_logits=True))
+    worst = 0.0
+    for ids, output in zip(PROMPTS, outputs):
+        expected = _expected_logits(reference, ids)
+        got = output.metrics["prompt_logits"]
+        assert len(got) == len(expected) - output.num_cached_tokens
+        worst = max(worst, (got - expected[len(expected) - len(got):]).abs().max().item())
+    assert worst <= 1e-4, worst
+
+
+def test_greedy_continuations_match_transformers(llm, reference):
+    from levante import SamplingParams
+
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    for ids, output in zip(PROMPTS, outputs):
+        assert output.outputs[0].token_ids == _expected_continuation(reference, ids, 16)
+
+
+def test_sharing_layers_hold_no_cache(llm):
+    from levante.engine.runner import cache_owning_layers, kv_bytes_per_token
+
+    model, runner = llm.engine.model, llm.engine.runner
+    layers = model.model.layers
+    assert len(runner.kv_cache) == len(layers) - tiny.NUM_KV_SHARED
+    # layer 4 (sliding) reads layer 3, the last sliding layer before the shared ones; layer 5 (full) reads 2
+    for consumer, producer in ((4, 3), (5, 2)):
+        attn = layers[consumer].self_attn.attn
+        assert attn.kv_producer is layers[producer].self_attn.attn
+        assert attn.k_cache is layers[producer].self_attn.attn.k_cache
+    assert len(cache_owning_layers(model)) == 4
+    per_layer = 2 * 2 * 16 * 4  # k and v, 2 kv heads, head_dim 16, float32
+    assert kv_bytes_per_token(model, torch.float32) == 4 * per_layer
+
+
+def test_shared_layers_checkpoint_tensors_are_skipped(folder):
+    """transformers' checkpoints carry no k/v weights for the sharing layers; Google's do: both load."""
+    from safetensors.torch import load_file
+
+    from levante.config import ModelConfig
+    from levante.loader import hf
+    from levante.models.registry import build_model, load_weights
+
+    config = ModelConfig.from_hf_dict(hf.read_config(folder))
+    model = build_model(config, torch.float32, torch.device("cpu"))
+    weights = dict(load_file(folder / "model.safetensors"))
+    weights["model.layers.5.self_attn.k_proj.weight"] = torch.zeros(32, 64)
+    weights["model.layers.5.self_attn.v_norm.weight"] = torch.zeros(16)
+    load_weights(model, weights.items())
+
+
+def test_kv_blocks_on_the_real_35_layer_config():
+    """Gemma 3n E4B: 35 layers, the last 15 share: a token's cache is 20 layers' worth, so a KV budget holds
+    35/20 = 1.75x the blocks a count over all layers would give."""
+    import transformers as tf
+
+    from levante.config import ModelConfig
+    from levante.engine.runner import kv_bytes_per_token
+    from levante.models.registry import build_model
+
+    cfg = tf.Gemma3nTextConfig()  # transformers' defaults are E4B's
+    assert (cfg.num_hidden_layers, cfg.num_kv_shared_layers, cfg.num_key_value_heads, cfg.head_dim) == (35, 15, 2, 256)
+    raw = cfg.to_dict()
+    # The attention geometry and layer pattern as E4B; the widths that do not touch the cache made tiny.
+    raw.update(architectures=["Gemma3nForCausalLM"], vocab_size=16, vocab_size_per_layer_input=16, hidden_size=8,
+               intermediate_size=8, hidden_size_per_layer_input=4, laurel_rank=2)
+    model = build_model(ModelConfig.from_hf_dict(raw), torch.bfloat16, torch.device("cpu"))
+    per_token = kv_bytes_per_token(model, torch.bfloat16)
+    assert per_token == 20 * 2 * 2 * 256 * 2
+    budget, block = 2 << 30, 16
+    naive = budget // (35 * 2 * 2 * 256 * 2 * block)
+    shared = budget // (per_token * block)
+    assert (naive, shared) == (1872, 3276)  # 1404 blocks (22,464 tokens of 16-token blocks) more in 2 GiB
+
+
+def test_prefix_cache_and_preemption_keep_results(folder, reference):
+    """Few blocks: sequences get preempted and recomputed; a repeated prompt hits the prefix cache."""
+    from levante import LLM, SamplingParams
+
+    llm = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=14, max_num_batched_tokens=8)
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1][:17] + [3, 4, 5]]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    for ids, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == _expected_continuation(reference, ids, 16)
+    assert llm.engine.scheduler.num_preemptions > 0
+    again = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=1, return_prompt_logits=True))[0]
+    assert again.num_cached_tokens > 0
+    expected = _expected_logits(reference, PROMPTS[1])
+    torch.testing.assert_close(again.metrics["prompt_logits"], expected[again.num_cached_tokens:],
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["sdpa", "paged"])
+def test_device_map_splits_sharing_layers_from_their_producers(folder, reference, monkeypatch, paged):
+    """Layers 4 and 5 (which read layers 3 and 2) on the second device of the map: the shared keys and
+    values are gathered where the producer's cache is and moved to the queries' device. On the CPU both
+    devices are the CPU, so this runs the moving code with no-op moves."""
+    from levante import LLM, SamplingParams
+    from levante.engine.placement import layer_devices
+
+    if paged:
+        monkeypatch.setenv("LEVANTE_PAGED_ATTENTION", "1")
+    llm = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=64, device_map="0:4;1:2")
+    assert len(layer_devices(llm.engine.model)) == 6
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    for ids, output in zip(PROMPTS, outputs):
+        assert output.outputs[0].token_ids == _expected_continuation(reference, ids, 16)
