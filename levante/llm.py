@@ -139,7 +139,8 @@ class LLM:
 
         Message content may be a list of OpenAI-style parts: `{"type": "text", "text": ...}`,
         `{"type": "image_url", "image_url": {"url": data URL | http(s) URL | path}}` or
-        `{"type": "image", "image": PIL.Image}` (vision-language models only).
+        `{"type": "image", "image": PIL.Image}` (vision-language models only), and
+        `{"type": "input_audio", "input_audio": {"data": base64, "format": "wav" | "mp3"}}` (Gemma 3n).
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.chat_prompt(c, tools, add_generation_prompt) for c in conversations]
@@ -154,14 +155,15 @@ class LLM:
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = True) -> list[int] | MultiModalPrompt:
         """Token ids of the rendered conversation; with images, a `MultiModalPrompt`."""
-        messages, images = extract_images(messages)
+        processor = self._require_engine().processor
+        messages, images = extract_images(messages, audio=getattr(processor, "takes_audio", False))
         if not images:
-            if self._require_engine().processor is None:  # a text model's template may know strings only
+            if processor is None:  # a text model's template may know strings only
                 messages = join_text_parts(messages)
             return self.apply_chat_template(messages, tools, add_generation_prompt)
         processor = self._processor()
         if not self.tokenizer.chat_template:  # the fallback templates know text content only
-            messages = flatten(messages, processor.image_placeholder)
+            messages = flatten(messages, processor.image_placeholder, getattr(processor, "audio_placeholder", ""))
         return processor.process(self.apply_chat_template(messages, tools, add_generation_prompt), images)
 
     def _processor(self):

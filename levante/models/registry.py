@@ -20,6 +20,7 @@ from levante.models.embedding import (DecoderEncoder, Gemma3Encoder, Qwen2Encode
 from levante.models.gemma3 import Gemma3ForCausalLM
 from levante.models.gemma3_vision import Gemma3ForConditionalGeneration
 from levante.models.gemma3n import Gemma3nForCausalLM
+from levante.models.gemma3n_multimodal import Gemma3nForConditionalGeneration
 from levante.models.llama import LlamaForCausalLM
 from levante.models.qwen2 import Qwen2ForCausalLM
 from levante.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -34,6 +35,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
     "Gemma3nForCausalLM": Gemma3nForCausalLM,
+    "Gemma3nForConditionalGeneration": Gemma3nForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,
 }

@@ -70,10 +70,12 @@ def render_chat(llm, messages: list[dict], tools: list[dict] | None = None, add_
     if has_images(messages):
         processor = llm.engine.processor
         if processor is None:
-            raise InvalidRequest(f"model '{model or llm.model_name}' does not accept images (image_url content parts)")
-    messages, images = extract_images(messages, load_image) if processor is not None else (messages, [])
+            raise InvalidRequest(f"model '{model or llm.model_name}' does not accept images or audio "
+                                 "(image_url and input_audio content parts)")
+    messages, images = extract_images(messages, load_image, getattr(processor, "takes_audio", False)) \
+        if processor is not None else (messages, [])
     if images and not llm.tokenizer.chat_template:  # the fallback templates know text content only
-        messages = flatten(messages, processor.image_placeholder)
+        messages = flatten(messages, processor.image_placeholder, getattr(processor, "audio_placeholder", ""))
     elif llm.engine.processor is None:  # a text model's template may know string content only
         messages = join_text_parts(messages)
     text = llm.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
@@ -86,9 +88,10 @@ def render_chat(llm, messages: list[dict], tools: list[dict] | None = None, add_
 
 
 def has_images(messages: list[dict]) -> bool:
-    """Whether any message has an image content part (as multimodal/messages.py reads them)."""
-    return any(isinstance(part, dict) and (part.get("type") in ("image_url", "image")
-                                           or (part.get("type") is None and ("image_url" in part or "image" in part)))
+    """Whether any message has an image or audio content part (as multimodal/messages.py reads them)."""
+    return any(isinstance(part, dict) and (part.get("type") in ("image_url", "image", "input_audio")
+                                           or (part.get("type") is None and ("image_url" in part or "image" in part
+                                                                             or "input_audio" in part)))
                for message in messages if isinstance(message.get("content"), list) for part in message["content"])
 
 
