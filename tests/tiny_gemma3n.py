@@ -167,3 +167,70 @@ def load_reference(folder: Path, text_only: bool = False):
     import timm_import  # noqa: F401
     return tf.Gemma3nForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
                                                               attn_implementation="eager").eval()
+
+
+def write_gguf(folder: Path, path: Path, qtype=None) -> Path:
+    """The text model of `folder` (`build_text`) as llama.cpp's converter writes a Gemma 3n GGUF: gguf's names for its tensors,
+    AltUp projections stacked, norms as they are (Gemma 3n's have no +1), the sparsity pattern as std multipliers,
+    a plain token list. `qtype` (a GGMLQuantizationType) quantises the 2-D matrices."""
+    import gguf
+    import json
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    layers = cfg["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, layers)
+    writer = gguf.GGUFWriter(path, "gemma3n")
+    writer.add_block_count(layers)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_key_length(cfg["head_dim"])
+    writer.add_value_length(cfg["head_dim"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(cfg["rope_parameters"]["full_attention"]["rope_theta"])
+    writer.add_sliding_window(cfg["sliding_window"])
+    writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    writer.add_altup_active_idx(cfg["altup_active_idx"])
+    writer.add_altup_num_inputs(cfg["altup_num_inputs"])
+    writer.add_embedding_length_per_layer_input(cfg["hidden_size_per_layer_input"])
+    writer.add_shared_kv_layers(cfg["num_kv_shared_layers"])
+    normal = torch.distributions.Normal(0, 1)
+    writer.add_activation_sparsity_scale([normal.icdf(torch.tensor(s, dtype=torch.float32)).item()
+                                          for s in cfg["activation_sparsity_pattern"]])
+    writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"<t{i}>" for i in range(cfg["vocab_size"])])
+    writer.add_token_scores([0.0] * cfg["vocab_size"])
+    writer.add_token_types([1] * cfg["vocab_size"])
+    writer.add_bos_token_id(BOS)
+    writer.add_eos_token_id(EOS)
+    tensors = {k.removeprefix("model."): v for k, v in load_file(folder / "model.safetensors").items()}
+    out = {}
+    for stacked, key in (("altup_projections", "altup_proj"), ("altup_unembed_projections", "altup_unembd_proj")):
+        parts = sorted((k for k in tensors if k.startswith(stacked + ".")), key=lambda k: int(k.split(".")[1]))
+        out[f"{key}.weight"] = torch.stack([tensors.pop(k) for k in parts])
+    for name, value in tensors.items():
+        name = "model." + name
+        if name.endswith("_scale"):
+            name += ".weight"
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, name
+        out[gguf_name] = value
+    for name, value in out.items():
+        array = value.float().numpy()
+        if qtype is not None and array.ndim == 2 and array.shape[-1] % 32 == 0 and "norm" not in name \
+                and not name.startswith(("token_embd", "per_layer_token_embd")):
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
