@@ -187,6 +187,10 @@ class EngineConfig:
     # min(max_num_seqs, cuda_graph_max_batch); enforce_eager turns that off.
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    # Gemma 3n MatFormer: a slice (a row name of the slicing table CSV at matformer_config) cut out of the
+    # checkpoint (loader/matformer.py), as mistral.rs's --matformer-config-path / --matformer-slice-name.
+    matformer_config: str | None = None
+    matformer_slice: str | None = None
 
     def with_device_defaults(self, device: torch.device) -> "EngineConfig":
         """Fill the knobs left None with the defaults of `device`'s type (in place; returns self)."""

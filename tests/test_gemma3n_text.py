@@ -184,3 +184,73 @@ def test_gguf_file_matches_transformers(folder, reference, tmp_path, qtype):
     # int8 activations against float ones (as tests/test_quant.py measures ISQ int8): relative RMS < 5%
     assert ((got - want).norm() / want.norm()).item() < 0.05
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
+
+
+# -- MatFormer: a smaller model cut out of the checkpoint ---------------------------------------------------
+
+SLICES = """Name,# Layers,# Effective Params (B),MMLU PT accuracy,FFN Hidden Dims,Layers Skipped
+Main model,6,0.1,0%,"[96, 128, 96, 128, 96, 96]",
+Small,5,0.05,0%,"[2 * 32, 96, 8 * 8, 96, 4_8]","[1]"
+Skips a producer,5,0.05,0%,"[96, 96, 128, 96, 96]","[2]"
+"""
+
+
+def _sliced_reference(folder, kept, widths):
+    """transformers' Gemma 3n with the slice's config and the checkpoint's tensors cut by hand."""
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    cfg = tiny.text_config(num_hidden_layers=len(kept), intermediate_size=widths,
+                           layer_types=[tiny.LAYER_TYPES[i] for i in kept],
+                           activation_sparsity_pattern=[[0.95, 0.95, 0.0, 0.0, 0.0, 0.0][i] for i in kept])
+    model = tf.Gemma3nForCausalLM(cfg).eval()
+    state, size = {}, cfg.hidden_size_per_layer_input
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        parts = name.split(".")
+        if parts[1] == "layers":
+            if int(parts[2]) not in kept:
+                continue
+            new = kept.index(int(parts[2]))
+            parts[2] = str(new)
+            if parts[3] == "mlp":
+                tensor = tensor[:, :widths[new]] if parts[4] == "down_proj" else tensor[:widths[new]]
+        elif parts[1] == "embed_tokens_per_layer":
+            tensor = tensor.view(tensor.size(0), -1, size)[:, kept].reshape(tensor.size(0), -1)
+        elif parts[1] == "per_layer_model_projection":
+            tensor = tensor.view(-1, size, tensor.size(-1))[kept].reshape(-1, tensor.size(-1))
+        state[".".join(parts)] = tensor
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def test_matformer_slice_matches_the_cut_model(folder, tmp_path):
+    from levante import LLM, SamplingParams
+
+    table = tmp_path / "slices.csv"
+    table.write_text(SLICES)
+    llm = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=64, matformer_config=str(table),
+              matformer_slice="Small")
+    layers = llm.engine.model.model.layers
+    assert len(layers) == 5 and [layer.mlp.down_proj.weight.shape[1] for layer in layers] == [64, 96, 64, 96, 48]
+    reference = _sliced_reference(folder, [0, 2, 3, 4, 5], [64, 96, 64, 96, 48])
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                   return_prompt_logits=True))
+    for ids, output in zip(PROMPTS, outputs):
+        expected = _expected_logits(reference, ids)
+        torch.testing.assert_close(output.metrics["prompt_logits"], expected[output.num_cached_tokens:],
+                                   atol=1e-4, rtol=0)
+        assert output.outputs[0].token_ids == _expected_continuation(reference, ids, 16)
+
+
+def test_matformer_errors_are_clear(folder, tmp_path):
+    from levante import LLM
+    from levante.errors import ModelLoadError
+
+    table = tmp_path / "slices.csv"
+    table.write_text(SLICES)
+    for name, message in [("Skips a producer", r"skips layer\(s\) \[2\], whose KV cache later layers read"),
+                          ("E9B", "no slice named 'E9B'")]:
+        with pytest.raises(ModelLoadError, match=message):
+            LLM(str(folder), dtype="float32", num_kv_blocks=16, matformer_config=str(table), matformer_slice=name)
+    with pytest.raises(ModelLoadError, match="needs both"):
+        LLM(str(folder), dtype="float32", num_kv_blocks=16, matformer_slice="Small")

@@ -38,6 +38,7 @@ from levante.layers.linear import (ColumnParallelLinear, MergedColumnParallelLin
 from levante.layers.norms import RMSNorm
 from levante.layers.rotary import RotaryEmbedding
 from levante.models.llama import CausalLM
+from levante.quant.gguf_blocks import GGUFTensor
 
 
 class Gemma3nSettings:
@@ -291,7 +292,8 @@ class Gemma3nTextModel(nn.Module):
         return self.norm(torch.stack(unembedded).mean(dim=0))
 
 
-_SHARED_KV_TENSOR = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_SHARED_KV_PARTS = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")
 
 
 class Gemma3nForCausalLM(CausalLM):
@@ -301,11 +303,48 @@ class Gemma3nForCausalLM(CausalLM):
         if "tie_word_embeddings" not in config.raw:
             config.tie_word_embeddings = True  # Gemma3nTextConfig's default
         super().__init__(config)
+        kept = config.raw.get("matformer_kept_layers")
+        self.kept_layers = None if kept is None else {old: new for new, old in enumerate(kept)}
 
     def build_decoder(self, config: ModelConfig) -> nn.Module:
         return Gemma3nTextModel(config)
 
-    def unused_checkpoint_tensor(self, name: str) -> bool:
-        """k/v projections and norms of KV-sharing layers (the checkpoint has them, the model reads its producer's)."""
-        match = _SHARED_KV_TENSOR.match(name)
-        return match is not None and self.model.layers[int(match.group(1))].self_attn.shares_kv
+    def adapt_checkpoint_tensor(self, name: str, tensor):
+        """Checkpoint tensors as this model takes them: the k/v projections and norms of KV-sharing layers
+        dropped (Google's checkpoints carry them, unused); under a MatFormer slice (loader/matformer.py)
+        skipped layers dropped, kept ones renumbered, the per-layer tables cut to the kept layers and each
+        FFN to its first `intermediate_size` units."""
+        match = _LAYER_TENSOR.match(name)
+        if match is not None:
+            index, rest = int(match.group(1)), match.group(2)
+            if self.kept_layers is not None:
+                if index not in self.kept_layers:
+                    return None
+                index = self.kept_layers[index]
+                name = f"model.layers.{index}.{rest}"
+            layer = self.model.layers[index]
+            if layer.self_attn.shares_kv and rest.startswith(_SHARED_KV_PARTS):
+                return None
+            if self.kept_layers is not None and rest.startswith("mlp."):
+                return name, self._cut_ffn(rest, _dense(tensor), self.model.settings.intermediate_sizes[index])
+            return name, tensor
+        if self.kept_layers is not None and name in ("model.embed_tokens_per_layer.weight",
+                                                     "model.per_layer_model_projection.weight"):
+            return name, self._kept_per_layer(name, _dense(tensor))
+        return name, tensor
+
+    @staticmethod
+    def _cut_ffn(rest: str, tensor: torch.Tensor, width: int) -> torch.Tensor:
+        return tensor[:, :width] if rest.startswith("mlp.down_proj") else tensor[:width]
+
+    def _kept_per_layer(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        kept = torch.tensor(sorted(self.kept_layers), dtype=torch.long)
+        size = self.model.per_layer_size
+        if name.endswith("embed_tokens_per_layer.weight"):  # [vocab, layers * size]
+            return tensor.view(tensor.size(0), -1, size)[:, kept].reshape(tensor.size(0), -1)
+        return tensor.view(-1, size, tensor.size(-1))[kept].reshape(-1, tensor.size(-1))  # [layers * size, hidden]
+
+
+def _dense(tensor):
+    """A GGUF block tensor dequantised (slicing cuts through its blocks); dense tensors as they are."""
+    return tensor.dequantize() if isinstance(tensor, GGUFTensor) else tensor

@@ -139,13 +139,19 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 expected[pname] = sum(1 for s in mapping.values() if s[0] == shards[0])
     loaded: dict[str, int] = {}
     prefixes = getattr(model, "checkpoint_prefixes", []) + _PREFIXES  # the model's own layouts first
-    # Tensors a checkpoint carries that the model does not use (Gemma 3n's k/v of KV-sharing layers).
-    unused = getattr(model, "unused_checkpoint_tensor", lambda name: False)
+    # A model may rename, cut or drop checkpoint tensors (Gemma 3n: the unused k/v of KV-sharing layers,
+    # MatFormer slices): `adapt_checkpoint_tensor(name, tensor)` -> (name, tensor), or None to skip it.
+    adapt = getattr(model, "adapt_checkpoint_tensor", None)
     for name, tensor in weights:
         for old, new in prefixes:
             if name.startswith(old):
                 name = new + name[len(old):]
-        if "rotary_emb." in name or (tied and name == "lm_head.weight") or unused(name):
+        if adapt is not None:
+            adapted = adapt(name, tensor)
+            if adapted is None:
+                continue
+            name, tensor = adapted
+        if "rotary_emb." in name or (tied and name == "lm_head.weight"):
             continue
         target, shard_id = name, None
         for ckpt_name, (fused, shard) in mapping.items():
