@@ -39,17 +39,14 @@ CHAT_TEMPLATE = (
 
 
 def hf_tokenizer():
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TEXT_VOCAB - 8, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = ["user\nDescribe this picture.\n\n\nWhat is said in the clip?\n\n\n\nmodel\nA cat on a mat.\n" * 3,
-            "The quick brown fox jumps over the lazy dog. " * 3]
-    tok.train_from_iterator(text, trainer)
+    from tiny_gemma3_vlm import byte_level_bpe
+
+    tok = byte_level_bpe(TEXT_VOCAB - 8, SPECIALS, [
+        "user\nDescribe this picture.\n\n\nWhat is said in the clip?\n\n\n\nmodel\nA cat on a mat.\n" * 3,
+        "The quick brown fox jumps over the lazy dog. " * 3])
 
     def fill(upto: int) -> None:
         tok.add_special_tokens([AddedToken(f"<unused{i}>", special=True)
