@@ -163,6 +163,25 @@ def test_greedy_continuations_match_transformers(llm, reference):
         assert output.outputs[0].token_ids == ids[0, ref["input_ids"].shape[1]:].tolist(), kind
 
 
+def test_prefix_cache_tells_clips_apart(llm, reference):
+    """A repeated audio prompt reuses its cached blocks; the same text with another clip does not get them."""
+    from levante import SamplingParams
+
+    text = TURN.format("Listen:<audio_soft_token> and say.")
+    params = SamplingParams(temperature=0, max_tokens=1, return_prompt_logits=True)
+    first, other = sound(0.9, 20), sound(0.9, 21)
+    llm.generate([ours(llm.engine.processor, text, [first])], params)
+    again = llm.generate([ours(llm.engine.processor, text, [first])], params)[0]
+    changed = llm.generate([ours(llm.engine.processor, text, [other])], params)[0]
+    prompt = ours(llm.engine.processor, text, [first])
+    assert again.num_cached_tokens > prompt.images[0].offset + prompt.images[0].length
+    assert changed.num_cached_tokens <= prompt.images[0].offset
+    for clip, output in ((first, again), (other, changed)):
+        expected = _reference_logits(reference, theirs(text, [clip]))
+        torch.testing.assert_close(output.metrics["prompt_logits"], expected[output.num_cached_tokens:],
+                                   atol=1e-4, rtol=0)
+
+
 def _chat_messages(samples, fmt="wav", rate=tiny.SAMPLING_RATE):
     return [{"role": "user", "content": [{"type": "text", "text": "What is said in the clip?"},
                                          audio_part(samples, fmt, rate)]}]
