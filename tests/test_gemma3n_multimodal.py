@@ -263,7 +263,16 @@ def test_text_model_refuses_audio(tiny_model):
 
     llm = LLM(str(tiny_model("qwen2")), dtype="float32", num_kv_blocks=16)
     messages = [{"role": "user", "content": [audio_part(sound(0.5, 1))]}]
-    with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content\[0\]: this model does not take audio"):
+    with pytest.raises(InvalidRequest, match="does not accept images or audio"):
         llm.chat(messages)
     with pytest.raises(InvalidRequest, match="does not accept images or audio"):
         plan_chat(llm, ChatCompletionRequest(messages=messages))
+
+
+def test_image_model_without_audio_refuses_it_naming_the_part():
+    from levante.errors import InvalidRequest
+    from levante.multimodal.messages import extract_images
+
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}, audio_part(sound(0.5, 1))]}]
+    with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content\[1\]: this model does not take audio"):
+        extract_images(messages)
