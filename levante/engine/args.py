@@ -41,6 +41,8 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     device_map: str | None = None
     topology: str | None = None
+    matformer_config: str | None = None  # Gemma 3n: the MatFormer slicing table (CSV)
+    matformer_slice: str | None = None  # Gemma 3n: the row of that table to cut out of the checkpoint
     prepared_cache: bool = True
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
@@ -100,6 +102,11 @@ class EngineArgs:
                             help='layers per device: "auto" or "ORDINAL:LAYERS;..." such as "0:12;1:12"')
         parser.add_argument("--topology", default=None,
                             help="YAML file: per-layer-range or /regex/ device and isq (mistral.rs's format)")
+        parser.add_argument("--matformer-config", default=None,
+                            help="Gemma 3n: the MatFormer slicing table (CSV, as Google publishes it)")
+        parser.add_argument("--matformer-slice", default=None,
+                            help="Gemma 3n: the row of --matformer-config to cut out of the checkpoint, "
+                                 'such as "Config for E2.49B (block-level)"')
         parser.add_argument("--enforce-eager", action="store_true",
                             help="CUDA: no CUDA graphs for decode steps (always the eager forward)")
         parser.add_argument("--no-prepared-cache", dest="prepared_cache", action="store_false",
