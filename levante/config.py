@@ -182,6 +182,11 @@ class EngineConfig:
     # min(max_num_seqs, cuda_graph_max_batch); enforce_eager turns that off.
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    # LoRA adapters (PEFT folders) loaded at start, name -> path; more may be loaded at run time,
+    # up to max_loras at once, each of rank at most max_lora_rank.
+    lora: dict[str, str] = field(default_factory=dict)
+    max_loras: int = 8
+    max_lora_rank: int = 64
 
     def with_device_defaults(self, device: torch.device) -> "EngineConfig":
         """Fill the knobs left None with the defaults of `device`'s type (in place; returns self)."""

@@ -35,6 +35,9 @@ class LLM:
     `device_map` ("auto" or "0:12;1:12") and `topology` (a YAML file: per-layer device and
     quantization). With tensor parallelism, `close()` (or `with LLM(...)`) stops the workers.
     CUDA: `enforce_eager` (no CUDA graphs for decode steps), `cuda_graph_max_batch` (default 256).
+    LoRA: `lora={"name": "path/to/peft-adapter", ...}` loads adapters at start (`load_lora` and
+    `unload_lora` at run time; at most `max_loras`, each of rank at most `max_lora_rank`); a request
+    applies one with `SamplingParams(lora="name")`, and one batch may mix adapters and the base model.
     """
 
     def __init__(self, model: str | None = None, *, progress: bool = False, **options):
@@ -56,6 +59,13 @@ class LLM:
         else:
             vocabulary = {"<start_of_turn>"} if tok.token_to_id("<start_of_turn>") is not None else ()
             self.chat_template = ChatTemplate.fallback(tok.bos_token or "", tok.eos_token or "", vocabulary)
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Load a PEFT LoRA adapter folder under `name`, for requests with `SamplingParams(lora=name)`."""
+        self._require_engine().load_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self._require_engine().unload_lora(name)
 
     def close(self) -> None:
         """Release what outlives the object: tensor-parallel worker processes (also done at exit)."""
@@ -91,9 +101,11 @@ class LLM:
                                  "it does not generate")
         return self.engine
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  images: list | None = None) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids) in one continuous batch; outputs in prompt order.
+        `params` applies to every prompt, or is a list with one per prompt (as vLLM takes it).
 
         Vision-language models: `images` (PIL images, paths or URLs) for a single prompt, or one
         list per prompt; each prompt writes one image placeholder per image (for Qwen-VL
@@ -104,7 +116,10 @@ class LLM:
         if images is not None:
             prompts = self._with_images(prompts, images)
         # Only finished outputs are read here: the engine builds no output for a running request.
-        params = dataclasses.replace(params or SamplingParams(), output_kind="final_only")
+        if isinstance(params, Sequence):
+            params = [dataclasses.replace(p, output_kind="final_only") for p in params]
+        else:
+            params = dataclasses.replace(params or SamplingParams(), output_kind="final_only")
         ids = self._submit(prompts, params)
         finished: dict[str, RequestOutput] = {}
         try:
@@ -184,12 +199,19 @@ class LLM:
     def _submit(self, prompts, params: SamplingParams | None) -> list[str]:
         if isinstance(prompts, (str, MultiModalPrompt)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = params or SamplingParams()
+        per_prompt = params if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise InvalidRequest(f"{len(prompts)} prompts but {len(per_prompt)} SamplingParams")
         ids = []
-        for prompt in prompts:
-            rid = f"llm-{next(self._ids)}"
-            self.engine.add_request(rid, prompt, params)
-            ids.append(rid)
+        try:
+            for prompt, prompt_params in zip(prompts, per_prompt):
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(rid, prompt, prompt_params)
+                ids.append(rid)
+        except BaseException:  # a bad prompt or adapter name: none of the batch runs
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return ids
 
 

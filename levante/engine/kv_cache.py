@@ -1,8 +1,9 @@
 """The paged KV cache's bookkeeping: a free list, reference counts and a prefix hash map.
 
 Blocks hold `block_size` token slots. A block whose tokens are all computed gets
-a hash chained from its predecessor's, so a later sequence with the same prefix
-reuses it. Freed blocks keep their hash until the free list hands them out again
+a hash chained from its predecessor's (the first block's from the sequence's LoRA
+adapter id: keys computed under an adapter differ), so a later sequence with the
+same prefix and adapter reuses it. Freed blocks keep their hash until the free list hands them out again
 (least recently freed first), which makes recompute after preemption cheap.
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ class BlockManager:
         """Cached blocks that hold a prefix of `seq`, leaving at least its last token to compute."""
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
-        matched, previous = [], None
+        matched, previous = [], seq.lora_id
         limit = (seq.num_tokens - 1) // self.block_size
         for i in range(limit):
             tokens = self._block_content(seq, i)
@@ -102,7 +103,7 @@ class BlockManager:
         if full == seq.num_hashed_blocks:  # nothing new is full (the blocks held keep their hashes)
             return
         start = max(0, seq.num_hashed_blocks - 1)
-        previous = None
+        previous = seq.lora_id if start == 0 else None  # past block 0, the loop reads it from the held block
         for i in range(start, full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
