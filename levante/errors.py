@@ -23,6 +23,12 @@ class ServiceUnavailable(LevanteError):
     status = 503
 
 
+class Forbidden(LevanteError):
+    """The server is not set up to allow this request (HTTP 403)."""
+
+    status = 403
+
+
 class ModelNotFound(LevanteError):
     """A request names a model this server does not serve (HTTP 404)."""
 

@@ -47,7 +47,7 @@ class LLM:
         self.engine: Engine | None = None
         self.embedder: Embedder | None = None
         self._ids = itertools.count()
-        if is_embedding_model(self.model_name):
+        if is_embedding_model(self.model_name, progress):
             self.embedder = Embedder.load(self.model_name, _engine_config(options))
             self.tokenizer, self.chat_template = self.embedder.tokenizer, None
             return

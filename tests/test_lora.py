@@ -164,3 +164,24 @@ def test_bad_adapters_are_refused_by_name(adapters, tmp_path):
     llm.load_lora("attn", str(folders["attn"]))
     with pytest.raises(InvalidRequest, match="--max-loras"):
         llm.load_lora("attn2", str(folders["attn"]))
+
+
+def test_tensor_parallel_ranks_keep_their_shard_of_each_adapter(adapters):
+    """Two ranks (gloo): B split by rows on q/k/v and gate/up, A by columns on o_proj and down_proj;
+    the worker follows run-time loads and every step's adapter rows."""
+    base, folders = adapters("qwen2")
+    options = dict(dtype="float32", block_size=4, num_kv_blocks=64)
+    prompts = _prompts()
+    requests = [(prompts[0], "attn"), (prompts[1], None), (prompts[1], "mlp"), (prompts[0], "mlp")]
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, return_prompt_logits=True, lora=name)
+              for _, name in requests]
+    single = LLM(str(base), **options, lora={name: str(f) for name, f in folders.items()})
+    expected = single.generate([p for p, _ in requests], params)
+    with LLM(str(base), **options, lora={"attn": str(folders["attn"])}, tensor_parallel_size=2) as llm:
+        llm.load_lora("mlp", str(folders["mlp"]))
+        outputs = llm.generate([p for p, _ in requests], params)
+        llm.unload_lora("mlp")
+        assert llm.generate(prompts[1], params[1])[0].outputs[0].token_ids == expected[1].outputs[0].token_ids
+    for ours, ref in zip(outputs, expected):
+        torch.testing.assert_close(ours.metrics["prompt_logits"], ref.metrics["prompt_logits"], atol=ATOL, rtol=0)
+        assert ours.outputs[0].token_ids == ref.outputs[0].token_ids

@@ -69,14 +69,15 @@ class Engine:
         config.with_device_defaults(self.device)
         self.dtype = config.dtype or default_dtype(self.device)
         started = time.monotonic()
-        self.source = open_model(model)
+        self.source = open_model(model, progress)
         self.quantization = resolve_mode(config.quantization, self.source.format)
         self.model_config = self.source.config
         self.tokenizer = self.source.tokenizer()
         self.tensor_parallel = None  # engine/tp.py: the worker ranks, under --tensor-parallel-size
         if config.tensor_parallel_size != 1:
-            self.tensor_parallel, self.device = tp.start_rank0(model, self.model_config, config, self.device,
-                                                               self.dtype)
+            # The workers open the resolved path: a Hub model is downloaded once, here.
+            self.tensor_parallel, self.device = tp.start_rank0(str(self.source.path), self.model_config, config,
+                                                               self.device, self.dtype)
         self.model, self.loaded_from = tp.load_model_all_ranks(
             self.source, config, self.dtype, self.device, lambda s, q: _with_progress(s, progress, quantized=q),
             self.tensor_parallel)

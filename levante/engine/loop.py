@@ -10,6 +10,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from levante.engine.engine import Engine
 from levante.engine.outputs import RequestOutput
@@ -40,6 +41,19 @@ class EngineLoop:
             except Exception as e:  # reported to the caller, never kills the loop
                 callback(e)
         self._enqueue(add)
+
+    def call(self, function: Callable[[], object]) -> Future:
+        """Run `function` on the engine's thread between two steps (e.g. loading a LoRA adapter);
+        its result or exception arrives through the returned future."""
+        future: Future = Future()
+
+        def run():
+            try:
+                future.set_result(function())
+            except Exception as e:  # the caller's to handle, never the loop's
+                future.set_exception(e)
+        self._enqueue(run)
+        return future
 
     def abort(self, request_id: str) -> None:
         def abort():

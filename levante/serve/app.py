@@ -8,6 +8,7 @@ A client that disconnects has its request aborted, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -26,6 +27,7 @@ from levante.multimodal.images import load_image
 from levante.serve import openai_format as fmt
 from levante.serve.chat import ChatPlan, plan_chat, render_chat
 from levante.serve.embeddings import EmbeddingService, register_embeddings
+from levante.serve.lora import register_lora
 from levante.serve.mcp_loop import DEFAULT_MAX_ROUNDS, mcp_chat_completion, offers_mcp_tools
 from levante.serve.metrics import Metrics
 from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -47,6 +49,7 @@ class ServerState:
         self.mcp_max_rounds = DEFAULT_MAX_ROUNDS
         self.metrics = Metrics()
         self.load_image = load_image  # image sources -> images; `levante serve` may confine local paths
+        self.api_key_required = False  # set by build_server: routes that change the server need a key
 
     @property
     def ready(self) -> bool:
@@ -68,11 +71,19 @@ class ServerState:
         if self.llm is None or (model and model == embedding_name and model != self.model_name):
             raise InvalidRequest(f"'{model or embedding_name}' is an embedding model: it serves /v1/embeddings "
                                  "only (start the server with a chat model to generate)")
-        if model and model != self.model_name:
-            raise ModelNotFound(f"model '{model}' is not served here; this server serves '{self.model_name}'")
+        if model and model != self.model_name and model not in self.lora_adapters():
+            served = ", ".join([self.model_name, *self.lora_adapters()])
+            raise ModelNotFound(f"model '{model}' is not served here; this server serves '{served}'")
+
+    def lora_adapters(self) -> dict:
+        """The LoRA adapters served on the model, by name (requests pick one with `model`)."""
+        return self.llm.engine.lora.loaded if self.llm is not None else {}
 
     async def generate(self, prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """The request's outputs as they come; aborted (cache freed) if the caller stops listening."""
+        """The request's outputs as they come; aborted (cache freed) if the caller stops listening.
+        `params.lora` comes as the request's `model`: kept when it names an adapter, else the base model."""
+        if params.lora is not None and params.lora not in self.lora_adapters():
+            params = dataclasses.replace(params, lora=None)
         queue: asyncio.Queue = asyncio.Queue()
         event_loop = asyncio.get_running_loop()
         request_id = uuid.uuid4().hex
@@ -170,6 +181,8 @@ def create_app(state: ServerState) -> FastAPI:
             if state.llm:
                 card["max_model_len"] = state.llm.engine.max_model_len
             cards.append(card)
+            cards += [{"id": name, "object": "model", "created": 0, "owned_by": "levante", "parent": state.model_name,
+                       "root": str(adapter.path)} for name, adapter in state.lora_adapters().items()]
         if state.embeddings:
             cards.append(state.embeddings.card())
         return {"object": "list", "data": cards}
@@ -274,6 +287,7 @@ def create_app(state: ServerState) -> FastAPI:
         yield sse("[DONE]")
 
     register_responses(app, state)
+    register_lora(app, state)
     return app
 
 
@@ -296,7 +310,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LevanteError)
     async def levante_error(_: Request, exc: LevanteError):
         status = getattr(exc, "status", 400)
-        kind = {404: "not_found_error", 503: "service_unavailable"}.get(status, "invalid_request_error")
+        kind = {403: "permission_error", 404: "not_found_error", 503: "service_unavailable"}.get(
+            status, "invalid_request_error")
         return JSONResponse(error_body(str(exc), kind, code=status), status)
 
     @app.exception_handler(StarletteHTTPException)

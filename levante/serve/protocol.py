@@ -125,6 +125,7 @@ class SamplingFields(Strict):
             min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            lora=self.model,  # the requested model: ServerState.generate keeps it when it names an adapter
         )
 
 

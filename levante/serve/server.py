@@ -35,6 +35,7 @@ def require_api_key(app: FastAPI, api_key: str) -> None:
 
 def build_server(state: ServerState, host: str, port: int, api_key: str | None = None,
                  log_level: str = "info") -> uvicorn.Server:
+    state.api_key_required = bool(api_key)
     app = create_app(state)
     if api_key:
         require_api_key(app, api_key)
