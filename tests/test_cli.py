@@ -56,3 +56,10 @@ def test_run_streams_the_default_model():
                   "Write a Python function add(a, b) that returns the sum.", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "def add(a, b):" in result.stdout
+
+
+def test_bad_lora_flags(tiny_model, tmp_path):
+    model = str(tiny_model("llama"))
+    _assert_one_line_error(_run("run", "-m", model, "--lora", "no-equals-sign", "hi"), "--lora", "NAME=PATH")
+    _assert_one_line_error(_run("run", "-m", model, "--lora", f"x={tmp_path / 'nowhere'}", "hi"),
+                           "nowhere", "not a folder")

@@ -108,8 +108,9 @@ class LinearBase(nn.Module):
             column += a.size(0)
         if lora_a.size(1) != self.in_features:
             raise RuntimeError(f"A has {lora_a.size(1)} input features, the layer {self.in_features}")
-        device, dtype = self.weight.device, self.weight.dtype  # a packed layer keeps an empty weight there
-        self.lora[adapter_id] = (lora_a.to(device, dtype), lora_b.to(device, dtype))
+        device = self.weight.device  # a packed layer keeps an empty weight there
+        dtype = torch.float32 if device.type == "cpu" else self.weight.dtype  # see layers/lora.py
+        self.lora[adapter_id] = (lora_a.t().to(device, dtype).contiguous(), lora_b.t().to(device, dtype).contiguous())
 
     def remove_lora(self, adapter_id: int) -> None:
         self.lora.pop(adapter_id, None)

@@ -128,6 +128,13 @@ def pick_gguf(files: list[str], tag: str | None, name: HubName) -> str:
     return single[0]
 
 
+def is_gguf_repo(files: list[str], tag: str | None) -> bool:
+    """A tag always means a GGUF file; without one, a repo with GGUF files and no safetensors (some
+    GGUF repos carry a config.json too)."""
+    return tag is not None or (any(f.lower().endswith(".gguf") for f in files)
+                               and not any(f.endswith(".safetensors") for f in files))
+
+
 def weight_files(files: list[str], index: dict | None) -> list[str]:
     """The safetensors a model needs: those its index names, else the top-level ones."""
     if index is not None:
@@ -172,7 +179,7 @@ def _download(name: HubName, progress: bool) -> Path:
         name.repo_id, revision=name.revision)
     files = [s.rfilename for s in info.siblings or []]
     common = dict(repo_id=name.repo_id, revision=name.revision, **options)
-    if name.tag or ("config.json" not in files and any(f.endswith(".gguf") for f in files)):
+    if is_gguf_repo(files, name.tag):
         gguf = pick_gguf(files, name.tag, name)
         return Path(hf_hub_download(filename=gguf, tqdm_class=_progress(progress), **common))
     if "config.json" not in files:
@@ -204,7 +211,7 @@ def _cached(name: HubName) -> Path:
     files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     not_cached = ModelLoadError(f"'{name}' is not (wholly) in the Hugging Face cache ({hub_cache_dir()}) and "
                                 f"HF_HUB_OFFLINE is set: run `levante pull {name}` with network access")
-    if name.tag or ("config.json" not in files and any(f.endswith(".gguf") for f in files)):
+    if is_gguf_repo(files, name.tag):
         try:
             return folder / pick_gguf(files, name.tag, name)
         except ModelLoadError:
