@@ -44,7 +44,7 @@ def adapters(tiny_model, tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "gemma3"])  # qwen2 (biased q/k/v): the tensor-parallel test
 def served(request, adapters):
     base, folders = adapters(request.param)
     llm = LLM(str(base), dtype="float32", num_kv_blocks=64, block_size=4,

@@ -178,10 +178,9 @@ def _download(name: HubName, progress: bool) -> Path:
     info = HfApi(endpoint=options["endpoint"], token=options["token"]).model_info(
         name.repo_id, revision=name.revision)
     files = [s.rfilename for s in info.siblings or []]
-    common = dict(repo_id=name.repo_id, revision=name.revision, **options)
+    common = dict(repo_id=name.repo_id, revision=name.revision, tqdm_class=_progress(progress), **options)
     if is_gguf_repo(files, name.tag):
-        gguf = pick_gguf(files, name.tag, name)
-        return Path(hf_hub_download(filename=gguf, tqdm_class=_progress(progress), **common))
+        return Path(hf_hub_download(filename=pick_gguf(files, name.tag, name), **common))
     if "config.json" not in files:
         raise ModelLoadError(f"'{name}' on the Hub has neither config.json nor a .gguf file: not a model levante "
                              "loads")
@@ -197,9 +196,7 @@ def _download(name: HubName, progress: bool) -> Path:
         raise ModelLoadError(f"'{name}' has no safetensors weights" + (" (only pickled .bin/.pt files, which "
                                                                         "levante does not load)" if pickled else ""))
     wanted += weights + (sentence_transformers_files(files, modules) if isinstance(modules, list) else [])
-    folder = snapshot_download(allow_patterns=[_literal(f) for f in wanted], tqdm_class=_progress(progress),
-                               **common)
-    return Path(folder)
+    return Path(snapshot_download(allow_patterns=[_literal(f) for f in wanted], **common))
 
 
 def _cached(name: HubName) -> Path:
