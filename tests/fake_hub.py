@@ -6,7 +6,8 @@ It answers what `huggingface_hub` asks for, as the Hub does:
 * ``HEAD``/``GET /{repo}/resolve/{rev}/{path}``: the file, with ``X-Repo-Commit``, ``ETag`` and
   ``Content-Length``, and ``Range: bytes=N-`` answered with 206 (resumed downloads);
 * 404 with ``X-Error-Code`` RepoNotFound / RevisionNotFound / EntryNotFound, 401 for a private
-  repo without the right token (with "Invalid credentials" for a wrong one).
+  repo without the right token (with "Invalid credentials" for a wrong one), and 401/403 with
+  ``X-Error-Code: GatedRepo`` for a gated repo whose terms the token's account has not accepted.
 `drop_once` names files whose first download is cut off halfway (the connection closed).
 Every request is recorded in `requests` as (method, path, Range header).
 """
@@ -26,6 +27,7 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)  # branch or tag -> commit sha
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> {path: content}
     token: str | None = None  # private: only this token may read it
+    gated: bool = False  # terms not accepted by anyone: 401 without a token, 403 with one
 
 
 def _sha(text: str) -> str:
@@ -100,6 +102,9 @@ def _handler(hub: FakeHub):
         def _repo(self, repo_id: str, head: bool) -> Repo | None:
             repo = hub.repos.get(repo_id)
             auth = self.headers.get("Authorization")
+            if repo is not None and repo.gated:
+                self._error(403 if auth else 401, "GatedRepo", "Access to this model is restricted", head)
+                return None
             if repo is None or (repo.token and auth is None):
                 self._error(401 if repo is not None else 404, "RepoNotFound", "Repository not found", head)
                 return None

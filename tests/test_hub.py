@@ -75,6 +75,8 @@ def hub(repos, tmp_path, monkeypatch):
         fake.repos["tiny/llama"].commits.update(fake.repos["tiny/qwen-like"].commits)
         fake.add("tiny/gguf", {**{name: p.read_bytes() for name, p in ggufs.items()}, "README.md": b"ggufs"})
         fake.add("tiny/private", {"config.json": b"{}"}, token="good-token")
+        fake.add("tiny/gated", {"config.json": b"{}"})
+        fake.repos["tiny/gated"].gated = True
         monkeypatch.setenv("HF_ENDPOINT", fake.url)
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
         for name in ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"]:
@@ -154,6 +156,8 @@ def test_missing_private_and_token_errors(hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "good-token")
     with pytest.raises(ModelLoadError, match="has no safetensors weights"):  # readable now: its only file is config
         resolve_path("tiny/private")
+    with pytest.raises(ModelLoadError, match="'tiny/gated' is a gated repo .* accept its terms .* HF_TOKEN"):
+        resolve_path("tiny/gated")
 
 
 def test_dropped_connection_resumes_where_it_stopped(hub, repos, tmp_path):
