@@ -1,7 +1,7 @@
 """What LoRA adapters add to a decode step, against the base model in the same run.
 
     python benchmarks/lora_overhead.py                       # smollm2:135m (Q4_1 GGUF, packed), rank 16
-    python benchmarks/lora_overhead.py --model PATH --rank 8 --steps 40
+    python benchmarks/lora_overhead.py --model PATH --rank 8 --steps 40 --batch 16
 
 A random adapter of rank `--rank` on every attention and MLP projection of every layer (PEFT's
 layout and names, written here: no download), scaling alpha/r. For batch 1 and 16, every
@@ -82,6 +82,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=int, action="append", default=None, help="batch sizes (default: 1 and 16)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +96,7 @@ def main() -> int:
     print(f"{args.model}: dtype {engine.dtype}, quantization {engine.quantization or 'none'}, "
           f"{torch.get_num_threads()} threads, LoRA rank {args.rank} on q/k/v/o/gate/up/down of "
           f"{engine.model_config.num_layers} layers")
-    for batch in (1, 16):
+    for batch in args.batch or (1, 16):
         cases = {"base": [None] * batch, "one adapter": ["a"] * batch}
         if batch > 1:
             cases.update({"half base, half adapter": [None, "a"] * (batch // 2),
