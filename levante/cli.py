@@ -42,6 +42,11 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         help='layers per device: "auto" or "ORDINAL:LAYERS;..." such as "0:12;1:12"')
     parser.add_argument("--topology", default=None,
                         help="YAML file: per-layer-range or /regex/ device and isq (mistral.rs's format)")
+    parser.add_argument("--matformer-config", default=None,
+                        help="Gemma 3n: the MatFormer slicing table (CSV, as Google publishes it)")
+    parser.add_argument("--matformer-slice", default=None,
+                        help="Gemma 3n: the row of --matformer-config to cut out of the checkpoint, "
+                             'such as "Config for E2.49B (block-level)"')
     parser.add_argument("--enforce-eager", action="store_true",
                         help="CUDA: no CUDA graphs for decode steps (always the eager forward)")
     parser.add_argument("--no-prepared-cache", dest="prepared_cache", action="store_false",
@@ -82,7 +87,9 @@ def _load(args, warmup: bool = True):
                quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
                device_map=args.device_map, topology=args.topology,
                prepared_cache=getattr(args, "prepared_cache", True),
-               enforce_eager=getattr(args, "enforce_eager", False), lora=_lora_adapters(args),
+               enforce_eager=getattr(args, "enforce_eager", False),
+               matformer_config=getattr(args, "matformer_config", None),
+               matformer_slice=getattr(args, "matformer_slice", None), lora=_lora_adapters(args),
                max_lora_rank=args.max_lora_rank, max_loras=args.max_loras)
 
 

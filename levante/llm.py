@@ -155,8 +155,9 @@ class LLM:
 
         Messages are OpenAI's: content may be a list of parts, `{"type": "text", "text": ...}`,
         `{"type": "image_url", "image_url": {"url": data URL | http(s) URL | path}}` or
-        `{"type": "image", "image": PIL.Image}` (vision-language models only); an assistant's
-        `tool_calls[].function.arguments` may be JSON text. `chat_template_kwargs` reach the
+        `{"type": "image", "image": PIL.Image}` (vision-language models only), or
+        `{"type": "input_audio", "input_audio": {"data": base64, "format": "wav" | "mp3"}}` (Gemma 3n);
+        an assistant's `tool_calls[].function.arguments` may be JSON text. `chat_template_kwargs` reach the
         template as variables (e.g. `enable_thinking`). The server renders the same way.
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages

@@ -19,6 +19,8 @@ from levante.models.embedding import (DecoderEncoder, Gemma3Encoder, Qwen2Encode
                                       SentenceEmbeddingModel)
 from levante.models.gemma3 import Gemma3ForCausalLM
 from levante.models.gemma3_vision import Gemma3ForConditionalGeneration
+from levante.models.gemma3n import Gemma3nForCausalLM
+from levante.models.gemma3n_multimodal import Gemma3nForConditionalGeneration
 from levante.models.llama import LlamaForCausalLM
 from levante.models.qwen2 import Qwen2ForCausalLM
 from levante.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -32,6 +34,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    "Gemma3nForCausalLM": Gemma3nForCausalLM,
+    "Gemma3nForConditionalGeneration": Gemma3nForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,
 }
@@ -120,14 +124,15 @@ def _our_layout(model: nn.Module, name: str) -> str:
     """A checkpoint tensor's name with its wrapper prefixes (multimodal layouts) rewritten to ours."""
     for old, new in getattr(model, "checkpoint_prefixes", []) + _PREFIXES:  # the model's own layouts first
         if name.startswith(old):
-            return new + name[len(old):]
+            name = new + name[len(old):]
     return name
 
 
-def _fused_target(model: nn.Module, name: str) -> tuple[str, object]:
-    """(our parameter's name, shard id) for a checkpoint name: q/k/v and gate/up land in fused layers."""
+def _fused_target(model: nn.Module, name: str, params: dict) -> tuple[str, object]:
+    """(our parameter's name, shard id) for a checkpoint name: q/k/v and gate/up land in fused layers,
+    unless a parameter of that name takes it unfused."""
     for ckpt_name, (fused, shard) in getattr(model, "packed_modules_mapping", {}).items():
-        if f".{ckpt_name}." in name:
+        if name not in params and f".{ckpt_name}." in name:
             return name.replace(f".{ckpt_name}.", f".{fused}."), shard
     return name, None
 
@@ -136,8 +141,9 @@ def attach_lora(model: nn.Module, adapter_id: int, modules: dict[str, tuple[torc
     """Give the decoder's linear layers adapter `adapter_id`'s updates: `modules` maps checkpoint module
     names (``model.layers.0.self_attn.q_proj``) to (A, B with its scaling). All or nothing."""
     per_layer: dict[str, dict] = {}
+    params = dict(model.named_parameters())
     for name, pair in modules.items():
-        target, shard_id = _fused_target(model, _our_layout(model, name) + ".weight")
+        target, shard_id = _fused_target(model, _our_layout(model, name) + ".weight", params)
         target = target.removesuffix(".weight")
         layer = _find(model, target)
         if not isinstance(layer, LinearBase) or not target.startswith("model.layers."):
@@ -183,11 +189,19 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             if f".{shards[0]}." in pname:
                 expected[pname] = sum(1 for s in mapping.values() if s[0] == shards[0])
     loaded: dict[str, int] = {}
+    # A model may rename, cut or drop checkpoint tensors (Gemma 3n: the unused k/v of KV-sharing layers,
+    # MatFormer slices): `adapt_checkpoint_tensor(name, tensor)` -> (name, tensor), or None to skip it.
+    adapt = getattr(model, "adapt_checkpoint_tensor", None)
     for name, tensor in weights:
         name = _our_layout(model, name)
+        if adapt is not None:
+            adapted = adapt(name, tensor)
+            if adapted is None:
+                continue
+            name, tensor = adapted
         if "rotary_emb." in name or (tied and name == "lm_head.weight"):
             continue
-        target, shard_id = _fused_target(model, name)
+        target, shard_id = _fused_target(model, name, params)
         param = params.get(target)
         if param is None:
             raise ModelLoadError(f"checkpoint tensor '{name}' has no place in {type(model).__name__}")
