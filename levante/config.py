@@ -187,6 +187,11 @@ class EngineConfig:
     # min(max_num_seqs, cuda_graph_max_batch); enforce_eager turns that off.
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    # LoRA adapters (PEFT folders) loaded at start, name -> path; more may be loaded at run time,
+    # up to max_loras at once, each of rank at most max_lora_rank.
+    lora: dict[str, str] = field(default_factory=dict)
+    max_loras: int = 8
+    max_lora_rank: int = 64
     # Gemma 3n MatFormer: a slice (a row name of the slicing table CSV at matformer_config) cut out of the
     # checkpoint (loader/matformer.py), as mistral.rs's --matformer-config-path / --matformer-slice-name.
     matformer_config: str | None = None

@@ -24,7 +24,8 @@ Prompt = str | list[int] | MultiModalPrompt
 
 
 class LLM:
-    """Loads a model (HF folder, .gguf file or alias) and generates from it, or embeds with it.
+    """Loads a model (HF folder, .gguf file, alias or Hub name such as "org/name", "org/name:Q4_K_M"
+    with `gguf_file` to name the file exactly) and generates from it, or embeds with it.
 
     Keyword arguments configure the engine: `dtype`, `device`, `max_model_len`,
     `max_num_seqs`, `max_num_batched_tokens`, `block_size`, `kv_cache_gb`,
@@ -35,21 +36,22 @@ class LLM:
     `device_map` ("auto" or "0:12;1:12") and `topology` (a YAML file: per-layer device and
     quantization). With tensor parallelism, `close()` (or `with LLM(...)`) stops the workers.
     CUDA: `enforce_eager` (no CUDA graphs for decode steps), `cuda_graph_max_batch` (default 256).
+    LoRA: `lora={"name": "path/to/peft-adapter", ...}` loads adapters at start (`load_lora` and
+    `unload_lora` at run time; at most `max_loras`, each of rank at most `max_lora_rank`); a request
+    applies one with `SamplingParams(lora="name")`, and one batch may mix adapters and the base model.
     """
 
     def __init__(self, model: str | None = None, **options):
-        from levante.loader.sources import DEFAULT_MODEL
-
         try:
             args = EngineArgs(model=model, **options)
         except TypeError as e:
             raise TypeError(f"unknown LLM option: {e}") from None
         self.args = args
-        self.model_name = str(model or DEFAULT_MODEL)
+        self.model_name = args.model_name
         self.engine: Engine | None = None
         self.embedder: Embedder | None = None
         self._ids = itertools.count()
-        if is_embedding_model(self.model_name):
+        if is_embedding_model(self.model_name, args.progress):
             self.embedder = Embedder.load(self.model_name, args.engine_config())
             self.tokenizer, self.chat_renderer = self.embedder.tokenizer, None
             return
@@ -66,6 +68,13 @@ class LLM:
     def from_engine_args(cls, args: EngineArgs) -> LLM:
         """Load the model `args` names, configured by them (the CLI, the server and the TUI start here)."""
         return cls(args.model, **args.options())
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Load a PEFT LoRA adapter folder under `name`, for requests with `SamplingParams(lora=name)`."""
+        self._require_engine().load_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self._require_engine().unload_lora(name)
 
     def close(self) -> None:
         """Release what outlives the object: tensor-parallel worker processes (also done at exit)."""
@@ -101,9 +110,11 @@ class LLM:
                                  "it does not generate")
         return self.engine
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  images: list | None = None) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids) in one continuous batch; outputs in prompt order.
+        `params` applies to every prompt, or is a list with one per prompt (as vLLM takes it).
 
         Vision-language models: `images` (PIL images, paths or URLs) for a single prompt, or one
         list per prompt; each prompt writes one image placeholder per image (for Qwen-VL
@@ -114,7 +125,10 @@ class LLM:
         if images is not None:
             prompts = self._with_images(prompts, images)
         # Only finished outputs are read here: the engine builds no output for a running request.
-        params = dataclasses.replace(params or SamplingParams(), output_kind="final_only")
+        if isinstance(params, Sequence):
+            params = [dataclasses.replace(p, output_kind="final_only") for p in params]
+        else:
+            params = dataclasses.replace(params or SamplingParams(), output_kind="final_only")
         ids = self._submit(prompts, params)
         finished: dict[str, RequestOutput] = {}
         try:
@@ -197,12 +211,19 @@ class LLM:
     def _submit(self, prompts, params: SamplingParams | None) -> list[str]:
         if isinstance(prompts, (str, MultiModalPrompt)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = params or SamplingParams()
+        per_prompt = params if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise InvalidRequest(f"{len(prompts)} prompts but {len(per_prompt)} SamplingParams")
         ids = []
-        for prompt in prompts:
-            rid = f"llm-{next(self._ids)}"
-            self.engine.add_request(rid, prompt, params)
-            ids.append(rid)
+        try:
+            for prompt, prompt_params in zip(prompts, per_prompt):
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(rid, prompt, prompt_params)
+                ids.append(rid)
+        except BaseException:  # a bad prompt or adapter name: none of the batch runs
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return ids
 
 

@@ -1,8 +1,13 @@
 """Shared pytest setup."""
+import os
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test that takes many seconds (deselect with -m 'not slow')")
+    # A model name that is not a local path is looked up on the Hugging Face Hub: in tests that is the
+    # fake Hub (tests/fake_hub.py) or this closed loopback port, never the internet.
+    os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
 import pytest  # noqa: E402

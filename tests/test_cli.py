@@ -84,3 +84,10 @@ def test_serve_exits_when_loading_fails(tmp_path, tiny_model):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("levante: ")]
     assert len(errors) == 1 and errors[0].startswith("levante: error: "), result.stderr
+
+
+def test_bad_lora_flags(tiny_model, tmp_path):
+    model = str(tiny_model("llama"))
+    _assert_one_line_error(_run("run", "-m", model, "--lora", "no-equals-sign", "hi"), "--lora", "NAME=PATH")
+    _assert_one_line_error(_run("run", "-m", model, "--lora", f"x={tmp_path / 'nowhere'}", "hi"),
+                           "nowhere", "not a folder")

@@ -14,7 +14,7 @@ from levante.engine.outputs import CompletionOutput, RequestOutput
 from levante.mcp import McpConfig, McpToolManager
 from levante.serve.mcp_loop import ANSWER_NUDGE, McpChat
 from levante.serve.openai_format import ChatChunks, ChatCompletion
-from levante.serve.pipeline import Output, Pipeline
+from levante.serve.pipeline import Output, Pipeline, Route, Routed
 from levante.serve.protocol import ChatCompletionRequest
 from levante.serve.sse import formatted
 from levante.serve.state import ServerState
@@ -35,7 +35,7 @@ class ScriptedState(Pipeline):
         self.replies = list(replies)
         self.prompts, self.params = [], []
 
-    async def generate(self, prompt_ids, params):
+    async def generate(self, route, prompt_ids, params):
         self.prompts.append(self.state.llm.tokenizer.decode(prompt_ids))
         self.params.append(params)
         text = self.replies.pop(0)
@@ -61,13 +61,16 @@ def run(pipeline, stream=False, **request):
                                                  **request})
 
     async def main():
-        events = McpChat(pipeline, body).events()
+        llm = pipeline.state.llm
+        events = McpChat(pipeline, Route("scripted", llm, None), body).events()
         if not stream:
-            collector = ChatCompletion("id", 0, "scripted")
+            collector = ChatCompletion("id", 0)
+            collector.add(Routed("scripted", llm.tokenizer))
             async for event in events:
                 collector.add(event)
             return collector.response()
-        chunks = ChatChunks("id", 0, "scripted", pipeline.state.llm.tokenizer, include_usage=False)
+        chunks = ChatChunks("id", 0, include_usage=False)
+        chunks.chunks(Routed("scripted", llm.tokenizer))
         return [chunk async for chunk in formatted(events, chunks)]
 
     return asyncio.run(main())

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from levante.distributed import parallel_state
 
 HEADER_LEN = 128
-SHUTDOWN, STEP, INIT = 0, 1, 2
+SHUTDOWN, STEP, INIT, LORA_LOAD, LORA_UNLOAD = 0, 1, 2, 3, 4
 
 
 def send(kind: int, ints: list[int], tensors: list[torch.Tensor | None], device: torch.device) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from levante.config import CacheConfig, EngineConfig
+from levante.errors import InvalidRequest
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CACHE_FIELDS = {"block_size": "block_size", "kv_cache_gb": "memory_gb", "num_kv_blocks": "num_blocks",
@@ -25,7 +26,8 @@ _CACHE_FIELDS = {"block_size": "block_size", "kv_cache_gb": "memory_gb", "num_kv
 class EngineArgs:
     """Every knob of model loading and the engine. `None` means the device's default (EngineConfig)."""
 
-    model: str | None = None  # HF folder, .gguf file or alias; None: the default model
+    model: str | None = None  # HF folder, .gguf file, alias or Hub name; None: the default model
+    gguf_file: str | None = None  # the .gguf file of the Hub repo `model` names (instead of :QUANT)
     dtype: str | torch.dtype | None = "auto"
     device: str = "cpu"
     max_model_len: int | None = None
@@ -49,6 +51,17 @@ class EngineArgs:
     warmup: bool = True
     seed: int = 0
     progress: bool = False  # progress bars while loading weights
+    lora: dict[str, str] = field(default_factory=dict)  # LoRA adapters (PEFT folders) loaded at start, name -> path
+    max_loras: int = 8  # adapters loaded at once, run-time loads included
+    max_lora_rank: int = 64
+
+    @property
+    def model_name(self) -> str:
+        """What to open: `model` (or the default model), with `gguf_file` folded in (``org/name:FILE``)."""
+        from levante.loader.hub import with_gguf_file
+        from levante.loader.sources import DEFAULT_MODEL
+
+        return with_gguf_file(str(self.model or DEFAULT_MODEL), self.gguf_file)
 
     def engine_config(self) -> EngineConfig:
         config = EngineConfig(cache=CacheConfig())
@@ -70,12 +83,16 @@ class EngineArgs:
         """The flags `add_cli_args` defined, as parsed; `overrides` win (e.g. warmup=False)."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+        if isinstance(values.get("lora"), list):
+            values["lora"] = parse_lora_flags(values["lora"])
         return cls(**{**values, **overrides})
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, default_model: str | None) -> None:
         parser.add_argument("-m", "--model", default=default_model,
-                            help=f"HF folder, .gguf file or alias (default: {default_model}; see `levante models`)")
+                            help=f"HF folder, .gguf file, alias or Hub name org/name[@revision][:QUANT] (default: "
+                                 f"{default_model}; see `levante models`)")
+        EngineArgs.add_gguf_file_arg(parser)
         parser.add_argument("--dtype", default="auto", choices=list(DTYPES))
         parser.add_argument("--device", default="cpu")
         parser.add_argument("--max-model-len", type=int, default=None)
@@ -111,3 +128,26 @@ class EngineArgs:
                             help="CUDA: no CUDA graphs for decode steps (always the eager forward)")
         parser.add_argument("--no-prepared-cache", dest="prepared_cache", action="store_false",
                             help="do not keep packed weights under <cache>/prepared/ (re-pack on every start)")
+        parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                            help="a LoRA adapter (PEFT folder) served as model NAME (repeatable; `run` applies it)")
+        parser.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted (default: 64)")
+        parser.add_argument("--max-loras", type=int, default=8,
+                            help="LoRA adapters loaded at once, run-time loads included (default: 8)")
+
+    @staticmethod
+    def add_gguf_file_arg(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--gguf-file", default=None, metavar="NAME",
+                            help="the .gguf file of the Hub repo -m names (instead of picking one by :QUANT)")
+
+
+def parse_lora_flags(specs: list[str]) -> dict[str, str]:
+    """`--lora NAME=PATH` flags as {name: path}."""
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise InvalidRequest(f"--lora {spec}: expected NAME=PATH (a PEFT adapter folder)")
+        if name in adapters:
+            raise InvalidRequest(f"--lora {spec}: adapter name '{name}' is given twice")
+        adapters[name] = path
+    return adapters

@@ -16,6 +16,7 @@ import torch
 from levante.config import EngineConfig
 from levante.engine import tp
 from levante.engine.kv_cache import BlockManager
+from levante.engine.lora import LoadedAdapter, LoraAdapters
 from levante.engine.outputs import CompletionOutput, RequestOutput
 from levante.engine.runner import ModelRunner, kv_bytes_per_token
 from levante.engine.sampler import Sampler, top_logprobs
@@ -81,7 +82,7 @@ class Engine:
         config.with_device_defaults(self.device)
         self.dtype = config.dtype or default_dtype(self.device)
         started = time.monotonic()
-        self.source = open_model(model)
+        self.source = open_model(model, progress)
         if config.matformer_slice or config.matformer_config:
             if not (config.matformer_slice and config.matformer_config):
                 raise ModelLoadError("a MatFormer slice needs both its table (matformer_config) and its name "
@@ -92,8 +93,9 @@ class Engine:
         self.tokenizer = self.source.tokenizer()
         self.tensor_parallel = None  # engine/tp.py: the worker ranks, under --tensor-parallel-size
         if config.tensor_parallel_size != 1:
-            self.tensor_parallel, self.device = tp.start_rank0(model, self.model_config, config, self.device,
-                                                               self.dtype)
+            # The workers open the resolved path: a Hub model is downloaded once, here.
+            self.tensor_parallel, self.device = tp.start_rank0(str(self.source.path), self.model_config, config,
+                                                               self.device, self.dtype)
         self.model, self.loaded_from = tp.load_model_all_ranks(
             self.source, config, self.dtype, self.device, lambda s, q: _with_progress(s, progress, quantized=q),
             self.tensor_parallel)
@@ -102,6 +104,7 @@ class Engine:
         self.processor = load_processor(self.source.path, self.model_config, self.tokenizer) \
             if self.source.format == "hf" and hasattr(self.model, "encode_images") else None
         self._init_cache()
+        self.lora = self._init_lora()
         self.sampler = Sampler(self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -126,6 +129,25 @@ class Engine:
         if not self.tensor_parallel:
             self.runner.setup_decode_graphs(cfg.max_num_seqs, self.max_model_len, cfg.enforce_eager,
                                             cfg.cuda_graph_max_batch)
+
+    def _init_lora(self) -> LoraAdapters:
+        cfg = self.config
+        hooks = self.tensor_parallel.lora_hooks() if self.tensor_parallel else (None, None)
+        adapters = LoraAdapters(self.model, cfg.max_loras, cfg.max_lora_rank, *hooks)
+        for name, path in cfg.lora.items():
+            adapters.load(name, path)
+        return adapters
+
+    def load_lora(self, name: str, path: str) -> LoadedAdapter:
+        """Serve LoRA adapter `name` (a PEFT folder) from now on; requests pick it by name."""
+        return self.lora.load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving adapter `name`; refused while an unfinished request applies it."""
+        adapter_id = self.lora.id_of(name)
+        in_use = sum(1 for request in self.requests.values() if any(
+            seq.lora_id == adapter_id and not seq.finished for seq in request.seqs))
+        self.lora.unload(name, in_use)
 
     def _kv_cache_bytes(self, per_token: int) -> int:
         """The default KV cache size: 2 GiB on the CPU; on CUDA, `gpu_memory_utilization` of the card
@@ -175,12 +197,13 @@ class Engine:
         if multimodal is None and self.processor is not None and self.processor.image_token_id in ids:
             raise InvalidRequest("the prompt has image placeholder tokens but no images")
         params = self._clamp(params, len(ids))
+        lora_id = self.lora.id_of(params.lora)
         seqs = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             grammar = self.grammars.matcher(params.structured) if params.structured else None
-            seqs.append(Sequence(request_id, i, ids, params, detok, seed, grammar, multimodal))
+            seqs.append(Sequence(request_id, i, ids, params, detok, seed, grammar, multimodal, lora_id))
         self.requests[request_id] = Request(request_id, text, ids, params, seqs,
                                             final_only=params.output_kind == "final_only")
         for seq in seqs:

@@ -6,7 +6,8 @@ reuses it. Freed blocks keep their key until the free list hands them out again
 (least recently freed first), which makes recompute after preemption cheap.
 
 Keys are SHA-256 digests of the parent's key, the block's token ids and the keys of the
-images placed in it: prompts from strangers share this cache, and with a weak hash (Python's
+images placed in it; the first block's parent is the sequence's root, which names its LoRA
+adapter (keys and values computed under an adapter differ from the base model's): prompts from strangers share this cache, and with a weak hash (Python's
 `hash` of a tuple is a known function) one could craft a prompt whose blocks collide with
 another's and read or poison its KV.
 """
@@ -58,7 +59,7 @@ class BlockManager:
         """Cached blocks that hold a prefix of `seq`, leaving at least its last token to compute."""
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
-        matched, previous = [], None
+        matched, previous = [], root_key(seq)
         limit = (seq.num_tokens - 1) // self.block_size
         for i in range(limit):
             previous = self._block_key(previous, seq, i)
@@ -104,7 +105,7 @@ class BlockManager:
         if full == seq.num_hashed_blocks:  # nothing new is full (the blocks held keep their hashes)
             return
         start = max(0, seq.num_hashed_blocks - 1)
-        previous = None
+        previous = root_key(seq) if start == 0 else None  # past block 0, the loop reads it from the held block
         for i in range(start, full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
@@ -125,7 +126,14 @@ class BlockManager:
         seq.num_hashed_blocks = 0
 
 
-_ROOT = bytes(32)  # the parent key of a sequence's first block
+_ROOT = bytes(32)  # the parent key of a sequence's first block, on the base model
+
+
+def root_key(seq: Sequence) -> bytes:
+    """The parent key of `seq`'s first block: the base model's, or one per LoRA adapter id (never reused)."""
+    if seq.lora_id is None:
+        return _ROOT
+    return hashlib.sha256(b"lora adapter %d" % seq.lora_id).digest()
 
 
 def block_key(parent: bytes | None, tokens, images: tuple = ()) -> bytes:

@@ -1,6 +1,6 @@
 """Drives `Engine.step()` from one background thread for concurrent callers.
 
-Callers never touch the engine directly: they queue commands (add, abort) that
+Callers never touch the engine directly: they queue commands (add, abort, call) that
 the loop applies between steps, and receive outputs through a callback. With no
 work the thread waits on a condition variable, so an idle engine uses no CPU.
 
@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from levante.engine.engine import Engine
 from levante.engine.outputs import RequestOutput
@@ -38,6 +39,7 @@ class EngineLoop:
         self._adds: dict[str, tuple] = {}  # request id -> (prompt, params, callback), not yet in the engine
         self._taken: dict[str, tuple] = {}  # the adds this iteration is making
         self._aborts: deque[str] = deque()
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # to run between two steps
         self._callbacks: dict[str, OutputCallback] = {}
         self._wakeup = threading.Condition()
         self._stopped = False
@@ -54,6 +56,17 @@ class EngineLoop:
                 raise ServiceUnavailable(f"the engine has stopped ({self._dead or 'shut down'})")
             self._adds[request_id] = (prompt, params, callback)
             self._wakeup.notify()
+
+    def call(self, function: Callable[[], object]) -> Future:
+        """Run `function` on the engine's thread between two steps (e.g. loading a LoRA adapter);
+        its result or exception arrives through the returned future."""
+        future: Future = Future()
+        with self._wakeup:
+            if self._dead is not None or self._stopped:
+                raise ServiceUnavailable(f"the engine has stopped ({self._dead or 'shut down'})")
+            self._calls.append((function, future))
+            self._wakeup.notify()
+        return future
 
     def abort(self, request_id: str) -> None:
         with self._wakeup:
@@ -101,7 +114,7 @@ class EngineLoop:
     def _next_iteration(self) -> bool:
         with self._wakeup:
             self._busy_since = None
-            while not self._stopped and not self._adds and not self._aborts \
+            while not self._stopped and not self._adds and not self._aborts and not self._calls \
                     and not self.engine.has_unfinished_requests():
                 self._wakeup.wait()
             if self._stopped:
@@ -109,9 +122,15 @@ class EngineLoop:
             self._busy_since = time.monotonic()
             self._taken, self._adds = self._adds, {}
             aborts, self._aborts = self._aborts, deque()
+            calls, self._calls = self._calls, deque()
         for request_id in aborts:
             self._callbacks.pop(request_id, None)
             self.engine.abort_request(request_id)
+        for function, future in calls:
+            try:
+                future.set_result(function())
+            except Exception as e:  # noqa: BLE001 - the caller's to handle, never the loop's
+                future.set_exception(e)
         while self._taken:
             request_id = next(iter(self._taken))
             prompt, params, callback = self._taken[request_id]
@@ -154,6 +173,9 @@ class EngineLoop:
     def _fail_everyone(self, error: Exception) -> None:
         with self._wakeup:
             adds, self._adds = {**self._taken, **self._adds}, {}
+            calls, self._calls = self._calls, deque()
+        for _, future in calls:
+            future.set_exception(error)
         for request_id, callback in list(self._callbacks.items()):
             _deliver(callback, error)
         self._callbacks.clear()

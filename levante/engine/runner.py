@@ -18,6 +18,7 @@ from levante.engine.encoder_cache import EncoderCache
 from levante.engine.kv_cache import fill_tables
 from levante.engine.scheduler import ScheduledSequence
 from levante.layers.attention import Attention, AttentionMetadata, attention_metadata
+from levante.layers.lora import LoraBatch, lora_batch
 
 logger = logging.getLogger("levante")
 
@@ -242,15 +243,30 @@ class ModelRunner:
             query_index=to(query_index), output_index=to(output_index), max_position=max_kv - 1,
         )
 
+    @staticmethod
+    def lora_rows(batch: list[ScheduledSequence]) -> list[int | None] | None:
+        """The LoRA adapter id of each token row of the step (None: the base model); None when no
+        sequence has one."""
+        if all(item.seq.lora_id is None for item in batch):
+            return None
+        return [item.seq.lora_id for item in batch for _ in range(item.num_new_tokens)]
+
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence], all_logits: list[bool]) -> torch.Tensor:
         """Forward one step; logits [rows, vocab] float32 for the rows `prepare` selected, in order."""
+        rows = self.lora_rows(batch)
+        if rows is not None:  # steps with LoRA adapters run eagerly (the graphs hold no adapter)
+            with lora_batch(LoraBatch.from_rows(rows)):
+                return self._forward(batch, all_logits)
         if self.decode_graphs is not None and self.decode_graphs.takes(batch, all_logits):
             try:
                 return self.decode_graphs.run(batch)
             except Exception as e:  # noqa: BLE001 - the eager forward below redoes the step
                 logger.warning("decode graphs off after a failed step, running eagerly: %s: %s", type(e).__name__, e)
                 self.decode_graphs = None
+        return self._forward(batch, all_logits)
+
+    def _forward(self, batch: list[ScheduledSequence], all_logits: list[bool]) -> torch.Tensor:
         input_ids, positions, metadata = self.prepare(batch, all_logits)
         if self.uses_mrope:
             positions = self._mrope_positions(batch)

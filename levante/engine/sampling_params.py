@@ -36,6 +36,8 @@ class SamplingParams:
     # text and tokens so far: streaming) or "final_only" (one output, when it finishes: LLM.generate,
     # which then spares the engine building an output per running request per step).
     output_kind: str = "cumulative"
+    # The LoRA adapter to apply, by the name it was loaded under (LLM(lora=...), load_lora); None: the base model.
+    lora: str | None = None
     # Internal: keep the raw logits of every prompt position (used by scoring and tests).
     return_prompt_logits: bool = field(default=False, repr=False)
 

@@ -27,7 +27,7 @@ _ids = itertools.count()
 class Sequence:
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  detokenizer=None, seed: int | None = None, grammar: GrammarMatcher | None = None,
-                 multimodal: MultiModalPrompt | None = None):
+                 multimodal: MultiModalPrompt | None = None, lora_id: int | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # which of the request's n outputs
@@ -56,6 +56,7 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(seed)
         self.grammar = grammar  # structured output: what the next token may be
         self.multimodal = multimodal  # images in the prompt and their M-RoPE positions, if any
+        self.lora_id = lora_id  # the LoRA adapter every step of this sequence applies (None: the base model)
 
     def image_keys(self, start: int, end: int) -> tuple:
         """(key, offset) of the images whose placeholder tokens overlap [start, end): placeholders

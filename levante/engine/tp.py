@@ -11,8 +11,10 @@ model, and all report success or their error together, so a failure on any rank 
 start-up everywhere with its message.
 
 Each step (`TensorParallelRunner.prepare`): rank 0 builds the step's inputs as usual and
-broadcasts them (distributed/messages.py); workers rebuild the attention metadata and run
-the same forward. Layers all-reduce inside; the head's logits are all-gathered, and only
+broadcasts them (distributed/messages.py), with each token row's LoRA adapter id when any
+row has one; workers rebuild the attention metadata and run the same forward. A LoRA adapter
+loaded on rank 0 is loaded by every rank from the same path (each keeps its shard), all
+confirming together as at start-up. Layers all-reduce inside; the head's logits are all-gathered, and only
 rank 0 samples. Workers end on a SHUTDOWN message, or when rank 0 disappears.
 """
 from __future__ import annotations
@@ -30,11 +32,15 @@ from levante.distributed import launcher, messages, parallel_state
 from levante.engine.runner import ModelRunner
 from levante.errors import LevanteError, ModelLoadError
 from levante.layers.attention import AttentionMetadata, attention_metadata
+from levante.layers.lora import LoraBatch, lora_batch
+from levante.loader.lora import read_adapter
+from levante.models.registry import attach_lora, detach_lora
 
 logger = logging.getLogger("levante")
 
 _FIELDS = ("input_ids", "positions", "slot_mapping", "key_slots", "query_positions", "kv_lens",
-           "query_index", "output_index", "logits_indices")
+           "query_index", "output_index", "logits_indices", "lora_rows")
+_CPU = torch.device("cpu")
 
 
 class TensorParallel:
@@ -45,6 +51,18 @@ class TensorParallel:
         self.closed = False
         self._threads = threads  # rank 0's thread count before the group, restored on close
         atexit.register(self.close)
+
+    def lora_hooks(self):
+        """(on_load, on_unload) for engine/lora.py: the workers follow rank 0's adapters."""
+        def on_load(adapter_id: int, path: str) -> None:
+            messages.send(messages.LORA_LOAD, [adapter_id], [], _CPU)
+            dist.broadcast_object_list([path], src=0, group=parallel_state.cpu_group())
+            report_loaded(None)
+
+        def on_unload(adapter_id: int) -> None:
+            messages.send(messages.LORA_UNLOAD, [adapter_id], [], _CPU)
+
+        return on_load, on_unload
 
     def close(self, notify: bool = True) -> None:
         if self.closed:
@@ -182,7 +200,28 @@ def _serve_steps(device: torch.device) -> None:
             num_blocks, block_size = ints
             runner = ModelRunner(model, num_blocks, block_size, dtype, device)
             continue
+        if kind == messages.LORA_LOAD:
+            _load_lora(model, ints[0], config.max_lora_rank)
+            continue
+        if kind == messages.LORA_UNLOAD:
+            detach_lora(model, ints[0])
+            continue
         _forward(runner, ints, tensors)
+
+
+def _load_lora(model, adapter_id: int, max_rank: int) -> None:
+    """A worker loads its shard of the adapter rank 0 names; every rank reports, as at start-up."""
+    box: list = [None]
+    dist.broadcast_object_list(box, src=0, group=parallel_state.cpu_group())
+    error = None
+    try:
+        attach_lora(model, adapter_id, read_adapter(box[0], max_rank).modules)
+    except Exception as e:  # reported to rank 0, which refuses the adapter
+        error = e
+    try:
+        report_loaded(error)
+    except Exception:  # this rank's or another's failure: rank 0 raises it, every rank drops the adapter
+        detach_lora(model, adapter_id)
 
 
 @torch.inference_mode()
@@ -194,7 +233,9 @@ def _forward(runner: ModelRunner, ints: list[int], tensors: list) -> None:
         query_positions=fields["query_positions"], kv_lens=fields["kv_lens"],
         query_index=fields["query_index"], output_index=fields["output_index"],
         max_position=max_position, logits_indices=fields["logits_indices"], causal=bool(causal))
-    with attention_metadata(metadata):
+    rows = fields["lora_rows"]
+    adapters = None if rows is None else LoraBatch.from_rows([a if a >= 0 else None for a in rows.tolist()])
+    with attention_metadata(metadata), lora_batch(adapters):
         hidden = runner.model(fields["input_ids"], fields["positions"])
         runner.model.compute_logits(hidden.index_select(0, metadata.logits_indices))
 
@@ -209,7 +250,10 @@ class TensorParallelRunner(ModelRunner):
     def prepare(self, batch, all_logits):
         input_ids, positions, md = super().prepare(batch, all_logits)
         md.sdpa()  # the workers take the SDPA fields
-        values = {"input_ids": input_ids, "positions": positions, **{
-            name: getattr(md, name) for name in _FIELDS[2:]}}
+        rows = self.lora_rows(batch)
+        lora_rows = None if rows is None else torch.tensor([-1 if a is None else a for a in rows])
+        values = {"input_ids": input_ids, "positions": positions, "lora_rows": lora_rows, **{
+            name: getattr(md, name) for name in _FIELDS[2:-1]}}
         messages.send(messages.STEP, [md.max_position, int(md.causal)], [values[n] for n in _FIELDS], self.device)
         return input_ids, positions, md
+

@@ -11,6 +11,10 @@ of the fused matrix has arrived, packs them all into one int8/int4 weight
 assembled rows, rather than packing shards and joining packed blocks, lets shards of
 different GGUF types settle on one form, and the int4 layout interleaves rows in
 blocks of 64 that shard boundaries need not respect.
+
+LoRA adapters (layers/lora.py) add their low-rank update after the base matmul, before a
+row-parallel layer's all-reduce; their B matrices are split across ranks as the weight rows
+are (column-parallel), their A matrices as the weight columns (row-parallel).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from levante.distributed import all_reduce, tp_rank, tp_size
+from levante.layers.lora import LoraPairs, apply_lora, current_lora_batch
 from levante.quant.packed import PackedWeight, pack
 
 
@@ -29,6 +34,7 @@ class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, shard_dim: int | None):
         super().__init__()
         self.shard_dim = shard_dim
+        self.in_features, self.out_features = in_features, out_features  # this rank's share
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -40,6 +46,7 @@ class LinearBase(nn.Module):
         self.quantization: str | None = None  # "auto" | "int8" | "int4", set before loading
         self.packed: PackedWeight | None = None
         self._pending: dict = {}
+        self.lora: LoraPairs = {}  # adapter id -> (A, B): see set_lora
 
     def _shard(self, loaded: torch.Tensor, dim: int | None) -> torch.Tensor:
         if dim is None or self.tp_size == 1 or loaded.dim() <= dim:
@@ -47,10 +54,16 @@ class LinearBase(nn.Module):
         size = loaded.size(dim) // self.tp_size
         return loaded.narrow(dim, self.tp_rank * size, size)
 
+    def _place(self, loaded: torch.Tensor, shard_id) -> tuple[torch.Tensor, int | None]:
+        """This rank's part of checkpoint tensor `loaded` (shard `shard_id` of a fused weight) and the row
+        where it starts in the fused weight (None: it is the whole weight)."""
+        return self._shard(loaded, self.shard_dim), None
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+        shard, offset = self._place(loaded, shard_id)
         if self._collects(param):
-            return self._collect(self._shard(loaded, self.shard_dim), shard_id)
-        param.data.copy_(self._shard(loaded, self.shard_dim))
+            return self._collect(shard, shard_id)
+        (param.data if offset is None else param.data.narrow(0, offset, shard.size(0))).copy_(shard)
 
     def _collects(self, param: nn.Parameter) -> bool:
         return self.quantization is not None and param is self.weight
@@ -71,7 +84,7 @@ class LinearBase(nn.Module):
             self.weight.data = weight
         else:
             self.packed = weight
-            self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed is None:
@@ -79,8 +92,37 @@ class LinearBase(nn.Module):
         out = self.packed.matmul(x)
         return out if bias is None else out + bias
 
+    def set_lora(self, adapter_id: int, shards: dict) -> None:
+        """Add an adapter's update: `shards` maps each checkpoint shard it adapts (a `shard_ids` entry)
+        to (A [rank, in], B [out, rank]) in full size, scaling folded into B; this rank keeps its part."""
+        if self.shard_dim == 1:  # row-parallel: the input is split, so A's columns are
+            parts = [(self._shard(lora_a, 1), lora_b, None) for lora_a, lora_b in shards.values()]
+        else:
+            parts = [(lora_a, *self._place(lora_b, shard_id)) for shard_id, (lora_a, lora_b) in shards.items()]
+        lora_a = torch.cat([a for a, _, _ in parts])
+        lora_b = torch.zeros(self.out_features, lora_a.size(0), dtype=lora_a.dtype)
+        column = 0
+        for a, b, offset in parts:  # block-diagonal: each shard's rows read only its own A rows
+            rows = lora_b if offset is None else lora_b.narrow(0, offset, b.size(0))
+            rows.narrow(1, column, a.size(0)).copy_(b)
+            column += a.size(0)
+        if lora_a.size(1) != self.in_features:
+            raise RuntimeError(f"A has {lora_a.size(1)} input features, the layer {self.in_features}")
+        device = self.weight.device  # a packed layer keeps an empty weight there
+        dtype = torch.float32 if device.type == "cpu" else self.weight.dtype  # see layers/lora.py
+        self.lora[adapter_id] = (lora_a.t().to(device, dtype).contiguous(), lora_b.t().to(device, dtype).contiguous())
+
+    def remove_lora(self, adapter_id: int) -> None:
+        self.lora.pop(adapter_id, None)
+
+    def _with_lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if not self.lora:
+            return out
+        batch = current_lora_batch()
+        return out if batch is None else apply_lora(self.lora, x, out, batch)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, self.bias)
+        return self._with_lora(x, self._matmul(x, self.bias))
 
 
 class ReplicatedLinear(LinearBase):
@@ -103,12 +145,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.shard_ids = tuple(range(len(output_sizes)))
         super().__init__(in_features, sum(output_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0):
-        if self._collects(param):
-            return self._collect(self._shard(loaded, 0), shard_id)
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        size = self.output_sizes[shard_id] // self.tp_size
-        param.data.narrow(0, offset, size).copy_(self._shard(loaded, 0))
+    def _place(self, loaded: torch.Tensor, shard_id: int = 0) -> tuple[torch.Tensor, int]:
+        return self._shard(loaded, 0), sum(self.output_sizes[:shard_id]) // self.tp_size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -131,13 +169,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         head = self.tp_rank * self.total_kv_heads // self.tp_size
         return loaded.narrow(0, head * self.head_dim, self.head_dim)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q"):
+    def _place(self, loaded: torch.Tensor, shard_id: str = "q") -> tuple[torch.Tensor, int]:
         shard = self._shard(loaded, 0) if shard_id == "q" else self._kv_shard(loaded)
-        if self._collects(param):
-            return self._collect(shard, shard_id)
-        offset = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}[shard_id]
-        size = self.q_size if shard_id == "q" else self.kv_size
-        param.data.narrow(0, offset, size).copy_(shard)
+        return shard, {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}[shard_id]
 
 
 class RowParallelLinear(LinearBase):
@@ -146,14 +180,9 @@ class RowParallelLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features // tp_size(), out_features, bias, shard_dim=1)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
-        if self._collects(param):
-            return self._collect(self._shard(loaded, 1), shard_id)
-        param.data.copy_(self._shard(loaded, 1 if loaded.dim() == 2 else None))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        out = self._matmul(x, bias)
+        out = self._with_lora(x, self._matmul(x, bias))  # each rank adds its partial update
         # The split is fixed when the layer is built: a single-rank model never communicates,
         # even while another engine of this process holds a tensor-parallel group.
         return all_reduce(out) if self.tp_size > 1 else out

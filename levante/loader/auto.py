@@ -20,6 +20,7 @@ import torch
 from levante.config import ModelConfig
 from levante.errors import ModelLoadError
 from levante.loader import hf
+from levante.loader.hub import parse_hub_name, resolve as resolve_hub
 from levante.loader.sentence_transformers import EmbeddingPipeline, dense_weights, read_pipeline
 from levante.loader.sources import PACKAGED_MODELS, resolve_alias
 from levante.models.registry import embedding_encoder_class, model_class
@@ -68,25 +69,31 @@ def is_embedding_folder(path: Path) -> bool:
     return (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file()
 
 
-def is_embedding_model(model: str | os.PathLike) -> bool:
-    """Whether `model` (alias or path) loads as an embedding model, without reading weights."""
-    path = resolve_path(model)[1]
+def is_embedding_model(model: str | os.PathLike, progress: bool = False) -> bool:
+    """Whether `model` (alias, path or Hub name) loads as an embedding model, without reading weights."""
+    path = resolve_path(model, progress)[1]
     return path.is_dir() and is_embedding_folder(path)
 
 
-def resolve_path(model: str | os.PathLike) -> tuple[str, Path]:
+def resolve_path(model: str | os.PathLike, progress: bool = False) -> tuple[str, Path]:
+    """(the name as given, a local path): an alias, a file or folder, else a Hub name (`org/name[@rev][:tag]`)
+    downloaded into the Hub cache (loader/hub.py), with progress bars when `progress`."""
     name = str(model)
     if name in PACKAGED_MODELS:
         return name, resolve_alias(name)
     path = Path(name).expanduser()
-    if not path.exists():
+    if path.exists():
+        return name, path
+    hub = parse_hub_name(name)
+    if hub is None:
         aliases = ", ".join(PACKAGED_MODELS)
-        raise ModelLoadError(f"model '{name}' not found: not a file, a folder or an alias ({aliases})")
-    return name, path
+        raise ModelLoadError(f"model '{name}' not found: not a file, a folder, an alias ({aliases}) "
+                             "or a Hugging Face Hub name (org/name)")
+    return name, resolve_hub(hub, progress)
 
 
-def open_model(model: str | os.PathLike) -> ModelSource:
-    name, path = resolve_path(model)
+def open_model(model: str | os.PathLike, progress: bool = False) -> ModelSource:
+    name, path = resolve_path(model, progress)
     if path.is_file():
         from levante.loader.gguf import GGUFFile
 

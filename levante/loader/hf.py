@@ -22,6 +22,20 @@ def read_config(folder: Path) -> dict:
 
 
 def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors: those its index names when it has one (a folder may hold other
+    copies, e.g. consolidated.safetensors), else every one at the top level."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{index} is not a safetensors index: {e}") from None
+        if any(Path(n).is_absolute() or ".." in Path(n).parts for n in names):
+            raise ModelLoadError(f"{index} names a shard outside its folder")
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder} lacks {len(missing)} of the shards its index names, e.g. {missing[0]}")
+        return [folder / n for n in names]
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files

@@ -120,6 +120,57 @@ def _find(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def _our_layout(model: nn.Module, name: str) -> str:
+    """A checkpoint tensor's name with its wrapper prefixes (multimodal layouts) rewritten to ours."""
+    for old, new in getattr(model, "checkpoint_prefixes", []) + _PREFIXES:  # the model's own layouts first
+        if name.startswith(old):
+            name = new + name[len(old):]
+    return name
+
+
+def _fused_target(model: nn.Module, name: str, params: dict) -> tuple[str, object]:
+    """(our parameter's name, shard id) for a checkpoint name: q/k/v and gate/up land in fused layers,
+    unless a parameter of that name takes it unfused."""
+    for ckpt_name, (fused, shard) in getattr(model, "packed_modules_mapping", {}).items():
+        if name not in params and f".{ckpt_name}." in name:
+            return name.replace(f".{ckpt_name}.", f".{fused}."), shard
+    return name, None
+
+
+def attach_lora(model: nn.Module, adapter_id: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give the decoder's linear layers adapter `adapter_id`'s updates: `modules` maps checkpoint module
+    names (``model.layers.0.self_attn.q_proj``) to (A, B with its scaling). All or nothing."""
+    per_layer: dict[str, dict] = {}
+    params = dict(model.named_parameters())
+    for name, pair in modules.items():
+        target, shard_id = _fused_target(model, _our_layout(model, name) + ".weight", params)
+        target = target.removesuffix(".weight")
+        layer = _find(model, target)
+        if not isinstance(layer, LinearBase) or not target.startswith("model.layers."):
+            raise ModelLoadError(f"the adapter changes '{name}', which is not a linear layer of the decoder "
+                                 "(LoRA applies to attention and MLP projections)")
+        if shard_id not in layer.shard_ids:
+            raise ModelLoadError(f"the adapter changes '{name}', which {type(model).__name__} does not have")
+        per_layer.setdefault(target, {})[shard_id] = pair
+    try:
+        for target, shards in per_layer.items():
+            layer = model.get_submodule(target)
+            ordered = {shard_id: shards[shard_id] for shard_id in layer.shard_ids if shard_id in shards}
+            try:
+                layer.set_lora(adapter_id, ordered)
+            except RuntimeError as e:
+                raise ModelLoadError(f"the adapter's tensors for '{target}' do not fit the model ({e})") from None
+    except ModelLoadError:
+        detach_lora(model, adapter_id)
+        raise
+
+
+def detach_lora(model: nn.Module, adapter_id: int) -> None:
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.remove_lora(adapter_id)
+
+
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                  quantization: str | None = None, overrides: dict[str, str | None] | None = None) -> None:
     """Copy checkpoint tensors into `model`, fusing q/k/v and gate/up as its mapping says.
@@ -138,14 +189,11 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             if f".{shards[0]}." in pname:
                 expected[pname] = sum(1 for s in mapping.values() if s[0] == shards[0])
     loaded: dict[str, int] = {}
-    prefixes = getattr(model, "checkpoint_prefixes", []) + _PREFIXES  # the model's own layouts first
     # A model may rename, cut or drop checkpoint tensors (Gemma 3n: the unused k/v of KV-sharing layers,
     # MatFormer slices): `adapt_checkpoint_tensor(name, tensor)` -> (name, tensor), or None to skip it.
     adapt = getattr(model, "adapt_checkpoint_tensor", None)
     for name, tensor in weights:
-        for old, new in prefixes:
-            if name.startswith(old):
-                name = new + name[len(old):]
+        name = _our_layout(model, name)
         if adapt is not None:
             adapted = adapt(name, tensor)
             if adapted is None:
@@ -153,11 +201,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             name, tensor = adapted
         if "rotary_emb." in name or (tied and name == "lm_head.weight"):
             continue
-        target, shard_id = name, None
-        for ckpt_name, (fused, shard) in mapping.items():
-            if name not in params and f".{ckpt_name}." in name:  # a parameter of that name takes it unfused
-                target, shard_id = name.replace(f".{ckpt_name}.", f".{fused}."), shard
-                break
+        target, shard_id = _fused_target(model, name, params)
         param = params.get(target)
         if param is None:
             raise ModelLoadError(f"checkpoint tensor '{name}' has no place in {type(model).__name__}")

@@ -20,6 +20,7 @@ from levante.serve import openai_format as fmt
 from levante.serve.chat import render_chat
 from levante.serve.embeddings import register_embeddings
 from levante.serve.http import CheckedRoute
+from levante.serve.lora import register_lora
 from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                     error_body, error_for, validation_error)
 from levante.serve.responses import register_responses
@@ -31,7 +32,7 @@ __all__ = ["ServerState", "create_app", "chat_completion"]
 
 async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> dict:
     """A whole chat.completion for `body` (the MCP server's `chat` tool answers with this too)."""
-    collector = fmt.ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
+    collector = fmt.ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
     async for event in state.pipeline.chat_events(body):
         collector.add(event)
     return collector.response()
@@ -62,6 +63,8 @@ def create_app(state: ServerState) -> FastAPI:
             if state.llm:
                 card["max_model_len"] = state.llm.engine.max_model_len
             cards.append(card)
+            cards += [{"id": name, "object": "model", "created": 0, "owned_by": "levante", "parent": state.model_name,
+                       "root": str(adapter.path)} for name, adapter in state.lora_adapters().items()]
         if state.embeddings:
             cards.append(state.embeddings.card())
         return {"object": "list", "data": cards}
@@ -70,46 +73,44 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        state.check(body.model)
+        llm = pipeline.route(body.model).llm
         if body.messages is not None:  # images expanded to their tokens, as the engine will run them
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            ids, _ = await asyncio.to_thread(render_chat, state.llm, messages, None, body.add_generation_prompt,
+            ids, _ = await asyncio.to_thread(render_chat, llm, messages, None, body.add_generation_prompt,
                                              None, state.load_image)
         else:
-            ids = await asyncio.to_thread(state.llm.tokenizer.encode, body.prompt,
-                                          add_special_tokens=body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": state.llm.engine.max_model_len}
+            ids = await asyncio.to_thread(llm.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        state.check(body.model)
-        vocab = state.llm.engine.model_config.vocab_size
+        llm = pipeline.route(body.model).llm
+        vocab = llm.engine.model_config.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise InvalidRequest(f"tokens: ids must be in [0, {vocab})")
-        return {"prompt": state.llm.tokenizer.decode(body.tokens)}
+        return {"prompt": llm.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         if not body.stream:
             return await chat_completion(state, body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = fmt.ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name,
-                                state.llm.tokenizer if state.llm else None, include_usage)
+        chunks = fmt.ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), include_usage)
         return await sse_response(formatted(pipeline.chat_events(body), chunks))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        tokenizer = state.llm.tokenizer if state.llm else None
         if not body.stream:
-            collector = fmt.Completion(body, rid, created, state.model_name, tokenizer)
+            collector = fmt.Completion(body, rid, created)
             async for event in pipeline.completion_events(body):
                 collector.add(event)
             return collector.response()
-        chunks = fmt.CompletionChunks(body, rid, created, state.model_name, tokenizer)
+        chunks = fmt.CompletionChunks(body, rid, created)
         return await sse_response(formatted(pipeline.completion_events(body), chunks))
 
     register_responses(app, state)
+    register_lora(app, state)
     return app
 
 

@@ -1,7 +1,9 @@
 """What stands between the network and the routes: key checks, body checks, connection guards.
 
 - `ApiKeyGate` (ASGI): every path but /health (and /metrics with --open-metrics) needs
-  `Authorization: Bearer KEY`, compared in constant time, decided on the ASGI path.
+  `Authorization: Bearer KEY`, compared in constant time, decided on the ASGI path. The admin
+  routes (ADMIN_PATHS: loading and unloading adapters and models, which name files on the server's
+  disk) need a key: on a server without one they answer 403.
 - `CheckedRoute`: request bodies parsed once, refused (400, naming the field) when nested
   deeper than --max-json-depth or holding text that is not Unicode (lone surrogates).
   The size limit itself is Starlette's `RequestBodyLimitMiddleware` (413, counted while read).
@@ -28,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from levante.serve.limits import RequestLimits
 
 OPEN_PATHS = ("/health",)
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 # A surrogate can only enter a str through a \uD800-\uDFFF escape or, as json.loads decodes bytes with
 # 'surrogatepass', through its UTF-8-like bytes (ED A0..BF xx); bodies without either skip the search.
 _SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
@@ -61,6 +64,22 @@ class ApiKeyGate:
         await self.app(scope, receive, send)
 
 
+class AdminClosed:
+    """On a server without an API key: the admin routes answer 403, the others pass."""
+
+    def __init__(self, app, admin_paths: tuple[str, ...] = ADMIN_PATHS):
+        self.app = app
+        self.admin_paths = frozenset(admin_paths)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.admin_paths:
+            message = f"{scope['path']} needs a server started with --api-key"
+            await _send_json(send, 403, {"error": {"message": message, "type": "permission_error", "param": None,
+                                                   "code": 403}})
+            return
+        await self.app(scope, receive, send)
+
+
 async def _send_json(send, status: int, payload: dict) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
@@ -89,11 +108,11 @@ class BodyLimit:
 
 def guard(app, limits: RequestLimits, api_key: str | None, open_metrics: bool = False):
     """`app` behind the body-size limit and, with a key, the key check (outermost: no body is read
-    for a request without the key)."""
+    for a request without the key); without a key, the admin routes closed."""
     app = BodyLimit(app, limits.max_body_bytes)
     if api_key:
-        app = ApiKeyGate(app, api_key, OPEN_PATHS + (("/metrics",) if open_metrics else ()))
-    return app
+        return ApiKeyGate(app, api_key, OPEN_PATHS + (("/metrics",) if open_metrics else ()))
+    return AdminClosed(app)
 
 
 # -- request bodies ---------------------------------------------------------------------------------

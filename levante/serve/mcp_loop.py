@@ -54,11 +54,11 @@ def offers_mcp_tools(state, body: ChatCompletionRequest) -> bool:
 class McpChat:
     """One chat request's trip through the loop, over a `Pipeline`."""
 
-    def __init__(self, pipeline, body: ChatCompletionRequest):
+    def __init__(self, pipeline, route, body: ChatCompletionRequest):
         if body.n != 1:
             raise InvalidRequest("n: the server's MCP tool loop serves one choice; use n=1, or send your own "
                                  "'tools' to run the calls yourself")
-        self.pipeline, self.state, self.body = pipeline, pipeline.state, body
+        self.pipeline, self.route, self.state, self.body = pipeline, route, pipeline.state, body
         self.tools = self.state.mcp.openai_tools()
         self.max_rounds = getattr(self.state, "mcp_max_rounds", DEFAULT_MAX_ROUNDS)
         self.messages = [m.model_dump(exclude_none=True) for m in body.messages]
@@ -77,7 +77,7 @@ class McpChat:
         elif self.calls:
             data["messages"] = self.messages + [{"role": "user", "content": ANSWER_NUDGE}]
         forced = StructuredOutput("regex", ANSWER_PATTERN) if answer_round and self.calls else None
-        return await self.pipeline.plan_chat(ChatCompletionRequest.model_validate(data), forced)
+        return await self.pipeline.plan_chat(self.route, ChatCompletionRequest.model_validate(data), forced)
 
     async def events(self) -> AsyncIterator[Event]:
         """The whole loop as events. A round's outputs are held back while its text could still be a
@@ -86,7 +86,7 @@ class McpChat:
             plan = await self.plan()
             yield Round(plan, server_runs_tools=True)
             shown, final = False, None
-            async for event in self.pipeline.generate(plan.prompt, plan.params):
+            async for event in self.pipeline.generate(self.route, plan.prompt, plan.params):
                 final = event.output
                 if not shown:
                     text = final.outputs[0].text.lstrip()

@@ -5,7 +5,7 @@ logprobs and usage included. The events are serve/pipeline.py's.
 from __future__ import annotations
 
 from levante.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from levante.serve.pipeline import Event, Finish, McpCalls, Output, Round, Searched
+from levante.serve.pipeline import Event, Finish, McpCalls, Output, Round, Routed, Searched
 
 
 def _entry(text: str, logprob: float) -> dict:
@@ -33,15 +33,19 @@ def usage(outputs: list[RequestOutput]) -> dict:
 
 
 class Rounds:
-    """The latest output of each prompt in the current round, and the last ones of rounds before."""
+    """The latest output of each prompt in the current round, and the last ones of rounds before;
+    the model that runs them (`routed`: its name for the response, its tokenizer)."""
 
     def __init__(self):
         self.latest: dict[int, RequestOutput] = {}
         self.past: list[RequestOutput] = []
         self.round: Round | None = None
+        self.routed: Routed | None = None
 
     def add(self, event: Event) -> None:
-        if isinstance(event, Round):
+        if isinstance(event, Routed):
+            self.routed = event
+        elif isinstance(event, Round):
             self.past += self.latest.values()
             self.latest, self.round = {}, event
         elif isinstance(event, Output):
@@ -49,6 +53,21 @@ class Rounds:
 
     def all(self) -> list[RequestOutput]:
         return self.past + [self.latest[i] for i in sorted(self.latest)]
+
+
+class EventsReader:
+    """What every formatter keeps of the events: the rounds, and the model named by `Routed`."""
+
+    def __init__(self):
+        self.rounds = Rounds()
+
+    @property
+    def model(self) -> str:
+        return self.rounds.routed.model
+
+    @property
+    def tokenizer(self):
+        return self.rounds.routed.tokenizer
 
 
 def _finish_reason(c: CompletionOutput, has_tool_calls: bool = False) -> str | None:
@@ -75,13 +94,13 @@ def chat_response(plan, rid: str, created: int, model: str, output: RequestOutpu
             "choices": choices, "usage": usage([output])}
 
 
-class ChatCompletion:
+class ChatCompletion(EventsReader):
     """Chat events -> one chat.completion. The MCP loop's reply also carries `mcp_calls` and the usage
     of every round; a web search adds `web_search`."""
 
-    def __init__(self, rid: str, created: int, model: str):
-        self.rid, self.created, self.model = rid, created, model
-        self.rounds = Rounds()
+    def __init__(self, rid: str, created: int):
+        super().__init__()
+        self.rid, self.created = rid, created
         self.mcp_calls: list[dict] = []
         self.search: dict | None = None
 
@@ -107,14 +126,14 @@ class ChatCompletion:
         return response
 
 
-class ChatChunks:
+class ChatChunks(EventsReader):
     """Chat events -> chat.completion.chunk dicts. In rounds whose tool calls the server runs (the MCP
     loop) only content goes out: a chunk per executed call (`delta.mcp_calls`) and the loop's finish."""
 
-    def __init__(self, rid: str, created: int, model: str, tokenizer, include_usage: bool):
-        self.rid, self.created, self.model, self.tokenizer = rid, created, model, tokenizer
+    def __init__(self, rid: str, created: int, include_usage: bool):
+        super().__init__()
+        self.rid, self.created = rid, created
         self.include_usage = include_usage
-        self.rounds = Rounds()
         self.role_sent: set[int] = set()
         self.writer: ChatStreamWriter | None = None
 
@@ -235,12 +254,12 @@ def _prompt_text(text: str | None, output: RequestOutput, tokenizer) -> str:
     return text if text is not None else tokenizer.decode(output.prompt_token_ids)
 
 
-class Completion:
+class Completion(EventsReader):
     """Completion events -> one text_completion."""
 
-    def __init__(self, body, rid: str, created: int, model: str, tokenizer):
-        self.body, self.rid, self.created, self.model, self.tokenizer = body, rid, created, model, tokenizer
-        self.rounds = Rounds()
+    def __init__(self, body, rid: str, created: int):
+        super().__init__()
+        self.body, self.rid, self.created = body, rid, created
 
     def add(self, event: Event) -> None:
         self.rounds.add(event)
@@ -250,14 +269,13 @@ class Completion:
                                    self.rounds.round.plan.texts, self.tokenizer)
 
 
-class CompletionChunks:
+class CompletionChunks(EventsReader):
     """Completion events -> text_completion chunks."""
 
-    def __init__(self, body, rid: str, created: int, model: str, tokenizer):
-        self.body = body
-        self.rounds = Rounds()
+    def __init__(self, body, rid: str, created: int):
+        super().__init__()
+        self.body, self.rid, self.created = body, rid, created
         self.writer: CompletionStreamWriter | None = None
-        self.rid, self.created, self.model, self.tokenizer = rid, created, model, tokenizer
 
     def chunks(self, event: Event) -> list[dict]:
         self.rounds.add(event)

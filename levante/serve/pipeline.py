@@ -2,12 +2,14 @@
 
     adapter (chat, completions, responses, MCP server tool): parse the body ... format the events
         -> Pipeline.chat_events(body) / completion_events(body)
-             check     the model is served, loaded, and its engine alive        (404, 503)
+             route     `model` -> the model (and LoRA adapter) that runs it;
+                       served, loaded, and its engine alive                     (404, 503)
              validate  against the vocabulary and the server's limits           (400, serve/validate.py)
              admit     a bounded number of sequences in flight                  (429 + Retry-After)
              plan      template, token ids, images, grammar, off the event loop (serve/chat.py)
              submit    to the EngineLoop; outputs come back as events
-        <- events: Round (a generation begins), Output (its progress), McpCalls, Searched, Finish
+        <- events: Routed (the model), Round (a generation begins), Output (its progress),
+                   McpCalls, Searched, Finish
 
 Adapters only turn a body into a call here and events into their API's JSON; the MCP tool loop
 (serve/mcp_loop.py) runs its rounds through the same `plan_chat` and `generate`. A client that
@@ -16,6 +18,7 @@ goes away closes the event stream, which aborts its requests and frees their KV 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,7 +35,25 @@ from levante.serve.chat import ChatPlan, plan_chat
 from levante.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 
+@dataclass
+class Route:
+    """What a request's `model` runs on: the name its responses report (the model or LoRA adapter it
+    named), the model (its `LLM` and engine loop) and the adapter to apply (None: the base model)."""
+    name: str
+    llm: object
+    loop: object  # levante.engine.loop.EngineLoop
+    lora: str | None = None
+
+
 # -- events ------------------------------------------------------------------------------------------
+
+@dataclass
+class Routed:
+    """The request's model is known (always the first event): the name its responses report (the
+    model or LoRA adapter it named) and that model's tokenizer."""
+    model: str
+    tokenizer: object
+
 
 @dataclass
 class Round:
@@ -68,7 +89,7 @@ class Finish:
     reason: str
 
 
-Event = Round | Output | McpCalls | Searched | Finish
+Event = Routed | Round | Output | McpCalls | Searched | Finish
 
 
 @dataclass
@@ -87,19 +108,21 @@ class Pipeline:
         self.in_flight = 0  # sequences admitted and not yet done
         self._grammar_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="levante-grammar")
 
-    # check and admit
-    def check(self, model: str | None) -> None:
-        state = self.state
-        state.check(model)
-        problem = state.loop.problem if state.loop is not None else None
+    # route and admit
+    def route(self, model: str | None) -> Route:
+        """What runs a request for `model`: 404 for a name not served, 503 while loading or when its
+        engine has stopped."""
+        route = self.state.route(model)
+        problem = route.loop.problem
         if problem:
             raise ServiceUnavailable(problem)
+        return route
 
     @asynccontextmanager
-    async def admitted(self, sequences: int):
+    async def admitted(self, route: Route, sequences: int):
         """Hold room for `sequences` more; Overloaded once the engine's running slots and the waiting
         room (--max-waiting-requests) are full."""
-        engine = self.state.llm.engine
+        engine = route.llm.engine
         capacity = engine.config.max_num_seqs + self.state.limits.max_waiting_requests
         if self.in_flight + sequences > capacity:
             self.state.metrics.requests.labels("rejected").inc()
@@ -115,51 +138,53 @@ class Pipeline:
         from levante.serve.mcp_loop import McpChat, offers_mcp_tools
         from levante.serve.web_search import search_for_chat
 
-        self.check(body.model)
-        validate.check_chat(body, self.state.llm.engine.model_config.vocab_size, self.state.limits)
-        async with self.admitted(body.n):
+        route = self.route(body.model)
+        validate.check_chat(body, route.llm.engine.model_config.vocab_size, self.state.limits)
+        async with self.admitted(route, body.n):
+            yield Routed(route.name, route.llm.tokenizer)
             search = await search_for_chat(self.state, body)  # None unless web_search_options asks for it
             if search is not None:
                 body = search.body
                 yield Searched(search.outcome.summary())
             if offers_mcp_tools(self.state, body):
-                async for event in McpChat(self, body).events():
+                async for event in McpChat(self, route, body).events():
                     yield event
                 return
-            plan = await self.plan_chat(body)
+            plan = await self.plan_chat(route, body)
             yield Round(plan)
-            async for output in self.generate(plan.prompt, plan.params):
+            async for output in self.generate(route, plan.prompt, plan.params):
                 yield output
 
     async def completion_events(self, body: CompletionRequest) -> AsyncIterator[Event]:
-        self.check(body.model)
-        validate.check_completion(body, self.state.llm.engine.model_config.vocab_size, self.state.limits)
-        async with self.admitted(body.n * len(body.prompts())):
-            plan = await self.plan_completion(body)
+        route = self.route(body.model)
+        validate.check_completion(body, route.llm.engine.model_config.vocab_size, self.state.limits)
+        async with self.admitted(route, body.n * len(body.prompts())):
+            yield Routed(route.name, route.llm.tokenizer)
+            plan = await self.plan_completion(route, body)
             yield Round(plan)
-            async for output in self.generate(plan.prompts, plan.params):
+            async for output in self.generate(route, plan.prompts, plan.params):
                 yield output
 
     # plan
-    async def plan_chat(self, body: ChatCompletionRequest, structured: StructuredOutput | None = None) -> ChatPlan:
+    async def plan_chat(self, route: Route, body: ChatCompletionRequest,
+                        structured: StructuredOutput | None = None) -> ChatPlan:
         """Render (in a thread: images may be fetched), then compile any grammar (in a thread, time-limited).
         `structured` replaces the request's own constraint (the MCP loop's answer round)."""
-        state = self.state
-        engine = state.llm.engine
+        engine = route.llm.engine
 
         def plan() -> ChatPlan:
-            chat_plan = plan_chat(state.llm, body, state.load_image)
+            chat_plan = plan_chat(route.llm, body, self.state.load_image)
             engine.check_prompt(chat_plan.prompt_ids)
             return chat_plan
 
         chat_plan = await asyncio.to_thread(plan)
         if structured is not None:
             chat_plan.params.structured = structured
-        await self.compile_grammar(chat_plan.params.structured)
+        await self.compile_grammar(route, chat_plan.params.structured)
         return chat_plan
 
-    async def plan_completion(self, body: CompletionRequest) -> CompletionPlan:
-        engine = self.state.llm.engine
+    async def plan_completion(self, route: Route, body: CompletionRequest) -> CompletionPlan:
+        engine = route.llm.engine
         params = body.sampling_params(engine.model_config.vocab_size, body.max_tokens, logprobs=body.logprobs,
                                       prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None
                                       else None)
@@ -174,12 +199,12 @@ class Pipeline:
         ids = await asyncio.to_thread(tokenize)
         return CompletionPlan(ids, [p if isinstance(p, str) else None for p in prompts], params)
 
-    async def compile_grammar(self, spec: StructuredOutput | None) -> None:
+    async def compile_grammar(self, route: Route, spec: StructuredOutput | None) -> None:
         """Compile a structured-output grammar in a worker thread, so that neither the event loop nor
         the engine thread waits on it; past --grammar-timeout the request is refused."""
         if spec is None:
             return
-        compiler = self.state.llm.engine.grammars
+        compiler = route.llm.engine.grammars
         timeout = self.state.limits.grammar_timeout
         future = asyncio.get_running_loop().run_in_executor(self._grammar_pool, compiler.prepare, spec)
         try:
@@ -189,13 +214,14 @@ class Pipeline:
                                  "(--grammar-timeout)") from None
 
     # submit and follow
-    async def generate(self, prompts, params: SamplingParams) -> AsyncIterator[Output]:
-        """Submit one prompt (ids or a MultiModalPrompt) or a list of prompt ids; yield `Output`s as
-        they come. Outputs are cumulative, so a slow reader only ever holds the latest one per prompt.
-        Closing the iterator early aborts what is still running."""
+    async def generate(self, route: Route, prompts, params: SamplingParams) -> AsyncIterator[Output]:
+        """Submit one prompt (ids or a MultiModalPrompt) or a list of prompt ids to the route's model,
+        with its LoRA adapter; yield `Output`s as they come. Outputs are cumulative, so a slow reader
+        only ever holds the latest one per prompt. Closing the iterator early aborts what is still running."""
         single = not prompts or not isinstance(prompts, list) or isinstance(prompts[0], int)
         prompts = [prompts] if single else prompts
-        loop, event_loop = self.state.loop, asyncio.get_running_loop()
+        params = dataclasses.replace(params, lora=route.lora)
+        loop, event_loop = route.loop, asyncio.get_running_loop()
         latest: dict[int, RequestOutput | BaseException] = {}
         arrived = asyncio.Event()
 

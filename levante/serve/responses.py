@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from levante.errors import InvalidRequest
 from levante.serve.openai_format import ChatCompletion
-from levante.serve.pipeline import Event, Output, Round
+from levante.serve.pipeline import Event, Output, Round, Routed
 from levante.serve.protocol import ChatCompletionRequest, validation_error
 from levante.serve.sse import formatted, sse_response
 
@@ -124,7 +124,7 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     elif fmt:
         response_format = {"type": fmt.get("type")}
     fields = dict(
-        messages=to_messages(body), max_completion_tokens=body.max_output_tokens, temperature=body.temperature,
+        model=body.model, messages=to_messages(body), max_completion_tokens=body.max_output_tokens, temperature=body.temperature,
         top_p=body.top_p, seed=body.seed, response_format=response_format, parallel_tool_calls=body.parallel_tool_calls,
         tools=[{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                for t in body.tools] if body.tools else None,
@@ -186,7 +186,7 @@ def to_response(state, completion: dict, body: ResponsesRequest, rid: str, creat
     items = _mcp_items(state, message.get("mcp_calls") or []) + _output_items(message["content"],
                                                                              message.get("tool_calls") or [])
     status = "incomplete" if choice["finish_reason"] == "length" else "completed"
-    response = _response(rid, created, state.model_name, status, items, _usage(completion["usage"]), body)
+    response = _response(rid, created, completion["model"], status, items, _usage(completion["usage"]), body)
     if status == "incomplete":
         response["incomplete_details"] = {"reason": "max_output_tokens"}
     return response
@@ -198,7 +198,7 @@ class ResponseEvents:
 
     def __init__(self, state, body: ResponsesRequest, rid: str, created: int):
         self.state, self.body, self.rid, self.created = state, body, rid, created
-        self.collector = ChatCompletion(rid, created, state.model_name)
+        self.collector = ChatCompletion(rid, created)
         self.counter = iter(range(1 << 30))
         self.started = False
         self.streaming_text = False
@@ -213,9 +213,9 @@ class ResponseEvents:
     def chunks(self, event: Event) -> list[tuple[str, dict]]:
         self.collector.add(event)
         out = []
-        if not self.started:
+        if not self.started and not isinstance(event, Routed):  # errors until planned keep their status
             self.started = True
-            shell = _response(self.rid, self.created, self.state.model_name, "in_progress", [], None, self.body)
+            shell = _response(self.rid, self.created, self.collector.model, "in_progress", [], None, self.body)
             out += [self.event("response.created", response=shell), self.event("response.in_progress", response=shell)]
         if isinstance(event, Round) and not self.streaming_text and self.sent == 0:
             self.streaming_text = event.plan.tool_parser is None and not event.server_runs_tools
@@ -288,7 +288,7 @@ def register_responses(app: FastAPI, state) -> None:
         if body.stream:
             stream = ResponseEvents(state, body, rid, created)
             return await sse_response(formatted(events, stream), stream.error)
-        collector = ChatCompletion(rid, created, state.model_name)
+        collector = ChatCompletion(rid, created)
         async for event in events:
             collector.add(event)
         return to_response(state, collector.response(), body, rid, created)

@@ -36,13 +36,12 @@ def build_server(state: ServerState, host: str, port: int, api_key: str | None =
     return uvicorn_server(app, host, port, state.limits, log_level)
 
 
-def check_model(args) -> None:
+def check_model(args, engine_args: EngineArgs) -> None:
     """Resolve the model (and the embedding model) and check the architecture, without reading weights:
-    a ModelLoadError before the port opens."""
+    a ModelLoadError before the port opens. A Hub model is downloaded here."""
     from levante.loader.auto import is_embedding_model, open_model
-    from levante.loader.sources import DEFAULT_MODEL
 
-    open_model(args.model or DEFAULT_MODEL)
+    open_model(engine_args.model_name, engine_args.progress)
     if getattr(args, "embedding_model", None):
         if not is_embedding_model(args.embedding_model):
             raise InvalidRequest(f"--embedding-model: '{args.embedding_model}' is not a sentence-embedding model "
@@ -121,7 +120,7 @@ def serve(args) -> int:
         fetch_policy=policy)
     state.mcp_max_rounds = getattr(args, "mcp_max_rounds", state.mcp_max_rounds)
     manager = _mcp_manager(args, policy)  # a bad config stops here, before anything starts
-    check_model(args)  # so does a model that cannot be found or is not supported
+    check_model(args, engine_args)  # so does a model that cannot be found or is not supported
     server = build_server(state, args.host, args.port, args.api_key, open_metrics=getattr(args, "open_metrics", False))
     mcp_start = threading.Thread(target=_start_mcp, args=(state, manager), name="levante-mcp-start", daemon=True)
     if manager is not None:

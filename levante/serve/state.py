@@ -12,7 +12,7 @@ from levante.serve.embeddings import EmbeddingService
 from levante.serve.limits import RequestLimits
 from levante.serve.mcp_loop import DEFAULT_MAX_ROUNDS
 from levante.serve.metrics import Metrics
-from levante.serve.pipeline import Pipeline
+from levante.serve.pipeline import Pipeline, Route
 
 
 class ServerState:
@@ -54,12 +54,22 @@ class ServerState:
             return 503, {"status": "unhealthy", "reason": problem}
         return 200, {"status": "ok"}
 
-    def check(self, model: str | None) -> None:
+    def route(self, model: str | None) -> Route:
+        """The one place a request's `model` is mapped to what runs: the chat model (no name, or its
+        name) or one of its LoRA adapters; ModelNotFound for any other name."""
         if not self.ready:
             raise ServiceUnavailable("the model is still loading; retry when /health answers 200")
         embedding_name = self.embeddings.name if self.embeddings else None
         if self.llm is None or (model and model == embedding_name and model != self.model_name):
             raise InvalidRequest(f"'{model or embedding_name}' is an embedding model: it serves /v1/embeddings "
                                  "only (start the server with a chat model to generate)")
-        if model and model != self.model_name:
-            raise ModelNotFound(f"model '{model}' is not served here; this server serves '{self.model_name}'")
+        if not model or model == self.model_name:
+            return Route(self.model_name, self.llm, self.loop)
+        if model in self.lora_adapters():
+            return Route(model, self.llm, self.loop, lora=model)
+        served = ", ".join([self.model_name, *self.lora_adapters()])
+        raise ModelNotFound(f"model '{model}' is not served here; this server serves '{served}'")
+
+    def lora_adapters(self) -> dict:
+        """The LoRA adapters served on the chat model, by name (requests pick one with `model`)."""
+        return self.llm.engine.lora.loaded if self.llm is not None else {}
