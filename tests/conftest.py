@@ -10,6 +10,23 @@ def pytest_configure(config):
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
+def pytest_collection_finish(session):
+    """Importing the test modules made ~400k objects (torch, transformers) that live as long as the
+    session: out of the garbage collector's sight they go (see `freeze_the_imports`)."""
+    freeze_the_imports()
+
+
+def freeze_the_imports() -> None:
+    """Move the objects alive now into the collector's permanent generation: the loader's gc.collect()
+    after each model load (loader/memory.py) otherwise walks all of them, most of a second per load
+    on a busy 2-core machine. Called when what is alive is modules (imports, lazy ones included),
+    not models: a frozen object in a reference cycle is never freed."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 import pytest  # noqa: E402
 
 
@@ -23,6 +40,7 @@ def tiny_model(tmp_path_factory):
     def get(arch: str):
         if arch not in folders:
             folders[arch] = build(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+            freeze_the_imports()  # transformers imports its modeling modules lazily, while building
         return folders[arch]
 
     return get
