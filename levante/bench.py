@@ -13,6 +13,7 @@ import time
 def run_bench(args) -> int:
     from levante import LLM
     from levante.engine.args import EngineArgs
+    from levante.engine.engine import weight_bytes
     from levante.engine.sampling_params import SamplingParams
 
     start = time.perf_counter()
@@ -30,18 +31,11 @@ def run_bench(args) -> int:
         decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     engine = llm.engine
     print(f"model {args.model} ({engine.dtype}, quantization {engine.quantization or 'none'}), load {load:.2f} s, "
-          f"weights {_weight_bytes(engine.model) / 2**20:.0f} MiB, peak RSS {_peak_rss_mib():.0f} MiB")
+          f"weights {weight_bytes(engine.model) / 2**20:.0f} MiB, peak RSS {_peak_rss_mib():.0f} MiB")
     print(f"weights loaded from {getattr(engine, 'loaded_from', None)}")
     for name, values in [("prefill tok/s", prefill), ("decode tok/s", decode)]:
         print(f"{name:14} min {min(values):8.1f}  median {statistics.median(values):8.1f}  max {max(values):8.1f}")
     return 0
-
-
-def _weight_bytes(model) -> int:
-    """Bytes of the weights the model holds: dense parameters plus packed ones (shared ones once)."""
-    dense = sum(p.numel() * p.element_size() for p in model.parameters())
-    packed = {id(m.packed): m.packed.nbytes for m in model.modules() if getattr(m, "packed", None) is not None}
-    return dense + sum(packed.values())
 
 
 def _peak_rss_mib() -> float:

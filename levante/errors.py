@@ -18,9 +18,20 @@ class InvalidRequest(LevanteError):
 
 
 class ServiceUnavailable(LevanteError):
-    """The model is still loading, or the engine has stopped (HTTP 503)."""
+    """The model is still loading, could not be loaded, or its engine has stopped (HTTP 503); with
+    `retry_after` (seconds), the client is told when to try again."""
 
     status = 503
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelBusy(LevanteError):
+    """A model cannot be unloaded while requests use it (HTTP 409)."""
+
+    status = 409
 
 
 class ModelNotFound(LevanteError):

@@ -76,6 +76,10 @@ class LLM:
     def unload_lora(self, name: str) -> None:
         self._require_engine().unload_lora(name)
 
+    def memory_bytes(self) -> int:
+        """What the model holds in memory: its weights, and the KV cache of a generating model."""
+        return self.engine.memory_bytes() if self.engine is not None else self.embedder.memory_bytes()
+
     def close(self) -> None:
         """Release what outlives the object: tensor-parallel worker processes (also done at exit)."""
         if self.engine is not None:

@@ -12,7 +12,7 @@ import time
 import torch
 
 from levante.config import EngineConfig
-from levante.engine.engine import default_dtype
+from levante.engine.engine import default_dtype, weight_bytes
 from levante.errors import InvalidRequest
 from levante.layers.attention import AttentionMetadata, attention_metadata
 from levante.layers.pooling import normalize
@@ -49,6 +49,9 @@ class Embedder:
         if not source.is_embedding:
             raise InvalidRequest(f"'{model}' is not a sentence-embedding model")
         return cls(source, config.dtype or default_dtype(device), device)
+
+    def memory_bytes(self) -> int:
+        return weight_bytes(self.model)
 
     def _output_dimensions(self) -> int:
         if self.pipeline.dense:

@@ -166,6 +166,10 @@ class Engine:
                            free / (1 << 30), total / (1 << 30), floor / (1 << 30))
         return int(max(budget, floor))
 
+    def memory_bytes(self) -> int:
+        """What this engine holds: the weights (this rank's) and the KV cache."""
+        return weight_bytes(self.model) + sum(k.nbytes + v.nbytes for k, v in self.runner.kv_cache)
+
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (also done at exit)."""
         if self.tensor_parallel is not None:
@@ -452,6 +456,13 @@ class Engine:
              "prompt_logits": first.prompt_logits},
             request.error,
         )
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a model holds: dense parameters and buffers plus packed weights (shared ones once)."""
+    dense = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    packed = {id(m.packed): m.packed.nbytes for m in model.modules() if getattr(m, "packed", None) is not None}
+    return dense + sum(packed.values())
 
 
 def _advance_grammar(seq: Sequence, token: int) -> bool:

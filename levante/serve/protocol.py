@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from levante.engine.sampling_params import SamplingParams
-from levante.errors import InvalidRequest, LevanteError, Overloaded
+from levante.errors import InvalidRequest, LevanteError
 
 MAX_N = 16
 INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -235,7 +235,8 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 408: "timeout_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+               409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               503: "service_unavailable"}
 
 
 def error_for(error: BaseException) -> tuple[int, dict, dict]:
@@ -246,7 +247,8 @@ def error_for(error: BaseException) -> tuple[int, dict, dict]:
         message, param = str(error), _param_of(str(error))
     else:
         status, message, param = 500, f"internal error: {type(error).__name__}: {error}", None
-    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else {}
+    retry_after = getattr(error, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
     return status, error_body(message, ERROR_TYPES.get(status, "invalid_request_error"), param, status), headers
 
 
