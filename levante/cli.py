@@ -9,13 +9,14 @@ import os
 import sys
 
 from levante.engine.args import EngineArgs
+from levante.serve import model_specs
 from levante.serve.limits import RequestLimits
 from levante.errors import LevanteError
 from levante.loader.sources import DEFAULT_MODEL
 
 
-def _engine_args(parser: argparse.ArgumentParser) -> None:
-    EngineArgs.add_cli_args(parser, DEFAULT_MODEL)
+def _engine_args(parser: argparse.ArgumentParser, several_models: bool = False) -> None:
+    EngineArgs.add_cli_args(parser, DEFAULT_MODEL, several_models)
 
 
 def _mcp_args(parser: argparse.ArgumentParser) -> None:
@@ -212,11 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    _engine_args(serve)
+    _engine_args(serve, several_models=True)
+    model_specs.add_cli_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("LEVANTE_API_KEY"))
-    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--served-model-name", default=None, help="the name the (first) -m model is served under")
     serve.add_argument("--embedding-model", default=None,
                        help="also serve this embedding model on /v1/embeddings (alias or folder)")
     serve.add_argument("--search-url", default=os.environ.get("LEVANTE_SEARCH_URL"),

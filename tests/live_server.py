@@ -12,6 +12,18 @@ from levante.serve.app import ServerState
 from levante.serve.server import build_server
 
 
+def metric(base: str, name: str, headers: dict | None = None, **labels) -> float | None:
+    """The value of the /metrics sample `name` whose labels include `labels` (None if there is none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", headers=headers or {}).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -25,6 +37,19 @@ def live_server(llm, name: str = "test-model", api_key: str | None = None, embed
     """Yields (base_url, state) with `llm` (and an embedding model) attached and warm; stops the server afterwards.
     `limits`: a levante.serve.limits.RequestLimits (default: the server's defaults)."""
     state = ServerState(name, limits)
+    with serving(state, api_key, open_metrics) as base:
+        state.web_search = web_search
+        state.mcp = mcp  # a started levante.mcp.McpToolManager, or None
+        if mcp_max_rounds is not None:
+            state.mcp_max_rounds = mcp_max_rounds
+        state.attach(llm, embedding_llm, embedding_name)
+        yield base, state
+
+
+@contextmanager
+def serving(state: ServerState, api_key: str | None = None, open_metrics: bool = False):
+    """Yields the base URL of `state` served on a loopback port (answering /health 503 until the caller
+    makes it ready); stops the server and its models afterwards."""
     port = free_port()
     server = build_server(state, "127.0.0.1", port, api_key, log_level="warning", open_metrics=open_metrics)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -40,15 +65,9 @@ def live_server(llm, name: str = "test-model", api_key: str | None = None, embed
         if time.monotonic() > deadline:
             raise RuntimeError("server did not start")
         time.sleep(0.05)
-    state.web_search = web_search
-    state.mcp = mcp  # a started levante.mcp.McpToolManager, or None
-    if mcp_max_rounds is not None:
-        state.mcp_max_rounds = mcp_max_rounds
-    state.attach(llm, embedding_llm, embedding_name)
     try:
-        yield base, state
+        yield base
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        if state.loop is not None:
-            state.loop.stop()
+        state.close()

@@ -162,4 +162,4 @@ def test_streams_beside_a_failing_one_finish_byte_identical(tiny_model):
         error = json.loads(failed[-2])["error"]
         assert error["code"] == 500 and "injected fault" in error["message"]
         assert any("choices" in json.loads(line) for line in failed[:-2])  # it had streamed tokens first
-        assert state.llm.engine.block_manager.num_free_blocks == state.llm.engine.block_manager.num_blocks
+        assert state.router.default.llm.engine.block_manager.num_free_blocks == state.router.default.llm.engine.block_manager.num_blocks

@@ -57,7 +57,7 @@ def client(llm):
         state.attach(llm)
         assert client.get("/health").status_code == 200
         yield client
-    state.loop.stop()
+    state.close()
 
 
 def test_chat_completion(client):

@@ -14,7 +14,9 @@ from levante.engine.outputs import CompletionOutput, RequestOutput
 from levante.mcp import McpConfig, McpToolManager
 from levante.serve.mcp_loop import ANSWER_NUDGE, McpChat
 from levante.serve.openai_format import ChatChunks, ChatCompletion
-from levante.serve.pipeline import Output, Pipeline, Route, Routed
+from levante.serve.model_specs import ModelSpec
+from levante.serve.pipeline import Output, Pipeline, Routed
+from levante.serve.router import Route, ServedModel
 from levante.serve.protocol import ChatCompletionRequest
 from levante.serve.sse import formatted
 from levante.serve.state import ServerState
@@ -30,13 +32,15 @@ class ScriptedState(Pipeline):
 
     def __init__(self, llm, manager, replies: list[str], max_rounds: int = 5):
         state = ServerState("scripted")
-        state.llm, state.mcp, state.mcp_max_rounds = llm, manager, max_rounds
+        state.mcp, state.mcp_max_rounds = manager, max_rounds
         super().__init__(state)
+        self.model = ServedModel(ModelSpec("scripted", llm.args))
+        self.model.llm = llm
         self.replies = list(replies)
         self.prompts, self.params = [], []
 
     async def generate(self, route, prompt_ids, params):
-        self.prompts.append(self.state.llm.tokenizer.decode(prompt_ids))
+        self.prompts.append(route.llm.tokenizer.decode(prompt_ids))
         self.params.append(params)
         text = self.replies.pop(0)
         yield Output(0, RequestOutput("r", None, list(prompt_ids),
@@ -61,8 +65,8 @@ def run(pipeline, stream=False, **request):
                                                  **request})
 
     async def main():
-        llm = pipeline.state.llm
-        events = McpChat(pipeline, Route("scripted", llm, None), body).events()
+        llm = pipeline.model.llm
+        events = McpChat(pipeline, Route("scripted", pipeline.model), body).events()
         if not stream:
             collector = ChatCompletion("id", 0)
             collector.add(Routed("scripted", llm.tokenizer))

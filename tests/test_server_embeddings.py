@@ -67,7 +67,7 @@ def test_routing_and_errors(both):
 
 def test_concurrent_requests_share_forward_passes(both, minilm):
     base, state, _ = both
-    batcher = state.embeddings.batcher
+    batcher = state.router.models["minilm"].embeddings.batcher
     real_embed = batcher.embedder.embed
 
     class SlowEmbedder:  # holds each forward long enough for the other requests to queue up

@@ -204,7 +204,7 @@ def test_health_tells_a_stalled_and_a_dead_engine(tiny_model):
     model = llm.engine.model
     original = model.forward
     with live_server(llm, "tiny") as (base, state):
-        state.loop.stall_seconds = 0.5
+        state.router.default.loop.stall_seconds = 0.5
 
         def slow(*args, **kwargs):
             time.sleep(1.5)

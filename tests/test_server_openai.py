@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from levante import LLM
-from live_server import live_server
+from live_server import live_server, metric
 
 MSG = [{"role": "user", "content": "Say something."}]
 
@@ -25,7 +25,7 @@ def client(server):
 
 
 def test_models_and_health(server, client):
-    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok", "models": {"tiny": {"status": "loaded"}}}
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 
@@ -120,11 +120,9 @@ def test_tokenize_detokenize_metrics(server):
         assert name in text
 
 
-def _metric(base: str, name: str) -> float:
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
+def _metric(base: str, name: str, **labels) -> float:
+    """The sample `name` of model "tiny"."""
+    return metric(base, name, model_name="tiny", **labels)
 
 
 def test_disconnect_aborts_and_frees_the_cache(tiny_model):
@@ -141,7 +139,7 @@ def test_disconnect_aborts_and_frees_the_cache(tiny_model):
         while _metric(base, "levante_num_requests_running") or _metric(base, "levante_kv_cache_usage_ratio"):
             assert time.monotonic() < deadline, "the aborted request still holds the cache"
             time.sleep(0.05)
-        assert _metric(base, 'levante_requests_total{finish_reason="abort"}') == 1
+        assert _metric(base, "levante_requests_total", finish_reason="abort") == 1
         assert _metric(base, "levante_generation_tokens_total") < 8000
 
 

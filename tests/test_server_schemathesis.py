@@ -71,7 +71,7 @@ def test_the_server_still_answers_and_holds_nothing(server):
     base, state = server
     assert httpx.get(f"{base}/health").status_code == 200
     assert httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
-    engine = state.llm.engine
+    engine = state.router.default.llm.engine
     assert not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert state.pipeline.in_flight == 0

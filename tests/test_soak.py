@@ -115,7 +115,7 @@ def test_soak_ends_clean(tiny_model):
         started = time.monotonic()
         outcomes = asyncio.run(soak(base))
         minutes = (time.monotonic() - started) / 60
-        engine = state.llm.engine
+        engine = state.router.default.llm.engine
         deadline = time.monotonic() + 30
         while engine.has_unfinished_requests() or state.pipeline.in_flight:
             assert time.monotonic() < deadline, "requests still held after the soak"

@@ -484,7 +484,7 @@ def test_pilot_local_engine_matches_llm_chat(store, tiny_model, tmp_path):
         with pytest.raises(openai.AuthenticationError):
             bad_key.models.list()
     assert messages == [*question, {"role": "assistant", "content": expected}]
-    assert "tiny (owned by levante, max_model_len 256)" in model_info
+    assert "tiny (owned by levante, status loaded, max_model_len 256)" in model_info
     assert error == f"error: {direct.value.body['message']} (HTTP 400)"
 
 

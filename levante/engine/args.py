@@ -88,10 +88,16 @@ class EngineArgs:
         return cls(**{**values, **overrides})
 
     @staticmethod
-    def add_cli_args(parser: argparse.ArgumentParser, default_model: str | None) -> None:
-        parser.add_argument("-m", "--model", default=default_model,
-                            help=f"HF folder, .gguf file, alias or Hub name org/name[@revision][:QUANT] (default: "
-                                 f"{default_model}; see `levante models`)")
+    def add_cli_args(parser: argparse.ArgumentParser, default_model: str | None, several: bool = False) -> None:
+        """The engine flags; `several`: -m may be repeated (`levante serve`), a list in `args.model`."""
+        what = "HF folder, .gguf file, alias or Hub name org/name[@revision][:QUANT]"
+        if several:
+            parser.add_argument("-m", "--model", action="append", default=None,
+                                help=f"{what}; repeat it to serve several models, routed by `model` (default: "
+                                     f"{default_model}; see `levante models`)")
+        else:
+            parser.add_argument("-m", "--model", default=default_model,
+                                help=f"{what} (default: {default_model}; see `levante models`)")
         EngineArgs.add_gguf_file_arg(parser)
         parser.add_argument("--dtype", default="auto", choices=list(DTYPES))
         parser.add_argument("--device", default="cpu")

@@ -20,7 +20,7 @@ from levante.serve import openai_format as fmt
 from levante.serve.chat import render_chat
 from levante.serve.embeddings import register_embeddings
 from levante.serve.http import CheckedRoute
-from levante.serve.lora import register_lora
+from levante.serve.admin import register_admin
 from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                     error_body, error_for, validation_error)
 from levante.serve.responses import register_responses
@@ -52,43 +52,36 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        engine = state.llm.engine if state.llm else None
-        return Response(state.metrics.render(engine, pipeline.in_flight), media_type="text/plain; version=0.0.4")
+        models = list(state.router.models.values())
+        return Response(state.metrics.render(models), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
-        cards = []
-        if state.llm or not state.embeddings:
-            card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "levante"}
-            if state.llm:
-                card["max_model_len"] = state.llm.engine.max_model_len
-            cards.append(card)
-            cards += [{"id": name, "object": "model", "created": 0, "owned_by": "levante", "parent": state.model_name,
-                       "root": str(adapter.path)} for name, adapter in state.lora_adapters().items()]
-        if state.embeddings:
-            cards.append(state.embeddings.card())
-        return {"object": "list", "data": cards}
+        """Every model served (loaded or not: `status` says), each followed by its LoRA adapters."""
+        return {"object": "list", "data": [card for m in list(state.router.models.values()) for card in m.cards()]}
 
     register_embeddings(app, state)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        llm = pipeline.route(body.model).llm
-        if body.messages is not None:  # images expanded to their tokens, as the engine will run them
-            messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            ids, _ = await asyncio.to_thread(render_chat, llm, messages, None, body.add_generation_prompt,
-                                             None, state.load_image)
-        else:
-            ids = await asyncio.to_thread(llm.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": llm.engine.max_model_len}
+        async with pipeline.routed(body.model) as route:
+            llm = route.llm
+            if body.messages is not None:  # images expanded to their tokens, as the engine will run them
+                messages = [m.model_dump(exclude_none=True) for m in body.messages]
+                ids, _ = await asyncio.to_thread(render_chat, llm, messages, None, body.add_generation_prompt,
+                                                 None, state.load_image)
+            else:
+                ids = await asyncio.to_thread(llm.tokenizer.encode, body.prompt,
+                                              add_special_tokens=body.add_special_tokens)
+            return {"tokens": ids, "count": len(ids), "max_model_len": llm.engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        llm = pipeline.route(body.model).llm
-        vocab = llm.engine.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in body.tokens):
-            raise InvalidRequest(f"tokens: ids must be in [0, {vocab})")
-        return {"prompt": llm.tokenizer.decode(body.tokens)}
+        async with pipeline.routed(body.model) as route:
+            vocab = route.llm.engine.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in body.tokens):
+                raise InvalidRequest(f"tokens: ids must be in [0, {vocab})")
+            return {"prompt": route.llm.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
@@ -110,7 +103,7 @@ def create_app(state: ServerState) -> FastAPI:
         return await sse_response(formatted(pipeline.completion_events(body), chunks))
 
     register_responses(app, state)
-    register_lora(app, state)
+    register_admin(app, state)
     return app
 
 

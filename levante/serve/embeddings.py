@@ -15,7 +15,6 @@ import torch
 from fastapi import FastAPI
 from pydantic import Field
 
-from levante.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from levante.serve.protocol import Strict
 
 
@@ -106,24 +105,11 @@ def _base64(vector: torch.Tensor) -> str:
     return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
 
 
-def service_for(state, model: str | None) -> EmbeddingService:
-    """The embedding model a request names (or the only one), with a clear error otherwise."""
-    if not state.ready:
-        raise ServiceUnavailable("the model is still loading; retry when /health answers 200")
-    service: EmbeddingService | None = state.embeddings
-    if service is None:
-        raise InvalidRequest(f"'{state.model_name}' is not an embedding model, and no embedding model is loaded "
-                             "(start the server with --embedding-model)")
-    if model and model != service.name:
-        if model == state.model_name:
-            raise InvalidRequest(f"'{model}' is a chat model; embeddings come from '{service.name}'")
-        raise ModelNotFound(f"model '{model}' is not served here; embeddings come from '{service.name}'")
-    return service
-
-
 def register_embeddings(app: FastAPI, state) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
-        return await service_for(state, body.model).respond(body)
+        """The embedding model `model` names (or the first one served), through the router."""
+        async with state.pipeline.routed(body.model, embedding=True) as route:
+            return await route.model.embeddings.respond(body)
 
 

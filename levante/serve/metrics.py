@@ -1,35 +1,60 @@
-"""Prometheus metrics for /metrics, one registry per app (so tests can run several)."""
+"""Prometheus metrics for /metrics, one registry per app (so tests can run several).
+
+Every series carries `model_name` (vLLM's label): the served model it counts, adapters under
+their base model. Per-model gauges are read from the router at each scrape.
+"""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+MODEL = ["model_name"]
 
 
 class Metrics:
     def __init__(self):
         self.registry = registry = CollectorRegistry()
-        self.running = Gauge("levante_num_requests_running", "Sequences being computed", registry=registry)
-        self.waiting = Gauge("levante_num_requests_waiting", "Sequences waiting for the scheduler",
+        self.running = Gauge("levante_num_requests_running", "Sequences being computed", MODEL, registry=registry)
+        self.waiting = Gauge("levante_num_requests_waiting", "Sequences waiting for the scheduler", MODEL,
                              registry=registry)
         self.admitted = Gauge("levante_num_sequences_admitted", "Sequences admitted by the server and not yet "
-                              "done (running, waiting, or being planned)", registry=registry)
-        self.kv_usage = Gauge("levante_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
+                              "done (running, waiting, or being planned)", MODEL, registry=registry)
+        self.kv_usage = Gauge("levante_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", MODEL,
                               registry=registry)
-        self.prompt_tokens = Counter("levante_prompt_tokens", "Prompt tokens processed", registry=registry)
-        self.generation_tokens = Counter("levante_generation_tokens", "Tokens generated", registry=registry)
-        self.requests = Counter("levante_requests", "Finished requests by reason", ["finish_reason"],
+        self.loaded = Gauge("levante_model_loaded", "1 while the model is loaded, else 0", MODEL, registry=registry)
+        self.memory = Gauge("levante_model_memory_bytes", "Memory the loaded model holds (weights, KV cache)", MODEL,
+                            registry=registry)
+        self.model_events = Counter("levante_model_events", "Loads, failed loads and unloads of each model",
+                                    MODEL + ["event"], registry=registry)
+        self.load_seconds = Histogram("levante_model_load_seconds", "Time to load a model (warm-up included)", MODEL,
+                                      buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=registry)
+        self.prompt_tokens = Counter("levante_prompt_tokens", "Prompt tokens processed", MODEL, registry=registry)
+        self.generation_tokens = Counter("levante_generation_tokens", "Tokens generated", MODEL, registry=registry)
+        self.requests = Counter("levante_requests", "Finished requests by reason", MODEL + ["finish_reason"],
                                 registry=registry)
-        self.ttft = Histogram("levante_time_to_first_token_seconds", "Time to first token",
+        self.ttft = Histogram("levante_time_to_first_token_seconds", "Time to first token", MODEL,
                               buckets=_LATENCY_BUCKETS, registry=registry)
-        self.itl = Histogram("levante_inter_token_latency_seconds", "Time between generated tokens",
+        self.itl = Histogram("levante_inter_token_latency_seconds", "Time between generated tokens", MODEL,
                              buckets=_LATENCY_BUCKETS, registry=registry)
 
-    def render(self, engine, admitted: int = 0) -> bytes:
-        self.admitted.set(admitted)
-        if engine is not None:
-            scheduler = engine.scheduler
-            self.running.set(len(scheduler.running))
-            self.waiting.set(len(scheduler.waiting))
-            self.kv_usage.set(engine.block_manager.usage())
+    def model_changed(self, served, event: str) -> None:
+        """The router's report: model `served` was loaded, failed to load, or unloaded."""
+        self.model_events.labels(served.name, event).inc()
+        if event == "loaded" and served.load_seconds:
+            self.load_seconds.labels(served.name).observe(served.load_seconds)
+
+    def render(self, models) -> bytes:
+        """The exposition text, with the gauges of `models` (the router's ServedModels) read now."""
+        for served in models:
+            llm = served.llm  # read once: the model may be unloaded meanwhile
+            name, engine = served.name, llm.engine if llm is not None else None
+            self.loaded.labels(name).set(served.status == "loaded")
+            self.memory.labels(name).set(served.memory_bytes if served.status == "loaded" else 0)
+            self.admitted.labels(name).set(served.in_flight)
+            if served.spec.embedding:
+                continue
+            scheduler = engine.scheduler if engine is not None else None
+            self.running.labels(name).set(len(scheduler.running) if scheduler else 0)
+            self.waiting.labels(name).set(len(scheduler.waiting) if scheduler else 0)
+            self.kv_usage.labels(name).set(engine.block_manager.usage() if engine is not None else 0)
         return generate_latest(self.registry)

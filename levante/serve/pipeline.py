@@ -2,8 +2,8 @@
 
     adapter (chat, completions, responses, MCP server tool): parse the body ... format the events
         -> Pipeline.chat_events(body) / completion_events(body)
-             route     `model` -> the model (and LoRA adapter) that runs it;
-                       served, loaded, and its engine alive                     (404, 503)
+             route     `model` -> the model (and LoRA adapter) that runs it, held for the
+                       request; loaded first if need be (serve/router.py)       (404, 503)
              validate  against the vocabulary and the server's limits           (400, serve/validate.py)
              admit     a bounded number of sequences in flight                  (429 + Retry-After)
              plan      template, token ids, images, grammar, off the event loop (serve/chat.py)
@@ -33,16 +33,7 @@ from levante.errors import InvalidRequest, Overloaded, ServiceUnavailable
 from levante.serve import validate
 from levante.serve.chat import ChatPlan, plan_chat
 from levante.serve.protocol import ChatCompletionRequest, CompletionRequest
-
-
-@dataclass
-class Route:
-    """What a request's `model` runs on: the name its responses report (the model or LoRA adapter it
-    named), the model (its `LLM` and engine loop) and the adapter to apply (None: the base model)."""
-    name: str
-    llm: object
-    loop: object  # levante.engine.loop.EngineLoop
-    lora: str | None = None
+from levante.serve.router import Route
 
 
 # -- events ------------------------------------------------------------------------------------------
@@ -105,65 +96,71 @@ class CompletionPlan:
 class Pipeline:
     def __init__(self, state):
         self.state = state
-        self.in_flight = 0  # sequences admitted and not yet done
         self._grammar_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="levante-grammar")
 
+    @property
+    def in_flight(self) -> int:
+        """Sequences admitted and not yet done, every model's."""
+        return sum(model.in_flight for model in self.state.router.models.values())
+
     # route and admit
-    def route(self, model: str | None) -> Route:
-        """What runs a request for `model`: 404 for a name not served, 503 while loading or when its
-        engine has stopped."""
-        route = self.state.route(model)
-        problem = route.loop.problem
-        if problem:
-            raise ServiceUnavailable(problem)
-        return route
+    @asynccontextmanager
+    async def routed(self, model: str | None, embedding: bool = False) -> AsyncIterator[Route]:
+        """What runs a request for `model`, held while the block runs: 404 for a name not served, 400
+        for a model of the other kind, 503 when it cannot be loaded in time or its engine has stopped."""
+        async with self.state.router.use(model, embedding) as route:
+            problem = route.loop.problem if route.loop is not None else None
+            if problem:
+                raise ServiceUnavailable(problem)
+            yield route
 
     @asynccontextmanager
     async def admitted(self, route: Route, sequences: int):
-        """Hold room for `sequences` more; Overloaded once the engine's running slots and the waiting
-        room (--max-waiting-requests) are full."""
-        engine = route.llm.engine
-        capacity = engine.config.max_num_seqs + self.state.limits.max_waiting_requests
-        if self.in_flight + sequences > capacity:
-            self.state.metrics.requests.labels("rejected").inc()
-            raise Overloaded(f"the server is busy ({self.in_flight} sequences in flight); retry shortly")
-        self.in_flight += sequences
+        """Hold room for `sequences` more on the route's model; Overloaded once its engine's running
+        slots and the waiting room (--max-waiting-requests) are full."""
+        served = route.model
+        capacity = route.llm.engine.config.max_num_seqs + self.state.limits.max_waiting_requests
+        if served.in_flight + sequences > capacity:
+            self.state.metrics.requests.labels(served.name, "rejected").inc()
+            raise Overloaded(f"the server is busy ({served.in_flight} sequences in flight for '{served.name}'); "
+                             "retry shortly")
+        served.in_flight += sequences
         try:
             yield
         finally:
-            self.in_flight -= sequences
+            served.in_flight -= sequences
 
     # the two kinds of request
     async def chat_events(self, body: ChatCompletionRequest) -> AsyncIterator[Event]:
         from levante.serve.mcp_loop import McpChat, offers_mcp_tools
         from levante.serve.web_search import search_for_chat
 
-        route = self.route(body.model)
-        validate.check_chat(body, route.llm.engine.model_config.vocab_size, self.state.limits)
-        async with self.admitted(route, body.n):
-            yield Routed(route.name, route.llm.tokenizer)
-            search = await search_for_chat(self.state, body)  # None unless web_search_options asks for it
-            if search is not None:
-                body = search.body
-                yield Searched(search.outcome.summary())
-            if offers_mcp_tools(self.state, body):
-                async for event in McpChat(self, route, body).events():
-                    yield event
-                return
-            plan = await self.plan_chat(route, body)
-            yield Round(plan)
-            async for output in self.generate(route, plan.prompt, plan.params):
-                yield output
+        async with self.routed(body.model) as route:
+            validate.check_chat(body, route.llm.engine.model_config.vocab_size, self.state.limits)
+            async with self.admitted(route, body.n):
+                yield Routed(route.name, route.llm.tokenizer)
+                search = await search_for_chat(self.state, body)  # None unless web_search_options asks for it
+                if search is not None:
+                    body = search.body
+                    yield Searched(search.outcome.summary())
+                if offers_mcp_tools(self.state, body):
+                    async for event in McpChat(self, route, body).events():
+                        yield event
+                    return
+                plan = await self.plan_chat(route, body)
+                yield Round(plan)
+                async for output in self.generate(route, plan.prompt, plan.params):
+                    yield output
 
     async def completion_events(self, body: CompletionRequest) -> AsyncIterator[Event]:
-        route = self.route(body.model)
-        validate.check_completion(body, route.llm.engine.model_config.vocab_size, self.state.limits)
-        async with self.admitted(route, body.n * len(body.prompts())):
-            yield Routed(route.name, route.llm.tokenizer)
-            plan = await self.plan_completion(route, body)
-            yield Round(plan)
-            async for output in self.generate(route, plan.prompts, plan.params):
-                yield output
+        async with self.routed(body.model) as route:
+            validate.check_completion(body, route.llm.engine.model_config.vocab_size, self.state.limits)
+            async with self.admitted(route, body.n * len(body.prompts())):
+                yield Routed(route.name, route.llm.tokenizer)
+                plan = await self.plan_completion(route, body)
+                yield Round(plan)
+                async for output in self.generate(route, plan.prompts, plan.params):
+                    yield output
 
     # plan
     async def plan_chat(self, route: Route, body: ChatCompletionRequest,
@@ -233,7 +230,7 @@ class Pipeline:
 
         request_ids = [uuid.uuid4().hex for _ in prompts]
         remaining = set(range(len(prompts)))
-        watch = _Watch(self.state.metrics)
+        watch = _Watch(self.state.metrics, route.model.name)
         try:
             for index, (request_id, prompt) in enumerate(zip(request_ids, prompts)):
                 loop.submit(request_id, prompt, params, receiver(index))
@@ -252,27 +249,27 @@ class Pipeline:
         finally:
             for index in remaining:
                 loop.abort(request_ids[index])
-                self.state.metrics.requests.labels("abort").inc()
+                self.state.metrics.requests.labels(route.model.name, "abort").inc()
 
 
 class _Watch:
     """Time to first token, inter-token latency and token counts for /metrics."""
 
-    def __init__(self, metrics):
-        self.metrics = metrics
+    def __init__(self, metrics, model_name: str):
+        self.metrics, self.model_name = metrics, model_name
         self.started = self.last = time.monotonic()
         self.emitted: dict[int, int] = {}
 
     def observe(self, index: int, output: RequestOutput) -> None:
-        m, now = self.metrics, time.monotonic()
+        m, model, now = self.metrics, self.model_name, time.monotonic()
         first = index not in self.emitted
-        (m.ttft if first else m.itl).observe(now - (self.started if first else self.last))
+        (m.ttft if first else m.itl).labels(model).observe(now - (self.started if first else self.last))
         self.last = now
         if first:
-            m.prompt_tokens.inc(len(output.prompt_token_ids))
+            m.prompt_tokens.labels(model).inc(len(output.prompt_token_ids))
         tokens = sum(len(c.token_ids) for c in output.outputs)
-        m.generation_tokens.inc(tokens - self.emitted.get(index, 0))
+        m.generation_tokens.labels(model).inc(tokens - self.emitted.get(index, 0))
         self.emitted[index] = tokens
         if output.finished:
             for c in output.outputs:
-                m.requests.labels(c.finish_reason or "unknown").inc()
+                m.requests.labels(model, c.finish_reason or "unknown").inc()

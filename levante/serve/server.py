@@ -1,9 +1,10 @@
-"""`levante serve`: check the model, open the port, load in the background (/health 503 until warm).
+"""`levante serve`: check the models, open the port, load in the background (/health 503 until warm).
 
-The model is resolved and its architecture checked before the port opens, so a wrong name or
-file fails at once, with one line and a non-zero exit. Loading the weights and warming up then
-run in a thread while /health answers 503; if that fails for any reason, the server stops and
-`levante serve` exits non-zero with one line.
+Every model (-m, --models-config, --embedding-model) is resolved and its architecture checked
+before the port opens, so a wrong name or file fails at once, with one line and a non-zero exit.
+The default model (the first) and the pinned ones then load and warm up in a thread while /health
+answers 503; if that fails for any reason, the server stops and `levante serve` exits non-zero
+with one line. The other models load on first use (serve/router.py).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from levante.net.policy import listens_on_loopback
 from levante.serve.app import ServerState, create_app
 from levante.serve.http import guard, uvicorn_server
 from levante.serve.limits import RequestLimits
+from levante.serve.model_specs import ModelSpec, specs_from_cli
+from levante.serve.router import ModelRouter
 from levante.serve.web_search import configure_web_search
 
 logger = logging.getLogger("levante")
@@ -36,26 +39,18 @@ def build_server(state: ServerState, host: str, port: int, api_key: str | None =
     return uvicorn_server(app, host, port, state.limits, log_level)
 
 
-def check_model(args, engine_args: EngineArgs) -> None:
-    """Resolve the model (and the embedding model) and check the architecture, without reading weights:
-    a ModelLoadError before the port opens. A Hub model is downloaded here."""
+def check_models(specs: list[ModelSpec]) -> None:
+    """Resolve every model and check its architecture, without reading weights: a ModelLoadError before
+    the port opens (a Hub model is downloaded here). Each spec learns whether it is an embedding model."""
     from levante.loader.auto import is_embedding_model, open_model
 
-    open_model(engine_args.model_name, engine_args.progress)
-    if getattr(args, "embedding_model", None):
-        if not is_embedding_model(args.embedding_model):
-            raise InvalidRequest(f"--embedding-model: '{args.embedding_model}' is not a sentence-embedding model "
+    for spec in specs:
+        open_model(spec.args.model_name, spec.args.progress)
+        embedding = is_embedding_model(spec.args.model_name)
+        if spec.embedding and not embedding:
+            raise InvalidRequest(f"--embedding-model: '{spec.name}' is not a sentence-embedding model "
                                  "(a folder with modules.json or config_sentence_transformers.json, or an alias)")
-        open_model(args.embedding_model)
-
-
-def _load_embedding_model(args):
-    """The `--embedding-model`, served next to the chat model, or None."""
-    if not getattr(args, "embedding_model", None):
-        return None
-    from levante import LLM
-
-    return LLM(args.embedding_model, dtype=args.dtype, device=args.device, num_threads=args.num_threads)
+        spec.embedding = embedding
 
 
 def _mcp_manager(args, policy: FetchPolicy):
@@ -112,39 +107,36 @@ def fetch_policy(args) -> FetchPolicy:
 
 
 def serve(args) -> int:
-    engine_args = EngineArgs.from_cli_args(args, warmup=True, progress=sys.stderr.isatty())
-    state = ServerState(args.served_model_name or args.model, RequestLimits.from_cli_args(args))
+    engine_args = EngineArgs.from_cli_args(args, model=None, warmup=True, progress=sys.stderr.isatty())
+    specs = specs_from_cli(args, engine_args)
     policy = fetch_policy(args)
+    manager = _mcp_manager(args, policy)  # a bad config stops here, before anything starts
+    check_models(specs)  # so does a model that cannot be found or is not supported
+    state = ServerState(limits=RequestLimits.from_cli_args(args), router=ModelRouter.from_cli_args(args, specs))
     state.load_image = functools.partial(
         load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)),
         fetch_policy=policy)
     state.mcp_max_rounds = getattr(args, "mcp_max_rounds", state.mcp_max_rounds)
-    manager = _mcp_manager(args, policy)  # a bad config stops here, before anything starts
-    check_model(args, engine_args)  # so does a model that cannot be found or is not supported
     server = build_server(state, args.host, args.port, args.api_key, open_metrics=getattr(args, "open_metrics", False))
     mcp_start = threading.Thread(target=_start_mcp, args=(state, manager), name="levante-mcp-start", daemon=True)
     if manager is not None:
         mcp_start.start()
 
     def load():
+        """The default model and the pinned ones load now (the others on first use); /health is 503 until then."""
         try:
-            from levante import LLM
-
-            llm = LLM.from_engine_args(engine_args)
-            embedding_llm = _load_embedding_model(args)
-            configure_web_search(state, args.search_url, embedding_llm or (llm if llm.is_embedding_model else None),
-                                 policy)
-            if llm.engine is not None:
-                llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
+            for spec in specs:
+                if spec is specs[0] or spec.pinned:
+                    state.router.start_loading(spec.name).result()
+            reranker = next((m.llm for m in state.router.models.values() if m.spec.pinned and m.spec.embedding), None)
+            configure_web_search(state, args.search_url, reranker, policy)
         except Exception as e:  # noqa: BLE001 - any failure stops the server with one line
             state.load_failure = str(e) if isinstance(e, LevanteError) else f"internal error: {type(e).__name__}: {e}"
             server.should_exit = True
             return
         if manager is not None:
             mcp_start.join()  # ready means the MCP tools are offered too
-        state.attach(llm, embedding_llm, args.embedding_model)
-        seconds = llm.engine.load_seconds if llm.engine else llm.embedder.load_seconds
-        logger.warning("levante: %s ready (load %.1fs)", state.model_name, seconds)
+        state.ready = True
 
     threading.Thread(target=load, name="levante-load", daemon=True).start()
     mcp_server = _serve_mcp(state, args)
@@ -153,8 +145,7 @@ def serve(args) -> int:
         mcp_server.should_exit = True
     if manager is not None:
         manager.close()
-    if state.loop is not None:
-        state.loop.stop()
+    state.close()
     if state.load_failure:
         print(f"levante: error: {state.load_failure}", file=sys.stderr)
         return 1

@@ -1,75 +1,59 @@
-"""What a server serves: its models (once loaded), their engine loop, limits, metrics and tools.
+"""What a server serves: its models (through the router), limits, metrics and tools.
 
 One `ServerState` is shared by every face of one server (the OpenAI routes, the MCP server
 port) and by its `Pipeline` (serve/pipeline.py), which carries their requests.
 """
 from __future__ import annotations
 
-from levante.engine.loop import EngineLoop
-from levante.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+import dataclasses
+
 from levante.multimodal.images import load_image
-from levante.serve.embeddings import EmbeddingService
 from levante.serve.limits import RequestLimits
 from levante.serve.mcp_loop import DEFAULT_MAX_ROUNDS
 from levante.serve.metrics import Metrics
-from levante.serve.pipeline import Pipeline, Route
+from levante.serve.model_specs import ModelSpec
+from levante.serve.pipeline import Pipeline
+from levante.serve.router import ModelRouter
 
 
 class ServerState:
-    def __init__(self, model_name: str, limits: RequestLimits | None = None):
-        self.model_name = model_name
+    def __init__(self, model_name: str | None = None, limits: RequestLimits | None = None,
+                 router: ModelRouter | None = None):
+        self.model_name = model_name  # the name `attach` serves a model under
         self.limits = limits or RequestLimits()
-        self.llm = None  # levante.LLM, set when loading and warm-up are done; None when serving embeddings only
-        self.loop: EngineLoop | None = None
-        self.embeddings: EmbeddingService | None = None  # the embedding model, if one is served
+        self.metrics = Metrics()
+        self.router = router or ModelRouter()
+        self.router.on_change = self.metrics.model_changed
         self.web_search = None  # levante.search.WebSearch, when web search is enabled
         self.mcp = None  # levante.mcp.McpToolManager, when MCP servers are configured (see serve/mcp_loop.py)
         self.mcp_max_rounds = DEFAULT_MAX_ROUNDS
-        self.metrics = Metrics()
         self.load_image = load_image  # image sources -> images; `levante serve` may confine local paths
-        self.load_failure: str | None = None  # why loading failed, if it did (the server is then stopping)
+        self.ready = False  # the models loaded at start are (/health says so)
+        self.load_failure: str | None = None  # why loading at start failed, if it did (the server then stops)
         self.pipeline = Pipeline(self)
 
-    @property
-    def ready(self) -> bool:
-        return self.loop is not None or self.embeddings is not None
-
     def attach(self, llm, embedding_llm=None, embedding_name: str | None = None) -> None:
-        """Serve `llm` and/or an embedding model; an embedding `llm` alone serves embeddings only."""
-        if llm is not None and llm.is_embedding_model:
-            llm, embedding_llm, embedding_name = None, llm, self.model_name
-        self.llm = llm
-        self.loop = EngineLoop(llm.engine) if llm is not None else None
-        if embedding_llm is not None:  # last: `ready` turns true here when only embeddings are served
-            self.embeddings = EmbeddingService(embedding_llm, embedding_name or embedding_llm.model_name)
+        """Serve models loaded already (the Python API, tests, `levante chat`): `llm` under `model_name`,
+        and an embedding model beside it. Attached models stay loaded."""
+        for model, name in ((llm, self.model_name), (embedding_llm, embedding_name)):
+            if model is not None:
+                args = dataclasses.replace(model.args, lora={})  # the adapters: what the engine holds
+                spec = ModelSpec(name or model.model_name, args, embedding=model.is_embedding_model, pinned=True)
+                self.router.add(spec, model)
+        self.ready = True
 
     def health(self) -> tuple[int, dict]:
-        """/health: 200 only while the model is loaded and its engine loop alive and making progress."""
+        """/health: 200 once the models loaded at start are, while every loaded model's engine loop is
+        alive and making progress; each model's status beside (a model that failed to load later, or
+        was unloaded, leaves the others healthy)."""
         if self.load_failure:
             return 503, {"status": "failed", "reason": self.load_failure}
         if not self.ready:
             return 503, {"status": "loading"}
-        problem = self.loop.problem if self.loop is not None else None
-        if problem:
-            return 503, {"status": "unhealthy", "reason": problem}
-        return 200, {"status": "ok"}
+        models = {m.name: m.health() for m in self.router.models.values()}
+        healthy = all(model["status"] != "unhealthy" for model in models.values())
+        return (200 if healthy else 503), {"status": "ok" if healthy else "unhealthy", "models": models}
 
-    def route(self, model: str | None) -> Route:
-        """The one place a request's `model` is mapped to what runs: the chat model (no name, or its
-        name) or one of its LoRA adapters; ModelNotFound for any other name."""
-        if not self.ready:
-            raise ServiceUnavailable("the model is still loading; retry when /health answers 200")
-        embedding_name = self.embeddings.name if self.embeddings else None
-        if self.llm is None or (model and model == embedding_name and model != self.model_name):
-            raise InvalidRequest(f"'{model or embedding_name}' is an embedding model: it serves /v1/embeddings "
-                                 "only (start the server with a chat model to generate)")
-        if not model or model == self.model_name:
-            return Route(self.model_name, self.llm, self.loop)
-        if model in self.lora_adapters():
-            return Route(model, self.llm, self.loop, lora=model)
-        served = ", ".join([self.model_name, *self.lora_adapters()])
-        raise ModelNotFound(f"model '{model}' is not served here; this server serves '{served}'")
-
-    def lora_adapters(self) -> dict:
-        """The LoRA adapters served on the chat model, by name (requests pick one with `model`)."""
-        return self.llm.engine.lora.loaded if self.llm is not None else {}
+    def close(self) -> None:
+        """Stop the engine loops (the server has stopped)."""
+        self.router.close()

@@ -59,8 +59,7 @@ class LocalServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
-        if self.state.loop is not None:
-            self.state.loop.stop()
+        self.state.close()
 
     def __enter__(self) -> LocalServer:
         return self.start()

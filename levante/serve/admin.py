@@ -1,0 +1,78 @@
+"""The routes that change what a server serves (serve/http.py's ADMIN_PATHS): they name files on
+the server's disk or free its memory, so they answer only on a server started with `--api-key`.
+
+- `POST /v1/load_lora_adapter {"lora_name", "lora_path", "model"?}` and
+  `POST /v1/unload_lora_adapter {"lora_name"}`: vLLM's routes and bodies; `model` (levante's)
+  names the base model, the default model without it. Adapters load on the engine's thread
+  between two steps, and are kept in the model's spec, so that a reload brings them back.
+- `POST /models/load {"model"}` and `POST /models/unload {"model"}`: llama.cpp's router routes.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from pydantic import Field
+
+from levante.errors import InvalidRequest, ModelNotFound
+from levante.serve.protocol import Strict
+
+
+class LoadLoraAdapterRequest(Strict):
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1)
+    model: str | None = None  # the base model (levante's); default: the default model
+
+
+class UnloadLoraAdapterRequest(Strict):
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_int_id: int | None = None  # vLLM's; the name is what counts here
+
+
+class ModelRequest(Strict):
+    model: str = Field(min_length=1)
+
+
+def register_admin(app: FastAPI, state) -> None:
+    router = state.router
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        name = body.lora_name
+        if name in router.models:
+            raise InvalidRequest(f"'{name}' is a model's name: pick another for the adapter")
+        if name in router.names():
+            raise InvalidRequest(f"LoRA adapter '{name}' is already loaded")
+        async with state.pipeline.routed(body.model) as route:
+            if route.lora is not None:
+                raise InvalidRequest(f"model: '{body.model}' is an adapter; name its base model")
+            engine = route.llm.engine
+            loaded = await asyncio.wrap_future(route.loop.call(lambda: engine.load_lora(name, body.lora_path)))
+            route.model.spec.args.lora = {**route.model.spec.adapters, name: str(loaded.path)}
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+        name = body.lora_name
+        served = next((m for m in router.models.values() if name in m.spec.adapters), None)
+        if served is None:
+            raise ModelNotFound(f"no LoRA adapter named '{name}' is loaded")
+        if router.hold_if_loaded(served):
+            try:
+                engine = served.llm.engine
+                await asyncio.wrap_future(served.loop.call(lambda: engine.unload_lora(name)))
+            finally:
+                router.release(served)
+        served.spec.args.lora = {n: p for n, p in served.spec.adapters.items() if n != name}
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    @app.post("/models/load")
+    async def load_model(body: ModelRequest):
+        await router.load(body.model)
+        return {"success": True, "model": body.model, "status": router.models[body.model].status}
+
+    @app.post("/models/unload")
+    async def unload_model(body: ModelRequest):
+        unloaded = await router.unload(body.model)
+        return {"success": True, "model": body.model, "status": "unloaded", "was_loaded": unloaded}
