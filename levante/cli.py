@@ -44,6 +44,17 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         help="CUDA: no CUDA graphs for decode steps (always the eager forward)")
     parser.add_argument("--no-prepared-cache", dest="prepared_cache", action="store_false",
                         help="do not keep packed weights under <cache>/prepared/ (re-pack on every start)")
+    parser.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                        help="speculative decoding (off by default): ngram copies proposals from the prompt and "
+                             "text so far (prompt lookup); draft asks --draft-model")
+    parser.add_argument("--num-speculative-tokens", type=int, default=None,
+                        help="tokens proposed and checked per step (default: 5)")
+    parser.add_argument("--draft-model", default=None,
+                        help="a smaller model with the same tokenizer, for --speculative-method draft")
+    parser.add_argument("--prompt-lookup-min", type=int, default=None,
+                        help="ngram: the shortest suffix looked up (default: 2)")
+    parser.add_argument("--prompt-lookup-max", type=int, default=None,
+                        help="ngram: the longest suffix looked up (default: 5)")
 
 
 def _mcp_args(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +75,12 @@ def _load(args, warmup: bool = True):
                quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
                device_map=args.device_map, topology=args.topology,
                prepared_cache=getattr(args, "prepared_cache", True),
-               enforce_eager=getattr(args, "enforce_eager", False))
+               enforce_eager=getattr(args, "enforce_eager", False), **_speculative_options(args))
+
+
+def _speculative_options(args) -> dict:
+    names = ("speculative_method", "num_speculative_tokens", "draft_model", "prompt_lookup_min", "prompt_lookup_max")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def _sampling(args):

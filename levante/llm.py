@@ -9,7 +9,7 @@ import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 
-from levante.config import CacheConfig, EngineConfig
+from levante.config import CacheConfig, EngineConfig, SpeculativeConfig
 from levante.engine.embedder import EmbeddingInput, Embedder
 from levante.engine.engine import Engine
 from levante.engine.outputs import RequestOutput
@@ -35,6 +35,9 @@ class LLM:
     `device_map` ("auto" or "0:12;1:12") and `topology` (a YAML file: per-layer device and
     quantization). With tensor parallelism, `close()` (or `with LLM(...)`) stops the workers.
     CUDA: `enforce_eager` (no CUDA graphs for decode steps), `cuda_graph_max_batch` (default 256).
+    Speculative decoding (off by default): `speculative_method` "ngram" (prompt lookup, tuned by
+    `prompt_lookup_min` / `prompt_lookup_max`) or "draft" (with `draft_model`, a smaller model with the
+    same tokenizer), `num_speculative_tokens` (default 5) checked per step.
     """
 
     def __init__(self, model: str | None = None, *, progress: bool = False, **options):
@@ -193,15 +196,24 @@ class LLM:
         return ids
 
 
+SPECULATIVE_OPTIONS = {"speculative_method": "method", "num_speculative_tokens": "num_speculative_tokens",
+                       "draft_model": "draft_model", "prompt_lookup_min": "prompt_lookup_min",
+                       "prompt_lookup_max": "prompt_lookup_max"}
+
+
 def _engine_config(options: dict) -> EngineConfig:
     cache = CacheConfig()
     renames = {"block_size": "block_size", "kv_cache_gb": "memory_gb", "num_kv_blocks": "num_blocks",
                "enable_prefix_caching": "enable_prefix_caching", "gpu_memory_utilization": "gpu_memory_utilization"}
     config = EngineConfig(cache=cache)
+    speculative = {}
     for key, value in options.items():
         if key in renames:
             setattr(cache, renames[key], value)
-        elif hasattr(config, key) and key != "cache":
+        elif key in SPECULATIVE_OPTIONS:
+            if value is not None:
+                speculative[SPECULATIVE_OPTIONS[key]] = value
+        elif hasattr(config, key) and key not in ("cache", "speculative"):
             if key == "dtype" and isinstance(value, str):
                 import torch
 
@@ -210,4 +222,8 @@ def _engine_config(options: dict) -> EngineConfig:
             setattr(config, key, value)
         else:
             raise TypeError(f"unknown LLM option '{key}'")
+    if speculative:
+        if "method" not in speculative:
+            raise InvalidRequest("speculative decoding options need a speculative method ('ngram' or 'draft')")
+        config.speculative = SpeculativeConfig(**speculative)
     return config

@@ -22,6 +22,7 @@ from levante.engine.sampler import Sampler, top_logprobs
 from levante.engine.sampling_params import SamplingParams
 from levante.engine.scheduler import ScheduledSequence, Scheduler
 from levante.engine.sequence import Sequence, Status
+from levante.engine.speculative import Speculator
 from levante.engine.structured import GrammarCompiler
 from levante.errors import InvalidRequest
 from levante.loader.auto import open_model
@@ -83,6 +84,7 @@ class Engine:
         # Vision-language models: turns token ids + images into a MultiModalPrompt (None: text only).
         self.processor = load_processor(self.source.path, self.model_config, self.tokenizer) \
             if self.source.format == "hf" and hasattr(self.model, "encode_images") else None
+        self.speculator = self._speculator()
         self._init_cache()
         self.sampler = Sampler(self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
@@ -91,9 +93,24 @@ class Engine:
         if config.warmup:
             self.warmup()
 
+    def _speculator(self) -> Speculator | None:
+        """Speculative decoding as configured (the draft model loaded here), or None."""
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        draft = None
+        if spec.method == "draft":
+            from levante.engine.draft import DraftProposer
+
+            draft = DraftProposer.load(spec.draft_model, self.config, self.dtype, self.device, self.tokenizer,
+                                       self.model_config.vocab_size, self.eos_token_ids)
+        return Speculator(spec, draft)
+
     def _init_cache(self) -> None:
         cache, cfg = self.config.cache, self.config
-        per_token = kv_bytes_per_token(self.model, self.dtype)
+        # A draft model's cache holds as many tokens as the target's: it is paid for from the same memory.
+        draft_per_token = self.speculator.kv_bytes_per_token() if self.speculator else 0
+        per_token = kv_bytes_per_token(self.model, self.dtype) + draft_per_token
         memory = self._kv_cache_bytes(per_token) if cache.memory_gb is None else cache.memory_gb * (1 << 30)
         num_blocks = cache.num_blocks or int(memory // (per_token * cache.block_size))
         if num_blocks < 1:
@@ -108,6 +125,8 @@ class Engine:
         if not self.tensor_parallel:
             self.runner.setup_decode_graphs(cfg.max_num_seqs, self.max_model_len, cfg.enforce_eager,
                                             cfg.cuda_graph_max_batch)
+        if draft_per_token:
+            self.speculator.draft.init_cache(num_blocks, cache.block_size, self.max_model_len)
 
     def _kv_cache_bytes(self, per_token: int) -> int:
         """The default KV cache size: 2 GiB on the CPU; on CUDA, `gpu_memory_utilization` of the card
@@ -210,6 +229,8 @@ class Engine:
                 and sum(item.num_new_tokens for item in batch) < NATIVE_KERNEL_ROWS)
 
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -221,11 +242,17 @@ class Engine:
             logits = self.runner.run(batch, wants_all)
         self.scheduler.after_step(batch)
         # `samples` was fixed when scheduled (before after_step moved num_computed_tokens).
-        if all(item.samples for item in batch) and not any(wants_all):  # e.g. a decode step: a row each
+        speculating, first_rows = [], []  # items with drafts, and where their rows of logits start
+        if all(item.samples and not item.drafts for item in batch) and not any(wants_all):  # a decode step
             to_sample, sample_rows = [item.seq for item in batch], range(len(batch))
         else:
             to_sample, sample_rows, row = [], [], 0
             for item, want_all in zip(batch, wants_all):
+                if item.drafts:
+                    speculating.append(item)
+                    first_rows.append(row)
+                    row += len(item.drafts) + 1
+                    continue
                 if want_all:
                     count = item.num_new_tokens
                     self._record_prompt_rows(item, logits[row:row + count])
@@ -235,24 +262,39 @@ class Engine:
                     to_sample.append(item.seq)
                     sample_rows.append(row + count - 1)
                 row += count
-        if not to_sample:
+        if not to_sample and not speculating:
             return []
-        # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
-        rows = logits if len(sample_rows) == logits.size(0) else logits[sample_rows]
-        tokens, raw_logprobs = self.sampler(rows, to_sample)
-        append = self._append_token
-        if raw_logprobs is None:
-            for seq, token in zip(to_sample, tokens):
-                append(seq, token, None)
-        else:
-            for i, (seq, token) in enumerate(zip(to_sample, tokens)):
-                append(seq, token, raw_logprobs[i])
+        if to_sample:
+            # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
+            rows = logits if len(sample_rows) == logits.size(0) else logits[sample_rows]
+            tokens, raw_logprobs = self.sampler(rows, to_sample)
+            append = self._append_token
+            if raw_logprobs is None:
+                for seq, token in zip(to_sample, tokens):
+                    append(seq, token, None)
+            else:
+                for i, (seq, token) in enumerate(zip(to_sample, tokens)):
+                    append(seq, token, raw_logprobs[i])
+        if speculating:
+            verified = self.speculator.verify(self.sampler, logits, speculating, first_rows)
+            for item, (tokens, raw_logprobs) in zip(speculating, verified):
+                self._append_verified(item.seq, tokens, raw_logprobs)
+            to_sample = to_sample + [item.seq for item in speculating]
         # An output for each request that got a token, but for running final_only ones.
         requests, output, finished = self.requests, self._output, Status.FINISHED
         touched = dict.fromkeys(seq.request_id for seq in to_sample
                                 if seq.status is finished or seq.params.output_kind != "final_only")
         return [output(rid) for rid in touched
                 if (request := requests.get(rid)) is not None and (not request.final_only or request.finished)]
+
+    def _append_verified(self, seq: Sequence, tokens: list[int], raw_logprobs: torch.Tensor | None) -> None:
+        """Append a verification's tokens (kept drafts, then the target's own) until one finishes the sequence."""
+        for i, token in enumerate(tokens):
+            if i:  # the token before was a kept draft: its keys and values, written this step, now count
+                self.scheduler.advance(seq)
+            self._append_token(seq, token, None if raw_logprobs is None else raw_logprobs[i])
+            if seq.finished:
+                return
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
