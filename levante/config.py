@@ -181,8 +181,10 @@ class SpeculativeConfig:
                                  f"not {self.method!r}")
         if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 32:
             raise InvalidRequest("num_speculative_tokens must be an integer from 1 to 32")
-        if (self.method == "draft") != (self.draft_model is not None):
-            raise InvalidRequest("a draft model is needed by, and only by, the 'draft' speculative method")
+        if self.method == "draft" and not self.draft_model:
+            raise InvalidRequest("the 'draft' speculative method needs a draft model (--draft-model)")
+        if self.method != "draft" and self.draft_model:
+            raise InvalidRequest(f"a draft model serves the 'draft' speculative method only, not '{self.method}'")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise InvalidRequest("prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max")
 

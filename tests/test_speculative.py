@@ -3,7 +3,11 @@ distribution, whatever else the engine does meanwhile (batching, prefix cache, p
 logprobs, grammars, streaming)."""
 import re
 import shutil
+import subprocess
+import sys
 
+import httpx
+import openai
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -12,6 +16,7 @@ from levante import LLM, SamplingParams, StructuredOutput
 from levante.engine.speculative import NgramProposer, rejection_sample
 from levante.errors import InvalidRequest, ModelLoadError
 from levante.serve.metrics import Metrics
+from live_server import live_server
 from tiny_models import load_reference
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
@@ -93,9 +98,12 @@ def test_greedy_output_is_plain_decodings(folder, reference, tiny_model, method)
         assert spec.num_accepted_tokens == spec.num_draft_tokens
 
 
-def test_prefix_cache_and_preemption_keep_outputs_and_hash_no_rejected_token(folder, reference):
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_prefix_cache_and_preemption_keep_outputs_and_hash_no_rejected_token(folder, reference, near_draft, method):
     # 24 blocks of 4 slots: the five sequences need more, so some are preempted and recomputed.
-    llm = LLM(folder, dtype="float32", block_size=4, num_kv_blocks=24, max_model_len=96, **NGRAM)
+    options = NGRAM if method == "ngram" else {"speculative_method": "draft", "draft_model": near_draft,
+                                               "num_speculative_tokens": 3}
+    llm = LLM(folder, dtype="float32", block_size=4, num_kv_blocks=24, max_model_len=96, **options)
     prompts = _prompts()
     outputs = llm.generate(prompts, GREEDY)
     assert _tokens(outputs) == reference
@@ -261,8 +269,10 @@ def test_metrics_report_proposed_and_accepted_tokens(ngram_llm):
 
 
 def test_configuration_errors(folder):
-    with pytest.raises(InvalidRequest, match="draft model"):
+    with pytest.raises(InvalidRequest, match="needs a draft model"):
         LLM(folder, speculative_method="draft")
+    with pytest.raises(InvalidRequest, match="'draft' speculative method only"):
+        LLM(folder, speculative_method="ngram", draft_model=folder)
     with pytest.raises(InvalidRequest, match="speculative method"):
         LLM(folder, num_speculative_tokens=3)
     with pytest.raises(InvalidRequest, match="num_speculative_tokens"):
@@ -271,3 +281,33 @@ def test_configuration_errors(folder):
         LLM(folder, speculative_method="eagle")
     with pytest.raises(ModelLoadError, match="tokenizer"):
         LLM(folder, speculative_method="draft", draft_model="smollm2:135m")
+
+
+def test_server_streams_several_tokens_per_chunk_and_counts_them(ngram_llm):
+    message = [{"role": "user", "content": "the fox the dog the cat the fox the dog the cat the fox the dog"}]
+    with live_server(ngram_llm, "tiny") as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        kwargs = dict(model="tiny", messages=message, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+        full = client.chat.completions.create(**kwargs)
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == full.choices[0].message.content and chunks[-1].usage.completion_tokens == 40
+        metrics = httpx.get(f"{base}/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("levante_spec")}
+    assert values["levante_spec_decode_num_draft_tokens_total"] >= values["levante_spec_decode_num_accepted_tokens_total"] > 0
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content_chunks) < 40  # kept drafts arrive together
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "levante", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_flags(folder):
+    ok = _cli("run", "-m", folder, "--dtype", "float32", "--raw", "--temperature", "0", "--max-tokens", "12",
+              "--speculative-method", "ngram", "--num-speculative-tokens", "3", "the fox the dog the fox the dog")
+    assert ok.returncode == 0, ok.stderr
+    bad = _cli("run", "-m", folder, "--speculative-method", "draft", "hi")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert [line for line in bad.stderr.splitlines() if line.strip()] == \
+        ["levante: error: the 'draft' speculative method needs a draft model (--draft-model)"]

@@ -104,7 +104,10 @@ class Engine:
 
             draft = DraftProposer.load(spec.draft_model, self.config, self.dtype, self.device, self.tokenizer,
                                        self.model_config.vocab_size, self.eos_token_ids)
-        return Speculator(spec, draft)
+        # Packed weights on the CPU: from NATIVE_KERNEL_ROWS rows on, a step dequantises every weight
+        # (quant/packed.py), far dearer than a few more rows through the kernels: drafts stay below.
+        packed_cpu = self.quantization is not None and self.device.type == "cpu"
+        return Speculator(spec, draft, NATIVE_KERNEL_ROWS - 1 if packed_cpu else None)
 
     def _init_cache(self) -> None:
         cache, cfg = self.config.cache, self.config

@@ -117,8 +117,10 @@ class Speculator:
     """Proposes drafts before each step and verifies them after its forward; counts what it did
     (`num_draft_tokens` checked, `num_accepted_tokens` kept) for /metrics."""
 
-    def __init__(self, config: SpeculativeConfig, draft=None):
+    def __init__(self, config: SpeculativeConfig, draft=None, max_step_rows: int | None = None):
         self.config = config
+        # Rows a step may have and still be cheap (None: no limit): drafts are proposed only within it.
+        self.max_step_rows = max_step_rows
         self.k = config.num_speculative_tokens
         self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max) \
             if config.method == "ngram" else None
@@ -135,9 +137,15 @@ class Speculator:
         """Set `draft_token_ids` of every running sequence: drafts for those decoding, [] for others."""
         self._draft_probs.clear()
         decoding, budgets = [], []
+        rows_left = None
+        if self.max_step_rows is not None:  # each running sequence computes at least what it has pending
+            rows_left = self.max_step_rows - sum(len(seq.token_ids) - seq.num_computed_tokens for seq in running)
         for seq in running:
             seq.draft_token_ids = []
             k = self._budget(seq, max_model_len)
+            if rows_left is not None:
+                k = min(k, rows_left)
+                rows_left -= max(0, k)
             if k > 0:
                 decoding.append(seq)
                 budgets.append(k)
@@ -179,7 +187,8 @@ class Speculator:
             positions.extend(_Position(seq, drafts[:j], masks and masks[j]) for j in range(len(drafts) + 1))
             rows.extend(range(first, first + len(drafts) + 1))
             checked.append(drafts)
-        logits = logits[rows]
+        # One speculating sequence (or several in a row): a view, not a gather of [rows, vocab].
+        logits = logits[rows[0]:rows[-1] + 1] if rows[-1] - rows[0] + 1 == len(rows) else logits[rows]
         raw = logits.log_softmax(-1) if any(item.seq.params.logprobs is not None for item in items) else None
         argmax, probs = sampler.distributions(logits, positions)
         results, row = [], 0

@@ -1,0 +1,166 @@
+"""Speculative decoding on a code edit: levante with and without prompt lookup, beside llama.cpp's.
+
+    python benchmarks/speculative_code_edit.py [--model ALIAS_OR_GGUF] [--threads 2] [--runs 3] [-k 5]
+
+The task: a function given in the prompt, to be rewritten with one small change, the answer
+mostly a copy of the input (greedy, up to 256 tokens, the model's chat template). Prints, for
+levante plain / levante ngram / llama.cpp plain / llama.cpp prompt lookup
+(`llama_cpp.llama_speculative.LlamaPromptLookupDecoding`), decode tokens/s (after the first
+token) and end-to-end tokens/s, min / median / max over the runs, whether each engine's
+speculative text equals its plain text, and levante's acceptance rate. The machine is shared
+and noisy: compare ratios within one run, not absolute figures across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+FUNCTION = '''def summarize_orders(orders, currency="EUR", include_cancelled=False):
+    """Total, average and largest order per customer, in one currency."""
+    rates = {"EUR": 1.0, "USD": 0.92, "GBP": 1.17, "CHF": 1.04}
+    if currency not in rates:
+        raise ValueError(f"unknown currency: {currency}")
+    per_customer = {}
+    for order in orders:
+        if order.get("status") == "cancelled" and not include_cancelled:
+            continue
+        customer = order["customer_id"]
+        amount = order["amount"] * rates[order.get("currency", "EUR")] / rates[currency]
+        entry = per_customer.setdefault(customer, {"count": 0, "total": 0.0, "largest": 0.0})
+        entry["count"] += 1
+        entry["total"] += amount
+        entry["largest"] = max(entry["largest"], amount)
+    summary = []
+    for customer, entry in sorted(per_customer.items()):
+        average = entry["total"] / entry["count"]
+        summary.append({
+            "customer_id": customer,
+            "orders": entry["count"],
+            "total": round(entry["total"], 2),
+            "average": round(average, 2),
+            "largest": round(entry["largest"], 2),
+            "currency": currency,
+        })
+    return summary
+'''
+
+REQUEST = ("Here is a Python function:\n\n```python\n" + FUNCTION + "```\n\n"
+           "Rename the parameter `orders` to `order_list` everywhere in the function. Change nothing else. "
+           "Reply with the complete rewritten function in one Python code block, and nothing more.")
+
+
+def timed_stream(chunks) -> tuple[list[float], object]:
+    """Timestamps of the chunks of a stream (the first: the first token) and the last chunk."""
+    stamps, last = [], None
+    for last in chunks:
+        stamps.append(time.perf_counter())
+    return stamps, last
+
+
+def rates(start: float, stamps: list[float], tokens: int) -> tuple[float, float]:
+    """(decode tokens/s after the first token, end-to-end tokens/s)."""
+    return (tokens - 1) / (stamps[-1] - stamps[0]), tokens / (stamps[-1] - start)
+
+
+def bench_levante(path: str, threads: int, runs: int, max_tokens: int, options: dict) -> dict:
+    from levante import LLM, SamplingParams
+
+    llm = LLM(path, num_threads=threads, warmup=True, **options)
+    ids = llm.apply_chat_template([{"role": "user", "content": REQUEST}])
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    decode, total, text = [], [], None
+    for _ in range(runs):
+        start = time.perf_counter()
+        stamps, last = timed_stream(llm.stream(ids, params))
+        output = last.outputs[0]
+        tokens = len(output.token_ids)
+        # Several tokens may come in one output: the first output's time is the first token's.
+        d, t = rates(start, stamps, tokens)
+        decode.append(d)
+        total.append(t)
+        text = output.text
+    result = {"decode_tok_s": decode, "total_tok_s": total, "text": text, "tokens": tokens}
+    spec = llm.engine.speculator
+    if spec is not None:
+        result["acceptance"] = spec.num_accepted_tokens / max(1, spec.num_draft_tokens)
+        result["tokens_per_step"] = (spec.num_accepted_tokens + spec.num_drafts) / max(1, spec.num_drafts)
+    return result, ids
+
+
+def bench_llamacpp(path: str, threads: int, runs: int, max_tokens: int, ids: list[int], lookup: int) -> dict:
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup else None
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
+                verbose=False, draft_model=draft)
+    decode, total, text, tokens = [], [], "", 0
+    for _ in range(runs):
+        llm.reset()
+        start = time.perf_counter()
+        stamps, pieces = [], []
+        for chunk in llm.create_completion(ids, max_tokens=max_tokens, temperature=0.0, stream=True):
+            stamps.append(time.perf_counter())
+            pieces.append(chunk["choices"][0]["text"])
+        tokens = len(stamps)  # one chunk per token
+        d, t = rates(start, stamps, tokens)
+        decode.append(d)
+        total.append(t)
+        text = "".join(pieces)
+    return {"decode_tok_s": decode, "total_tok_s": total, "text": text, "tokens": tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-coder:0.5b")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("-k", "--num-speculative-tokens", type=int, default=5)
+    parser.add_argument("--prompt-lookup-min", type=int, default=None)
+    parser.add_argument("--prompt-lookup-max", type=int, default=None)
+    parser.add_argument("--llamacpp-lookup", type=int, default=10,
+                        help="llama.cpp: LlamaPromptLookupDecoding(num_pred_tokens=N) (default: its own, 10)")
+    parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--show-text", action="store_true")
+    args = parser.parse_args()
+
+    from levante.loader.auto import resolve_path
+
+    _, path = resolve_path(args.model)
+    lookup = {"speculative_method": "ngram", "num_speculative_tokens": args.num_speculative_tokens}
+    for name in ("prompt_lookup_min", "prompt_lookup_max"):
+        if getattr(args, name) is not None:
+            lookup[name] = getattr(args, name)
+    results = {}
+    results["levante"], ids = bench_levante(str(path), args.threads, args.runs, args.max_tokens, {})
+    results["levante ngram"], _ = bench_levante(str(path), args.threads, args.runs, args.max_tokens, lookup)
+    if not args.skip_llamacpp:
+        results["llama.cpp"] = bench_llamacpp(str(path), args.threads, args.runs, args.max_tokens, ids, 0)
+        results["llama.cpp lookup"] = bench_llamacpp(str(path), args.threads, args.runs, args.max_tokens, ids,
+                                                     args.llamacpp_lookup)
+    print(f"model {path.name}, {args.threads} threads, {args.runs} runs, prompt {len(ids)} tokens, "
+          f"greedy, up to {args.max_tokens} tokens, levante k={args.num_speculative_tokens} {lookup}")
+    print(f"{'engine':18}{'tokens':>7}{'metric':>14}{'min':>9}{'median':>9}{'max':>9}")
+    for engine, r in results.items():
+        for metric in ("decode_tok_s", "total_tok_s"):
+            v = r[metric]
+            print(f"{engine:18}{r['tokens']:7}{metric:>14}{min(v):9.2f}{statistics.median(v):9.2f}{max(v):9.2f}")
+    base = results["levante"]
+    for engine in [e for e in results if e != "levante"]:
+        ratio = statistics.median(results[engine]["decode_tok_s"]) / statistics.median(base["decode_tok_s"])
+        print(f"decode {engine} / levante plain: {ratio:.2f}x")
+    spec = results["levante ngram"]
+    print(f"levante ngram: acceptance {spec['acceptance']:.1%}, {spec['tokens_per_step']:.2f} tokens per "
+          f"speculating step, text identical to plain: {spec['text'] == base['text']}")
+    if "llama.cpp" in results:
+        print(f"llama.cpp lookup: text identical to its plain: "
+              f"{results['llama.cpp lookup']['text'] == results['llama.cpp']['text']}")
+    if args.show_text:
+        for engine, r in results.items():
+            print(f"--- {engine}\n{r['text']}")
+
+
+if __name__ == "__main__":
+    main()
