@@ -50,65 +50,45 @@ REQUEST = ("Here is a Python function:\n\n```python\n" + FUNCTION + "```\n\n"
            "Reply with the complete rewritten function in one Python code block, and nothing more.")
 
 
-def timed_stream(chunks) -> tuple[list[float], object]:
-    """Timestamps of the chunks of a stream (the first: the first token) and the last chunk."""
-    stamps, last = [], None
-    for last in chunks:
-        stamps.append(time.perf_counter())
-    return stamps, last
-
-
 def rates(start: float, stamps: list[float], tokens: int) -> tuple[float, float]:
-    """(decode tokens/s after the first token, end-to-end tokens/s)."""
+    """(decode tokens/s after the first token, end-to-end tokens/s) of a stream."""
     return (tokens - 1) / (stamps[-1] - stamps[0]), tokens / (stamps[-1] - start)
 
 
-def bench_levante(path: str, threads: int, runs: int, max_tokens: int, options: dict) -> dict:
+def levante_runner(path: str, threads: int, max_tokens: int, options: dict):
+    """A function running the task once: (decode tok/s, end-to-end tok/s, text, tokens); and the engine."""
     from levante import LLM, SamplingParams
 
     llm = LLM(path, num_threads=threads, warmup=True, **options)
     ids = llm.apply_chat_template([{"role": "user", "content": REQUEST}])
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    decode, total, text = [], [], None
-    for _ in range(runs):
-        start = time.perf_counter()
-        stamps, last = timed_stream(llm.stream(ids, params))
+
+    def run():
+        start, stamps, last = time.perf_counter(), [], None
+        for last in llm.stream(ids, params):  # several tokens may come in one output
+            stamps.append(time.perf_counter())
         output = last.outputs[0]
-        tokens = len(output.token_ids)
-        # Several tokens may come in one output: the first output's time is the first token's.
-        d, t = rates(start, stamps, tokens)
-        decode.append(d)
-        total.append(t)
-        text = output.text
-    result = {"decode_tok_s": decode, "total_tok_s": total, "text": text, "tokens": tokens}
-    spec = llm.engine.speculator
-    if spec is not None:
-        result["acceptance"] = spec.num_accepted_tokens / max(1, spec.num_draft_tokens)
-        result["tokens_per_step"] = (spec.num_accepted_tokens + spec.num_drafts) / max(1, spec.num_drafts)
-    return result, ids
+        return (*rates(start, stamps, len(output.token_ids)), output.text, len(output.token_ids))
+
+    return run, llm.engine, ids
 
 
-def bench_llamacpp(path: str, threads: int, runs: int, max_tokens: int, ids: list[int], lookup: int) -> dict:
+def llamacpp_runner(path: str, threads: int, max_tokens: int, ids: list[int], lookup: int):
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup else None
     llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
                 verbose=False, draft_model=draft)
-    decode, total, text, tokens = [], [], "", 0
-    for _ in range(runs):
-        llm.reset()
-        start = time.perf_counter()
-        stamps, pieces = [], []
+
+    def run():  # the prompt stays evaluated between runs (llama.cpp reuses a common prefix), as levante's cache
+        start, stamps, pieces = time.perf_counter(), [], []
         for chunk in llm.create_completion(ids, max_tokens=max_tokens, temperature=0.0, stream=True):
             stamps.append(time.perf_counter())
             pieces.append(chunk["choices"][0]["text"])
-        tokens = len(stamps)  # one chunk per token
-        d, t = rates(start, stamps, tokens)
-        decode.append(d)
-        total.append(t)
-        text = "".join(pieces)
-    return {"decode_tok_s": decode, "total_tok_s": total, "text": text, "tokens": tokens}
+        return (*rates(start, stamps, len(stamps)), "".join(pieces), len(stamps))  # a chunk per token
+
+    return run
 
 
 def main() -> None:
@@ -133,20 +113,33 @@ def main() -> None:
     for name in ("prompt_lookup_min", "prompt_lookup_max"):
         if getattr(args, name) is not None:
             lookup[name] = getattr(args, name)
-    results = {}
-    results["levante"], ids = bench_levante(str(path), args.threads, args.runs, args.max_tokens, {})
-    results["levante ngram"], _ = bench_levante(str(path), args.threads, args.runs, args.max_tokens, lookup)
+    runners = {}
+    runners["levante"], _, ids = levante_runner(str(path), args.threads, args.max_tokens, {})
+    runners["levante ngram"], engine, _ = levante_runner(str(path), args.threads, args.max_tokens, lookup)
     if not args.skip_llamacpp:
-        results["llama.cpp"] = bench_llamacpp(str(path), args.threads, args.runs, args.max_tokens, ids, 0)
-        results["llama.cpp lookup"] = bench_llamacpp(str(path), args.threads, args.runs, args.max_tokens, ids,
-                                                     args.llamacpp_lookup)
-    print(f"model {path.name}, {args.threads} threads, {args.runs} runs, prompt {len(ids)} tokens, "
-          f"greedy, up to {args.max_tokens} tokens, levante k={args.num_speculative_tokens} {lookup}")
+        runners["llama.cpp"] = llamacpp_runner(str(path), args.threads, args.max_tokens, ids, 0)
+        runners["llama.cpp lookup"] = llamacpp_runner(str(path), args.threads, args.max_tokens, ids,
+                                                      args.llamacpp_lookup)
+    print(f"model {path.name}, {args.threads} threads, {args.runs} runs (engines interleaved), prompt {len(ids)} "
+          f"tokens, greedy, up to {args.max_tokens} tokens, levante {lookup}", flush=True)
+    results = {name: {"decode_tok_s": [], "total_tok_s": []} for name in runners}
+    for run in range(args.runs):
+        for name, runner in runners.items():
+            decode, total, text, tokens = runner()
+            r = results[name]
+            r["decode_tok_s"].append(decode)
+            r["total_tok_s"].append(total)
+            r["text"], r["tokens"] = text, tokens
+            print(f"run {run}: {name:18} {tokens} tokens, decode {decode:.2f} tok/s, end to end {total:.2f} tok/s",
+                  flush=True)
+    spec = engine.speculator
+    results["levante ngram"]["acceptance"] = spec.num_accepted_tokens / max(1, spec.num_draft_tokens)
+    results["levante ngram"]["tokens_per_step"] = (spec.num_accepted_tokens + spec.num_drafts) / max(1, spec.num_drafts)
     print(f"{'engine':18}{'tokens':>7}{'metric':>14}{'min':>9}{'median':>9}{'max':>9}")
-    for engine, r in results.items():
+    for name, r in results.items():
         for metric in ("decode_tok_s", "total_tok_s"):
             v = r[metric]
-            print(f"{engine:18}{r['tokens']:7}{metric:>14}{min(v):9.2f}{statistics.median(v):9.2f}{max(v):9.2f}")
+            print(f"{name:18}{r['tokens']:7}{metric:>14}{min(v):9.2f}{statistics.median(v):9.2f}{max(v):9.2f}")
     base = results["levante"]
     for engine in [e for e in results if e != "levante"]:
         ratio = statistics.median(results[engine]["decode_tok_s"]) / statistics.median(base["decode_tok_s"])

@@ -78,10 +78,10 @@ class DraftProposer:
         batch, wanted = [], {}
         for seq, k in zip(seqs, budgets):
             shadow = self._sync(seq)
-            pending = len(shadow.token_ids) - shadow.num_computed_tokens
-            if not self._reserve(shadow, pending + k - 1):
+            if not self._reserve(shadow, len(shadow.token_ids) - shadow.num_computed_tokens + k - 1):
                 continue
-            batch.append(ScheduledSequence(shadow, pending))
+            self._catch_up(shadow)
+            batch.append(ScheduledSequence(shadow, len(shadow.token_ids) - shadow.num_computed_tokens))
             wanted[seq.seq_id] = k
         while batch:
             logits = self._forward(batch)
@@ -102,6 +102,13 @@ class DraftProposer:
                     next_batch.append(ScheduledSequence(item.seq, 1))
             batch = next_batch
         return [(drafts[seq.seq_id], torch.stack(probs[seq.seq_id]) if probs[seq.seq_id] else None) for seq in seqs]
+
+    def _catch_up(self, shadow: Sequence) -> None:
+        """A long way behind (a new prompt): forward in chunks of the engine's step budget, all but the last."""
+        chunk = self.config.max_num_batched_tokens
+        while len(shadow.token_ids) - shadow.num_computed_tokens > chunk:
+            self._forward([ScheduledSequence(shadow, chunk)])
+            shadow.num_computed_tokens += chunk
 
     def _forward(self, batch: list[ScheduledSequence]) -> torch.Tensor:
         rows = sum(item.num_new_tokens for item in batch)
