@@ -78,15 +78,18 @@ def llamacpp_runner(path: str, threads: int, max_tokens: int, ids: list[int], lo
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup else None
+    # llama-cpp-python keeps the logits of every drafted position only with logits_all.
     llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
-                verbose=False, draft_model=draft)
+                verbose=False, draft_model=draft, logits_all=draft is not None)
 
     def run():  # the prompt stays evaluated between runs (llama.cpp reuses a common prefix), as levante's cache
         start, stamps, pieces = time.perf_counter(), [], []
         for chunk in llm.create_completion(ids, max_tokens=max_tokens, temperature=0.0, stream=True):
-            stamps.append(time.perf_counter())
-            pieces.append(chunk["choices"][0]["text"])
-        return (*rates(start, stamps, len(stamps)), "".join(pieces), len(stamps))  # a chunk per token
+            choice = chunk["choices"][0]
+            if choice["finish_reason"] is None:  # a chunk per token, then one that only says why it ended
+                stamps.append(time.perf_counter())
+            pieces.append(choice["text"])
+        return (*rates(start, stamps, len(stamps)), "".join(pieces), len(stamps))
 
     return run
 
