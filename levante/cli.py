@@ -40,6 +40,11 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         help='layers per device: "auto" or "ORDINAL:LAYERS;..." such as "0:12;1:12"')
     parser.add_argument("--topology", default=None,
                         help="YAML file: per-layer-range or /regex/ device and isq (mistral.rs's format)")
+    parser.add_argument("--matformer-config", default=None,
+                        help="Gemma 3n: the MatFormer slicing table (CSV, as Google publishes it)")
+    parser.add_argument("--matformer-slice", default=None,
+                        help="Gemma 3n: the row of --matformer-config to cut out of the checkpoint, "
+                             'such as "Config for E2.49B (block-level)"')
     parser.add_argument("--enforce-eager", action="store_true",
                         help="CUDA: no CUDA graphs for decode steps (always the eager forward)")
     parser.add_argument("--no-prepared-cache", dest="prepared_cache", action="store_false",
@@ -75,7 +80,9 @@ def _load(args, warmup: bool = True):
                quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
                device_map=args.device_map, topology=args.topology,
                prepared_cache=getattr(args, "prepared_cache", True),
-               enforce_eager=getattr(args, "enforce_eager", False), **_speculative_options(args))
+               enforce_eager=getattr(args, "enforce_eager", False),
+               matformer_config=getattr(args, "matformer_config", None),
+               matformer_slice=getattr(args, "matformer_slice", None), **_speculative_options(args))
 
 
 def _speculative_options(args) -> dict:
@@ -224,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",
                        help="image_url parts may name files in DIR (repeatable); without it, any file when "
                             "--host is loopback, none otherwise")
+    serve.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
+                       help="image URLs may only name these hosts (or their subdomains), which may then resolve "
+                            "to private addresses too")
+    serve.add_argument("--allow-private-network", action="store_true",
+                       help="let image URLs, search result pages and MCP servers reach private, loopback and "
+                            "link-local addresses although --host is not loopback (refused otherwise)")
     _mcp_args(serve)
     serve.add_argument("--mcp-port", type=int, default=None,
                        help="also serve levante itself as an MCP server (streamable HTTP at /mcp, tool 'chat')")

@@ -13,6 +13,7 @@ import torch
 from scipy.stats import chisquare
 
 from levante import LLM, SamplingParams, StructuredOutput
+from levante.engine.kv_cache import block_key
 from levante.engine.speculative import NgramProposer, rejection_sample
 from levante.errors import InvalidRequest, ModelLoadError
 from levante.serve.metrics import Metrics
@@ -119,7 +120,7 @@ def test_prefix_cache_and_preemption_keep_outputs_and_hash_no_rejected_token(fol
     for prompt, output in zip(prompts, _tokens(outputs)):
         tokens, previous = prompt + output, None
         for start in range(0, len(tokens) - 3, 4):
-            previous = manager._block_hash(previous, tuple(tokens[start:start + 4]))
+            previous = block_key(previous, tokens[start:start + 4])
             chains.add(previous)
     assert manager.cached and set(manager.cached) <= chains
 

@@ -24,8 +24,9 @@ from levante.engine.scheduler import ScheduledSequence, Scheduler
 from levante.engine.sequence import Sequence, Status
 from levante.engine.speculative import Speculator
 from levante.engine.structured import GrammarCompiler
-from levante.errors import InvalidRequest
+from levante.errors import InvalidRequest, ModelLoadError
 from levante.loader.auto import open_model
+from levante.loader.matformer import sliced_config
 from levante.loader.tokenizer import IncrementalDetokenizer
 from levante.multimodal.inputs import MultiModalPrompt
 from levante.multimodal.processor import load_processor
@@ -70,6 +71,11 @@ class Engine:
         self.dtype = config.dtype or default_dtype(self.device)
         started = time.monotonic()
         self.source = open_model(model)
+        if config.matformer_slice or config.matformer_config:
+            if not (config.matformer_slice and config.matformer_config):
+                raise ModelLoadError("a MatFormer slice needs both its table (matformer_config) and its name "
+                                     "(matformer_slice)")
+            self.source.config = sliced_config(self.source.config, config.matformer_config, config.matformer_slice)
         self.quantization = resolve_mode(config.quantization, self.source.format)
         self.model_config = self.source.config
         self.tokenizer = self.source.tokenizer()
