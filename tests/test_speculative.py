@@ -245,8 +245,9 @@ def _chi_square_pvalue(samples, joint):
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_sampled_tokens_follow_plain_decodings_distribution(folder, near_draft, method):
-    """The first three tokens of 3000 seeded samples against their exact joint law; the same samples are
-    told apart from a slightly hotter law, so the test has the power to see a skew."""
+    """The first three tokens of 3000 seeded samples against their exact joint law (chi-square; seeds fixed,
+    so the verdict is too); the same samples are told apart from the law at temperature 1.5: the test
+    has the power to see a skew. Proposals are both kept and rejected, many times."""
     g = torch.Generator().manual_seed(11)  # a prompt whose tokens the model often samples next: many proposals
     piece = torch.randint(3, 384, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist()
     prompt = (piece * 6)[:12]
@@ -259,7 +260,7 @@ def test_sampled_tokens_follow_plain_decodings_distribution(folder, near_draft, 
     assert spec.num_draft_tokens > 1000 and 0.1 < spec.num_accepted_tokens / spec.num_draft_tokens < 0.9
     model = load_reference(folder)
     assert _chi_square_pvalue(samples, _exact_joint(model, prompt, 3, 4, 1.0)) > 1e-3
-    assert _chi_square_pvalue(samples, _exact_joint(model, prompt, 3, 4, 1.3)) < 1e-3
+    assert _chi_square_pvalue(samples, _exact_joint(model, prompt, 3, 4, 1.5)) < 1e-6
 
 
 def test_metrics_report_proposed_and_accepted_tokens(ngram_llm):

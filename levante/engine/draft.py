@@ -24,7 +24,7 @@ from levante.engine.sampler import Sampler, draw
 from levante.engine.sampling_params import SamplingParams
 from levante.engine.scheduler import ScheduledSequence
 from levante.engine.sequence import Sequence, Status
-from levante.engine.speculative import _Position
+from levante.engine.speculative import SequenceWithDrafts
 from levante.errors import ModelLoadError
 from levante.quant import native
 from levante.quant.packed import NATIVE_KERNEL_ROWS
@@ -86,7 +86,7 @@ class DraftProposer:
         while batch:
             logits = self._forward(batch)
             targets = [self.shadows[item.seq.seq_id].target for item in batch]
-            positions = [_Position(t, drafts[t.seq_id]) for t in targets]
+            positions = [SequenceWithDrafts(t, drafts[t.seq_id]) for t in targets]
             argmax, distributions = self.sampler.distributions(logits, positions)
             next_batch = []
             for i, (item, target) in enumerate(zip(batch, targets)):

@@ -16,7 +16,7 @@ one token of its own:
 
 p is what plain decoding would draw from at that position: the row's logits through the same
 grammar mask, bias, penalties, temperature and top-k/p/min-p (`Sampler.distributions`), the
-drafts before it counted as generated (`_Position`). Rejected drafts never reach the
+drafts before it counted as generated (`SequenceWithDrafts`). Rejected drafts never reach the
 sequence, its grammar (masks are computed on a rolled-back walk) or its prefix-cache hashes
 (`Scheduler.advance` counts only accepted ones); their KV slots lie past
 `num_computed_tokens`, and the next step overwrites them.
@@ -60,7 +60,7 @@ class NgramProposer:
         return tokens[best + 1:best + 1 + k].tolist()
 
 
-class _Position:
+class SequenceWithDrafts:
     """A sequence as it would stand with `extra` tokens appended: what the sampler reads for the row
     of a draft (penalties and min_tokens count the drafts before it; `grammar`: that row's mask)."""
 
@@ -184,7 +184,7 @@ class Speculator:
             if seq.grammar is not None:
                 masks = seq.grammar.masks_along(drafts)
                 drafts = drafts[:len(masks) - 1]  # all of them, as proposals are checked against the grammar
-            positions.extend(_Position(seq, drafts[:j], masks and masks[j]) for j in range(len(drafts) + 1))
+            positions.extend(SequenceWithDrafts(seq, drafts[:j], masks and masks[j]) for j in range(len(drafts) + 1))
             rows.extend(range(first, first + len(drafts) + 1))
             checked.append(drafts)
         # One speculating sequence (or several in a row): a view, not a gather of [rows, vocab].
