@@ -265,11 +265,18 @@ def test_sampled_tokens_follow_plain_decodings_distribution(folder, near_draft, 
 
 def test_metrics_report_proposed_and_accepted_tokens(ngram_llm):
     ngram_llm.generate(_prompts()[0], GREEDY)
-    text = Metrics().render(ngram_llm.engine).decode()
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("levante_spec")}
+    values = _spec_metrics(Metrics().render(ngram_llm.engine).decode())
     spec = ngram_llm.engine.speculator
-    assert values["levante_spec_decode_num_draft_tokens_total"] == spec.num_draft_tokens > 0
-    assert values["levante_spec_decode_num_accepted_tokens_total"] == spec.num_accepted_tokens > 0
+    assert values["num_drafts"] == spec.num_drafts > 0
+    assert values["num_draft_tokens"] == spec.num_draft_tokens > 0
+    assert values["num_accepted_tokens"] == spec.num_accepted_tokens > 0
+
+
+def _spec_metrics(text: str) -> dict[str, float]:
+    """levante_spec_decode_<name>_total values of a /metrics page, by name."""
+    prefix = "levante_spec_decode_"
+    return {line.split()[0][len(prefix):-len("_total")]: float(line.split()[1])
+            for line in text.splitlines() if line.startswith(prefix) and line.split()[0].endswith("_total")}
 
 
 def test_configuration_errors(folder):
@@ -296,9 +303,8 @@ def test_server_streams_several_tokens_per_chunk_and_counts_them(ngram_llm):
         chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == full.choices[0].message.content and chunks[-1].usage.completion_tokens == 40
-        metrics = httpx.get(f"{base}/metrics").text
-    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("levante_spec")}
-    assert values["levante_spec_decode_num_draft_tokens_total"] >= values["levante_spec_decode_num_accepted_tokens_total"] > 0
+        values = _spec_metrics(httpx.get(f"{base}/metrics").text)
+    assert values["num_draft_tokens"] >= values["num_accepted_tokens"] > 0
     content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(content_chunks) < 40  # kept drafts arrive together
 

@@ -55,8 +55,8 @@ class DraftProposer:
 
         source = open_model(path)
         draft_tokenizer = source.tokenizer()
-        if draft_tokenizer.vocab_size != tokenizer.vocab_size or \
-                draft_tokenizer.encode(_PROBE, add_special_tokens=False) != tokenizer.encode(_PROBE, add_special_tokens=False):
+        probe = [t.encode(_PROBE, add_special_tokens=False) for t in (draft_tokenizer, tokenizer)]
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size or probe[0] != probe[1]:
             raise ModelLoadError(f"draft model '{path}' has another tokenizer than the target model: "
                                  "speculative decoding needs the same one")
         alone = dataclasses.replace(config, tensor_parallel_size=1, device_map=None, topology=None, speculative=None)

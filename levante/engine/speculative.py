@@ -184,7 +184,8 @@ class Speculator:
             if seq.grammar is not None:
                 masks = seq.grammar.masks_along(drafts)
                 drafts = drafts[:len(masks) - 1]  # all of them, as proposals are checked against the grammar
-            positions.extend(SequenceWithDrafts(seq, drafts[:j], masks and masks[j]) for j in range(len(drafts) + 1))
+            positions.extend(SequenceWithDrafts(seq, drafts[:j], masks and masks[j])
+                             for j in range(len(drafts) + 1))
             rows.extend(range(first, first + len(drafts) + 1))
             checked.append(drafts)
         # One speculating sequence (or several in a row): a view, not a gather of [rows, vocab].
