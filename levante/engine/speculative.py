@@ -176,7 +176,8 @@ class Speculator:
     def verify(self, sampler: Sampler, logits: torch.Tensor, items: list[ScheduledSequence],
                first_rows: list[int]) -> list[tuple[list[int], torch.Tensor | None]]:
         """For each item with drafts (its rows of `logits` from `first_rows`): the tokens it gets, and
-        their raw logprob rows when it asks for logprobs."""
+        their raw logprob rows when it asks for logprobs. Changes no state (a failed step may re-run it),
+        but for the random draws of sampled sequences."""
         positions, rows, checked = [], [], []
         for item, first in zip(items, first_rows):
             seq, drafts = item.seq, list(item.drafts)
@@ -201,13 +202,16 @@ class Speculator:
                     kept += 1
                 tokens = drafts[:kept] + [argmax[row + kept]]
             else:
-                draft_probs = self._draft_probs.pop(seq.seq_id, None)
+                draft_probs = self._draft_probs.get(seq.seq_id)
                 tokens = rejection_sample(probs[row:row + count], drafts,
                                           None if draft_probs is None else draft_probs[:len(drafts)],
                                           seq.generator)
-            self.num_drafts += 1
-            self.num_draft_tokens += len(drafts)
-            self.num_accepted_tokens += len(tokens) - 1
             results.append((tokens, None if raw is None else raw[row:row + count]))
             row += count
         return results
+
+    def count(self, item: ScheduledSequence, tokens: list[int]) -> None:
+        """Record a verification: `tokens` (those `verify` gave) for the drafts of `item`."""
+        self.num_drafts += 1
+        self.num_draft_tokens += len(item.drafts)
+        self.num_accepted_tokens += len(tokens) - 1
