@@ -133,6 +133,33 @@ def test_blocks_cached_while_speculating_serve_later_prompts(plain, ngram_llm, r
     assert again.outputs[0].token_ids == plain.generate(prompt + reference[0], GREEDY)[0].outputs[0].token_ids
 
 
+def test_a_failing_request_fails_alone_while_others_speculate(folder, reference):
+    """A step that raises is re-run in parts (engine._isolate): verification runs again for the parts,
+    the good requests keep plain decoding's output, the marked one fails, no block leaks."""
+    llm = LLM(folder, dtype="float32", warmup=False, **NGRAM)
+    seen = {t for tokens in _prompts() + reference for t in tokens}
+    engine, marker = llm.engine, next(t for t in range(3, 384) if t not in seen)  # none of the others meets it
+    original = engine.model.forward
+
+    def forward(input_ids, positions, *args, **kwargs):
+        if bool(((input_ids == marker) & (positions >= 7)).any()):
+            raise RuntimeError("injected fault")
+        return original(input_ids, positions, *args, **kwargs)
+
+    engine.model.forward = forward
+    for i, prompt in enumerate(_prompts()):
+        engine.add_request(f"good-{i}", prompt, GREEDY)
+    engine.add_request("marked", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                               logit_bias={marker: 100.0}))
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert [finished[f"good-{i}"].outputs[0].token_ids for i in range(len(reference))] == reference
+    assert "injected fault" in finished["marked"].error
+    assert engine.speculator.num_accepted_tokens > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_speculating_and_plain_sequences_share_steps(folder, ngram_llm, reference):
     """Chunked prefill and a small token budget: drafts are cut to fit, prefills go on beside them."""
     llm = LLM(folder, dtype="float32", max_num_batched_tokens=9, block_size=4, **NGRAM)
