@@ -5,8 +5,8 @@
 The task: a function given in the prompt, to be rewritten with one small change, the answer
 mostly a copy of the input (greedy, up to 256 tokens, the model's chat template). Prints, for
 levante plain / levante ngram / llama.cpp plain / llama.cpp prompt lookup
-(`llama_cpp.llama_speculative.LlamaPromptLookupDecoding`), decode tokens/s (after the first
-token) and end-to-end tokens/s, min / median / max over the runs, whether each engine's
+(`llama_cpp.llama_speculative.LlamaPromptLookupDecoding`), run after run in turn, decode tokens/s
+(after the first token) and end-to-end tokens/s, min / median / max over the runs, whether each engine's
 speculative text equals its plain text, and levante's acceptance rate. The machine is shared
 and noisy: compare ratios within one run, not absolute figures across runs.
 """
