@@ -5,8 +5,6 @@ import pytest
 
 from levante import LLM, SamplingParams
 from levante.engine.structured import StructuredOutput
-from levante.loader.chat_prompt import ChatRenderer
-from levante.loader.chat_template import ChatTemplate
 from levante.loader.reasoning import (ReasoningDelta, ReasoningParser, prompt_opens_thinking, reasoning_markers,
                                       thinking_switch)
 from tiny_reasoning import QWEN3, QWQ, template
@@ -158,21 +156,3 @@ def test_template_that_opens_the_thinking(tiny_reasoning_model):
     assert llm.chat_renderer.reasoning_parser(llm.apply_chat_template(hi)).thinking
     (output,) = llm.chat(hi, forced(llm, "The user greets me.\n</think>\n\nHi!"))
     assert (output.outputs[0].reasoning_content, output.outputs[0].content) == ("The user greets me.", "Hi!")
-
-
-def test_reasoning_effort_reaches_a_template_that_reads_it(qwen3):
-    from levante.serve.chat import template_kwargs
-    from levante.serve.protocol import ChatCompletionRequest
-
-    renderer = ChatRenderer(qwen3.tokenizer)
-    renderer.template = ChatTemplate("Reasoning: {{ reasoning_effort | default('unset') }}\n"
-                                     "{% for m in messages %}{{ m.content }}{% endfor %}")
-    hi = [{"role": "user", "content": "Hi"}]
-
-    def rendered(**fields):
-        body = ChatCompletionRequest(messages=hi, **fields)
-        return renderer.text(hi, template_kwargs=template_kwargs(body))[0]
-
-    assert rendered() == "Reasoning: unset\nHi"
-    assert rendered(reasoning_effort="high") == "Reasoning: high\nHi"
-    assert rendered(reasoning_effort="high", chat_template_kwargs={"reasoning_effort": "low"}) == "Reasoning: low\nHi"

@@ -12,8 +12,11 @@ import openai
 import pytest
 
 from levante import LLM
+from levante.loader.chat_prompt import ChatRenderer
+from levante.loader.chat_template import ChatTemplate
 from levante.serve import responses
-from levante.serve.protocol import Grammar
+from levante.serve.chat import template_kwargs
+from levante.serve.protocol import ChatCompletionRequest, Grammar
 from live_server import live_server
 from test_reasoning import script_grammar
 from tiny_reasoning import QWEN3, QWQ
@@ -152,6 +155,21 @@ def test_reasoning_effort_is_taken(qwen3):
     assert error.value.body["param"] == "reasoning_effort"
 
 
+def test_reasoning_effort_reaches_a_template_that_reads_it(qwen3):
+    renderer = ChatRenderer(qwen3[1].tokenizer)
+    renderer.template = ChatTemplate("Reasoning: {{ reasoning_effort | default('unset') }}\n"
+                                     "{% for m in messages %}{{ m.content }}{% endfor %}")
+    hi = [{"role": "user", "content": "Hi"}]
+
+    def rendered(**fields):
+        body = ChatCompletionRequest(messages=hi, **fields)
+        return renderer.text(hi, template_kwargs=template_kwargs(body))[0]
+
+    assert rendered() == "Reasoning: unset\nHi"
+    assert rendered(reasoning_effort="high") == "Reasoning: high\nHi"
+    assert rendered(reasoning_effort="high", chat_template_kwargs={"reasoning_effort": "low"}) == "Reasoning: low\nHi"
+
+
 def test_history_with_reasoning_content(qwen3):
     """An assistant turn given back with its `reasoning_content` reaches the template (Qwen3 renders it
     for the turns after the last user message, as in a tool-calling turn)."""
@@ -250,3 +268,25 @@ def test_responses_reasoning_in_the_input(qwen3):
     response = client.responses.create(model="tiny", input=body.input, tools=[tool], max_output_tokens=4,
                                        temperature=0)
     assert response.status in ("completed", "incomplete")
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.create(model="tiny", input=[{"type": "reasoning", "id": "rs_1", "content": "thoughts"}],
+                                max_output_tokens=4)
+    assert "reasoning item" in error.value.body["message"]
+
+
+def test_responses_reasoning_before_a_function_call(scripted_responses):
+    """With tools, the reply is read whole: its reasoning item, then its function call (streamed: replayed in that order)."""
+    client = scripted_responses('<think>\nI need the weather.\n</think>\n\n'
+                                '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    tool = {"type": "function", **WEATHER["function"]}
+    response = client.responses.create(model="tiny", input="Weather in Paris?", tools=[tool], max_output_tokens=200,
+                                       temperature=0)
+    assert [item.type for item in response.output] == ["reasoning", "function_call"]
+    assert response.output[0].content[0].text == "I need the weather."
+    assert json.loads(response.output[1].arguments) == {"city": "Paris"}
+    events = list(client.responses.create(model="tiny", input="Weather in Paris?", tools=[tool],
+                                          max_output_tokens=200, temperature=0, stream=True))
+    assert [e.item.type for e in events if e.type == "response.output_item.added"] == ["reasoning", "function_call"]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "I need the weather."
+    final = events[-1].response
+    assert events[-1].type == "response.completed" and [i.type for i in final.output] == ["reasoning", "function_call"]
