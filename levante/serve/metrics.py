@@ -5,6 +5,8 @@ their base model. Per-model gauges are read from the router at each scrape.
 """
 from __future__ import annotations
 
+import weakref
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -36,6 +38,13 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=registry)
         self.itl = Histogram("levante_inter_token_latency_seconds", "Time between generated tokens", MODEL,
                              buckets=_LATENCY_BUCKETS, registry=registry)
+        # Speculative decoding, read from the engine's Speculator (names as vLLM's spec_decode counters).
+        self.spec_counters = {
+            name: Counter(f"levante_spec_decode_{name}", doc, MODEL, registry=registry)
+            for name, doc in (("num_drafts", "Sequence-steps that checked proposed tokens"),
+                              ("num_draft_tokens", "Proposed tokens checked by the target model"),
+                              ("num_accepted_tokens", "Proposed tokens accepted"))}
+        self._spec_seen: dict[str, tuple[weakref.ref, dict[str, int]]] = {}  # model -> (its speculator, counts read)
 
     def model_changed(self, served, event: str) -> None:
         """The router's report: model `served` was loaded, failed to load, or unloaded."""
@@ -57,4 +66,18 @@ class Metrics:
             self.running.labels(name).set(len(scheduler.running) if scheduler else 0)
             self.waiting.labels(name).set(len(scheduler.waiting) if scheduler else 0)
             self.kv_usage.labels(name).set(engine.block_manager.usage() if engine is not None else 0)
+            if engine is not None and engine.speculator is not None:
+                self._count_speculation(name, engine.speculator)
         return generate_latest(self.registry)
+
+    def _count_speculation(self, model: str, speculator) -> None:
+        """The counters move by what the engine counted since the last render (from 0 for an engine
+        loaded since: a model unloaded and loaded again)."""
+        seen_by, seen = self._spec_seen.get(model, (None, {}))
+        if seen_by is None or seen_by() is not speculator:
+            seen = {}
+        for name, counter in self.spec_counters.items():
+            total = getattr(speculator, name)
+            counter.labels(model).inc(total - seen.get(name, 0))
+            seen[name] = total
+        self._spec_seen[model] = (weakref.ref(speculator), seen)

@@ -22,7 +22,7 @@ from levante.engine.args import EngineArgs
 from levante.errors import InvalidRequest
 
 DEFAULT_LOAD_TIMEOUT = 600.0
-_PATH_FIELDS = ("model", "topology", "matformer_config")
+_PATH_FIELDS = ("model", "topology", "matformer_config", "draft_model")
 _SERVER_FIELDS = ("progress", "warmup")  # set by the server for every model
 
 
