@@ -281,3 +281,33 @@ def test_specs_from_cli_flags(tmp_path):
         specs("-m", "smollm2:135m", "-m", "smollm2:135m")
     with pytest.raises(InvalidRequest, match="'sql' is given twice"):
         specs("-m", "smollm2:135m", "--lora", "sql=/x", "--served-model-name", "sql")
+
+
+def test_unloading_frees_the_model(folders):
+    """What an unloaded model held (its weights; an embedding model's batcher too) is freed."""
+    import gc
+    import weakref
+
+    from levante.serve.embeddings import EmbeddingRequest
+
+    embedding = ModelSpec("e", EngineArgs(model="all-minilm:l6-v2", dtype="float32", warmup=False), embedding=True)
+    router = ModelRouter([_spec("a", folders["a"]), embedding])
+
+    async def main():  # all within one event loop that lives on, as a server's does
+        async with router.use("a") as route:
+            refs = [weakref.ref(route.llm.engine.model)]
+        async with router.use("e", embedding=True) as route:
+            answer = await route.model.embeddings.respond(EmbeddingRequest(input="hi"))
+            assert len(answer["data"][0]["embedding"]) == 384
+            refs.append(weakref.ref(route.llm.embedder.model))
+            worker = route.model.embeddings.batcher._worker
+        assert [await router.unload(name) for name in ("a", "e")] == [True, True]
+        await asyncio.wait([worker], timeout=30)
+        assert worker.done()  # it held the embedder
+        gc.collect()
+        assert [ref() for ref in refs] == [None, None]
+
+    try:
+        asyncio.run(main())
+    finally:
+        router.close()

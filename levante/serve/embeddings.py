@@ -37,6 +37,7 @@ class EmbeddingBatcher:
         self._pending: list[tuple[list[list[int]], asyncio.Future]] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._closed = False
         self.forward_calls = 0  # embedder calls made, for tests and metrics
 
     async def embed(self, inputs: list[list[int]]) -> torch.Tensor:
@@ -49,8 +50,17 @@ class EmbeddingBatcher:
         self._wakeup.set()
         return await future
 
+    def close(self) -> None:
+        """End the worker (from any thread): it holds the embedder, and so the model's weights."""
+        worker, self._closed = self._worker, True
+        if worker is not None and not worker.done():
+            try:
+                worker.get_loop().call_soon_threadsafe(self._wakeup.set)
+            except RuntimeError:  # its event loop has closed: the worker with it
+                pass
+
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
@@ -81,6 +91,9 @@ class EmbeddingService:
         self.llm, self.name = llm, name
         self.embedder = llm.embedder
         self.batcher = EmbeddingBatcher(self.embedder)
+
+    def close(self) -> None:
+        self.batcher.close()
 
     def card(self) -> dict:
         return {"id": self.name, "object": "model", "created": 0, "owned_by": "levante",

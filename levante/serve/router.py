@@ -382,19 +382,21 @@ class ModelRouter:
 
     def _take(self, served: ServedModel) -> tuple:
         """Under the lock: mark `served` unloaded, and hand back what must be shut down."""
-        parts = (served.llm, served.loop)
+        parts = (served.llm, served.loop, served.embeddings)
         served.llm = served.loop = served.embeddings = None
         served.status = "unloaded"
         return parts
 
     def _shut(self, served: ServedModel, parts: tuple) -> None:
-        llm, loop = parts
+        llm, loop, embeddings = parts
         if loop is not None:
             loop.stop()
+        if embeddings is not None:
+            embeddings.close()
         if llm is not None:
             llm.close()
             cuda = llm.engine is not None and llm.engine.device.type == "cuda"
-            del llm, parts
+            del llm, embeddings, parts
             gc.collect()
             if cuda:
                 import torch
