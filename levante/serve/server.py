@@ -24,6 +24,7 @@ from levante.net.policy import listens_on_loopback
 from levante.serve.app import ServerState, create_app
 from levante.serve.http import guard, uvicorn_server
 from levante.serve.limits import RequestLimits
+from levante.serve.ranking import Ranker
 from levante.serve.web_search import configure_web_search
 
 logger = logging.getLogger("levante")
@@ -133,8 +134,8 @@ def serve(args) -> int:
 
             llm = LLM.from_engine_args(engine_args)
             embedding_llm = _load_embedding_model(args)
-            configure_web_search(state, args.search_url, embedding_llm or (llm if llm.is_embedding_model else None),
-                                 policy)
+            state.ranker = Ranker(embedding_llm or (llm if llm.is_embedding_model else None))
+            configure_web_search(state, args.search_url, policy)
             if llm.engine is not None:
                 llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
         except Exception as e:  # noqa: BLE001 - any failure stops the server with one line

@@ -13,6 +13,7 @@ from levante.serve.limits import RequestLimits
 from levante.serve.mcp_loop import DEFAULT_MAX_ROUNDS
 from levante.serve.metrics import Metrics
 from levante.serve.pipeline import Pipeline
+from levante.serve.ranking import Ranker
 
 
 class ServerState:
@@ -25,6 +26,7 @@ class ServerState:
         self.web_search = None  # levante.search.WebSearch, when web search is enabled
         self.mcp = None  # levante.mcp.McpToolManager, when MCP servers are configured (see serve/mcp_loop.py)
         self.mcp_max_rounds = DEFAULT_MAX_ROUNDS
+        self.ranker = Ranker()  # ranks search passages and MCP tools: the served embedding model, else MiniLM
         self.metrics = Metrics()
         self.load_image = load_image  # image sources -> images; `levante serve` may confine local paths
         self.load_failure: str | None = None  # why loading failed, if it did (the server is then stopping)
