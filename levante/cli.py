@@ -24,6 +24,9 @@ def _mcp_args(parser: argparse.ArgumentParser) -> None:
                              "'mcpServers' shape (env MCP_CONFIG_PATH)")
     parser.add_argument("--mcp-max-rounds", type=int, default=5,
                         help="rounds of MCP tool calls per request before the model must answer (default: 5)")
+    parser.add_argument("--mcp-max-tools", type=int, default=16,
+                        help="MCP tools offered per request: beyond this many (or a quarter of the context), the "
+                             "most relevant to the conversation are chosen; 0: no cap by count (default: 16)")
 
 
 def _load(args, warmup: bool):

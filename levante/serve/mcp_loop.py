@@ -4,7 +4,8 @@ It runs when the server has MCP tools and a chat request brings no tools of its 
 `tool_choice: "none"`, `response_format` or `grammar`). A request with its own `tools` is served as
 before: the model's calls go back to the client (mistral.rs does the same).
 
-Each round renders the conversation with the MCP tools, generates, and parses the reply; calls are
+The request is offered the MCP tools that matter to it (serve/tool_selection.py: all of them while
+they fit the budget). Each round renders the conversation with those tools, generates, and parses the reply; calls are
 run against MCP (at once, up to `max_concurrent_calls`), appended to the conversation as an assistant
 message with `tool_calls` and one `tool` message per result, and the model goes again, until it
 answers. It is made to answer in an "answer round" when it has had `max_rounds` rounds of calls,
@@ -14,15 +15,16 @@ An answer round offers no tools, adds one user turn (ANSWER_NUDGE, not part of a
 the reply open with a letter or digit, so it is neither a call nor a bare JSON object.
 `max_tokens` bounds each round.
 
-The loop is a source of pipeline events (serve/pipeline.py): a `Round` per generation (marked as one
+The loop is a source of pipeline events (serve/pipeline.py): `ToolsOffered` first, a `Round` per generation (marked as one
 whose calls the server runs), its `Output`s (held back, `shown=False`, while the round's text could
 still be a call), `McpCalls` after each executed round, and a closing `Finish`. The chat and responses
 adapters format them as they format any other request.
 
 What the client sees (OpenAI's schema has no place for calls the server ran, so levante adds one):
-  non-streaming  the final message carries `content` and `mcp_calls`: [{id, name, server, arguments,
-                 content, is_error}] in the order they ran; `usage` sums every round.
-  streaming      content deltas as they come (a round's text is held back while it could still be a
+  non-streaming  `mcp_tools_offered`: the names of the tools offered; the final message carries
+                 `content` and `mcp_calls`: [{id, name, server, arguments, content, is_error}] in the
+                 order they ran; `usage` sums every round.
+  streaming      the first chunk carries `mcp_tools_offered`; content deltas as they come (a round's text is held back while it could still be a
                  call); after each executed call a chunk whose delta is {"mcp_calls": [that call]};
                  the finish_reason and usage chunks close the last round.
 Standard `tool_calls` are never sent for calls the server ran: the client must not run them again.
@@ -36,8 +38,9 @@ from collections.abc import AsyncIterator
 from levante.engine.structured import StructuredOutput
 from levante.errors import InvalidRequest
 from levante.serve.chat import ChatPlan
-from levante.serve.pipeline import Event, Finish, McpCalls, Output, Round
+from levante.serve.pipeline import Event, Finish, McpCalls, Output, Round, ToolsOffered
 from levante.serve.protocol import ChatCompletionRequest
+from levante.serve.tool_selection import selector_for
 
 DEFAULT_MAX_ROUNDS = 5
 ANSWER_PATTERN = r"[\p{L}\p{N}][\s\S]*"  # an answer round's reply: text, not a call or a JSON object
@@ -48,7 +51,7 @@ ANSWER_NUDGE = "Answer my question above in plain text, using the tool results."
 def offers_mcp_tools(state, body: ChatCompletionRequest) -> bool:
     manager = getattr(state, "mcp", None)
     return (manager is not None and not body.tools and body.tool_choice != "none" and body.response_format is None
-            and body.grammar is None and bool(manager.openai_tools()))
+            and body.grammar is None and bool(manager.offered_tools()))
 
 
 class McpChat:
@@ -59,7 +62,7 @@ class McpChat:
             raise InvalidRequest("n: the server's MCP tool loop serves one choice; use n=1, or send your own "
                                  "'tools' to run the calls yourself")
         self.pipeline, self.state, self.body = pipeline, pipeline.state, body
-        self.tools = self.state.mcp.openai_tools()
+        self.tools: list[dict] = []  # offered to the model, chosen in `events`
         self.max_rounds = getattr(self.state, "mcp_max_rounds", DEFAULT_MAX_ROUNDS)
         self.messages = [m.model_dump(exclude_none=True) for m in body.messages]
         self.calls: list[dict] = []  # what ran, in order, as the client sees it
@@ -82,6 +85,7 @@ class McpChat:
     async def events(self) -> AsyncIterator[Event]:
         """The whole loop as events. A round's outputs are held back while its text could still be a
         call, and go out as soon as it reads as prose (or, held to the end, if the round answers)."""
+        yield await self._offer_tools()
         while True:
             plan = await self.plan()
             yield Round(plan, server_runs_tools=True)
@@ -100,6 +104,12 @@ class McpChat:
                 return
             if step == "calls":
                 yield McpCalls(await self._execute(calls))
+
+    async def _offer_tools(self) -> ToolsOffered:
+        chosen = await asyncio.to_thread(lambda: selector_for(self.state).select(self.messages))
+        self.tools = [tool.to_openai() for tool in chosen]
+        self.state.metrics.mcp_tools_offered.observe(len(chosen))
+        return ToolsOffered([tool.name for tool in chosen])
 
     def _review(self, plan: ChatPlan, final) -> tuple[str, list]:
         """What follows a round: ("calls", calls) to run, ("answer", []) for an answer round, or ("done", [])."""

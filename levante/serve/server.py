@@ -65,6 +65,8 @@ def _mcp_manager(args, policy: FetchPolicy):
     path = getattr(args, "mcp_config", None)
     if getattr(args, "mcp_max_rounds", 0) < 0:
         raise InvalidRequest("--mcp-max-rounds: must be 0 or more")
+    if getattr(args, "mcp_max_tools", 0) < 0:
+        raise InvalidRequest("--mcp-max-tools: must be 0 (no cap) or more")
     if not path:
         return None
     from levante.mcp import McpConfig, McpToolManager
@@ -81,6 +83,17 @@ def _start_mcp(state: ServerState, manager) -> None:
     logger.warning("levante: MCP: %d tools from %d servers%s", len(manager.tools), len(servers),
                    "" if manager.config.auto_register_tools else " (auto_register_tools is off: none offered)")
     state.mcp = manager
+
+
+def _prepare_tool_selection(state: ServerState) -> None:
+    """Say how MCP tools will be offered, and embed them now if they will be ranked (not in a request)."""
+    from levante.serve.tool_selection import selector_for
+
+    selector = selector_for(state)
+    if selector.selects:
+        logger.warning("levante: MCP: more tools than fit the budget (%d, or %d tokens): each request is offered "
+                       "the most relevant", state.mcp_max_tools, selector.max_tool_tokens)
+        selector.prepare()
 
 
 def _serve_mcp(state: ServerState, args):
@@ -121,6 +134,7 @@ def serve(args) -> int:
         load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)),
         fetch_policy=policy)
     state.mcp_max_rounds = getattr(args, "mcp_max_rounds", state.mcp_max_rounds)
+    state.mcp_max_tools = getattr(args, "mcp_max_tools", state.mcp_max_tools)
     manager = _mcp_manager(args, policy)  # a bad config stops here, before anything starts
     check_model(args)  # so does a model that cannot be found or is not supported
     server = build_server(state, args.host, args.port, args.api_key, open_metrics=getattr(args, "open_metrics", False))
@@ -145,6 +159,8 @@ def serve(args) -> int:
         if manager is not None:
             mcp_start.join()  # ready means the MCP tools are offered too
         state.attach(llm, embedding_llm, args.embedding_model)
+        if state.mcp is not None and state.llm is not None:
+            _prepare_tool_selection(state)
         seconds = llm.engine.load_seconds if llm.engine else llm.embedder.load_seconds
         logger.warning("levante: %s ready (load %.1fs)", state.model_name, seconds)
 

@@ -14,6 +14,7 @@ from levante.serve.mcp_loop import DEFAULT_MAX_ROUNDS
 from levante.serve.metrics import Metrics
 from levante.serve.pipeline import Pipeline
 from levante.serve.ranking import Ranker
+from levante.serve.tool_selection import DEFAULT_MAX_TOOLS
 
 
 class ServerState:
@@ -26,6 +27,8 @@ class ServerState:
         self.web_search = None  # levante.search.WebSearch, when web search is enabled
         self.mcp = None  # levante.mcp.McpToolManager, when MCP servers are configured (see serve/mcp_loop.py)
         self.mcp_max_rounds = DEFAULT_MAX_ROUNDS
+        self.mcp_max_tools = DEFAULT_MAX_TOOLS  # per request, beyond which the most relevant are chosen; 0: no cap
+        self.tool_selector = None  # serve/tool_selection.py's ToolSelector, built on first need
         self.ranker = Ranker()  # ranks search passages and MCP tools: the served embedding model, else MiniLM
         self.metrics = Metrics()
         self.load_image = load_image  # image sources -> images; `levante serve` may confine local paths
