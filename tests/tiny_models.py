@@ -44,11 +44,14 @@ def _config(arch: str):
     raise ValueError(arch)
 
 
-def build(arch: str, folder: Path) -> Path:
-    """Save a tiny random `arch` model (float32) with a tokenizer into `folder`."""
+def build(arch: str, folder: Path, **overrides) -> Path:
+    """Save a tiny random `arch` model (float32) with a tokenizer into `folder`; `overrides` change its config
+    (e.g. max_position_embeddings=2048)."""
     import transformers as tf
 
     config = _config(arch)
+    for name, value in overrides.items():
+        setattr(config, name, value)
     torch.manual_seed(0)
     cls = tf.Gemma3ForCausalLM if arch == "gemma3" else tf.AutoModelForCausalLM
     model = cls.from_config(config) if cls is tf.AutoModelForCausalLM else cls(config)
