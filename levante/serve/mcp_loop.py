@@ -9,14 +9,18 @@ they fit the budget). Each round renders the conversation with those tools, gene
 the reply; calls are run against MCP (at once, up to `max_concurrent_calls`), appended to the
 conversation as an assistant message with `tool_calls` and one `tool` message per result, and the
 model goes again, until it answers. A call identical to one made before in the request (same tool,
-same arguments) is not run again: its tool message says so and carries the first result.
+same arguments) is not run again: its tool message says so and carries the first result. A
+reasoning model's thinking is split off before a reply is read for calls; the thinking of a round
+whose calls ran goes back to the model with them (`reasoning_content`), and only the last round's
+thinking reaches the client.
 
 It is made to answer in an "answer round" when it has had `max_rounds` rounds of calls, when a
 round only repeats calls it already made, when, after calls ran, it writes what looks like a call
 the parser cannot take, or when its reply is empty (small models do all four, and would otherwise
 loop, answer JSON or answer nothing). An answer round offers no tools, adds one user turn
 (ANSWER_NUDGE, not part of any reply) when calls ran, and makes the reply open with a letter or
-digit, so it is neither a call nor a bare JSON object nor empty. Should it still produce no text,
+digit (after its thinking, for a model that thinks), so it is neither a call nor a bare JSON object
+nor empty. Should it still produce no text,
 the reply says what the tools returned and that no answer was produced, with the finish reason
 "tool_loop" (the model kept calling tools) or "no_answer" (it wrote nothing after the results):
 a reply is never empty with "stop". `max_tokens` bounds each round.
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 
 from levante.engine.outputs import CompletionOutput, RequestOutput
@@ -96,8 +101,16 @@ class McpChat:
         elif self.calls:
             data["messages"] = self.messages + [{"role": "user", "content": ANSWER_NUDGE}]
         forced = answer_round and (self.calls or self.answering)
-        structured = StructuredOutput("regex", ANSWER_PATTERN) if forced else None
+        structured = StructuredOutput("regex", self.answer_pattern()) if forced else None
         return await self.pipeline.plan_chat(ChatCompletionRequest.model_validate(data), structured)
+
+    def answer_pattern(self) -> str:
+        """ANSWER_PATTERN, after the thinking of a model that thinks (`<think>...</think>`)."""
+        markers = self.state.llm.chat_renderer.reasoning_markers
+        if markers is None:
+            return ANSWER_PATTERN
+        start, end = map(re.escape, markers)
+        return rf"({start}[\s\S]*{end}\s*)?{ANSWER_PATTERN}"
 
     async def events(self) -> AsyncIterator[Event]:
         """The whole loop as events. A round's outputs are held back while its text could still be a
@@ -111,7 +124,7 @@ class McpChat:
             async for event in self.pipeline.generate(plan.prompt, plan.params):
                 final = event.output
                 if not shown:
-                    text = final.outputs[0].text.lstrip()
+                    text = plan.split_reasoning(final.outputs[0].text)[1].lstrip()  # the answer so far
                     shown = bool(text) and not text.startswith(CALL_OPENERS)  # prose: it cannot be a call
                 yield Output(0, final, shown)
             step, calls = self._review(plan, final, answer_round)
@@ -137,17 +150,21 @@ class McpChat:
         """What follows a round: ("calls", calls) to run, ("answer", []) for an answer round, ("done", []),
         or ("empty", []) when even an answer round gave no text."""
         completion = final.outputs[0]
-        reply, calls = completion.text, []
+        reasoning, answer = plan.split_reasoning(completion.text)
+        reply, calls = answer, []
         if plan.tool_parser is not None:
-            content, calls = plan.tool_parser.parse(completion.text)
+            content, calls = plan.tool_parser.parse(answer)
             if calls and completion.finish_reason != "length":
-                self.messages.append({"role": "assistant", "content": content,
-                                      "tool_calls": [call.to_openai() for call in calls]})
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [call.to_openai() for call in calls]}
+                if reasoning is not None:  # Qwen3's template keeps the thinking of the turn's tool calls
+                    message["reasoning_content"] = reasoning
+                self.messages.append(message)
                 return "calls", calls
-            if self.calls and completion.text.lstrip().startswith(CALL_OPENERS):
+            if self.calls and answer.lstrip().startswith(CALL_OPENERS):
                 self.answering = "no_answer"  # a call the parser could not take, or cut off: make it answer
                 return "answer", []
-            reply = completion.text if calls else content  # calls cut off by max_tokens are shown as text
+            reply = answer if calls else content  # calls cut off by max_tokens are shown as text
         if (reply or "").strip():
             return "done", []
         if answer_round:
