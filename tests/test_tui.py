@@ -20,7 +20,7 @@ import pytest
 
 from levante.tui.app import ChatApp
 from levante.tui.session import ChatSession, Settings, ToolResult, TurnEnd, TurnError
-from levante.tui.store import ConversationStore, data_dir
+from levante.conversations import ConversationStore, data_dir
 from levante.tui.widgets import AssistantMessage, Notice, ToolCallView, UserMessage
 from scripted_openai import scripted_endpoint, text, tool_call
 
