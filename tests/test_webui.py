@@ -471,3 +471,48 @@ def test_the_api_key_is_asked_once_and_conversations_belong_to_it(browser, llm, 
                                 if store.with_name(store.name + "-wal").exists() else b"")
     assert key.encode() not in raw
     local.close()
+
+
+def in_thread(coroutine):
+    """Run `coroutine` to its end in a thread of its own (Playwright's sync API holds this thread's loop)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+@pytest.mark.slow
+def test_mcp_calls_show_as_cards(browser, shots, tmp_path):
+    """The default model asks the real time server (the server runs the MCP loop); the page shows the
+    call as a card with its arguments and result, and the answer that uses it."""
+    from levante.mcp import McpConfig, McpToolManager
+    from mcp_servers import time_server
+
+    manager = McpToolManager(McpConfig.from_dict({"mcpServers": {"time": time_server()}}))
+    in_thread(manager.start())
+    model = "qwen2.5-coder:0.5b"
+    try:
+        with live_server(LLM(max_model_len=4096), model, mcp=manager,
+                         webui=WebUI(store_path=tmp_path / "chats.sqlite3")) as (base, _):
+            tab = Tab(browser, base, shots)
+            page = tab.open()
+            set_settings(page, temperature=0, max_tokens=100)
+            send(page, "What time is it in Tokyo?")
+            answer = wait_answer(page, timeout=600_000)
+            card = answer.locator(".card.mcp").first
+            assert "time_get_current_time" in card.locator("summary").inner_text()
+            assert "time" in card.locator("summary").inner_text() and "done" in card.locator("summary").inner_text()
+            card.locator("summary").click()
+            tab.shot("21-mcp-card")
+            arguments = json.loads(card.locator(".card-arguments").inner_text())
+            assert arguments["timezone"] == "Asia/Tokyo"
+            stamp = json.loads(card.locator(".card-result").inner_text())["datetime"]
+            hour, minute = int(stamp[11:13]), stamp[14:16]
+            assert re.search(rf"(?<!\d)0?{hour}:{minute}(?!\d)", answer.locator(".bubble").inner_text())
+            saved = stored(base, conversation_id(page))["messages"][-1]
+            assert saved["mcp_calls"][0]["name"] == "time_get_current_time"
+            tab.check()
+            tab.close()
+    finally:
+        manager.close()

@@ -347,7 +347,8 @@ class ChatApp(App):
             models = await self.session.client.models.list()
             for card in models.data:
                 extra = card.model_extra or {}
-                details = ", ".join(f"{k} {v}" for k, v in extra.items() if k not in ("object", "created"))
+                details = ", ".join(f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                                    for k, v in extra.items() if k not in ("object", "created"))
                 mark = "*" if card.id == self.session.model else " "
                 lines.append(f"{mark} {card.id} (owned by {card.owned_by}{', ' + details if details else ''})")
         except Exception as e:  # the listing is informative only

@@ -1,7 +1,7 @@
 // Model output -> DOM. The text is untrusted: markdown is parsed by marked with every piece of raw
 // HTML escaped (it is shown, never rendered), the result goes through DOMPurify (a second wall: only
 // plain formatting tags, links only to http(s) and mailto), and code is highlighted by highlight.js.
-// Nothing is ever assigned to innerHTML. Without the vendored libraries (`make web` not run), text is
+// No HTML string is ever given to the DOM as markup. Without the vendored libraries (`make web` not run), text is
 // shown as plain text (textContent), and the page says how to get markdown.
 
 const VENDOR = "/ui/vendor/";

@@ -113,7 +113,7 @@ function footer(message, meta, actions, last) {
   const stats = [];
   if (meta.stopped) stats.push("stopped");
   if (meta.finish === "length") stats.push("cut at max tokens");
-  if (meta.tokens) stats.push(`${meta.tokens} tokens in ${meta.seconds.toFixed(2)} s`);
+  if (meta.tokens && meta.seconds !== undefined) stats.push(`${meta.tokens} tokens in ${meta.seconds.toFixed(2)} s`);
   if (meta.ttft !== undefined) stats.push(`first token ${Math.round(meta.ttft)} ms`);
   const info = el("span", "muted stats", stats.join(" · "));
   if (meta.ttft !== undefined) info.dataset.ttftMs = String(meta.ttft);
