@@ -62,7 +62,8 @@ def page_ttft(page, question: str) -> tuple[float, dict]:
     }""")
     with page.expect_request("**/v1/chat/completions") as request:
         page.press("#prompt", "Enter")
-    page.wait_for_selector("body:not(.busy) .message.assistant:last-child .actions .copy", timeout=600_000)
+    page.wait_for_selector("body:not(.busy):not([data-saving]) .message.assistant:last-child .actions .copy",
+                           timeout=600_000)
     return page.evaluate("window.__first - window.__pressed"), request.value.post_data_json
 
 

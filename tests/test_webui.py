@@ -91,8 +91,9 @@ def send(page, text: str):
 
 
 def wait_answer(page, timeout=60_000):
-    """The last answer, once it is finished (its Copy button appears when streaming ends)."""
-    page.wait_for_selector("body:not(.busy) .message.assistant:last-child .actions .copy", timeout=timeout)
+    """The last answer, once it is finished (its Copy button appears when streaming ends) and saved."""
+    page.wait_for_selector("body:not(.busy):not([data-saving]) .message.assistant:last-child .actions .copy",
+                           timeout=timeout)
     return page.locator(".message.assistant").last
 
 
@@ -269,6 +270,9 @@ def test_a_hostile_answer_stays_inert(tab, server, libraries):
     assert page.title() == title
     policy = httpx.get(f"{server}/").headers["content-security-policy"]
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    tab.expected_errors.append("TrustedHTML")  # and no HTML string reaches the DOM but through DOMPurify:
+    assert page.evaluate("""() => { try { document.createElement('div').innerHTML = '<b>x</b>'; return 'taken'; }
+                                    catch (error) { return error.name; } }""") == "TypeError"
 
 
 def test_regenerate_and_edit_into_a_branch(tab, server):

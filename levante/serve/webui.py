@@ -28,11 +28,13 @@ from levante.serve.conversations import ConversationFile
 WEB = Path(__file__).resolve().parent.parent / "web"
 STATIC, VENDOR, DOCS = WEB / "static", WEB / "vendor", WEB / "docs"
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-       "connect-src 'self'; font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; "
-       "frame-ancestors 'none'")
+BASE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+# The chat page also takes no HTML string into the DOM but through DOMPurify's Trusted Types policy.
+CSP = BASE_CSP + "; require-trusted-types-for 'script'; trusted-types dompurify"
 # Swagger UI writes style attributes and <style> elements of its own: styles only, scripts stay strict.
-DOCS_CSP = CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
+DOCS_CSP = BASE_CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
 SECURITY_HEADERS = {"x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
                     "x-frame-options": "DENY", "cross-origin-opener-policy": "same-origin"}
 

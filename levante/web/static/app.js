@@ -301,6 +301,7 @@ async function branch(index, text) {
 
 async function save() {
   const body = { model: $("model").value, messages: stored() };
+  document.body.dataset.saving = "true";
   try {
     if (state.conversationId === null) {
       state.conversationId = (await call("POST", CONVERSATIONS, body)).id;
@@ -311,6 +312,8 @@ async function save() {
     await sidebar.refresh();
   } catch (error) {
     fail(new Error(`The conversation was not saved: ${error.message}`));
+  } finally {
+    delete document.body.dataset.saving;
   }
 }
 

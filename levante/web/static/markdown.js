@@ -1,7 +1,7 @@
 // Model output -> DOM. The text is untrusted: markdown is parsed by marked with every piece of raw
 // HTML escaped (it is shown, never rendered), the result goes through DOMPurify (a second wall: only
 // plain formatting tags, links only to http(s) and mailto), and code is highlighted by highlight.js.
-// No HTML string is ever given to the DOM as markup. Without the vendored libraries (`make web` not run), text is
+// No HTML string is ever given to the DOM as markup: the page's Trusted Types policy would refuse it. Without the vendored libraries (`make web` not run), text is
 // shown as plain text (textContent), and the page says how to get markdown.
 
 const VENDOR = "/ui/vendor/";
@@ -63,8 +63,10 @@ export function renderMarkdown(element, text) {
 function decorateCode(code) {
   const match = /language-([\w+#.-]+)/.exec(code.className);
   const language = match && libs.hljs.getLanguage(match[1]) ? match[1] : null;
-  if (!language) code.className = "";
-  libs.hljs.highlightElement(code);
+  const source = code.textContent;
+  const highlighted = language ? libs.hljs.highlight(source, { language }) : libs.hljs.highlightAuto(source);
+  code.className = "hljs";
+  code.replaceChildren(sanitize(highlighted.value)); // spans with classes, through the same wall
   const pre = code.parentElement;
   const bar = document.createElement("div");
   bar.className = "code-bar";
