@@ -100,8 +100,8 @@ $(WEB_VENDOR)/.built: Makefile
 # reachable). Needs root and apt; elsewhere the browser tests skip, saying why.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-		apt-get update -q && apt-get install -y -q chromium; } || \
-		echo "chromium could not be installed: the browser tests (tests/test_webui*.py) will be skipped"
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
+		echo "chromium could not be installed: the browser tests (tests/test_webui.py) will be skipped"
 
 clean:
 	rm -rf $(VENV) .mcp-servers .web-build $(WEB_VENDOR)
