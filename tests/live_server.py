@@ -46,6 +46,9 @@ def live_server(llm, name: str = "test-model", api_key: str | None = None, embed
     state.mcp = mcp  # a started levante.mcp.McpToolManager, or None
     if mcp_max_rounds is not None:
         state.mcp_max_rounds = mcp_max_rounds
+    engine = getattr(llm, "engine", None)
+    if engine is not None:  # as `levante serve` does at load: not inside the first constrained request,
+        engine.grammars.ll_tokenizer  # where it counts against --grammar-timeout (seconds, on a busy machine)
     state.attach(llm, embedding_llm, embedding_name)
     try:
         yield base, state

@@ -91,9 +91,12 @@ def send(page, text: str):
 
 
 def wait_answer(page, timeout=60_000):
-    """The last answer, once it is finished (its Copy button appears when streaming ends) and saved."""
-    page.wait_for_selector("body:not(.busy):not([data-saving]) .message.assistant:last-child .actions .copy",
-                           timeout=timeout)
+    """The last answer, once it is finished (its Copy button appears when streaming ends) and saved;
+    an error the page shows instead fails at once, with its text."""
+    done = "body:not(.busy):not([data-saving]) .message.assistant:last-child .actions .copy"
+    page.wait_for_selector(f"{done}, #banner.error", timeout=timeout)
+    error = page.locator("#banner.error")
+    assert not error.is_visible(), f"the page shows an error: {error.inner_text()}"
     return page.locator(".message.assistant").last
 
 
@@ -239,6 +242,56 @@ def test_a_terminal_conversation_continues_in_the_browser_and_back(tab, server, 
     page.wait_for_selector(".message.user >> text=Thanks!")
     assert page.locator(".message.user").count() == 3
     terminal.close()
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tiny_reasoning_model, store_path):
+    """A tiny random Qwen3 with Qwen3's own chat template: the server splits its <think> part off."""
+    llm = LLM(str(tiny_reasoning_model()), dtype="float32", max_model_len=512, warmup=False)
+    with live_server(llm, "tiny-qwen3", webui=WebUI(store_path=store_path)) as (base, _):
+        yield base, llm
+
+
+def test_streamed_reasoning_is_folded_away(browser, thinking_server, shots):
+    """The reply is fixed by a grammar (tests/test_reasoning.py), so the split is known text: the page
+    folds the streamed `reasoning_content`, keeps it unfolded while later deltas redraw the answer,
+    stores it, and does not send it back."""
+    from test_reasoning import script_grammar
+
+    base, llm = thinking_server
+    grammar = {"grammar": {"type": "lark", "value": script_grammar(
+        llm.tokenizer, "<think>\nThe user says hi.\n" + "Hmm. " * 10 + "\n</think>\n\nHello there!")}}
+    tab = Tab(browser, base, shots)
+    page = tab.open()
+    set_settings(page, temperature=0, max_tokens=400, extra=json.dumps(grammar))
+    with page.expect_request("**/v1/chat/completions") as request:
+        send(page, "Hi")
+    page.click("details.reasoning summary")  # unfolded while it streams...
+    answer = wait_answer(page)
+    reasoning = answer.locator("details.reasoning")
+    assert reasoning.evaluate("node => node.open")  # ...and still, after every delta redrew it
+    assert reasoning.locator("summary").inner_text() == "Reasoning"
+    tab.shot("22-reasoning-unfolded")
+    reasoning.locator("summary").click()
+    assert not reasoning.evaluate("node => node.open")
+    tab.shot("23-reasoning-folded")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    body = request.value.post_data_json
+    fields = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "model", "messages")}
+    expected = client.chat.completions.create(model=body["model"], messages=body["messages"],
+                                              extra_body=fields).choices[0].message
+    assert answer.locator(".bubble").inner_text() == expected.content == "Hello there!"
+    assert words(reasoning.locator(".reasoning-text").text_content()) == words(expected.reasoning_content)
+    assert expected.reasoning_content.startswith("The user says hi.")
+    saved = stored(base, conversation_id(page))["messages"][-1]
+    assert saved == {"role": "assistant", "content": "Hello there!", "reasoning_content": expected.reasoning_content}
+    set_settings(page, extra="{}", max_tokens=4)
+    with page.expect_request("**/v1/chat/completions") as again:
+        send(page, "Thanks")
+    wait_answer(page)
+    assert again.value.post_data_json["messages"][-2] == {"role": "assistant", "content": "Hello there!"}
+    tab.check()
+    tab.close()
 
 
 @pytest.mark.parametrize("libraries", ["markdown", "plain"])

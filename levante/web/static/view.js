@@ -61,6 +61,14 @@ function reasoningBlock(text, streaming) {
   return details;
 }
 
+// A streaming answer is drawn anew at every delta: what the reader unfolded (`key`) stays unfolded.
+function keepOpen(details, meta, key) {
+  const open = (meta.unfolded ||= new Set());
+  details.open = open.has(key);
+  details.addEventListener("toggle", () => (details.open ? open.add(key) : open.delete(key)));
+  return details;
+}
+
 // The element for messages[index]; `tools` maps tool_call_id -> the tool message answering it,
 // `meta` holds what the page knows beyond the message (timings, stopped, streaming), `actions` the
 // handlers: edit(index, text), regenerate(), and `last` whether this is the last assistant turn.
@@ -88,15 +96,17 @@ export function messageElement(message, index, { tools, meta = {}, actions, last
     node.append(callCard("tool", message.name || "tool result", "", "{}", message.content, false));
     return node;
   }
-  if (message.reasoning_content) node.append(reasoningBlock(message.reasoning_content, meta.streaming));
-  for (const call of message.mcp_calls || []) {
-    node.append(callCard("mcp", call.name, call.server, call.arguments, call.content, call.is_error));
+  if (message.reasoning_content) {
+    node.append(keepOpen(reasoningBlock(message.reasoning_content, meta.streaming), meta, "reasoning"));
   }
-  for (const call of message.tool_calls || []) {
+  (message.mcp_calls || []).forEach((call, n) => node.append(keepOpen(
+    callCard("mcp", call.name, call.server, call.arguments, call.content, call.is_error), meta, `mcp ${n}`)));
+  (message.tool_calls || []).forEach((call, n) => {
     const answer = tools.get(call.id);
     const fn = call.function || {};
-    node.append(callCard("tool", fn.name || "", "", fn.arguments, answer ? answer.content : undefined, false));
-  }
+    node.append(keepOpen(callCard("tool", fn.name || "", "", fn.arguments, answer ? answer.content : undefined, false),
+      meta, `tool ${n}`));
+  });
   const text = textOf(message.content);
   const calls = (message.tool_calls || []).length + (message.mcp_calls || []).length;
   if (text || !calls || meta.streaming) { // a turn that only called tools has no text to show
@@ -134,6 +144,7 @@ export function renderConversation(container, messages, metas, actions) {
   messages.forEach((message, index) => {
     if (message.role === "system" || message.role === "developer") return;
     if (message.role === "tool" && answered.has(message.tool_call_id)) return;
+    if (!metas.has(message)) metas.set(message, {});
     nodes.push(messageElement(message, index, { tools, meta: metas.get(message), actions, last: index === lastAssistant }));
   });
   container.replaceChildren(...nodes);
