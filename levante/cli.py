@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "it takes the same --api-key)")
     serve.add_argument("--open-metrics", action="store_true",
                        help="let /metrics answer without the API key (/health always does)")
+    serve.add_argument("--no-webui", action="store_true",
+                       help="serve no chat page at / (nor its conversation routes, /v1/levante/conversations)")
     RequestLimits.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
 

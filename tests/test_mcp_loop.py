@@ -64,7 +64,7 @@ class ScriptedState(Pipeline):
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    folder = build("qwen2", tmp_path_factory.mktemp("tiny-qwen2-2k"), max_position_embeddings=2048)
+    folder = build("qwen2", tmp_path_factory.mktemp("tiny-qwen2-2k"), max_positions=2048)
     return LLM(str(folder), dtype="float32", max_model_len=2048, warmup=False)
 
 

@@ -25,11 +25,11 @@ def _tokenizer(folder: Path):
     fast.save_pretrained(folder)
 
 
-def _config(arch: str):
+def _config(arch: str, max_positions: int = 512):
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                   initializer_range=0.1, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     if arch == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
@@ -44,14 +44,11 @@ def _config(arch: str):
     raise ValueError(arch)
 
 
-def build(arch: str, folder: Path, **overrides) -> Path:
-    """Save a tiny random `arch` model (float32) with a tokenizer into `folder`; `overrides` change its config
-    (e.g. max_position_embeddings=2048)."""
+def build(arch: str, folder: Path, max_positions: int = 512) -> Path:
+    """Save a tiny random `arch` model (float32) with a tokenizer into `folder`."""
     import transformers as tf
 
-    config = _config(arch)
-    for name, value in overrides.items():
-        setattr(config, name, value)
+    config = _config(arch, max_positions)
     torch.manual_seed(0)
     cls = tf.Gemma3ForCausalLM if arch == "gemma3" else tf.AutoModelForCausalLM
     model = cls.from_config(config) if cls is tf.AutoModelForCausalLM else cls(config)

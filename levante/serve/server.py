@@ -25,6 +25,7 @@ from levante.serve.app import ServerState, create_app
 from levante.serve.http import guard, uvicorn_server
 from levante.serve.limits import RequestLimits
 from levante.serve.ranking import Ranker
+from levante.serve.webui import DOCS_PAGES, OPEN_PAGES, WebUI
 from levante.serve.web_search import configure_web_search
 
 logger = logging.getLogger("levante")
@@ -32,9 +33,18 @@ logger = logging.getLogger("levante")
 
 def build_server(state: ServerState, host: str, port: int, api_key: str | None = None,
                  log_level: str = "info", open_metrics: bool = False) -> uvicorn.Server:
-    """The OpenAI API for `state` on host:port, behind the key, body and connection guards (serve/http.py)."""
-    app = guard(create_app(state), state.limits, api_key, open_metrics)
+    """The OpenAI API for `state` on host:port (and the web chat, with `state.webui`), behind the key,
+    body and connection guards (serve/http.py)."""
+    open_pages = OPEN_PAGES if state.webui is not None else DOCS_PAGES
+    app = guard(create_app(state), state.limits, api_key, open_metrics, open_pages)
     return uvicorn_server(app, host, port, state.limits, log_level)
+
+
+def addresses(host: str, port: int, webui: bool) -> str:
+    """Where to point a browser and a client, for the log line that says the server is ready."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    base = f"http://{shown}:{port}"
+    return (f"web chat at {base}/, " if webui else "") + f"API at {base}/v1, docs at {base}/docs"
 
 
 def check_model(args) -> None:
@@ -129,6 +139,8 @@ def fetch_policy(args) -> FetchPolicy:
 def serve(args) -> int:
     engine_args = EngineArgs.from_cli_args(args, warmup=True, progress=sys.stderr.isatty())
     state = ServerState(args.served_model_name or args.model, RequestLimits.from_cli_args(args))
+    if not getattr(args, "no_webui", False):
+        state.webui = WebUI()
     policy = fetch_policy(args)
     state.load_image = functools.partial(
         load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)),
@@ -162,7 +174,8 @@ def serve(args) -> int:
         if state.mcp is not None and state.llm is not None:
             _prepare_tool_selection(state)
         seconds = llm.engine.load_seconds if llm.engine else llm.embedder.load_seconds
-        logger.warning("levante: %s ready (load %.1fs)", state.model_name, seconds)
+        logger.warning("levante: %s ready (load %.1fs): %s", state.model_name, seconds,
+                       addresses(args.host, args.port, state.webui is not None))
 
     threading.Thread(target=load, name="levante-load", daemon=True).start()
     mcp_server = _serve_mcp(state, args)

@@ -33,6 +33,7 @@ class ServerState:
         self.metrics = Metrics()
         self.load_image = load_image  # image sources -> images; `levante serve` may confine local paths
         self.load_failure: str | None = None  # why loading failed, if it did (the server is then stopping)
+        self.webui = None  # serve/webui.py's WebUI: the chat page at / and its conversation routes; None: off
         self.pipeline = Pipeline(self)
 
     @property
