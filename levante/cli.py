@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from levante.errors import LevanteError
 from levante.loader.sources import DEFAULT_MODEL
@@ -180,9 +181,25 @@ def cmd_models(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    _read_tokenizer_ahead(args)  # in parallel with the imports below (PyTorch, the web stack)
     from levante.serve.server import serve
 
     return serve(args)
+
+
+def _read_tokenizer_ahead(args) -> None:
+    """A GGUF model's tokenizer, kept in the cache from an earlier start, starts loading now."""
+    from levante.loader.sources import PACKAGED_MODELS, prepared_dir, resolve_alias
+    from levante.loader.tokenizer import Tokenizer
+
+    if not getattr(args, "prepared_cache", True):
+        return
+    try:
+        path = resolve_alias(args.model) if args.model in PACKAGED_MODELS else Path(args.model).expanduser()
+    except LevanteError:  # the load itself says what is wrong
+        return
+    if path.is_file() and path.suffix == ".gguf":
+        Tokenizer.read_ahead(path, prepared_dir())
 
 
 def cmd_bench(args) -> int:

@@ -71,7 +71,7 @@ class Engine:
         self.source = open_model(model)
         self.quantization = resolve_mode(config.quantization, self.source.format)
         self.model_config = self.source.config
-        self.tokenizer = self.source.tokenizer()
+        self.tokenizer = self.source.tokenizer(cached=config.prepared_cache)
         self.tensor_parallel = None  # engine/tp.py: the worker ranks, under --tensor-parallel-size
         if config.tensor_parallel_size != 1:
             self.tensor_parallel, self.device = tp.start_rank0(model, self.model_config, config, self.device,

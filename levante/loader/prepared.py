@@ -15,9 +15,7 @@ ignored (and the model loads from the checkpoint).
 """
 from __future__ import annotations
 
-import functools
 import glob
-import hashlib
 import json
 import logging
 import mmap
@@ -30,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from levante.layers.embedding import VocabParallelEmbedding
+from levante.loader.sources import derived_key
 from levante.layers.linear import LinearBase
 from levante.quant import native
 from levante.quant.gguf_blocks import GGUFTensor
@@ -46,28 +45,14 @@ _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch
            "F64": torch.float64}
 
 
-def prepared_path(cache_dir: Path, checkpoint: Path, quantization: str | None, dtype: torch.dtype) -> Path | None:
+def prepared_path(folder: Path, checkpoint: Path, quantization: str | None, dtype: torch.dtype) -> Path | None:
     """Where the prepared weights of this checkpoint, loaded this way, live; None when there is
     nothing to prepare (dense loads are plain copies already) or the checkpoint is not a file."""
     if quantization is None or not checkpoint.is_file():
         return None
-    from levante import __version__  # at call time: levante/__init__ imports the engine, which imports this
-
-    stat = checkpoint.stat()
-    key = json.dumps([str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, quantization, str(dtype),
-                      __version__, FORMAT_VERSION, _packing_code()])
+    key = derived_key(checkpoint, quantization, dtype, FORMAT_VERSION, sources=_PACKING_SOURCES)
     kind = f"{checkpoint.stem}-{quantization}-{str(dtype).removeprefix('torch.')}"
-    return cache_dir / "prepared" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-
-
-@functools.cache
-def _packing_code() -> str:
-    package = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for relative in _PACKING_SOURCES:
-        path = package / relative
-        digest.update(path.read_bytes() if path.is_file() else b"")
-    return digest.hexdigest()
+    return folder / f"{kind}-{key}.safetensors"
 
 
 # -- saving ----------------------------------------------------------------------------------------

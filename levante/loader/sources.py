@@ -5,13 +5,16 @@ A packaged model is assembled once into the cache folder (``$LEVANTE_CACHE`` or
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from levante import __version__
 from levante.errors import ModelLoadError
 
 
@@ -75,6 +78,32 @@ PIP_PACKAGES = {
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LEVANTE_CACHE", Path.home() / ".cache" / "levante"))
+
+
+def prepared_dir() -> Path:
+    """Where what levante derives from a checkpoint (packed weights, a GGUF's tokenizer) is kept."""
+    return cache_dir() / "prepared"
+
+
+def derived_key(checkpoint: Path, *parts, sources: tuple[str, ...] = ()) -> str:
+    """A short hash naming what levante derives from a checkpoint file and keeps in the cache
+    folder: it changes with the file (resolved path, size, modification time), the levante
+    version, `parts`, and the source of the modules (paths relative to the package) whose code
+    decides the derived content, so an edited development checkout never meets an old entry."""
+    stat = checkpoint.stat()
+    key = json.dumps([str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, __version__,
+                      [str(part) for part in parts], _source_digest(sources)])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _source_digest(sources: tuple[str, ...]) -> str:
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for relative in sources:
+        path = package / relative
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()
 
 
 def _package_dir(module: str) -> Path | None:

@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import httpx
-
 from levante.errors import LevanteError
 from levante.search.html_text import html_to_text
 
@@ -41,6 +39,8 @@ class SearxngBackend:
         self.timeout = timeout
 
     def __call__(self, query: str, max_results: int) -> list[SearchResult]:
+        import httpx  # on use: its import (~0.15 s, it brings rich) would weigh on every server start
+
         try:
             response = httpx.get(self.endpoint, params={"q": query, "format": "json"}, timeout=self.timeout,
                                  headers={"User-Agent": USER_AGENT}, follow_redirects=True)
@@ -88,6 +88,8 @@ def fetch_pages(results: list[SearchResult], timeout: float = 5.0, max_bytes: in
 
 
 def _page_text(url: str, timeout: float, max_bytes: int) -> str:
+    import httpx
+
     try:
         with httpx.stream("GET", url, timeout=timeout, follow_redirects=True,
                           headers={"User-Agent": USER_AGENT}) as response:

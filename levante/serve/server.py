@@ -129,8 +129,6 @@ def serve(args) -> int:
             failure.append(str(e))
             server.should_exit = True
             return
-        if llm.engine is not None:
-            llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
         if manager is not None:
             mcp_start.join()  # ready means the MCP tools are offered too
         state.attach(llm, embedding_llm, args.embedding_model)
