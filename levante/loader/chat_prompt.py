@@ -88,7 +88,7 @@ class ChatRenderer:
         """(the prompt text the template writes, the images it carries)."""
         messages, images = self.template_messages(messages, load_image)
         text = self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                    **(template_kwargs or {}))
+                                    template_kwargs=template_kwargs)
         return text, images
 
     def render(self, messages: list, tools: list[dict] | None = None, add_generation_prompt: bool = True,
