@@ -181,24 +181,25 @@ def cmd_models(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    _read_tokenizer_ahead(args)  # in parallel with the imports below (PyTorch, the web stack)
+    _start_early(args)  # in parallel with the imports below (PyTorch, the web stack)
     from levante.serve.server import serve
 
     return serve(args)
 
 
-def _read_tokenizer_ahead(args) -> None:
-    """A GGUF model's tokenizer, kept in the cache from an earlier start, starts loading now."""
-    from levante.loader.sources import PACKAGED_MODELS, prepared_dir, resolve_alias
+def _start_early(args) -> None:
+    """What loading will wait for and can run beside the imports (on another core): a chat-template
+    worker process boots, and a GGUF model's tokenizer, kept in the cache by an earlier start, is
+    read (`tokenizers` parses without holding the GIL)."""
+    from levante.loader import template_worker
+    from levante.loader.sources import PACKAGED_MODELS, prepared_dir, present_file
     from levante.loader.tokenizer import Tokenizer
 
+    template_worker.start_worker()
     if not getattr(args, "prepared_cache", True):
         return
-    try:
-        path = resolve_alias(args.model) if args.model in PACKAGED_MODELS else Path(args.model).expanduser()
-    except LevanteError:  # the load itself says what is wrong
-        return
-    if path.is_file() and path.suffix == ".gguf":
+    path = present_file(args.model) if args.model in PACKAGED_MODELS else Path(args.model).expanduser()
+    if path is not None and path.suffix == ".gguf" and path.is_file():
         Tokenizer.read_ahead(path, prepared_dir())
 
 

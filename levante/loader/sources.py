@@ -150,6 +150,17 @@ def _check(model: PackagedModel, path: Path) -> Path:
     return path
 
 
+def present_file(alias: str) -> Path | None:
+    """A packaged single-file model's path if the file is on this machine already, without
+    assembling or checking it (`resolve_alias` does both); None otherwise."""
+    model = PACKAGED_MODELS[alias]
+    parts = None if model.folder else _part_paths(model)
+    if parts is None:
+        return None
+    path = parts[0] if len(parts) == 1 else cache_dir() / model.filename
+    return path if path.is_file() else None
+
+
 def resolve_alias(alias: str) -> Path:
     """Return the local path of a packaged model, assembling it on first use; its SHA-256 is
     checked once and remembered until the file changes."""
