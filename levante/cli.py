@@ -146,7 +146,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    _start_early(args)  # in parallel with the imports below (PyTorch, the web stack)
+    _start_early(args)  # in parallel with the imports below (the engine, the web stack)
     from levante.serve.server import serve
 
     return serve(args)

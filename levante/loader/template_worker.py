@@ -188,7 +188,7 @@ def render(source: str, context: dict) -> str:
 
 def start_worker() -> None:
     """Have one worker starting now, so that the first compile does not wait for a Python to boot
-    (`levante serve` calls this before it imports PyTorch: the worker boots on another core)."""
+    (`levante serve` calls this before it imports the engine and the web stack: the worker boots on another core)."""
     pool = _the_pool()
     with pool.lock:
         if not pool.idle:

@@ -159,7 +159,7 @@ class Tokenizer:
     def read_ahead(cls, path: Path, cache: Path) -> None:
         """Start `from_gguf(path, cache)` in a background thread; the next `from_gguf` call with the
         same arguments takes its result. `tokenizers` parses without holding the GIL, so
-        `levante serve` has the tokenizer read while it imports PyTorch."""
+        `levante serve` has the tokenizer read while it imports the engine and the web stack."""
         _reading_ahead[(Path(path), cache)] = _ReadAhead(path, cache)
 
     def _special_json(self) -> str:
