@@ -122,6 +122,23 @@ def test_streamed_shape(llm, manager):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_model_that_thinks(tiny_reasoning_model, manager):
+    """Qwen3 (its real template): the thinking is split off before the reply is read for calls, the
+    thinking of a tool turn goes back to the model with it, and the answer keeps its own."""
+    thinker = LLM(str(tiny_reasoning_model()), dtype="float32", max_model_len=2048, warmup=False)
+    replies = ["<think>\nI should ask the clock.\n</think>\n\n" + call("Asia/Tokyo"),
+               "<think>\nIt answered.\n</think>\n\nIt is late in Tokyo."]
+    state = ScriptedState(thinker, manager, list(replies))
+    message = run(state)["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("It answered.", "It is late in Tokyo.")
+    assert [c["name"] for c in message["mcp_calls"]] == ["time_get_current_time"]
+    assert "<think>\nI should ask the clock.\n</think>\n\n<tool_call>" in state.prompts[1]
+    chunks = run(ScriptedState(thinker, manager, list(replies)), stream=True)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "It answered."
+    assert "".join(d.get("content") or "" for d in deltas) == "It is late in Tokyo."
+
+
 def test_n_above_one_is_refused(llm, manager):
     from levante.errors import InvalidRequest
 

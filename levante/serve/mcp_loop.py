@@ -11,8 +11,10 @@ answers. It is made to answer in an "answer round" when it has had `max_rounds` 
 when it only repeats calls it already made, or when, after calls ran, it writes what looks like a
 call the parser cannot take (small models do all three, and would otherwise loop or answer JSON).
 An answer round offers no tools, adds one user turn (ANSWER_NUDGE, not part of any reply) and makes
-the reply open with a letter or digit, so it is neither a call nor a bare JSON object.
-`max_tokens` bounds each round.
+the reply open with a letter or digit (after its thinking, for a model that thinks), so it is neither
+a call nor a bare JSON object. A reasoning model's thinking is split off before a reply is read for
+calls; the thinking of a round whose calls ran goes back to the model with them (`reasoning_content`),
+and only the answer round's thinking reaches the client. `max_tokens` bounds each round.
 
 The loop is a source of pipeline events (serve/pipeline.py): a `Round` per generation (marked as one
 whose calls the server runs), its `Output`s (held back, `shown=False`, while the round's text could
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 
 from levante.engine.structured import StructuredOutput
@@ -76,8 +79,16 @@ class McpChat:
             data["tools"] = self.tools
         elif self.calls:
             data["messages"] = self.messages + [{"role": "user", "content": ANSWER_NUDGE}]
-        forced = StructuredOutput("regex", ANSWER_PATTERN) if answer_round and self.calls else None
+        forced = StructuredOutput("regex", self.answer_pattern()) if answer_round and self.calls else None
         return await self.pipeline.plan_chat(ChatCompletionRequest.model_validate(data), forced)
+
+    def answer_pattern(self) -> str:
+        """ANSWER_PATTERN, after the thinking of a model that thinks (`<think>...</think>`)."""
+        markers = self.state.llm.chat_renderer.reasoning_markers
+        if markers is None:
+            return ANSWER_PATTERN
+        start, end = map(re.escape, markers)
+        return rf"({start}[\s\S]*{end}\s*)?{ANSWER_PATTERN}"
 
     async def events(self) -> AsyncIterator[Event]:
         """The whole loop as events. A round's outputs are held back while its text could still be a
@@ -89,7 +100,7 @@ class McpChat:
             async for event in self.pipeline.generate(plan.prompt, plan.params):
                 final = event.output
                 if not shown:
-                    text = final.outputs[0].text.lstrip()
+                    text = plan.split_reasoning(final.outputs[0].text)[1].lstrip()  # the answer so far
                     shown = bool(text) and not text.startswith(CALL_OPENERS)  # prose: it cannot be a call
                 yield Output(0, final, shown)
             step, calls = self._review(plan, final)
@@ -106,9 +117,10 @@ class McpChat:
         completion = final.outputs[0]
         if plan.tool_parser is None:
             return "done", []  # an answer round
-        content, calls = plan.tool_parser.parse(completion.text)
+        reasoning, answer = plan.split_reasoning(completion.text)
+        content, calls = plan.tool_parser.parse(answer)
         if not calls or completion.finish_reason == "length":
-            if self.calls and completion.text.lstrip().startswith(CALL_OPENERS):
+            if self.calls and answer.lstrip().startswith(CALL_OPENERS):
                 self.answering = True  # a call the parser could not take, or cut off: make it answer instead
                 return "answer", []
             return "done", []
@@ -116,8 +128,10 @@ class McpChat:
         if all((call.name, _canonical(call.arguments)) in made for call in calls):
             self.answering = True  # it repeats itself: what it asked for is in the conversation already
             return "answer", []
-        self.messages.append({"role": "assistant", "content": content,
-                              "tool_calls": [call.to_openai() for call in calls]})
+        message = {"role": "assistant", "content": content, "tool_calls": [call.to_openai() for call in calls]}
+        if reasoning is not None:  # Qwen3's template keeps the thinking of the turn's tool calls
+            message["reasoning_content"] = reasoning
+        self.messages.append(message)
         return "calls", calls
 
     async def _execute(self, calls) -> list[dict]:

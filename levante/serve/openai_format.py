@@ -59,15 +59,23 @@ def _finish_reason(c: CompletionOutput, has_tool_calls: bool = False) -> str | N
     return "length" if c.finish_reason == "length" else "stop"
 
 
+def chat_message(plan, text: str) -> dict:
+    """A reply as OpenAI's assistant message: `content` (None beside calls or thinking when empty),
+    `reasoning_content` when the model thought, `tool_calls` when it called."""
+    reasoning, content, calls = plan.read_reply(text)
+    message = {"role": "assistant", "content": content if (content or not (calls or reasoning)) else None}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = [call.to_openai() for call in calls]
+    return message
+
+
 def chat_response(plan, rid: str, created: int, model: str, output: RequestOutput) -> dict:
     choices = []
     for c in output.outputs:
-        content, calls = c.text, []
-        if plan.tool_parser is not None:
-            content, calls = plan.tool_parser.parse(c.text)
-        message = {"role": "assistant", "content": content if (content or not calls) else None}
-        if calls:
-            message["tool_calls"] = [call.to_openai() for call in calls]
+        message = chat_message(plan, c.text)
+        calls = message.get("tool_calls")
         logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, plan.top_logprobs)} if plan.logprobs else None
         choices.append({"index": c.index, "message": message, "logprobs": logprobs,
                         "finish_reason": _finish_reason(c, bool(calls))})
@@ -98,7 +106,7 @@ class ChatCompletion:
         if round_.server_runs_tools:
             choice = response["choices"][0]
             if choice["message"].pop("tool_calls", None):  # calls cut off by max_tokens: not run, not the client's
-                choice["message"]["content"] = final.outputs[0].text
+                choice["message"]["content"] = round_.plan.split_reasoning(final.outputs[0].text)[1]
                 choice["finish_reason"] = "length"
             choice["message"]["mcp_calls"] = self.mcp_calls
         response["usage"] = usage(self.rounds.all())
@@ -130,7 +138,8 @@ class ChatChunks:
             pieces = list(self.writer.chunks(event.output))
             if self.rounds.round.server_runs_tools:
                 pieces = [p for p in pieces if p["choices"][0]["finish_reason"] is None
-                          and (p["choices"][0]["delta"].get("content") or p["choices"][0]["logprobs"])]
+                          and (p["choices"][0]["delta"].get("content") or p["choices"][0]["logprobs"]
+                               or p["choices"][0]["delta"].get("reasoning_content"))]
             return pieces
         elif isinstance(event, McpCalls):
             return [self.chunk({"mcp_calls": [call]}) for call in event.calls]
@@ -157,7 +166,8 @@ class ChatStreamWriter:
         self.role_sent = set() if role_sent is None else role_sent  # choices whose role chunk went out
         self.sent_text: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
-        self.parsers: dict[int, object] = {}
+        self.parsers: dict[int, object] = {}  # per choice: its streaming tool parser
+        self.reasoning: dict[int, object] = {}  # per choice: its streaming reasoning parser
         self.saw_calls: set[int] = set()
 
     def _chunk(self, choice: dict, usage_stats: dict | None = None) -> dict:
@@ -190,6 +200,19 @@ class ChatStreamWriter:
                 yield self._chunk({"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason})
 
     def _deltas(self, index: int, text: str, finished: bool) -> list[dict]:
+        """The deltas for new text: the thinking as `reasoning_content`, then the answer (through the
+        tool parser, when tools were offered)."""
+        out = []
+        if self.plan.reasoning is not None:
+            parser = self.reasoning.setdefault(index, self.plan.reasoning.stream())
+            pieces = parser.finish(text) if finished else parser.feed(text)
+            reasoning = "".join(piece.reasoning for piece in pieces if piece.reasoning is not None)
+            if reasoning:
+                out.append({"reasoning_content": reasoning})
+            text = "".join(piece.content for piece in pieces if piece.content is not None)
+        return out + self._answer_deltas(index, text, finished)
+
+    def _answer_deltas(self, index: int, text: str, finished: bool) -> list[dict]:
         if self.plan.tool_parser is None:
             return [{"content": text}] if text else []
         parser = self.parsers.setdefault(index, self.plan.tool_parser.stream())
