@@ -52,6 +52,25 @@ def test_damaged_or_stale_tokenizer_entry_is_rebuilt(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+
+def test_an_entry_for_a_changed_file_replaces_the_old_one(tmp_path):
+    """A new key (the GGUF file, or levante, changed) writes a new entry; the old one is deleted
+    (5 MB for a 150k vocabulary, never read again), as the weights' superseded entries are."""
+    import shutil
+
+    path = tmp_path / "model.gguf"
+    shutil.copy(gguf_path("smollm2:135m"), path)
+    cache = tmp_path / "cache"
+    Tokenizer.from_gguf(path, cache)
+    first = sorted(p.name for p in cache.iterdir())
+    neighbour = cache / "model-q4_0-float32-0123456789abcdef.safetensors"  # another kind of entry: kept
+    neighbour.write_bytes(b"")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    Tokenizer.from_gguf(path, cache)
+    second = sorted(p.name for p in cache.iterdir() if p != neighbour)
+    assert len(first) == len(second) == 2 and not set(first) & set(second) and neighbour.exists()
+
+
 def test_tokenizer_read_ahead_is_taken_by_the_load(tmp_path):
     path = gguf_path("qwen2.5-coder:0.5b")
     Tokenizer.from_gguf(path, tmp_path)  # an earlier start kept it

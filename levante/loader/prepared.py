@@ -22,7 +22,6 @@ parameters by shape and dtype, all before anything reads the data.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from levante.errors import LevanteError
 from levante.layers.linear import LinearBase
 from levante.loader.integrity import sha256_file, stamp, stamped_digest, verified
 from levante.loader.safetensors_header import map_safetensors
-from levante.loader.sources import derived_key
+from levante.loader.sources import derived_key, remove_superseded
 from levante.quant import native
 from levante.quant.gguf_blocks import GGUFTensor
 from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight, Q5Weight, int4_layout
@@ -107,20 +106,10 @@ def save_prepared(model: nn.Module, path: Path) -> None:
         save_file(tensors, str(temporary), metadata={"levante_packed": json.dumps(packed)})
         os.replace(temporary, path)
         stamp(path, sha256_file(path), _stamp_path(path))
-        _remove_superseded(path)
+        remove_superseded(path)  # and its stamp
     except OSError as error:  # a read-only or full cache: the model still runs, it just is not saved
         logger.warning("could not save prepared weights to %s: %s", path, error)
         temporary.unlink(missing_ok=True)
-
-
-def _remove_superseded(path: Path) -> None:
-    """Entries for a checkpoint of the same name, quantisation and dtype but another key (the
-    file or levante changed since): each is as large as the model, and nothing reads them again."""
-    kind = path.name.rsplit("-", 1)[0]
-    for old in path.parent.glob(f"{glob.escape(kind)}-*.safetensors"):
-        if old != path and old.name.rsplit("-", 1)[0] == kind:
-            old.unlink(missing_ok=True)
-            _stamp_path(old).unlink(missing_ok=True)
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the file changes, so a start does not re-hash hundreds of MB.
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import importlib.util
 import json
@@ -98,6 +99,18 @@ def derived_key(checkpoint: Path, *parts, sources: tuple[str, ...] = ()) -> str:
     key = json.dumps([str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, __version__,
                       [str(part) for part in parts], _source_digest(sources)])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def remove_superseded(entry: Path) -> None:
+    """Delete the files beside `entry` (named `<kind>-<key><suffixes>`, `key` from `derived_key`)
+    that have its kind but another key: the checkpoint or levante changed since they were written,
+    so nothing reads them again (prepared weights are as large as the model)."""
+    kind, rest = entry.name.rsplit("-", 1)
+    key = rest.split(".", 1)[0]
+    for old in entry.parent.glob(f"{glob.escape(kind)}-*"):
+        old_kind, old_rest = old.name.rsplit("-", 1)
+        if old_kind == kind and old_rest.split(".", 1)[0] != key:
+            old.unlink(missing_ok=True)
 
 
 @functools.cache

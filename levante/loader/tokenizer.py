@@ -21,7 +21,7 @@ from tokenizers import Tokenizer as Backend
 
 from levante.errors import ModelLoadError
 from levante.loader.gguf_metadata import read_gguf_metadata
-from levante.loader.sources import derived_key
+from levante.loader.sources import derived_key, remove_superseded
 
 logger = logging.getLogger("levante")
 
@@ -151,6 +151,7 @@ class Tokenizer:
             cache.mkdir(parents=True, exist_ok=True)
             _write_atomically(saved, tokenizer.backend.to_str())
             _write_atomically(special, tokenizer._special_json())  # last: who finds it finds both
+            remove_superseded(saved)
         except OSError as error:  # a read-only or full cache: the tokenizer still works, it just is not kept
             logger.warning("could not save the tokenizer to %s: %s", saved, error)
         return tokenizer
