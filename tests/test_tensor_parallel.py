@@ -48,6 +48,36 @@ def test_tp2_matches_tp1(tiny_model, arch):
     _compare(tiny_model(arch))
 
 
+def _greedy(llm):
+    return [o.outputs[0].token_ids for o in llm.generate(
+        _prompts(), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]
+
+
+@pytest.mark.slow
+def test_a_second_tp_llm_needs_no_close(tiny_model):
+    """As in a notebook: a dropped LLM releases its group when collected; a new one made while the
+    old one is still referenced (`llm = LLM(...)` run again) takes the group over."""
+    import gc
+
+    from levante.errors import LevanteError
+
+    folder = str(tiny_model("qwen2"))
+    first = LLM(folder, **OPTIONS, tensor_parallel_size=2)
+    expected = _greedy(first)
+    first_workers = first.engine.tensor_parallel.procs
+    del first
+    gc.collect()
+    assert all(p.wait(10) is not None for p in first_workers), "a collected LLM keeps its workers"
+    second = LLM(folder, **OPTIONS, tensor_parallel_size=2)
+    assert _greedy(second) == expected
+    third = LLM(folder, **OPTIONS, tensor_parallel_size=2)  # `second` is still referenced
+    assert all(p.wait(10) is not None for p in second.engine.tensor_parallel.procs)
+    with pytest.raises(LevanteError, match="took the group over"):
+        second.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+    assert _greedy(third) == expected
+    third.close()
+
+
 def test_tp2_replicates_a_single_kv_head(tmp_path):
     """One kv head, two ranks: each rank keeps a copy of it (vLLM's rule)."""
     import transformers as tf

@@ -12,9 +12,9 @@ from levante.config import EngineConfig, ModelConfig
 from levante.distributed import parallel_state
 from levante.distributed.topology import Topology
 from levante.errors import InvalidTopology, ModelLoadError
-from levante.loader.memory import return_free_memory
+from levante.loader.memory import return_free_memory, trim_heap
 from levante.loader.prepared import load_prepared, prepared_path, save_prepared
-from levante.loader.sources import cache_dir
+from levante.loader.sources import prepared_dir
 from levante.models.registry import build_model, load_weights
 from levante.quant.packed import resolve_mode
 
@@ -63,10 +63,10 @@ def load_model(source, config: EngineConfig, dtype: torch.dtype, device: torch.d
 
         kv_bytes = int((config.cache.memory_gb or 2.0) * (1 << 30))
         overrides = place(model, device, dtype, source.format, config.device_map, topology, kv_bytes)
-    return_free_memory()  # what reading the tokenizer freed, before the weights come in
+    trim_heap()  # what reading the tokenizer freed, before the weights come in
     prepared = None  # packed weights kept from an earlier load: one rank, no per-layer placement
     if config.prepared_cache and not tp and overrides is None:
-        prepared = prepared_path(cache_dir(), source.path, quantization, dtype)
+        prepared = prepared_path(prepared_dir(), source.path, quantization, dtype)
     if prepared is not None and load_prepared(model, prepared, quantization):
         return model.eval(), quantization, prepared
     quantized = quantization is not None or any(overrides.values() if overrides else ())

@@ -188,8 +188,8 @@ class Pipeline:
             return
         compiler = self.state.llm.engine.grammars
         timeout = self.state.limits.grammar_timeout
-        # The vocabulary's llguidance tokenizer is built once per engine (`levante serve` does it before it
-        # is ready): its seconds are not this grammar's, so they do not count against the timeout.
+        # The vocabulary's llguidance tokenizer is built once per engine, by the first constrained request
+        # (seconds on a busy machine): they are not this grammar's, so they do not count against the timeout.
         await asyncio.get_running_loop().run_in_executor(self._grammar_pool, lambda: compiler.ll_tokenizer)
         future = asyncio.get_running_loop().run_in_executor(self._grammar_pool, compiler.prepare, spec)
         try:

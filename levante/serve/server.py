@@ -162,8 +162,6 @@ def serve(args) -> int:
             embedding_llm = _load_embedding_model(args)
             state.ranker = Ranker(embedding_llm or (llm if llm.is_embedding_model else None))
             configure_web_search(state, args.search_url, policy)
-            if llm.engine is not None:
-                llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
         except Exception as e:  # noqa: BLE001 - any failure stops the server with one line
             state.load_failure = str(e) if isinstance(e, LevanteError) else f"internal error: {type(e).__name__}: {e}"
             server.should_exit = True
