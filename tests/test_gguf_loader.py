@@ -215,7 +215,45 @@ def test_unknown_architecture(tmp_path):
     path = write_gguf(tmp_path / "other.gguf", "mamba", {"token_embd.weight": np.zeros((12, 8), np.float32)})
     file = GGUFFile(path)  # metadata stays readable, e.g. for the tokenizer
     assert file.architecture == "mamba" and file.field("tokenizer.ggml.tokens")[:2] == ["t0", "t1"]
-    with pytest.raises(UnsupportedArchitecture, match="mamba.*gemma3, llama, qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitecture, match="mamba.*gemma3, llama, phi3, qwen2, qwen3, qwen3moe"):
         file.hf_config()
     with pytest.raises(UnsupportedArchitecture):
         next(file.named_tensors())
+
+
+def test_stacked_experts_come_out_one_by_one_still_quantized(tmp_path):
+    """llama.cpp stacks a mixture's experts (ffn_*_exps, [experts, rows, cols]); a ``llama`` file
+    with experts is Mixtral, and each expert comes back under its HF name as a view of the
+    stack's blocks."""
+    rng = np.random.default_rng(0)
+    stack = rng.standard_normal((4, 16, 32)).astype(np.float32)
+    blocks = gguf.quants.quantize(stack, gguf.GGMLQuantizationType.Q8_0)
+    writer_path = tmp_path / "moe.gguf"
+    writer = gguf.GGUFWriter(writer_path, "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(128)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_expert_count(4)
+    writer.add_expert_used_count(2)
+    writer.add_token_list([f"t{i}" for i in range(12)])
+    writer.add_tensor("blk.0.ffn_gate_exps.weight", blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blk.0.ffn_gate_inp.weight", rng.standard_normal((4, 32)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    file = GGUFFile(writer_path)
+    config = file.hf_config()
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
+    assert (config["num_local_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"]) == (4, 2, 16)
+    quantized = dict(file.quantized_tensors())
+    dense = dict(file.named_tensors())
+    assert "model.layers.0.block_sparse_moe.gate.weight" in dense
+    for expert in range(4):
+        name = f"model.layers.0.block_sparse_moe.experts.{expert}.w1.weight"
+        assert quantized[name].qtype == gguf.GGMLQuantizationType.Q8_0 and quantized[name].shape == (16, 32)
+        expected = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)[expert])
+        assert torch.equal(quantized[name].dequantize(), expected) and torch.equal(dense[name], expected)

@@ -12,13 +12,13 @@ import torch
 from levante import LLM, SamplingParams
 from tiny_models import load_reference
 
-ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "mixtral", "qwen3_moe"]
 ATOL = 1e-4
 
 
 def _prompts():
     g = torch.Generator().manual_seed(1)
-    # 40 tokens is longer than the tiny Gemma 3's sliding window of 16.
+    # 40 tokens is longer than the sliding windows of the tiny Gemma 3 and Mistral (16) and Phi-3 (24).
     return [torch.randint(3, 384, (40,), generator=g).tolist(), torch.randint(3, 384, (9,), generator=g).tolist()]
 
 

@@ -4,6 +4,10 @@ under transformers parameter names and layouts.
 llama.cpp's converter changes a few weights on the way in (Q/K rows permuted for
 ``llama``, ``+1`` folded into Gemma norms); they are undone here exactly as
 transformers' GGUF loader undoes them, so a model built for HF checkpoints loads both.
+It also stacks a mixture's experts into one 3-D tensor per matrix (``ffn_gate_exps``,
+...): they come out again one expert at a time, as HF checkpoints store them (each a
+view of the stack's bytes, so quantised experts stay quantised), and Mixtral, which
+llama.cpp files as ``llama`` with ``llama.expert_count`` set, comes back as Mixtral.
 """
 from __future__ import annotations
 
@@ -27,7 +31,10 @@ _HF_ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
+_MIXTRAL = ("MixtralForCausalLM", "mixtral")  # a "llama" file with experts
 SUPPORTED_ARCHITECTURES = tuple(sorted(_HF_ARCHITECTURES))
 
 _TOP_LEVEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -50,9 +57,25 @@ _GEMMA3_LAYER_NAMES = _LAYER_NAMES | {
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Phi-3 keeps q/k/v and gate/up fused ("ffn_up" holds gate then up).
+_PHI3_LAYER_NAMES = _LAYER_NAMES | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+# Mixtures of experts: the router, and each matrix's experts stacked ("{expert}": one per expert).
+_QWEN3MOE_LAYER_NAMES = _LAYER_NAMES | {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{expert}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{expert}.up_proj",
+    "ffn_down_exps": "mlp.experts.{expert}.down_proj",
+}
+_MIXTRAL_LAYER_NAMES = _LAYER_NAMES | {
+    "ffn_gate_inp": "block_sparse_moe.gate",
+    "ffn_gate_exps": "block_sparse_moe.experts.{expert}.w1",
+    "ffn_up_exps": "block_sparse_moe.experts.{expert}.w3",
+    "ffn_down_exps": "block_sparse_moe.experts.{expert}.w2",
+}
+_ARCH_LAYER_NAMES = {"gemma3": _GEMMA3_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES, "qwen3moe": _QWEN3MOE_LAYER_NAMES}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-# Precomputed RoPE frequencies (Llama 3.x); transformers rebuilds them, so they are not parameters.
-_NOT_PARAMETERS = {"rope_freqs.weight"}
+# Precomputed RoPE frequencies (Llama 3.x) and LongRoPE factors (Phi-3): RoPE settings, not parameters.
+_NOT_PARAMETERS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 _REQUIRED = object()
 # Arrays longer than this (the vocabulary, its merges) are not kept in memory: ~90 MB of
 # Python strings for a 150k vocabulary, which the tokenizer reads for itself.
@@ -207,7 +230,7 @@ class GGUFFile:
         """The transformers ``config.json`` this checkpoint was converted from, as far as
         GGUF records it (plus ``rope_parameters`` in transformers 5 form)."""
         self._require_supported()
-        hf_class, model_type = _HF_ARCHITECTURES[self.architecture]
+        hf_class, model_type = _MIXTRAL if self._is_mixtral else _HF_ARCHITECTURES[self.architecture]
         hidden = self._arch_field("embedding_length")
         heads = self._arch_field("attention.head_count")
         rope_theta = float(self._arch_field("rope.freq_base", 10000.0))
@@ -238,7 +261,41 @@ class GGUFFile:
         if self.architecture == "gemma3":
             config["sliding_window"] = self._arch_field("attention.sliding_window")
             _add_gemma3_fields(config)
+        if self.architecture == "phi3":
+            self._add_phi3_fields(config)
+        if self._arch_field("expert_count", 0):
+            config["num_local_experts"] = self._arch_field("expert_count")
+            config["num_experts_per_tok"] = self._arch_field("expert_used_count")
+            config["moe_intermediate_size"] = self._arch_field("expert_feed_forward_length",
+                                                               config["intermediate_size"])
+            config["norm_topk_prob"] = True  # llama.cpp renormalises for both Mixtral and Qwen3-MoE
         return config
+
+    @property
+    def _is_mixtral(self) -> bool:
+        return self.architecture == "llama" and bool(self._arch_field("expert_count", 0))
+
+    def _add_phi3_fields(self, config: dict[str, Any]) -> None:
+        """Phi-3's RoPE dimensions (Phi-4-mini rotates part of each head) and LongRoPE, whose
+        factors llama.cpp's converter stores as tensors. `phi3.attention.sliding_window` is
+        left unused, as llama.cpp leaves it (its converter's value is not to be trusted)."""
+        rotary = self._arch_field("rope.dimension_count", config["head_dim"])
+        config["partial_rotary_factor"] = rotary / config["head_dim"]
+        original = self._arch_field("rope.scaling.original_context_length", config["max_position_embeddings"])
+        config["original_max_position_embeddings"] = original
+        if "rope_factors_long.weight" in self._tensors:
+            factors = {key: self._float_tensor(f"rope_factors_{kind}.weight").tolist()
+                       for key, kind in (("long_factor", "long"), ("short_factor", "short"))}
+            config["rope_scaling"] = {"rope_type": "longrope", **factors,
+                                      "original_max_position_embeddings": original,
+                                      "attention_factor": self._arch_field("rope.scaling.attn_factor", None)}
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"],
+                                     "partial_rotary_factor": config["partial_rotary_factor"]} \
+            | (config["rope_scaling"] or {})
+
+    def _float_tensor(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name]
+        return dequantize(tensor.data, tensor.tensor_type, tuple(reversed(tensor.shape.tolist())))
 
     def _vocab_size(self) -> int:
         """Declared, else the token list's length (as transformers does), else the embedding's rows."""
@@ -276,14 +333,12 @@ class GGUFFile:
         un-permuted. Tensors whose values transformers changes (Gemma norms) come back
         dequantised, as F32 bytes.
         """
-        for name, hf_name, tensor, shape in self._parameters():
+        for name, hf_name, tensor, shape, raw in self._parameters():
             qtype = tensor.tensor_type
             if self._shifts_values(name):
-                values = self._undo_conversion(name, dequantize(tensor.data, qtype, shape))
+                values = self._undo_conversion(name, dequantize(raw, qtype, shape))
                 yield hf_name, GGMLQuantizationType.F32, values.view(torch.uint8).view(*shape[:-1], -1), shape
                 continue
-            block_size, type_size = GGML_QUANT_SIZES[qtype]
-            raw = as_bytes(tensor.data).view(*shape[:-1], shape[-1] // block_size * type_size)
             yield hf_name, qtype, self._unpermute(name, raw), shape
 
     def quantized_tensors(self) -> Iterator[tuple[str, GGUFTensor | torch.Tensor]]:
@@ -304,7 +359,8 @@ class GGUFFile:
                 yield hf_name, dequantize(raw, qtype, shape)
             else:
                 yield hf_name, GGUFTensor(GGMLQuantizationType(qtype), raw, shape)
-            held.append(tensor)
+            if not held or held[-1] is not tensor:  # a stack of experts: once, not once per expert
+                held.append(tensor)
             if block is None:
                 self._release(held)
                 held = []
@@ -317,21 +373,31 @@ class GGUFFile:
         trim_heap()
 
     def _parameters(self):
-        """``(gguf_name, hf_name, reader tensor, hf_shape)`` for every tensor that is a parameter."""
+        """``(gguf_name, hf_name, reader tensor, hf_shape, raw bytes)`` for every parameter: the
+        bytes have shape ``hf_shape[:-1] + (bytes_per_row,)``. A stack of experts yields one entry
+        per expert (its slice of the stack)."""
         self._require_supported()
         for name, tensor in self._tensors.items():
             hf_name = self._hf_name(name)
-            if hf_name is not None:
-                yield name, hf_name, tensor, tuple(reversed(tensor.shape.tolist()))
+            if hf_name is None:
+                continue
+            shape = tuple(reversed(tensor.shape.tolist()))
+            block_size, type_size = GGML_QUANT_SIZES[tensor.tensor_type]
+            raw = as_bytes(tensor.data).view(*shape[:-1], shape[-1] // block_size * type_size)
+            if "{expert}" not in hf_name:
+                yield name, hf_name, tensor, shape, raw
+                continue
+            for expert in range(shape[0]):
+                yield name, hf_name.format(expert=expert), tensor, shape[1:], raw[expert]
 
     def _parameter_tensors(self):
         """The reader's tensors in ``raw_tensors``' order."""
-        return (tensor for _, _, tensor, _ in self._parameters())
+        return (tensor for _, _, tensor, _, _ in self._parameters())
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(hf_name, float32 tensor)`` for every parameter, in transformers' layout."""
-        for name, hf_name, tensor, shape in self._parameters():
-            yield hf_name, self._undo_conversion(name, dequantize(tensor.data, tensor.tensor_type, shape))
+        for name, hf_name, tensor, shape, raw in self._parameters():
+            yield hf_name, self._undo_conversion(name, dequantize(raw, tensor.tensor_type, shape))
 
     def _hf_name(self, name: str) -> str | None:
         if name in _NOT_PARAMETERS:
@@ -339,7 +405,8 @@ class GGUFFile:
         base, _, suffix = name.rpartition(".")
         if base in _TOP_LEVEL_NAMES:
             return f"{_TOP_LEVEL_NAMES[base]}.{suffix}"
-        layer_names = _GEMMA3_LAYER_NAMES if self.architecture == "gemma3" else _LAYER_NAMES
+        layer_names = _MIXTRAL_LAYER_NAMES if self._is_mixtral else _ARCH_LAYER_NAMES.get(self.architecture,
+                                                                                            _LAYER_NAMES)
         match = _LAYER_TENSOR.fullmatch(name)
         if match is None or match[2] not in layer_names:
             raise ModelLoadError(f"{self.path}: tensor {name} has no known role in a {self.architecture} model")
