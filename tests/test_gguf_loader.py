@@ -14,6 +14,7 @@ from levante.errors import ModelLoadError, UnsupportedArchitecture
 from levante.loader.gguf import GGUFFile
 from levante.loader.sources import PACKAGED_MODELS, is_installed, resolve_alias
 from levante.quant.gguf_blocks import dequantize
+from tiny_gguf import llama_cpp_permute, save
 
 GGUF_ALIASES = [alias for alias, model in PACKAGED_MODELS.items() if model.filename.endswith(".gguf")]
 CONFIG_FIELDS = [
@@ -91,18 +92,8 @@ def write_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray], layers: in
     for key, value in fields.items():
         add = {str: writer.add_string, float: writer.add_float32, int: writer.add_uint32}[type(value)]
         add(key, value)
-    for name, data in tensors.items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save(writer, tensors)
     return path
-
-
-def llama_cpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
-    """What llama.cpp's convert_hf_to_gguf.py does to llama Q/K rows."""
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
 def test_llama_qk_rows_are_unpermuted(tmp_path):
@@ -227,31 +218,18 @@ def test_stacked_experts_come_out_one_by_one_still_quantized(tmp_path):
     stack's blocks."""
     rng = np.random.default_rng(0)
     stack = rng.standard_normal((4, 16, 32)).astype(np.float32)
-    blocks = gguf.quants.quantize(stack, gguf.GGMLQuantizationType.Q8_0)
-    writer_path = tmp_path / "moe.gguf"
-    writer = gguf.GGUFWriter(writer_path, "llama")
-    writer.add_block_count(1)
-    writer.add_context_length(128)
-    writer.add_embedding_length(32)
-    writer.add_feed_forward_length(16)
-    writer.add_head_count(2)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_expert_count(4)
-    writer.add_expert_used_count(2)
-    writer.add_token_list([f"t{i}" for i in range(12)])
-    writer.add_tensor("blk.0.ffn_gate_exps.weight", blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    writer.add_tensor("blk.0.ffn_gate_inp.weight", rng.standard_normal((4, 32)).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    file = GGUFFile(writer_path)
+    path = write_gguf(tmp_path / "moe.gguf", "llama", {
+        "blk.0.ffn_gate_exps.weight": (stack, gguf.GGMLQuantizationType.Q8_0),
+        "blk.0.ffn_gate_inp.weight": rng.standard_normal((4, 32)).astype(np.float32),
+    }, **{"llama.expert_count": 4, "llama.expert_used_count": 2})
+    file = GGUFFile(path)
     config = file.hf_config()
     assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
     assert (config["num_local_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"]) == (4, 2, 16)
     quantized = dict(file.quantized_tensors())
     dense = dict(file.named_tensors())
     assert "model.layers.0.block_sparse_moe.gate.weight" in dense
+    blocks = gguf.quants.quantize(stack, gguf.GGMLQuantizationType.Q8_0)
     for expert in range(4):
         name = f"model.layers.0.block_sparse_moe.experts.{expert}.w1.weight"
         assert quantized[name].qtype == gguf.GGMLQuantizationType.Q8_0 and quantized[name].shape == (16, 32)

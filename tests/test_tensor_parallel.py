@@ -27,9 +27,11 @@ def _run(llm):
     return [o.metrics["prompt_logits"] for o in logits], [o.outputs[0].token_ids for o in greedy]
 
 
-def _compare(folder, **options):
+def _compare(folder, check=None, **options):
     with LLM(str(folder), **OPTIONS, **options, tensor_parallel_size=2) as llm:
         assert llm.engine.model.model.layers[0].self_attn.num_heads == 2  # half of the 4 heads
+        if check is not None:
+            check(llm)
         # A single-rank engine built and run while this process holds the group stays whole.
         reference = LLM(str(folder), **OPTIONS, **options)
         assert reference.engine.model.model.layers[0].self_attn.num_heads == 4
@@ -43,9 +45,27 @@ def _compare(folder, **options):
     assert tokens == ref_tokens
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3", "mistral", "phi3", "mixtral", "qwen3_moe"])
 def test_tp2_matches_tp1(tiny_model, arch):
     _compare(tiny_model(arch))
+
+
+def test_tp2_splits_every_quantized_expert(tiny_model, tmp_path):
+    """A Q4_0 Mixtral GGUF: each rank keeps its half of every expert's width, still quantised
+    (down_proj's input columns split on block boundaries)."""
+    from gguf import GGMLQuantizationType
+
+    from levante.quant.packed import Int4Weight
+    from tiny_gguf import convert
+
+    path = convert(tiny_model("mixtral"), tmp_path / "mixtral-q4_0.gguf", GGMLQuantizationType.Q4_0)
+
+    def halves_each_expert(llm):
+        expert = llm.engine.model.model.layers[0].mlp.experts[3]
+        assert isinstance(expert.down_proj.packed, Int4Weight) and expert.down_proj.packed.shape == (64, 64)
+        assert expert.gate_up_proj.packed.shape == (128, 64)  # gate and up: 64 rows each of 128
+
+    _compare(path, prepared_cache=False, check=halves_each_expert)
 
 
 def test_tp2_replicates_a_single_kv_head(tmp_path):

@@ -29,19 +29,28 @@ def convert(folder: Path, path: Path, qtype: gguf.GGMLQuantizationType | None = 
     _vocabulary(writer, folder, config)
     model_arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch)
     names = gguf.get_tensor_name_map(model_arch, config["num_hidden_layers"])
+    tensors = {}
     for hf_name, data in _tensors(folder, config, arch):
         name = hf_name if hf_name.startswith("rope_factors_") else \
             names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, hf_name
-        if qtype is not None and data.ndim >= 2 and ".ffn_gate_inp." not in name:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        quantized = qtype is not None and data.ndim >= 2 and ".ffn_gate_inp." not in name
+        tensors[name] = (data, qtype) if quantized else data
+    save(writer, tensors)
+    return path
+
+
+def save(writer: gguf.GGUFWriter, tensors: dict) -> None:
+    """Add `tensors` (name -> float array, or (float array, qtype) to store it quantised) and write the file."""
+    for name, data in tensors.items():
+        if isinstance(data, tuple):
+            writer.add_tensor(name, gguf.quants.quantize(*data), raw_dtype=data[1])
         else:
             writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 def _hyperparameters(writer: gguf.GGUFWriter, config: dict, arch: str) -> None:
@@ -96,8 +105,8 @@ def _vocabulary(writer: gguf.GGUFWriter, folder: Path, config: dict) -> None:
     writer.add_pad_token_id(config["pad_token_id"])
 
 
-def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's row order for llama Q/K: the two halves of each head interleaved."""
+def llama_cpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to llama Q/K rows (the two halves of each head interleaved)."""
     return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2) \
         .reshape(weights.shape)
 
@@ -116,7 +125,7 @@ def _tensors(folder: Path, config: dict, arch: str):
             continue
         if arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             key = "num_attention_heads" if ".q_proj." in name else "num_key_value_heads"
-            data = _permute(data, config[key])
+            data = llama_cpp_permute(data, config[key])
         yield name, data
     for (layer, block, matrix), stack in experts.items():
         yield f"model.layers.{layer}.{block}.experts.{matrix}.weight", np.stack([stack[e] for e in sorted(stack)])
