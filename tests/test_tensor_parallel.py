@@ -197,3 +197,17 @@ def test_vision_models_refuse_tensor_parallel():
     with pytest.raises(ModelLoadError, match="vision-language models"):
         check_tensor_parallel(config, 2)
     check_tensor_parallel(config, 1)
+
+
+def test_indivisible_expert_width_is_a_clear_error():
+    from levante.config import ModelConfig
+    from levante.engine.build import check_tensor_parallel
+
+    raw = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 64,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 90, "num_hidden_layers": 2,
+           "vocab_size": 100, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 30}
+    with pytest.raises(ModelLoadError, match="does not divide .*an expert width of 30"):
+        check_tensor_parallel(ModelConfig.from_hf_dict(raw), 4)
+    check_tensor_parallel(ModelConfig.from_hf_dict(raw | {"moe_intermediate_size": 32}), 4)  # 90: no dense MLP
+    with pytest.raises(ModelLoadError, match="an MLP width of 90"):
+        check_tensor_parallel(ModelConfig.from_hf_dict(raw | {"moe_intermediate_size": 32, "mlp_only_layers": [1]}), 4)

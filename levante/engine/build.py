@@ -36,7 +36,7 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
     kv = config.num_kv_heads
     if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
         problems.append(f"{kv} key/value heads")
-    if config.intermediate_size % tp:
+    if config.intermediate_size % tp and len(config.moe_layers) < config.num_layers:  # a dense MLP somewhere
         problems.append(f"an MLP width of {config.intermediate_size}")
     if config.num_experts and config.moe_intermediate_size % tp:
         problems.append(f"an expert width of {config.moe_intermediate_size}")

@@ -63,5 +63,7 @@ class SparseMoE(nn.Module):
             start += count
             tokens = picks // self.top_k
             partial = self.experts[expert](x[tokens])
-            out.index_add_(0, tokens, (partial * weights[picks].unsqueeze(1)).to(out.dtype))
+            # Not index_add_: on the CPU it takes ~100 ms for one row (a parallel region that waits
+            # for busy threads); index_put_ accumulates the same sums in microseconds.
+            out.index_put_((tokens,), (partial * weights[picks].unsqueeze(1)).to(out.dtype), accumulate=True)
         return all_reduce(out) if self.tp_size > 1 else out
