@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",
                        help="image_url parts may name files in DIR (repeatable); without it, any file when "
                             "--host is loopback, none otherwise")
+    serve.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
+                       help="image URLs may only name these hosts (or their subdomains), which may then resolve "
+                            "to private addresses too")
+    serve.add_argument("--allow-private-network", action="store_true",
+                       help="let image URLs, search result pages and MCP servers reach private, loopback and "
+                            "link-local addresses although --host is not loopback (refused otherwise)")
     _mcp_args(serve)
     serve.add_argument("--mcp-port", type=int, default=None,
                        help="also serve levante itself as an MCP server (streamable HTTP at /mcp, tool 'chat')")

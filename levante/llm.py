@@ -16,9 +16,9 @@ from levante.engine.outputs import RequestOutput
 from levante.engine.sampling_params import SamplingParams
 from levante.errors import InvalidRequest
 from levante.loader.auto import is_embedding_model
-from levante.loader.chat_template import ChatTemplate
+from levante.loader.chat_prompt import ChatRenderer
 from levante.multimodal.inputs import MultiModalPrompt
-from levante.multimodal.messages import extract_images, flatten, join_text_parts, to_image
+from levante.multimodal.messages import to_image
 
 Prompt = str | list[int] | MultiModalPrompt
 
@@ -46,16 +46,16 @@ class LLM:
         self._ids = itertools.count()
         if is_embedding_model(self.model_name):
             self.embedder = Embedder.load(self.model_name, _engine_config(options))
-            self.tokenizer, self.chat_template = self.embedder.tokenizer, None
+            self.tokenizer, self.chat_renderer = self.embedder.tokenizer, None
             return
         self.engine = Engine(self.model_name, _engine_config(options), progress=progress)
         self.tokenizer = self.engine.tokenizer
-        tok = self.tokenizer
-        if tok.chat_template:
-            self.chat_template = ChatTemplate(tok.chat_template, tok.bos_token or "", tok.eos_token or "")
-        else:
-            vocabulary = {"<start_of_turn>"} if tok.token_to_id("<start_of_turn>") is not None else ()
-            self.chat_template = ChatTemplate.fallback(tok.bos_token or "", tok.eos_token or "", vocabulary)
+        self.chat_renderer = ChatRenderer(self.tokenizer, self.engine.processor, self.model_name)
+
+    @property
+    def chat_template(self):
+        """The model's chat template (its own, or the fallback), or None for an embedding model."""
+        return self.chat_renderer.template if self.chat_renderer is not None else None
 
     def close(self) -> None:
         """Release what outlives the object: tensor-parallel worker processes (also done at exit)."""
@@ -134,35 +134,33 @@ class LLM:
                 self.engine.abort_request(rid)
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
-             tools: list[dict] | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             tools: list[dict] | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Render each conversation through the model's chat template, then generate.
 
-        Message content may be a list of OpenAI-style parts: `{"type": "text", "text": ...}`,
+        Messages are OpenAI's: content may be a list of parts, `{"type": "text", "text": ...}`,
         `{"type": "image_url", "image_url": {"url": data URL | http(s) URL | path}}` or
-        `{"type": "image", "image": PIL.Image}` (vision-language models only).
+        `{"type": "image", "image": PIL.Image}` (vision-language models only); an assistant's
+        `tool_calls[].function.arguments` may be JSON text. `chat_template_kwargs` reach the
+        template as variables (e.g. `enable_thinking`). The server renders the same way.
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.chat_prompt(c, tools, add_generation_prompt) for c in conversations]
+        prompts = [self.chat_prompt(c, tools, add_generation_prompt, chat_template_kwargs) for c in conversations]
         return self.generate(prompts, params)
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
-                            add_generation_prompt: bool = True) -> list[int]:
-        self._require_engine()
-        text = self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+                            add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
+                            ) -> list[int]:
+        """The conversation's prompt token ids, as the engine runs them (images expanded)."""
+        prompt = self.chat_prompt(messages, tools, add_generation_prompt, chat_template_kwargs)
+        return prompt.token_ids if isinstance(prompt, MultiModalPrompt) else prompt
 
-    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True) -> list[int] | MultiModalPrompt:
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                    chat_template_kwargs: dict | None = None) -> list[int] | MultiModalPrompt:
         """Token ids of the rendered conversation; with images, a `MultiModalPrompt`."""
-        messages, images = extract_images(messages)
-        if not images:
-            if self._require_engine().processor is None:  # a text model's template may know strings only
-                messages = join_text_parts(messages)
-            return self.apply_chat_template(messages, tools, add_generation_prompt)
-        processor = self._processor()
-        if not self.tokenizer.chat_template:  # the fallback templates know text content only
-            messages = flatten(messages, processor.image_placeholder)
-        return processor.process(self.apply_chat_template(messages, tools, add_generation_prompt), images)
+        self._require_engine()
+        return self.chat_renderer.render(messages, tools, add_generation_prompt,
+                                         template_kwargs=chat_template_kwargs)
 
     def _processor(self):
         processor = self._require_engine().processor

@@ -22,7 +22,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from levante.errors import ModelLoadError, UnsupportedArchitecture
-from levante.loader.gguf_metadata import read_gguf_metadata
+from levante.loader.gguf_metadata import check_field_types, read_gguf_metadata
 from levante.loader.memory import return_free_memory, trim_heap
 from levante.quant.gguf_blocks import GGUFTensor, as_bytes, dequantize
 
@@ -183,6 +183,7 @@ class GGUFFile:
                                              if key not in self._array_lengths}
         except Exception as error:
             raise ModelLoadError(f"{self.path}: unreadable GGUF metadata ({error})") from None
+        check_field_types(self.metadata, self.path)
         # The reader keeps a numpy view per array element (~110 MB for a 150k vocabulary).
         fields.clear()
         return_free_memory()
@@ -192,9 +193,13 @@ class GGUFFile:
         self._tensors = {tensor.name: tensor for tensor in self._reader.tensors}
 
     def _check_tensor_bounds(self) -> None:
-        size = self._reader.data.size
+        """Every tensor inside the data section, at an aligned offset (the reader adds offsets in
+        unsigned 64-bit arithmetic: a huge one wraps around to point into the header)."""
+        size, start = self._reader.data.size, self._reader.data_offset
         for tensor in self._reader.tensors:
-            end = tensor.data_offset + tensor.n_bytes
+            offset, end = tensor.data_offset, tensor.data_offset + tensor.n_bytes
+            if offset < start or (offset - start) % self._reader.alignment:
+                raise ModelLoadError(f"{self.path}: corrupt GGUF file (tensor {tensor.name} has a bad data offset)")
             if end > size:
                 raise ModelLoadError(
                     f"{self.path}: truncated GGUF file (tensor {tensor.name} ends at byte {end}, file has {size})"
@@ -231,8 +236,8 @@ class GGUFFile:
         GGUF records it (plus ``rope_parameters`` in transformers 5 form)."""
         self._require_supported()
         hf_class, model_type = _MIXTRAL if self._is_mixtral else _HF_ARCHITECTURES[self.architecture]
-        hidden = self._arch_field("embedding_length")
-        heads = self._arch_field("attention.head_count")
+        hidden = self._arch_count("embedding_length")
+        heads = self._arch_count("attention.head_count")
         rope_theta = float(self._arch_field("rope.freq_base", 10000.0))
         config = {
             "architectures": [hf_class],
@@ -264,11 +269,12 @@ class GGUFFile:
         if self.architecture == "phi3":
             self._add_phi3_fields(config)
         if self._arch_field("expert_count", 0):
-            config["num_local_experts"] = self._arch_field("expert_count")
-            config["num_experts_per_tok"] = self._arch_field("expert_used_count")
+            config["num_local_experts"] = self._arch_count("expert_count")
+            config["num_experts_per_tok"] = self._arch_count("expert_used_count")
             config["moe_intermediate_size"] = self._arch_field("expert_feed_forward_length",
                                                                config["intermediate_size"])
             config["norm_topk_prob"] = True  # llama.cpp renormalises for both Mixtral and Qwen3-MoE
+        self._check_sizes(config)
         return config
 
     @property
@@ -296,6 +302,31 @@ class GGUFFile:
     def _float_tensor(self, name: str) -> torch.Tensor:
         tensor = self._tensors[name]
         return dequantize(tensor.data, tensor.tensor_type, tuple(reversed(tensor.shape.tolist())))
+
+    def _arch_count(self, key: str) -> int:
+        """A required count (a size, a number of heads or layers): at least 1."""
+        value = self._arch_field(key)
+        if value < 1:
+            raise ModelLoadError(f"{self.path}: GGUF metadata {self.architecture}.{key} is {value}, must be at least 1")
+        return value
+
+    def _check_sizes(self, config: dict[str, Any]) -> None:
+        """Sizes a model can be built from, and a model no larger than the file's tensors: the
+        metadata cannot make levante allocate what the file does not hold."""
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size"):
+            if not isinstance(config[key], int) or config[key] < 1:
+                raise ModelLoadError(f"{self.path}: GGUF metadata gives {key} = {config[key]!r}, must be at least 1")
+        if config.get("num_experts_per_tok", 0) > config.get("num_local_experts", 0):
+            raise ModelLoadError(f"{self.path}: GGUF metadata routes each token to {config['num_experts_per_tok']} "
+                                 f"of {config['num_local_experts']} experts")
+        if config["num_attention_heads"] % config["num_key_value_heads"]:
+            raise ModelLoadError(f"{self.path}: {config['num_attention_heads']} attention heads cannot share "
+                                 f"{config['num_key_value_heads']} key/value heads")
+        declared, held = _parameter_count(config), sum(int(t.n_elements) for t in self._tensors.values())
+        if declared > 2 * held + (1 << 20):
+            raise ModelLoadError(f"{self.path}: the metadata describes ~{declared:,} parameters, the file holds "
+                                 f"{held:,}")
 
     def _vocab_size(self) -> int:
         """Declared, else the token list's length (as transformers does), else the embedding's rows."""
@@ -434,6 +465,18 @@ class GGUFFile:
             heads = self._arch_field("attention.head_count_kv", heads)
         grouped = rows.reshape(heads, rows.shape[0] // heads // 2, 2, *rows.shape[1:])
         return grouped.transpose(1, 2).reshape(rows.shape)
+
+
+def _parameter_count(config: dict[str, Any]) -> int:
+    """About how many parameters a model of `config` has (embeddings, attention and MLP weights;
+    every expert's, for a mixture)."""
+    hidden, head_dim = config["hidden_size"], config["head_dim"]
+    attention = hidden * head_dim * (2 * config["num_attention_heads"] + 2 * config["num_key_value_heads"])
+    experts = config.get("num_local_experts", 0)
+    width = experts * config["moe_intermediate_size"] if experts else config["intermediate_size"]
+    per_layer = attention + 3 * hidden * width
+    embeddings = config["vocab_size"] * hidden * (1 if config["tie_word_embeddings"] else 2)
+    return embeddings + config["num_hidden_layers"] * per_layer
 
 
 def _add_gemma3_fields(config: dict[str, Any]) -> None:

@@ -29,6 +29,13 @@ def _source(part: dict):
     return None
 
 
+def has_images(messages: list[dict]) -> bool:
+    """Whether any message has an image content part (without loading it)."""
+    return any(isinstance(part, dict) and (part.get("type") in ("image_url", "image")
+                                           or (part.get("type") is None and ("image_url" in part or "image" in part)))
+               for message in messages if isinstance(message.get("content"), list) for part in message["content"])
+
+
 def to_image(source, load: Callable | None = None):
     """A PIL image as is; a URL or path through `load` (default: multimodal/images.py's `load_image`)."""
     if not isinstance(source, (str, bytes)):

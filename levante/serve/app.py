@@ -182,7 +182,7 @@ def create_app(state: ServerState) -> FastAPI:
         if body.messages is not None:  # images expanded to their tokens, as the engine will run them
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
             ids, _ = await asyncio.to_thread(render_chat, state.llm, messages, None, body.add_generation_prompt,
-                                             None, body.model, state.load_image)
+                                             None, state.load_image)
         else:
             ids = state.llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.llm.engine.max_model_len}

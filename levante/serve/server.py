@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse
 
 from levante.errors import InvalidRequest
 from levante.multimodal.images import load_image
+from levante.net import FetchPolicy
+from levante.net.policy import listens_on_loopback
 from levante.serve.app import ServerState, create_app
 from levante.serve.protocol import error_body
 from levante.serve.web_search import configure_web_search
@@ -55,7 +57,7 @@ def _load_embedding_model(args):
     return LLM(args.embedding_model, dtype=args.dtype, device=args.device, num_threads=args.threads)
 
 
-def _mcp_manager(args):
+def _mcp_manager(args, policy: FetchPolicy):
     """The MCP tool manager for `--mcp-config` (or MCP_CONFIG_PATH), not yet started; None without one."""
     path = getattr(args, "mcp_config", None)
     if getattr(args, "mcp_max_rounds", 0) < 0:
@@ -64,7 +66,7 @@ def _mcp_manager(args):
         return None
     from levante.mcp import McpConfig, McpToolManager
 
-    return McpToolManager(McpConfig.load(path))
+    return McpToolManager(McpConfig.load(path), policy=policy.without_domain_list())
 
 
 def _start_mcp(state: ServerState, manager) -> None:
@@ -90,9 +92,6 @@ def _serve_mcp(state: ServerState, args):
     return mcp_server
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
 def local_media_policy(host: str, allowed: list[str] | None) -> bool | list[Path]:
     """Which local files an image_url may name: the `--allowed-local-media-path` folders; without any,
     every file when serving on loopback (the user's own machine), none on a public address."""
@@ -102,15 +101,23 @@ def local_media_policy(host: str, allowed: list[str] | None) -> bool | list[Path
             if not folder.is_dir():
                 raise InvalidRequest(f"--allowed-local-media-path: '{folder}' is not a folder")
         return folders
-    return host in LOOPBACK_HOSTS
+    return listens_on_loopback(host)
+
+
+def fetch_policy(args) -> FetchPolicy:
+    """What URLs in requests (images, search result pages) and MCP server URLs may reach."""
+    return FetchPolicy.for_server(args.host, getattr(args, "allowed_media_domains", None),
+                                  getattr(args, "allow_private_network", False))
 
 
 def serve(args) -> int:
     state = ServerState(args.served_model_name or args.model)
+    policy = fetch_policy(args)
     state.load_image = functools.partial(
-        load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)))
+        load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)),
+        fetch_policy=policy)
     state.mcp_max_rounds = getattr(args, "mcp_max_rounds", state.mcp_max_rounds)
-    manager = _mcp_manager(args)  # a bad config stops here, before anything starts
+    manager = _mcp_manager(args, policy)  # a bad config stops here, before anything starts
     server = build_server(state, args.host, args.port, args.api_key)
     failure: list[str] = []
     mcp_start = threading.Thread(target=_start_mcp, args=(state, manager), name="levante-mcp-start", daemon=True)
@@ -124,7 +131,8 @@ def serve(args) -> int:
         try:
             llm = _load(args, warmup=True)
             embedding_llm = _load_embedding_model(args)
-            configure_web_search(state, args.search_url, embedding_llm or (llm if llm.is_embedding_model else None))
+            configure_web_search(state, args.search_url, embedding_llm or (llm if llm.is_embedding_model else None),
+                                 policy)
         except LevanteError as e:
             failure.append(str(e))
             server.should_exit = True
