@@ -286,6 +286,9 @@ class GGUFFile:
         factors llama.cpp's converter stores as tensors. `phi3.attention.sliding_window` is
         left unused, as llama.cpp leaves it (its converter's value is not to be trusted)."""
         rotary = self._arch_field("rope.dimension_count", config["head_dim"])
+        if not 0 < rotary <= config["head_dim"] or rotary % 2:
+            raise ModelLoadError(f"{self.path}: GGUF metadata phi3.rope.dimension_count is {rotary}, "
+                                 f"must be even and within the head size {config['head_dim']}")
         config["partial_rotary_factor"] = rotary / config["head_dim"]
         original = self._arch_field("rope.scaling.original_context_length", config["max_position_embeddings"])
         config["original_max_position_embeddings"] = original
