@@ -62,8 +62,12 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 # Triton for the CUDA attention kernel's tests, which run under its interpreter on a CPU-only torch
 # (the version the GPU machines carry); a CUDA build of torch brings its own Triton.
 TRITON ?= triton==3.6.0
+# timm: the reference for Gemma 3n's vision tower (tests/timm_import.py); without its dependencies,
+# since it asks for torchvision, whose wheels pin another torch.
+TIMM ?= timm==1.0.31
 $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	$(PIP) -e ".[test]"
+	$(PIP) --no-deps "$(TIMM)"
 	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then $(PIP) "$(TRITON)"; fi
 	touch $@
 

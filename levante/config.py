@@ -97,7 +97,7 @@ class ModelConfig:
                 model_type=cfg.get("model_type", ""),
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
+                intermediate_size=_widest(cfg["intermediate_size"]),
                 num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -126,6 +126,11 @@ class ModelConfig:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"config is missing or has a bad value for {e}") from None
+
+
+def _widest(size) -> int:
+    """The MLP width; the widest layer's when it is given per layer (Gemma 3n's MatFormer configs)."""
+    return max(int(s) for s in size) if isinstance(size, list) else int(size)
 
 
 # Families whose sliding window, when the config sets one, applies to every layer.
@@ -230,6 +235,10 @@ class EngineConfig:
     # min(max_num_seqs, cuda_graph_max_batch); enforce_eager turns that off.
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    # Gemma 3n MatFormer: a slice (a row name of the slicing table CSV at matformer_config) cut out of the
+    # checkpoint (loader/matformer.py), as mistral.rs's --matformer-config-path / --matformer-slice-name.
+    matformer_config: str | None = None
+    matformer_slice: str | None = None
 
     def with_device_defaults(self, device: torch.device) -> "EngineConfig":
         """Fill the knobs left None with the defaults of `device`'s type (in place; returns self)."""

@@ -9,12 +9,12 @@ import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 
-from levante.config import CacheConfig, EngineConfig
+from levante.engine.args import EngineArgs
 from levante.engine.embedder import EmbeddingInput, Embedder
 from levante.engine.engine import Engine
 from levante.engine.outputs import RequestOutput
 from levante.engine.sampling_params import SamplingParams
-from levante.errors import InvalidRequest
+from levante.errors import InvalidRequest, RequestFailed
 from levante.loader.auto import is_embedding_model
 from levante.loader.chat_prompt import ChatRenderer
 from levante.multimodal.inputs import MultiModalPrompt
@@ -37,18 +37,23 @@ class LLM:
     CUDA: `enforce_eager` (no CUDA graphs for decode steps), `cuda_graph_max_batch` (default 256).
     """
 
-    def __init__(self, model: str | None = None, *, progress: bool = False, **options):
+    def __init__(self, model: str | None = None, **options):
         from levante.loader.sources import DEFAULT_MODEL
 
+        try:
+            args = EngineArgs(model=model, **options)
+        except TypeError as e:
+            raise TypeError(f"unknown LLM option: {e}") from None
+        self.args = args
         self.model_name = str(model or DEFAULT_MODEL)
         self.engine: Engine | None = None
         self.embedder: Embedder | None = None
         self._ids = itertools.count()
         if is_embedding_model(self.model_name):
-            self.embedder = Embedder.load(self.model_name, _engine_config(options))
+            self.embedder = Embedder.load(self.model_name, args.engine_config())
             self.tokenizer, self.chat_renderer = self.embedder.tokenizer, None
             return
-        self.engine = Engine(self.model_name, _engine_config(options), progress=progress)
+        self.engine = Engine(self.model_name, args.engine_config(), progress=args.progress)
         self.tokenizer = self.engine.tokenizer
         self.chat_renderer = ChatRenderer(self.tokenizer, self.engine.processor, self.model_name)
 
@@ -56,6 +61,11 @@ class LLM:
     def chat_template(self):
         """The model's chat template (its own, or the fallback), or None for an embedding model."""
         return self.chat_renderer.template if self.chat_renderer is not None else None
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLM:
+        """Load the model `args` names, configured by them (the CLI, the server and the TUI start here)."""
+        return cls(args.model, **args.options())
 
     def close(self) -> None:
         """Release what outlives the object: tensor-parallel worker processes (also done at exit)."""
@@ -116,7 +126,10 @@ class LLM:
             for rid in ids:
                 if rid not in finished:
                     self.engine.abort_request(rid)
-        return [finished[rid] for rid in ids]
+        outputs = [finished[rid] for rid in ids]
+        for index, output in enumerate(outputs):
+            _raise_if_failed(output, index)
+        return outputs
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that adds to it; text is cumulative."""
@@ -128,6 +141,7 @@ class LLM:
                 for output in self.engine.step():
                     if output.request_id == rid:
                         done = output.finished
+                        _raise_if_failed(output)
                         yield output
         finally:
             if not done:
@@ -140,8 +154,9 @@ class LLM:
 
         Messages are OpenAI's: content may be a list of parts, `{"type": "text", "text": ...}`,
         `{"type": "image_url", "image_url": {"url": data URL | http(s) URL | path}}` or
-        `{"type": "image", "image": PIL.Image}` (vision-language models only); an assistant's
-        `tool_calls[].function.arguments` may be JSON text. `chat_template_kwargs` reach the
+        `{"type": "image", "image": PIL.Image}` (vision-language models only), or
+        `{"type": "input_audio", "input_audio": {"data": base64, "format": "wav" | "mp3"}}` (Gemma 3n);
+        an assistant's `tool_calls[].function.arguments` may be JSON text. `chat_template_kwargs` reach the
         template as variables (e.g. `enable_thinking`). The server renders the same way.
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -191,21 +206,7 @@ class LLM:
         return ids
 
 
-def _engine_config(options: dict) -> EngineConfig:
-    cache = CacheConfig()
-    renames = {"block_size": "block_size", "kv_cache_gb": "memory_gb", "num_kv_blocks": "num_blocks",
-               "enable_prefix_caching": "enable_prefix_caching", "gpu_memory_utilization": "gpu_memory_utilization"}
-    config = EngineConfig(cache=cache)
-    for key, value in options.items():
-        if key in renames:
-            setattr(cache, renames[key], value)
-        elif hasattr(config, key) and key != "cache":
-            if key == "dtype" and isinstance(value, str):
-                import torch
-
-                value = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                         "auto": None}[value]
-            setattr(config, key, value)
-        else:
-            raise TypeError(f"unknown LLM option '{key}'")
-    return config
+def _raise_if_failed(output: RequestOutput, index: int | None = None) -> None:
+    if output.error is not None:
+        where = "" if index is None else f" (prompt {index})"
+        raise RequestFailed(f"the engine failed on this request{where}: {output.error}")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from copy import copy
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
@@ -46,6 +47,8 @@ class StructuredOutput:
 
     kind: Kind
     value: Any = None
+    # The compiled grammar, when `GrammarCompiler.prepare` ran ahead (the server does, off the engine thread).
+    template: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.validate()
@@ -82,6 +85,7 @@ class GrammarCompiler:
         self.eos_token_ids = sorted(eos_token_ids)
         self.cache_size = cache_size
         self._templates: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()  # compiled in worker threads, copied on the engine thread
 
     @cached_property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
@@ -93,18 +97,29 @@ class GrammarCompiler:
         except Exception as error:  # llguidance raises plain ValueError/RuntimeError
             raise InvalidRequest(f"structured output is not supported for this model's tokenizer: {error}") from error
 
+    def prepare(self, spec: StructuredOutput) -> None:
+        """Compile `spec` now, so that `matcher` only copies it. Blocking, and as slow as the grammar:
+        the server runs it in a worker thread under a time limit, never on the engine thread."""
+        spec.template = self._template(spec)
+
     def matcher(self, spec: StructuredOutput) -> GrammarMatcher:
         """A fresh matcher at the start of `spec`'s grammar; InvalidRequest if it does not compile."""
+        template = spec.template if spec.template is not None else self._template(spec)
+        return GrammarMatcher(template.deep_copy(), self.vocab_size)
+
+    def _template(self, spec: StructuredOutput) -> llguidance.LLMatcher:
         key = spec.cache_key()
-        template = self._templates.get(key)
-        if template is None:
-            template = self._compile(spec)
+        with self._lock:
+            template = self._templates.get(key)
+            if template is not None:
+                self._templates.move_to_end(key)
+                return template
+        template = self._compile(spec)
+        with self._lock:
             self._templates[key] = template
             if len(self._templates) > self.cache_size:
                 self._templates.popitem(last=False)
-        else:
-            self._templates.move_to_end(key)
-        return GrammarMatcher(template.deep_copy(), self.vocab_size)
+        return template
 
     def _compile(self, spec: StructuredOutput) -> llguidance.LLMatcher:
         try:

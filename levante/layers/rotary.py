@@ -116,17 +116,18 @@ class RotaryEmbedding(nn.Module):
         `max_position` (known to the runner) saves a device sync on `positions.max()`.
         """
         rows = self._rows(positions, q.device, max_position)  # [tokens, rotary_dim]: cos half, sin half
-        if self.rotary_dim < self.head_dim:
-            return self._rotate_part(q, rows), self._rotate_part(k, rows)
-        if native.rope_fits(q) and native.rope_fits(k):  # a decode step's few rows: one call each
-            return native.rope(q, rows), native.rope(k, rows)
-        cos, sin = rows.unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if k is None:  # a layer that reads another layer's keys (KV sharing) rotates its queries only
+            return self._rotated(q, rows), None
+        return self._rotated(q, rows), self._rotated(k, rows)
 
-    def _rotate_part(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        rotated, passed = x.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
+    def _rotated(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         cos, sin = rows.unsqueeze(1).chunk(2, dim=-1)
-        return torch.cat([_rotate(rotated, cos, sin), passed], dim=-1)
+        if self.rotary_dim < self.head_dim:  # the first rotary_dim entries turn, the rest pass
+            turned, passed = x.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
+            return torch.cat([_rotate(turned, cos, sin), passed], dim=-1)
+        if native.rope_fits(x):  # a decode step's few rows: one call
+            return native.rope(x, rows)
+        return _rotate(x, cos, sin)
 
     def _rows(self, positions: torch.Tensor, device, max_position: int | None):
         memo = _step_rows.__dict__

@@ -10,8 +10,9 @@ What it does to the messages before the template (`template_messages`), each for
 - an assistant tool call's `arguments`, which OpenAI clients send as JSON text, is decoded to an
   object: templates write `arguments | tojson` (Qwen2.5, Llama 3.1, Mistral), which would quote
   the text a second time; transformers' own examples pass objects;
-- image parts become `{"type": "image"}` (the template writes the model's placeholder), or, for a
-  template that knows text only (the fallbacks), the placeholder text itself;
+- image parts become `{"type": "image"}` and `input_audio` parts `{"type": "audio"}` (the template writes
+  the model's placeholder; audio only for a processor that `takes_audio`), or, for a template that knows
+  text only (the fallbacks), the placeholder text itself;
 - a text model's content given as text parts only is joined into one string, as its template
   may expect a string.
 """
@@ -71,16 +72,18 @@ class ChatRenderer:
         self.template = template_for(tokenizer)
 
     def template_messages(self, messages: list, load_image: Callable | None = None) -> tuple[list[dict], list]:
-        """(the messages as the template gets them, the images they carry, in order).
+        """(the messages as the template gets them, the images (and audio clips) they carry, in order).
         `load_image(url_or_path)` turns image sources into images (default: multimodal/images.py's)."""
         messages = decode_tool_arguments(messages)
         if not has_images(messages):
             return (join_text_parts(messages) if self.processor is None else messages), []
         if self.processor is None:
-            raise InvalidRequest(f"model '{self.model_name}' does not accept images (image_url content parts)")
-        messages, images = extract_images(messages, load_image)
+            raise InvalidRequest(f"model '{self.model_name}' does not accept images or audio "
+                                 "(image_url and input_audio content parts)")
+        messages, images = extract_images(messages, load_image, getattr(self.processor, "takes_audio", False))
         if not self.tokenizer.chat_template:  # the fallback templates know text content only
-            messages = flatten(messages, self.processor.image_placeholder)
+            messages = flatten(messages, self.processor.image_placeholder,
+                               getattr(self.processor, "audio_placeholder", ""))
         return messages, images
 
     def text(self, messages: list, tools: list[dict] | None = None, add_generation_prompt: bool = True,

@@ -31,6 +31,7 @@ _HF_ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "gemma3n": ("Gemma3nForCausalLM", "gemma3n_text"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
@@ -59,20 +60,34 @@ _GEMMA3_LAYER_NAMES = _LAYER_NAMES | {
 }
 # Phi-3 keeps q/k/v and gate/up fused ("ffn_up" holds gate then up).
 _PHI3_LAYER_NAMES = _LAYER_NAMES | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-# Mixtures of experts: the router, and each matrix's experts stacked ("{expert}": one per expert).
+# Mixtures of experts: the router, and each matrix's experts stacked ("{index}": one per expert).
 _QWEN3MOE_LAYER_NAMES = _LAYER_NAMES | {
     "ffn_gate_inp": "mlp.gate",
-    "ffn_gate_exps": "mlp.experts.{expert}.gate_proj",
-    "ffn_up_exps": "mlp.experts.{expert}.up_proj",
-    "ffn_down_exps": "mlp.experts.{expert}.down_proj",
+    "ffn_gate_exps": "mlp.experts.{index}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{index}.up_proj",
+    "ffn_down_exps": "mlp.experts.{index}.down_proj",
 }
 _MIXTRAL_LAYER_NAMES = _LAYER_NAMES | {
     "ffn_gate_inp": "block_sparse_moe.gate",
-    "ffn_gate_exps": "block_sparse_moe.experts.{expert}.w1",
-    "ffn_up_exps": "block_sparse_moe.experts.{expert}.w3",
-    "ffn_down_exps": "block_sparse_moe.experts.{expert}.w2",
+    "ffn_gate_exps": "block_sparse_moe.experts.{index}.w1",
+    "ffn_up_exps": "block_sparse_moe.experts.{index}.w3",
+    "ffn_down_exps": "block_sparse_moe.experts.{index}.w2",
 }
-_ARCH_LAYER_NAMES = {"gemma3": _GEMMA3_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES, "qwen3moe": _QWEN3MOE_LAYER_NAMES}
+# Gemma 3n (llama.cpp's names, gguf's MODEL_TENSORS[GEMMA3N]): no +1 in its norms; AltUp's projections are
+# stored stacked, one [n - 1, hidden, hidden] tensor each, split back into transformers' per-stream matrices.
+_GEMMA3N_TOP_LEVEL_NAMES = _TOP_LEVEL_NAMES | {
+    "per_layer_token_embd": "model.embed_tokens_per_layer", "per_layer_model_proj": "model.per_layer_model_projection",
+    "per_layer_proj_norm": "model.per_layer_projection_norm",
+}
+_STACKED_NAMES = {"altup_proj": "model.altup_projections", "altup_unembd_proj": "model.altup_unembed_projections"}
+_GEMMA3N_LAYER_NAMES = _GEMMA3_LAYER_NAMES | {
+    "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection", "post_norm": "post_per_layer_input_norm",
+    "altup_correct_coef": "altup.correction_coefs", "altup_predict_coef": "altup.prediction_coefs",
+    "altup_router": "altup.modality_router", "altup_router_norm": "altup.router_norm",
+    "laurel_l": "laurel.linear_left", "laurel_r": "laurel.linear_right", "laurel_post_norm": "laurel.post_laurel_norm",
+}
+_ARCH_LAYER_NAMES = {"gemma3": _GEMMA3_LAYER_NAMES, "gemma3n": _GEMMA3N_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES,
+                     "qwen3moe": _QWEN3MOE_LAYER_NAMES}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Precomputed RoPE frequencies (Llama 3.x) and LongRoPE factors (Phi-3): RoPE settings, not parameters.
 _NOT_PARAMETERS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
@@ -266,6 +281,8 @@ class GGUFFile:
         if self.architecture == "gemma3":
             config["sliding_window"] = self._arch_field("attention.sliding_window")
             _add_gemma3_fields(config)
+        if self.architecture == "gemma3n":
+            self._add_gemma3n_fields(config)
         if self.architecture == "phi3":
             self._add_phi3_fields(config)
         if self._arch_field("expert_count", 0):
@@ -306,6 +323,34 @@ class GGUFFile:
         tensor = self._tensors[name]
         return dequantize(tensor.data, tensor.tensor_type, tuple(reversed(tensor.shape.tolist())))
 
+    def _add_gemma3n_fields(self, config: dict[str, Any]) -> None:
+        """Gemma 3n's settings, as llama.cpp's converter writes them (and transformers' defaults otherwise)."""
+        _add_gemma3_fields(config)
+        swa = self._arch_field("attention.sliding_window_pattern", None)
+        if swa is None:  # llama.cpp's fixed pattern: four sliding layers, then a full one
+            swa = [(i + 1) % 5 != 0 for i in range(config["num_hidden_layers"])]
+        config["layer_types"] = ["sliding_attention" if s else "full_attention" for s in swa]
+        local = self._arch_field("rope.freq_base_swa", None)
+        if local is not None:
+            config["rope_parameters"]["sliding_attention"]["rope_theta"] = float(local)
+        config["sliding_window"] = self._arch_field("attention.sliding_window")
+        config["query_pre_attn_scalar"] = None
+        config["final_logit_softcapping"] = self._arch_field("final_logit_softcapping", 30.0)
+        config["hidden_size_per_layer_input"] = self._arch_field("embedding_length_per_layer_input")
+        config["altup_num_inputs"] = self._arch_field("altup.num_inputs", 4)
+        config["altup_active_idx"] = self._arch_field("altup.active_idx", 0)
+        config["num_kv_shared_layers"] = self._arch_field("attention.shared_kv_layers", 0)
+        # the converter stores each layer's std multiplier Phi^-1(sparsity); -inf for dense layers
+        multipliers = self._arch_field("activation_sparsity_scale", None)
+        if multipliers is not None:
+            normal = torch.distributions.Normal(0.0, 1.0)
+            config["activation_sparsity_pattern"] = [float(normal.cdf(torch.tensor(m))) for m in multipliers]
+        for key, tensor in (("vocab_size_per_layer_input", "per_layer_token_embd.weight"),
+                            ("laurel_rank", "blk.0.laurel_l.weight")):
+            if tensor not in self._tensors:
+                raise ModelLoadError(f"{self.path}: a Gemma 3n GGUF without {tensor}")
+            config[key] = int(self._tensors[tensor].shape[-1])
+
     def _arch_count(self, key: str) -> int:
         """A required count (a size, a number of heads or layers): at least 1."""
         value = self._arch_field(key)
@@ -318,11 +363,16 @@ class GGUFFile:
         metadata cannot make levante allocate what the file does not hold."""
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size"):
-            if not isinstance(config[key], int) or config[key] < 1:
+            values = config[key] if key == "intermediate_size" and isinstance(config[key], list) else [config[key]]
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
                 raise ModelLoadError(f"{self.path}: GGUF metadata gives {key} = {config[key]!r}, must be at least 1")
         if config.get("num_experts_per_tok", 0) > config.get("num_local_experts", 0):
             raise ModelLoadError(f"{self.path}: GGUF metadata routes each token to {config['num_experts_per_tok']} "
                                  f"of {config['num_local_experts']} experts")
+        widths = config["intermediate_size"]
+        if isinstance(widths, list) and len(widths) != config["num_hidden_layers"]:
+            raise ModelLoadError(f"{self.path}: GGUF metadata gives {len(widths)} feed-forward widths for "
+                                 f"{config['num_hidden_layers']} layers")
         if config["num_attention_heads"] % config["num_key_value_heads"]:
             raise ModelLoadError(f"{self.path}: {config['num_attention_heads']} attention heads cannot share "
                                  f"{config['num_key_value_heads']} key/value heads")
@@ -367,12 +417,14 @@ class GGUFFile:
         un-permuted. Tensors whose values transformers changes (Gemma norms) come back
         dequantised, as F32 bytes.
         """
-        for name, hf_name, tensor, shape, raw in self._parameters():
+        for name, hf_name, tensor, shape, data in self._parameters():
             qtype = tensor.tensor_type
             if self._shifts_values(name):
-                values = self._undo_conversion(name, dequantize(raw, qtype, shape))
+                values = self._undo_conversion(name, dequantize(data, qtype, shape))
                 yield hf_name, GGMLQuantizationType.F32, values.view(torch.uint8).view(*shape[:-1], -1), shape
                 continue
+            block_size, type_size = GGML_QUANT_SIZES[qtype]
+            raw = as_bytes(data).view(*shape[:-1], shape[-1] // block_size * type_size)
             yield hf_name, qtype, self._unpermute(name, raw), shape
 
     def quantized_tensors(self) -> Iterator[tuple[str, GGUFTensor | torch.Tensor]]:
@@ -407,22 +459,20 @@ class GGUFFile:
         trim_heap()
 
     def _parameters(self):
-        """``(gguf_name, hf_name, reader tensor, hf_shape, raw bytes)`` for every parameter: the
-        bytes have shape ``hf_shape[:-1] + (bytes_per_row,)``. A stack of experts yields one entry
-        per expert (its slice of the stack)."""
+        """``(gguf_name, hf_name, reader tensor, hf_shape, data)`` for every tensor that is a parameter; a
+        stacked tensor (a mixture's experts, Gemma 3n's AltUp projections: ``{index}`` in its name) gives
+        one entry per matrix, its slice of the stack (quantised blocks stay blocks)."""
         self._require_supported()
         for name, tensor in self._tensors.items():
             hf_name = self._hf_name(name)
             if hf_name is None:
                 continue
             shape = tuple(reversed(tensor.shape.tolist()))
-            block_size, type_size = GGML_QUANT_SIZES[tensor.tensor_type]
-            raw = as_bytes(tensor.data).view(*shape[:-1], shape[-1] // block_size * type_size)
-            if "{expert}" not in hf_name:
-                yield name, hf_name, tensor, shape, raw
+            if "{index}" not in hf_name:
+                yield name, hf_name, tensor, shape, tensor.data
                 continue
-            for expert in range(shape[0]):
-                yield name, hf_name.format(expert=expert), tensor, shape[1:], raw[expert]
+            for index in range(shape[0]):
+                yield name, hf_name.format(index=index), tensor, shape[1:], tensor.data[index]
 
     def _parameter_tensors(self):
         """The reader's tensors in ``raw_tensors``' order."""
@@ -430,15 +480,20 @@ class GGUFFile:
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(hf_name, float32 tensor)`` for every parameter, in transformers' layout."""
-        for name, hf_name, tensor, shape, raw in self._parameters():
-            yield hf_name, self._undo_conversion(name, dequantize(raw, tensor.tensor_type, shape))
+        for name, hf_name, tensor, shape, data in self._parameters():
+            yield hf_name, self._undo_conversion(name, dequantize(data, tensor.tensor_type, shape))
 
     def _hf_name(self, name: str) -> str | None:
         if name in _NOT_PARAMETERS:
             return None
         base, _, suffix = name.rpartition(".")
-        if base in _TOP_LEVEL_NAMES:
-            return f"{_TOP_LEVEL_NAMES[base]}.{suffix}"
+        if self.architecture == "gemma3n" and base in _STACKED_NAMES:
+            return f"{_STACKED_NAMES[base]}.{{index}}.{suffix}"
+        top_level = _GEMMA3N_TOP_LEVEL_NAMES if self.architecture == "gemma3n" else _TOP_LEVEL_NAMES
+        if base in top_level:
+            return f"{top_level[base]}.{suffix}"
+        if self.architecture == "gemma3n" and re.fullmatch(r"blk\.(\d+)\.altup_correct_scale\.weight", name):
+            return f"model.layers.{name.split('.')[1]}.altup.correct_output_scale"  # a bare parameter
         layer_names = _MIXTRAL_LAYER_NAMES if self._is_mixtral else _ARCH_LAYER_NAMES.get(self.architecture,
                                                                                             _LAYER_NAMES)
         match = _LAYER_TENSOR.fullmatch(name)
@@ -476,10 +531,10 @@ def _parameter_count(config: dict[str, Any]) -> int:
     hidden, head_dim = config["hidden_size"], config["head_dim"]
     attention = hidden * head_dim * (2 * config["num_attention_heads"] + 2 * config["num_key_value_heads"])
     experts = config.get("num_local_experts", 0)
-    width = experts * config["moe_intermediate_size"] if experts else config["intermediate_size"]
-    per_layer = attention + 3 * hidden * width
+    widths = config["intermediate_size"] if not experts else experts * config["moe_intermediate_size"]
+    widths = widths if isinstance(widths, list) else [widths] * config["num_hidden_layers"]
     embeddings = config["vocab_size"] * hidden * (1 if config["tie_word_embeddings"] else 2)
-    return embeddings + config["num_hidden_layers"] * per_layer
+    return embeddings + sum(attention + 3 * hidden * width for width in widths)
 
 
 def _add_gemma3_fields(config: dict[str, Any]) -> None:

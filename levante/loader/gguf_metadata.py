@@ -62,7 +62,7 @@ FIELD_TYPES: dict[str, tuple[Any, str]] = {
 # Keys under "<architecture>.".
 ARCH_FIELD_TYPES: dict[str, tuple[Any, str]] = {
     **{key: (_is_int, "an integer") for key in (
-        "block_count", "context_length", "embedding_length", "feed_forward_length", "vocab_size",
+        "block_count", "context_length", "embedding_length", "vocab_size",
         "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
         "attention.sliding_window", "rope.scaling.original_context_length", "rope.dimension_count",
         "expert_count", "expert_used_count", "expert_feed_forward_length")},
@@ -70,6 +70,8 @@ ARCH_FIELD_TYPES: dict[str, tuple[Any, str]] = {
         "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor", "rope.scale_linear",
         "rope.scaling.attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow")},
     "rope.scaling.type": (_is_str, "a string"),
+    # per layer in Gemma 3n's files (MatFormer widths)
+    "feed_forward_length": (lambda v: _is_int(v) or _list_of(_is_int)(v), "an integer or a list of integers"),
 }
 
 

@@ -4,10 +4,13 @@ from levante.models.llama import CausalLM
 
 
 class MixtralForCausalLM(CausalLM):
-    # Checkpoints name the experts' block `block_sparse_moe` and its matrices w1 (gate), w3 (up), w2 (down).
-    checkpoint_renames = [(".block_sparse_moe.", ".mlp.")]
+    # Checkpoints name the experts' matrices w1 (gate), w3 (up) and w2 (down)...
     packed_modules_mapping = CausalLM.packed_modules_mapping | {
         "w1": ("gate_up_proj", 0),
         "w3": ("gate_up_proj", 1),
         "w2": ("down_proj", None),
     }
+
+    def adapt_checkpoint_tensor(self, name: str, tensor):
+        """... and their block `block_sparse_moe`."""
+        return name.replace(".block_sparse_moe.", ".mlp."), tensor

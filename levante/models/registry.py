@@ -19,6 +19,8 @@ from levante.models.embedding import (DecoderEncoder, Gemma3Encoder, Qwen2Encode
                                       SentenceEmbeddingModel)
 from levante.models.gemma3 import Gemma3ForCausalLM
 from levante.models.gemma3_vision import Gemma3ForConditionalGeneration
+from levante.models.gemma3n import Gemma3nForCausalLM
+from levante.models.gemma3n_multimodal import Gemma3nForConditionalGeneration
 from levante.models.llama import LlamaForCausalLM
 from levante.models.mistral import MistralForCausalLM
 from levante.models.mixtral import MixtralForCausalLM
@@ -40,6 +42,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    "Gemma3nForCausalLM": Gemma3nForCausalLM,
+    "Gemma3nForConditionalGeneration": Gemma3nForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,
 }
@@ -151,18 +155,23 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     expected = _expected_shards(model)
     loaded: dict[str, set] = {}
     prefixes = getattr(model, "checkpoint_prefixes", []) + _PREFIXES  # the model's own layouts first
-    renames = getattr(model, "checkpoint_renames", [])
+    # A model may rename, cut or drop checkpoint tensors (Gemma 3n: the unused k/v of KV-sharing layers,
+    # MatFormer slices): `adapt_checkpoint_tensor(name, tensor)` -> (name, tensor), or None to skip it.
+    adapt = getattr(model, "adapt_checkpoint_tensor", None)
     for name, tensor in weights:
         for old, new in prefixes:
             if name.startswith(old):
                 name = new + name[len(old):]
-        for old, new in renames:
-            name = name.replace(old, new)
+        if adapt is not None:
+            adapted = adapt(name, tensor)
+            if adapted is None:
+                continue
+            name, tensor = adapted
         if "rotary_emb." in name or (tied and name == "lm_head.weight"):
             continue
         target, shard_id = name, None
         for ckpt_name, (fused, shard) in mapping.items():
-            if f".{ckpt_name}." in name:
+            if name not in params and f".{ckpt_name}." in name:  # a parameter of that name takes it unfused
                 target, shard_id = name.replace(f".{ckpt_name}.", f".{fused}."), shard
                 break
         param = params.get(target)

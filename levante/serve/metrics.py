@@ -12,6 +12,8 @@ class Metrics:
         self.running = Gauge("levante_num_requests_running", "Sequences being computed", registry=registry)
         self.waiting = Gauge("levante_num_requests_waiting", "Sequences waiting for the scheduler",
                              registry=registry)
+        self.admitted = Gauge("levante_num_sequences_admitted", "Sequences admitted by the server and not yet "
+                              "done (running, waiting, or being planned)", registry=registry)
         self.kv_usage = Gauge("levante_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
                               registry=registry)
         self.prompt_tokens = Counter("levante_prompt_tokens", "Prompt tokens processed", registry=registry)
@@ -23,7 +25,8 @@ class Metrics:
         self.itl = Histogram("levante_inter_token_latency_seconds", "Time between generated tokens",
                              buckets=_LATENCY_BUCKETS, registry=registry)
 
-    def render(self, engine) -> bytes:
+    def render(self, engine, admitted: int = 0) -> bytes:
+        self.admitted.set(admitted)
         if engine is not None:
             scheduler = engine.scheduler
             self.running.set(len(scheduler.running))
