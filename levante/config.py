@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from levante.errors import ModelLoadError
+from levante.errors import InvalidRequest, ModelLoadError
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -208,6 +208,40 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (engine/speculative.py): each step of a decoding sequence also checks up to
+    `num_speculative_tokens` proposed tokens in the same forward. `method` "ngram" copies them from
+    the prompt and the text so far, after the longest suffix of `prompt_lookup_min`..`prompt_lookup_max`
+    tokens seen before (prompt lookup); "draft" asks `draft_model`, a smaller model with the same
+    tokenizer and its own KV cache."""
+
+    method: str
+    num_speculative_tokens: int = 5
+    draft_model: str | None = None
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise InvalidRequest(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                                 f"not {self.method!r}")
+        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 32:
+            raise InvalidRequest("num_speculative_tokens must be an integer from 1 to 32")
+        if self.method == "draft" and not self.draft_model:
+            raise InvalidRequest("the 'draft' speculative method needs a draft model (--draft-model)")
+        if self.method != "draft" and self.draft_model:
+            raise InvalidRequest(f"a draft model serves the 'draft' speculative method only, not '{self.method}'")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise InvalidRequest("prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max")
+
+
 @dataclass
 class EngineConfig:
     # None: per device (`with_device_defaults`): 64 sequences and 1024 tokens a step on the CPU,
@@ -235,6 +269,7 @@ class EngineConfig:
     # min(max_num_seqs, cuda_graph_max_batch); enforce_eager turns that off.
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
     # Gemma 3n MatFormer: a slice (a row name of the slicing table CSV at matformer_config) cut out of the
     # checkpoint (loader/matformer.py), as mistral.rs's --matformer-config-path / --matformer-slice-name.
     matformer_config: str | None = None

@@ -35,6 +35,9 @@ class LLM:
     `device_map` ("auto" or "0:12;1:12") and `topology` (a YAML file: per-layer device and
     quantization). With tensor parallelism, `close()` (or `with LLM(...)`) stops the workers.
     CUDA: `enforce_eager` (no CUDA graphs for decode steps), `cuda_graph_max_batch` (default 256).
+    Speculative decoding (off by default): `speculative_method` "ngram" (prompt lookup, tuned by
+    `prompt_lookup_min` / `prompt_lookup_max`) or "draft" (with `draft_model`, a smaller model with the
+    same tokenizer), `num_speculative_tokens` (default 5) checked per step.
     """
 
     def __init__(self, model: str | None = None, **options):

@@ -13,12 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from levante.config import CacheConfig, EngineConfig
+from levante.config import CacheConfig, EngineConfig, SpeculativeConfig
+from levante.errors import InvalidRequest
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CACHE_FIELDS = {"block_size": "block_size", "kv_cache_gb": "memory_gb", "num_kv_blocks": "num_blocks",
                  "enable_prefix_caching": "enable_prefix_caching",
                  "gpu_memory_utilization": "gpu_memory_utilization"}
+_SPECULATIVE_FIELDS = {"speculative_method": "method", "num_speculative_tokens": "num_speculative_tokens",
+                       "draft_model": "draft_model", "prompt_lookup_min": "prompt_lookup_min",
+                       "prompt_lookup_max": "prompt_lookup_max"}
 
 
 @dataclass
@@ -46,6 +50,12 @@ class EngineArgs:
     prepared_cache: bool = True
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    # Speculative decoding (config.SpeculativeConfig; None: its default): off unless a method is named.
+    speculative_method: str | None = None  # "ngram" (prompt lookup) or "draft" (with draft_model)
+    num_speculative_tokens: int | None = None
+    draft_model: str | None = None
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
     warmup: bool = True
     seed: int = 0
     progress: bool = False  # progress bars while loading weights
@@ -59,7 +69,17 @@ class EngineArgs:
                 config.dtype = DTYPES[value] if isinstance(value, str) or value is None else value
             elif hasattr(config, name):
                 setattr(config, name, value)
+        config.speculative = self._speculative_config()
         return config
+
+    def _speculative_config(self) -> SpeculativeConfig | None:
+        options = {field: getattr(self, name) for name, field in _SPECULATIVE_FIELDS.items()
+                   if getattr(self, name) is not None}
+        if not options:
+            return None
+        if "method" not in options:
+            raise InvalidRequest("speculative decoding options need a speculative method ('ngram' or 'draft')")
+        return SpeculativeConfig(**options)
 
     def options(self) -> dict:
         """The keyword arguments of `LLM(model, **options)` that give these arguments back."""
@@ -111,3 +131,14 @@ class EngineArgs:
                             help="CUDA: no CUDA graphs for decode steps (always the eager forward)")
         parser.add_argument("--no-prepared-cache", dest="prepared_cache", action="store_false",
                             help="do not keep packed weights under <cache>/prepared/ (re-pack on every start)")
+        parser.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                            help="speculative decoding (off by default): ngram copies proposals from the prompt "
+                                 "and text so far (prompt lookup); draft asks --draft-model")
+        parser.add_argument("--num-speculative-tokens", type=int, default=None,
+                            help="tokens proposed and checked per step (default: 5)")
+        parser.add_argument("--draft-model", default=None,
+                            help="a smaller model with the same tokenizer, for --speculative-method draft")
+        parser.add_argument("--prompt-lookup-min", type=int, default=None,
+                            help="ngram: the shortest suffix looked up (default: 2)")
+        parser.add_argument("--prompt-lookup-max", type=int, default=None,
+                            help="ngram: the longest suffix looked up (default: 5)")

@@ -22,6 +22,7 @@ from levante.engine.sampler import Sampler, top_logprobs
 from levante.engine.sampling_params import SamplingParams
 from levante.engine.scheduler import ScheduledSequence, Scheduler
 from levante.engine.sequence import Sequence, Status
+from levante.engine.speculative import Speculator
 from levante.engine.structured import GrammarCompiler
 from levante.errors import InvalidRequest, ModelLoadError
 from levante.loader.auto import open_model
@@ -68,6 +69,9 @@ class _StepResult:
     to_sample: list[Sequence] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     raw_logprobs: torch.Tensor | None = None
+    # Speculative decoding: the items with drafts, and for each the tokens it gets and their logprob rows.
+    speculating: list[ScheduledSequence] = field(default_factory=list)
+    verified: list[tuple[list[int], torch.Tensor | None]] = field(default_factory=list)
 
 
 class Engine:
@@ -101,6 +105,7 @@ class Engine:
         # Vision-language models: turns token ids + images into a MultiModalPrompt (None: text only).
         self.processor = load_processor(self.source.path, self.model_config, self.tokenizer) \
             if self.source.format == "hf" and hasattr(self.model, "encode_images") else None
+        self.speculator = self._speculator()
         self._init_cache()
         self.sampler = Sampler(self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
@@ -109,9 +114,27 @@ class Engine:
         if config.warmup:
             self.warmup()
 
+    def _speculator(self) -> Speculator | None:
+        """Speculative decoding as configured (the draft model loaded here), or None."""
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        draft = None
+        if spec.method == "draft":
+            from levante.engine.draft import DraftProposer
+
+            draft = DraftProposer.load(spec.draft_model, self.config, self.dtype, self.device, self.tokenizer,
+                                       self.model_config.vocab_size, self.eos_token_ids)
+        # Packed weights on the CPU: from NATIVE_KERNEL_ROWS rows on, a step dequantises every weight
+        # (quant/packed.py), far dearer than a few more rows through the kernels: drafts stay below.
+        packed_cpu = self.quantization is not None and self.device.type == "cpu"
+        return Speculator(spec, draft, NATIVE_KERNEL_ROWS - 1 if packed_cpu else None)
+
     def _init_cache(self) -> None:
         cache, cfg = self.config.cache, self.config
-        per_token = kv_bytes_per_token(self.model, self.dtype)
+        # A draft model's cache holds as many tokens as the target's: it is paid for from the same memory.
+        draft_per_token = self.speculator.kv_bytes_per_token() if self.speculator else 0
+        per_token = kv_bytes_per_token(self.model, self.dtype) + draft_per_token
         memory = self._kv_cache_bytes(per_token) if cache.memory_gb is None else cache.memory_gb * (1 << 30)
         num_blocks = cache.num_blocks or int(memory // (per_token * cache.block_size))
         if num_blocks < 1:
@@ -126,6 +149,8 @@ class Engine:
         if not self.tensor_parallel:
             self.runner.setup_decode_graphs(cfg.max_num_seqs, self.max_model_len, cfg.enforce_eager,
                                             cfg.cuda_graph_max_batch)
+        if draft_per_token:
+            self.speculator.draft.init_cache(num_blocks, cache.block_size, self.max_model_len)
 
     def _kv_cache_bytes(self, per_token: int) -> int:
         """The default KV cache size: 2 GiB on the CPU; on CUDA, `gpu_memory_utilization` of the card
@@ -239,6 +264,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One step: schedule, forward, sample, then record. A forward or draw that raises is narrowed
         down to the request(s) that cause it (`_isolate`): only those fail, the others go on."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -259,11 +286,17 @@ class Engine:
             logits = self.runner.run(batch, wants_all)
         result = _StepResult(logits, wants_all)
         # `samples` was fixed when scheduled (before after_step moves num_computed_tokens).
-        if all(item.samples for item in batch) and not any(wants_all):  # e.g. a decode step: a row each
+        first_rows = []  # where the rows of logits of each item with drafts start
+        if all(item.samples and not item.drafts for item in batch) and not any(wants_all):  # a decode step
             result.to_sample, sample_rows = [item.seq for item in batch], range(len(batch))
         else:
             sample_rows, row = [], 0
             for item, want_all in zip(batch, wants_all):
+                if item.drafts:
+                    result.speculating.append(item)
+                    first_rows.append(row)
+                    row += len(item.drafts) + 1
+                    continue
                 count = item.num_new_tokens if want_all else int(item.samples)
                 if want_all:
                     result.prompt_rows.append((item, row, count))
@@ -275,6 +308,8 @@ class Engine:
             # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
             rows = logits if len(sample_rows) == logits.size(0) else logits[sample_rows]
             result.tokens, result.raw_logprobs = self.sampler(rows, result.to_sample)
+        if result.speculating:
+            result.verified = self.speculator.verify(self.sampler, logits, result.speculating, first_rows)
         return result
 
     def _commit(self, batch: list[ScheduledSequence], result: _StepResult) -> list[RequestOutput]:
@@ -282,7 +317,7 @@ class Engine:
         self.scheduler.after_step(batch)
         for item, row, count in result.prompt_rows:
             self._record_prompt_rows(item, result.logits[row:row + count])
-        if not result.to_sample:
+        if not result.to_sample and not result.speculating:
             return []
         raw_logprobs, failed = result.raw_logprobs, {}
         for i, (seq, token) in enumerate(zip(result.to_sample, result.tokens)):
@@ -290,6 +325,13 @@ class Engine:
                 self._append_token(seq, token, None if raw_logprobs is None else raw_logprobs[i])
             except Exception as error:  # noqa: BLE001 - this sequence's own trouble (detokenizer, grammar)
                 failed[seq.request_id] = error
+        for item, (tokens, logprob_rows) in zip(result.speculating, result.verified):
+            self.speculator.count(item, tokens)
+            try:
+                self._append_verified(item.seq, tokens, logprob_rows)
+            except Exception as error:  # noqa: BLE001
+                failed[item.seq.request_id] = error
+            result.to_sample.append(item.seq)
         # An output for each request that got a token, but for running final_only ones.
         requests, finished = self.requests, Status.FINISHED
         touched = dict.fromkeys(seq.request_id for seq in result.to_sample
@@ -340,6 +382,15 @@ class Engine:
             self.scheduler.finish(seq)
         request.error = f"{type(error).__name__}: {error}"
         return self._output(request_id)
+
+    def _append_verified(self, seq: Sequence, tokens: list[int], raw_logprobs: torch.Tensor | None) -> None:
+        """Append a verification's tokens (kept drafts, then the target's own) until one finishes the sequence."""
+        for i, token in enumerate(tokens):
+            if i:  # the token before was a kept draft: its keys and values, written this step, now count
+                self.scheduler.advance(seq)
+            self._append_token(seq, token, None if raw_logprobs is None else raw_logprobs[i])
+            if seq.finished:
+                return
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

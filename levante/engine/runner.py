@@ -151,12 +151,20 @@ class ModelRunner:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
             first_row = len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
+            drafts = item.drafts
+            if drafts:  # speculative decoding: the last known token, then the drafts, each row with logits
+                input_ids.extend(seq.token_ids[start:end - len(drafts)])
+                input_ids.extend(drafts)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             if not paged:
                 slot_mapping.extend(self._slots(seq.block_table, start, end))
             if want_all:
                 logits_rows.extend(range(first_row, first_row + item.num_new_tokens))
+            elif drafts:
+                logits_rows.extend(range(first_row + item.num_new_tokens - len(drafts) - 1,
+                                         first_row + item.num_new_tokens))
             elif item.samples:
                 logits_rows.append(first_row + item.num_new_tokens - 1)
             q_lens.append(item.num_new_tokens)

@@ -141,13 +141,27 @@ class GrammarMatcher:
 
     def fill_mask(self, logits: torch.Tensor) -> None:
         """Set, in place, the logit of every token the grammar does not allow next to -inf (one row)."""
+        _forbid(self._allowed(), logits)
+
+    def _allowed(self) -> np.ndarray:
+        """One uint8 per token id: 1 if the grammar allows it next."""
         llguidance.numpy.fill_next_token_bitmask(self._matcher, self._bitmask)
-        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")  # bit i of word w: token 32w+i
-        width = logits.size(-1)
-        if allowed.size < width:
-            allowed = np.pad(allowed, (0, width - allowed.size))
-        forbidden = torch.from_numpy(allowed[:width]).to(logits.device) == 0
-        logits.masked_fill_(forbidden, float("-inf"))
+        return np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")  # bit i of word w: token 32w+i
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, from the first, the grammar would accept in a row (nothing is consumed)."""
+        return self._matcher.validate_tokens(tokens) if tokens else 0
+
+    def masks_along(self, tokens: list[int]) -> list["FixedMask"]:
+        """The masks before each of `tokens` (all valid, see `valid_prefix`) and after the last: the
+        tokens are consumed only to compute them, then rolled back (speculative decoding's drafts)."""
+        masks = [FixedMask(self._allowed())]
+        for token in tokens:
+            if not self._matcher.consume_token(token):
+                break
+            masks.append(FixedMask(self._allowed()))
+        self._matcher.rollback(len(masks) - 1)
+        return masks
 
     def accept(self, token_id: int) -> bool:
         """Advance past `token_id`; False (and the matcher stuck in error) if the grammar forbids it."""
@@ -160,6 +174,26 @@ class GrammarMatcher:
     @property
     def error(self) -> str:
         return self._matcher.get_error()
+
+
+class FixedMask:
+    """A grammar mask computed ahead, for one position: `fill_mask` as `GrammarMatcher`'s."""
+
+    __slots__ = ("allowed",)
+
+    def __init__(self, allowed: np.ndarray):
+        self.allowed = allowed
+
+    def fill_mask(self, logits: torch.Tensor) -> None:
+        _forbid(self.allowed, logits)
+
+
+def _forbid(allowed: np.ndarray, logits: torch.Tensor) -> None:
+    width = logits.size(-1)
+    if allowed.size < width:
+        allowed = np.pad(allowed, (0, width - allowed.size))
+    forbidden = torch.from_numpy(allowed[:width]).to(logits.device) == 0
+    logits.masked_fill_(forbidden, float("-inf"))
 
 
 def _grammar_text(spec: StructuredOutput) -> str:
