@@ -1,4 +1,4 @@
-"""Phi-3, Mixtral and Qwen3-MoE from GGUF files written as llama.cpp's converter writes them
+"""Mistral, Phi-3, Mixtral and Qwen3-MoE from GGUF files written as llama.cpp's converter writes them
 (tests/tiny_gguf.py): against llama.cpp, the reference for GGUF numerics, and transformers.
 
 Float32 files: the same numbers as both (observed max |diff| ~1e-5 on logits of magnitude
@@ -24,9 +24,11 @@ from tiny_models import load_reference
 
 ATOL = 1e-4
 OPTIONS = dict(dtype="float32", block_size=4, num_kv_blocks=128, prepared_cache=False)
-# Variants llama.cpp runs as transformers does: it ignores Phi-3's sliding window, and its
-# Qwen3-MoE has experts in every layer and renormalises their weights.
+# Variants llama.cpp runs as transformers does: it ignores Mistral's and Phi-3's sliding windows
+# (a Mistral file is a plain "llama" one), and its Qwen3-MoE has experts in every layer and
+# renormalises their weights.
 FAMILIES = {
+    "mistral": {"sliding_window": None},
     "phi3": {"sliding_window": None},
     "mixtral": {},
     "qwen3_moe": {"norm_topk_prob": True, "mlp_only_layers": []},
