@@ -45,7 +45,7 @@ def browser():
 def llm(tmp_path_factory):
     from tiny_models import build
 
-    folder = build("qwen2", tmp_path_factory.mktemp("tiny-qwen2-long"), max_positions=MAX_POSITIONS)
+    folder = build("qwen2", tmp_path_factory.mktemp("tiny-qwen2-long"), max_position_embeddings=MAX_POSITIONS)
     return LLM(str(folder), dtype="float32", max_model_len=MAX_POSITIONS)
 
 

@@ -3,6 +3,7 @@ start-up that rank 0 and tensor-parallel workers share."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -37,8 +38,10 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
     kv = config.num_kv_heads
     if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
         problems.append(f"{kv} key/value heads")
-    if config.intermediate_size % tp:
+    if config.intermediate_size % tp and len(config.moe_layers) < config.num_layers:  # a dense MLP somewhere
         problems.append(f"an MLP width of {config.intermediate_size}")
+    if config.num_experts and config.moe_intermediate_size % tp:
+        problems.append(f"an expert width of {config.moe_intermediate_size}")
     if problems:
         raise ModelLoadError(f"--tensor-parallel-size {tp} does not divide the model's {', '.join(problems)}")
 
@@ -55,8 +58,10 @@ def load_model(source, config: EngineConfig, dtype: torch.dtype, device: torch.d
     if tp and (config.device_map or (topology is not None and topology.sets_devices)):
         raise InvalidTopology("tensor parallelism and per-layer device mapping cannot be combined: "
                               "use one or the other")
+    # The context the user asked for is part of the model where RoPE depends on it (LongRoPE).
+    model_config = dataclasses.replace(source.config, max_model_len=config.max_model_len)
     with parallel_state.building() if tp else contextlib.nullcontext():
-        model = build_model(source.config, dtype, device)
+        model = build_model(model_config, dtype, device)
     overrides = None
     if config.device_map or topology is not None:
         from levante.engine.placement import place
