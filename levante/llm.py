@@ -34,7 +34,8 @@ class LLM:
     "none" (dequantise to `dtype`), "int8" or "int4" (in-situ quantisation of any model).
     Scale-out: `tensor_parallel_size` (worker processes started here, or torchrun's ranks),
     `device_map` ("auto" or "0:12;1:12") and `topology` (a YAML file: per-layer device and
-    quantization). With tensor parallelism, `close()` (or `with LLM(...)`) stops the workers.
+    quantization). With tensor parallelism, `close()` (or `with LLM(...)`) stops the workers now;
+    an LLM dropped without it stops them when collected, and a new tensor-parallel LLM takes the group over.
     CUDA: `enforce_eager` (no CUDA graphs for decode steps), `cuda_graph_max_batch` (default 256).
     LoRA: `lora={"name": "path/to/peft-adapter", ...}` loads adapters at start (`load_lora` and
     `unload_lora` at run time; at most `max_loras`, each of rank at most `max_lora_rank`); a request
@@ -85,7 +86,8 @@ class LLM:
         return self.engine.memory_bytes() if self.engine is not None else self.embedder.memory_bytes()
 
     def close(self) -> None:
-        """Release what outlives the object: tensor-parallel worker processes (also done at exit)."""
+        """Release what outlives the object: tensor-parallel worker processes (also done when the LLM is
+        collected, or at exit)."""
         if self.engine is not None:
             self.engine.close()
 

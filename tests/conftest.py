@@ -32,16 +32,17 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """A function arch -> folder of a tiny random checkpoint, built once per session."""
+    """A function (arch, **config changes) -> folder of a tiny random checkpoint, built once per session."""
     from tiny_models import build
 
     folders = {}
 
-    def get(arch: str):
-        if arch not in folders:
-            folders[arch] = build(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+    def get(arch: str, **changes):
+        key = (arch, repr(sorted(changes.items())))
+        if key not in folders:
+            folders[key] = build(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), **changes)
             freeze_the_imports()  # transformers imports its modeling modules lazily, while building
-        return folders[arch]
+        return folders[key]
 
     return get
 

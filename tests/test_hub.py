@@ -212,19 +212,3 @@ def test_cli_pull_models_rm(hub, capsys, monkeypatch):
     assert main(["run", "-m", "tiny/gguf:Q8_0", "hi"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "levante pull tiny/gguf:Q8_0" in err
-
-
-def test_index_names_the_weights(tmp_path, repos):
-    """A folder with an index loads the shards it names, not every .safetensors beside them."""
-    from levante.loader.hf import weight_files
-
-    sharded = repos[0]
-    folder = tmp_path / "m"
-    folder.mkdir()
-    for p in sharded.iterdir():
-        (folder / p.name).write_bytes(p.read_bytes())
-    (folder / "consolidated.safetensors").write_bytes(b"junk")
-    assert [p.name for p in weight_files(folder)] == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
-    (folder / "model-00001-of-00004.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match="lacks 1 of the shards its index names"):
-        weight_files(folder)

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from levante.errors import InvalidRequest, LevanteError
 from levante.serve import openai_format as fmt
 from levante.serve.chat import render_chat
+from levante.serve.conversations import register_conversations
 from levante.serve.embeddings import register_embeddings
 from levante.serve.http import CheckedRoute
 from levante.serve.admin import register_admin
@@ -26,6 +27,7 @@ from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, De
 from levante.serve.responses import register_responses
 from levante.serve.sse import formatted, sse_response
 from levante.serve.state import ServerState
+from levante.serve.webui import register_docs, register_webui
 
 __all__ = ["ServerState", "create_app", "chat_completion"]
 
@@ -39,11 +41,13 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> di
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="levante", description="OpenAI-compatible LLM server", version="0.1.0")
+    app = FastAPI(title="levante", description="OpenAI-compatible LLM server", version="0.1.0",
+                  docs_url=None, redoc_url=None)  # /docs is served offline (serve/webui.py)
     app.router.route_class = CheckedRoute
     app.state.limits = state.limits
     install_error_handlers(app)
     pipeline = state.pipeline
+    register_docs(app)
 
     @app.get("/health")
     async def health():
@@ -104,6 +108,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     register_responses(app, state)
     register_admin(app, state)
+    if state.webui is not None:
+        register_webui(app, state.webui)
+        register_conversations(app, state.webui.conversations, state.limits.max_messages)
     return app
 
 

@@ -5,7 +5,7 @@ logprobs and usage included. The events are serve/pipeline.py's.
 from __future__ import annotations
 
 from levante.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from levante.serve.pipeline import Event, Finish, McpCalls, Output, Round, Routed, Searched
+from levante.serve.pipeline import Event, Finish, McpCalls, Output, Round, Routed, Searched, ToolsOffered
 
 
 def _entry(text: str, logprob: float) -> dict:
@@ -103,19 +103,25 @@ def chat_response(plan, rid: str, created: int, model: str, output: RequestOutpu
 
 
 class ChatCompletion(EventsReader):
-    """Chat events -> one chat.completion. The MCP loop's reply also carries `mcp_calls` and the usage
-    of every round; a web search adds `web_search`."""
+    """Chat events -> one chat.completion. The MCP loop's reply also carries `mcp_tools_offered`,
+    `mcp_calls`, its own finish reason and the usage of every round; a web search adds `web_search`."""
 
     def __init__(self, rid: str, created: int):
         super().__init__()
         self.rid, self.created = rid, created
+        self.tools_offered: list[str] | None = None
         self.mcp_calls: list[dict] = []
+        self.finish: str | None = None
         self.search: dict | None = None
 
     def add(self, event: Event) -> None:
         self.rounds.add(event)
         if isinstance(event, McpCalls):
             self.mcp_calls += event.calls
+        elif isinstance(event, ToolsOffered):
+            self.tools_offered = event.names
+        elif isinstance(event, Finish):
+            self.finish = event.reason
         elif isinstance(event, Searched):
             self.search = event.summary
 
@@ -126,8 +132,10 @@ class ChatCompletion(EventsReader):
             choice = response["choices"][0]
             if choice["message"].pop("tool_calls", None):  # calls cut off by max_tokens: not run, not the client's
                 choice["message"]["content"] = round_.plan.split_reasoning(final.outputs[0].text)[1]
-                choice["finish_reason"] = "length"
             choice["message"]["mcp_calls"] = self.mcp_calls
+            choice["finish_reason"] = self.finish or choice["finish_reason"]
+        if self.tools_offered is not None:
+            response["mcp_tools_offered"] = self.tools_offered
         response["usage"] = usage(self.rounds.all())
         if self.search is not None:
             response["web_search"] = self.search
@@ -136,7 +144,8 @@ class ChatCompletion(EventsReader):
 
 class ChatChunks(EventsReader):
     """Chat events -> chat.completion.chunk dicts. In rounds whose tool calls the server runs (the MCP
-    loop) only content goes out: a chunk per executed call (`delta.mcp_calls`) and the loop's finish."""
+    loop) only content goes out: the role chunk with `mcp_tools_offered`, a chunk per executed call
+    (`delta.mcp_calls`) and the loop's finish."""
 
     def __init__(self, rid: str, created: int, include_usage: bool):
         super().__init__()
@@ -147,6 +156,9 @@ class ChatChunks(EventsReader):
 
     def chunks(self, event: Event) -> list[dict]:
         self.rounds.add(event)
+        if isinstance(event, ToolsOffered):  # the MCP loop begins: its role chunk says which tools it offers
+            self.role_sent.add(0)
+            return [{**self.chunk({"role": "assistant", "content": ""}), "mcp_tools_offered": event.names}]
         if isinstance(event, Round):
             self.writer = ChatStreamWriter(event.plan, self.rid, self.created, self.model, self.tokenizer,
                                            self.role_sent)

@@ -8,7 +8,7 @@
              admit     a bounded number of sequences in flight                  (429 + Retry-After)
              plan      template, token ids, images, grammar, off the event loop (serve/chat.py)
              submit    to the EngineLoop; outputs come back as events
-        <- events: Routed (the model), Round (a generation begins), Output (its progress),
+        <- events: Routed (the model), Round (a generation begins), Output (its progress), ToolsOffered,
                    McpCalls, Searched, Finish
 
 Adapters only turn a body into a call here and events into their API's JSON; the MCP tool loop
@@ -63,6 +63,12 @@ class Output:
 
 
 @dataclass
+class ToolsOffered:
+    """The MCP tools the model is offered in this request (serve/tool_selection.py), by name."""
+    names: list[str]
+
+
+@dataclass
 class McpCalls:
     """Tool calls the server ran (serve/mcp_loop.py), with their results."""
     calls: list[dict]
@@ -80,7 +86,7 @@ class Finish:
     reason: str
 
 
-Event = Routed | Round | Output | McpCalls | Searched | Finish
+Event = Routed | Round | Output | ToolsOffered | McpCalls | Searched | Finish
 
 
 @dataclass
@@ -203,6 +209,9 @@ class Pipeline:
             return
         compiler = route.llm.engine.grammars
         timeout = self.state.limits.grammar_timeout
+        # The vocabulary's llguidance tokenizer is built once per engine, by the first constrained request
+        # (seconds on a busy machine): they are not this grammar's, so they do not count against the timeout.
+        await asyncio.get_running_loop().run_in_executor(self._grammar_pool, lambda: compiler.ll_tokenizer)
         future = asyncio.get_running_loop().run_in_executor(self._grammar_pool, compiler.prepare, spec)
         try:
             await asyncio.wait_for(future, timeout)

@@ -226,6 +226,8 @@ def to_response(state, completion: dict, body: ResponsesRequest, rid: str, creat
     response = _response(rid, created, completion["model"], status, items, _usage(completion["usage"]), body)
     if status == "incomplete":
         response["incomplete_details"] = {"reason": "max_output_tokens"}
+    if "mcp_tools_offered" in completion:
+        response["mcp_tools_offered"] = completion["mcp_tools_offered"]
     return response
 
 

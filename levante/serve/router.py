@@ -42,14 +42,11 @@ GIB = 1 << 30
 
 
 def load_llm(spec: ModelSpec):
-    """How a model loads by default: `LLM.from_engine_args` (weights, KV cache, warm-up), and the
-    structured-output tokenizer built now, not inside the first constrained request."""
+    """How a model loads by default: `LLM.from_engine_args` (weights, KV cache, warm-up). The
+    structured-output tokenizer is built by the first constrained request (serve/pipeline.py)."""
     from levante import LLM
 
-    llm = LLM.from_engine_args(spec.args)
-    if llm.engine is not None:
-        llm.engine.grammars.ll_tokenizer
-    return llm
+    return LLM.from_engine_args(spec.args)
 
 
 class ServedModel:
@@ -93,11 +90,22 @@ class ServedModel:
             card.update(self.embeddings.card(), status=self.status)
         elif self.spec.embedding:
             card["type"] = "embedding"
-        elif self.llm is not None:
-            card["max_model_len"] = self.llm.engine.max_model_len
+        else:
+            card["type"] = "chat"
+            if self.llm is not None:
+                card["max_model_len"] = self.llm.engine.max_model_len
+                card["input_modalities"] = input_modalities(self.llm)
         adapters = [{"id": name, "object": "model", "created": 0, "owned_by": "levante", "parent": self.name,
                      "root": str(path), "status": self.status} for name, path in dict(self.spec.adapters).items()]
         return [card, *adapters]
+
+
+def input_modalities(llm) -> list[str]:
+    """What a chat model's messages may carry: text, and images (and audio) for models with a processor."""
+    processor = llm.engine.processor
+    if processor is None:
+        return ["text"]
+    return ["text", "image"] + (["audio"] if getattr(processor, "takes_audio", False) else [])
 
 
 @dataclass
@@ -283,7 +291,7 @@ class ModelRouter:
             raise ServiceUnavailable(f"model '{served.name}' could not be loaded: {reason}",
                                      retry_after=round(FAILED_RETRY_SECONDS)) from None
         self._publish(served, llm, time.monotonic() - started)
-        logger.warning("levante: model '%s' ready (%.1f s)", served.name, served.load_seconds)
+        logger.warning("levante: model '%s' loaded (%.1f s)", served.name, served.load_seconds)
 
     def _publish(self, served: ServedModel, llm, seconds: float) -> None:
         loop = EngineLoop(llm.engine) if llm.engine is not None else None

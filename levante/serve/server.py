@@ -26,7 +26,9 @@ from levante.serve.app import ServerState, create_app
 from levante.serve.http import guard, uvicorn_server
 from levante.serve.limits import RequestLimits
 from levante.serve.model_specs import ModelSpec, specs_from_cli
-from levante.serve.router import ModelRouter
+from levante.serve.router import ModelRouter, Route
+from levante.serve.ranking import Ranker
+from levante.serve.webui import DOCS_PAGES, OPEN_PAGES, WebUI
 from levante.serve.web_search import configure_web_search
 
 logger = logging.getLogger("levante")
@@ -34,9 +36,18 @@ logger = logging.getLogger("levante")
 
 def build_server(state: ServerState, host: str, port: int, api_key: str | None = None,
                  log_level: str = "info", open_metrics: bool = False) -> uvicorn.Server:
-    """The OpenAI API for `state` on host:port, behind the key, body and connection guards (serve/http.py)."""
-    app = guard(create_app(state), state.limits, api_key, open_metrics)
+    """The OpenAI API for `state` on host:port (and the web chat, with `state.webui`), behind the key,
+    body and connection guards (serve/http.py)."""
+    open_pages = OPEN_PAGES if state.webui is not None else DOCS_PAGES
+    app = guard(create_app(state), state.limits, api_key, open_metrics, open_pages)
     return uvicorn_server(app, host, port, state.limits, log_level)
+
+
+def addresses(host: str, port: int, webui: bool) -> str:
+    """Where to point a browser and a client, for the log line that says the server is ready."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    base = f"http://{shown}:{port}"
+    return (f"web chat at {base}/, " if webui else "") + f"API at {base}/v1, docs at {base}/docs"
 
 
 def check_models(specs: list[ModelSpec]) -> None:
@@ -58,6 +69,8 @@ def _mcp_manager(args, policy: FetchPolicy):
     path = getattr(args, "mcp_config", None)
     if getattr(args, "mcp_max_rounds", 0) < 0:
         raise InvalidRequest("--mcp-max-rounds: must be 0 or more")
+    if getattr(args, "mcp_max_tools", 0) < 0:
+        raise InvalidRequest("--mcp-max-tools: must be 0 (no cap) or more")
     if not path:
         return None
     from levante.mcp import McpConfig, McpToolManager
@@ -74,6 +87,24 @@ def _start_mcp(state: ServerState, manager) -> None:
     logger.warning("levante: MCP: %d tools from %d servers%s", len(manager.tools), len(servers),
                    "" if manager.config.auto_register_tools else " (auto_register_tools is off: none offered)")
     state.mcp = manager
+
+
+def ranking_model(router: ModelRouter):
+    """The served embedding model that ranks search passages and MCP tools (serve/ranking.py): a pinned
+    one (--embedding-model), which stays loaded; None: the packaged fallback."""
+    return next((m.llm for m in router.models.values() if m.spec.pinned and m.spec.embedding), None)
+
+
+def _prepare_tool_selection(state: ServerState, served) -> None:
+    """Say how MCP tools will be offered to chat model `served`, and embed them now if they will be ranked
+    (not in a request)."""
+    from levante.serve.tool_selection import selector_for
+
+    selector = selector_for(state, Route(served.name, served))
+    if selector.selects:
+        logger.warning("levante: MCP: more tools than fit the budget (%d, or %d tokens): each request is offered "
+                       "the most relevant", state.mcp_max_tools, selector.max_tool_tokens)
+        selector.prepare()
 
 
 def _serve_mcp(state: ServerState, args):
@@ -117,6 +148,9 @@ def serve(args) -> int:
         load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)),
         fetch_policy=policy)
     state.mcp_max_rounds = getattr(args, "mcp_max_rounds", state.mcp_max_rounds)
+    state.mcp_max_tools = getattr(args, "mcp_max_tools", state.mcp_max_tools)
+    if not getattr(args, "no_webui", False):
+        state.webui = WebUI()
     server = build_server(state, args.host, args.port, args.api_key, open_metrics=getattr(args, "open_metrics", False))
     mcp_start = threading.Thread(target=_start_mcp, args=(state, manager), name="levante-mcp-start", daemon=True)
     if manager is not None:
@@ -128,8 +162,8 @@ def serve(args) -> int:
             for spec in specs:
                 if spec is specs[0] or spec.pinned:
                     state.router.start_loading(spec.name).result()
-            reranker = next((m.llm for m in state.router.models.values() if m.spec.pinned and m.spec.embedding), None)
-            configure_web_search(state, args.search_url, reranker, policy)
+            state.ranker = Ranker(ranking_model(state.router))
+            configure_web_search(state, args.search_url, policy)
         except Exception as e:  # noqa: BLE001 - any failure stops the server with one line
             state.load_failure = str(e) if isinstance(e, LevanteError) else f"internal error: {type(e).__name__}: {e}"
             server.should_exit = True
@@ -137,6 +171,11 @@ def serve(args) -> int:
         if manager is not None:
             mcp_start.join()  # ready means the MCP tools are offered too
         state.ready = True
+        default = state.router.default
+        if state.mcp is not None and not default.spec.embedding:
+            _prepare_tool_selection(state, default)
+        logger.warning("levante: %s ready (load %.1fs): %s", default.name, default.load_seconds or 0.0,
+                       addresses(args.host, args.port, state.webui is not None))
 
     threading.Thread(target=load, name="levante-load", daemon=True).start()
     mcp_server = _serve_mcp(state, args)

@@ -14,6 +14,8 @@ from levante.serve.metrics import Metrics
 from levante.serve.model_specs import ModelSpec
 from levante.serve.pipeline import Pipeline
 from levante.serve.router import ModelRouter
+from levante.serve.ranking import Ranker
+from levante.serve.tool_selection import DEFAULT_MAX_TOOLS
 
 
 class ServerState:
@@ -27,9 +29,13 @@ class ServerState:
         self.web_search = None  # levante.search.WebSearch, when web search is enabled
         self.mcp = None  # levante.mcp.McpToolManager, when MCP servers are configured (see serve/mcp_loop.py)
         self.mcp_max_rounds = DEFAULT_MAX_ROUNDS
+        self.mcp_max_tools = DEFAULT_MAX_TOOLS  # per request, beyond which the most relevant are chosen; 0: no cap
+        self.tool_selectors = {}  # chat model name -> serve/tool_selection.py's ToolSelector, built on first need
+        self.ranker = Ranker()  # ranks search passages and MCP tools: the served embedding model, else MiniLM
         self.load_image = load_image  # image sources -> images; `levante serve` may confine local paths
         self.ready = False  # the models loaded at start are (/health says so)
         self.load_failure: str | None = None  # why loading at start failed, if it did (the server then stops)
+        self.webui = None  # serve/webui.py's WebUI: the chat page at / and its conversation routes; None: off
         self.pipeline = Pipeline(self)
 
     def attach(self, llm, embedding_llm=None, embedding_name: str | None = None) -> None:
