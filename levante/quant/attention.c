@@ -56,35 +56,79 @@ static inline __m512 hsum16x16(const __m512 v[16]) {
 
 typedef struct { int32_t b, kvh, row0, rows; int64_t k0, k1; } AttnItem;
 
+static int bf16_dot_supported(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512bf16") != 0;
+    }
+    return known;
+}
+
 typedef struct {
     const void *q, *k, *v;
     void *out;
     const int32_t *tables, *cu, *lens;
     int64_t width;
     int H, KVH, D, Dp, G, bs, window, dtype;
+    int bf16_dot; /* bfloat16 caches on a CPU with AVX512-BF16: scores_bf16 */
     float scale;
     const AttnItem *items;
-    float *partial;  /* per item and query vector: m, l, acc[Dp], q[Dp] */
+    float *partial;  /* per item: m, l, acc[Dp] per query vector, then the query vectors [Dp] */
     int64_t per_item; /* floats of `partial` per item */
 } Attn;
 
-#define QV_FLOATS(Dp) (2 + 2 * (int64_t)(Dp))
-
-/* One head's query vector against a tile of keys (lanes `valid`, from <= j < to): the online
- * softmax update of its m, l and accumulator. C = Dp / 16 (a constant where it is inlined). */
-static inline __attribute__((always_inline)) void attn_qvec(float *qv, const float *kf, const float *vf, const int C,
-                                                            int from, int to, __mmask16 valid) {
-    float *acc = qv + 2;
-    const float *qf = qv + 2 + C * 16;
-    __m512 qr[C], dots[16];
-    for (int c = 0; c < C; c++) qr[c] = _mm512_loadu_ps(qf + c * 16);
-    for (int j = 0; j < 16; j++) {
-        __m512 s = _mm512_setzero_ps();
-        if (j >= from && j < to)
-            for (int c = 0; c < C; c++) s = _mm512_fmadd_ps(qr[c], _mm512_load_ps(kf + j * C * 16 + c * 16), s);
-        dots[j] = s;
+/* Scores of the G query vectors of one row (qf: [G][Dp] float32, scaled) against a tile of
+ * keys converted to float32 (kf: [16][Dp]): s[g] lane j = q_g . k_j for from <= j < to. */
+static inline __attribute__((always_inline)) void scores_f32(const float *qf, const float *kf, const int C, int G,
+                                                             int from, int to, __m512 *s) {
+    for (int g = 0; g < G; g++) {
+        __m512 qr[C], dots[16];
+        for (int c = 0; c < C; c++) qr[c] = _mm512_loadu_ps(qf + g * C * 16 + c * 16);
+        for (int j = 0; j < 16; j++) {
+            __m512 d = _mm512_setzero_ps();
+            if (j >= from && j < to)
+                for (int c = 0; c < C; c++) d = _mm512_fmadd_ps(qr[c], _mm512_load_ps(kf + j * C * 16 + c * 16), d);
+            dots[j] = d;
+        }
+        s[g] = hsum16x16(dots);
     }
-    __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, hsum16x16(dots));
+}
+
+/* The same from bfloat16 queries and keys as they are (q: the row's G heads, [G][D]; kp: each
+ * key's row in the cache), with vdpbf16ps: products of bfloat16 values are exact in float32, so
+ * this differs from scores_f32 only in the order of the float32 sums; times `scale`. D = 32 * C2. */
+static inline __attribute__((always_inline, target("avx512bf16"))) void scores_bf16_c(
+        const uint16_t *q, const uint16_t *const *kp, const int C2, int G, int from, int to, float scale, __m512 *s) {
+    for (int g = 0; g < G; g++) {
+        __m512bh qr[C2];
+        __m512 dots[16];
+        for (int c = 0; c < C2; c++) qr[c] = (__m512bh)_mm512_loadu_si512(q + g * C2 * 32 + c * 32);
+        for (int j = 0; j < 16; j++) {
+            __m512 d = _mm512_setzero_ps();
+            if (j >= from && j < to)
+                for (int c = 0; c < C2; c++) d = _mm512_dpbf16_ps(d, qr[c], (__m512bh)_mm512_loadu_si512(kp[j] + c * 32));
+            dots[j] = d;
+        }
+        s[g] = _mm512_mul_ps(hsum16x16(dots), _mm512_set1_ps(scale));
+    }
+}
+
+__attribute__((target("avx512bf16"))) static void scores_bf16(const uint16_t *q, const uint16_t *const *kp, int C2,
+                                                             int G, int from, int to, float scale, __m512 *s) {
+    switch (C2) {
+    case 2: scores_bf16_c(q, kp, 2, G, from, to, scale, s); break;
+    case 4: scores_bf16_c(q, kp, 4, G, from, to, scale, s); break;
+    default: scores_bf16_c(q, kp, C2, G, from, to, scale, s);
+    }
+}
+
+/* One query vector's online-softmax update with a tile's scores `s` (lanes `valid`, from <= j <
+ * to): its running max m, sum l and accumulator acc += p_j v_j. C = Dp / 16. */
+static inline __attribute__((always_inline)) void softmax_update(float *qv, __m512 s, const float *vf, const int C,
+                                                                 int from, int to, __mmask16 valid) {
+    float *acc = qv + 2;
+    s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, s);
     const float m_tile = _mm512_reduce_max_ps(s);
     __m512 ar[C];
     for (int c = 0; c < C; c++) ar[c] = _mm512_loadu_ps(acc + c * 16);
@@ -105,27 +149,30 @@ static inline __attribute__((always_inline)) void attn_qvec(float *qv, const flo
     for (int c = 0; c < C; c++) _mm512_storeu_ps(acc + c * 16, ar[c]);
 }
 
-/* One item: its query vectors' online softmax over keys k0 .. k1 - 1. */
+/* One item: its query vectors' online softmax over keys k0 .. k1 - 1. Partial per query vector
+ * (row r, head g at r * G + g): m, l, acc[Dp], then the scaled float32 query [Dp]. */
 static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int64_t index, const int C) {
     const AttnItem *it = a->items + index;
-    const int D = a->D, Dp = C * 16, G = a->G;
+    const int D = a->D, Dp = C * 16, G = a->G, bf16_dot = a->bf16_dot;
     const __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xFFFF);
     float *part = a->partial + index * a->per_item;
     const int64_t q_len = a->cu[it->b + 1] - a->cu[it->b], n = a->lens[it->b];
     const int64_t first_row = a->cu[it->b] + it->row0, first_pos = n - q_len + it->row0;
+    float *qf = part + it->rows * G * (2 + Dp); /* [rows][G][Dp] */
     for (int r = 0; r < it->rows; r++)
         for (int g = 0; g < G; g++) {
-            float *qv = part + (r * G + g) * QV_FLOATS(Dp);
+            float *qv = part + (r * G + g) * (2 + Dp);
             qv[0] = -INFINITY;
             qv[1] = 0.f;
             const int64_t at = ((first_row + r) * a->H + it->kvh * G + g) * (int64_t)D;
             for (int c = 0; c < C; c++) {
                 _mm512_storeu_ps(qv + 2 + c * 16, _mm512_setzero_ps());
                 __m512 x = load_kv(a->q, a->dtype, at + c * 16, c == C - 1 ? last : 0xFFFF);
-                _mm512_storeu_ps(qv + 2 + Dp + c * 16, _mm512_mul_ps(x, _mm512_set1_ps(a->scale)));
+                _mm512_storeu_ps(qf + (r * G + g) * Dp + c * 16, _mm512_mul_ps(x, _mm512_set1_ps(a->scale)));
             }
         }
     float kf[16 * Dp] __attribute__((aligned(64))), vf[16 * Dp] __attribute__((aligned(64)));
+    const uint16_t *kp[16];
     const int32_t *table = a->tables + it->b * a->width;
     const int64_t row_stride = (int64_t)a->KVH * D, head_at = (int64_t)it->kvh * D;
     for (int64_t t0 = it->k0; t0 < it->k1; t0 += 16) {
@@ -134,9 +181,10 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
         for (int j = 0; j < nk; j++) {
             const int64_t at = ((int64_t)table[block] * a->bs + offset) * row_stride + head_at;
             if (++offset == a->bs) offset = 0, block++;
+            kp[j] = (const uint16_t *)a->k + at;
             for (int c = 0; c < C; c++) {
                 __mmask16 m = c == C - 1 ? last : 0xFFFF;
-                _mm512_store_ps(kf + j * Dp + c * 16, load_kv(a->k, a->dtype, at + c * 16, m));
+                if (!bf16_dot) _mm512_store_ps(kf + j * Dp + c * 16, load_kv(a->k, a->dtype, at + c * 16, m));
                 _mm512_store_ps(vf + j * Dp + c * 16, load_kv(a->v, a->dtype, at + c * 16, m));
             }
         }
@@ -148,8 +196,14 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
             if (to > nk) to = nk;
             if (from >= to) continue;
             const __mmask16 valid = (__mmask16)(((1u << to) - 1) & ~((1u << from) - 1));
+            __m512 s[G];
+            if (bf16_dot)
+                scores_bf16((const uint16_t *)a->q + ((first_row + r) * a->H + it->kvh * G) * (int64_t)D, kp, D / 32,
+                            G, (int)from, (int)to, a->scale, s);
+            else
+                scores_f32(qf + r * G * Dp, kf, C, G, (int)from, (int)to, s);
             for (int g = 0; g < G; g++)
-                attn_qvec(part + (r * G + g) * QV_FLOATS(Dp), kf, vf, C, (int)from, (int)to, valid);
+                softmax_update(part + (r * G + g) * (2 + Dp), s[g], vf, C, (int)from, (int)to, valid);
         }
     }
 }
@@ -173,13 +227,13 @@ static void attn_merge(const Attn *a, int64_t first, int64_t count) {
     for (int v = 0; v < it->rows * G; v++) {
         float m = -INFINITY, l = 0.f;
         for (int64_t i = 0; i < count; i++) {
-            const float *qv = a->partial + (first + i) * a->per_item + v * QV_FLOATS(Dp);
+            const float *qv = a->partial + (first + i) * a->per_item + v * (2 + Dp);
             if (qv[0] > m) m = qv[0];
         }
         __m512 sum[ATTN_MAX_D / 16];
         for (int c = 0; c < C; c++) sum[c] = _mm512_setzero_ps();
         for (int64_t i = 0; i < count && m > -INFINITY; i++) {
-            const float *qv = a->partial + (first + i) * a->per_item + v * QV_FLOATS(Dp);
+            const float *qv = a->partial + (first + i) * a->per_item + v * (2 + Dp);
             if (qv[1] == 0.f) continue;
             const float w = expf(qv[0] - m);
             l += w * qv[1];
@@ -205,7 +259,7 @@ int lv_paged_attention(const void *q, const void *k_cache, const void *v_cache, 
                        int block_size, int window, float scale, int dtype, int nthreads) {
     if (D < 1 || D > ATTN_MAX_D || KVH < 1 || H % KVH || block_size < 1) return -1;
     Attn a = {q, k_cache, v_cache, out, tables, cu, lens, width, H, KVH, D, (D + 15) / 16 * 16, H / KVH,
-              block_size, window, dtype, scale, NULL, NULL, 0};
+              block_size, window, dtype, dtype == KV_BF16 && D % 32 == 0 && bf16_dot_supported(), scale, NULL, NULL, 0};
     const int rows_per_item = ATTN_QVECS / a.G > 1 ? ATTN_QVECS / a.G : 1;
     /* Pass 1: the keys all row groups read, to size the key ranges; pass 2: the items. */
     int64_t keys = 0, groups = 0;
@@ -236,7 +290,7 @@ int lv_paged_attention(const void *q, const void *k_cache, const void *v_cache, 
         if (!pass) {
             count = i;
             a.items = malloc(sizeof(AttnItem) * count);
-            a.per_item = (int64_t)rows_per_item * a.G * QV_FLOATS(a.Dp);
+            a.per_item = (int64_t)rows_per_item * a.G * (2 + 2 * a.Dp);
             a.partial = malloc(sizeof(float) * count * a.per_item);
             if (!a.items || !a.partial) { free((void *)a.items); free(a.partial); return -2; }
         }
