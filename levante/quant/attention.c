@@ -18,6 +18,9 @@ enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
 #define ATTN_MAX_D 512
 #define ATTN_MIN_SPLIT 256 /* keys: below this a range is not worth its merge */
 #define ATTN_QVECS 32      /* query vectors per item (rows x G), at least one row */
+#ifndef ATTN_PREFETCH
+#define ATTN_PREFETCH 32   /* keys ahead whose rows are prefetched */
+#endif
 
 static inline __m512 load_kv(const void *p, int dtype, int64_t i, __mmask16 m) {
     if (dtype == KV_F16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
@@ -72,6 +75,7 @@ typedef struct {
     int64_t width;
     int H, KVH, D, Dp, G, bs, window, dtype;
     int bf16_dot; /* bfloat16 caches on a CPU with AVX512-BF16: scores_bf16 */
+    int size;     /* bytes per cache value */
     float scale;
     const AttnItem *items;
     float *partial;  /* per item: m, l, acc[Dp] per query vector, then the query vectors [Dp] */
@@ -182,6 +186,14 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
             const int64_t at = ((int64_t)table[block] * a->bs + offset) * row_stride + head_at;
             if (++offset == a->bs) offset = 0, block++;
             kp[j] = (const uint16_t *)a->k + at;
+            const int64_t ahead = t0 + ATTN_PREFETCH + j; /* blocks sit anywhere: the hardware prefetcher cannot follow */
+            if (ahead < it->k1) {
+                const int64_t next = ((int64_t)table[ahead / a->bs] * a->bs + ahead % a->bs) * row_stride + head_at;
+                for (int64_t byte = 0; byte < (int64_t)D * a->size; byte += 64) {
+                    _mm_prefetch((const char *)a->k + next * a->size + byte, _MM_HINT_T0);
+                    _mm_prefetch((const char *)a->v + next * a->size + byte, _MM_HINT_T0);
+                }
+            }
             for (int c = 0; c < C; c++) {
                 __mmask16 m = c == C - 1 ? last : 0xFFFF;
                 if (!bf16_dot) _mm512_store_ps(kf + j * Dp + c * 16, load_kv(a->k, a->dtype, at + c * 16, m));
@@ -259,7 +271,8 @@ int lv_paged_attention(const void *q, const void *k_cache, const void *v_cache, 
                        int block_size, int window, float scale, int dtype, int nthreads) {
     if (D < 1 || D > ATTN_MAX_D || KVH < 1 || H % KVH || block_size < 1) return -1;
     Attn a = {q, k_cache, v_cache, out, tables, cu, lens, width, H, KVH, D, (D + 15) / 16 * 16, H / KVH,
-              block_size, window, dtype, dtype == KV_BF16 && D % 32 == 0 && bf16_dot_supported(), scale, NULL, NULL, 0};
+              block_size, window, dtype, dtype == KV_BF16 && D % 32 == 0 && bf16_dot_supported(),
+              dtype == KV_F32 ? 4 : 2, scale, NULL, NULL, 0};
     const int rows_per_item = ATTN_QVECS / a.G > 1 ? ATTN_QVECS / a.G : 1;
     /* Pass 1: the keys all row groups read, to size the key ranges; pass 2: the items. */
     int64_t keys = 0, groups = 0;
