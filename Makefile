@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
 MCP_NPM_SERVERS := @modelcontextprotocol/server-filesystem@2026.8.31 @modelcontextprotocol/server-memory@2026.8.31 \
 	@modelcontextprotocol/server-everything@2026.8.31
 
-.PHONY: serve test test-fast bench bench-deps install install-test clean mcp-servers
+.PHONY: serve test test-fast fuzz bench bench-deps install install-test clean mcp-servers
 
 serve: $(VENV)/.runtime
 	$(BIN)/levante serve $(ARGS)
@@ -24,6 +24,12 @@ test: $(VENV)/.test mcp-servers
 
 test-fast: $(VENV)/.test mcp-servers
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The GGUF and safetensors readers against hostile files, random seeds (make test runs a bounded,
+# fixed run: tests/test_fuzz_readers.py). FUZZ_EXAMPLES inputs per format.
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(VENV)/.test
+	PYTHONPATH=. $(BIN)/python -W ignore tests/fuzz_readers.py --examples $(FUZZ_EXAMPLES)
 
 bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/decode_vs_llamacpp.py
@@ -56,8 +62,12 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 # Triton for the CUDA attention kernel's tests, which run under its interpreter on a CPU-only torch
 # (the version the GPU machines carry); a CUDA build of torch brings its own Triton.
 TRITON ?= triton==3.6.0
+# timm: the reference for Gemma 3n's vision tower (tests/timm_import.py); without its dependencies,
+# since it asks for torchvision, whose wheels pin another torch.
+TIMM ?= timm==1.0.31
 $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	$(PIP) -e ".[test]"
+	$(PIP) --no-deps "$(TIMM)"
 	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then $(PIP) "$(TRITON)"; fi
 	touch $@
 

@@ -11,11 +11,12 @@ import time
 
 
 def run_bench(args) -> int:
-    from levante.cli import _load
+    from levante import LLM
+    from levante.engine.args import EngineArgs
     from levante.engine.sampling_params import SamplingParams
 
     start = time.perf_counter()
-    llm = _load(args, warmup=True)
+    llm = LLM.from_engine_args(EngineArgs.from_cli_args(args, warmup=True, progress=sys.stderr.isatty()))
     load = time.perf_counter() - start
     prompt = [(i * 7919) % 20000 + 100 for i in range(args.prompt_tokens)]
     prefill, decode = [], []

@@ -8,42 +8,14 @@ import argparse
 import os
 import sys
 
+from levante.engine.args import EngineArgs
+from levante.serve.limits import RequestLimits
 from levante.errors import LevanteError
 from levante.loader.sources import DEFAULT_MODEL
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                        help=f"HF folder, .gguf file or alias (default: {DEFAULT_MODEL}; see `levante models`)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=None,
-                        help="sequences batched together (default: 64 on the CPU, 256 on CUDA)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="tokens computed per step, prefill chunks included (default: 1024 on the CPU, "
-                             "8192 on CUDA)")
-    parser.add_argument("--kv-cache-gb", type=float, default=None,
-                        help="memory preallocated for the KV cache (default: 2 on the CPU; on CUDA what "
-                             "--gpu-memory-utilization leaves after the weights)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="fraction of the GPU's memory levante may use, KV cache included (default: 0.9)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
-    parser.add_argument("--quantization", "--isq", dest="quantization", default="auto",
-                        choices=["auto", "none", "int8", "int4"],
-                        help="weights in memory: auto keeps GGUF quantised (packed int8/int4), none dequantises "
-                             "to --dtype, int8/int4 quantise any model in situ (default: auto)")
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                        help="split every layer across N ranks (worker processes on this host, or torchrun's "
-                             "ranks across hosts); NCCL on CUDA, gloo on CPU")
-    parser.add_argument("--device-map", default=None,
-                        help='layers per device: "auto" or "ORDINAL:LAYERS;..." such as "0:12;1:12"')
-    parser.add_argument("--topology", default=None,
-                        help="YAML file: per-layer-range or /regex/ device and isq (mistral.rs's format)")
-    parser.add_argument("--enforce-eager", action="store_true",
-                        help="CUDA: no CUDA graphs for decode steps (always the eager forward)")
-    parser.add_argument("--no-prepared-cache", dest="prepared_cache", action="store_false",
-                        help="do not keep packed weights under <cache>/prepared/ (re-pack on every start)")
+    EngineArgs.add_cli_args(parser, DEFAULT_MODEL)
 
 
 def _mcp_args(parser: argparse.ArgumentParser) -> None:
@@ -54,17 +26,10 @@ def _mcp_args(parser: argparse.ArgumentParser) -> None:
                         help="rounds of MCP tool calls per request before the model must answer (default: 5)")
 
 
-def _load(args, warmup: bool = True):
+def _load(args, warmup: bool):
     from levante import LLM
 
-    return LLM(args.model, progress=sys.stderr.isatty(), dtype=args.dtype, device=args.device,
-               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gb=args.kv_cache_gb,
-               gpu_memory_utilization=args.gpu_memory_utilization, num_threads=args.threads, warmup=warmup,
-               quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
-               device_map=args.device_map, topology=args.topology,
-               prepared_cache=getattr(args, "prepared_cache", True),
-               enforce_eager=getattr(args, "enforce_eager", False))
+    return LLM.from_engine_args(EngineArgs.from_cli_args(args, warmup=warmup, progress=sys.stderr.isatty()))
 
 
 def _sampling(args):
@@ -208,9 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",
                        help="image_url parts may name files in DIR (repeatable); without it, any file when "
                             "--host is loopback, none otherwise")
+    serve.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
+                       help="image URLs may only name these hosts (or their subdomains), which may then resolve "
+                            "to private addresses too")
+    serve.add_argument("--allow-private-network", action="store_true",
+                       help="let image URLs, search result pages and MCP servers reach private, loopback and "
+                            "link-local addresses although --host is not loopback (refused otherwise)")
     _mcp_args(serve)
     serve.add_argument("--mcp-port", type=int, default=None,
-                       help="also serve levante itself as an MCP server (streamable HTTP at /mcp, tool 'chat')")
+                       help="also serve levante itself as an MCP server (streamable HTTP at /mcp, tool 'chat'; "
+                            "it takes the same --api-key)")
+    serve.add_argument("--open-metrics", action="store_true",
+                       help="let /metrics answer without the API key (/health always does)")
+    RequestLimits.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     run = sub.add_parser("run", help="generate once from a prompt, streamed to stdout")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from levante.errors import ModelLoadError
+from levante.errors import InvalidRequest, ModelLoadError
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -86,7 +86,7 @@ class ModelConfig:
                 model_type=cfg.get("model_type", ""),
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
+                intermediate_size=_widest(cfg["intermediate_size"]),
                 num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -108,6 +108,11 @@ class ModelConfig:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"config is missing or has a bad value for {e}") from None
+
+
+def _widest(size) -> int:
+    """The MLP width; the widest layer's when it is given per layer (Gemma 3n's MatFormer configs)."""
+    return max(int(s) for s in size) if isinstance(size, list) else int(size)
 
 
 def _layer_types(cfg: dict, num_layers: int, sliding: int | None) -> list[str]:
@@ -155,6 +160,40 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (engine/speculative.py): each step of a decoding sequence also checks up to
+    `num_speculative_tokens` proposed tokens in the same forward. `method` "ngram" copies them from
+    the prompt and the text so far, after the longest suffix of `prompt_lookup_min`..`prompt_lookup_max`
+    tokens seen before (prompt lookup); "draft" asks `draft_model`, a smaller model with the same
+    tokenizer and its own KV cache."""
+
+    method: str
+    num_speculative_tokens: int = 5
+    draft_model: str | None = None
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise InvalidRequest(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                                 f"not {self.method!r}")
+        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 32:
+            raise InvalidRequest("num_speculative_tokens must be an integer from 1 to 32")
+        if self.method == "draft" and not self.draft_model:
+            raise InvalidRequest("the 'draft' speculative method needs a draft model (--draft-model)")
+        if self.method != "draft" and self.draft_model:
+            raise InvalidRequest(f"a draft model serves the 'draft' speculative method only, not '{self.method}'")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise InvalidRequest("prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max")
+
+
 @dataclass
 class EngineConfig:
     # None: per device (`with_device_defaults`): 64 sequences and 1024 tokens a step on the CPU,
@@ -182,6 +221,11 @@ class EngineConfig:
     # min(max_num_seqs, cuda_graph_max_batch); enforce_eager turns that off.
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
+    # Gemma 3n MatFormer: a slice (a row name of the slicing table CSV at matformer_config) cut out of the
+    # checkpoint (loader/matformer.py), as mistral.rs's --matformer-config-path / --matformer-slice-name.
+    matformer_config: str | None = None
+    matformer_slice: str | None = None
 
     def with_device_defaults(self, device: torch.device) -> "EngineConfig":
         """Fill the knobs left None with the defaults of `device`'s type (in place; returns self)."""

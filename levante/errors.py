@@ -18,7 +18,7 @@ class InvalidRequest(LevanteError):
 
 
 class ServiceUnavailable(LevanteError):
-    """The model is still loading (HTTP 503)."""
+    """The model is still loading, or the engine has stopped (HTTP 503)."""
 
     status = 503
 
@@ -31,3 +31,16 @@ class ModelNotFound(LevanteError):
 
 class InvalidTopology(ModelLoadError):
     """A topology file or device map is malformed or does not fit the model."""
+
+
+class RequestFailed(LevanteError):
+    """The engine failed while running this request (HTTP 500); the requests beside it carry on."""
+
+    status = 500
+
+
+class Overloaded(LevanteError):
+    """Too many requests are waiting (HTTP 429): retry after `retry_after` seconds."""
+
+    status = 429
+    retry_after = 1

@@ -9,16 +9,16 @@ import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 
-from levante.config import CacheConfig, EngineConfig
+from levante.engine.args import EngineArgs
 from levante.engine.embedder import EmbeddingInput, Embedder
 from levante.engine.engine import Engine
 from levante.engine.outputs import RequestOutput
 from levante.engine.sampling_params import SamplingParams
-from levante.errors import InvalidRequest
+from levante.errors import InvalidRequest, RequestFailed
 from levante.loader.auto import is_embedding_model
-from levante.loader.chat_template import ChatTemplate
+from levante.loader.chat_prompt import ChatRenderer
 from levante.multimodal.inputs import MultiModalPrompt
-from levante.multimodal.messages import extract_images, flatten, join_text_parts, to_image
+from levante.multimodal.messages import to_image
 
 Prompt = str | list[int] | MultiModalPrompt
 
@@ -35,27 +35,40 @@ class LLM:
     `device_map` ("auto" or "0:12;1:12") and `topology` (a YAML file: per-layer device and
     quantization). With tensor parallelism, `close()` (or `with LLM(...)`) stops the workers.
     CUDA: `enforce_eager` (no CUDA graphs for decode steps), `cuda_graph_max_batch` (default 256).
+    Speculative decoding (off by default): `speculative_method` "ngram" (prompt lookup, tuned by
+    `prompt_lookup_min` / `prompt_lookup_max`) or "draft" (with `draft_model`, a smaller model with the
+    same tokenizer), `num_speculative_tokens` (default 5) checked per step.
     """
 
-    def __init__(self, model: str | None = None, *, progress: bool = False, **options):
+    def __init__(self, model: str | None = None, **options):
         from levante.loader.sources import DEFAULT_MODEL
 
+        try:
+            args = EngineArgs(model=model, **options)
+        except TypeError as e:
+            raise TypeError(f"unknown LLM option: {e}") from None
+        self.args = args
         self.model_name = str(model or DEFAULT_MODEL)
         self.engine: Engine | None = None
         self.embedder: Embedder | None = None
         self._ids = itertools.count()
         if is_embedding_model(self.model_name):
-            self.embedder = Embedder.load(self.model_name, _engine_config(options))
-            self.tokenizer, self.chat_template = self.embedder.tokenizer, None
+            self.embedder = Embedder.load(self.model_name, args.engine_config())
+            self.tokenizer, self.chat_renderer = self.embedder.tokenizer, None
             return
-        self.engine = Engine(self.model_name, _engine_config(options), progress=progress)
+        self.engine = Engine(self.model_name, args.engine_config(), progress=args.progress)
         self.tokenizer = self.engine.tokenizer
-        tok = self.tokenizer
-        if tok.chat_template:
-            self.chat_template = ChatTemplate(tok.chat_template, tok.bos_token or "", tok.eos_token or "")
-        else:
-            vocabulary = {"<start_of_turn>"} if tok.token_to_id("<start_of_turn>") is not None else ()
-            self.chat_template = ChatTemplate.fallback(tok.bos_token or "", tok.eos_token or "", vocabulary)
+        self.chat_renderer = ChatRenderer(self.tokenizer, self.engine.processor, self.model_name)
+
+    @property
+    def chat_template(self):
+        """The model's chat template (its own, or the fallback), or None for an embedding model."""
+        return self.chat_renderer.template if self.chat_renderer is not None else None
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLM:
+        """Load the model `args` names, configured by them (the CLI, the server and the TUI start here)."""
+        return cls(args.model, **args.options())
 
     def close(self) -> None:
         """Release what outlives the object: tensor-parallel worker processes (also done at exit)."""
@@ -116,7 +129,10 @@ class LLM:
             for rid in ids:
                 if rid not in finished:
                     self.engine.abort_request(rid)
-        return [finished[rid] for rid in ids]
+        outputs = [finished[rid] for rid in ids]
+        for index, output in enumerate(outputs):
+            _raise_if_failed(output, index)
+        return outputs
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that adds to it; text is cumulative."""
@@ -128,41 +144,41 @@ class LLM:
                 for output in self.engine.step():
                     if output.request_id == rid:
                         done = output.finished
+                        _raise_if_failed(output)
                         yield output
         finally:
             if not done:
                 self.engine.abort_request(rid)
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
-             tools: list[dict] | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             tools: list[dict] | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Render each conversation through the model's chat template, then generate.
 
-        Message content may be a list of OpenAI-style parts: `{"type": "text", "text": ...}`,
+        Messages are OpenAI's: content may be a list of parts, `{"type": "text", "text": ...}`,
         `{"type": "image_url", "image_url": {"url": data URL | http(s) URL | path}}` or
-        `{"type": "image", "image": PIL.Image}` (vision-language models only).
+        `{"type": "image", "image": PIL.Image}` (vision-language models only), or
+        `{"type": "input_audio", "input_audio": {"data": base64, "format": "wav" | "mp3"}}` (Gemma 3n);
+        an assistant's `tool_calls[].function.arguments` may be JSON text. `chat_template_kwargs` reach the
+        template as variables (e.g. `enable_thinking`). The server renders the same way.
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.chat_prompt(c, tools, add_generation_prompt) for c in conversations]
+        prompts = [self.chat_prompt(c, tools, add_generation_prompt, chat_template_kwargs) for c in conversations]
         return self.generate(prompts, params)
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
-                            add_generation_prompt: bool = True) -> list[int]:
-        self._require_engine()
-        text = self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+                            add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
+                            ) -> list[int]:
+        """The conversation's prompt token ids, as the engine runs them (images expanded)."""
+        prompt = self.chat_prompt(messages, tools, add_generation_prompt, chat_template_kwargs)
+        return prompt.token_ids if isinstance(prompt, MultiModalPrompt) else prompt
 
-    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True) -> list[int] | MultiModalPrompt:
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                    chat_template_kwargs: dict | None = None) -> list[int] | MultiModalPrompt:
         """Token ids of the rendered conversation; with images, a `MultiModalPrompt`."""
-        messages, images = extract_images(messages)
-        if not images:
-            if self._require_engine().processor is None:  # a text model's template may know strings only
-                messages = join_text_parts(messages)
-            return self.apply_chat_template(messages, tools, add_generation_prompt)
-        processor = self._processor()
-        if not self.tokenizer.chat_template:  # the fallback templates know text content only
-            messages = flatten(messages, processor.image_placeholder)
-        return processor.process(self.apply_chat_template(messages, tools, add_generation_prompt), images)
+        self._require_engine()
+        return self.chat_renderer.render(messages, tools, add_generation_prompt,
+                                         template_kwargs=chat_template_kwargs)
 
     def _processor(self):
         processor = self._require_engine().processor
@@ -193,21 +209,7 @@ class LLM:
         return ids
 
 
-def _engine_config(options: dict) -> EngineConfig:
-    cache = CacheConfig()
-    renames = {"block_size": "block_size", "kv_cache_gb": "memory_gb", "num_kv_blocks": "num_blocks",
-               "enable_prefix_caching": "enable_prefix_caching", "gpu_memory_utilization": "gpu_memory_utilization"}
-    config = EngineConfig(cache=cache)
-    for key, value in options.items():
-        if key in renames:
-            setattr(cache, renames[key], value)
-        elif hasattr(config, key) and key != "cache":
-            if key == "dtype" and isinstance(value, str):
-                import torch
-
-                value = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                         "auto": None}[value]
-            setattr(config, key, value)
-        else:
-            raise TypeError(f"unknown LLM option '{key}'")
-    return config
+def _raise_if_failed(output: RequestOutput, index: int | None = None) -> None:
+    if output.error is not None:
+        where = "" if index is None else f" (prompt {index})"
+        raise RequestFailed(f"the engine failed on this request{where}: {output.error}")

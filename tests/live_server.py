@@ -20,11 +20,13 @@ def free_port() -> int:
 
 @contextmanager
 def live_server(llm, name: str = "test-model", api_key: str | None = None, embedding_llm=None,
-                embedding_name: str | None = None, web_search=None, mcp=None, mcp_max_rounds: int | None = None):
-    """Yields (base_url, state) with `llm` (and an embedding model) attached and warm; stops the server afterwards."""
-    state = ServerState(name)
+                embedding_name: str | None = None, web_search=None, mcp=None, mcp_max_rounds: int | None = None,
+                limits=None, open_metrics: bool = False):
+    """Yields (base_url, state) with `llm` (and an embedding model) attached and warm; stops the server afterwards.
+    `limits`: a levante.serve.limits.RequestLimits (default: the server's defaults)."""
+    state = ServerState(name, limits)
     port = free_port()
-    server = build_server(state, "127.0.0.1", port, api_key, log_level="warning")
+    server = build_server(state, "127.0.0.1", port, api_key, log_level="warning", open_metrics=open_metrics)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"

@@ -147,3 +147,82 @@ def test_inputs_reach_the_template_as_plain_data():
     template = ChatTemplate("{{ messages[0].content.danger() }}")
     with pytest.raises(InvalidRequest):
         template.render([{"role": "user", "content": Sneaky("hi")}])
+
+
+# -- limits: a render that loops, grows or floods is stopped, and the next render works ----------------
+
+LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"  # 10^10 steps
+HOSTILE = {
+    "loop": (LOOP, "took longer than"),
+    "output flood": ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+                     "took longer than|output passed"),
+    "gigabyte string": ("{{ 'x' * (messages|length * 5000000000) }}", "memory"),
+    "doubling": ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                 "{% endfor %}{{ ns.s|length }}", "memory|took longer than"),
+    "wide filter": ("{{ 'x'|center(messages|length * 5000000000) }}", "memory"),
+}
+
+
+@pytest.fixture
+def short_limits(monkeypatch):
+    from levante.loader import template_worker
+
+    monkeypatch.setattr(template_worker, "TIMEOUT_S", 1.0)
+    monkeypatch.setattr(template_worker, "MAX_OUTPUT", 1 << 20)
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_runaway_templates_are_stopped(name, short_limits):
+    source, message = HOSTILE[name]
+    with pytest.raises(InvalidRequest, match=f"chat template failed: the chat template.*({message})"):
+        ChatTemplate(source).render(SIMPLE)
+    assert ChatTemplate.fallback().render(SIMPLE).startswith("<|im_start|>user")  # renders go on
+
+
+def test_constant_bombs_never_run_in_this_process(short_limits):
+    """Jinja folds constant expressions while compiling: compiling happens in a worker too, so
+    neither loading nor rendering such a template grows this process."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for source in ["{{ 'x' * 3000000000 }}", "{{ 'x' * 900000000 }}", "{{ 'x'|center(3000000000) }}"]:
+        with pytest.raises((ModelLoadError, InvalidRequest), match="the chat template (took longer|used more)"):
+            ChatTemplate(source).render(SIMPLE)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200_000  # KiB
+
+
+@pytest.mark.parametrize("name", ["messages", "tools", "add_generation_prompt", "tokenize", "bos_token",
+                                  "raise_exception", "namespace", "range", "documents", "_private"])
+def test_request_kwargs_cannot_replace_reserved_names(name):
+    template = ChatTemplate.fallback()
+    with pytest.raises(InvalidRequest, match=f"chat_template_kwargs: {name} cannot be set by a request"):
+        template.render(SIMPLE, template_kwargs={name: "x"})
+    assert "thinking" in ChatTemplate("{{ enable_thinking }}").render(SIMPLE, template_kwargs={
+        "enable_thinking": "thinking"})
+
+
+def test_a_runaway_template_fails_its_request_and_the_server_lives(tiny_model, tmp_path, short_limits):
+    import shutil
+
+    import httpx
+
+    from levante import LLM
+    from live_server import live_server
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model("qwen2"), folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% if messages[-1]['content'] == 'loop' %}" + LOOP + "{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>")
+    llm = LLM(str(folder), dtype="float32", max_model_len=128)
+    with live_server(llm, "tiny") as (base, _):
+        def chat(content, **extra):
+            return httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": content}], **extra})
+
+        failed = chat("loop")
+        assert failed.status_code == 400 and "took longer than 1 s" in failed.json()["error"]["message"]
+        reserved = chat("hi", chat_template_kwargs={"messages": []})
+        assert reserved.status_code == 400 and "reserved" in reserved.json()["error"]["message"]
+        assert chat("hi").status_code == 200
+        assert httpx.get(f"{base}/health").json() == {"status": "ok"}

@@ -56,3 +56,31 @@ def test_run_streams_the_default_model():
                   "Write a Python function add(a, b) that returns the sum.", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "def add(a, b):" in result.stdout
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_checks_the_model_before_the_port_opens():
+    result = _run("serve", "-m", "/no/such/model", "--port", str(_free_port()))
+    _assert_one_line_error(result, "/no/such/model", "not found")  # one line: uvicorn never started
+
+
+def test_serve_exits_when_loading_fails(tmp_path, tiny_model):
+    """A model that resolves but cannot load (its weights cut short): the server stops, exit 1, one error line."""
+    import shutil
+
+    folder = tmp_path / "cut"
+    shutil.copytree(tiny_model("llama"), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    result = _run("serve", "-m", str(folder), "--port", str(_free_port()), "--dtype", "float32")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("levante: ")]
+    assert len(errors) == 1 and errors[0].startswith("levante: error: "), result.stderr

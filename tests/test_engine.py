@@ -160,3 +160,26 @@ def test_padded_tables_match_nested_lists():
         expected = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         got = padded_tables(tables)
         assert got.dtype == torch.long and torch.equal(got, expected)
+
+
+def test_prefix_cache_keys_survive_forced_python_hash_collisions(folder, reference, monkeypatch):
+    """Block keys are SHA-256 digests: with every Python `hash` forced equal, different prompts
+    still get separate blocks (and the outputs of a cache-less run), the same prompt still shares."""
+    import builtins
+
+    from levante.engine.kv_cache import block_key
+
+    prompts, expected = reference
+    llm = LLM(folder, dtype="float32", block_size=4)
+    monkeypatch.setattr(builtins, "hash", lambda value: 0)
+    assert block_key(None, [1, 2, 3, 4]) != block_key(None, [1, 2, 3, 5])
+    assert block_key(block_key(None, [1, 2, 3, 4]), [9, 9, 9, 9]) != block_key(block_key(None, [5, 2, 3, 4]),
+                                                                                 [9, 9, 9, 9])
+    assert block_key(None, [1, 2, 3, 4], (("image-a", 0),)) != block_key(None, [1, 2, 3, 4], (("image-b", 0),))
+    # Same block tokens after different first blocks: the old key, hash((parent, tokens)), was one number.
+    first, second = [5, 6, 7, 8] + prompts[0], [9, 10, 11, 12] + prompts[0]
+    outputs = [llm.generate(prompt, GREEDY)[0] for prompt in (first, second, first)]
+    assert outputs[1].num_cached_tokens == 0
+    assert outputs[2].num_cached_tokens >= len(first) - 4  # the same prompt still shares
+    uncached = LLM(folder, dtype="float32", enable_prefix_caching=False)
+    assert [o.outputs[0].token_ids for o in outputs] == _tokens(uncached.generate([first, second, first], GREEDY))

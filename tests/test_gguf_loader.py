@@ -215,7 +215,7 @@ def test_unknown_architecture(tmp_path):
     path = write_gguf(tmp_path / "other.gguf", "mamba", {"token_embd.weight": np.zeros((12, 8), np.float32)})
     file = GGUFFile(path)  # metadata stays readable, e.g. for the tokenizer
     assert file.architecture == "mamba" and file.field("tokenizer.ggml.tokens")[:2] == ["t0", "t1"]
-    with pytest.raises(UnsupportedArchitecture, match="mamba.*gemma3, llama, qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitecture, match="mamba.*gemma3, gemma3n, llama, qwen2, qwen3"):
         file.hf_config()
     with pytest.raises(UnsupportedArchitecture):
         next(file.named_tensors())

@@ -43,7 +43,7 @@ def test_data_url_path_file_url_and_bytes_agree(tmp_path):
 
 def test_grayscale_and_transparent_become_rgb():
     assert load_image(_png(mode="L")).mode == "RGB"
-    rgba = Image.new("RGBA", (2, 1), (10, 20, 30, 0))
+    rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
     buffer = io.BytesIO()
     rgba.save(buffer, format="PNG")
     image = load_image(buffer.getvalue())
@@ -154,3 +154,59 @@ def test_serve_confines_local_media_paths_on_public_addresses(tmp_path):
     assert local_media_policy("0.0.0.0", [str(tmp_path)]) == [tmp_path]
     with pytest.raises(InvalidRequest, match="not a folder"):
         local_media_policy("127.0.0.1", [str(tmp_path / "nope")])
+
+
+def test_symlinks_and_dot_dot_are_resolved_before_the_folder_check(tmp_path):
+    """One rule for paths and file:// URLs: the resolved file must lie inside an allowed folder."""
+    media, private = tmp_path / "media", tmp_path / "private"
+    media.mkdir(), private.mkdir()
+    Image.new("RGB", (4, 3)).save(private / "secret.png")
+    Image.new("RGB", (2, 2)).save(media / "ok.png")
+    (media / "link.png").symlink_to(private / "secret.png")  # a file link out of the folder
+    (media / "door").symlink_to(private, target_is_directory=True)  # a folder link out of it
+    (private / "back.png").symlink_to(media / "ok.png")  # a link from outside into the folder
+    escapes = [media / "link.png", media / "door" / "secret.png", f"{media}/../private/secret.png",
+               f"{media}/door/../../private/secret.png"]
+    for path in escapes:
+        for source in (str(path), f"file://{path}", f"file://localhost{path}"):
+            with pytest.raises(InvalidRequest, match="outside the allowed folders"):
+                load_image(source, local_paths=[media])
+    assert load_image(str(private / "back.png"), local_paths=[media]).size == (2, 2)  # it is a media file
+    with pytest.raises(InvalidRequest, match="must name a local path"):
+        load_image(f"file://otherhost{media}/ok.png", local_paths=[media])
+    with pytest.raises(InvalidRequest, match="not a readable file path"):
+        load_image(f"{media}/a\0b.png", local_paths=[media])
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A ~60-byte PNG whose header declares width x height RGB pixels (its data: one empty block)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_pixel_cap_applies_before_decoding():
+    """A small file declaring 144 megapixels (432 MB decoded) is refused from its header alone."""
+    import resource
+
+    data = png_declaring(12000, 12000)
+    assert len(data) < 100
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        with pytest.raises(InvalidRequest, match="too large .*12000x12000 pixels"):
+            load_image(data)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 50_000  # KiB: nothing was allocated
+
+
+@pytest.mark.parametrize("source, message", [
+    (_png(1, 1), "too small .*1x1"), (_png(1, 40), "too small"), (b"", "empty"),
+    ("data:image/png;base64,", "empty"), (png_declaring(0, 0), "not an image|too small"),
+])
+def test_degenerate_images_are_invalid_requests(source, message):
+    with pytest.raises(InvalidRequest, match=message):
+        load_image(source)

@@ -13,7 +13,11 @@ from levante import LLM
 from levante.engine.outputs import CompletionOutput, RequestOutput
 from levante.mcp import McpConfig, McpToolManager
 from levante.serve.mcp_loop import ANSWER_NUDGE, McpChat
+from levante.serve.openai_format import ChatChunks, ChatCompletion
+from levante.serve.pipeline import Output, Pipeline
 from levante.serve.protocol import ChatCompletionRequest
+from levante.serve.sse import formatted
+from levante.serve.state import ServerState
 from mcp_servers import time_server
 
 
@@ -21,21 +25,22 @@ def call(timezone: str) -> str:
     return f'<tool_call>\n{{"name": "time_get_current_time", "arguments": {{"timezone": "{timezone}"}}}}\n</tool_call>'
 
 
-class ScriptedState:
-    """A ServerState whose model answers each round with the next scripted reply."""
+class ScriptedState(Pipeline):
+    """A pipeline whose model answers each round with the next scripted reply (planning is the real one)."""
 
     def __init__(self, llm, manager, replies: list[str], max_rounds: int = 5):
-        self.llm, self.mcp, self.replies, self.mcp_max_rounds = llm, manager, list(replies), max_rounds
-        self.model_name = "scripted"
-        self.load_image = None  # the default loader
+        state = ServerState("scripted")
+        state.llm, state.mcp, state.mcp_max_rounds = llm, manager, max_rounds
+        super().__init__(state)
+        self.replies = list(replies)
         self.prompts, self.params = [], []
 
     async def generate(self, prompt_ids, params):
-        self.prompts.append(self.llm.tokenizer.decode(prompt_ids))
+        self.prompts.append(self.state.llm.tokenizer.decode(prompt_ids))
         self.params.append(params)
         text = self.replies.pop(0)
-        yield RequestOutput("r", None, list(prompt_ids), [CompletionOutput(0, text, [1] * 3, finish_reason="stop")],
-                            True)
+        yield Output(0, RequestOutput("r", None, list(prompt_ids),
+                                      [CompletionOutput(0, text, [1] * 3, finish_reason="stop")], True))
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +56,19 @@ def manager():
     manager.close()
 
 
-def run(state, stream=False, **request):
+def run(pipeline, stream=False, **request):
     body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Time in Tokyo?"}],
                                                  **request})
-    chat = McpChat(state, body)
 
     async def main():
+        events = McpChat(pipeline, body).events()
         if not stream:
-            return await chat.run("id", 0)
-        plan, generator, first = await chat.first_round()
-        return [chunk async for chunk in chat.events("id", 0, plan, generator, first)]
+            collector = ChatCompletion("id", 0, "scripted")
+            async for event in events:
+                collector.add(event)
+            return collector.response()
+        chunks = ChatChunks("id", 0, "scripted", pipeline.state.llm.tokenizer, include_usage=False)
+        return [chunk async for chunk in formatted(events, chunks)]
 
     return asyncio.run(main())
 

@@ -100,3 +100,54 @@ def test_entry_written_with_native_kernels_loads_without_them(gguf_path, tmp_pat
     env = {**os.environ, "LEVANTE_NATIVE_KERNELS": "0"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def _entry(tmp_path):
+    (prepared,) = (tmp_path / "cache" / "prepared").glob("*.safetensors")
+    return prepared
+
+
+def test_a_changed_entry_is_rebuilt(gguf_path, tmp_path):
+    """Same size, one byte changed: its SHA-256 no longer matches the stamp, so it is not mapped."""
+    import time
+
+    expected = run(LLM(str(gguf_path), warmup=False))
+    prepared = _entry(tmp_path)
+    time.sleep(0.05)  # past the file system's coarse clock tick: the change time moves
+    with prepared.open("r+b") as stream:
+        stream.seek(prepared.stat().st_size // 2)
+        byte = stream.read(1)
+        stream.seek(-1, os.SEEK_CUR)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+    again = LLM(str(gguf_path), warmup=False)
+    assert again.engine.loaded_from == gguf_path  # rebuilt from the checkpoint
+    assert run(again) == expected
+    assert LLM(str(gguf_path), warmup=False).engine.loaded_from == _entry(tmp_path)  # and saved anew
+
+
+def test_an_entry_with_hostile_shapes_is_refused_before_any_kernel_reads_it(gguf_path, tmp_path):
+    """A well-formed, correctly stamped entry whose packed weights claim more rows than their tensors
+    hold (what a forged cache would do to make a kernel read past them): refused, rebuilt."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from levante.loader import integrity
+    from levante.loader.prepared import _stamp_path
+
+    expected = run(LLM(str(gguf_path), warmup=False))
+    prepared = _entry(tmp_path)
+    with safe_open(str(prepared), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        packed = json.loads(f.metadata()["levante_packed"])
+    for entry in packed.values():
+        if "shape" in entry:
+            entry["shape"][0] *= 64
+        if "rows" in entry:
+            entry["rows"] *= 64
+    save_file(tensors, str(prepared), metadata={"levante_packed": json.dumps(packed)})
+    integrity.stamp(prepared, integrity.sha256_file(prepared), _stamp_path(prepared))
+    again = LLM(str(gguf_path), warmup=False)
+    assert again.engine.loaded_from == gguf_path
+    assert run(again) == expected

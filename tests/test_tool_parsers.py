@@ -1,4 +1,5 @@
-"""Tool call parsing per model family, streamed and whole; grammars that force calls; tool calls in history."""
+"""Tool call parsing per model family, streamed and whole; grammars that force calls (tool calls in
+history: tests/test_chat_prompt.py)."""
 from __future__ import annotations
 
 import functools
@@ -7,13 +8,12 @@ import random
 import re
 
 import pytest
-from tokenizer_refs import ours, transformers_tokenizer
+from tokenizer_refs import ours
 
 from levante.errors import InvalidRequest
 from levante.loader.chat_template import ChatTemplate
 from levante.serve.tool_parsers import (
-    FAMILIES, Delta, ToolCall, ToolParser, collect, family_for, messages_for_template, parser_for,
-    tool_call_grammar,
+    FAMILIES, Delta, ToolCall, ToolParser, collect, family_for, parser_for, tool_call_grammar,
 )
 
 WEATHER = {"type": "function", "function": {
@@ -289,43 +289,3 @@ def test_named_grammar():
         tool_call_grammar(TOOLS, "hermes", "named", name="nope")
     with pytest.raises(InvalidRequest):
         tool_call_grammar([], "hermes", "required")
-
-
-# --- tool calls in history ------------------------------------------------------------------------
-
-HISTORY = [
-    {"role": "user", "content": "Weather in Paris and Tokyo?"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": PARIS}},
-        {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": TOKYO}},
-    ]},
-    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
-    {"role": "tool", "tool_call_id": "call_2", "content": '{"temp": 18}'},
-]
-
-
-def test_history_renders_like_transformers():
-    alias = "qwen2.5-coder:0.5b"
-    tokenizer = ours(alias)
-    template = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "")
-    prepared = messages_for_template(HISTORY)
-    assert prepared[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
-    assert HISTORY[1]["tool_calls"][0]["function"]["arguments"] == PARIS  # the caller's messages are left alone
-    text = template.render(prepared, tools=TOOLS)
-    reference = transformers_tokenizer(alias).apply_chat_template(prepared, tools=TOOLS, tokenize=False,
-                                                                  add_generation_prompt=True)
-    assert text == reference
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
-    assert "<tool_response>\n{\"temp\": 21}\n</tool_response>" in text
-    # Without the decoding, Qwen's `arguments | tojson` quotes the JSON text a second time.
-    assert '"arguments": "{\\"city\\": \\"Paris\\"}"' in template.render(HISTORY, tools=TOOLS)
-
-
-def test_parsed_calls_go_back_into_history():
-    _, calls = ToolParser("qwen", TOOLS).parse(QWEN_CODER_REPLY)
-    assistant = {"role": "assistant", "content": None, "tool_calls": [call.to_openai() for call in calls]}
-    prepared = messages_for_template([HISTORY[0], assistant])
-    assert prepared[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "unit": "celsius"}
-    assert messages_for_template([{"role": "assistant", "tool_calls": [
-        {"id": "x", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}]
-    )[0]["tool_calls"][0]["function"]["arguments"] == "not json"

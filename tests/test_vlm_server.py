@@ -172,6 +172,23 @@ def test_responses_image_errors_answer_400(client):
     assert client.responses.create(model="tiny-vlm", max_output_tokens=2, input="still serving").status
 
 
+def test_degenerate_and_oversized_images_answer_400(client):
+    """A 1x1 image, a zero-byte one and a 60-byte PNG declaring 144 megapixels: 400, then still serving."""
+    import openai
+    from PIL import Image
+    from test_images import png_declaring
+
+    huge = "data:image/png;base64," + base64.b64encode(png_declaring(12000, 12000)).decode()
+    for url, message in [(data_url(Image.new("RGB", (1, 1))), "too small"), ("data:image/png;base64,", "empty"),
+                         (huge, "too large")]:
+        content = [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url}}]
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.chat.completions.create(model="tiny-vlm", max_tokens=2,
+                                           messages=[{"role": "user", "content": content}])
+    assert client.chat.completions.create(model="tiny-vlm", max_tokens=2, messages=[
+        {"role": "user", "content": chat_content([random_image(56, 56, 3)])}]).choices
+
+
 def test_text_model_refuses_input_image(tiny_model):
     from levante import LLM
     from levante.errors import InvalidRequest

@@ -24,19 +24,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def hf_tokenizer():
+def byte_level_bpe(vocab_size: int, specials: list[str], texts: list[str]):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `texts`, the special tokens first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = ["Here is the original image \n\n and here are some crops to help you see better \n\n \n\n" * 3,
-            "user\nDescribe this picture.\n\n\nWhat is in it?\n\n\n\nmodel\nA cat on a mat.\n" * 3,
-            "The quick brown fox jumps over the lazy dog. " * 3]
-    tok.train_from_iterator(text, trainer)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def hf_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    tok = byte_level_bpe(VOCAB, SPECIALS, [
+        "Here is the original image \n\n and here are some crops to help you see better \n\n \n\n" * 3,
+        "user\nDescribe this picture.\n\n\nWhat is in it?\n\n\n\nmodel\nA cat on a mat.\n" * 3,
+        "The quick brown fox jumps over the lazy dog. " * 3])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>", pad_token="<pad>",
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",

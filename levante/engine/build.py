@@ -25,6 +25,8 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
         raise ModelLoadError(f"--tensor-parallel-size must be at least 1, got {tp}")
     if tp == 1:
         return
+    if config.model_type.startswith("gemma3n"):  # its per-layer tables and AltUp streams are not split
+        raise ModelLoadError(f"--tensor-parallel-size {tp}: Gemma 3n runs on one rank for now")
     if config.architecture.endswith("ForConditionalGeneration"):
         # Workers receive token ids only; image embeddings would have to travel with each step.
         raise ModelLoadError(f"--tensor-parallel-size {tp}: vision-language models ({config.architecture}) "

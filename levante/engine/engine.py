@@ -22,9 +22,11 @@ from levante.engine.sampler import Sampler, top_logprobs
 from levante.engine.sampling_params import SamplingParams
 from levante.engine.scheduler import ScheduledSequence, Scheduler
 from levante.engine.sequence import Sequence, Status
+from levante.engine.speculative import Speculator
 from levante.engine.structured import GrammarCompiler
-from levante.errors import InvalidRequest
+from levante.errors import InvalidRequest, ModelLoadError
 from levante.loader.auto import open_model
+from levante.loader.matformer import sliced_config
 from levante.loader.tokenizer import IncrementalDetokenizer
 from levante.multimodal.inputs import MultiModalPrompt
 from levante.multimodal.processor import load_processor
@@ -51,10 +53,25 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     final_only: bool = False  # params.output_kind == "final_only": no output until it finishes
+    error: str | None = None  # why the engine failed it (its outputs then end with finish_reason "error")
 
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+
+@dataclass
+class _StepResult:
+    """What a step computed, before anything is recorded (Engine._compute -> Engine._commit)."""
+    logits: torch.Tensor
+    wants_all: list[bool]
+    prompt_rows: list[tuple[ScheduledSequence, int, int]] = field(default_factory=list)  # (item, row, count)
+    to_sample: list[Sequence] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    raw_logprobs: torch.Tensor | None = None
+    # Speculative decoding: the items with drafts, and for each the tokens it gets and their logprob rows.
+    speculating: list[ScheduledSequence] = field(default_factory=list)
+    verified: list[tuple[list[int], torch.Tensor | None]] = field(default_factory=list)
 
 
 class Engine:
@@ -69,6 +86,11 @@ class Engine:
         self.dtype = config.dtype or default_dtype(self.device)
         started = time.monotonic()
         self.source = open_model(model)
+        if config.matformer_slice or config.matformer_config:
+            if not (config.matformer_slice and config.matformer_config):
+                raise ModelLoadError("a MatFormer slice needs both its table (matformer_config) and its name "
+                                     "(matformer_slice)")
+            self.source.config = sliced_config(self.source.config, config.matformer_config, config.matformer_slice)
         self.quantization = resolve_mode(config.quantization, self.source.format)
         self.model_config = self.source.config
         self.tokenizer = self.source.tokenizer()
@@ -83,6 +105,7 @@ class Engine:
         # Vision-language models: turns token ids + images into a MultiModalPrompt (None: text only).
         self.processor = load_processor(self.source.path, self.model_config, self.tokenizer) \
             if self.source.format == "hf" and hasattr(self.model, "encode_images") else None
+        self.speculator = self._speculator()
         self._init_cache()
         self.sampler = Sampler(self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
@@ -91,9 +114,27 @@ class Engine:
         if config.warmup:
             self.warmup()
 
+    def _speculator(self) -> Speculator | None:
+        """Speculative decoding as configured (the draft model loaded here), or None."""
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        draft = None
+        if spec.method == "draft":
+            from levante.engine.draft import DraftProposer
+
+            draft = DraftProposer.load(spec.draft_model, self.config, self.dtype, self.device, self.tokenizer,
+                                       self.model_config.vocab_size, self.eos_token_ids)
+        # Packed weights on the CPU: from NATIVE_KERNEL_ROWS rows on, a step dequantises every weight
+        # (quant/packed.py), far dearer than a few more rows through the kernels: drafts stay below.
+        packed_cpu = self.quantization is not None and self.device.type == "cpu"
+        return Speculator(spec, draft, NATIVE_KERNEL_ROWS - 1 if packed_cpu else None)
+
     def _init_cache(self) -> None:
         cache, cfg = self.config.cache, self.config
-        per_token = kv_bytes_per_token(self.model, self.dtype)
+        # A draft model's cache holds as many tokens as the target's: it is paid for from the same memory.
+        draft_per_token = self.speculator.kv_bytes_per_token() if self.speculator else 0
+        per_token = kv_bytes_per_token(self.model, self.dtype) + draft_per_token
         memory = self._kv_cache_bytes(per_token) if cache.memory_gb is None else cache.memory_gb * (1 << 30)
         num_blocks = cache.num_blocks or int(memory // (per_token * cache.block_size))
         if num_blocks < 1:
@@ -108,6 +149,8 @@ class Engine:
         if not self.tensor_parallel:
             self.runner.setup_decode_graphs(cfg.max_num_seqs, self.max_model_len, cfg.enforce_eager,
                                             cfg.cuda_graph_max_batch)
+        if draft_per_token:
+            self.speculator.draft.init_cache(num_blocks, cache.block_size, self.max_model_len)
 
     def _kv_cache_bytes(self, per_token: int) -> int:
         """The default KV cache size: 2 GiB on the CPU; on CUDA, `gpu_memory_utilization` of the card
@@ -152,7 +195,8 @@ class Engine:
             multimodal = multimodal if multimodal.images or multimodal.mrope_positions is not None else None
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate_prompt(ids)
+        self.check_prompt(ids)
+        self.check_params(params)
         if multimodal is None and self.processor is not None and self.processor.image_token_id in ids:
             raise InvalidRequest("the prompt has image placeholder tokens but no images")
         params = self._clamp(params, len(ids))
@@ -167,7 +211,15 @@ class Engine:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def _validate_prompt(self, ids: list[int]) -> None:
+    def check_params(self, params: SamplingParams) -> None:
+        """InvalidRequest for token ids the sampler would index the logits with but that lie outside them."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+            if any(not 0 <= token < vocab for token in ids):
+                raise InvalidRequest(f"{name}: token ids must be in [0, {vocab})")
+
+    def check_prompt(self, ids: list[int]) -> None:
+        """InvalidRequest unless `ids` fit the context and the vocabulary (callers may check ahead)."""
         if not ids:
             raise InvalidRequest("the prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -210,49 +262,135 @@ class Engine:
                 and sum(item.num_new_tokens for item in batch) < NATIVE_KERNEL_ROWS)
 
     def step(self) -> list[RequestOutput]:
+        """One step: schedule, forward, sample, then record. A forward or draw that raises is narrowed
+        down to the request(s) that cause it (`_isolate`): only those fail, the others go on."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        try:
+            result = self._compute(batch)
+        except Exception as error:  # noqa: BLE001 - narrowed down to its requests below
+            return self._isolate(batch, error)
+        return self._commit(batch, result)
+
+    def _compute(self, batch: list[ScheduledSequence]) -> _StepResult:
+        """Forward and draw, touching no bookkeeping (KV slots written again hold the same values), so a
+        step that raises here can be re-run, whole or in parts."""
         if any(item.seq.wants_prompt_rows for item in batch):
             wants_all = [self._wants_prompt_rows(item) for item in batch]
         else:
             wants_all = [False] * len(batch)
         with native.kernel_step(self._native_step(batch)):
             logits = self.runner.run(batch, wants_all)
-        self.scheduler.after_step(batch)
-        # `samples` was fixed when scheduled (before after_step moved num_computed_tokens).
-        if all(item.samples for item in batch) and not any(wants_all):  # e.g. a decode step: a row each
-            to_sample, sample_rows = [item.seq for item in batch], range(len(batch))
+        result = _StepResult(logits, wants_all)
+        # `samples` was fixed when scheduled (before after_step moves num_computed_tokens).
+        first_rows = []  # where the rows of logits of each item with drafts start
+        if all(item.samples and not item.drafts for item in batch) and not any(wants_all):  # a decode step
+            result.to_sample, sample_rows = [item.seq for item in batch], range(len(batch))
         else:
-            to_sample, sample_rows, row = [], [], 0
+            sample_rows, row = [], 0
             for item, want_all in zip(batch, wants_all):
+                if item.drafts:
+                    result.speculating.append(item)
+                    first_rows.append(row)
+                    row += len(item.drafts) + 1
+                    continue
+                count = item.num_new_tokens if want_all else int(item.samples)
                 if want_all:
-                    count = item.num_new_tokens
-                    self._record_prompt_rows(item, logits[row:row + count])
-                else:
-                    count = int(item.samples)
+                    result.prompt_rows.append((item, row, count))
                 if item.samples:
-                    to_sample.append(item.seq)
+                    result.to_sample.append(item.seq)
                     sample_rows.append(row + count - 1)
                 row += count
-        if not to_sample:
+        if result.to_sample:
+            # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
+            rows = logits if len(sample_rows) == logits.size(0) else logits[sample_rows]
+            result.tokens, result.raw_logprobs = self.sampler(rows, result.to_sample)
+        if result.speculating:
+            result.verified = self.speculator.verify(self.sampler, logits, result.speculating, first_rows)
+        return result
+
+    def _commit(self, batch: list[ScheduledSequence], result: _StepResult) -> list[RequestOutput]:
+        """Record a computed step: tokens computed, prompt logprobs, sampled tokens, outputs."""
+        self.scheduler.after_step(batch)
+        for item, row, count in result.prompt_rows:
+            self._record_prompt_rows(item, result.logits[row:row + count])
+        if not result.to_sample and not result.speculating:
             return []
-        # Rows are increasing: as many as the logits means all of them (pure decode), no gather.
-        rows = logits if len(sample_rows) == logits.size(0) else logits[sample_rows]
-        tokens, raw_logprobs = self.sampler(rows, to_sample)
-        append = self._append_token
-        if raw_logprobs is None:
-            for seq, token in zip(to_sample, tokens):
-                append(seq, token, None)
-        else:
-            for i, (seq, token) in enumerate(zip(to_sample, tokens)):
-                append(seq, token, raw_logprobs[i])
+        raw_logprobs, failed = result.raw_logprobs, {}
+        for i, (seq, token) in enumerate(zip(result.to_sample, result.tokens)):
+            try:
+                self._append_token(seq, token, None if raw_logprobs is None else raw_logprobs[i])
+            except Exception as error:  # noqa: BLE001 - this sequence's own trouble (detokenizer, grammar)
+                failed[seq.request_id] = error
+        for item, (tokens, logprob_rows) in zip(result.speculating, result.verified):
+            self.speculator.count(item, tokens)
+            try:
+                self._append_verified(item.seq, tokens, logprob_rows)
+            except Exception as error:  # noqa: BLE001
+                failed[item.seq.request_id] = error
+            result.to_sample.append(item.seq)
         # An output for each request that got a token, but for running final_only ones.
-        requests, output, finished = self.requests, self._output, Status.FINISHED
-        touched = dict.fromkeys(seq.request_id for seq in to_sample
+        requests, finished = self.requests, Status.FINISHED
+        touched = dict.fromkeys(seq.request_id for seq in result.to_sample
                                 if seq.status is finished or seq.params.output_kind != "final_only")
-        return [output(rid) for rid in touched
-                if (request := requests.get(rid)) is not None and (not request.final_only or request.finished)]
+        outputs = [self._fail(rid, error) for rid, error in failed.items()]
+        for rid in touched:
+            request = requests.get(rid)
+            if rid in failed or request is None or (request.final_only and not request.finished):
+                continue
+            try:
+                outputs.append(self._output(rid))
+            except Exception as error:  # noqa: BLE001
+                outputs.append(self._fail(rid, error))
+        return outputs
+
+    def _isolate(self, batch: list[ScheduledSequence], error: Exception) -> list[RequestOutput]:
+        """A step raised: run its requests again in halves until the ones that raise on their own are
+        found; they fail with the error, every other request's step is recorded as usual. A request's
+        sequences stay together."""
+        by_request: dict[str, list[ScheduledSequence]] = {}
+        for item in batch:
+            if not item.seq.finished:
+                by_request.setdefault(item.seq.request_id, []).append(item)
+        if len(by_request) == 1:
+            (request_id,) = by_request
+            logger.error("request %s failed in an engine step", request_id, exc_info=error)
+            return [self._fail(request_id, error)]
+        groups = list(by_request.values())
+        outputs = []
+        for half in (groups[:len(groups) // 2], groups[len(groups) // 2:]):
+            part = [item for group in half for item in group if not item.seq.finished]
+            if not part:
+                continue
+            try:
+                result = self._compute(part)
+            except Exception as part_error:  # noqa: BLE001
+                outputs += self._isolate(part, part_error)
+                continue
+            outputs += self._commit(part, result)
+        return outputs
+
+    def _fail(self, request_id: str, error: BaseException) -> RequestOutput:
+        """End a request with an error: its blocks are freed and its output says why."""
+        request = self.requests[request_id]
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish("error")
+            self.scheduler.finish(seq)
+        request.error = f"{type(error).__name__}: {error}"
+        return self._output(request_id)
+
+    def _append_verified(self, seq: Sequence, tokens: list[int], raw_logprobs: torch.Tensor | None) -> None:
+        """Append a verification's tokens (kept drafts, then the target's own) until one finishes the sequence."""
+        for i, token in enumerate(tokens):
+            if i:  # the token before was a kept draft: its keys and values, written this step, now count
+                self.scheduler.advance(seq)
+            self._append_token(seq, token, None if raw_logprobs is None else raw_logprobs[i])
+            if seq.finished:
+                return
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -340,6 +478,7 @@ class Engine:
             first.num_cached_tokens,
             {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time,
              "prompt_logits": first.prompt_logits},
+            request.error,
         )
 
 

@@ -1,14 +1,21 @@
 """The paged KV cache's bookkeeping: a free list, reference counts and a prefix hash map.
 
 Blocks hold `block_size` token slots. A block whose tokens are all computed gets
-a hash chained from its predecessor's, so a later sequence with the same prefix
-reuses it. Freed blocks keep their hash until the free list hands them out again
+a key chained from its predecessor's, so a later sequence with the same prefix
+reuses it. Freed blocks keep their key until the free list hands them out again
 (least recently freed first), which makes recompute after preemption cheap.
+
+Keys are SHA-256 digests of the parent's key, the block's token ids and the keys of the
+images placed in it: prompts from strangers share this cache, and with a weak hash (Python's
+`hash` of a tuple is a known function) one could craft a prompt whose blocks collide with
+another's and read or poison its KV.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
-from dataclasses import dataclass, field
+import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,8 +26,7 @@ from levante.engine.sequence import Sequence
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
-    token_ids: tuple = field(default=())  # token ids, then the keys of any images in the block
+    hash: bytes | None = None  # the block's prefix key (see block_key)
 
 
 class BlockManager:
@@ -29,7 +35,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion-ordered set
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[bytes, int] = {}  # block key -> block id
 
     @property
     def num_blocks(self) -> int:
@@ -42,14 +48,11 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - len(self.free) / max(1, len(self.blocks))
 
-    def _block_hash(self, previous: int | None, tokens: tuple[int, ...]) -> int:
-        return hash((previous, tokens))
-
-    def _block_content(self, seq: Sequence, i: int) -> tuple:
-        """What identifies block i of `seq`: its token ids, plus the keys of images placed in it."""
+    def _block_key(self, parent: bytes | None, seq: Sequence, i: int) -> bytes:
+        """The key of block i of `seq`: chained from its parent's, over its token ids and the
+        keys of the images placed in it."""
         start, end = i * self.block_size, (i + 1) * self.block_size
-        tokens = tuple(seq.token_ids[start:end])
-        return tokens if seq.multimodal is None else tokens + seq.image_keys(start, end)
+        return block_key(parent, seq.token_ids[start:end], seq.image_keys(start, end))
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold a prefix of `seq`, leaving at least its last token to compute."""
@@ -58,10 +61,9 @@ class BlockManager:
         matched, previous = [], None
         limit = (seq.num_tokens - 1) // self.block_size
         for i in range(limit):
-            tokens = self._block_content(seq, i)
-            previous = self._block_hash(previous, tokens)
+            previous = self._block_key(previous, seq, i)
             block_id = self.cached.get(previous)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            if block_id is None:
                 break
             matched.append(block_id)
         return matched
@@ -91,7 +93,7 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.hash is not None and self.cached.get(block.hash) == block_id:
                 del self.cached[block.hash]
-            block.hash, block.token_ids, block.ref_count = None, (), 1
+            block.hash, block.ref_count = None, 1
             seq.block_table.append(block_id)
 
     def commit(self, seq: Sequence) -> None:
@@ -106,8 +108,7 @@ class BlockManager:
         for i in range(start, full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
-                tokens = self._block_content(seq, i)
-                block.hash, block.token_ids = self._block_hash(previous, tokens), tokens
+                block.hash = self._block_key(previous, seq, i)
                 self.cached.setdefault(block.hash, block.block_id)
             previous = block.hash
         seq.num_hashed_blocks = full
@@ -122,6 +123,20 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
+
+
+_ROOT = bytes(32)  # the parent key of a sequence's first block
+
+
+def block_key(parent: bytes | None, tokens, images: tuple = ()) -> bytes:
+    """SHA-256 over the parent's key, the block's token ids (8 bytes each) and the (key, offset)
+    of each image placed in it, every part length-prefixed so no two contents encode alike."""
+    digest = hashlib.sha256(parent or _ROOT)
+    digest.update(struct.pack(f"<Q{len(tokens)}q", len(tokens), *tokens))
+    for key, offset in images:
+        encoded = str(key).encode()
+        digest.update(len(encoded).to_bytes(8, "little") + encoded + int(offset).to_bytes(8, "little", signed=True))
+    return digest.digest()
 
 
 def fill_tables(table: np.ndarray, block_tables: list[list[int]]) -> None:

@@ -26,9 +26,15 @@ logger = logging.getLogger("levante")
 PAGED_ENV, PADDED_DECODE_ENV = "LEVANTE_PAGED_ATTENTION", "LEVANTE_PADDED_DECODE"
 
 
+def cache_owning_layers(model: nn.Module) -> list[Attention]:
+    """The attention layers that keep a KV cache: all but those reading another layer's (KV sharing)."""
+    return [m for m in model.modules() if isinstance(m, Attention) and m.kv_producer is None]
+
+
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    return sum(2 * m.num_kv_heads * m.head_dim for m in layers) * torch.empty((), dtype=dtype).element_size()
+    """Cache bytes a token takes: only the layers that own a cache count."""
+    return (sum(2 * m.num_kv_heads * m.head_dim for m in cache_owning_layers(model))
+            * torch.empty((), dtype=dtype).element_size())
 
 
 def long_tensor(values: list[int], device: torch.device | None = None) -> torch.Tensor:
@@ -49,7 +55,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.attention_layers = cache_owning_layers(model)
         # One spare slot past the blocks: padding rows of CUDA-graph batches write their keys there.
         slots = num_blocks * block_size + 1
         self.scratch_slot = num_blocks * block_size
@@ -61,6 +67,9 @@ class ModelRunner:
         ]
         for layer, (k_cache, v_cache) in zip(self.attention_layers, self.kv_cache):
             layer.k_cache, layer.v_cache = k_cache, v_cache
+        for layer in model.modules():  # KV sharing: a consumer reads its producer's cache, wherever it is
+            if isinstance(layer, Attention) and layer.kv_producer is not None:
+                layer.k_cache, layer.v_cache = layer.kv_producer.k_cache, layer.kv_producer.v_cache
         self.uses_mrope = getattr(model, "uses_mrope", False)
         self.takes_images = hasattr(model, "encode_images")
         self.encoder_cache = EncoderCache()
@@ -147,12 +156,20 @@ class ModelRunner:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
             first_row = len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
+            drafts = item.drafts
+            if drafts:  # speculative decoding: the last known token, then the drafts, each row with logits
+                input_ids.extend(seq.token_ids[start:end - len(drafts)])
+                input_ids.extend(drafts)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             if not paged:
                 slot_mapping.extend(self._slots(seq.block_table, start, end))
             if want_all:
                 logits_rows.extend(range(first_row, first_row + item.num_new_tokens))
+            elif drafts:
+                logits_rows.extend(range(first_row + item.num_new_tokens - len(drafts) - 1,
+                                         first_row + item.num_new_tokens))
             elif item.samples:
                 logits_rows.append(first_row + item.num_new_tokens - 1)
             q_lens.append(item.num_new_tokens)

@@ -76,12 +76,13 @@ def _truncate(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Exponential-race sampling (argmax of p / Exp(1)), one generator per seeded sequence."""
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Exponential-race sampling (argmax of p / Exp(1)), a row's noise from its generator if it has one
+    (a seeded sequence's)."""
     noise = torch.empty_like(probs).exponential_()
-    for row, seq in enumerate(seqs):
-        if seq.generator is not None:  # a CPU generator: its draw is the same on every device
-            noise[row] = torch.empty(probs.size(1), dtype=probs.dtype).exponential_(generator=seq.generator)
+    for row, generator in enumerate(generators):
+        if generator is not None:  # a CPU generator: its draw is the same on every device
+            noise[row] = torch.empty(probs.size(1), dtype=probs.dtype).exponential_(generator=generator)
     return (probs / noise).argmax(-1)
 
 
@@ -106,24 +107,39 @@ class Sampler:
         params = [s.params for s in seqs]
         if any(p.logprobs is not None for p in params):
             raw_logprobs = logits.log_softmax(-1)
-        if any(s.grammar is not None for s in seqs):
-            logits = _mask_by_grammar(logits, seqs)
-        temperatures = [p.temperature for p in params]
-        greedy = [t < GREEDY_TEMPERATURE for t in temperatures]
-        if all(greedy) and (all(_no_adjustment(p) for p in params) or all(_plain(s) for s in seqs)):
-            return logits.argmax(-1).tolist(), raw_logprobs
-        logits = logits.clone()
-        _bias_and_mask(logits, seqs, self.eos_token_ids)
-        _penalize(logits, seqs)
-        argmax = logits.argmax(-1)
+        logits, argmax, greedy = self._adjusted(logits, seqs)
         if all(greedy):
             return argmax.tolist(), raw_logprobs
-        temperature = torch.tensor([1.0 if g else t for g, t in zip(greedy, temperatures)], device=logits.device)
-        probs = _truncate(logits / temperature.unsqueeze(1), seqs).softmax(-1)
-        sampled = _draw(probs, seqs)
+        sampled = draw(self._probabilities(logits, seqs, greedy), [s.generator for s in seqs])
         if any(greedy):
             return torch.where(torch.tensor(greedy, device=logits.device), argmax, sampled).tolist(), raw_logprobs
         return sampled.tolist(), raw_logprobs
+
+    def distributions(self, logits: torch.Tensor, seqs: list) -> tuple[list[int], torch.Tensor | None]:
+        """What `__call__` would pick from, without picking (speculative decoding): each row's argmax
+        after the grammar, bias and penalties (the token of a greedy row), and, when any row samples,
+        the probabilities it draws from ([rows, vocab]; greedy rows' are not meaningful)."""
+        logits, argmax, greedy = self._adjusted(logits, seqs)
+        return argmax.tolist(), None if all(greedy) else self._probabilities(logits, seqs, greedy)
+
+    def _adjusted(self, logits: torch.Tensor, seqs: list) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """Logits after the grammar mask, bias, min-tokens and penalties; their argmax; which rows are greedy."""
+        params = [s.params for s in seqs]
+        if any(s.grammar is not None for s in seqs):
+            logits = _mask_by_grammar(logits, seqs)
+        greedy = [p.temperature < GREEDY_TEMPERATURE for p in params]
+        if all(greedy) and (all(_no_adjustment(p) for p in params) or all(_plain(s) for s in seqs)):
+            return logits, logits.argmax(-1), greedy
+        logits = logits.clone()
+        _bias_and_mask(logits, seqs, self.eos_token_ids)
+        _penalize(logits, seqs)
+        return logits, logits.argmax(-1), greedy
+
+    @staticmethod
+    def _probabilities(logits: torch.Tensor, seqs: list, greedy: list[bool]) -> torch.Tensor:
+        temperature = torch.tensor([1.0 if g else s.params.temperature for g, s in zip(greedy, seqs)],
+                                   device=logits.device)
+        return _truncate(logits / temperature.unsqueeze(1), seqs).softmax(-1)
 
 
 def _no_adjustment(p) -> bool:

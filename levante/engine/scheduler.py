@@ -17,14 +17,16 @@ from levante.engine.sequence import Sequence, Status
 class ScheduledSequence:
     """One sequence of a step and how many tokens it computes. `samples`: True when this step
     computes the sequence's last known token, so it yields a new one (fixed when scheduled,
-    read before `Scheduler.after_step` moves `num_computed_tokens`)."""
+    read before `Scheduler.after_step` moves `num_computed_tokens`). `drafts`: proposed tokens
+    computed after the known ones (speculative decoding), counted in `num_new_tokens`."""
 
-    __slots__ = ("seq", "num_new_tokens", "samples")
+    __slots__ = ("seq", "num_new_tokens", "samples", "drafts")
 
-    def __init__(self, seq: Sequence, num_new_tokens: int):
+    def __init__(self, seq: Sequence, num_new_tokens: int, drafts: list[int] = ()):
         self.seq = seq
         self.num_new_tokens = num_new_tokens
-        self.samples = seq.num_computed_tokens + num_new_tokens == len(seq.token_ids)
+        self.drafts = drafts
+        self.samples = seq.num_computed_tokens + num_new_tokens - len(drafts) == len(seq.token_ids)
 
     def __repr__(self) -> str:
         return f"ScheduledSequence(seq={self.seq.seq_id}, num_new_tokens={self.num_new_tokens})"
@@ -69,11 +71,19 @@ class Scheduler:
             if seq.status is not running:  # preempted below while making room
                 continue
             computed = seq.num_computed_tokens
-            num_new = min(len(seq.token_ids) - computed, budget)
+            known = len(seq.token_ids) - computed
+            drafts = seq.draft_token_ids
+            num_new = min(known + len(drafts), budget)
             if seq.multimodal is not None:
                 num_new = keep_spans_whole(seq, computed, num_new)
+            if drafts and num_new < known + len(drafts):
+                drafts = drafts[:max(0, num_new - known)]
             # BlockManager.blocks_needed, inlined (no prefix: the sequence holds its blocks).
             needed = -(-(computed + num_new) // block_size) - len(seq.block_table)
+            if drafts and needed > len(free):  # drafts are the first thing to go, before any preemption
+                num_new -= len(drafts)
+                drafts = ()
+                needed = -(-(computed + num_new) // block_size) - len(seq.block_table)
             while needed > len(free):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -83,7 +93,7 @@ class Scheduler:
             else:
                 if needed > 0:
                     manager.allocate(seq, num_new)
-                scheduled.append(ScheduledSequence(seq, num_new))
+                scheduled.append(ScheduledSequence(seq, num_new, drafts))
                 budget -= num_new
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
@@ -115,14 +125,20 @@ class Scheduler:
         self.num_preemptions += 1
 
     def after_step(self, scheduled: list[ScheduledSequence]) -> None:
-        """Record computed tokens and share newly full blocks; call once the forward is done."""
-        manager = self.block_manager
-        hashing, block_size = manager.enable_prefix_caching, manager.block_size
+        """Record computed tokens and share newly full blocks; call once the forward is done.
+        Drafts are not counted: `advance` counts each once it is accepted into the sequence."""
+        advance = self.advance
         for item in scheduled:
-            seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            if hashing and seq.num_computed_tokens // block_size != seq.num_hashed_blocks:
-                manager.commit(seq)  # a block became full
+            advance(item.seq, item.num_new_tokens - len(item.drafts))
+
+    def advance(self, seq: Sequence, count: int = 1) -> None:
+        """`count` more computed tokens of `seq.token_ids`; blocks that became full are shared. Also
+        called for each accepted draft once it is in `seq.token_ids` (the step wrote its keys and values;
+        the slots of rejected drafts stay past `num_computed_tokens`, to be overwritten)."""
+        seq.num_computed_tokens += count
+        manager = self.block_manager
+        if manager.enable_prefix_caching and seq.num_computed_tokens // manager.block_size != seq.num_hashed_blocks:
+            manager.commit(seq)
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:

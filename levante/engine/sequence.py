@@ -56,6 +56,9 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(seed)
         self.grammar = grammar  # structured output: what the next token may be
         self.multimodal = multimodal  # images in the prompt and their M-RoPE positions, if any
+        # Speculative decoding: tokens proposed to follow `token_ids`, checked by the next step (not yet part
+        # of the sequence; engine/speculative.py sets them before each step).
+        self.draft_token_ids: list[int] = []
 
     def image_keys(self, start: int, end: int) -> tuple:
         """(key, offset) of the images whose placeholder tokens overlap [start, end): placeholders

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from copy import copy
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
@@ -46,6 +47,8 @@ class StructuredOutput:
 
     kind: Kind
     value: Any = None
+    # The compiled grammar, when `GrammarCompiler.prepare` ran ahead (the server does, off the engine thread).
+    template: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.validate()
@@ -82,6 +85,7 @@ class GrammarCompiler:
         self.eos_token_ids = sorted(eos_token_ids)
         self.cache_size = cache_size
         self._templates: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()  # compiled in worker threads, copied on the engine thread
 
     @cached_property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
@@ -93,18 +97,29 @@ class GrammarCompiler:
         except Exception as error:  # llguidance raises plain ValueError/RuntimeError
             raise InvalidRequest(f"structured output is not supported for this model's tokenizer: {error}") from error
 
+    def prepare(self, spec: StructuredOutput) -> None:
+        """Compile `spec` now, so that `matcher` only copies it. Blocking, and as slow as the grammar:
+        the server runs it in a worker thread under a time limit, never on the engine thread."""
+        spec.template = self._template(spec)
+
     def matcher(self, spec: StructuredOutput) -> GrammarMatcher:
         """A fresh matcher at the start of `spec`'s grammar; InvalidRequest if it does not compile."""
+        template = spec.template if spec.template is not None else self._template(spec)
+        return GrammarMatcher(template.deep_copy(), self.vocab_size)
+
+    def _template(self, spec: StructuredOutput) -> llguidance.LLMatcher:
         key = spec.cache_key()
-        template = self._templates.get(key)
-        if template is None:
-            template = self._compile(spec)
+        with self._lock:
+            template = self._templates.get(key)
+            if template is not None:
+                self._templates.move_to_end(key)
+                return template
+        template = self._compile(spec)
+        with self._lock:
             self._templates[key] = template
             if len(self._templates) > self.cache_size:
                 self._templates.popitem(last=False)
-        else:
-            self._templates.move_to_end(key)
-        return GrammarMatcher(template.deep_copy(), self.vocab_size)
+        return template
 
     def _compile(self, spec: StructuredOutput) -> llguidance.LLMatcher:
         try:
@@ -126,13 +141,27 @@ class GrammarMatcher:
 
     def fill_mask(self, logits: torch.Tensor) -> None:
         """Set, in place, the logit of every token the grammar does not allow next to -inf (one row)."""
+        _forbid(self._allowed(), logits)
+
+    def _allowed(self) -> np.ndarray:
+        """One uint8 per token id: 1 if the grammar allows it next."""
         llguidance.numpy.fill_next_token_bitmask(self._matcher, self._bitmask)
-        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")  # bit i of word w: token 32w+i
-        width = logits.size(-1)
-        if allowed.size < width:
-            allowed = np.pad(allowed, (0, width - allowed.size))
-        forbidden = torch.from_numpy(allowed[:width]).to(logits.device) == 0
-        logits.masked_fill_(forbidden, float("-inf"))
+        return np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")  # bit i of word w: token 32w+i
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, from the first, the grammar would accept in a row (nothing is consumed)."""
+        return self._matcher.validate_tokens(tokens) if tokens else 0
+
+    def masks_along(self, tokens: list[int]) -> list["FixedMask"]:
+        """The masks before each of `tokens` (all valid, see `valid_prefix`) and after the last: the
+        tokens are consumed only to compute them, then rolled back (speculative decoding's drafts)."""
+        masks = [FixedMask(self._allowed())]
+        for token in tokens:
+            if not self._matcher.consume_token(token):
+                break
+            masks.append(FixedMask(self._allowed()))
+        self._matcher.rollback(len(masks) - 1)
+        return masks
 
     def accept(self, token_id: int) -> bool:
         """Advance past `token_id`; False (and the matcher stuck in error) if the grammar forbids it."""
@@ -145,6 +174,26 @@ class GrammarMatcher:
     @property
     def error(self) -> str:
         return self._matcher.get_error()
+
+
+class FixedMask:
+    """A grammar mask computed ahead, for one position: `fill_mask` as `GrammarMatcher`'s."""
+
+    __slots__ = ("allowed",)
+
+    def __init__(self, allowed: np.ndarray):
+        self.allowed = allowed
+
+    def fill_mask(self, logits: torch.Tensor) -> None:
+        _forbid(self.allowed, logits)
+
+
+def _forbid(allowed: np.ndarray, logits: torch.Tensor) -> None:
+    width = logits.size(-1)
+    if allowed.size < width:
+        allowed = np.pad(allowed, (0, width - allowed.size))
+    forbidden = torch.from_numpy(allowed[:width]).to(logits.device) == 0
+    logits.masked_fill_(forbidden, float("-inf"))
 
 
 def _grammar_text(spec: StructuredOutput) -> str:

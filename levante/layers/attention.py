@@ -79,7 +79,7 @@ class AttentionMetadata:
 
     def uses_paged(self, layer: "Attention") -> bool:
         return (self.block_tables is not None and layer.k_cache is not None and self.causal
-                and self.key_limits is None)
+                and self.key_limits is None and layer.k_cache.device == self.slot_mapping.device)
 
     @property
     def batch_size(self) -> int:
@@ -128,20 +128,29 @@ def attention_metadata(metadata: AttentionMetadata):
 
 
 class Attention(nn.Module):
-    """Scaled dot-product attention for one layer; owns views of that layer's KV cache."""
+    """Scaled dot-product attention for one layer; owns views of that layer's KV cache.
+
+    KV sharing (Gemma 3n): a layer built with `kv_producer` (an earlier layer's `Attention`)
+    computes no keys or values: it is called with k = v = None and reads the producer's cache,
+    which the runner hands it (the producer wrote this step's keys earlier in the same forward).
+    It owns no cache blocks. When the producer's cache lives on another device than this layer's
+    queries (a device map splitting the two, mistral.rs #1653), the keys and values it gathers
+    move to the queries' device."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, kv_producer: "Attention | None" = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.__dict__["kv_producer"] = kv_producer  # not a submodule: the producer is its own layer's
         # [num_slots, num_kv_heads, head_dim]; None runs without a cache (one-shot encoders).
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] (None: read the producer's
+        cache) -> [tokens, heads * head_dim]."""
         md = get_attention_metadata().to(q.device)
         if md.uses_paged(self):
             return self._paged(q, k, v, md)
@@ -162,8 +171,9 @@ class Attention(nn.Module):
 
     def _paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         """Write the step's keys and values, then attend through the block tables (no gather, no mask)."""
-        self.k_cache.index_copy_(0, md.slot_mapping, k)
-        self.v_cache.index_copy_(0, md.slot_mapping, v)
+        if k is not None:
+            self.k_cache.index_copy_(0, md.slot_mapping, k)
+            self.v_cache.index_copy_(0, md.slot_mapping, v)
         out = paged_attention(q, self.k_cache, self.v_cache, md.block_tables, md.cu_seqlens_q, md.seq_lens,
                               block_size=md.block_size, scale=self.scale, max_q=md.max_query_len,
                               sliding_window=self.sliding_window)
@@ -188,6 +198,8 @@ class Attention(nn.Module):
     def _context(self, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata):
         """Each sequence's keys and values, [batch, max_kv, kv_heads, head_dim]."""
         if self.k_cache is not None:
+            if k is None:
+                return self._shared_context(md.key_slots.device)
             self.k_cache.index_copy_(0, md.slot_mapping, k)
             self.v_cache.index_copy_(0, md.slot_mapping, v)
             return self.k_cache[md.key_slots], self.v_cache[md.key_slots]
@@ -197,6 +209,13 @@ class Attention(nn.Module):
             shape = (md.batch_size, md.max_q, *k.shape[1:])
             return k.view(shape), v.view(shape)
         return k[md.key_slots], v[md.key_slots]
+
+    def _shared_context(self, device: torch.device):
+        """A KV-sharing layer's keys and values: gathered from the producer's cache where it lives, then
+        moved to this layer's queries (mistral.rs #1653: q on another device than the shared k = v;
+        on one device both moves are no-ops)."""
+        slots = get_attention_metadata().to(self.k_cache.device).key_slots
+        return self.k_cache[slots].to(device), self.v_cache[slots].to(device)
 
     @staticmethod
     def _pad_queries(q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:

@@ -89,10 +89,16 @@ class RotaryEmbedding(nn.Module):
         `max_position` (known to the runner) saves a device sync on `positions.max()`.
         """
         rows = self._rows(positions, q.device, max_position)  # [tokens, head_dim]: cos half, sin half
-        if native.rope_fits(q) and native.rope_fits(k):  # a decode step's few rows: one call each
-            return native.rope(q, rows), native.rope(k, rows)
+        if k is None:  # a layer that reads another layer's keys (KV sharing) rotates its queries only
+            return self._rotated(q, rows), None
+        return self._rotated(q, rows), self._rotated(k, rows)
+
+    @staticmethod
+    def _rotated(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if native.rope_fits(x):  # a decode step's few rows: one call
+            return native.rope(x, rows)
         cos, sin = rows.unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return _rotate(x, cos, sin)
 
     def _rows(self, positions: torch.Tensor, device, max_position: int | None):
         memo = _step_rows.__dict__

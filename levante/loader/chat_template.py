@@ -1,9 +1,12 @@
 """Chat templates: the Jinja program a model ships to turn messages into its prompt text.
 
 Templates come from downloaded files, so they are untrusted code: they run in Jinja's immutable
-sandbox, see only plain JSON data, and get the same helpers transformers gives them
-(`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text), so a template renders
-here exactly as `tokenizer.apply_chat_template(..., tokenize=False)` renders it.
+sandbox (jinja2 >= 3.1.6, past the known sandbox escapes), see only plain JSON data, and get the
+same helpers transformers gives them (`raise_exception`, `strftime_now`, a `tojson` that keeps
+non-ASCII text), so a template renders here exactly as `tokenizer.apply_chat_template(...,
+tokenize=False)` renders it. Renders run in a worker process with time, memory and output
+limits (loader/template_worker.py); request `chat_template_kwargs` cannot replace the names
+levante itself gives the template (`RESERVED_NAMES`).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from levante.errors import InvalidRequest, ModelLoadError
+from levante.loader import template_worker
 
 # Used when a model ships no template of its own.
 CHATML_TEMPLATE = (
@@ -98,9 +102,23 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def compile_template(source: str) -> jinja2.Template:
+    return _environment().from_string(source)
+
+
+# What levante (or transformers' apply_chat_template) passes, and the helpers it provides: request
+# `chat_template_kwargs` may add variables, never replace these.
+RESERVED_NAMES = frozenset({
+    "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
+    "return_dict", "return_assistant_tokens_mask", "chat_template", "padding", "truncation", "max_length",
+    "return_tensors", "bos_token", "eos_token", "pad_token", "unk_token", "raise_exception", "strftime_now",
+    "namespace", "range", "dict", "lipsum", "cycler", "joiner", "loop", "self", "varargs", "kwargs", "caller",
+})
 
 
 class ChatTemplate:
@@ -114,9 +132,9 @@ class ChatTemplate:
         self.source = source
         self.special_tokens = {"bos_token": bos_token, "eos_token": eos_token}
         try:
-            self._template = _environment().from_string(source)
-        except jinja2.exceptions.TemplateError as error:
-            raise ModelLoadError(f"invalid chat template: {_one_line(error)}") from error
+            template_worker.compile_in_worker(source)  # a broken template fails at load
+        except template_worker.TemplateFailed as error:
+            raise ModelLoadError(f"invalid chat template: {error}") from None
 
     @classmethod
     def fallback(cls, bos_token: str = "", eos_token: str = "", vocabulary: Any = ()) -> ChatTemplate:
@@ -126,15 +144,19 @@ class ChatTemplate:
         return cls(source, bos_token, eos_token)
 
     def render(self, messages: list[dict], tools: list[dict] | None = None,
-               add_generation_prompt: bool = True, **extra: Any) -> str:
+               add_generation_prompt: bool = True, template_kwargs: Mapping | None = None, **extra: Any) -> str:
         """The prompt text. Message keys whose value is None are dropped (an OpenAI client sends
-        `content: null` beside `tool_calls`), as transformers does; `extra` reaches the template
-        as variables (e.g. `enable_thinking`)."""
+        `content: null` beside `tool_calls`), as transformers does; `template_kwargs` (a request's)
+        and `extra` reach the template as variables (e.g. `enable_thinking`)."""
+        extra = {**(template_kwargs or {}), **extra}
+        if reserved := sorted(str(name) for name in extra if name in RESERVED_NAMES or str(name).startswith("_")):
+            raise InvalidRequest(f"chat_template_kwargs: {', '.join(reserved)} cannot be set by a request "
+                                 "(reserved for the chat template's own inputs)")
         messages = [{key: value for key, value in _plain(message).items() if value is not None}
                     for message in messages]
         context = _plain({**self.special_tokens, "documents": None, **extra})
         context.update(messages=messages, tools=_plain(tools), add_generation_prompt=add_generation_prompt)
         try:
-            return self._template.render(**context)
-        except Exception as error:  # the template is foreign code: any failure is the request's
-            raise InvalidRequest(f"chat template failed: {_one_line(error)}") from error
+            return template_worker.render(self.source, context)
+        except template_worker.TemplateFailed as error:
+            raise InvalidRequest(f"chat template failed: {error}") from None

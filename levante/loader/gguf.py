@@ -18,7 +18,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from levante.errors import ModelLoadError, UnsupportedArchitecture
-from levante.loader.gguf_metadata import read_gguf_metadata
+from levante.loader.gguf_metadata import check_field_types, read_gguf_metadata
 from levante.loader.memory import return_free_memory, trim_heap
 from levante.quant.gguf_blocks import GGUFTensor, as_bytes, dequantize
 
@@ -27,6 +27,7 @@ _HF_ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "gemma3n": ("Gemma3nForCausalLM", "gemma3n_text"),
 }
 SUPPORTED_ARCHITECTURES = tuple(sorted(_HF_ARCHITECTURES))
 
@@ -49,6 +50,19 @@ _GEMMA3_LAYER_NAMES = _LAYER_NAMES | {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
+}
+# Gemma 3n (llama.cpp's names, gguf's MODEL_TENSORS[GEMMA3N]): no +1 in its norms; AltUp's projections are
+# stored stacked, one [n - 1, hidden, hidden] tensor each, split back into transformers' per-stream matrices.
+_GEMMA3N_TOP_LEVEL_NAMES = _TOP_LEVEL_NAMES | {
+    "per_layer_token_embd": "model.embed_tokens_per_layer", "per_layer_model_proj": "model.per_layer_model_projection",
+    "per_layer_proj_norm": "model.per_layer_projection_norm",
+}
+_STACKED_NAMES = {"altup_proj": "model.altup_projections", "altup_unembd_proj": "model.altup_unembed_projections"}
+_GEMMA3N_LAYER_NAMES = _GEMMA3_LAYER_NAMES | {
+    "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection", "post_norm": "post_per_layer_input_norm",
+    "altup_correct_coef": "altup.correction_coefs", "altup_predict_coef": "altup.prediction_coefs",
+    "altup_router": "altup.modality_router", "altup_router_norm": "altup.router_norm",
+    "laurel_l": "laurel.linear_left", "laurel_r": "laurel.linear_right", "laurel_post_norm": "laurel.post_laurel_norm",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Precomputed RoPE frequencies (Llama 3.x); transformers rebuilds them, so they are not parameters.
@@ -160,6 +174,7 @@ class GGUFFile:
                                              if key not in self._array_lengths}
         except Exception as error:
             raise ModelLoadError(f"{self.path}: unreadable GGUF metadata ({error})") from None
+        check_field_types(self.metadata, self.path)
         # The reader keeps a numpy view per array element (~110 MB for a 150k vocabulary).
         fields.clear()
         return_free_memory()
@@ -169,9 +184,13 @@ class GGUFFile:
         self._tensors = {tensor.name: tensor for tensor in self._reader.tensors}
 
     def _check_tensor_bounds(self) -> None:
-        size = self._reader.data.size
+        """Every tensor inside the data section, at an aligned offset (the reader adds offsets in
+        unsigned 64-bit arithmetic: a huge one wraps around to point into the header)."""
+        size, start = self._reader.data.size, self._reader.data_offset
         for tensor in self._reader.tensors:
-            end = tensor.data_offset + tensor.n_bytes
+            offset, end = tensor.data_offset, tensor.data_offset + tensor.n_bytes
+            if offset < start or (offset - start) % self._reader.alignment:
+                raise ModelLoadError(f"{self.path}: corrupt GGUF file (tensor {tensor.name} has a bad data offset)")
             if end > size:
                 raise ModelLoadError(
                     f"{self.path}: truncated GGUF file (tensor {tensor.name} ends at byte {end}, file has {size})"
@@ -208,8 +227,8 @@ class GGUFFile:
         GGUF records it (plus ``rope_parameters`` in transformers 5 form)."""
         self._require_supported()
         hf_class, model_type = _HF_ARCHITECTURES[self.architecture]
-        hidden = self._arch_field("embedding_length")
-        heads = self._arch_field("attention.head_count")
+        hidden = self._arch_count("embedding_length")
+        heads = self._arch_count("attention.head_count")
         rope_theta = float(self._arch_field("rope.freq_base", 10000.0))
         config = {
             "architectures": [hf_class],
@@ -238,7 +257,65 @@ class GGUFFile:
         if self.architecture == "gemma3":
             config["sliding_window"] = self._arch_field("attention.sliding_window")
             _add_gemma3_fields(config)
+        if self.architecture == "gemma3n":
+            self._add_gemma3n_fields(config)
+        self._check_sizes(config)
         return config
+
+    def _add_gemma3n_fields(self, config: dict[str, Any]) -> None:
+        """Gemma 3n's settings, as llama.cpp's converter writes them (and transformers' defaults otherwise)."""
+        _add_gemma3_fields(config)
+        swa = self._arch_field("attention.sliding_window_pattern", None)
+        if swa is None:  # llama.cpp's fixed pattern: four sliding layers, then a full one
+            swa = [(i + 1) % 5 != 0 for i in range(config["num_hidden_layers"])]
+        config["layer_types"] = ["sliding_attention" if s else "full_attention" for s in swa]
+        local = self._arch_field("rope.freq_base_swa", None)
+        if local is not None:
+            config["rope_parameters"]["sliding_attention"]["rope_theta"] = float(local)
+        config["sliding_window"] = self._arch_field("attention.sliding_window")
+        config["query_pre_attn_scalar"] = None
+        config["final_logit_softcapping"] = self._arch_field("final_logit_softcapping", 30.0)
+        config["hidden_size_per_layer_input"] = self._arch_field("embedding_length_per_layer_input")
+        config["altup_num_inputs"] = self._arch_field("altup.num_inputs", 4)
+        config["altup_active_idx"] = self._arch_field("altup.active_idx", 0)
+        config["num_kv_shared_layers"] = self._arch_field("attention.shared_kv_layers", 0)
+        # the converter stores each layer's std multiplier Phi^-1(sparsity); -inf for dense layers
+        multipliers = self._arch_field("activation_sparsity_scale", None)
+        if multipliers is not None:
+            normal = torch.distributions.Normal(0.0, 1.0)
+            config["activation_sparsity_pattern"] = [float(normal.cdf(torch.tensor(m))) for m in multipliers]
+        for key, tensor in (("vocab_size_per_layer_input", "per_layer_token_embd.weight"),
+                            ("laurel_rank", "blk.0.laurel_l.weight")):
+            if tensor not in self._tensors:
+                raise ModelLoadError(f"{self.path}: a Gemma 3n GGUF without {tensor}")
+            config[key] = int(self._tensors[tensor].shape[-1])
+
+    def _arch_count(self, key: str) -> int:
+        """A required count (a size, a number of heads or layers): at least 1."""
+        value = self._arch_field(key)
+        if value < 1:
+            raise ModelLoadError(f"{self.path}: GGUF metadata {self.architecture}.{key} is {value}, must be at least 1")
+        return value
+
+    def _check_sizes(self, config: dict[str, Any]) -> None:
+        """Sizes a model can be built from, and a model no larger than the file's tensors: the
+        metadata cannot make levante allocate what the file does not hold."""
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size"):
+            values = config[key] if key == "intermediate_size" and isinstance(config[key], list) else [config[key]]
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                raise ModelLoadError(f"{self.path}: GGUF metadata gives {key} = {config[key]!r}, must be at least 1")
+        widths = config["intermediate_size"]
+        if isinstance(widths, list) and len(widths) != config["num_hidden_layers"]:
+            raise ModelLoadError(f"{self.path}: GGUF metadata gives {len(widths)} feed-forward widths for "
+                                 f"{config['num_hidden_layers']} layers")
+        if config["num_attention_heads"] % config["num_key_value_heads"]:
+            raise ModelLoadError(f"{self.path}: {config['num_attention_heads']} attention heads cannot share "
+                                 f"{config['num_key_value_heads']} key/value heads")
+        declared, held = _parameter_count(config), sum(int(t.n_elements) for t in self._tensors.values())
+        if declared > 2 * held + (1 << 20):
+            raise ModelLoadError(f"{self.path}: the metadata describes ~{declared:,} parameters, the file holds "
+                                 f"{held:,}")
 
     def _vocab_size(self) -> int:
         """Declared, else the token list's length (as transformers does), else the embedding's rows."""
@@ -276,14 +353,14 @@ class GGUFFile:
         un-permuted. Tensors whose values transformers changes (Gemma norms) come back
         dequantised, as F32 bytes.
         """
-        for name, hf_name, tensor, shape in self._parameters():
+        for name, hf_name, tensor, shape, data in self._parameters():
             qtype = tensor.tensor_type
             if self._shifts_values(name):
-                values = self._undo_conversion(name, dequantize(tensor.data, qtype, shape))
+                values = self._undo_conversion(name, dequantize(data, qtype, shape))
                 yield hf_name, GGMLQuantizationType.F32, values.view(torch.uint8).view(*shape[:-1], -1), shape
                 continue
             block_size, type_size = GGML_QUANT_SIZES[qtype]
-            raw = as_bytes(tensor.data).view(*shape[:-1], shape[-1] // block_size * type_size)
+            raw = as_bytes(data).view(*shape[:-1], shape[-1] // block_size * type_size)
             yield hf_name, qtype, self._unpermute(name, raw), shape
 
     def quantized_tensors(self) -> Iterator[tuple[str, GGUFTensor | torch.Tensor]]:
@@ -317,29 +394,40 @@ class GGUFFile:
         trim_heap()
 
     def _parameters(self):
-        """``(gguf_name, hf_name, reader tensor, hf_shape)`` for every tensor that is a parameter."""
+        """``(gguf_name, hf_name, reader tensor, hf_shape, data)`` for every tensor that is a parameter;
+        a stacked tensor (Gemma 3n's AltUp projections) gives one entry per matrix."""
         self._require_supported()
         for name, tensor in self._tensors.items():
+            shape = tuple(reversed(tensor.shape.tolist()))
+            stacked = _STACKED_NAMES.get(name.rpartition(".")[0]) if self.architecture == "gemma3n" else None
+            if stacked is not None:
+                for i in range(shape[0]):
+                    yield name, f"{stacked}.{i}.weight", tensor, shape[1:], tensor.data[i]
+                continue
             hf_name = self._hf_name(name)
             if hf_name is not None:
-                yield name, hf_name, tensor, tuple(reversed(tensor.shape.tolist()))
+                yield name, hf_name, tensor, shape, tensor.data
 
     def _parameter_tensors(self):
         """The reader's tensors in ``raw_tensors``' order."""
-        return (tensor for _, _, tensor, _ in self._parameters())
+        return (tensor for _, _, tensor, _, _ in self._parameters())
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(hf_name, float32 tensor)`` for every parameter, in transformers' layout."""
-        for name, hf_name, tensor, shape in self._parameters():
-            yield hf_name, self._undo_conversion(name, dequantize(tensor.data, tensor.tensor_type, shape))
+        for name, hf_name, tensor, shape, data in self._parameters():
+            yield hf_name, self._undo_conversion(name, dequantize(data, tensor.tensor_type, shape))
 
     def _hf_name(self, name: str) -> str | None:
         if name in _NOT_PARAMETERS:
             return None
         base, _, suffix = name.rpartition(".")
-        if base in _TOP_LEVEL_NAMES:
-            return f"{_TOP_LEVEL_NAMES[base]}.{suffix}"
-        layer_names = _GEMMA3_LAYER_NAMES if self.architecture == "gemma3" else _LAYER_NAMES
+        top_level = _GEMMA3N_TOP_LEVEL_NAMES if self.architecture == "gemma3n" else _TOP_LEVEL_NAMES
+        if base in top_level:
+            return f"{top_level[base]}.{suffix}"
+        if self.architecture == "gemma3n" and re.fullmatch(r"blk\.(\d+)\.altup_correct_scale\.weight", name):
+            return f"model.layers.{name.split('.')[1]}.altup.correct_output_scale"  # a bare parameter
+        layer_names = {"gemma3": _GEMMA3_LAYER_NAMES, "gemma3n": _GEMMA3N_LAYER_NAMES}.get(self.architecture,
+                                                                                       _LAYER_NAMES)
         match = _LAYER_TENSOR.fullmatch(name)
         if match is None or match[2] not in layer_names:
             raise ModelLoadError(f"{self.path}: tensor {name} has no known role in a {self.architecture} model")
@@ -367,6 +455,16 @@ class GGUFFile:
             heads = self._arch_field("attention.head_count_kv", heads)
         grouped = rows.reshape(heads, rows.shape[0] // heads // 2, 2, *rows.shape[1:])
         return grouped.transpose(1, 2).reshape(rows.shape)
+
+
+def _parameter_count(config: dict[str, Any]) -> int:
+    """About how many parameters a model of `config` has (embeddings, attention and MLP weights)."""
+    hidden, head_dim = config["hidden_size"], config["head_dim"]
+    attention = hidden * head_dim * (2 * config["num_attention_heads"] + 2 * config["num_key_value_heads"])
+    widths = config["intermediate_size"]
+    widths = widths if isinstance(widths, list) else [widths] * config["num_hidden_layers"]
+    embeddings = config["vocab_size"] * hidden * (1 if config["tie_word_embeddings"] else 2)
+    return embeddings + sum(attention + 3 * hidden * width for width in widths)
 
 
 def _add_gemma3_fields(config: dict[str, Any]) -> None:

@@ -11,7 +11,14 @@ path, size, modification time), the quantisation mode, the dtype, the levante ve
 format's version and the source of the modules that decide the packed form (so a changed
 packing or name mapping in a development checkout never meets an old entry). A changed
 checkpoint or levante gets a new entry; a file that does not read back as expected is
-ignored (and the model loads from the checkpoint).
+ignored (and the model loads from the checkpoint, then saves a new entry).
+
+Native kernels read these tensors through raw pointers, so an entry is trusted in nothing:
+its SHA-256, written in a stamp beside it when levante saved it, is checked (once, then while
+the file is unchanged; loader/integrity.py), its header is read strictly
+(loader/safetensors_header.py), and every packed weight's tensors are checked against the
+sizes its kernels read (`check` in quant/packed.py) and its shape against the model's, dense
+parameters by shape and dtype, all before anything reads the data.
 """
 from __future__ import annotations
 
@@ -20,9 +27,7 @@ import glob
 import hashlib
 import json
 import logging
-import mmap
 import os
-import struct
 from pathlib import Path
 
 import torch
@@ -30,20 +35,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from levante.layers.embedding import VocabParallelEmbedding
+from levante.errors import LevanteError
 from levante.layers.linear import LinearBase
+from levante.loader.integrity import sha256_file, stamp, stamped_digest, verified
+from levante.loader.safetensors_header import map_safetensors
 from levante.quant import native
 from levante.quant.gguf_blocks import GGUFTensor
 from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight, Q5Weight, int4_layout
 
 logger = logging.getLogger("levante")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries carry a SHA-256 stamp and every shape is checked on load
 # The modules whose code decides what a prepared file holds, relative to the package.
 _PACKING_SOURCES = ("quant/packed.py", "quant/native.py", "quant/gguf_blocks.py", "loader/gguf.py",
                     "loader/prepared.py", "models/registry.py", "layers/linear.py", "layers/embedding.py")
-_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-           "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-           "F64": torch.float64}
 
 
 def prepared_path(cache_dir: Path, checkpoint: Path, quantization: str | None, dtype: torch.dtype) -> Path | None:
@@ -116,6 +121,7 @@ def save_prepared(model: nn.Module, path: Path) -> None:
     try:
         save_file(tensors, str(temporary), metadata={"levante_packed": json.dumps(packed)})
         os.replace(temporary, path)
+        stamp(path, sha256_file(path), _stamp_path(path))
         _remove_superseded(path)
     except OSError as error:  # a read-only or full cache: the model still runs, it just is not saved
         logger.warning("could not save prepared weights to %s: %s", path, error)
@@ -129,48 +135,54 @@ def _remove_superseded(path: Path) -> None:
     for old in path.parent.glob(f"{glob.escape(kind)}-*.safetensors"):
         if old != path and old.name.rsplit("-", 1)[0] == kind:
             old.unlink(missing_ok=True)
+            _stamp_path(old).unlink(missing_ok=True)
 
 
 # -- loading ---------------------------------------------------------------------------------------
 
-def _map(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors of a safetensors file as views of one private (copy-on-write) mapping."""
-    with path.open("rb") as stream:
-        mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_COPY)
-    (header_size,) = struct.unpack("<Q", mapped[:8])
-    header = json.loads(mapped[8:8 + header_size])
-    metadata = header.pop("__metadata__", {})
-    data = torch.frombuffer(mapped, dtype=torch.uint8, offset=8 + header_size) if len(mapped) > 8 + header_size \
-        else torch.empty(0, dtype=torch.uint8)
-    tensors = {}
-    for key, info in header.items():
-        start, end = info["data_offsets"]
-        tensors[key] = data[start:end].view(_DTYPES[info["dtype"]]).view(info["shape"])
-    return tensors, metadata
-
-
-def _packed_weight(name: str, entry: dict, tensors: dict, built: dict):
+def _saved_weight(name: str, entry: dict, tensors: dict):
+    """The packed weight as the file describes it, its tensors checked against its shape
+    (`check`: what the kernels will read through raw pointers) before anything reads them."""
     kind = entry["kind"]
-    if kind == "same":
-        return built[entry["as"]]
-    if kind == "int8":  # in the layout this process runs (the native kernels may be off now)
+    if kind == "int8":
         saved = Int8Weight(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], entry.get("layout", "rows"),
-                           entry.get("shape"))
-        return saved.in_layout("t16" if native.available() else "rows")
-    if kind == "int4":
-        saved = Int4Weight(tensors[f"{name}.packed"], tensors.get(f"{name}.scales_and_zeros"), entry["group_size"],
-                           entry["cols"], entry.get("layout", "aten"), tensors.get(f"{name}.qscale"),
-                           tensors.get(f"{name}.qoffset"), entry.get("rows"))
-        return saved.in_layout(int4_layout(saved.group_size, saved.shape[1]))
-    if kind == "q5":  # without the native kernels now: requantised to int8, as pack() would
-        saved = Q5Weight(tensors[f"{name}.packed"], tuple(entry["shape"]))
-        return saved if native.available() else saved.to_int8(getattr(torch, entry["dtype"]))
-    if kind == "gguf_rows":
+                           _shape(entry["shape"]))
+    elif kind == "int4":
+        saved = Int4Weight(tensors[f"{name}.packed"], tensors.get(f"{name}.scales_and_zeros"), int(entry["group_size"]),
+                           int(entry["cols"]), entry.get("layout", "aten"), tensors.get(f"{name}.qscale"),
+                           tensors.get(f"{name}.qoffset"), int(entry["rows"]))
+    elif kind == "q5":
+        saved = Q5Weight(tensors[f"{name}.packed"], _shape(entry["shape"]))
+    elif kind == "gguf_rows":
         from gguf import GGMLQuantizationType
 
-        qtype = GGMLQuantizationType(entry["qtype"])
-        return GGUFRows(GGUFTensor(qtype, tensors[f"{name}.raw"], tuple(entry["shape"])))
-    raise ValueError(f"unknown packed weight kind {kind!r}")
+        saved = GGUFRows(GGUFTensor(GGMLQuantizationType(entry["qtype"]), tensors[f"{name}.raw"],
+                                    _shape(entry["shape"])))
+    else:
+        raise ValueError(f"unknown packed weight kind {kind!r}")
+    saved.check()
+    return saved
+
+
+def _shape(value) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2 or not all(type(d) is int and d > 0 for d in value):
+        raise ValueError(f"bad packed weight shape {value!r}")
+    return tuple(value)
+
+
+def _packed_weight(name: str, entry: dict, tensors: dict, built: dict, expected_shape: tuple[int, ...]):
+    if entry["kind"] == "same":
+        return built[entry["as"]]
+    saved = _saved_weight(name, entry, tensors)
+    if tuple(saved.shape) != tuple(expected_shape):
+        raise ValueError(f"{name}: shape {tuple(saved.shape)} where the model has {tuple(expected_shape)}")
+    if isinstance(saved, Int8Weight):  # in the layout this process runs (the native kernels may be off now)
+        return saved.in_layout("t16" if native.available() else "rows")
+    if isinstance(saved, Int4Weight):
+        return saved.in_layout(int4_layout(saved.group_size, saved.shape[1]))
+    if isinstance(saved, Q5Weight):  # without the native kernels now: requantised to int8, as pack() would
+        return saved if native.available() else saved.to_int8(getattr(torch, entry["dtype"]))
+    return saved
 
 
 def load_prepared(model: nn.Module, path: Path, quantization: str) -> bool:
@@ -178,11 +190,19 @@ def load_prepared(model: nn.Module, path: Path, quantization: str) -> bool:
     the file is missing or does not describe this model."""
     if not path.is_file():
         return False
+    expected = stamped_digest(_stamp_path(path))
+    if expected is None or not verified(path, expected, _stamp_path(path)):
+        logger.warning("ignoring prepared weights %s: not the file levante wrote (no stamp, or another SHA-256)", path)
+        return False
     try:
         return _load(model, path, quantization)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, LevanteError) as error:
         logger.warning("ignoring prepared weights %s: %s", path, error)
         return False
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def _describes(model: nn.Module, packed: dict, tensors: dict) -> bool:
@@ -195,7 +215,7 @@ def _describes(model: nn.Module, packed: dict, tensors: dict) -> bool:
     for name, param in model.named_parameters(remove_duplicate=False):
         saved = tensors.get(f"param.{name}")
         if saved is not None:
-            if tuple(saved.shape) != tuple(param.shape):
+            if tuple(saved.shape) != tuple(param.shape) or saved.dtype != param.dtype:
                 return False
             covered.add(id(param))
         elif name.endswith(".weight") and name.removesuffix(".weight") in packed:
@@ -204,17 +224,18 @@ def _describes(model: nn.Module, packed: dict, tensors: dict) -> bool:
 
 
 def _load(model: nn.Module, path: Path, quantization: str) -> bool:
-    tensors, metadata = _map(path)
+    tensors, metadata = map_safetensors(path)
     packed = json.loads(metadata["levante_packed"])
     if not _describes(model, packed, tensors):
         return False
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     built: dict[str, object] = {}
+    shapes = {name: tuple(modules[name].weight.shape) for name in packed}  # before tied weights are emptied
     for name, entry in packed.items():
         key = f"packed.{name}"
-        built[key] = weight = _packed_weight(key, entry, tensors, built)
         module = modules[name]
+        built[key] = weight = _packed_weight(key, entry, tensors, built, shapes[name])
         module.quantization = quantization
         module.packed = weight
         module.weight.data = torch.empty(0, dtype=module.weight.dtype)

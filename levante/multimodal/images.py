@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -17,19 +18,25 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from levante.errors import InvalidRequest
+from levante.net import FetchFailed, FetchPolicy, FetchRefused, fetch
 
 MAX_BYTES = 20 * 1024 * 1024
 TIMEOUT_S = 10.0
 MAX_PIXELS = 8192 * 8192  # decompression-bomb guard; well above anything a vision tower resizes from
+MIN_SIDE = 2  # a 1-pixel-wide image carries nothing a vision tower can see
+IMAGE_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def load_image(source: str | bytes, *, max_bytes: int = MAX_BYTES, timeout: float = TIMEOUT_S,
-               max_pixels: int = MAX_PIXELS, local_paths: bool | Sequence[Path] = True) -> Image.Image:
+               max_pixels: int = MAX_PIXELS, local_paths: bool | Sequence[Path] = True,
+               fetch_policy: FetchPolicy = FetchPolicy.local()) -> Image.Image:
     """An RGB `PIL.Image` from raw bytes, a data URL, a path, a file:// URL or an http(s) URL.
 
     `local_paths`: True reads any file, False none, a list of folders only files inside them
-    (a server on a public address must not read its own disk for anyone who asks)."""
+    (a server on a public address must not read its own disk for anyone who asks).
+    `fetch_policy`: which addresses an http(s) URL may reach (levante/net/policy.py); the
+    default is a local caller's (a server passes its own)."""
     if isinstance(source, (bytes, bytearray)):
         return decode_image(bytes(source), "image bytes", max_bytes=max_bytes, max_pixels=max_pixels)
     if not isinstance(source, str) or not source:
@@ -38,15 +45,13 @@ def load_image(source: str | bytes, *, max_bytes: int = MAX_BYTES, timeout: floa
     if source.startswith("data:"):
         data = _data_url_bytes(source, max_bytes)
     elif source.startswith(("http://", "https://")):
-        data = _fetch(source, max_bytes, timeout)
-    elif source.startswith("file://"):
-        data = _read_file(_allowed(Path(unquote(urlparse(source).path)), what, local_paths), what, max_bytes)
-    elif _SCHEME.match(source) and not Path(source).exists():
+        data = _fetch(source, max_bytes, timeout, fetch_policy)
+    elif _SCHEME.match(source) and not source.startswith("file://"):
         scheme = source.split("://", 1)[0]
         raise InvalidRequest(f"image {what}: unsupported URL scheme '{scheme}' "
                              "(use data:, file://, http:// or https://, or a file path)")
     else:
-        data = _read_file(_allowed(Path(source).expanduser(), what, local_paths), what, max_bytes)
+        data = _read_file(_local_path(source, what, local_paths), what, max_bytes)
     return decode_image(data, what, max_bytes=max_bytes, max_pixels=max_pixels)
 
 
@@ -58,16 +63,18 @@ def decode_image(data: bytes, what: str = "image", *, max_bytes: int = MAX_BYTES
     if not data:
         raise InvalidRequest(f"{what}: empty, not an image")
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow warns from 89 MP on; the cap below is ours
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidRequest(f"{what}: not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:
         raise InvalidRequest(f"{what}: too large ({e})") from None
     except (OSError, ValueError) as e:
         raise InvalidRequest(f"{what}: cannot be read as an image ({e})") from None
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise InvalidRequest(f"{what}: the image has no pixels ({width}x{height})")
+    width, height = image.size  # from the header: nothing is decoded before these checks
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise InvalidRequest(f"{what}: too small ({width}x{height} pixels; the minimum is {MIN_SIDE}x{MIN_SIDE})")
     if width * height > max_pixels:
         raise InvalidRequest(f"{what}: too large ({width}x{height} pixels; the limit is {max_pixels} pixels)")
     try:
@@ -109,11 +116,23 @@ def _data_url_bytes(url: str, max_bytes: int) -> bytes:
     return unquote(payload).encode("latin-1", errors="replace")
 
 
-def _allowed(path: Path, what: str, local_paths: bool | Sequence[Path]) -> Path:
+def _local_path(source: str, what: str, local_paths: bool | Sequence[Path]) -> Path:
+    """The file a path or file:// URL names, with symlinks and `..` resolved, if the policy
+    allows it: one rule for both spellings (a file URL's host may only be empty or localhost)."""
+    if source.startswith("file://"):
+        url = urlparse(source)
+        if url.netloc not in ("", "localhost"):
+            raise InvalidRequest(f"image {what}: a file:// URL must name a local path (file:///...)")
+        path = Path(unquote(url.path))
+    else:
+        path = Path(source)
+    try:
+        resolved = path.expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        raise InvalidRequest(f"image {what}: not a readable file path") from None
     if local_paths is True:
-        return path
+        return resolved
     folders = [] if local_paths is False else [Path(folder).resolve() for folder in local_paths]
-    resolved = path.resolve()
     if not any(resolved.is_relative_to(folder) for folder in folders):
         where = "this server reads no local files" if not folders else \
             "allowed folders: " + ", ".join(str(folder) for folder in folders)
@@ -135,30 +154,11 @@ def _read_file(path: Path, what: str, max_bytes: int) -> bytes:
         raise InvalidRequest(f"image {what}: cannot be read ({e.strerror or e})") from None
 
 
-def _fetch(url: str, max_bytes: int, timeout: float) -> bytes:
-    import httpx
-
-    what = _describe(url)
+def _fetch(url: str, max_bytes: int, timeout: float, policy: FetchPolicy) -> bytes:
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=5) as client:
-            with client.stream("GET", url, headers={"User-Agent": "levante"}) as response:
-                if response.status_code >= 400:
-                    raise InvalidRequest(f"image {what}: the server answered HTTP {response.status_code}")
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > max_bytes:
-                    raise InvalidRequest(f"image {what}: too large ({declared} bytes; the limit is {max_bytes})")
-                chunks, total = [], 0
-                for chunk in response.iter_bytes():
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise InvalidRequest(f"image {what}: too large (over {max_bytes} bytes; "
-                                             f"the limit is {max_bytes})")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-    except httpx.TimeoutException:
-        raise InvalidRequest(f"image {what}: timed out after {timeout:g} s") from None
-    except httpx.HTTPError as e:
-        raise InvalidRequest(f"image {what}: unreachable ({type(e).__name__}: {e})") from None
+        return fetch(url, policy, max_bytes=max_bytes, timeout=timeout, accept=IMAGE_TYPES).body
+    except (FetchRefused, FetchFailed) as e:
+        raise InvalidRequest(f"image {_describe(url)}: {e}") from None
 
 
 def image_hash_bytes(image: Image.Image) -> bytes:

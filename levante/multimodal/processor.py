@@ -6,7 +6,9 @@
 
 `token_ids` carry one image placeholder per image, as the model's chat template writes
 it; `processor.image_placeholder` is that text, for templates that cannot render image
-parts themselves. A new family adds a factory to `PROCESSORS` by config `model_type`.
+parts themselves. A processor with `takes_audio` (Gemma 3n) also takes `AudioClip`s
+(multimodal/audio.py) in that list, in prompt order, and has an `audio_placeholder`.
+A new family adds a factory to `PROCESSORS` by config `model_type`.
 """
 from __future__ import annotations
 
@@ -36,12 +38,19 @@ def _gemma3(model_dir: Path, raw: dict, tokenizer):
     return Gemma3Processor.from_pretrained(model_dir, raw, tokenizer)
 
 
+def _gemma3n(model_dir: Path, raw: dict, tokenizer):
+    from levante.multimodal.gemma3n import Gemma3nProcessor
+
+    return Gemma3nProcessor.from_pretrained(model_dir, raw, tokenizer)
+
+
 # model_type -> factory(model_dir, raw config dict, tokenizer or None) -> processor
 PROCESSORS = {
     "qwen2_vl": _qwen_vl,
     "qwen2_5_vl": _qwen_vl,
     "qwen3_vl": _qwen_vl,
     "gemma3": _gemma3,
+    "gemma3n": _gemma3n,
 }
 
 

@@ -59,6 +59,19 @@ def resolve_mode(requested: str | None, checkpoint_format: str) -> str | None:
     return requested
 
 
+def expect_tensor(tensor: torch.Tensor | None, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...],
+                  what: str) -> None:
+    """ValueError unless `tensor` is contiguous with this shape and one of these dtypes: what the
+    kernels reading it through raw pointers assume (a prepared-cache entry is checked against it)."""
+    if tensor is None or tuple(tensor.shape) != tuple(shape) or tensor.dtype not in dtypes \
+            or not tensor.is_contiguous():
+        found = "nothing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+        raise ValueError(f"{what}: expected {tuple(shape)} {'/'.join(str(d) for d in dtypes)}, found {found}")
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
@@ -106,6 +119,18 @@ class Int8Weight:
         self.shape = tuple(shape) if shape is not None else tuple(qweight.shape)
         if layout == "t16":
             self._scales32 = scales.float().contiguous()
+
+    def check(self) -> None:
+        """ValueError unless the tensors have the sizes the kernels read for `shape`."""
+        n, k = self.shape
+        if self.layout == "t16":
+            expect_tensor(self.qweight, (-(-n // native.TILE) * native.TILE, -(-k // native.BLOCK) * native.BLOCK),
+                          (torch.uint8,), "int8 t16 codes")
+        elif self.layout == "rows":
+            expect_tensor(self.qweight, (n, k), (torch.int8,), "int8 codes")
+        else:
+            raise ValueError(f"unknown int8 layout {self.layout!r}")
+        expect_tensor(self.scales, (n,), _FLOAT_DTYPES, "int8 scales")
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, layout: str | None = None) -> Int8Weight:
@@ -300,6 +325,25 @@ class Int4Weight:
         self.qscale, self.qoffset = qscale, qoffset
         self.shape = (rows if rows is not None else packed.shape[0], cols)
 
+    def check(self) -> None:
+        """ValueError unless the tensors have the sizes the kernels read for `shape`."""
+        n, k = self.shape
+        if self.group_size < 1 or k % self.group_size or k % 2:
+            raise ValueError(f"int4: {k} columns do not split into groups of {self.group_size}")
+        if self.layout == "q4t16":
+            n16 = -(-n // native.TILE) * native.TILE
+            if self.group_size != native.BLOCK:
+                raise ValueError(f"int4 q4t16: groups of {self.group_size}, not {native.BLOCK}")
+            expect_tensor(self.packed, (n16, k // 2), (torch.uint8,), "int4 q4t16 codes")
+            for name, tensor in (("scales", self.qscale), ("offsets", self.qoffset)):
+                expect_tensor(tensor, (n16 // native.TILE, k // native.BLOCK, native.TILE),
+                              (torch.float16, torch.float32), f"int4 q4t16 {name}")
+        elif self.layout == "aten":
+            expect_tensor(self.packed, (n, k // 2), (torch.uint8,), "int4 codes")
+            expect_tensor(self.scales_and_zeros, (k // self.group_size, n, 2), _FLOAT_DTYPES, "int4 scales")
+        else:
+            raise ValueError(f"unknown int4 layout {self.layout!r}")
+
     @classmethod
     def from_parts(cls, parts: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                    shape: tuple[int, int], dtype: torch.dtype, layout: str | None = None) -> Int4Weight:
@@ -487,6 +531,14 @@ class Q5Weight:
     def __init__(self, packed: torch.Tensor, shape: tuple[int, int]):
         self.packed, self.shape = packed, tuple(shape)
 
+    def check(self) -> None:
+        """ValueError unless the tensors have the sizes the kernels read for `shape`."""
+        n, k = self.shape
+        if k % native.BLOCK:
+            raise ValueError(f"q5: {k} columns are no multiple of {native.BLOCK}")
+        expect_tensor(self.packed, (-(-n // native.TILE), k // native.BLOCK * native.Q5_BLOCK_BYTES), (torch.uint8,),
+                      "q5 blocks")
+
     @classmethod
     def from_codes(cls, codes: torch.Tensor, d: torch.Tensor) -> Q5Weight:
         return cls(native.pack_q5(codes, d), tuple(codes.shape))
@@ -603,6 +655,16 @@ class GGUFRows:
     def __init__(self, tensor: GGUFTensor):
         self.tensor = tensor
         self.shape = tensor.shape
+
+    def check(self) -> None:
+        """ValueError unless the raw blocks have the size the row lookups read for `shape`."""
+        from gguf import GGML_QUANT_SIZES
+
+        rows, cols = self.shape
+        block, type_size = GGML_QUANT_SIZES[self.tensor.qtype]
+        if cols % block:
+            raise ValueError(f"GGUF rows: {cols} columns are no multiple of {block}")
+        expect_tensor(self.tensor.raw, (rows, cols // block * type_size), (torch.uint8,), "GGUF rows")
 
     @property
     def nbytes(self) -> int:

@@ -1,5 +1,8 @@
 """Search backends and page fetching.
 
+The backend the operator configures is trusted (it is asked directly); the pages its results
+link to are not, and are fetched through levante/net's fetcher under the server's policy.
+
 A backend is any callable `(query, max_results) -> list[SearchResult]`. The one
 we ship speaks SearxNG's JSON API (`GET /search?q=...&format=json`; the instance
 must list `json` in `search.formats`). A plain Python function returning dicts
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import httpx
 
 from levante.errors import LevanteError
+from levante.net import FetchFailed, FetchPolicy, FetchRefused, fetch
 from levante.search.html_text import html_to_text
 
 USER_AGENT = "levante-web-search/0.1"
@@ -77,30 +81,25 @@ def _results(items: Iterable) -> list[SearchResult]:
     return results
 
 
-def fetch_pages(results: list[SearchResult], timeout: float = 5.0, max_bytes: int = 2_000_000) -> None:
-    """Fill in each result's `text` from its page, in parallel; a page that fails keeps its snippet only."""
+def fetch_pages(results: list[SearchResult], policy: FetchPolicy, timeout: float = 5.0,
+                max_bytes: int = 2_000_000) -> None:
+    """Fill in each result's `text` from its page, in parallel; a page that fails keeps its snippet only.
+    Result URLs are untrusted (a search engine indexes anything): they go through the fetcher."""
     todo = [r for r in results if not r.text and r.url.startswith(("http://", "https://"))]
     if not todo:
         return
     with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
-        for result, text in zip(todo, pool.map(lambda r: _page_text(r.url, timeout, max_bytes), todo)):
+        for result, text in zip(todo, pool.map(lambda r: _page_text(r.url, policy, timeout, max_bytes), todo)):
             result.text = text
 
 
-def _page_text(url: str, timeout: float, max_bytes: int) -> str:
+PAGE_TYPES = ("text/html", "text/plain", "application/xhtml")
+
+
+def _page_text(url: str, policy: FetchPolicy, timeout: float, max_bytes: int) -> str:
     try:
-        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True,
-                          headers={"User-Agent": USER_AGENT}) as response:
-            response.raise_for_status()
-            kind = response.headers.get("content-type", "text/html").lower()
-            if not kind.startswith(("text/html", "text/plain", "application/xhtml")):
-                return ""
-            body = b""
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) >= max_bytes:
-                    break
-            text = body.decode(response.encoding or "utf-8", errors="replace")
-    except (httpx.HTTPError, LookupError):
+        page = fetch(url, policy, max_bytes=max_bytes, timeout=timeout, accept=PAGE_TYPES)
+        text = page.body.decode(page.charset or "utf-8", errors="replace")
+    except (FetchRefused, FetchFailed, LookupError):
         return ""
-    return text if kind.startswith("text/plain") else html_to_text(text)
+    return text if page.content_type == "text/plain" else html_to_text(text)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from levante.net import FetchPolicy
 from levante.search.backends import SearchBackend, SearchResult, as_backend, fetch_pages
 
 logger = logging.getLogger("levante")
@@ -76,8 +77,11 @@ def embed_with(llm) -> Embed:
 
 class WebSearch:
     def __init__(self, backend: str | SearchBackend, embed: Embed | None = None, max_results: int = 5,
-                 fetch: bool = True, fetch_timeout: float = 5.0, words_per_passage: int = 120):
+                 fetch: bool = True, fetch_timeout: float = 5.0, words_per_passage: int = 120,
+                 policy: FetchPolicy = FetchPolicy.local()):
+        """`policy`: which addresses result pages may be fetched from (a server passes its own)."""
         self.backend = as_backend(backend)
+        self.policy = policy
         self.embed = embed
         self.max_results, self.fetch, self.fetch_timeout = max_results, fetch, fetch_timeout
         self.words_per_passage = words_per_passage
@@ -90,7 +94,7 @@ class WebSearch:
             logger.warning("web search failed: %s", e)
             return SearchOutcome(query, error=str(e) or type(e).__name__)
         if self.fetch:
-            fetch_pages(sources, self.fetch_timeout)
+            fetch_pages(sources, self.policy, self.fetch_timeout)
         passages = [Passage(text, i) for i, source in enumerate(sources)
                     for text in self._passages(source)]
         return SearchOutcome(query, sources, self._rank(query, passages)[:top_k])

@@ -9,9 +9,8 @@ from levante.engine.sampling_params import SamplingParams
 from levante.engine.structured import StructuredOutput
 from levante.errors import InvalidRequest
 from levante.multimodal.inputs import MultiModalPrompt
-from levante.multimodal.messages import extract_images, flatten, join_text_parts
 from levante.serve.protocol import ChatCompletionRequest, Grammar, NamedToolChoice, ResponseFormat
-from levante.serve.tool_parsers import messages_for_template, parser_for, tool_call_grammar
+from levante.serve.tool_parsers import parser_for, tool_call_grammar
 
 
 @dataclass
@@ -38,7 +37,7 @@ def plan_chat(llm, body: ChatCompletionRequest, load_image: Callable | None = No
     use_tools = bool(tools) and body.tool_choice != "none"
     template_tools = [{"type": "function", "function": t} for t in tools] if use_tools else None
     prompt_ids, multimodal = render_chat(llm, [m.model_dump(exclude_none=True) for m in body.messages],
-                                         template_tools, True, body.chat_template_kwargs, body.model, load_image)
+                                         template_tools, True, body.chat_template_kwargs, load_image)
     engine = llm.engine
     top = body.top_logprobs or 0
     params = body.sampling_params(engine.model_config.vocab_size, body.output_limit,
@@ -60,36 +59,14 @@ def plan_chat(llm, body: ChatCompletionRequest, load_image: Callable | None = No
 
 
 def render_chat(llm, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
-                template_kwargs: dict | None = None, model: str | None = None, load_image: Callable | None = None
-                ) -> tuple[list[int], MultiModalPrompt | None]:
-    """The conversation's prompt ids as the engine runs them: with images, each placeholder expanded
-    to the image's tokens (and the `MultiModalPrompt` that carries the pixels). Blocking: it may fetch
-    and decode images."""
-    messages = messages_for_template(messages)
-    processor = None
-    if has_images(messages):
-        processor = llm.engine.processor
-        if processor is None:
-            raise InvalidRequest(f"model '{model or llm.model_name}' does not accept images (image_url content parts)")
-    messages, images = extract_images(messages, load_image) if processor is not None else (messages, [])
-    if images and not llm.tokenizer.chat_template:  # the fallback templates know text content only
-        messages = flatten(messages, processor.image_placeholder)
-    elif llm.engine.processor is None:  # a text model's template may know string content only
-        messages = join_text_parts(messages)
-    text = llm.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                    **(template_kwargs or {}))
-    prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
-    if not images:
-        return prompt_ids, None
-    multimodal = processor.process(prompt_ids, images)
-    return multimodal.token_ids, multimodal
-
-
-def has_images(messages: list[dict]) -> bool:
-    """Whether any message has an image content part (as multimodal/messages.py reads them)."""
-    return any(isinstance(part, dict) and (part.get("type") in ("image_url", "image")
-                                           or (part.get("type") is None and ("image_url" in part or "image" in part)))
-               for message in messages if isinstance(message.get("content"), list) for part in message["content"])
+                template_kwargs: dict | None = None, load_image: Callable | None = None) -> tuple[list[int], MultiModalPrompt | None]:
+    """(the prompt ids as the engine runs them, the `MultiModalPrompt` that carries the pixels when the
+    messages have images), rendered as `LLM.chat` renders them (loader/chat_prompt.py). Blocking: it
+    may fetch and decode images."""
+    prompt = llm.chat_renderer.render(messages, tools, add_generation_prompt, load_image, template_kwargs)
+    if isinstance(prompt, MultiModalPrompt):
+        return prompt.token_ids, prompt
+    return prompt, None
 
 
 def structured_output(response_format: ResponseFormat | None, grammar: Grammar | None) -> StructuredOutput | None:

@@ -14,6 +14,11 @@ An answer round offers no tools, adds one user turn (ANSWER_NUDGE, not part of a
 the reply open with a letter or digit, so it is neither a call nor a bare JSON object.
 `max_tokens` bounds each round.
 
+The loop is a source of pipeline events (serve/pipeline.py): a `Round` per generation (marked as one
+whose calls the server runs), its `Output`s (held back, `shown=False`, while the round's text could
+still be a call), `McpCalls` after each executed round, and a closing `Finish`. The chat and responses
+adapters format them as they format any other request.
+
 What the client sees (OpenAI's schema has no place for calls the server ran, so levante adds one):
   non-streaming  the final message carries `content` and `mcp_calls`: [{id, name, server, arguments,
                  content, is_error}] in the order they ran; `usage` sums every round.
@@ -26,41 +31,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-import uuid
 from collections.abc import AsyncIterator
 
-from fastapi.responses import StreamingResponse
-
-from levante.errors import InvalidRequest, LevanteError
-from levante.serve import openai_format as fmt
 from levante.engine.structured import StructuredOutput
-from levante.serve.chat import ChatPlan, plan_chat
-from levante.serve.protocol import ChatCompletionRequest, error_body
+from levante.errors import InvalidRequest
+from levante.serve.chat import ChatPlan
+from levante.serve.pipeline import Event, Finish, McpCalls, Output, Round
+from levante.serve.protocol import ChatCompletionRequest
 
 DEFAULT_MAX_ROUNDS = 5
 ANSWER_PATTERN = r"[\p{L}\p{N}][\s\S]*"  # an answer round's reply: text, not a call or a JSON object
 CALL_OPENERS = ("{", "[", "<", "`")  # how a call the parser missed begins
 ANSWER_NUDGE = "Answer my question above in plain text, using the tool results."  # the answer round's last turn
-
-
-async def mcp_chat_completion(state, body: ChatCompletionRequest, search=None):
-    """/v1/chat/completions through the loop: a chat.completion dict, or a StreamingResponse of chunks."""
-    chat = McpChat(state, body)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    if not body.stream:
-        response = await chat.run(rid, created)
-        return search.annotate(response) if search else response
-    plan, stream, first = await chat.first_round()  # request errors become a 400 before the stream starts
-
-    async def events():
-        async for chunk in chat.events(rid, created, plan, stream, first):
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        if body.stream_options and body.stream_options.include_usage:
-            yield f"data: {json.dumps(chat.usage_chunk(rid, created))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def offers_mcp_tools(state, body: ChatCompletionRequest) -> bool:
@@ -70,22 +52,21 @@ def offers_mcp_tools(state, body: ChatCompletionRequest) -> bool:
 
 
 class McpChat:
-    """One chat request's trip through the loop."""
+    """One chat request's trip through the loop, over a `Pipeline`."""
 
-    def __init__(self, state, body: ChatCompletionRequest):
+    def __init__(self, pipeline, body: ChatCompletionRequest):
         if body.n != 1:
             raise InvalidRequest("n: the server's MCP tool loop serves one choice; use n=1, or send your own "
                                  "'tools' to run the calls yourself")
-        self.state, self.body = state, body
-        self.tools = state.mcp.openai_tools()
-        self.max_rounds = getattr(state, "mcp_max_rounds", DEFAULT_MAX_ROUNDS)
+        self.pipeline, self.state, self.body = pipeline, pipeline.state, body
+        self.tools = self.state.mcp.openai_tools()
+        self.max_rounds = getattr(self.state, "mcp_max_rounds", DEFAULT_MAX_ROUNDS)
         self.messages = [m.model_dump(exclude_none=True) for m in body.messages]
         self.calls: list[dict] = []  # what ran, in order, as the client sees it
-        self.outputs: list = []  # the final RequestOutput of every round
         self.rounds = 0  # rounds whose calls ran
         self.answering = False  # the next round must answer in text
 
-    def plan(self) -> ChatPlan:
+    async def plan(self) -> ChatPlan:
         answer_round = self.answering or self.rounds >= self.max_rounds
         data = self.body.model_dump(exclude_none=True, by_alias=True)
         for key in ("tools", "tool_choice", "stream", "stream_options"):
@@ -95,90 +76,33 @@ class McpChat:
             data["tools"] = self.tools
         elif self.calls:
             data["messages"] = self.messages + [{"role": "user", "content": ANSWER_NUDGE}]
-        plan = plan_chat(self.state.llm, ChatCompletionRequest.model_validate(data), self.state.load_image)
-        if answer_round and self.calls:
-            plan.params.structured = StructuredOutput("regex", ANSWER_PATTERN)
-        return plan
+        forced = StructuredOutput("regex", ANSWER_PATTERN) if answer_round and self.calls else None
+        return await self.pipeline.plan_chat(ChatCompletionRequest.model_validate(data), forced)
 
-    async def run(self, rid: str, created: int) -> dict:
-        """The whole loop, then one chat.completion with `mcp_calls` on its message."""
+    async def events(self) -> AsyncIterator[Event]:
+        """The whole loop as events. A round's outputs are held back while its text could still be a
+        call, and go out as soon as it reads as prose (or, held to the end, if the round answers)."""
         while True:
-            plan = await asyncio.to_thread(self.plan)  # may fetch images
-            final = None
-            async for final in self.state.generate(plan.prompt, plan.params):
-                pass
+            plan = await self.plan()
+            yield Round(plan, server_runs_tools=True)
+            shown, final = False, None
+            async for event in self.pipeline.generate(plan.prompt, plan.params):
+                final = event.output
+                if not shown:
+                    text = final.outputs[0].text.lstrip()
+                    shown = bool(text) and not text.startswith(CALL_OPENERS)  # prose: it cannot be a call
+                yield Output(0, final, shown)
             step, calls = self._review(plan, final)
             if step == "done":
-                break
+                if not shown:
+                    yield Output(0, final)
+                yield Finish("length" if final.outputs[0].finish_reason == "length" else "stop")
+                return
             if step == "calls":
-                await self._execute(calls)
-        response = fmt.chat_response(plan, rid, created, self.state.model_name, final)
-        choice = response["choices"][0]
-        if choice["message"].pop("tool_calls", None):  # calls cut off by max_tokens: not run, not the client's
-            choice["message"]["content"] = final.outputs[0].text
-            choice["finish_reason"] = "length"
-        choice["message"]["mcp_calls"] = self.calls
-        response["usage"] = fmt.usage(self.outputs)
-        return response
-
-    async def first_round(self):
-        """Start a streamed round: its plan, its stream and first output (request errors raise here)."""
-        plan = await asyncio.to_thread(self.plan)  # may fetch images
-        stream = self.state.generate(plan.prompt, plan.params)
-        return plan, stream, await anext(stream)
-
-    async def events(self, rid: str, created: int, plan: ChatPlan, stream, first) -> AsyncIterator[dict]:
-        """chat.completion.chunk dicts for the whole loop; an error ends it with an error payload."""
-        model, tokenizer = self.state.model_name, self.state.llm.tokenizer
-
-        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-
-        yield chunk({"role": "assistant", "content": ""})
-        try:
-            while True:
-                writer = fmt.ChatStreamWriter(plan, rid, created, model, tokenizer)
-                held, streaming, final = [], False, first
-                try:
-                    async for final in _outputs(first, stream):
-                        for piece in writer.chunks(final):
-                            choice = piece["choices"][0]
-                            content = choice["delta"].get("content")
-                            if choice["finish_reason"] is not None or not (content or choice["logprobs"]):
-                                continue  # role, tool-call and finish chunks: the loop writes its own
-                            if streaming:
-                                yield piece
-                                continue
-                            held.append(piece)
-                            text = "".join(p["choices"][0]["delta"].get("content") or "" for p in held).lstrip()
-                            if text and not text.startswith(CALL_OPENERS):  # prose: it cannot be a call
-                                streaming = True
-                                for piece in held:
-                                    yield piece
-                                held = []
-                finally:
-                    await stream.aclose()  # a client gone mid-stream: abort the request, free its cache
-                step, calls = self._review(plan, final)
-                if step == "done":
-                    for piece in held:
-                        yield piece
-                    reason = "length" if final.outputs[0].finish_reason == "length" else "stop"
-                    yield chunk({}, reason)
-                    return
-                for call in await self._execute(calls) if step == "calls" else []:
-                    yield chunk({"mcp_calls": [call]})
-                plan, stream, first = await self.first_round()
-        except LevanteError as e:
-            yield error_body(str(e))
-
-    def usage_chunk(self, rid: str, created: int) -> dict:
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.state.model_name,
-                "choices": [], "usage": fmt.usage(self.outputs)}
+                yield McpCalls(await self._execute(calls))
 
     def _review(self, plan: ChatPlan, final) -> tuple[str, list]:
         """What follows a round: ("calls", calls) to run, ("answer", []) for an answer round, or ("done", [])."""
-        self.outputs.append(final)
         completion = final.outputs[0]
         if plan.tool_parser is None:
             return "done", []  # an answer round
@@ -224,9 +148,3 @@ def _canonical(arguments: str) -> str:
         return json.dumps(json.loads(arguments or "{}"), sort_keys=True)
     except json.JSONDecodeError:
         return arguments
-
-
-async def _outputs(first, rest) -> AsyncIterator:
-    yield first
-    async for output in rest:
-        yield output

@@ -12,6 +12,8 @@ class Metrics:
         self.running = Gauge("levante_num_requests_running", "Sequences being computed", registry=registry)
         self.waiting = Gauge("levante_num_requests_waiting", "Sequences waiting for the scheduler",
                              registry=registry)
+        self.admitted = Gauge("levante_num_sequences_admitted", "Sequences admitted by the server and not yet "
+                              "done (running, waiting, or being planned)", registry=registry)
         self.kv_usage = Gauge("levante_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
                               registry=registry)
         self.prompt_tokens = Counter("levante_prompt_tokens", "Prompt tokens processed", registry=registry)
@@ -22,11 +24,28 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=registry)
         self.itl = Histogram("levante_inter_token_latency_seconds", "Time between generated tokens",
                              buckets=_LATENCY_BUCKETS, registry=registry)
+        # Speculative decoding, read from the engine's Speculator (names as vLLM's spec_decode counters).
+        self.spec_counters = {
+            name: Counter(f"levante_spec_decode_{name}", doc, registry=registry)
+            for name, doc in (("num_drafts", "Sequence-steps that checked proposed tokens"),
+                              ("num_draft_tokens", "Proposed tokens checked by the target model"),
+                              ("num_accepted_tokens", "Proposed tokens accepted"))}
+        self._spec_seen = dict.fromkeys(self.spec_counters, 0)
 
-    def render(self, engine) -> bytes:
+    def render(self, engine, admitted: int = 0) -> bytes:
+        self.admitted.set(admitted)
         if engine is not None:
             scheduler = engine.scheduler
             self.running.set(len(scheduler.running))
             self.waiting.set(len(scheduler.waiting))
             self.kv_usage.set(engine.block_manager.usage())
+            if engine.speculator is not None:
+                self._count_speculation(engine.speculator)
         return generate_latest(self.registry)
+
+    def _count_speculation(self, speculator) -> None:
+        """The counters move by what the engine counted since the last render."""
+        for name, counter in self.spec_counters.items():
+            total = getattr(speculator, name)
+            counter.inc(total - self._spec_seen[name])
+            self._spec_seen[name] = total

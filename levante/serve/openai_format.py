@@ -1,7 +1,11 @@
-"""Engine outputs -> OpenAI JSON: whole responses and streamed chunks, logprobs included."""
+"""Pipeline events -> OpenAI JSON for chat completions and completions: whole responses (the
+collectors `ChatCompletion`, `Completion`) and streamed chunks (`ChatChunks`, `CompletionChunks`),
+logprobs and usage included. The events are serve/pipeline.py's.
+"""
 from __future__ import annotations
 
 from levante.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from levante.serve.pipeline import Event, Finish, McpCalls, Output, Round, Searched
 
 
 def _entry(text: str, logprob: float) -> dict:
@@ -20,9 +24,31 @@ def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], k: in
 
 
 def usage(outputs: list[RequestOutput]) -> dict:
+    """Tokens of every output given (each prompt, each round), in OpenAI's shape; every API reports this."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+class Rounds:
+    """The latest output of each prompt in the current round, and the last ones of rounds before."""
+
+    def __init__(self):
+        self.latest: dict[int, RequestOutput] = {}
+        self.past: list[RequestOutput] = []
+        self.round: Round | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, Round):
+            self.past += self.latest.values()
+            self.latest, self.round = {}, event
+        elif isinstance(event, Output):
+            self.latest[event.index] = event.output
+
+    def all(self) -> list[RequestOutput]:
+        return self.past + [self.latest[i] for i in sorted(self.latest)]
 
 
 def _finish_reason(c: CompletionOutput, has_tool_calls: bool = False) -> str | None:
@@ -49,11 +75,86 @@ def chat_response(plan, rid: str, created: int, model: str, output: RequestOutpu
             "choices": choices, "usage": usage([output])}
 
 
-class ChatStreamWriter:
-    """Turns successive RequestOutputs (cumulative text) into chat.completion.chunk deltas."""
+class ChatCompletion:
+    """Chat events -> one chat.completion. The MCP loop's reply also carries `mcp_calls` and the usage
+    of every round; a web search adds `web_search`."""
 
-    def __init__(self, plan, rid: str, created: int, model: str, tokenizer):
+    def __init__(self, rid: str, created: int, model: str):
+        self.rid, self.created, self.model = rid, created, model
+        self.rounds = Rounds()
+        self.mcp_calls: list[dict] = []
+        self.search: dict | None = None
+
+    def add(self, event: Event) -> None:
+        self.rounds.add(event)
+        if isinstance(event, McpCalls):
+            self.mcp_calls += event.calls
+        elif isinstance(event, Searched):
+            self.search = event.summary
+
+    def response(self) -> dict:
+        final, round_ = self.rounds.latest[0], self.rounds.round
+        response = chat_response(round_.plan, self.rid, self.created, self.model, final)
+        if round_.server_runs_tools:
+            choice = response["choices"][0]
+            if choice["message"].pop("tool_calls", None):  # calls cut off by max_tokens: not run, not the client's
+                choice["message"]["content"] = final.outputs[0].text
+                choice["finish_reason"] = "length"
+            choice["message"]["mcp_calls"] = self.mcp_calls
+        response["usage"] = usage(self.rounds.all())
+        if self.search is not None:
+            response["web_search"] = self.search
+        return response
+
+
+class ChatChunks:
+    """Chat events -> chat.completion.chunk dicts. In rounds whose tool calls the server runs (the MCP
+    loop) only content goes out: a chunk per executed call (`delta.mcp_calls`) and the loop's finish."""
+
+    def __init__(self, rid: str, created: int, model: str, tokenizer, include_usage: bool):
+        self.rid, self.created, self.model, self.tokenizer = rid, created, model, tokenizer
+        self.include_usage = include_usage
+        self.rounds = Rounds()
+        self.role_sent: set[int] = set()
+        self.writer: ChatStreamWriter | None = None
+
+    def chunks(self, event: Event) -> list[dict]:
+        self.rounds.add(event)
+        if isinstance(event, Round):
+            self.writer = ChatStreamWriter(event.plan, self.rid, self.created, self.model, self.tokenizer,
+                                           self.role_sent)
+            if event.server_runs_tools and 0 not in self.role_sent:
+                self.role_sent.add(0)
+                return [self.chunk({"role": "assistant", "content": ""})]
+        elif isinstance(event, Output) and event.shown:
+            pieces = list(self.writer.chunks(event.output))
+            if self.rounds.round.server_runs_tools:
+                pieces = [p for p in pieces if p["choices"][0]["finish_reason"] is None
+                          and (p["choices"][0]["delta"].get("content") or p["choices"][0]["logprobs"])]
+            return pieces
+        elif isinstance(event, McpCalls):
+            return [self.chunk({"mcp_calls": [call]}) for call in event.calls]
+        elif isinstance(event, Finish):
+            return [self.chunk({}, event.reason)]
+        return []
+
+    def closing(self) -> list[dict]:
+        if not self.include_usage:
+            return []
+        return [{"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "choices": [], "usage": usage(self.rounds.all())}]
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+class ChatStreamWriter:
+    """Turns successive RequestOutputs (cumulative text) of one round into chat.completion.chunk deltas."""
+
+    def __init__(self, plan, rid: str, created: int, model: str, tokenizer, role_sent: set[int] | None = None):
         self.plan, self.rid, self.created, self.model = plan, rid, created, model
+        self.role_sent = set() if role_sent is None else role_sent  # choices whose role chunk went out
         self.sent_text: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
         self.parsers: dict[int, object] = {}
@@ -66,7 +167,8 @@ class ChatStreamWriter:
 
     def chunks(self, output: RequestOutput):
         for c in output.outputs:
-            first = c.index not in self.sent_text
+            first = c.index not in self.role_sent
+            self.role_sent.add(c.index)
             delta_text = c.text[self.sent_text.get(c.index, 0):]
             self.sent_text[c.index] = len(c.text)
             new_tokens = c.token_ids[self.sent_tokens.get(c.index, 0):]
@@ -101,9 +203,6 @@ class ChatStreamWriter:
                 out.append({"content": delta.content})
         return out
 
-    def usage_chunk(self, output: RequestOutput) -> dict:
-        return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "choices": [], "usage": usage([output])}
 
 
 def _completion_logprobs(prompt_text: str, output: RequestOutput, c: CompletionOutput, k: int, echo: bool,
@@ -131,14 +230,56 @@ def _completion_logprobs(prompt_text: str, output: RequestOutput, c: CompletionO
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _prompt_text(output: RequestOutput, tokenizer) -> str:
-    return output.prompt if output.prompt is not None else tokenizer.decode(output.prompt_token_ids)
+def _prompt_text(text: str | None, output: RequestOutput, tokenizer) -> str:
+    """The prompt as echoed: as the client wrote it, else its token ids decoded."""
+    return text if text is not None else tokenizer.decode(output.prompt_token_ids)
 
 
-def completion_response(body, rid: str, created: int, model: str, outputs: list[RequestOutput], tokenizer) -> dict:
+class Completion:
+    """Completion events -> one text_completion."""
+
+    def __init__(self, body, rid: str, created: int, model: str, tokenizer):
+        self.body, self.rid, self.created, self.model, self.tokenizer = body, rid, created, model, tokenizer
+        self.rounds = Rounds()
+
+    def add(self, event: Event) -> None:
+        self.rounds.add(event)
+
+    def response(self) -> dict:
+        return completion_response(self.body, self.rid, self.created, self.model, self.rounds.all(),
+                                   self.rounds.round.plan.texts, self.tokenizer)
+
+
+class CompletionChunks:
+    """Completion events -> text_completion chunks."""
+
+    def __init__(self, body, rid: str, created: int, model: str, tokenizer):
+        self.body = body
+        self.rounds = Rounds()
+        self.writer: CompletionStreamWriter | None = None
+        self.rid, self.created, self.model, self.tokenizer = rid, created, model, tokenizer
+
+    def chunks(self, event: Event) -> list[dict]:
+        self.rounds.add(event)
+        if isinstance(event, Round):
+            self.writer = CompletionStreamWriter(self.body, self.rid, self.created, self.model, self.tokenizer,
+                                                 event.plan.texts)
+        elif isinstance(event, Output):
+            return list(self.writer.chunks(event.index, event.output))
+        return []
+
+    def closing(self) -> list[dict]:
+        if not (self.body.stream_options and self.body.stream_options.include_usage):
+            return []
+        return [{"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
+                 "choices": [], "usage": usage(self.rounds.all())}]
+
+
+def completion_response(body, rid: str, created: int, model: str, outputs: list[RequestOutput],
+                        texts: list[str | None], tokenizer) -> dict:
     choices = []
     for p, output in enumerate(outputs):
-        prompt_text = _prompt_text(output, tokenizer) if body.echo else ""
+        prompt_text = _prompt_text(texts[p], output, tokenizer) if body.echo else ""
         for c in output.outputs:
             logprobs = None
             if body.logprobs is not None:
@@ -150,8 +291,9 @@ def completion_response(body, rid: str, created: int, model: str, outputs: list[
 
 
 class CompletionStreamWriter:
-    def __init__(self, body, rid: str, created: int, model: str, tokenizer):
+    def __init__(self, body, rid: str, created: int, model: str, tokenizer, texts: list[str | None]):
         self.body, self.rid, self.created, self.model, self.tokenizer = body, rid, created, model, tokenizer
+        self.texts = texts
         self.sent_text: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
 
@@ -161,7 +303,7 @@ class CompletionStreamWriter:
             index = prompt_index * body.n + c.index
             prefix = ""
             if index not in self.sent_text and body.echo:
-                prefix = _prompt_text(output, self.tokenizer)
+                prefix = _prompt_text(self.texts[prompt_index], output, self.tokenizer)
             text = prefix + c.text[self.sent_text.get(index, 0):]
             self.sent_text[index] = len(c.text)
             start = self.sent_tokens.get(index, 0)
@@ -175,7 +317,3 @@ class CompletionStreamWriter:
             yield {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
                    "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                 "finish_reason": _finish_reason(c)}]}
-
-    def usage_chunk(self, outputs: list[RequestOutput]) -> dict:
-        return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [], "usage": usage(outputs)}

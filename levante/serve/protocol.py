@@ -6,18 +6,21 @@ but levante cannot honour are listed in `UNSUPPORTED` with the reason.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from levante.engine.sampling_params import SamplingParams
-from levante.errors import InvalidRequest
+from levante.errors import InvalidRequest, LevanteError, Overloaded
 
 MAX_N = 16
+INT64 = (-(1 << 63), (1 << 63) - 1)
+_TOKEN_ID = re.compile(r"-?[0-9]{1,19}")  # a token id as logit_bias keys spell it (ASCII digits)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(Strict):
@@ -26,7 +29,7 @@ class StreamOptions(Strict):
 
 
 class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -72,7 +75,7 @@ class SamplingFields(Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
@@ -80,7 +83,7 @@ class SamplingFields(Strict):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # Extensions (vLLM's names)
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, ge=-1, le=1 << 31)  # -1 or 0: no limit
     min_p: float = Field(default=0.0, ge=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0)
     min_tokens: int = Field(default=0, ge=0)
@@ -91,23 +94,27 @@ class SamplingFields(Strict):
     grammar: Grammar | None = None
 
     @model_validator(mode="after")
-    def _check_stop(self):
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 16:
-            raise ValueError("stop: at most 16 stop sequences")
+    def _check_sampling(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
+        limit = self.output_limit
+        if limit is not None and self.min_tokens > limit:
+            raise ValueError("min_tokens: must not exceed max_tokens")
         return self
+
+    @property
+    def output_limit(self) -> int | None:
+        """The most tokens to generate (max_tokens here; chat also has max_completion_tokens)."""
+        return self.max_tokens
 
     def logit_bias_ids(self, vocab_size: int) -> dict[int, float] | None:
         if not self.logit_bias:
             return None
         bias = {}
         for key, value in self.logit_bias.items():
-            try:
-                token = int(key)
-            except ValueError:
-                raise InvalidRequest(f"logit_bias: key '{key}' is not a token id") from None
+            if not _TOKEN_ID.fullmatch(key):
+                raise InvalidRequest(f"logit_bias: key '{key[:40]}' is not a token id")
+            token = int(key)
             if not 0 <= token < vocab_size or not -100 <= value <= 100:
                 raise InvalidRequest(f"logit_bias: token {key} must be in [0, {vocab_size}) "
                                      "with a bias in [-100, 100]")
@@ -225,3 +232,40 @@ class DetokenizeRequest(Strict):
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: int | str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+def error_for(error: BaseException) -> tuple[int, dict, dict]:
+    """(status, OpenAI error JSON, headers) for any error a request ends with: levante's own errors carry
+    their status (400 unless they say otherwise); anything else is a 500 that says what happened."""
+    if isinstance(error, LevanteError):
+        status = getattr(error, "status", 400)
+        message, param = str(error), _param_of(str(error))
+    else:
+        status, message, param = 500, f"internal error: {type(error).__name__}: {error}", None
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else {}
+    return status, error_body(message, ERROR_TYPES.get(status, "invalid_request_error"), param, status), headers
+
+
+def validation_error(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) for pydantic's errors of a request body: the first one, naming its field."""
+    first = errors[0] if errors else {}
+    location = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(location) or None
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        message = f"unsupported parameter '{param}'"
+    elif first.get("type") == "json_invalid":
+        message, param = "the request body is not valid JSON", None
+    elif param and not message.startswith(param.split(".")[0]):
+        message = f"{param}: {message}"
+    return message, param
+
+
+def _param_of(message: str) -> str | None:
+    """The field an error message starts with ("stop_token_ids: ..."), if it names one."""
+    head, colon, _ = message.partition(":")
+    return head if colon and head and " " not in head and len(head) < 80 else None

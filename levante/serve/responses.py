@@ -1,20 +1,19 @@
 """`/v1/responses`: OpenAI's Responses API, translated to and from a chat completion."""
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 from typing import Any, Literal
 
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from levante.errors import InvalidRequest, LevanteError
-from levante.serve.chat import plan_chat
-from levante.serve.mcp_loop import McpChat, offers_mcp_tools
-from levante.serve.protocol import ChatCompletionRequest, error_body
+from levante.errors import InvalidRequest
+from levante.serve.openai_format import ChatCompletion
+from levante.serve.pipeline import Event, Output, Round
+from levante.serve.protocol import ChatCompletionRequest, validation_error
+from levante.serve.sse import formatted, sse_response
 
 
 class FunctionTool(BaseModel):
@@ -27,7 +26,7 @@ class FunctionTool(BaseModel):
 
 
 class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -115,6 +114,8 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     if isinstance(tool_choice, dict):
         tool_choice = {"type": "function", "function": {"name": tool_choice.get("name")}}
     fmt = (body.text or {}).get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise InvalidRequest("text.format: must be an object such as {\"type\": \"json_schema\", ...}")
     response_format = None
     if fmt and fmt.get("type") == "json_schema":
         response_format = {"type": "json_schema", "json_schema": {"name": fmt.get("name", "response"),
@@ -122,24 +123,40 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
                                                                   "strict": fmt.get("strict")}}
     elif fmt:
         response_format = {"type": fmt.get("type")}
-    return ChatCompletionRequest(
+    fields = dict(
         messages=to_messages(body), max_completion_tokens=body.max_output_tokens, temperature=body.temperature,
         top_p=body.top_p, seed=body.seed, response_format=response_format, parallel_tool_calls=body.parallel_tool_calls,
         tools=[{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                for t in body.tools] if body.tools else None,
         tool_choice=tool_choice,
     )
+    try:
+        return ChatCompletionRequest(**fields)
+    except ValidationError as e:
+        raise InvalidRequest(validation_error(e.errors())[0]) from None
 
 
-def _output_items(text: str | None, calls: list) -> list[dict]:
+def _output_items(text: str | None, calls: list[dict]) -> list[dict]:
     items = []
     if text:
         items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed",
                       "role": "assistant",
                       "content": [{"type": "output_text", "text": text, "annotations": []}]})
     for call in calls:
-        items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id,
-                      "name": call.name, "arguments": call.arguments, "status": "completed"})
+        items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
+                      "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                      "status": "completed"})
+    return items
+
+
+def _mcp_items(state, calls: list[dict]) -> list[dict]:
+    items = []
+    for call in calls:
+        tool = state.mcp.tool(call["name"]) if state.mcp is not None else None
+        items.append({"type": "mcp_call", "id": f"mcp_{uuid.uuid4().hex}", "status": "completed",
+                      "server_label": call["server"] or "", "name": tool.tool_name if tool else call["name"],
+                      "arguments": call["arguments"], "output": None if call["is_error"] else call["content"],
+                      "error": call["content"] if call["is_error"] else None})
     return items
 
 
@@ -153,169 +170,125 @@ def _response(rid: str, created: int, model: str, status: str, output: list[dict
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or []], "metadata": body.metadata or {}}
 
 
-def _usage(output) -> dict:
-    prompt = len(output.prompt_token_ids)
-    completion = sum(len(c.token_ids) for c in output.outputs)
-    return {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
-            "input_tokens_details": {"cached_tokens": output.num_cached_tokens},
+def _usage(usage: dict) -> dict:
+    """The chat usage (serve/openai_format.py's `usage`) in the Responses API's names."""
+    return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"],
+            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
             "output_tokens_details": {"reasoning_tokens": 0}}
+
+
+def to_response(state, completion: dict, body: ResponsesRequest, rid: str, created: int) -> dict:
+    """A chat.completion (serve/openai_format.py's `ChatCompletion`) as a Response: an `mcp_call` item per
+    call the server ran, then the message, then the function calls for the client to run."""
+    choice = completion["choices"][0]
+    message = choice["message"]
+    items = _mcp_items(state, message.get("mcp_calls") or []) + _output_items(message["content"],
+                                                                             message.get("tool_calls") or [])
+    status = "incomplete" if choice["finish_reason"] == "length" else "completed"
+    response = _response(rid, created, state.model_name, status, items, _usage(completion["usage"]), body)
+    if status == "incomplete":
+        response["incomplete_details"] = {"reason": "max_output_tokens"}
+    return response
+
+
+class ResponseEvents:
+    """Chat events -> the Responses API's stream. A plain round's text goes out as it comes; the rest
+    (tool calls, MCP calls, the final items) is replayed once the reply is complete."""
+
+    def __init__(self, state, body: ResponsesRequest, rid: str, created: int):
+        self.state, self.body, self.rid, self.created = state, body, rid, created
+        self.collector = ChatCompletion(rid, created, state.model_name)
+        self.counter = iter(range(1 << 30))
+        self.started = False
+        self.streaming_text = False
+        self.item_id, self.sent = f"msg_{uuid.uuid4().hex}", 0
+
+    def event(self, kind: str, **fields) -> tuple[str, dict]:
+        return kind, {"type": kind, "sequence_number": next(self.counter), **fields}
+
+    def error(self, error_json: dict) -> tuple[str, dict]:
+        return self.event("error", **error_json["error"])
+
+    def chunks(self, event: Event) -> list[tuple[str, dict]]:
+        self.collector.add(event)
+        out = []
+        if not self.started:
+            self.started = True
+            shell = _response(self.rid, self.created, self.state.model_name, "in_progress", [], None, self.body)
+            out += [self.event("response.created", response=shell), self.event("response.in_progress", response=shell)]
+        if isinstance(event, Round) and not self.streaming_text and self.sent == 0:
+            self.streaming_text = event.plan.tool_parser is None and not event.server_runs_tools
+            if self.streaming_text:
+                item = {"type": "message", "id": self.item_id, "status": "in_progress", "role": "assistant",
+                        "content": []}
+                out += [self.event("response.output_item.added", output_index=0, item=item),
+                        self.event("response.content_part.added", item_id=self.item_id, output_index=0,
+                                   content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
+        elif isinstance(event, Output) and self.streaming_text:
+            text = event.output.outputs[0].text
+            if len(text) > self.sent:
+                out.append(self.event("response.output_text.delta", item_id=self.item_id, output_index=0,
+                                      content_index=0, delta=text[self.sent:], logprobs=[]))
+                self.sent = len(text)
+        return out
+
+    def closing(self) -> list[tuple[str, dict]]:
+        response = to_response(self.state, self.collector.response(), self.body, self.rid, self.created)
+        out = []
+        for index, item in enumerate(response["output"]):
+            out += self._replay(index, item)
+        if self.streaming_text and not response["output"]:
+            empty = {"type": "message", "id": self.item_id, "status": "completed", "role": "assistant",
+                     "content": [{"type": "output_text", "text": "", "annotations": []}]}
+            out += [self.event("response.output_text.done", item_id=self.item_id, output_index=0, content_index=0,
+                               text="", logprobs=[]),
+                    self.event("response.content_part.done", item_id=self.item_id, output_index=0, content_index=0,
+                               part=empty["content"][0]),
+                    self.event("response.output_item.done", output_index=0, item=empty)]
+            response["output"] = [empty]
+        kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
+        return out + [self.event(kind, response=response)]
+
+    def _replay(self, index: int, item: dict) -> list[tuple[str, dict]]:
+        event, out = self.event, []
+        if item["type"] == "message":
+            part = item["content"][0]
+            if self.streaming_text and index == 0:
+                item["id"] = self.item_id
+            else:
+                out += [event("response.output_item.added", output_index=index,
+                              item={**item, "status": "in_progress", "content": []}),
+                        event("response.content_part.added", item_id=item["id"], output_index=index,
+                              content_index=0, part={**part, "text": ""}),
+                        event("response.output_text.delta", item_id=item["id"], output_index=index,
+                              content_index=0, delta=part["text"], logprobs=[])]
+            out += [event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                          text=part["text"], logprobs=[]),
+                    event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                          part=part)]
+        elif item["type"] == "function_call":
+            out += [event("response.output_item.added", output_index=index,
+                          item={**item, "arguments": "", "status": "in_progress"}),
+                    event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                          delta=item["arguments"]),
+                    event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                          name=item["name"], arguments=item["arguments"])]
+        else:  # an mcp_call the server ran
+            out.append(event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"}))
+        return out + [event("response.output_item.done", output_index=index, item=item)]
 
 
 def register_responses(app: FastAPI, state) -> None:
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest):
-        state.check(body.model)
         chat_body = to_chat_request(body)
-        if offers_mcp_tools(state, chat_body):
-            return await mcp_response(state, body, chat_body)
-        plan = await asyncio.to_thread(plan_chat, state.llm, chat_body, state.load_image)  # may fetch images
         rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
-        stream = state.generate(plan.prompt, plan.params)
+        events = state.pipeline.chat_events(chat_body)
         if body.stream:
-            first = await anext(stream)
-            return StreamingResponse(events(plan, body, rid, created, first, stream), media_type="text/event-stream")
-        final = None
-        async for final in stream:
-            pass
-        return _finish(plan, body, rid, created, final)
-
-    def _finish(plan, body, rid, created, final) -> dict:
-        completion = final.outputs[0]
-        text, calls = completion.text, []
-        if plan.tool_parser is not None:
-            text, calls = plan.tool_parser.parse(completion.text)
-        status = "incomplete" if completion.finish_reason == "length" else "completed"
-        response = _response(rid, created, state.model_name, status, _output_items(text, calls), _usage(final), body)
-        if status == "incomplete":
-            response["incomplete_details"] = {"reason": "max_output_tokens"}
-        return response
-
-    async def events(plan, body, rid, created, first, rest):
-        counter = iter(range(1 << 30))
-
-        def event(kind: str, **fields) -> str:
-            payload = {"type": kind, "sequence_number": next(counter), **fields}
-            return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-        shell = _response(rid, created, state.model_name, "in_progress", [], None, body)
-        yield event("response.created", response=shell)
-        yield event("response.in_progress", response=shell)
-        streaming_text = plan.tool_parser is None
-        item_id, sent, final = f"msg_{uuid.uuid4().hex}", 0, first
-        if streaming_text:
-            item = {"type": "message", "id": item_id, "status": "in_progress", "role": "assistant", "content": []}
-            yield event("response.output_item.added", output_index=0, item=item)
-            yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
-                        part={"type": "output_text", "text": "", "annotations": []})
-        try:
-            output = first
-            while True:
-                final = output
-                text = output.outputs[0].text
-                if streaming_text and len(text) > sent:
-                    yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
-                                delta=text[sent:], logprobs=[])
-                    sent = len(text)
-                if output.finished:
-                    break
-                output = await anext(rest)
-        except LevanteError as e:
-            yield event("error", **error_body(str(e))["error"])
-            return
-        finally:
-            await rest.aclose()
-        response = _finish(plan, body, rid, created, final)
-        for index, item in enumerate(response["output"]):
-            if item["type"] == "message":
-                part = item["content"][0]
-                if streaming_text:
-                    item["id"] = item_id
-                else:
-                    yield event("response.output_item.added", output_index=index,
-                                item={**item, "status": "in_progress", "content": []})
-                    yield event("response.content_part.added", item_id=item["id"], output_index=index,
-                                content_index=0, part={**part, "text": ""})
-                    yield event("response.output_text.delta", item_id=item["id"], output_index=index,
-                                content_index=0, delta=part["text"], logprobs=[])
-                yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                            text=part["text"], logprobs=[])
-                yield event("response.content_part.done", item_id=item["id"], output_index=index,
-                            content_index=0, part=part)
-            else:
-                yield event("response.output_item.added", output_index=index,
-                            item={**item, "arguments": "", "status": "in_progress"})
-                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                            delta=item["arguments"])
-                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                            name=item["name"], arguments=item["arguments"])
-            yield event("response.output_item.done", output_index=index, item=item)
-        if streaming_text and not response["output"]:
-            empty = {"type": "message", "id": item_id, "status": "completed", "role": "assistant",
-                     "content": [{"type": "output_text", "text": "", "annotations": []}]}
-            yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text="",
-                        logprobs=[])
-            yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
-                        part=empty["content"][0])
-            yield event("response.output_item.done", output_index=0, item=empty)
-            response["output"] = [empty]
-        kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
-        yield event(kind, response=response)
-
-
-async def mcp_response(state, body: ResponsesRequest, chat_body: ChatCompletionRequest):
-    """The MCP tool loop (serve/mcp_loop.py) as a Response: an `mcp_call` item per call it ran, then the answer.
-
-    Streamed, the finished items are replayed as events once the loop is done (no token-by-token text).
-    """
-    rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
-    completion = await McpChat(state, chat_body.model_copy(update={"stream": False})).run(rid, created)
-    choice, usage = completion["choices"][0], completion["usage"]
-    items = []
-    for call in choice["message"]["mcp_calls"]:
-        tool = state.mcp.tool(call["name"])
-        items.append({"type": "mcp_call", "id": f"mcp_{uuid.uuid4().hex}", "status": "completed",
-                      "server_label": call["server"] or "", "name": tool.tool_name if tool else call["name"],
-                      "arguments": call["arguments"], "output": None if call["is_error"] else call["content"],
-                      "error": call["content"] if call["is_error"] else None})
-    items += _output_items(choice["message"]["content"], [])
-    status = "incomplete" if choice["finish_reason"] == "length" else "completed"
-    response = _response(rid, created, state.model_name, status, items, {
-        "input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-        "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens_details": {"reasoning_tokens": 0}}, body)
-    if status == "incomplete":
-        response["incomplete_details"] = {"reason": "max_output_tokens"}
-    if not body.stream:
-        return response
-    return StreamingResponse(_replay(response, body, rid, created, state.model_name),
-                             media_type="text/event-stream")
-
-
-def _replay(response: dict, body: ResponsesRequest, rid: str, created: int, model: str):
-    counter = iter(range(1 << 30))
-
-    def event(kind: str, **fields) -> str:
-        payload = {"type": kind, "sequence_number": next(counter), **fields}
-        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-    shell = _response(rid, created, model, "in_progress", [], None, body)
-    yield event("response.created", response=shell)
-    yield event("response.in_progress", response=shell)
-    for index, item in enumerate(response["output"]):
-        if item["type"] == "message":
-            part = item["content"][0]
-            yield event("response.output_item.added", output_index=index,
-                        item={**item, "status": "in_progress", "content": []})
-            yield event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
-                        part={**part, "text": ""})
-            yield event("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0,
-                        delta=part["text"], logprobs=[])
-            yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                        text=part["text"], logprobs=[])
-            yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                        part=part)
-        else:
-            yield event("response.output_item.added", output_index=index, item={**item, "status": "in_progress"})
-        yield event("response.output_item.done", output_index=index, item=item)
-    kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
-    yield event(kind, response=response)
+            stream = ResponseEvents(state, body, rid, created)
+            return await sse_response(formatted(events, stream), stream.error)
+        collector = ChatCompletion(rid, created, state.model_name)
+        async for event in events:
+            collector.add(event)
+        return to_response(state, collector.response(), body, rid, created)

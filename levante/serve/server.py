@@ -1,4 +1,10 @@
-"""`levante serve`: load the model in the background, answer /health 503 until warm."""
+"""`levante serve`: check the model, open the port, load in the background (/health 503 until warm).
+
+The model is resolved and its architecture checked before the port opens, so a wrong name or
+file fails at once, with one line and a non-zero exit. Loading the weights and warming up then
+run in a thread while /health answers 503; if that fails for any reason, the server stops and
+`levante serve` exits non-zero with one line.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -9,37 +15,39 @@ import threading
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
-from levante.errors import InvalidRequest
+from levante.engine.args import EngineArgs
+from levante.errors import InvalidRequest, LevanteError
 from levante.multimodal.images import load_image
+from levante.net import FetchPolicy
+from levante.net.policy import listens_on_loopback
 from levante.serve.app import ServerState, create_app
-from levante.serve.protocol import error_body
+from levante.serve.http import guard, uvicorn_server
+from levante.serve.limits import RequestLimits
 from levante.serve.web_search import configure_web_search
 
 logger = logging.getLogger("levante")
 
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-
-
-def require_api_key(app: FastAPI, api_key: str) -> None:
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if request.url.path.startswith(PROTECTED_PREFIXES) and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
-            return JSONResponse(error_body("invalid or missing API key", "authentication_error",
-                                           code="invalid_api_key"), 401)
-        return await call_next(request)
-
 
 def build_server(state: ServerState, host: str, port: int, api_key: str | None = None,
-                 log_level: str = "info") -> uvicorn.Server:
-    app = create_app(state)
-    if api_key:
-        require_api_key(app, api_key)
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                         timeout_graceful_shutdown=5))
+                 log_level: str = "info", open_metrics: bool = False) -> uvicorn.Server:
+    """The OpenAI API for `state` on host:port, behind the key, body and connection guards (serve/http.py)."""
+    app = guard(create_app(state), state.limits, api_key, open_metrics)
+    return uvicorn_server(app, host, port, state.limits, log_level)
+
+
+def check_model(args) -> None:
+    """Resolve the model (and the embedding model) and check the architecture, without reading weights:
+    a ModelLoadError before the port opens."""
+    from levante.loader.auto import is_embedding_model, open_model
+    from levante.loader.sources import DEFAULT_MODEL
+
+    open_model(args.model or DEFAULT_MODEL)
+    if getattr(args, "embedding_model", None):
+        if not is_embedding_model(args.embedding_model):
+            raise InvalidRequest(f"--embedding-model: '{args.embedding_model}' is not a sentence-embedding model "
+                                 "(a folder with modules.json or config_sentence_transformers.json, or an alias)")
+        open_model(args.embedding_model)
 
 
 def _load_embedding_model(args):
@@ -47,15 +55,11 @@ def _load_embedding_model(args):
     if not getattr(args, "embedding_model", None):
         return None
     from levante import LLM
-    from levante.loader.auto import is_embedding_model
 
-    if not is_embedding_model(args.embedding_model):
-        raise InvalidRequest(f"--embedding-model: '{args.embedding_model}' is not a sentence-embedding model "
-                             "(a folder with modules.json or config_sentence_transformers.json, or an alias)")
-    return LLM(args.embedding_model, dtype=args.dtype, device=args.device, num_threads=args.threads)
+    return LLM(args.embedding_model, dtype=args.dtype, device=args.device, num_threads=args.num_threads)
 
 
-def _mcp_manager(args):
+def _mcp_manager(args, policy: FetchPolicy):
     """The MCP tool manager for `--mcp-config` (or MCP_CONFIG_PATH), not yet started; None without one."""
     path = getattr(args, "mcp_config", None)
     if getattr(args, "mcp_max_rounds", 0) < 0:
@@ -64,7 +68,7 @@ def _mcp_manager(args):
         return None
     from levante.mcp import McpConfig, McpToolManager
 
-    return McpToolManager(McpConfig.load(path))
+    return McpToolManager(McpConfig.load(path), policy=policy.without_domain_list())
 
 
 def _start_mcp(state: ServerState, manager) -> None:
@@ -84,13 +88,10 @@ def _serve_mcp(state: ServerState, args):
         return None
     from levante.mcp.server import build_mcp_http_server
 
-    mcp_server = build_mcp_http_server(state, args.host, args.mcp_port)
+    mcp_server = build_mcp_http_server(state, args.host, args.mcp_port, args.api_key)
     threading.Thread(target=mcp_server.run, name="levante-mcp-server", daemon=True).start()
     logger.warning("levante: MCP server at http://%s:%d/mcp", args.host, args.mcp_port)
     return mcp_server
-
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def local_media_policy(host: str, allowed: list[str] | None) -> bool | list[Path]:
@@ -102,35 +103,44 @@ def local_media_policy(host: str, allowed: list[str] | None) -> bool | list[Path
             if not folder.is_dir():
                 raise InvalidRequest(f"--allowed-local-media-path: '{folder}' is not a folder")
         return folders
-    return host in LOOPBACK_HOSTS
+    return listens_on_loopback(host)
+
+
+def fetch_policy(args) -> FetchPolicy:
+    """What URLs in requests (images, search result pages) and MCP server URLs may reach."""
+    return FetchPolicy.for_server(args.host, getattr(args, "allowed_media_domains", None),
+                                  getattr(args, "allow_private_network", False))
 
 
 def serve(args) -> int:
-    state = ServerState(args.served_model_name or args.model)
+    engine_args = EngineArgs.from_cli_args(args, warmup=True, progress=sys.stderr.isatty())
+    state = ServerState(args.served_model_name or args.model, RequestLimits.from_cli_args(args))
+    policy = fetch_policy(args)
     state.load_image = functools.partial(
-        load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)))
+        load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)),
+        fetch_policy=policy)
     state.mcp_max_rounds = getattr(args, "mcp_max_rounds", state.mcp_max_rounds)
-    manager = _mcp_manager(args)  # a bad config stops here, before anything starts
-    server = build_server(state, args.host, args.port, args.api_key)
-    failure: list[str] = []
+    manager = _mcp_manager(args, policy)  # a bad config stops here, before anything starts
+    check_model(args)  # so does a model that cannot be found or is not supported
+    server = build_server(state, args.host, args.port, args.api_key, open_metrics=getattr(args, "open_metrics", False))
     mcp_start = threading.Thread(target=_start_mcp, args=(state, manager), name="levante-mcp-start", daemon=True)
     if manager is not None:
         mcp_start.start()
 
     def load():
-        from levante.cli import _load
-        from levante.errors import LevanteError
-
         try:
-            llm = _load(args, warmup=True)
+            from levante import LLM
+
+            llm = LLM.from_engine_args(engine_args)
             embedding_llm = _load_embedding_model(args)
-            configure_web_search(state, args.search_url, embedding_llm or (llm if llm.is_embedding_model else None))
-        except LevanteError as e:
-            failure.append(str(e))
+            configure_web_search(state, args.search_url, embedding_llm or (llm if llm.is_embedding_model else None),
+                                 policy)
+            if llm.engine is not None:
+                llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
+        except Exception as e:  # noqa: BLE001 - any failure stops the server with one line
+            state.load_failure = str(e) if isinstance(e, LevanteError) else f"internal error: {type(e).__name__}: {e}"
             server.should_exit = True
             return
-        if llm.engine is not None:
-            llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
         if manager is not None:
             mcp_start.join()  # ready means the MCP tools are offered too
         state.attach(llm, embedding_llm, args.embedding_model)
@@ -146,7 +156,7 @@ def serve(args) -> int:
         manager.close()
     if state.loop is not None:
         state.loop.stop()
-    if failure:
-        print(f"levante: error: {failure[0]}", file=sys.stderr)
+    if state.load_failure:
+        print(f"levante: error: {state.load_failure}", file=sys.stderr)
         return 1
     return 0

@@ -653,34 +653,6 @@ def parser_for(model_name_or_chat_template: str, architecture: str = "",
     return ToolParser(family_for(model_name_or_chat_template, architecture), tools)
 
 
-# --- chat history ----------------------------------------------------------------------------------
-
-def messages_for_template(messages: list) -> list[dict]:
-    """Messages ready for a chat template: each assistant tool call's `arguments`, which OpenAI
-    clients send as JSON text, decoded to an object. Templates write `arguments | tojson` (Qwen2.5,
-    Llama 3.1, Mistral), which would otherwise quote the text a second time; arguments that are not
-    JSON are left as they are."""
-    prepared = []
-    for message in messages:
-        message = dict(message.model_dump(exclude_none=True) if hasattr(message, "model_dump") else message)
-        if message.get("tool_calls"):
-            message["tool_calls"] = [_decoded_call(call) for call in message["tool_calls"]]
-        prepared.append(message)
-    return prepared
-
-
-def _decoded_call(call: Mapping) -> dict:
-    call = dict(call)
-    function = dict(call.get("function") or {})
-    if isinstance(function.get("arguments"), str):
-        try:
-            function["arguments"] = json.loads(function["arguments"])
-        except ValueError:
-            pass
-    call["function"] = function
-    return call
-
-
 # --- grammars for tool_choice "required" and named -------------------------------------------------
 
 # JSON as the templates render it (Python's `json.dumps`), so a forced call looks like the examples.

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from levante.errors import InvalidRequest, LevanteError
+from levante.net import FetchPolicy
 from levante.search import SearchOutcome, WebSearch, embed_with
 from levante.serve.protocol import ChatCompletionRequest
 
@@ -70,7 +71,8 @@ def _with_context(content, context: str):
     return f"{content or ''}\n\n{context}"
 
 
-def configure_web_search(state, url: str | None, embedding_llm=None) -> None:
+def configure_web_search(state, url: str | None, embedding_llm=None,
+                         policy: FetchPolicy = FetchPolicy.local()) -> None:
     """Enable web search on `state` when a SearxNG URL is given (flag or LEVANTE_SEARCH_URL).
 
     Passages are re-ranked by the served embedding model, else by the packaged
@@ -81,7 +83,8 @@ def configure_web_search(state, url: str | None, embedding_llm=None) -> None:
         return
     if embedding_llm is None:
         embedding_llm = _fallback_embedding_model()
-    state.web_search = WebSearch(url, embed_with(embedding_llm) if embedding_llm else None)
+    state.web_search = WebSearch(url, embed_with(embedding_llm) if embedding_llm else None,
+                                 policy=policy.without_domain_list())
     logger.warning("levante: web search via %s", state.web_search.backend)
 
 

@@ -71,13 +71,15 @@ def run_chat(args) -> int:
             model = args.model or remote_model(base_url, api_key)
             label = ""
         else:
-            from levante.cli import _load
+            from levante import LLM
+            from levante.engine.args import EngineArgs
             from levante.loader.sources import DEFAULT_MODEL
             from levante.tui.local import LocalServer
 
             args.model = args.model or DEFAULT_MODEL
             print(f"levante chat: loading {args.model}…", file=sys.stderr)
-            server = LocalServer(_load(args, warmup=False), args.model).start()
+            llm = LLM.from_engine_args(EngineArgs.from_cli_args(args, warmup=False, progress=sys.stderr.isatty()))
+            server = LocalServer(llm, args.model).start()
             base_url, api_key, model, label = server.base_url, server.api_key, args.model, " (local engine)"
         client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
         settings = Settings(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,

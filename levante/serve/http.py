@@ -1,0 +1,213 @@
+"""What stands between the network and the routes: key checks, body checks, connection guards.
+
+- `ApiKeyGate` (ASGI): every path but /health (and /metrics with --open-metrics) needs
+  `Authorization: Bearer KEY`, compared in constant time, decided on the ASGI path.
+- `CheckedRoute`: request bodies parsed once, refused (400, naming the field) when nested
+  deeper than --max-json-depth or holding text that is not Unicode (lone surrogates).
+  The size limit itself is Starlette's `RequestBodyLimitMiddleware` (413, counted while read).
+- `GuardedH11Protocol` (uvicorn): a connection has --header-timeout seconds to send its headers
+  and --body-timeout for its body, and past --max-connections the oldest connection still
+  sending headers is closed to make room, so half-open sockets (slowloris) cannot crowd out
+  real clients. uvicorn alone times out neither, and its `limit_concurrency` answers 503 to
+  everyone once the slow sockets fill it.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from collections.abc import Callable
+
+import uvicorn
+from fastapi import Request
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from levante.serve.limits import RequestLimits
+
+OPEN_PATHS = ("/health",)
+# A surrogate can only enter a str through a \uD800-\uDFFF escape or, as json.loads decodes bytes with
+# 'surrogatepass', through its UTF-8-like bytes (ED A0..BF xx); bodies without either skip the search.
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class BadBody(HTTPException):
+    """A request body refused before validation (400), naming the field when there is one."""
+
+    def __init__(self, message: str, param: str | None = None, status_code: int = 400):
+        super().__init__(status_code=status_code, detail=message)
+        self.param = param
+
+
+# -- API key ----------------------------------------------------------------------------------------
+
+class ApiKeyGate:
+    def __init__(self, app, api_key: str, open_paths: tuple[str, ...] = OPEN_PATHS):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.open_paths = frozenset(open_paths)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket") and scope["path"] not in self.open_paths:
+            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _send_json(send, 401, {"error": {"message": "invalid or missing API key",
+                                                       "type": "authentication_error", "param": None,
+                                                       "code": "invalid_api_key"}})
+                return
+        await self.app(scope, receive, send)
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """Starlette's body limit (counted while the body is read), with a body declared too large by its
+    Content-Length refused at once, in OpenAI's JSON."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = RequestBodyLimitMiddleware(app, max_body_size=max_bytes)
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            declared = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                message = f"the request body is larger than the server takes ({self.max_bytes} bytes)"
+                await _send_json(send, 413, {"error": {"message": message, "type": "invalid_request_error",
+                                                       "param": None, "code": 413}})
+                return
+        await self.app(scope, receive, send)
+
+
+def guard(app, limits: RequestLimits, api_key: str | None, open_metrics: bool = False):
+    """`app` behind the body-size limit and, with a key, the key check (outermost: no body is read
+    for a request without the key)."""
+    app = BodyLimit(app, limits.max_body_bytes)
+    if api_key:
+        app = ApiKeyGate(app, api_key, OPEN_PATHS + (("/metrics",) if open_metrics else ()))
+    return app
+
+
+# -- request bodies ---------------------------------------------------------------------------------
+
+class CheckedRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                value = json.loads(body)
+            except RecursionError:
+                raise BadBody("the request body is nested too deeply") from None
+            except UnicodeDecodeError:
+                raise BadBody("the request body is not valid UTF-8") from None
+            limits: RequestLimits = self.app.state.limits
+            check_json(value, limits.max_json_depth, body)
+            self._json = value
+        return self._json
+
+
+class CheckedRoute(APIRoute):
+    """Routes whose JSON bodies go through `CheckedRequest`."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request):
+            return await handler(CheckedRequest(request.scope, request.receive))
+
+        return checked
+
+
+def check_json(value, max_depth: int, raw: bytes | None = None) -> None:
+    """BadBody if `value` nests deeper than `max_depth` or holds a lone surrogate (key or text).
+    `raw`, the body it was parsed from, lets a body that cannot have either skip the walk."""
+    deep = raw is None or raw.count(b"[") + raw.count(b"{") > max_depth
+    surrogates = raw is None or _SURROGATE_HINT.search(raw) is not None
+    if not (deep or surrogates):
+        return
+    stack = [(value, 0, ())]
+    while stack:
+        item, depth, path = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= max_depth:
+                raise BadBody(f"the request body nests deeper than {max_depth} levels", _path(path))
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                if isinstance(key, str) and surrogates and _SURROGATE.search(key):
+                    raise BadBody(f"{_path(path) or 'body'}: a key is not valid Unicode (lone surrogate)",
+                                  _path(path))
+                stack.append((child, depth + 1, (*path, key)))
+        elif isinstance(item, str) and surrogates and _SURROGATE.search(item):
+            where = _path(path)
+            raise BadBody(f"{where or 'body'}: text is not valid Unicode (a lone surrogate such as \\ud800)", where)
+
+
+def _path(path: tuple) -> str | None:
+    text = ""
+    for key in path:
+        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
+    return text or None
+
+
+# -- connections ------------------------------------------------------------------------------------
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus header and body timeouts and room-making past a connection cap."""
+
+    limits: RequestLimits = RequestLimits()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.opened_at = self.loop.time()
+        self.phase: str | None = None  # "headers" | "body" while the client owes us those; None otherwise
+        self._timer = None
+        self._expect("headers")
+        if len(self.connections) > self.limits.max_connections:
+            self._make_room()
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase is None and (self.cycle is None or self.cycle.response_complete):
+            self._expect("headers")  # the next request on a kept-alive connection
+        super().data_received(data)
+        if self.phase is not None and self.cycle is not None and not self.cycle.response_complete:
+            self._expect("body" if self.cycle.more_body else None)
+
+    def connection_lost(self, exc) -> None:
+        self._expect(None)
+        super().connection_lost(exc)
+
+    def _expect(self, phase: str | None) -> None:
+        if phase == self.phase and phase is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.phase = phase
+        if phase is not None:
+            seconds = self.limits.header_timeout if phase == "headers" else self.limits.body_timeout
+            self._timer = self.loop.call_later(seconds, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        if not self.transport.is_closing():
+            self.logger.info("closing a connection too slow to send its request's %s", self.phase)
+            self.transport.close()
+
+    def _make_room(self) -> None:
+        waiting = [c for c in self.connections if getattr(c, "phase", None) == "headers"]
+        victim = min(waiting, key=lambda c: c.opened_at) if waiting else self
+        victim.transport.close()
+
+
+def uvicorn_server(app, host: str, port: int, limits: RequestLimits, log_level: str = "info") -> uvicorn.Server:
+    protocol = type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
+                                         timeout_graceful_shutdown=5))
