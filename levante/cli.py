@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from levante.engine.args import EngineArgs
 from levante.serve.limits import RequestLimits
@@ -24,6 +25,9 @@ def _mcp_args(parser: argparse.ArgumentParser) -> None:
                              "'mcpServers' shape (env MCP_CONFIG_PATH)")
     parser.add_argument("--mcp-max-rounds", type=int, default=5,
                         help="rounds of MCP tool calls per request before the model must answer (default: 5)")
+    parser.add_argument("--mcp-max-tools", type=int, default=16,
+                        help="MCP tools offered per request: beyond this many (or a quarter of the context), the "
+                             "most relevant to the conversation are chosen; 0: no cap by count (default: 16)")
 
 
 def _load(args, warmup: bool):
@@ -145,9 +149,26 @@ def cmd_models(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    _start_early(args)  # in parallel with the imports below (the engine, the web stack)
     from levante.serve.server import serve
 
     return serve(args)
+
+
+def _start_early(args) -> None:
+    """What loading will wait for and can run beside the imports (on another core): a chat-template
+    worker process boots, and a GGUF model's tokenizer, kept in the cache by an earlier start, is
+    read (`tokenizers` parses without holding the GIL)."""
+    from levante.loader import template_worker
+    from levante.loader.sources import PACKAGED_MODELS, prepared_dir, present_file
+    from levante.loader.tokenizer import Tokenizer
+
+    template_worker.start_worker()
+    if not getattr(args, "prepared_cache", True):
+        return
+    path = present_file(args.model) if args.model in PACKAGED_MODELS else Path(args.model).expanduser()
+    if path is not None and path.suffix == ".gguf" and path.is_file():
+        Tokenizer.read_ahead(path, prepared_dir())
 
 
 def cmd_bench(args) -> int:
@@ -185,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "it takes the same --api-key)")
     serve.add_argument("--open-metrics", action="store_true",
                        help="let /metrics answer without the API key (/health always does)")
+    serve.add_argument("--no-webui", action="store_true",
+                       help="serve no chat page at / (nor its conversation routes, /v1/levante/conversations)")
     RequestLimits.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
 

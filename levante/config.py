@@ -30,7 +30,7 @@ GEMMA3_TEXT_DEFAULTS = {
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    rope_type: str = "default"  # default | linear | llama3 | dynamic | yarn
+    rope_type: str = "default"  # default | linear | llama3 | yarn | longrope
     factor: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
@@ -59,6 +59,16 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # Mixture of experts (Mixtral, Qwen3-MoE): layers `moe_layers` route each token to
+    # `num_experts_per_tok` of `num_experts` gated MLPs `moe_intermediate_size` wide.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to 1
+    moe_layers: list[int] = field(default_factory=list)
+    # The context the engine serves when the user set one (--max-model-len); LongRoPE picks
+    # its long or short factors by it (layers/rotary.py). None: max_position_embeddings.
+    max_model_len: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -81,6 +91,7 @@ class ModelConfig:
             archs = cfg.get("architectures") or [cfg.get("model_type", "")]
             eos = cfg.get("eos_token_id")
             sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+            experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
             return cls(
                 architecture=archs[0],
                 model_type=cfg.get("model_type", ""),
@@ -104,6 +115,13 @@ class ModelConfig:
                 final_logit_softcapping=cfg.get("final_logit_softcapping"),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+                num_experts=experts,
+                num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
+                moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+                if experts else 0,
+                # Mixtral always renormalises; Qwen3-MoE says so in its config (transformers' default: no).
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", cfg.get("model_type") != "qwen3_moe")),
+                moe_layers=_moe_layers(cfg, layers, experts),
                 raw=cfg,
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -115,9 +133,15 @@ def _widest(size) -> int:
     return max(int(s) for s in size) if isinstance(size, list) else int(size)
 
 
+# Families whose sliding window, when the config sets one, applies to every layer.
+_WINDOW_ON_EVERY_LAYER = {"mistral", "mixtral", "phi3", "qwen3_moe"}
+
+
 def _layer_types(cfg: dict, num_layers: int, sliding: int | None) -> list[str]:
     if cfg.get("layer_types"):
         return list(cfg["layer_types"])
+    if sliding and cfg.get("model_type") in _WINDOW_ON_EVERY_LAYER:
+        return [SLIDING] * num_layers
     if sliding and cfg.get("model_type", "").startswith("gemma3"):
         pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
         return [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers)]
@@ -127,23 +151,47 @@ def _layer_types(cfg: dict, num_layers: int, sliding: int | None) -> list[str]:
     return [FULL] * num_layers
 
 
-def _rope_from(params: dict | None, theta: float) -> RopeConfig:
+def _moe_layers(cfg: dict, num_layers: int, experts: int) -> list[int]:
+    """The layers whose MLP is a mixture of experts (Qwen3-MoE may keep some dense)."""
+    if not experts:
+        return []
+    step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or [])
+    return [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
+
+
+def _rope_from(params: dict | None, theta: float, cfg: dict | None = None) -> RopeConfig:
     params = dict(params or {})
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     theta = float(params.pop("rope_theta", theta))
+    if cfg and cfg.get("partial_rotary_factor") is not None:  # the classic layout keeps it at the top
+        params.setdefault("partial_rotary_factor", float(cfg["partial_rotary_factor"]))
+    if rope_type in ("longrope", "su"):  # "su": LongRoPE's first name (early Phi-3 configs)
+        rope_type = "longrope"
+        _longrope_defaults(params, cfg or {})
     factor = float(params.pop("factor", 1.0))
     return RopeConfig(theta=theta, rope_type=rope_type, factor=factor, extra=params)
+
+
+def _longrope_defaults(params: dict, cfg: dict) -> None:
+    """As transformers fills them: the pretraining length (a top-level
+    `original_max_position_embeddings`, Phi-3's place, wins) and the context stretch it implies."""
+    max_position = int(cfg.get("max_position_embeddings", 4096))
+    original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") \
+        or max_position
+    params["original_max_position_embeddings"] = int(original)
+    if params.get("factor") is None:
+        params["factor"] = max_position / int(original)
 
 
 def _rope_configs(cfg: dict) -> dict[str, RopeConfig]:
     params = cfg.get("rope_parameters")
     theta = float(cfg.get("rope_theta", 10000.0))
     if isinstance(params, dict) and (FULL in params or SLIDING in params):
-        return {kind: _rope_from(p, theta) for kind, p in params.items()}
+        return {kind: _rope_from(p, theta, cfg) for kind, p in params.items()}
     if isinstance(params, dict):
-        full = _rope_from(params, theta)
+        full = _rope_from(params, theta, cfg)
     else:
-        full = _rope_from(cfg.get("rope_scaling"), theta)
+        full = _rope_from(cfg.get("rope_scaling"), theta, cfg)
     local_theta = cfg.get("rope_local_base_freq")
     local = RopeConfig(theta=float(local_theta)) if local_theta else full
     return {FULL: full, SLIDING: local}

@@ -44,3 +44,9 @@ class Overloaded(LevanteError):
 
     status = 429
     retry_after = 1
+
+
+class ConversationNotFound(LevanteError):
+    """A saved conversation that does not exist, or is not the asker's (HTTP 404)."""
+
+    status = 404

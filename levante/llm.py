@@ -33,7 +33,8 @@ class LLM:
     "none" (dequantise to `dtype`), "int8" or "int4" (in-situ quantisation of any model).
     Scale-out: `tensor_parallel_size` (worker processes started here, or torchrun's ranks),
     `device_map` ("auto" or "0:12;1:12") and `topology` (a YAML file: per-layer device and
-    quantization). With tensor parallelism, `close()` (or `with LLM(...)`) stops the workers.
+    quantization). With tensor parallelism, `close()` (or `with LLM(...)`) stops the workers now;
+    an LLM dropped without it stops them when collected, and a new tensor-parallel LLM takes the group over.
     CUDA: `enforce_eager` (no CUDA graphs for decode steps), `cuda_graph_max_batch` (default 256).
     Speculative decoding (off by default): `speculative_method` "ngram" (prompt lookup, tuned by
     `prompt_lookup_min` / `prompt_lookup_max`) or "draft" (with `draft_model`, a smaller model with the
@@ -58,7 +59,8 @@ class LLM:
             return
         self.engine = Engine(self.model_name, args.engine_config(), progress=args.progress)
         self.tokenizer = self.engine.tokenizer
-        self.chat_renderer = ChatRenderer(self.tokenizer, self.engine.processor, self.model_name)
+        self.chat_renderer = ChatRenderer(self.tokenizer, self.engine.processor, self.model_name,
+                                          self.engine.model_config.model_type)
 
     @property
     def chat_template(self):
@@ -71,7 +73,8 @@ class LLM:
         return cls(args.model, **args.options())
 
     def close(self) -> None:
-        """Release what outlives the object: tensor-parallel worker processes (also done at exit)."""
+        """Release what outlives the object: tensor-parallel worker processes (also done when the LLM is
+        collected, or at exit)."""
         if self.engine is not None:
             self.engine.close()
 
@@ -160,11 +163,24 @@ class LLM:
         `{"type": "image", "image": PIL.Image}` (vision-language models only), or
         `{"type": "input_audio", "input_audio": {"data": base64, "format": "wav" | "mp3"}}` (Gemma 3n);
         an assistant's `tool_calls[].function.arguments` may be JSON text. `chat_template_kwargs` reach the
-        template as variables (e.g. `enable_thinking`). The server renders the same way.
+        template as variables (e.g. `enable_thinking`, `reasoning_effort`). The server renders the same way.
+
+        Each output's `content` is the answer and, for a reasoning model (Qwen3, QwQ, ...),
+        `reasoning_content` its thinking (`<think>...</think>`, None when it did not think), split as the
+        server splits them; `text` is the whole reply.
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.chat_prompt(c, tools, add_generation_prompt, chat_template_kwargs) for c in conversations]
-        return self.generate(prompts, params)
+        if self.chat_renderer.reasoning_needs_special_tokens:
+            params = dataclasses.replace(params or SamplingParams(), skip_special_tokens=False)
+        outputs = self.generate(prompts, params)
+        for prompt, output in zip(prompts, outputs):
+            ids = prompt.token_ids if isinstance(prompt, MultiModalPrompt) else prompt
+            reasoning = self.chat_renderer.reasoning_parser(ids)
+            for completion in output.outputs:
+                completion.reasoning_content, completion.content = (
+                    reasoning.split(completion.text) if reasoning else (None, completion.text))
+        return outputs
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None

@@ -21,10 +21,12 @@ def free_port() -> int:
 @contextmanager
 def live_server(llm, name: str = "test-model", api_key: str | None = None, embedding_llm=None,
                 embedding_name: str | None = None, web_search=None, mcp=None, mcp_max_rounds: int | None = None,
-                limits=None, open_metrics: bool = False):
+                limits=None, open_metrics: bool = False, webui=None):
     """Yields (base_url, state) with `llm` (and an embedding model) attached and warm; stops the server afterwards.
-    `limits`: a levante.serve.limits.RequestLimits (default: the server's defaults)."""
+    `limits`: a levante.serve.limits.RequestLimits (default: the server's defaults); `webui`: a
+    levante.serve.webui.WebUI to serve the chat page (default: none)."""
     state = ServerState(name, limits)
+    state.webui = webui
     port = free_port()
     server = build_server(state, "127.0.0.1", port, api_key, log_level="warning", open_metrics=open_metrics)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -44,6 +46,9 @@ def live_server(llm, name: str = "test-model", api_key: str | None = None, embed
     state.mcp = mcp  # a started levante.mcp.McpToolManager, or None
     if mcp_max_rounds is not None:
         state.mcp_max_rounds = mcp_max_rounds
+    engine = getattr(llm, "engine", None)
+    if engine is not None:  # as `levante serve` does at load: not inside the first constrained request,
+        engine.grammars.ll_tokenizer  # where it counts against --grammar-timeout (seconds, on a busy machine)
     state.attach(llm, embedding_llm, embedding_name)
     try:
         yield base, state

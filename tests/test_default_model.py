@@ -68,3 +68,39 @@ def test_default_model_answers_sensibly(llm):
                    SamplingParams(temperature=0, max_tokens=8))[0]
     assert "4" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"
+
+
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_current_time", "description": "Get the current time in a given timezone",
+    "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "description": "IANA name"}},
+                   "required": ["timezone"]}}}
+AFTER_TOOL_RESULT = [
+    {"role": "user", "content": "What time is it in Tokyo?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_current_time", "arguments": '{"timezone": "Asia/Tokyo"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"time": "14:05"}'},
+]
+
+
+@pytest.mark.slow
+def test_after_a_tool_result_the_prompt_and_answer_are_the_references(llm):
+    """Issue 13: after a tool result, qwen2.5-coder:0.5b calls the tool again rather than answer.
+    The prompt is transformers' own rendering of the conversation, and llama.cpp, given the same
+    ids, answers the same tokens (it too repeats the call): the model does this, not levante."""
+    import json
+
+    from llama_cpp import Llama
+    from tokenizer_refs import transformers_tokenizer
+
+    decoded = [dict(m, tool_calls=[{**c, "function": {**c["function"], "arguments": json.loads(
+        c["function"]["arguments"])}} for c in m["tool_calls"]]) if "tool_calls" in m else m for m in AFTER_TOOL_RESULT]
+    reference = transformers_tokenizer(DEFAULT_MODEL).apply_chat_template(
+        decoded, tools=[TIME_TOOL], add_generation_prompt=True, tokenize=False)
+    text, _ = llm.chat_renderer.text(AFTER_TOOL_RESULT, [TIME_TOOL])
+    assert text == reference
+    assert text.endswith('<tool_response>\n{"time": "14:05"}\n</tool_response><|im_end|>\n<|im_start|>assistant\n')
+    ids = llm.apply_chat_template(AFTER_TOOL_RESULT, tools=[TIME_TOOL])
+    ours = llm.generate([ids], SamplingParams(temperature=0, max_tokens=48))[0].outputs[0]
+    peer = Llama(str(resolve_alias(DEFAULT_MODEL)), n_ctx=1024, verbose=False)
+    theirs = peer.create_completion(ids, max_tokens=48, temperature=0.0)["choices"][0]["text"]
+    assert ours.text == theirs

@@ -14,6 +14,7 @@ from levante.errors import ModelLoadError, UnsupportedArchitecture
 from levante.loader.gguf import GGUFFile
 from levante.loader.sources import PACKAGED_MODELS, is_installed, resolve_alias
 from levante.quant.gguf_blocks import dequantize
+from tiny_gguf import llama_cpp_permute, save
 
 GGUF_ALIASES = [alias for alias, model in PACKAGED_MODELS.items() if model.filename.endswith(".gguf")]
 CONFIG_FIELDS = [
@@ -91,18 +92,8 @@ def write_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray], layers: in
     for key, value in fields.items():
         add = {str: writer.add_string, float: writer.add_float32, int: writer.add_uint32}[type(value)]
         add(key, value)
-    for name, data in tensors.items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save(writer, tensors)
     return path
-
-
-def llama_cpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
-    """What llama.cpp's convert_hf_to_gguf.py does to llama Q/K rows."""
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
 def test_llama_qk_rows_are_unpermuted(tmp_path):
@@ -215,7 +206,32 @@ def test_unknown_architecture(tmp_path):
     path = write_gguf(tmp_path / "other.gguf", "mamba", {"token_embd.weight": np.zeros((12, 8), np.float32)})
     file = GGUFFile(path)  # metadata stays readable, e.g. for the tokenizer
     assert file.architecture == "mamba" and file.field("tokenizer.ggml.tokens")[:2] == ["t0", "t1"]
-    with pytest.raises(UnsupportedArchitecture, match="mamba.*gemma3, gemma3n, llama, qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitecture, match="mamba.*gemma3, gemma3n, llama, phi3, qwen2, qwen3, qwen3moe"):
         file.hf_config()
     with pytest.raises(UnsupportedArchitecture):
         next(file.named_tensors())
+
+
+def test_stacked_experts_come_out_one_by_one_still_quantized(tmp_path):
+    """llama.cpp stacks a mixture's experts (ffn_*_exps, [experts, rows, cols]); a ``llama`` file
+    with experts is Mixtral, and each expert comes back under its HF name as a view of the
+    stack's blocks."""
+    rng = np.random.default_rng(0)
+    stack = rng.standard_normal((4, 16, 32)).astype(np.float32)
+    path = write_gguf(tmp_path / "moe.gguf", "llama", {
+        "blk.0.ffn_gate_exps.weight": (stack, gguf.GGMLQuantizationType.Q8_0),
+        "blk.0.ffn_gate_inp.weight": rng.standard_normal((4, 32)).astype(np.float32),
+    }, **{"llama.expert_count": 4, "llama.expert_used_count": 2})
+    file = GGUFFile(path)
+    config = file.hf_config()
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
+    assert (config["num_local_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"]) == (4, 2, 16)
+    quantized = dict(file.quantized_tensors())
+    dense = dict(file.named_tensors())
+    assert "model.layers.0.block_sparse_moe.gate.weight" in dense
+    blocks = gguf.quants.quantize(stack, gguf.GGMLQuantizationType.Q8_0)
+    for expert in range(4):
+        name = f"model.layers.0.block_sparse_moe.experts.{expert}.w1.weight"
+        assert quantized[name].qtype == gguf.GGMLQuantizationType.Q8_0 and quantized[name].shape == (16, 32)
+        expected = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)[expert])
+        assert torch.equal(quantized[name].dequantize(), expected) and torch.equal(dense[name], expected)

@@ -13,7 +13,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from levante.mcp import McpConfig, McpToolManager, ToolCallResult
-from mcp_servers import (free_port, git_server, make_git_repo, npm_server, time_server, wait_for_port)
+from live_server import free_port
+from mcp_servers import git_server, make_git_repo, npm_server, time_server, wait_for_port
 
 OPENAI_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 

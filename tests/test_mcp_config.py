@@ -19,7 +19,7 @@ def test_mistralrs_shape():
                                                "work_dir": "/tmp"}},
             {"id": "hf", "name": "Hugging Face", "source": {"type": "Http", "url": "https://hf.co/mcp",
                                                             "timeout_secs": 12},
-             "bearer_token": "tok", "tool_prefix": "huggingface", "enabled": False},
+             "bearer_token": "tok", "tool_prefix": "huggingface", "enabled": False, "always_offer": True},
             {"name": "ws", "source": {"type": "WebSocket", "url": "wss://example.com/mcp"}},
         ],
         "auto_register_tools": False, "tool_timeout_secs": 5, "max_concurrent_calls": 2})
@@ -27,6 +27,7 @@ def test_mistralrs_shape():
     assert time.id == "Time_Server" and time.prefix == "Time_Server"
     assert time.source == ProcessSource("mcp-server-time", ("--local-timezone", "UTC"), {"A": "1"}, "/tmp")
     assert hf.id == "hf" and hf.prefix == "huggingface" and not hf.enabled
+    assert hf.always_offer and not time.always_offer
     assert hf.source == UrlSource("https://hf.co/mcp", "http", {"Authorization": "Bearer tok"}, 12.0)
     assert ws.source.transport == "websocket"
     assert config.enabled_servers == (time, ws)
@@ -36,7 +37,7 @@ def test_mistralrs_shape():
 def test_mcp_servers_shape(tmp_path):
     path = tmp_path / "mcp.json"
     path.write_text(json.dumps({"mcpServers": {
-        "time": {"command": "uvx", "args": ["mcp-server-time"]},
+        "time": {"command": "uvx", "args": ["mcp-server-time"], "always_offer": True},
         "web": {"url": "http://127.0.0.1:3001/mcp", "headers": {"X-Key": "k"}},
         "legacy": {"type": "sse", "url": "https://example.com/sse"},
         "off": {"command": "x", "disabled": True},
@@ -47,6 +48,7 @@ def test_mcp_servers_shape(tmp_path):
     assert config.servers[0].source == ProcessSource("uvx", ("mcp-server-time",))
     assert config.servers[1].source == UrlSource("http://127.0.0.1:3001/mcp", "http", {"X-Key": "k"})
     assert config.servers[2].source.transport == "sse"
+    assert [s.always_offer for s in config.servers] == [True, False, False, False]
     assert (config.auto_register_tools, config.tool_timeout_secs, config.max_concurrent_calls) == (True, 30.0, 10)
 
 
@@ -65,6 +67,9 @@ def test_mcp_servers_shape(tmp_path):
     ({"servers": [{"source": {"type": "Process", "command": "x"}}]}, "servers[0].name"),
     ({"servers": [{"name": "a", "source": {"type": "Process", "command": "x", "args": "-v"}}]},
      "servers[0].source.args"),
+    ({"servers": [{"name": "a", "source": {"type": "Process", "command": "x"}, "always_offer": 1}]},
+     "servers[0].always_offer"),
+    ({"mcpServers": {"a": {"command": "x", "always_offer": "yes"}}}, "mcpServers.a.always_offer"),
     ({"servers": [], "tool_timeout_secs": -1}, "tool_timeout_secs"),
     ({"servers": [], "max_concurrent_calls": 0}, "max_concurrent_calls"),
     ({"servers": [], "auto_register_tools": "yes"}, "auto_register_tools"),

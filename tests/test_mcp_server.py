@@ -3,30 +3,21 @@
 The reference is levante's own /v1/chat/completions: the same greedy request must give the same text.
 """
 import asyncio
-import threading
 
 import openai
 import pytest
 
 from levante import LLM, cli
 from levante.mcp import McpConfig, McpToolManager
-from levante.mcp.server import build_mcp_http_server
-from live_server import live_server
-from mcp_servers import free_port, wait_for_port
+from live_server import free_port
+from mcp_servers import levante_mcp_server
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_model):
     llm = LLM(str(tiny_model("qwen2")), dtype="float32", max_model_len=256, warmup=False)
-    with live_server(llm, "tiny") as (base, state):
-        port = free_port()
-        mcp_server = build_mcp_http_server(state, "127.0.0.1", port)
-        thread = threading.Thread(target=mcp_server.run, daemon=True)
-        thread.start()
-        wait_for_port(port)
-        yield base, f"http://127.0.0.1:{port}/mcp"
-        mcp_server.should_exit = True
-        thread.join(10)
+    with levante_mcp_server(llm) as urls:
+        yield urls
 
 
 def call_levante(url: str, arguments: dict):

@@ -266,6 +266,9 @@ def test_cli_takes_quantization_and_isq():
 
 # -- the default model --------------------------------------------------------------------------
 
+CLEAR_LEAD = 0.25  # logits; bfloat16 steps near logit 20 are 0.125
+
+
 @pytest.mark.slow
 def test_default_model_auto_agrees_with_dequantized():
     """Teacher-forced top-1 over 300 tokens, packed ("auto") vs dequantised ("none"), both in
@@ -278,6 +281,11 @@ def test_default_model_auto_agrees_with_dequantized():
     is the steadier measure of how little the requantisation changes. With the native
     kernels (Q5_0 kept exact, activations rounded to int8 in blocks of 32 in the body, to
     ~15 bits in the head): 98.7% / KL 0.0014 (prefill), 98.0% / KL 0.0015 (chunks of 8).
+
+    How many near-ties flip depends on the CPU (its bfloat16 matmuls): 97.0% on an AVX-512
+    BF16 EPYC, where all 9 flips sat at a dense top-1 lead of at most 0.125 (six were exact
+    ties in bfloat16). So the strict check is on the positions with a clear lead: there,
+    every top-1 must agree; overall agreement and KL bound the rest.
     """
     from test_default_model import TEXT as LONG_TEXT
 
@@ -297,6 +305,11 @@ def test_default_model_auto_agrees_with_dequantized():
         agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
         want_logprobs, got_logprobs = want.log_softmax(-1), got.log_softmax(-1)
         kl = (want_logprobs.exp() * (want_logprobs - got_logprobs)).sum(-1).mean().item()
-        print(f"chunk {chunk}: top-1 agreement over 300 tokens {agreement:.4f}, mean KL {kl:.5f}")
-        assert agreement >= 0.98
+        top2 = want.topk(2, -1).values
+        clear = (top2[:, 0] - top2[:, 1]) > CLEAR_LEAD
+        clear_flips = (got.argmax(-1) != want.argmax(-1))[clear].sum().item()
+        print(f"chunk {chunk}: top-1 agreement over 300 tokens {agreement:.4f}, mean KL {kl:.5f}, "
+              f"flips at a clear lead {clear_flips} of {clear.sum().item()}")
+        assert clear_flips == 0
+        assert agreement >= 0.95
         assert kl < 0.005

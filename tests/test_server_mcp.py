@@ -1,10 +1,7 @@
 """The server-side MCP tool loop with the default model and the real time server, through the openai client."""
 import asyncio
-import json
 import os
-import re
 import signal
-from datetime import datetime
 
 import openai
 import pytest
@@ -12,7 +9,7 @@ import pytest
 from levante import LLM
 from levante.mcp import McpConfig, McpToolManager
 from live_server import live_server
-from mcp_servers import npm_server, time_server
+from mcp_servers import assert_answers_from_the_tool, npm_server, time_server
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +39,6 @@ def serve(llm):
     for context, manager in opened:
         context.__exit__(None, None, None)
         manager.close()
-
-
-def assert_answers_from_the_tool(content: str, calls: list[dict]):
-    """The reply states the Tokyo time that the time server returned (hh:mm, leading zero optional, ISO or not)."""
-    tokyo = [c for c in calls if c["name"] == "time_get_current_time" and not c["is_error"]]
-    assert tokyo, calls
-    assert json.loads(tokyo[0]["arguments"])["timezone"] == "Asia/Tokyo"
-    stamp = datetime.fromisoformat(json.loads(tokyo[0]["content"])["datetime"])
-    assert re.search(rf"(?<!\d)0?{stamp.hour}:{stamp.minute:02d}(?!\d)", content), (content, stamp)
 
 
 def test_tokyo_time_from_the_time_server(serve):

@@ -20,13 +20,16 @@ from live_server import live_server
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = int(os.environ.get("LEVANTE_SCHEMATHESIS_EXAMPLES", "25"))  # per operation and mode; 9 operations
+EXAMPLES = int(os.environ.get("LEVANTE_SCHEMATHESIS_EXAMPLES", "25"))  # per operation and mode; 15 operations
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, minilm):
+def server(tiny_model, minilm, tmp_path_factory):
+    from levante.serve.webui import WebUI
+
     llm = LLM(str(tiny_model("qwen2")), dtype="float32", max_model_len=128, warmup=False)
-    with live_server(llm, "tiny", embedding_llm=minilm, embedding_name="minilm") as (base, state):
+    webui = WebUI(store_path=tmp_path_factory.mktemp("store") / "chats.sqlite3")  # the conversation routes too
+    with live_server(llm, "tiny", embedding_llm=minilm, embedding_name="minilm", webui=webui) as (base, state):
         state.load_image = functools.partial(load_image, local_paths=False, max_bytes=1 << 20)
         state.load_image = _data_urls_only(state.load_image)
         yield base, state
@@ -64,7 +67,7 @@ def test_no_server_errors(server, mode):
             assert mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET", operation.label
             continue
         checked.append(operation.label)
-    assert len(checked) >= (9 if mode is GenerationMode.POSITIVE else 6), checked  # every route exercised
+    assert len(checked) >= (15 if mode is GenerationMode.POSITIVE else 11), checked  # every route exercised
 
 
 def test_the_server_still_answers_and_holds_nothing(server):

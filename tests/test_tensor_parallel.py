@@ -27,9 +27,11 @@ def _run(llm):
     return [o.metrics["prompt_logits"] for o in logits], [o.outputs[0].token_ids for o in greedy]
 
 
-def _compare(folder, **options):
+def _compare(folder, check=None, **options):
     with LLM(str(folder), **OPTIONS, **options, tensor_parallel_size=2) as llm:
         assert llm.engine.model.model.layers[0].self_attn.num_heads == 2  # half of the 4 heads
+        if check is not None:
+            check(llm)
         # A single-rank engine built and run while this process holds the group stays whole.
         reference = LLM(str(folder), **OPTIONS, **options)
         assert reference.engine.model.model.layers[0].self_attn.num_heads == 4
@@ -43,9 +45,57 @@ def _compare(folder, **options):
     assert tokens == ref_tokens
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3", "mistral", "phi3", "mixtral", "qwen3_moe"])
 def test_tp2_matches_tp1(tiny_model, arch):
     _compare(tiny_model(arch))
+
+
+def _greedy(llm):
+    return [o.outputs[0].token_ids for o in llm.generate(
+        _prompts(), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]
+
+
+@pytest.mark.slow
+def test_a_second_tp_llm_needs_no_close(tiny_model):
+    """As in a notebook: a dropped LLM releases its group when collected; a new one made while the
+    old one is still referenced (`llm = LLM(...)` run again) takes the group over."""
+    import gc
+
+    from levante.errors import LevanteError
+
+    folder = str(tiny_model("qwen2"))
+    first = LLM(folder, **OPTIONS, tensor_parallel_size=2)
+    expected = _greedy(first)
+    first_workers = first.engine.tensor_parallel.procs
+    del first
+    gc.collect()
+    assert all(p.wait(10) is not None for p in first_workers), "a collected LLM keeps its workers"
+    second = LLM(folder, **OPTIONS, tensor_parallel_size=2)
+    assert _greedy(second) == expected
+    third = LLM(folder, **OPTIONS, tensor_parallel_size=2)  # `second` is still referenced
+    assert all(p.wait(10) is not None for p in second.engine.tensor_parallel.procs)
+    with pytest.raises(LevanteError, match="took the group over"):
+        second.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+    assert _greedy(third) == expected
+    third.close()
+
+
+def test_tp2_splits_every_quantized_expert(tiny_model, tmp_path):
+    """A Q4_0 Mixtral GGUF: each rank keeps its half of every expert's width, still quantised
+    (down_proj's input columns split on block boundaries)."""
+    from gguf import GGMLQuantizationType
+
+    from levante.quant.packed import Int4Weight
+    from tiny_gguf import convert
+
+    path = convert(tiny_model("mixtral"), tmp_path / "mixtral-q4_0.gguf", GGMLQuantizationType.Q4_0)
+
+    def halves_each_expert(llm):
+        expert = llm.engine.model.model.layers[0].mlp.experts[3]
+        assert isinstance(expert.down_proj.packed, Int4Weight) and expert.down_proj.packed.shape == (64, 64)
+        assert expert.gate_up_proj.packed.shape == (128, 64)  # gate and up: 64 rows each of 128
+
+    _compare(path, prepared_cache=False, check=halves_each_expert)
 
 
 def test_tp2_replicates_a_single_kv_head(tmp_path):
@@ -144,8 +194,11 @@ def test_idle_worker_sleeps_and_dies_with_rank_0(tiny_model, tmp_path):
     try:
         assert rank0.stdout.readline().strip() == "ready"
         children = open(f"/proc/{rank0.pid}/task/{rank0.pid}/children").read().split()
-        assert len(children) == 1
-        worker = int(children[0])
+        # Rank 0 may also run a chat-template worker; the tensor-parallel rank is the tp_worker module.
+        workers = [int(pid) for pid in children
+                   if b"levante.engine.tp_worker" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(workers) == 1
+        worker = workers[0]
         before = _cpu_seconds(worker)
         time.sleep(2)
         assert _cpu_seconds(worker) - before < 0.2  # waiting for a step costs no CPU
@@ -177,3 +230,17 @@ def test_vision_models_refuse_tensor_parallel():
     with pytest.raises(ModelLoadError, match="vision-language models"):
         check_tensor_parallel(config, 2)
     check_tensor_parallel(config, 1)
+
+
+def test_indivisible_expert_width_is_a_clear_error():
+    from levante.config import ModelConfig
+    from levante.engine.build import check_tensor_parallel
+
+    raw = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 64,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 90, "num_hidden_layers": 2,
+           "vocab_size": 100, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 30}
+    with pytest.raises(ModelLoadError, match="does not divide .*an expert width of 30"):
+        check_tensor_parallel(ModelConfig.from_hf_dict(raw), 4)
+    check_tensor_parallel(ModelConfig.from_hf_dict(raw | {"moe_intermediate_size": 32}), 4)  # 90: no dense MLP
+    with pytest.raises(ModelLoadError, match="an MLP width of 90"):
+        check_tensor_parallel(ModelConfig.from_hf_dict(raw | {"moe_intermediate_size": 32, "mlp_only_layers": [1]}), 4)

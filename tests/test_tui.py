@@ -20,7 +20,7 @@ import pytest
 
 from levante.tui.app import ChatApp
 from levante.tui.session import ChatSession, Settings, ToolResult, TurnEnd, TurnError
-from levante.tui.store import ConversationStore, data_dir
+from levante.conversations import ConversationStore, data_dir
 from levante.tui.widgets import AssistantMessage, Notice, ToolCallView, UserMessage
 from scripted_openai import scripted_endpoint, text, tool_call
 
@@ -121,9 +121,9 @@ def test_store_saves_lists_and_loads(store, tmp_path):
     again = ConversationStore()  # another process sees the same file
     assert again.load(b)[0]["content"][0]["text"] == "look"
     again.close()
-    from levante.errors import InvalidRequest
+    from levante.errors import ConversationNotFound
 
-    with pytest.raises(InvalidRequest, match="no conversation 999"):
+    with pytest.raises(ConversationNotFound, match="no conversation 999"):
         store.load(999)
 
 
@@ -484,7 +484,7 @@ def test_pilot_local_engine_matches_llm_chat(store, tiny_model, tmp_path):
         with pytest.raises(openai.AuthenticationError):
             bad_key.models.list()
     assert messages == [*question, {"role": "assistant", "content": expected}]
-    assert "tiny (owned by levante, max_model_len 256)" in model_info
+    assert "tiny (owned by levante, type chat, max_model_len 256, input_modalities text)" in model_info
     assert error == f"error: {direct.value.body['message']} (HTTP 400)"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from levante.tui.store import ConversationStore
+from levante.conversations import ConversationStore
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]

@@ -12,7 +12,7 @@ import pytest
 
 from levante.tui.app import ChatApp
 from levante.tui.session import ChatSession, Settings
-from levante.tui.store import ConversationStore
+from levante.conversations import ConversationStore
 from levante.tui.widgets import ToolCallView
 from scripted_openai import scripted_endpoint, text, tool_call
 from test_tui import _answers, _notices, _type, _until

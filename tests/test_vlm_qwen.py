@@ -92,17 +92,44 @@ def test_chunked_prefill_across_images_matches(arch_folder, reference):
     torch.testing.assert_close(output.metrics["prompt_logits"], expected, atol=ATOL, rtol=0)
 
 
-def test_greedy_continuation_matches_transformers(arch_folder, reference):
-    arch, folder = arch_folder
-    llm = _llm(folder)
-    prompts = _prompts()
-    outputs = llm.generate(_multimodal(llm, prompts), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+GREEDY_TOKENS = 24  # decode steps past the image, each compared (issue 13: one went wrong at the third)
+
+
+def _greedy_matches(llm, reference, arch, prompts):
+    outputs = llm.generate(_multimodal(llm, prompts),
+                           SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True))
     for (ids, images), output in zip(prompts, outputs):
         inputs = reference_inputs(arch, ids, images)
         with torch.no_grad():
-            generated = reference.generate(**inputs, do_sample=False, max_new_tokens=12, min_new_tokens=12,
-                                           pad_token_id=0)
+            generated = reference.generate(**inputs, do_sample=False, max_new_tokens=GREEDY_TOKENS,
+                                           min_new_tokens=GREEDY_TOKENS, pad_token_id=0)
         assert output.outputs[0].token_ids == generated[0, inputs["input_ids"].size(1):].tolist()
+    return [output.outputs[0].token_ids for output in outputs]
+
+
+def test_greedy_continuation_matches_transformers(arch_folder, reference):
+    arch, folder = arch_folder
+    _greedy_matches(_llm(folder), reference, arch, _prompts())
+
+
+@pytest.fixture(scope="module")
+def real_vocabulary_qwen2_5_vl(tmp_path_factory):
+    """Issue 13's model: Qwen2.5's real vocabulary size (151,936) with tied embeddings, mrope_section
+    [4, 2, 2], a 2-block vision tower whose 56-pixel windows are smaller than the images."""
+    text = dict(vocab_size=151936, tie_word_embeddings=True, initializer_range=0.3,
+                rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 1000000.0})
+    folder = build("qwen2_5_vl", tmp_path_factory.mktemp("qwen2_5_vl_vocab"), text, dict(depth=2))
+    return folder, load_reference("qwen2_5_vl", folder)
+
+
+@pytest.mark.slow  # transformers' generate over 151,936 logits a step takes its time
+def test_real_vocabulary_greedy_matches_transformers(real_vocabulary_qwen2_5_vl):
+    folder, reference = real_vocabulary_qwen2_5_vl
+    assert reference.config.text_config.vocab_size == 151936 and reference.config.tie_word_embeddings
+    images = [random_image(112, 84, 5), random_image(84, 168, 6), random_image(200, 56, 7)]
+    prompts = [([30, 31] + PLACEHOLDER + [32, 33, 34], images[:1]), (PLACEHOLDER + [40, 41] + PLACEHOLDER, images[1:])]
+    answers = _greedy_matches(_llm(folder), reference, "qwen2_5_vl", prompts)
+    assert all(len(set(tokens)) > GREEDY_TOKENS // 2 for tokens in answers)  # no degenerate repetition
 
 
 def test_repeated_image_is_encoded_once(arch_folder):

@@ -37,6 +37,18 @@ def _config(arch: str):
         return tf.Qwen2Config(**common, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])
     if arch == "qwen3":
         return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"])
+    if arch == "mistral":  # every layer within a window shorter than the test prompts
+        return tf.MistralConfig(**common, sliding_window=16, architectures=["MistralForCausalLM"])
+    if arch == "phi3":  # LongRoPE; the 8-token pretraining length makes every test sequence "long"
+        factors = torch.Generator().manual_seed(3)
+        return tf.Phi3Config(**common, original_max_position_embeddings=8, sliding_window=24,
+                             rope_parameters=_longrope(8, factors), architectures=["Phi3ForCausalLM"])
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                architectures=["MixtralForCausalLM"])
+    if arch == "qwen3_moe":  # layer 1 keeps a dense MLP; routing weights not renormalised
+        return tf.Qwen3MoeConfig(**common, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 norm_topk_prob=False, mlp_only_layers=[1], architectures=["Qwen3MoeForCausalLM"])
     if arch == "gemma3":
         return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=24,
                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
@@ -44,11 +56,21 @@ def _config(arch: str):
     raise ValueError(arch)
 
 
-def build(arch: str, folder: Path) -> Path:
-    """Save a tiny random `arch` model (float32) with a tokenizer into `folder`."""
+def _longrope(half_head: int, generator: torch.Generator) -> dict:
+    """LongRoPE parameters with random per-frequency factors (1 to 4 long, 1 to 1.5 short)."""
+    return {"rope_type": "longrope", "rope_theta": 10000.0,
+            "long_factor": (1 + 3 * torch.rand(half_head, generator=generator)).tolist(),
+            "short_factor": (1 + 0.5 * torch.rand(half_head, generator=generator)).tolist()}
+
+
+def build(arch: str, folder: Path, **changes) -> Path:
+    """Save a tiny random `arch` model (float32) with a tokenizer into `folder`; `changes` set
+    config attributes (e.g. a variant llama.cpp can run)."""
     import transformers as tf
 
     config = _config(arch)
+    for name, value in changes.items():
+        setattr(config, name, value)
     torch.manual_seed(0)
     cls = tf.Gemma3ForCausalLM if arch == "gemma3" else tf.AutoModelForCausalLM
     model = cls.from_config(config) if cls is tf.AutoModelForCausalLM else cls(config)
@@ -56,6 +78,8 @@ def build(arch: str, folder: Path) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith("mlp.gate.weight"):  # MoE routers start at zero: every expert tied
+                p.normal_(0, 0.5)
     model.to(torch.float32).save_pretrained(folder)
     _tokenizer(folder)
     return folder

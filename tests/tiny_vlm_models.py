@@ -48,7 +48,8 @@ def _tokenizer(folder: Path):
     fast.save_pretrained(folder)
 
 
-def _config(arch: str):
+def _config(arch: str, text_options: dict | None = None, vision_options: dict | None = None):
+    """`text_options` / `vision_options` override the text and vision settings below."""
     import transformers as tf
 
     tokens = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
@@ -61,7 +62,9 @@ def _config(arch: str):
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       fullatt_block_indexes=[1], window_size=56, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, hidden_act="silu")
-        return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+        text, vision = {**text, **(text_options or {})}, {**vision, **(vision_options or {})}
+        return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                   tie_word_embeddings=text.get("tie_word_embeddings", False),
                                    architectures=["Qwen2_5_VLForConditionalGeneration"], **tokens)
     if arch == "qwen3_vl":
         text.update(head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
@@ -70,6 +73,7 @@ def _config(arch: str):
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=36,
                       deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
+        text, vision = {**text, **(text_options or {})}, {**vision, **(vision_options or {})}
         return tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
                                 architectures=["Qwen3VLForConditionalGeneration"], **tokens)
     raise ValueError(arch)
@@ -85,10 +89,10 @@ def image_processor(arch: str):
     return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 
 
-def build(arch: str, folder: Path) -> Path:
+def build(arch: str, folder: Path, text_options: dict | None = None, vision_options: dict | None = None) -> Path:
     import transformers as tf
 
-    config = _config(arch)
+    config = _config(arch, text_options, vision_options)
     torch.manual_seed(0)
     cls = {"qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration, "qwen3_vl": tf.Qwen3VLForConditionalGeneration}[arch]
     model = cls(config)

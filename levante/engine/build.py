@@ -3,6 +3,7 @@ start-up that rank 0 and tensor-parallel workers share."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -12,9 +13,9 @@ from levante.config import EngineConfig, ModelConfig
 from levante.distributed import parallel_state
 from levante.distributed.topology import Topology
 from levante.errors import InvalidTopology, ModelLoadError
-from levante.loader.memory import return_free_memory
+from levante.loader.memory import return_free_memory, trim_heap
 from levante.loader.prepared import load_prepared, prepared_path, save_prepared
-from levante.loader.sources import cache_dir
+from levante.loader.sources import prepared_dir
 from levante.models.registry import build_model, load_weights
 from levante.quant.packed import resolve_mode
 
@@ -37,8 +38,10 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
     kv = config.num_kv_heads
     if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
         problems.append(f"{kv} key/value heads")
-    if config.intermediate_size % tp:
+    if config.intermediate_size % tp and len(config.moe_layers) < config.num_layers:  # a dense MLP somewhere
         problems.append(f"an MLP width of {config.intermediate_size}")
+    if config.num_experts and config.moe_intermediate_size % tp:
+        problems.append(f"an expert width of {config.moe_intermediate_size}")
     if problems:
         raise ModelLoadError(f"--tensor-parallel-size {tp} does not divide the model's {', '.join(problems)}")
 
@@ -55,18 +58,20 @@ def load_model(source, config: EngineConfig, dtype: torch.dtype, device: torch.d
     if tp and (config.device_map or (topology is not None and topology.sets_devices)):
         raise InvalidTopology("tensor parallelism and per-layer device mapping cannot be combined: "
                               "use one or the other")
+    # The context the user asked for is part of the model where RoPE depends on it (LongRoPE).
+    model_config = dataclasses.replace(source.config, max_model_len=config.max_model_len)
     with parallel_state.building() if tp else contextlib.nullcontext():
-        model = build_model(source.config, dtype, device)
+        model = build_model(model_config, dtype, device)
     overrides = None
     if config.device_map or topology is not None:
         from levante.engine.placement import place
 
         kv_bytes = int((config.cache.memory_gb or 2.0) * (1 << 30))
         overrides = place(model, device, dtype, source.format, config.device_map, topology, kv_bytes)
-    return_free_memory()  # what reading the tokenizer freed, before the weights come in
+    trim_heap()  # what reading the tokenizer freed, before the weights come in
     prepared = None  # packed weights kept from an earlier load: one rank, no per-layer placement
     if config.prepared_cache and not tp and overrides is None:
-        prepared = prepared_path(cache_dir(), source.path, quantization, dtype)
+        prepared = prepared_path(prepared_dir(), source.path, quantization, dtype)
     if prepared is not None and load_prepared(model, prepared, quantization):
         return model.eval(), quantization, prepared
     quantized = quantization is not None or any(overrides.values() if overrides else ())

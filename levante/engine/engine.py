@@ -93,11 +93,12 @@ class Engine:
             self.source.config = sliced_config(self.source.config, config.matformer_config, config.matformer_slice)
         self.quantization = resolve_mode(config.quantization, self.source.format)
         self.model_config = self.source.config
-        self.tokenizer = self.source.tokenizer()
+        self.tokenizer = self.source.tokenizer(cached=config.prepared_cache)
         self.tensor_parallel = None  # engine/tp.py: the worker ranks, under --tensor-parallel-size
         if config.tensor_parallel_size != 1:
             self.tensor_parallel, self.device = tp.start_rank0(model, self.model_config, config, self.device,
                                                                self.dtype)
+            self.tensor_parallel.release_with(self)  # close() is not required: collection releases it too
         self.model, self.loaded_from = tp.load_model_all_ranks(
             self.source, config, self.dtype, self.device, lambda s, q: _with_progress(s, progress, quantized=q),
             self.tensor_parallel)
@@ -144,9 +145,11 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings, capacity)
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        runner = tp.TensorParallelRunner if self.tensor_parallel else ModelRunner
-        self.runner = runner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
-        if not self.tensor_parallel:
+        if self.tensor_parallel:
+            self.runner = tp.TensorParallelRunner(self.tensor_parallel, self.model, num_blocks, cache.block_size,
+                                                  self.dtype, self.device)
+        else:
+            self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
             self.runner.setup_decode_graphs(cfg.max_num_seqs, self.max_model_len, cfg.enforce_eager,
                                             cfg.cuda_graph_max_batch)
         if draft_per_token:
@@ -170,7 +173,7 @@ class Engine:
         return int(max(budget, floor))
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (also done at exit)."""
+        """Stop the tensor-parallel workers, if any (also done when the engine is collected, or at exit)."""
         if self.tensor_parallel is not None:
             self.tensor_parallel.close()
 

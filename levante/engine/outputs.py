@@ -24,6 +24,10 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop string or token that ended it
+    # A chat reply read as OpenAI's message (`LLM.chat` fills them; `text` stays the whole reply): the
+    # answer, and a reasoning model's thinking (loader/reasoning.py), None when it did not think.
+    content: str | None = None
+    reasoning_content: str | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

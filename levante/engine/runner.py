@@ -18,6 +18,7 @@ from levante.engine.encoder_cache import EncoderCache
 from levante.engine.kv_cache import fill_tables
 from levante.engine.scheduler import ScheduledSequence
 from levante.layers.attention import Attention, AttentionMetadata, attention_metadata
+from levante.layers.moe import SparseMoE
 from levante.quant import native
 
 logger = logging.getLogger("levante")
@@ -97,6 +98,10 @@ class ModelRunner:
             return
         if any(k.device != self.device for k, _ in self.kv_cache):
             logger.info("CUDA graphs off: layers are spread over several devices (decode runs eagerly)")
+            return
+        if capture and any(isinstance(m, SparseMoE) for m in self.model.modules()):
+            logger.info("CUDA graphs off: mixture-of-experts layers choose their experts on the host "
+                        "(decode runs eagerly)")
             return
         if capture:
             from levante.layers.paged_attention import triton_paged_attention_available

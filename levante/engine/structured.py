@@ -13,11 +13,10 @@ compiling it wants a C++ toolchain on CPU.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from copy import copy
-import threading
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Literal
 
 import llguidance
@@ -74,8 +73,13 @@ class StructuredOutput:
 
 
 class GrammarCompiler:
-    """One per engine: the llguidance tokenizer (built on first use, ~1-2 s for a 150k vocabulary)
-    and a bounded cache of compiled grammars, keyed by (kind, value)."""
+    """One per engine: the llguidance tokenizer and a bounded cache of compiled grammars, keyed by
+    (kind, value).
+
+    The llguidance tokenizer is built on first use: about a second for a 150k vocabulary, all of it
+    holding the GIL, so built ahead (before a server reports ready, or in a thread after) it would
+    cost every start or stall every request of that second; built on first use, only the first
+    constrained request waits."""
 
     def __init__(self, tokenizer, model_vocab_size: int, eos_token_ids: set[int], cache_size: int = 64):
         self.tokenizer = tokenizer
@@ -86,12 +90,22 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self._templates: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()  # compiled in worker threads, copied on the engine thread
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._ll_tokenizer_lock = threading.Lock()
 
-    @cached_property
+    @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
-        backend = copy(self.tokenizer.backend)
-        backend.no_padding()
-        backend.no_truncation()
+        with self._ll_tokenizer_lock:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = self._build_ll_tokenizer()
+            return self._ll_tokenizer
+
+    def _build_ll_tokenizer(self) -> llguidance.LLTokenizer:
+        backend = self.tokenizer.backend
+        if backend.padding is not None or backend.truncation is not None:  # a copy costs ~0.5 s: only if needed
+            backend = copy(backend)
+            backend.no_padding()
+            backend.no_truncation()
         try:
             return llguidance.LLTokenizer(backend.to_str(), n_vocab=self.vocab_size, eos_token=self.eos_token_ids)
         except Exception as error:  # llguidance raises plain ValueError/RuntimeError

@@ -10,6 +10,11 @@ Rank 0 sends its resolved model path and EngineConfig, every rank builds its sha
 model, and all report success or their error together, so a failure on any rank fails
 start-up everywhere with its message.
 
+A process holds one group at a time. The engine that formed it releases it on `close()`, or
+when it is garbage-collected or the process exits (a finalizer); a new tensor-parallel engine
+whose predecessor is still alive (`llm = LLM(..., tensor_parallel_size=2)` run twice in a
+notebook) takes the group over: the old engine's workers stop and its next step is an error.
+
 Each step (`TensorParallelRunner.prepare`): rank 0 builds the step's inputs as usual and
 broadcasts them (distributed/messages.py); workers rebuild the attention metadata and run
 the same forward. Layers all-reduce inside; the head's logits are all-gathered, and only
@@ -17,10 +22,11 @@ rank 0 samples. Workers end on a SHUTDOWN message, or when rank 0 disappears.
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
+import gc
 import logging
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -40,16 +46,24 @@ _FIELDS = ("input_ids", "positions", "slot_mapping", "key_slots", "query_positio
 class TensorParallel:
     """Rank 0's handle on the group: the spawned workers and the shutdown."""
 
+    current: TensorParallel | None = None  # the group this process holds, if it formed one
+
     def __init__(self, procs: list, threads: int | None = None):
         self.procs = procs
         self.closed = False
         self._threads = threads  # rank 0's thread count before the group, restored on close
-        atexit.register(self.close)
+        TensorParallel.current = self
+
+    def release_with(self, owner) -> None:
+        """Close the group when `owner` (the engine) is garbage-collected, or at exit."""
+        weakref.finalize(owner, self.close)
 
     def close(self, notify: bool = True) -> None:
         if self.closed:
             return
         self.closed = True
+        if TensorParallel.current is self:
+            TensorParallel.current = None
         if notify:
             try:
                 messages.send(messages.SHUTDOWN, [], [], torch.device("cpu"))
@@ -69,6 +83,7 @@ def start_rank0(model: str, model_config, config: EngineConfig, device: torch.de
 
     tp = config.tensor_parallel_size
     check_tensor_parallel(model_config, tp)
+    _release_previous_group()
     threads = None
     if device.type == "cpu" and not config.num_threads:
         # The ranks of one host share its cores.
@@ -99,6 +114,19 @@ def start_rank0(model: str, model_config, config: EngineConfig, device: torch.de
             raise ModelLoadError(f"tensor-parallel workers did not join (exit codes {codes}): {e}") from None
     dist.broadcast_object_list([model, config], src=0, group=parallel_state.cpu_group())
     return TensorParallel(procs, threads), device
+
+
+def _release_previous_group() -> None:
+    """Make room for a new group: one whose engine is gone is released by its finalizer (a
+    collection runs it now), one whose engine lives on is taken over."""
+    if not parallel_state.is_initialized():
+        return
+    gc.collect()
+    previous = TensorParallel.current
+    if previous is not None:
+        logger.warning("a new tensor-parallel engine takes over this process's group: the previous one "
+                       "stops (close() it when done with it)")
+        previous.close()
 
 
 def load_model_all_ranks(source, config: EngineConfig, dtype: torch.dtype, device: torch.device,
@@ -202,11 +230,16 @@ def _forward(runner: ModelRunner, ints: list[int], tensors: list) -> None:
 class TensorParallelRunner(ModelRunner):
     """Rank 0's runner: each step's inputs also go to the workers before the forward."""
 
-    def __init__(self, model, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, group: TensorParallel, model, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device):
         super().__init__(model, num_blocks, block_size, dtype, device)
+        self.group = group
         messages.send(messages.INIT, [num_blocks, block_size], [], device)
 
     def prepare(self, batch, all_logits):
+        if self.group.closed:  # its collectives would reach another engine's workers
+            raise LevanteError("this engine's tensor-parallel workers are stopped (it was closed, or a newer "
+                               "tensor-parallel LLM took the group over): load it again")
         input_ids, positions, md = super().prepare(batch, all_logits)
         md.sdpa()  # the workers take the SDPA fields
         values = {"input_ids": input_ids, "positions": positions, **{

@@ -2,7 +2,10 @@
 
 As in nano-vllm: each parameter carries a `weight_loader(param, loaded, shard_id)`
 so a checkpoint's separate q/k/v or gate/up tensors land in one fused matrix,
-and a column/row-parallel rank keeps only its slice.
+and a column/row-parallel rank keeps only its slice. A checkpoint that stores the
+fused matrix itself (Phi-3's qkv_proj, gate_up_proj) passes no shard id: the loader
+cuts it into its shards, which then go the same way (so each rank still keeps its
+rows of q, k and v).
 
 Quantised (``quantization`` set before loading, see models/registry.py): the loader
 keeps each shard as it comes (a dense tensor or GGUF blocks) and, once the last shard
@@ -25,6 +28,8 @@ from levante.quant.packed import PackedWeight, pack
 class LinearBase(nn.Module):
     # The checkpoint tensors fused into this weight, in row order (None: stored whole).
     shard_ids: tuple = (None,)
+    # False: stays dense whatever quantization the model loads with (models/registry.py).
+    quantizable: bool = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool, shard_dim: int | None):
         super().__init__()
@@ -51,6 +56,13 @@ class LinearBase(nn.Module):
         if self._collects(param):
             return self._collect(self._shard(loaded, self.shard_dim), shard_id)
         param.data.copy_(self._shard(loaded, self.shard_dim))
+
+    def _load_fused(self, param: nn.Parameter, loaded: torch.Tensor, sizes: list[int]) -> None:
+        """Load a checkpoint tensor that holds every shard stacked by rows, `sizes` rows each."""
+        start = 0
+        for shard_id, size in zip(self.shard_ids, sizes):
+            self.weight_loader(param, loaded.narrow(0, start, size), shard_id)
+            start += size
 
     def _collects(self, param: nn.Parameter) -> bool:
         return self.quantization is not None and param is self.weight
@@ -103,7 +115,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.shard_ids = tuple(range(len(output_sizes)))
         super().__init__(in_features, sum(output_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0):
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None):
+        if shard_id is None:
+            return self._load_fused(param, loaded, self.output_sizes)
         if self._collects(param):
             return self._collect(self._shard(loaded, 0), shard_id)
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
@@ -131,7 +145,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         head = self.tp_rank * self.total_kv_heads // self.tp_size
         return loaded.narrow(0, head * self.head_dim, self.head_dim)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q"):
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None):
+        if shard_id is None:
+            kv_rows = self.total_kv_heads * self.head_dim
+            return self._load_fused(param, loaded, [loaded.size(0) - 2 * kv_rows, kv_rows, kv_rows])
         shard = self._shard(loaded, 0) if shard_id == "q" else self._kv_shard(loaded)
         if self._collects(param):
             return self._collect(shard, shard_id)
@@ -141,10 +158,13 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial outputs summed with all-reduce."""
+    """Input features split across ranks; partial outputs summed with all-reduce (unless
+    `reduce_results` is False: the caller sums several layers' partial outputs first, as the
+    experts of a mixture do)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce_results: bool = True):
         super().__init__(in_features // tp_size(), out_features, bias, shard_dim=1)
+        self.reduce_results = reduce_results
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
         if self._collects(param):
@@ -156,4 +176,4 @@ class RowParallelLinear(LinearBase):
         out = self._matmul(x, bias)
         # The split is fixed when the layer is built: a single-rank model never communicates,
         # even while another engine of this process holds a tensor-parallel group.
-        return all_reduce(out) if self.tp_size > 1 else out
+        return all_reduce(out) if self.tp_size > 1 and self.reduce_results else out

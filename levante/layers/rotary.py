@@ -19,12 +19,17 @@ from levante.errors import ModelLoadError
 from levante.quant import native
 
 
-def _inv_freq(dim: int, rope: RopeConfig, max_position: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and the attention scale for one rope type (as in transformers)."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+def _inv_freq(dim: int, rope: RopeConfig, max_position: int,
+              context: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the attention scale for one rope type (as in transformers).
+    `context`: the longest sequence the engine will run (LongRoPE's choice of factors)."""
+    wavelengths = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    inv_freq = 1.0 / wavelengths
     extra = rope.extra
     if rope.rope_type in ("default", "mrope"):  # "mrope": old Qwen2-VL configs, default frequencies
         return inv_freq, 1.0
+    if rope.rope_type == "longrope":
+        return _longrope(wavelengths, rope, context or max_position)
     if rope.rope_type == "linear":
         return inv_freq / rope.factor, 1.0
     if rope.rope_type == "llama3":
@@ -50,7 +55,25 @@ def _inv_freq(dim: int, rope: RopeConfig, max_position: int) -> tuple[torch.Tens
         inv = inv_freq / rope.factor * (1 - extrapolation) + inv_freq * extrapolation
         scale = extra.get("attention_factor") or (0.1 * math.log(rope.factor) + 1.0)
         return inv, scale
-    raise ModelLoadError(f"unsupported rope type {rope.rope_type!r} (supported: default, linear, llama3, yarn)")
+    raise ModelLoadError(
+        f"unsupported rope type {rope.rope_type!r} (supported: default, linear, llama3, yarn, longrope)")
+
+
+def _longrope(wavelengths: torch.Tensor, rope: RopeConfig, context: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3): each frequency stretched by its own factor, the long set when the
+    context exceeds the pretraining length, else the short one, and cos/sin scaled to keep
+    attention's entropy. The set is chosen once for the whole context, as vLLM and llama.cpp
+    do: transformers switches when a sequence crosses the length, which would leave keys
+    cached under the other set."""
+    original = rope.extra["original_max_position_embeddings"]
+    factors = rope.extra["long_factor"] if context > original else rope.extra["short_factor"]
+    if len(factors) != len(wavelengths):
+        raise ModelLoadError(f"longrope factors have {len(factors)} entries, the rotary dimension "
+                             f"needs {len(wavelengths)}")
+    scale = rope.extra.get("attention_factor")
+    if scale is None:
+        scale = math.sqrt(1 + math.log(rope.factor) / math.log(original)) if rope.factor > 1 else 1.0
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * wavelengths), scale
 
 
 # Per thread, the cos/sin rows of the positions the last forward used: every layer of a step
@@ -59,10 +82,14 @@ _step_rows = threading.local()
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, rope: RopeConfig, max_position: int):
+    """Rotates the first `rotary_dim` entries of each head (all of them unless the rope
+    parameters give a `partial_rotary_factor`, as Phi-4-mini's do); the rest pass through."""
+
+    def __init__(self, head_dim: int, rope: RopeConfig, max_position: int, context: int | None = None):
         super().__init__()
         self.head_dim = head_dim
-        inv_freq, self.attention_scale = _inv_freq(head_dim, rope, max_position)
+        self.rotary_dim = int(head_dim * rope.extra.get("partial_rotary_factor", 1.0))
+        inv_freq, self.attention_scale = _inv_freq(self.rotary_dim, rope, max_position, context)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.cos_sin: torch.Tensor | None = None  # [positions, head_dim], cos half then sin half
         section = rope.extra.get("mrope_section")
@@ -88,16 +115,18 @@ class RotaryEmbedding(nn.Module):
 
         `max_position` (known to the runner) saves a device sync on `positions.max()`.
         """
-        rows = self._rows(positions, q.device, max_position)  # [tokens, head_dim]: cos half, sin half
+        rows = self._rows(positions, q.device, max_position)  # [tokens, rotary_dim]: cos half, sin half
         if k is None:  # a layer that reads another layer's keys (KV sharing) rotates its queries only
             return self._rotated(q, rows), None
         return self._rotated(q, rows), self._rotated(k, rows)
 
-    @staticmethod
-    def _rotated(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _rotated(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        cos, sin = rows.unsqueeze(1).chunk(2, dim=-1)
+        if self.rotary_dim < self.head_dim:  # the first rotary_dim entries turn, the rest pass
+            turned, passed = x.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
+            return torch.cat([_rotate(turned, cos, sin), passed], dim=-1)
         if native.rope_fits(x):  # a decode step's few rows: one call
             return native.rope(x, rows)
-        cos, sin = rows.unsqueeze(1).chunk(2, dim=-1)
         return _rotate(x, cos, sin)
 
     def _rows(self, positions: torch.Tensor, device, max_position: int | None):

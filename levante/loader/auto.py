@@ -21,7 +21,7 @@ from levante.config import ModelConfig
 from levante.errors import ModelLoadError
 from levante.loader import hf
 from levante.loader.sentence_transformers import EmbeddingPipeline, dense_weights, read_pipeline
-from levante.loader.sources import PACKAGED_MODELS, resolve_alias
+from levante.loader.sources import PACKAGED_MODELS, prepared_dir, resolve_alias
 from levante.models.registry import embedding_encoder_class, model_class
 
 
@@ -55,11 +55,13 @@ class ModelSource:
     def num_tensors(self) -> int | None:
         return self._gguf.tensor_count if self.format == "gguf" else None
 
-    def tokenizer(self):
+    def tokenizer(self, cached: bool = True):
+        """The model's tokenizer; a GGUF's is built once and then read from the cache folder
+        (`cached=False`: built from the file every time)."""
         from levante.loader.tokenizer import Tokenizer
 
         if self.format == "gguf":
-            return Tokenizer.from_gguf_metadata(self.path)
+            return Tokenizer.from_gguf(self.path, prepared_dir() if cached else None)
         return Tokenizer.from_folder(self.path)
 
 

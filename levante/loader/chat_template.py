@@ -5,19 +5,15 @@ sandbox (jinja2 >= 3.1.6, past the known sandbox escapes), see only plain JSON d
 same helpers transformers gives them (`raise_exception`, `strftime_now`, a `tojson` that keeps
 non-ASCII text), so a template renders here exactly as `tokenizer.apply_chat_template(...,
 tokenize=False)` renders it. Renders run in a worker process with time, memory and output
-limits (loader/template_worker.py); request `chat_template_kwargs` cannot replace the names
-levante itself gives the template (`RESERVED_NAMES`).
+limits (loader/template_worker.py), in the sandbox of loader/template_sandbox.py (this process
+never imports jinja2); request `chat_template_kwargs` cannot replace the names levante itself
+gives the template (`RESERVED_NAMES`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
-
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from levante.errors import InvalidRequest, ModelLoadError
 from levante.loader import template_worker
@@ -43,40 +39,6 @@ GEMMA_TEMPLATE = (
 )
 
 
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    """Jinja's own `tojson` escapes HTML characters; templates expect plain `json.dumps`."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-class _Namespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses underscore names, which could reach CPython internals."""
-
-    def __init__(*args, **kwargs):
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _Namespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        _Namespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
-
-
 def _plain(value: Any) -> Any:
     """Rebuild the template's inputs from JSON types, so no object exposes methods to the sandbox."""
     if value is None or type(value) in (str, int, float, bool):
@@ -95,20 +57,9 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace)
-    return env
-
-
 def one_line(error: Exception) -> str:
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def compile_template(source: str) -> jinja2.Template:
-    return _environment().from_string(source)
 
 
 # What levante (or transformers' apply_chat_template) passes, and the helpers it provides: request

@@ -4,6 +4,10 @@ under transformers parameter names and layouts.
 llama.cpp's converter changes a few weights on the way in (Q/K rows permuted for
 ``llama``, ``+1`` folded into Gemma norms); they are undone here exactly as
 transformers' GGUF loader undoes them, so a model built for HF checkpoints loads both.
+It also stacks a mixture's experts into one 3-D tensor per matrix (``ffn_gate_exps``,
+...): they come out again one expert at a time, as HF checkpoints store them (each a
+view of the stack's bytes, so quantised experts stay quantised), and Mixtral, which
+llama.cpp files as ``llama`` with ``llama.expert_count`` set, comes back as Mixtral.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader,
 
 from levante.errors import ModelLoadError, UnsupportedArchitecture
 from levante.loader.gguf_metadata import check_field_types, read_gguf_metadata
-from levante.loader.memory import return_free_memory, trim_heap
+from levante.loader.memory import trim_heap
 from levante.quant.gguf_blocks import GGUFTensor, as_bytes, dequantize
 
 _HF_ARCHITECTURES = {
@@ -28,7 +32,10 @@ _HF_ARCHITECTURES = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
     "gemma3n": ("Gemma3nForCausalLM", "gemma3n_text"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
+_MIXTRAL = ("MixtralForCausalLM", "mixtral")  # a "llama" file with experts
 SUPPORTED_ARCHITECTURES = tuple(sorted(_HF_ARCHITECTURES))
 
 _TOP_LEVEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -51,6 +58,21 @@ _GEMMA3_LAYER_NAMES = _LAYER_NAMES | {
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Phi-3 keeps q/k/v and gate/up fused ("ffn_up" holds gate then up).
+_PHI3_LAYER_NAMES = _LAYER_NAMES | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+# Mixtures of experts: the router, and each matrix's experts stacked ("{index}": one per expert).
+_QWEN3MOE_LAYER_NAMES = _LAYER_NAMES | {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{index}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{index}.up_proj",
+    "ffn_down_exps": "mlp.experts.{index}.down_proj",
+}
+_MIXTRAL_LAYER_NAMES = _LAYER_NAMES | {
+    "ffn_gate_inp": "block_sparse_moe.gate",
+    "ffn_gate_exps": "block_sparse_moe.experts.{index}.w1",
+    "ffn_up_exps": "block_sparse_moe.experts.{index}.w3",
+    "ffn_down_exps": "block_sparse_moe.experts.{index}.w2",
+}
 # Gemma 3n (llama.cpp's names, gguf's MODEL_TENSORS[GEMMA3N]): no +1 in its norms; AltUp's projections are
 # stored stacked, one [n - 1, hidden, hidden] tensor each, split back into transformers' per-stream matrices.
 _GEMMA3N_TOP_LEVEL_NAMES = _TOP_LEVEL_NAMES | {
@@ -64,9 +86,11 @@ _GEMMA3N_LAYER_NAMES = _GEMMA3_LAYER_NAMES | {
     "altup_router": "altup.modality_router", "altup_router_norm": "altup.router_norm",
     "laurel_l": "laurel.linear_left", "laurel_r": "laurel.linear_right", "laurel_post_norm": "laurel.post_laurel_norm",
 }
+_ARCH_LAYER_NAMES = {"gemma3": _GEMMA3_LAYER_NAMES, "gemma3n": _GEMMA3N_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES,
+                     "qwen3moe": _QWEN3MOE_LAYER_NAMES}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-# Precomputed RoPE frequencies (Llama 3.x); transformers rebuilds them, so they are not parameters.
-_NOT_PARAMETERS = {"rope_freqs.weight"}
+# Precomputed RoPE frequencies (Llama 3.x) and LongRoPE factors (Phi-3): RoPE settings, not parameters.
+_NOT_PARAMETERS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 _REQUIRED = object()
 # Arrays longer than this (the vocabulary, its merges) are not kept in memory: ~90 MB of
 # Python strings for a 150k vocabulary, which the tokenizer reads for itself.
@@ -175,9 +199,8 @@ class GGUFFile:
         except Exception as error:
             raise ModelLoadError(f"{self.path}: unreadable GGUF metadata ({error})") from None
         check_field_types(self.metadata, self.path)
-        # The reader keeps a numpy view per array element (~110 MB for a 150k vocabulary).
-        fields.clear()
-        return_free_memory()
+        fields.clear()  # the reader's numpy views of the metadata, freed now (no cycles: no collection)
+        trim_heap()
         self.architecture: str = self.metadata.get("general.architecture", "")
         if not self.architecture:
             raise ModelLoadError(f"{self.path}: GGUF metadata has no general.architecture")
@@ -226,7 +249,7 @@ class GGUFFile:
         """The transformers ``config.json`` this checkpoint was converted from, as far as
         GGUF records it (plus ``rope_parameters`` in transformers 5 form)."""
         self._require_supported()
-        hf_class, model_type = _HF_ARCHITECTURES[self.architecture]
+        hf_class, model_type = _MIXTRAL if self._is_mixtral else _HF_ARCHITECTURES[self.architecture]
         hidden = self._arch_count("embedding_length")
         heads = self._arch_count("attention.head_count")
         rope_theta = float(self._arch_field("rope.freq_base", 10000.0))
@@ -259,8 +282,45 @@ class GGUFFile:
             _add_gemma3_fields(config)
         if self.architecture == "gemma3n":
             self._add_gemma3n_fields(config)
+        if self.architecture == "phi3":
+            self._add_phi3_fields(config)
+        if self._arch_field("expert_count", 0):
+            config["num_local_experts"] = self._arch_count("expert_count")
+            config["num_experts_per_tok"] = self._arch_count("expert_used_count")
+            config["moe_intermediate_size"] = self._arch_field("expert_feed_forward_length",
+                                                               config["intermediate_size"])
+            config["norm_topk_prob"] = True  # llama.cpp renormalises for both Mixtral and Qwen3-MoE
         self._check_sizes(config)
         return config
+
+    @property
+    def _is_mixtral(self) -> bool:
+        return self.architecture == "llama" and bool(self._arch_field("expert_count", 0))
+
+    def _add_phi3_fields(self, config: dict[str, Any]) -> None:
+        """Phi-3's RoPE dimensions (Phi-4-mini rotates part of each head) and LongRoPE, whose
+        factors llama.cpp's converter stores as tensors. `phi3.attention.sliding_window` is
+        left unused, as llama.cpp leaves it (its converter's value is not to be trusted)."""
+        rotary = self._arch_field("rope.dimension_count", config["head_dim"])
+        if not 0 < rotary <= config["head_dim"] or rotary % 2:
+            raise ModelLoadError(f"{self.path}: GGUF metadata phi3.rope.dimension_count is {rotary}, "
+                                 f"must be even and within the head size {config['head_dim']}")
+        config["partial_rotary_factor"] = rotary / config["head_dim"]
+        original = self._arch_field("rope.scaling.original_context_length", config["max_position_embeddings"])
+        config["original_max_position_embeddings"] = original
+        if "rope_factors_long.weight" in self._tensors:
+            factors = {key: self._float_tensor(f"rope_factors_{kind}.weight").tolist()
+                       for key, kind in (("long_factor", "long"), ("short_factor", "short"))}
+            config["rope_scaling"] = {"rope_type": "longrope", **factors,
+                                      "original_max_position_embeddings": original,
+                                      "attention_factor": self._arch_field("rope.scaling.attn_factor", None)}
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"],
+                                     "partial_rotary_factor": config["partial_rotary_factor"]} \
+            | (config["rope_scaling"] or {})
+
+    def _float_tensor(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name]
+        return dequantize(tensor.data, tensor.tensor_type, tuple(reversed(tensor.shape.tolist())))
 
     def _add_gemma3n_fields(self, config: dict[str, Any]) -> None:
         """Gemma 3n's settings, as llama.cpp's converter writes them (and transformers' defaults otherwise)."""
@@ -305,6 +365,9 @@ class GGUFFile:
             values = config[key] if key == "intermediate_size" and isinstance(config[key], list) else [config[key]]
             if not values or any(not isinstance(v, int) or v < 1 for v in values):
                 raise ModelLoadError(f"{self.path}: GGUF metadata gives {key} = {config[key]!r}, must be at least 1")
+        if config.get("num_experts_per_tok", 0) > config.get("num_local_experts", 0):
+            raise ModelLoadError(f"{self.path}: GGUF metadata routes each token to {config['num_experts_per_tok']} "
+                                 f"of {config['num_local_experts']} experts")
         widths = config["intermediate_size"]
         if isinstance(widths, list) and len(widths) != config["num_hidden_layers"]:
             raise ModelLoadError(f"{self.path}: GGUF metadata gives {len(widths)} feed-forward widths for "
@@ -381,7 +444,8 @@ class GGUFFile:
                 yield hf_name, dequantize(raw, qtype, shape)
             else:
                 yield hf_name, GGUFTensor(GGMLQuantizationType(qtype), raw, shape)
-            held.append(tensor)
+            if not held or held[-1] is not tensor:  # a stack of experts: once, not once per expert
+                held.append(tensor)
             if block is None:
                 self._release(held)
                 held = []
@@ -394,19 +458,20 @@ class GGUFFile:
         trim_heap()
 
     def _parameters(self):
-        """``(gguf_name, hf_name, reader tensor, hf_shape, data)`` for every tensor that is a parameter;
-        a stacked tensor (Gemma 3n's AltUp projections) gives one entry per matrix."""
+        """``(gguf_name, hf_name, reader tensor, hf_shape, data)`` for every tensor that is a parameter; a
+        stacked tensor (a mixture's experts, Gemma 3n's AltUp projections: ``{index}`` in its name) gives
+        one entry per matrix, its slice of the stack (quantised blocks stay blocks)."""
         self._require_supported()
         for name, tensor in self._tensors.items():
-            shape = tuple(reversed(tensor.shape.tolist()))
-            stacked = _STACKED_NAMES.get(name.rpartition(".")[0]) if self.architecture == "gemma3n" else None
-            if stacked is not None:
-                for i in range(shape[0]):
-                    yield name, f"{stacked}.{i}.weight", tensor, shape[1:], tensor.data[i]
-                continue
             hf_name = self._hf_name(name)
-            if hf_name is not None:
+            if hf_name is None:
+                continue
+            shape = tuple(reversed(tensor.shape.tolist()))
+            if "{index}" not in hf_name:
                 yield name, hf_name, tensor, shape, tensor.data
+                continue
+            for index in range(shape[0]):
+                yield name, hf_name.format(index=index), tensor, shape[1:], tensor.data[index]
 
     def _parameter_tensors(self):
         """The reader's tensors in ``raw_tensors``' order."""
@@ -421,13 +486,15 @@ class GGUFFile:
         if name in _NOT_PARAMETERS:
             return None
         base, _, suffix = name.rpartition(".")
+        if self.architecture == "gemma3n" and base in _STACKED_NAMES:
+            return f"{_STACKED_NAMES[base]}.{{index}}.{suffix}"
         top_level = _GEMMA3N_TOP_LEVEL_NAMES if self.architecture == "gemma3n" else _TOP_LEVEL_NAMES
         if base in top_level:
             return f"{top_level[base]}.{suffix}"
         if self.architecture == "gemma3n" and re.fullmatch(r"blk\.(\d+)\.altup_correct_scale\.weight", name):
             return f"model.layers.{name.split('.')[1]}.altup.correct_output_scale"  # a bare parameter
-        layer_names = {"gemma3": _GEMMA3_LAYER_NAMES, "gemma3n": _GEMMA3N_LAYER_NAMES}.get(self.architecture,
-                                                                                       _LAYER_NAMES)
+        layer_names = _MIXTRAL_LAYER_NAMES if self._is_mixtral else _ARCH_LAYER_NAMES.get(self.architecture,
+                                                                                            _LAYER_NAMES)
         match = _LAYER_TENSOR.fullmatch(name)
         if match is None or match[2] not in layer_names:
             raise ModelLoadError(f"{self.path}: tensor {name} has no known role in a {self.architecture} model")
@@ -458,10 +525,12 @@ class GGUFFile:
 
 
 def _parameter_count(config: dict[str, Any]) -> int:
-    """About how many parameters a model of `config` has (embeddings, attention and MLP weights)."""
+    """About how many parameters a model of `config` has (embeddings, attention and MLP weights;
+    every expert's, for a mixture)."""
     hidden, head_dim = config["hidden_size"], config["head_dim"]
     attention = hidden * head_dim * (2 * config["num_attention_heads"] + 2 * config["num_key_value_heads"])
-    widths = config["intermediate_size"]
+    experts = config.get("num_local_experts", 0)
+    widths = config["intermediate_size"] if not experts else experts * config["moe_intermediate_size"]
     widths = widths if isinstance(widths, list) else [widths] * config["num_hidden_layers"]
     embeddings = config["vocab_size"] * hidden * (1 if config["tie_word_embeddings"] else 2)
     return embeddings + sum(attention + 3 * hidden * width for width in widths)

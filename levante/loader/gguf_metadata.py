@@ -64,7 +64,8 @@ ARCH_FIELD_TYPES: dict[str, tuple[Any, str]] = {
     **{key: (_is_int, "an integer") for key in (
         "block_count", "context_length", "embedding_length", "vocab_size",
         "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
-        "attention.sliding_window", "rope.scaling.original_context_length")},
+        "attention.sliding_window", "rope.scaling.original_context_length", "rope.dimension_count",
+        "expert_count", "expert_used_count", "expert_feed_forward_length")},
     **{key: (_is_number, "a number") for key in (
         "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor", "rope.scale_linear",
         "rope.scaling.attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow")},

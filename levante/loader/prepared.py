@@ -22,9 +22,6 @@ parameters by shape and dtype, all before anything reads the data.
 """
 from __future__ import annotations
 
-import functools
-import glob
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +36,7 @@ from levante.errors import LevanteError
 from levante.layers.linear import LinearBase
 from levante.loader.integrity import sha256_file, stamp, stamped_digest, verified
 from levante.loader.safetensors_header import map_safetensors
+from levante.loader.sources import derived_key, remove_superseded
 from levante.quant import native
 from levante.quant.gguf_blocks import GGUFTensor
 from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight, Q5Weight, int4_layout
@@ -51,28 +49,14 @@ _PACKING_SOURCES = ("quant/packed.py", "quant/native.py", "quant/gguf_blocks.py"
                     "loader/prepared.py", "models/registry.py", "layers/linear.py", "layers/embedding.py")
 
 
-def prepared_path(cache_dir: Path, checkpoint: Path, quantization: str | None, dtype: torch.dtype) -> Path | None:
+def prepared_path(folder: Path, checkpoint: Path, quantization: str | None, dtype: torch.dtype) -> Path | None:
     """Where the prepared weights of this checkpoint, loaded this way, live; None when there is
     nothing to prepare (dense loads are plain copies already) or the checkpoint is not a file."""
     if quantization is None or not checkpoint.is_file():
         return None
-    from levante import __version__  # at call time: levante/__init__ imports the engine, which imports this
-
-    stat = checkpoint.stat()
-    key = json.dumps([str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, quantization, str(dtype),
-                      __version__, FORMAT_VERSION, _packing_code()])
+    key = derived_key(checkpoint, quantization, dtype, FORMAT_VERSION, sources=_PACKING_SOURCES)
     kind = f"{checkpoint.stem}-{quantization}-{str(dtype).removeprefix('torch.')}"
-    return cache_dir / "prepared" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-
-
-@functools.cache
-def _packing_code() -> str:
-    package = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for relative in _PACKING_SOURCES:
-        path = package / relative
-        digest.update(path.read_bytes() if path.is_file() else b"")
-    return digest.hexdigest()
+    return folder / f"{kind}-{key}.safetensors"
 
 
 # -- saving ----------------------------------------------------------------------------------------
@@ -122,20 +106,10 @@ def save_prepared(model: nn.Module, path: Path) -> None:
         save_file(tensors, str(temporary), metadata={"levante_packed": json.dumps(packed)})
         os.replace(temporary, path)
         stamp(path, sha256_file(path), _stamp_path(path))
-        _remove_superseded(path)
+        remove_superseded(path)  # and its stamp
     except OSError as error:  # a read-only or full cache: the model still runs, it just is not saved
         logger.warning("could not save prepared weights to %s: %s", path, error)
         temporary.unlink(missing_ok=True)
-
-
-def _remove_superseded(path: Path) -> None:
-    """Entries for a checkpoint of the same name, quantisation and dtype but another key (the
-    file or levante changed since): each is as large as the model, and nothing reads them again."""
-    kind = path.name.rsplit("-", 1)[0]
-    for old in path.parent.glob(f"{glob.escape(kind)}-*.safetensors"):
-        if old != path and old.name.rsplit("-", 1)[0] == kind:
-            old.unlink(missing_ok=True)
-            _stamp_path(old).unlink(missing_ok=True)
 
 
 # -- loading ---------------------------------------------------------------------------------------

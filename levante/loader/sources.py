@@ -7,12 +7,16 @@ the file changes, so a start does not re-hash hundreds of MB.
 """
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from levante import __version__
 from levante.errors import ModelLoadError
 from levante.loader.integrity import CHUNK, stamp, verified
 
@@ -81,6 +85,44 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LEVANTE_CACHE", Path.home() / ".cache" / "levante"))
 
 
+def prepared_dir() -> Path:
+    """Where what levante derives from a checkpoint (packed weights, a GGUF's tokenizer) is kept."""
+    return cache_dir() / "prepared"
+
+
+def derived_key(checkpoint: Path, *parts, sources: tuple[str, ...] = ()) -> str:
+    """A short hash naming what levante derives from a checkpoint file and keeps in the cache
+    folder: it changes with the file (resolved path, size, modification time), the levante
+    version, `parts`, and the source of the modules (paths relative to the package) whose code
+    decides the derived content, so an edited development checkout never meets an old entry."""
+    stat = checkpoint.stat()
+    key = json.dumps([str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, __version__,
+                      [str(part) for part in parts], _source_digest(sources)])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def remove_superseded(entry: Path) -> None:
+    """Delete the files beside `entry` (named `<kind>-<key><suffixes>`, `key` from `derived_key`)
+    that have its kind but another key: the checkpoint or levante changed since they were written,
+    so nothing reads them again (prepared weights are as large as the model)."""
+    kind, rest = entry.name.rsplit("-", 1)
+    key = rest.split(".", 1)[0]
+    for old in entry.parent.glob(f"{glob.escape(kind)}-*"):
+        old_kind, old_rest = old.name.rsplit("-", 1)
+        if old_kind == kind and old_rest.split(".", 1)[0] != key:
+            old.unlink(missing_ok=True)
+
+
+@functools.cache
+def _source_digest(sources: tuple[str, ...]) -> str:
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for relative in sources:
+        path = package / relative
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()
+
+
 def _package_dir(module: str) -> Path | None:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -119,6 +161,17 @@ def _check(model: PackagedModel, path: Path) -> Path:
         raise ModelLoadError(f"model '{model.alias}' failed its SHA-256 check ({path}): "
                              f"reinstall with {_install_hint(model.alias)}")
     return path
+
+
+def present_file(alias: str) -> Path | None:
+    """A packaged single-file model's path if the file is on this machine already, without
+    assembling or checking it (`resolve_alias` does both); None otherwise."""
+    model = PACKAGED_MODELS[alias]
+    parts = None if model.folder else _part_paths(model)
+    if parts is None:
+        return None
+    path = parts[0] if len(parts) == 1 else cache_dir() / model.filename
+    return path if path.is_file() else None
 
 
 def resolve_alias(alias: str) -> Path:

@@ -50,7 +50,8 @@ class TemplateFailed(Exception):
 
 def serve() -> None:
     """The worker's loop: compile (and keep) templates, render requests until stdin closes."""
-    from levante.loader.chat_template import compile_template, one_line
+    from levante.loader.chat_template import one_line
+    from levante.loader.template_sandbox import compile_template
 
     _limit_memory()
     compiled: dict[str, object] = {}
@@ -183,6 +184,15 @@ _pool_lock = threading.Lock()
 def render(source: str, context: dict) -> str:
     """`source` rendered with `context` (plain JSON values) in a worker, within the limits above."""
     return _the_pool().render(source, context)
+
+
+def start_worker() -> None:
+    """Have one worker starting now, so that the first compile does not wait for a Python to boot
+    (`levante serve` calls this before it imports the engine and the web stack: the worker boots on another core)."""
+    pool = _the_pool()
+    with pool.lock:
+        if not pool.idle:
+            pool.idle.append(_Worker())
 
 
 def compile_in_worker(source: str) -> None:

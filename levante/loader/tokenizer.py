@@ -10,6 +10,9 @@ integration departs from llama.cpp and the model's own tokenizer (SmolLM's digit
 from __future__ import annotations
 
 import json
+import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,9 @@ from tokenizers import Tokenizer as Backend
 
 from levante.errors import ModelLoadError
 from levante.loader.gguf_metadata import read_gguf_metadata
+from levante.loader.sources import derived_key, remove_superseded
+
+logger = logging.getLogger("levante")
 
 # GGUF token types (llama.cpp's LLAMA_TOKEN_TYPE_*).
 CONTROL, USER_DEFINED = 3, 4
@@ -64,6 +70,8 @@ PRE_TOKENIZER_SPLITS = {
 # transformers' GGUF path misses this; the models' own tokenizer.json has it.
 DIGIT_SPLIT_PRES = {"smollm", "starcoder", "refact"}
 GEMMA_ARCHITECTURES = {"gemma", "gemma2", "gemma3", "gemma3n"}
+# The modules whose code decides what `from_gguf_metadata` builds (the key of its cached copy).
+_TOKENIZER_SOURCES = ("loader/tokenizer.py", "loader/gguf_metadata.py")
 
 
 class Tokenizer:
@@ -114,6 +122,50 @@ class Tokenizer:
         eos_ids = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or ())
         return cls(backend, bos_token=bos, eos_token=eos, eos_token_ids=eos_ids,
                    chat_template=_folder_chat_template(folder, config))
+
+    @classmethod
+    def from_gguf(cls, path: Path, cache: Path | None = None) -> Tokenizer:
+        """`from_gguf_metadata`, kept in the folder `cache` for the next start: rebuilding a
+        150k-token vocabulary from GGUF metadata in Python takes about a second, reading it back
+        from `tokenizers`' own format (`<name>.json`, the rest in `<name>.special.json`) a
+        fraction of that, and `read_ahead` can do that while the caller does something else."""
+        if cache is None:
+            return cls.from_gguf_metadata(path)
+        ahead = _reading_ahead.pop((Path(path), cache), None)
+        if ahead is not None:
+            ahead.join()
+            if ahead.tokenizer is not None:
+                return ahead.tokenizer
+        return cls._from_gguf_cached(path, cache)
+
+    @classmethod
+    def _from_gguf_cached(cls, path: Path, cache: Path) -> Tokenizer:
+        saved = cache / f"{path.stem}-tokenizer-{derived_key(path, sources=_TOKENIZER_SOURCES)}.json"
+        special = saved.with_suffix(".special.json")
+        try:
+            return cls(Backend.from_file(str(saved)), **_special_from_json(special.read_text(encoding="utf-8")))
+        except Exception:  # absent, or not what we wrote (tokenizers raises plain Exception): rebuild it
+            pass
+        tokenizer = cls.from_gguf_metadata(path)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            _write_atomically(saved, tokenizer.backend.to_str())
+            _write_atomically(special, tokenizer._special_json())  # last: who finds it finds both
+            remove_superseded(saved)
+        except OSError as error:  # a read-only or full cache: the tokenizer still works, it just is not kept
+            logger.warning("could not save the tokenizer to %s: %s", saved, error)
+        return tokenizer
+
+    @classmethod
+    def read_ahead(cls, path: Path, cache: Path) -> None:
+        """Start `from_gguf(path, cache)` in a background thread; the next `from_gguf` call with the
+        same arguments takes its result. `tokenizers` parses without holding the GIL, so
+        `levante serve` has the tokenizer read while it imports the engine and the web stack."""
+        _reading_ahead[(Path(path), cache)] = _ReadAhead(path, cache)
+
+    def _special_json(self) -> str:
+        return json.dumps({"bos_token": self.bos_token, "eos_token": self.eos_token,
+                           "eos_token_ids": sorted(self.eos_token_ids), "chat_template": self.chat_template})
 
     @classmethod
     def from_gguf_metadata(cls, reader_or_path: Any) -> Tokenizer:
@@ -167,6 +219,38 @@ class Tokenizer:
     @property
     def eos_token_id(self) -> int | None:
         return self.token_to_id(self.eos_token) if self.eos_token else None
+
+
+class _ReadAhead(threading.Thread):
+    def __init__(self, path: Path, cache: Path):
+        super().__init__(name="levante-tokenizer", daemon=True)
+        self.path, self.cache, self.tokenizer = path, cache, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.tokenizer = Tokenizer._from_gguf_cached(self.path, self.cache)
+        except Exception:  # the caller's own from_gguf tries again and reports it
+            pass
+
+
+# (GGUF path, cache folder) -> the read started by `Tokenizer.read_ahead`
+_reading_ahead: dict[tuple[Path, Path], _ReadAhead] = {}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _special_from_json(text: str) -> dict:
+    data = json.loads(text)
+    return {"bos_token": data["bos_token"], "eos_token": data["eos_token"],
+            "eos_token_ids": set(data["eos_token_ids"]), "chat_template": data["chat_template"]}
 
 
 def _end_of_generation_ids(tokenizer: Tokenizer, declared: set[int]) -> set[int]:

@@ -245,11 +245,18 @@ class McpToolManager:
     def started(self) -> bool:
         return self._loop is not None
 
+    def offered_tools(self) -> list[McpTool]:
+        """The tools a model may be offered; none when the config turns auto_register_tools off."""
+        return list(self.tools) if self.config.auto_register_tools else []
+
     def openai_tools(self) -> list[dict]:
-        """The tools offered to a model; none when the config turns auto_register_tools off."""
-        if not self.config.auto_register_tools:
-            return []
-        return [tool.to_openai() for tool in self.tools]
+        """`offered_tools` as OpenAI function tools."""
+        return [tool.to_openai() for tool in self.offered_tools()]
+
+    @property
+    def always_offered_servers(self) -> frozenset[str]:
+        """Ids of the servers whose tools go with every request (`always_offer` in the config)."""
+        return frozenset(server.id for server in self.config.servers if server.always_offer)
 
     def tool(self, name: str) -> McpTool | None:
         """The tool offered under `name` (its server and its own name there), or None."""

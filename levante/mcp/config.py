@@ -5,11 +5,13 @@ mistral.rs's shape:
                   "tool_prefix": "time", "enabled": true}],
      "auto_register_tools": true, "tool_timeout_secs": 30, "max_concurrent_calls": 10}
   source types: Process {command, args, env, work_dir}, Http {url, headers, timeout_secs},
-  WebSocket {url, headers, timeout_secs}; a server entry may carry `id` and `bearer_token`.
+  WebSocket {url, headers, timeout_secs}; a server entry may carry `id`, `bearer_token` and `always_offer`.
 The common `mcpServers` shape (Claude Desktop, Cursor, VS Code):
     {"mcpServers": {"time": {"command": "mcp-server-time", "args": [], "env": {}},
                     "web": {"url": "https://host/mcp", "headers": {}, "type": "http"}}}
   `type` may be stdio, http (or streamable-http), sse, ws (websocket); the key is the server id.
+Either shape's server entries may say `"always_offer": true`: its tools are offered to the model with
+every request, even when the server picks the most relevant tools (serve/tool_selection.py).
 Either shape may carry the top-level `tool_timeout_secs`, `max_concurrent_calls` and `auto_register_tools`.
 
 Errors are `McpConfigError`s whose message names the offending field, e.g. `servers[1].source.url`.
@@ -59,6 +61,7 @@ class McpServerConfig:
     name: str = ""
     tool_prefix: str | None = None
     enabled: bool = True
+    always_offer: bool = False  # its tools are offered with every request, never left out by tool selection
 
     @property
     def prefix(self) -> str:
@@ -225,7 +228,9 @@ def _mistralrs_servers(servers) -> list[tuple[str, McpServerConfig]]:
         prefix = _string(entry, "tool_prefix", f"{where}.tool_prefix")
         id_field = f"{where}.id" if "id" in entry else f"{where}.name"
         out.append((id_field, McpServerConfig(id=server_id, source=parsed, name=name, tool_prefix=prefix,
-                                                   enabled=_bool(entry, "enabled", True, f"{where}.enabled"))))
+                                                   enabled=_bool(entry, "enabled", True, f"{where}.enabled"),
+                                                   always_offer=_bool(entry, "always_offer", False,
+                                                                      f"{where}.always_offer"))))
     return out
 
 
@@ -266,5 +271,6 @@ def _common_servers(servers) -> list[tuple[str, McpServerConfig]]:
         enabled = not _bool(entry, "disabled", False, f"{where}.disabled")
         out.append((where, McpServerConfig(id=server_id, source=source, name=server_id,
                                            tool_prefix=_string(entry, "tool_prefix", f"{where}.tool_prefix"),
-                                           enabled=enabled)))
+                                           enabled=enabled,
+                                           always_offer=_bool(entry, "always_offer", False, f"{where}.always_offer"))))
     return out

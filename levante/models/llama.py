@@ -1,7 +1,9 @@
 """Llama: embeddings, N pre-norm decoder blocks (attention + SwiGLU MLP), norm, head.
 
 Qwen2 (biased q/k/v) and Qwen3 (per-head RMSNorm on q and k) are this same figure
-with one switch each; their files subclass these modules.
+with one switch each; their files subclass these modules. Mistral and Phi-3 are it
+as their configs set it (a sliding window, LongRoPE), and so are Mixtral and Qwen3-MoE,
+whose configs make some blocks' MLP a mixture of experts (layers/moe.py).
 """
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ from torch import nn
 
 from levante.config import FULL, SLIDING, ModelConfig
 from levante.distributed import tp_size
-from levante.layers.activation import GatedActivation
+from levante.layers import mlp
 from levante.layers.attention import Attention, get_attention_metadata
 from levante.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from levante.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from levante.layers.linear import QKVParallelLinear, RowParallelLinear
+from levante.layers.moe import SparseMoE
 from levante.layers.norms import RMSNorm
 from levante.layers.rotary import RotaryEmbedding
 
@@ -36,7 +39,7 @@ class SelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         rope = config.rope.get(layer_type) or config.rope[FULL]
-        self.rotary_emb = RotaryEmbedding(self.head_dim, rope, config.max_position_embeddings)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, rope, config.max_position_embeddings, config.max_model_len)
         window = config.sliding_window if layer_type == SLIDING else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
                               config.attention_scale, sliding_window=window)
@@ -54,23 +57,26 @@ class SelfAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v))
 
 
-class GatedMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
-                                                       bias=config.mlp_bias)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.act = GatedActivation(config.hidden_act)
+class GatedMLP(mlp.GatedMLP):
+    """The dense MLP, as wide as the config says."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def __init__(self, config: ModelConfig):
+        super().__init__(config.hidden_size, config.intermediate_size, config.hidden_act, bias=config.mlp_bias)
+
+
+def feed_forward(config: ModelConfig, layer_idx: int) -> nn.Module:
+    """A block's MLP: a mixture of experts where the config makes this layer sparse, else dense."""
+    if layer_idx in config.moe_layers:
+        return SparseMoE(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                         config.moe_intermediate_size, config.hidden_act, config.norm_topk_prob)
+    return GatedMLP(config)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, **attention_options):
         super().__init__()
         self.self_attn = SelfAttention(config, config.layer_types[layer_idx], **attention_options)
-        self.mlp = GatedMLP(config)
+        self.mlp = feed_forward(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -22,16 +22,24 @@ from levante.models.gemma3_vision import Gemma3ForConditionalGeneration
 from levante.models.gemma3n import Gemma3nForCausalLM
 from levante.models.gemma3n_multimodal import Gemma3nForConditionalGeneration
 from levante.models.llama import LlamaForCausalLM
+from levante.models.mistral import MistralForCausalLM
+from levante.models.mixtral import MixtralForCausalLM
+from levante.models.phi3 import Phi3ForCausalLM
 from levante.models.qwen2 import Qwen2ForCausalLM
 from levante.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from levante.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from levante.models.qwen3 import Qwen3ForCausalLM
+from levante.models.qwen3_moe import Qwen3MoeForCausalLM
 from levante.quant.gguf_blocks import GGUFTensor
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
     "Gemma3nForCausalLM": Gemma3nForCausalLM,
@@ -102,7 +110,7 @@ def _set_quantization(model: nn.Module, quantization: str | None, overrides: dic
         return set()
     takes_blocks = set()
     for name, module in model.named_modules():
-        if isinstance(module, (LinearBase, VocabParallelEmbedding)):
+        if isinstance(module, (LinearBase, VocabParallelEmbedding)) and getattr(module, "quantizable", True):
             module.quantization = overrides.get(name, quantization)
     head, embed = getattr(model, "lm_head", None), _find(model, "model.embed_tokens")
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and head is not None and embed:
@@ -120,6 +128,18 @@ def _find(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def _expected_shards(model: nn.Module) -> dict[str, tuple]:
+    """Parameter name -> the shards that fill it: a fused linear layer's q/k/v or gate/up
+    (each its own checkpoint tensor, or all in one that arrives without a shard id), else one."""
+    expected = {name: (None,) for name, _ in model.named_parameters()}
+    for module_name, module in model.named_modules():
+        if isinstance(module, LinearBase):
+            for param_name, _ in module.named_parameters(recurse=False):
+                if f"{module_name}.{param_name}" in expected:  # not a second name of a tied parameter
+                    expected[f"{module_name}.{param_name}"] = module.shard_ids
+    return expected
+
+
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                  quantization: str | None = None, overrides: dict[str, str | None] | None = None) -> None:
     """Copy checkpoint tensors into `model`, fusing q/k/v and gate/up as its mapping says.
@@ -132,12 +152,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     takes_blocks = _set_quantization(model, quantization, overrides)
     mapping = getattr(model, "packed_modules_mapping", {})
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    expected = {name: 1 for name in params}
-    for name, shards in mapping.items():
-        for pname in params:
-            if f".{shards[0]}." in pname:
-                expected[pname] = sum(1 for s in mapping.values() if s[0] == shards[0])
-    loaded: dict[str, int] = {}
+    expected = _expected_shards(model)
+    loaded: dict[str, set] = {}
     prefixes = getattr(model, "checkpoint_prefixes", []) + _PREFIXES  # the model's own layouts first
     # A model may rename, cut or drop checkpoint tensors (Gemma 3n: the unused k/v of KV-sharing layers,
     # MatFormer slices): `adapt_checkpoint_tensor(name, tensor)` -> (name, tensor), or None to skip it.
@@ -170,7 +186,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 model.lm_head.load_tied(model.get_submodule("model.embed_tokens"), tensor)
         except RuntimeError as e:
             raise ModelLoadError(f"tensor '{name}' does not fit: shape {tuple(tensor.shape)} ({e})") from None
-        loaded[target] = loaded.get(target, 0) + 1
-    missing = [n for n, count in expected.items() if loaded.get(n, 0) < count]
+        loaded.setdefault(target, set()).add(shard_id)
+    missing = [n for n, shards in expected.items()
+               if None not in loaded.get(n, ()) and not set(shards) <= loaded.get(n, set())]
     if missing:
         raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")

@@ -75,6 +75,11 @@ def embed_with(llm) -> Embed:
     return embed
 
 
+def unit_vectors(embed: Embed, texts: list[str], kind: str) -> torch.Tensor:
+    """`texts` embedded as unit rows (float32): their products are cosine similarities."""
+    return F.normalize(embed(texts, kind).float(), dim=-1)
+
+
 class WebSearch:
     def __init__(self, backend: str | SearchBackend, embed: Embed | None = None, max_results: int = 5,
                  fetch: bool = True, fetch_timeout: float = 5.0, words_per_passage: int = 120,
@@ -106,8 +111,8 @@ class WebSearch:
     def _rank(self, query: str, passages: list[Passage]) -> list[Passage]:
         if self.embed is None or not passages:
             return passages
-        query_vector = F.normalize(self.embed([query], "query").float(), dim=-1)
-        passage_vectors = F.normalize(self.embed([p.text for p in passages], "document").float(), dim=-1)
+        query_vector = unit_vectors(self.embed, [query], "query")
+        passage_vectors = unit_vectors(self.embed, [p.text for p in passages], "document")
         for passage, score in zip(passages, (passage_vectors @ query_vector[0]).tolist()):
             passage.score = score
         return sorted(passages, key=lambda p: -p.score)

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from levante.errors import InvalidRequest, LevanteError
 from levante.serve import openai_format as fmt
 from levante.serve.chat import render_chat
+from levante.serve.conversations import register_conversations
 from levante.serve.embeddings import register_embeddings
 from levante.serve.http import CheckedRoute
 from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -25,6 +26,7 @@ from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, De
 from levante.serve.responses import register_responses
 from levante.serve.sse import formatted, sse_response
 from levante.serve.state import ServerState
+from levante.serve.webui import register_docs, register_webui
 
 __all__ = ["ServerState", "create_app", "chat_completion"]
 
@@ -38,11 +40,13 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> di
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="levante", description="OpenAI-compatible LLM server", version="0.1.0")
+    app = FastAPI(title="levante", description="OpenAI-compatible LLM server", version="0.1.0",
+                  docs_url=None, redoc_url=None)  # /docs is served offline (serve/webui.py)
     app.router.route_class = CheckedRoute
     app.state.limits = state.limits
     install_error_handlers(app)
     pipeline = state.pipeline
+    register_docs(app)
 
     @app.get("/health")
     async def health():
@@ -58,9 +62,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def models():
         cards = []
         if state.llm or not state.embeddings:
-            card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "levante"}
+            card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "levante", "type": "chat"}
             if state.llm:
                 card["max_model_len"] = state.llm.engine.max_model_len
+                card["input_modalities"] = input_modalities(state.llm)
             cards.append(card)
         if state.embeddings:
             cards.append(state.embeddings.card())
@@ -110,7 +115,18 @@ def create_app(state: ServerState) -> FastAPI:
         return await sse_response(formatted(pipeline.completion_events(body), chunks))
 
     register_responses(app, state)
+    if state.webui is not None:
+        register_webui(app, state.webui)
+        register_conversations(app, state.webui.conversations, state.limits.max_messages)
     return app
+
+
+def input_modalities(llm) -> list[str]:
+    """What a chat model's messages may carry: text, and images (and audio) for models with a processor."""
+    processor = llm.engine.processor
+    if processor is None:
+        return ["text"]
+    return ["text", "image"] + (["audio"] if getattr(processor, "takes_audio", False) else [])
 
 
 def install_error_handlers(app: FastAPI) -> None:

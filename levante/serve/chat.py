@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from levante.engine.sampling_params import SamplingParams
 from levante.engine.structured import StructuredOutput
 from levante.errors import InvalidRequest
+from levante.loader.reasoning import ReasoningParser
 from levante.multimodal.inputs import MultiModalPrompt
 from levante.serve.protocol import ChatCompletionRequest, Grammar, NamedToolChoice, ResponseFormat
-from levante.serve.tool_parsers import parser_for, tool_call_grammar
+from levante.serve.tool_parsers import ToolCall, parser_for, tool_call_grammar
 
 
 @dataclass
@@ -23,11 +24,25 @@ class ChatPlan:
     top_logprobs: int = 0
     extra: dict = field(default_factory=dict)
     multimodal: MultiModalPrompt | None = None  # the prompt with its images, when the messages carry some
+    reasoning: ReasoningParser | None = None  # splits the thinking from the answer; None when the model does not think
 
     @property
     def prompt(self) -> list[int] | MultiModalPrompt:
         """What the engine runs."""
         return self.multimodal if self.multimodal is not None else self.prompt_ids
+
+    def split_reasoning(self, text: str) -> tuple[str | None, str]:
+        """(the thinking or None, the answer) of a reply."""
+        return self.reasoning.split(text) if self.reasoning is not None else (None, text)
+
+    def read_reply(self, text: str) -> tuple[str | None, str | None, list[ToolCall]]:
+        """(reasoning, content, tool calls) of a finished reply: the thinking is split off first, and
+        the tool parser reads only the answer."""
+        reasoning, content = self.split_reasoning(text)
+        if self.tool_parser is None:
+            return reasoning, content, []
+        content, calls = self.tool_parser.parse(content)
+        return reasoning, content, calls
 
 
 def plan_chat(llm, body: ChatCompletionRequest, load_image: Callable | None = None) -> ChatPlan:
@@ -37,7 +52,7 @@ def plan_chat(llm, body: ChatCompletionRequest, load_image: Callable | None = No
     use_tools = bool(tools) and body.tool_choice != "none"
     template_tools = [{"type": "function", "function": t} for t in tools] if use_tools else None
     prompt_ids, multimodal = render_chat(llm, [m.model_dump(exclude_none=True) for m in body.messages],
-                                         template_tools, True, body.chat_template_kwargs, load_image)
+                                         template_tools, True, template_kwargs(body), load_image)
     engine = llm.engine
     top = body.top_logprobs or 0
     params = body.sampling_params(engine.model_config.vocab_size, body.output_limit,
@@ -45,6 +60,8 @@ def plan_chat(llm, body: ChatCompletionRequest, load_image: Callable | None = No
     parser = parser_for(llm.chat_template.source, engine.model_config.model_type, tools) if use_tools else None
     if parser is not None and parser.family in ("mistral", "llama"):
         params.skip_special_tokens = False  # their call markers are control tokens
+    if llm.chat_renderer.reasoning_needs_special_tokens:
+        params.skip_special_tokens = False
     params.structured = structured_output(body.response_format, body.grammar)
     if use_tools and body.tool_choice not in (None, "auto"):
         if params.structured is not None:
@@ -55,7 +72,15 @@ def plan_chat(llm, body: ChatCompletionRequest, load_image: Callable | None = No
                                     token_to_id=llm.tokenizer.token_to_id)
         params.structured = StructuredOutput("lark", grammar)
     return ChatPlan(prompt_ids, params, tools if use_tools else None, parser, body.logprobs, top,
-                    multimodal=multimodal)
+                    multimodal=multimodal, reasoning=llm.chat_renderer.reasoning_parser(prompt_ids))
+
+
+def template_kwargs(body: ChatCompletionRequest) -> dict | None:
+    """The request's `chat_template_kwargs`, with `reasoning_effort` for templates that read it
+    (gpt-oss); the kwargs win when both set it."""
+    if body.reasoning_effort is None:
+        return body.chat_template_kwargs
+    return {"reasoning_effort": body.reasoning_effort, **(body.chat_template_kwargs or {})}
 
 
 def render_chat(llm, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,

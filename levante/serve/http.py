@@ -1,7 +1,8 @@
 """What stands between the network and the routes: key checks, body checks, connection guards.
 
-- `ApiKeyGate` (ASGI): every path but /health (and /metrics with --open-metrics) needs
-  `Authorization: Bearer KEY`, compared in constant time, decided on the ASGI path.
+- `ApiKeyGate` (ASGI): every path but /health (and /metrics with --open-metrics, and the files
+  of the web page and /docs) needs `Authorization: Bearer KEY`, compared in constant time,
+  decided on the ASGI path.
 - `CheckedRoute`: request bodies parsed once, refused (400, naming the field) when nested
   deeper than --max-json-depth or holding text that is not Unicode (lone surrogates).
   The size limit itself is Starlette's `RequestBodyLimitMiddleware` (413, counted while read).
@@ -45,20 +46,31 @@ class BadBody(HTTPException):
 # -- API key ----------------------------------------------------------------------------------------
 
 class ApiKeyGate:
-    def __init__(self, app, api_key: str, open_paths: tuple[str, ...] = OPEN_PATHS):
+    """Every path needs the key except `open_paths` and those under `open_prefixes` (the web page's
+    own files, which hold no data: the page then asks for the key). A request that passed has the
+    key in `scope["levante.api_key"]`: what it stores belongs to that key (serve/conversations.py)."""
+
+    def __init__(self, app, api_key: str, open_paths: tuple[str, ...] = OPEN_PATHS,
+                 open_prefixes: tuple[str, ...] = ()):
         self.app = app
+        self.api_key = api_key
         self.expected = f"Bearer {api_key}".encode()
         self.open_paths = frozenset(open_paths)
+        self.open_prefixes = open_prefixes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] in ("http", "websocket") and scope["path"] not in self.open_paths:
+        if scope["type"] in ("http", "websocket") and not self.is_open(scope["path"]):
             given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
             if not hmac.compare_digest(given, self.expected):
                 await _send_json(send, 401, {"error": {"message": "invalid or missing API key",
                                                        "type": "authentication_error", "param": None,
                                                        "code": "invalid_api_key"}})
                 return
+            scope["levante.api_key"] = self.api_key
         await self.app(scope, receive, send)
+
+    def is_open(self, path: str) -> bool:
+        return path in self.open_paths or path.startswith(self.open_prefixes)
 
 
 async def _send_json(send, status: int, payload: dict) -> None:
@@ -87,12 +99,14 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
-def guard(app, limits: RequestLimits, api_key: str | None, open_metrics: bool = False):
+def guard(app, limits: RequestLimits, api_key: str | None, open_metrics: bool = False,
+          open_pages: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())):
     """`app` behind the body-size limit and, with a key, the key check (outermost: no body is read
-    for a request without the key)."""
+    for a request without the key). `open_pages`: (paths, prefixes) of pages served without the key."""
     app = BodyLimit(app, limits.max_body_bytes)
     if api_key:
-        app = ApiKeyGate(app, api_key, OPEN_PATHS + (("/metrics",) if open_metrics else ()))
+        paths, prefixes = open_pages
+        app = ApiKeyGate(app, api_key, OPEN_PATHS + (("/metrics",) if open_metrics else ()) + paths, prefixes)
     return app
 
 

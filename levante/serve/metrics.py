@@ -4,6 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TOOL_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
@@ -22,6 +23,13 @@ class Metrics:
                                 registry=registry)
         self.ttft = Histogram("levante_time_to_first_token_seconds", "Time to first token",
                               buckets=_LATENCY_BUCKETS, registry=registry)
+        self.mcp_tools_registered = Gauge("levante_mcp_tools_registered", "MCP tools the connected servers offer",
+                                          registry=registry)
+        self.mcp_tools_offered = Histogram("levante_mcp_tools_offered", "MCP tools offered to the model per "
+                                           "request (the most relevant, when they exceed --mcp-max-tools or a "
+                                           "share of the context)", buckets=_TOOL_COUNT_BUCKETS, registry=registry)
+        self.mcp_tool_calls = Counter("levante_mcp_tool_calls", "MCP tool calls by outcome (ok, error, or repeat: "
+                                      "answered from an identical earlier call)", ["outcome"], registry=registry)
         self.itl = Histogram("levante_inter_token_latency_seconds", "Time between generated tokens",
                              buckets=_LATENCY_BUCKETS, registry=registry)
         # Speculative decoding, read from the engine's Speculator (names as vLLM's spec_decode counters).

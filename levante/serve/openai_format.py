@@ -5,7 +5,7 @@ logprobs and usage included. The events are serve/pipeline.py's.
 from __future__ import annotations
 
 from levante.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from levante.serve.pipeline import Event, Finish, McpCalls, Output, Round, Searched
+from levante.serve.pipeline import Event, Finish, McpCalls, Output, Round, Searched, ToolsOffered
 
 
 def _entry(text: str, logprob: float) -> dict:
@@ -59,15 +59,23 @@ def _finish_reason(c: CompletionOutput, has_tool_calls: bool = False) -> str | N
     return "length" if c.finish_reason == "length" else "stop"
 
 
+def chat_message(plan, text: str) -> dict:
+    """A reply as OpenAI's assistant message: `content` (None beside calls or thinking when empty),
+    `reasoning_content` when the model thought, `tool_calls` when it called."""
+    reasoning, content, calls = plan.read_reply(text)
+    message = {"role": "assistant", "content": content if (content or not (calls or reasoning)) else None}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = [call.to_openai() for call in calls]
+    return message
+
+
 def chat_response(plan, rid: str, created: int, model: str, output: RequestOutput) -> dict:
     choices = []
     for c in output.outputs:
-        content, calls = c.text, []
-        if plan.tool_parser is not None:
-            content, calls = plan.tool_parser.parse(c.text)
-        message = {"role": "assistant", "content": content if (content or not calls) else None}
-        if calls:
-            message["tool_calls"] = [call.to_openai() for call in calls]
+        message = chat_message(plan, c.text)
+        calls = message.get("tool_calls")
         logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, plan.top_logprobs)} if plan.logprobs else None
         choices.append({"index": c.index, "message": message, "logprobs": logprobs,
                         "finish_reason": _finish_reason(c, bool(calls))})
@@ -76,19 +84,25 @@ def chat_response(plan, rid: str, created: int, model: str, output: RequestOutpu
 
 
 class ChatCompletion:
-    """Chat events -> one chat.completion. The MCP loop's reply also carries `mcp_calls` and the usage
-    of every round; a web search adds `web_search`."""
+    """Chat events -> one chat.completion. The MCP loop's reply also carries `mcp_tools_offered`,
+    `mcp_calls`, its own finish reason and the usage of every round; a web search adds `web_search`."""
 
     def __init__(self, rid: str, created: int, model: str):
         self.rid, self.created, self.model = rid, created, model
         self.rounds = Rounds()
+        self.tools_offered: list[str] | None = None
         self.mcp_calls: list[dict] = []
+        self.finish: str | None = None
         self.search: dict | None = None
 
     def add(self, event: Event) -> None:
         self.rounds.add(event)
         if isinstance(event, McpCalls):
             self.mcp_calls += event.calls
+        elif isinstance(event, ToolsOffered):
+            self.tools_offered = event.names
+        elif isinstance(event, Finish):
+            self.finish = event.reason
         elif isinstance(event, Searched):
             self.search = event.summary
 
@@ -98,9 +112,11 @@ class ChatCompletion:
         if round_.server_runs_tools:
             choice = response["choices"][0]
             if choice["message"].pop("tool_calls", None):  # calls cut off by max_tokens: not run, not the client's
-                choice["message"]["content"] = final.outputs[0].text
-                choice["finish_reason"] = "length"
+                choice["message"]["content"] = round_.plan.split_reasoning(final.outputs[0].text)[1]
             choice["message"]["mcp_calls"] = self.mcp_calls
+            choice["finish_reason"] = self.finish or choice["finish_reason"]
+        if self.tools_offered is not None:
+            response["mcp_tools_offered"] = self.tools_offered
         response["usage"] = usage(self.rounds.all())
         if self.search is not None:
             response["web_search"] = self.search
@@ -109,7 +125,8 @@ class ChatCompletion:
 
 class ChatChunks:
     """Chat events -> chat.completion.chunk dicts. In rounds whose tool calls the server runs (the MCP
-    loop) only content goes out: a chunk per executed call (`delta.mcp_calls`) and the loop's finish."""
+    loop) only content goes out: the role chunk with `mcp_tools_offered`, a chunk per executed call
+    (`delta.mcp_calls`) and the loop's finish."""
 
     def __init__(self, rid: str, created: int, model: str, tokenizer, include_usage: bool):
         self.rid, self.created, self.model, self.tokenizer = rid, created, model, tokenizer
@@ -120,6 +137,9 @@ class ChatChunks:
 
     def chunks(self, event: Event) -> list[dict]:
         self.rounds.add(event)
+        if isinstance(event, ToolsOffered):  # the MCP loop begins: its role chunk says which tools it offers
+            self.role_sent.add(0)
+            return [{**self.chunk({"role": "assistant", "content": ""}), "mcp_tools_offered": event.names}]
         if isinstance(event, Round):
             self.writer = ChatStreamWriter(event.plan, self.rid, self.created, self.model, self.tokenizer,
                                            self.role_sent)
@@ -130,7 +150,8 @@ class ChatChunks:
             pieces = list(self.writer.chunks(event.output))
             if self.rounds.round.server_runs_tools:
                 pieces = [p for p in pieces if p["choices"][0]["finish_reason"] is None
-                          and (p["choices"][0]["delta"].get("content") or p["choices"][0]["logprobs"])]
+                          and (p["choices"][0]["delta"].get("content") or p["choices"][0]["logprobs"]
+                               or p["choices"][0]["delta"].get("reasoning_content"))]
             return pieces
         elif isinstance(event, McpCalls):
             return [self.chunk({"mcp_calls": [call]}) for call in event.calls]
@@ -157,7 +178,8 @@ class ChatStreamWriter:
         self.role_sent = set() if role_sent is None else role_sent  # choices whose role chunk went out
         self.sent_text: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
-        self.parsers: dict[int, object] = {}
+        self.parsers: dict[int, object] = {}  # per choice: its streaming tool parser
+        self.reasoning: dict[int, object] = {}  # per choice: its streaming reasoning parser
         self.saw_calls: set[int] = set()
 
     def _chunk(self, choice: dict, usage_stats: dict | None = None) -> dict:
@@ -190,6 +212,19 @@ class ChatStreamWriter:
                 yield self._chunk({"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason})
 
     def _deltas(self, index: int, text: str, finished: bool) -> list[dict]:
+        """The deltas for new text: the thinking as `reasoning_content`, then the answer (through the
+        tool parser, when tools were offered)."""
+        out = []
+        if self.plan.reasoning is not None:
+            parser = self.reasoning.setdefault(index, self.plan.reasoning.stream())
+            pieces = parser.finish(text) if finished else parser.feed(text)
+            reasoning = "".join(piece.reasoning for piece in pieces if piece.reasoning is not None)
+            if reasoning:
+                out.append({"reasoning_content": reasoning})
+            text = "".join(piece.content for piece in pieces if piece.content is not None)
+        return out + self._answer_deltas(index, text, finished)
+
+    def _answer_deltas(self, index: int, text: str, finished: bool) -> list[dict]:
         if self.plan.tool_parser is None:
             return [{"content": text}] if text else []
         parser = self.parsers.setdefault(index, self.plan.tool_parser.stream())

@@ -7,7 +7,8 @@
              admit     a bounded number of sequences in flight                  (429 + Retry-After)
              plan      template, token ids, images, grammar, off the event loop (serve/chat.py)
              submit    to the EngineLoop; outputs come back as events
-        <- events: Round (a generation begins), Output (its progress), McpCalls, Searched, Finish
+        <- events: Round (a generation begins), Output (its progress), ToolsOffered, McpCalls, Searched,
+                   Finish
 
 Adapters only turn a body into a call here and events into their API's JSON; the MCP tool loop
 (serve/mcp_loop.py) runs its rounds through the same `plan_chat` and `generate`. A client that
@@ -51,6 +52,12 @@ class Output:
 
 
 @dataclass
+class ToolsOffered:
+    """The MCP tools the model is offered in this request (serve/tool_selection.py), by name."""
+    names: list[str]
+
+
+@dataclass
 class McpCalls:
     """Tool calls the server ran (serve/mcp_loop.py), with their results."""
     calls: list[dict]
@@ -68,7 +75,7 @@ class Finish:
     reason: str
 
 
-Event = Round | Output | McpCalls | Searched | Finish
+Event = Round | Output | ToolsOffered | McpCalls | Searched | Finish
 
 
 @dataclass
@@ -181,6 +188,9 @@ class Pipeline:
             return
         compiler = self.state.llm.engine.grammars
         timeout = self.state.limits.grammar_timeout
+        # The vocabulary's llguidance tokenizer is built once per engine, by the first constrained request
+        # (seconds on a busy machine): they are not this grammar's, so they do not count against the timeout.
+        await asyncio.get_running_loop().run_in_executor(self._grammar_pool, lambda: compiler.ll_tokenizer)
         future = asyncio.get_running_loop().run_in_executor(self._grammar_pool, compiler.prepare, spec)
         try:
             await asyncio.wait_for(future, timeout)

@@ -62,6 +62,9 @@ class ResponseFormat(Strict):
     json_schema: JsonSchemaFormat | None = None
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]  # OpenAI's values
+
+
 class Grammar(Strict):
     """mistral.rs's `grammar` extension."""
     type: Literal["regex", "lark", "json_schema", "json", "llguidance", "choice"]
@@ -162,6 +165,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffort | None = None  # reaches the chat template as `reasoning_effort`
     web_search_options: WebSearchOptions | None = None
     # Accepted and ignored: they change nothing about the generated text.
     metadata: dict[str, str] | None = None

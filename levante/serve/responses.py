@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from levante.errors import InvalidRequest
 from levante.serve.openai_format import ChatCompletion
 from levante.serve.pipeline import Event, Output, Round
-from levante.serve.protocol import ChatCompletionRequest, validation_error
+from levante.serve.protocol import ChatCompletionRequest, ReasoningEffort, validation_error
 from levante.serve.sse import formatted, sse_response
 
 
@@ -23,6 +23,15 @@ class FunctionTool(BaseModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+
+class ReasoningOptions(BaseModel):
+    """OpenAI's `reasoning`: `effort` reaches the chat template as `reasoning_effort`; the thinking comes
+    back whole as a reasoning item's `reasoning_text` (no summaries are written, so `summary` asks for nothing)."""
+    model_config = ConfigDict(extra="forbid")
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
 class ResponsesRequest(BaseModel):
@@ -43,6 +52,7 @@ class ResponsesRequest(BaseModel):
     user: str | None = None
     seed: int | None = None
     truncation: Literal["disabled"] | None = None
+    reasoning: ReasoningOptions | None = None
 
 
 def _content(content) -> str | list[dict]:
@@ -85,12 +95,26 @@ def _image_part(part: dict) -> dict:
     return {"type": "image_url", "image_url": image_url}
 
 
+def _reasoning_text(item: dict) -> str:
+    """A reasoning item's thinking: its `reasoning_text` parts, else its summary."""
+    parts = item.get("content") or item.get("summary") or []
+    if not isinstance(parts, list):
+        raise InvalidRequest("input: a reasoning item's content must be a list of parts")
+    return "".join(part.get("text") or "" for part in parts if isinstance(part, dict))
+
+
 def to_messages(body: ResponsesRequest) -> list[dict]:
+    """The conversation as chat messages. A reasoning item (a reply given back) becomes the
+    `reasoning_content` of the assistant message that follows it, which templates such as Qwen3's render."""
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
     if isinstance(body.input, str):
         return messages + [{"role": "user", "content": body.input}]
+    reasoning = None  # the thinking of the assistant turn that follows
     for item in body.input:
         kind = item.get("type", "message")
+        if kind == "reasoning":
+            reasoning = _reasoning_text(item)
+            continue
         if kind == "message":
             messages.append({"role": item.get("role", "user"), "content": _content(item.get("content"))})
         elif kind == "function_call":
@@ -106,6 +130,9 @@ def to_messages(body: ResponsesRequest) -> list[dict]:
                              "content": output if isinstance(output, str) else json.dumps(output)})
         else:
             raise InvalidRequest(f"input: item type '{kind}' is not supported")
+        if reasoning is not None and messages[-1]["role"] == "assistant":
+            messages[-1]["reasoning_content"] = reasoning
+        reasoning = None
     return messages
 
 
@@ -125,6 +152,7 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         response_format = {"type": fmt.get("type")}
     fields = dict(
         messages=to_messages(body), max_completion_tokens=body.max_output_tokens, temperature=body.temperature,
+        reasoning_effort=body.reasoning.effort if body.reasoning else None,
         top_p=body.top_p, seed=body.seed, response_format=response_format, parallel_tool_calls=body.parallel_tool_calls,
         tools=[{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                for t in body.tools] if body.tools else None,
@@ -136,12 +164,21 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         raise InvalidRequest(validation_error(e.errors())[0]) from None
 
 
-def _output_items(text: str | None, calls: list[dict]) -> list[dict]:
-    items = []
+def _reasoning_item(text: str, item_id: str | None = None) -> dict:
+    return {"type": "reasoning", "id": item_id or f"rs_{uuid.uuid4().hex}", "status": "completed", "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def _message_item(text: str, item_id: str | None = None) -> dict:
+    return {"type": "message", "id": item_id or f"msg_{uuid.uuid4().hex}", "status": "completed",
+            "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def _output_items(reasoning: str | None, text: str | None, calls: list[dict]) -> list[dict]:
+    """The reply's items: its thinking, its message, its function calls, in that order."""
+    items = [_reasoning_item(reasoning)] if reasoning else []
     if text:
-        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed",
-                      "role": "assistant",
-                      "content": [{"type": "output_text", "text": text, "annotations": []}]})
+        items.append(_message_item(text))
     for call in calls:
         items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
                       "name": call["function"]["name"], "arguments": call["function"]["arguments"],
@@ -180,29 +217,41 @@ def _usage(usage: dict) -> dict:
 
 def to_response(state, completion: dict, body: ResponsesRequest, rid: str, created: int) -> dict:
     """A chat.completion (serve/openai_format.py's `ChatCompletion`) as a Response: an `mcp_call` item per
-    call the server ran, then the message, then the function calls for the client to run."""
+    call the server ran, then the reasoning, the message, and the function calls for the client to run."""
     choice = completion["choices"][0]
     message = choice["message"]
-    items = _mcp_items(state, message.get("mcp_calls") or []) + _output_items(message["content"],
-                                                                             message.get("tool_calls") or [])
+    items = _mcp_items(state, message.get("mcp_calls") or []) + _output_items(
+        message.get("reasoning_content"), message["content"], message.get("tool_calls") or [])
     status = "incomplete" if choice["finish_reason"] == "length" else "completed"
     response = _response(rid, created, state.model_name, status, items, _usage(completion["usage"]), body)
     if status == "incomplete":
         response["incomplete_details"] = {"reason": "max_output_tokens"}
+    if "mcp_tools_offered" in completion:
+        response["mcp_tools_offered"] = completion["mcp_tools_offered"]
     return response
 
 
+# How each kind of text item streams: its content part's type, and its delta and done events.
+_TEXT_ITEMS = {
+    "message": ("output_text", "response.output_text.delta", "response.output_text.done"),
+    "reasoning": ("reasoning_text", "response.reasoning_text.delta", "response.reasoning_text.done"),
+}
+
+
 class ResponseEvents:
-    """Chat events -> the Responses API's stream. A plain round's text goes out as it comes; the rest
-    (tool calls, MCP calls, the final items) is replayed once the reply is complete."""
+    """Chat events -> the Responses API's stream. A plain round's thinking and text go out as they come
+    (a reasoning item, then the message); the rest (tool calls, MCP calls, the final items) is
+    replayed once the reply is complete."""
 
     def __init__(self, state, body: ResponsesRequest, rid: str, created: int):
         self.state, self.body, self.rid, self.created = state, body, rid, created
         self.collector = ChatCompletion(rid, created, state.model_name)
         self.counter = iter(range(1 << 30))
         self.started = False
-        self.streaming_text = False
-        self.item_id, self.sent = f"msg_{uuid.uuid4().hex}", 0
+        self.rounds = 0
+        self.live: list[dict] | None = None  # the items streamed as they came; None when nothing streams live
+        self.reasoning = None  # the live round's streaming reasoning parser
+        self.sent = 0  # characters of the live round's text read so far
 
     def event(self, kind: str, **fields) -> tuple[str, dict]:
         return kind, {"type": kind, "sequence_number": next(self.counter), **fields}
@@ -217,54 +266,75 @@ class ResponseEvents:
             self.started = True
             shell = _response(self.rid, self.created, self.state.model_name, "in_progress", [], None, self.body)
             out += [self.event("response.created", response=shell), self.event("response.in_progress", response=shell)]
-        if isinstance(event, Round) and not self.streaming_text and self.sent == 0:
-            self.streaming_text = event.plan.tool_parser is None and not event.server_runs_tools
-            if self.streaming_text:
-                item = {"type": "message", "id": self.item_id, "status": "in_progress", "role": "assistant",
-                        "content": []}
-                out += [self.event("response.output_item.added", output_index=0, item=item),
-                        self.event("response.content_part.added", item_id=self.item_id, output_index=0,
-                                   content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
-        elif isinstance(event, Output) and self.streaming_text:
-            text = event.output.outputs[0].text
-            if len(text) > self.sent:
-                out.append(self.event("response.output_text.delta", item_id=self.item_id, output_index=0,
-                                      content_index=0, delta=text[self.sent:], logprobs=[]))
-                self.sent = len(text)
+        if isinstance(event, Round):
+            self.rounds += 1
+            plain = event.plan.tool_parser is None and not event.server_runs_tools
+            if self.rounds == 1 and plain:
+                self.live = []
+                self.reasoning = event.plan.reasoning.stream() if event.plan.reasoning is not None else None
+        elif isinstance(event, Output) and self.live is not None:
+            out += self._live(event.output.outputs[0])
         return out
+
+    def _live(self, completion) -> list[tuple[str, dict]]:
+        """Deltas for the new text of the live round: thinking into the reasoning item, the answer into the message."""
+        text, finished = completion.text[self.sent:], completion.finish_reason is not None
+        self.sent = len(completion.text)
+        if self.reasoning is None:
+            pieces = [("message", text)]
+        else:
+            deltas = self.reasoning.finish(text) if finished else self.reasoning.feed(text)
+            pieces = [("reasoning", d.reasoning) if d.reasoning is not None else ("message", d.content) for d in deltas]
+        out = []
+        for kind, piece in pieces:
+            if not piece:
+                continue
+            if not self.live or self.live[-1]["type"] != kind:
+                out += self._open(len(self.live), kind)
+            item = self.live[-1]
+            out.append(self.event(_TEXT_ITEMS[kind][1], item_id=item["id"], output_index=len(self.live) - 1,
+                                  content_index=0, delta=piece, **({"logprobs": []} if kind == "message" else {})))
+        return out
+
+    def _open(self, index: int, kind: str) -> list[tuple[str, dict]]:
+        item = (_message_item if kind == "message" else _reasoning_item)("")
+        self.live.append(item)
+        part = item["content"][0]
+        return [self.event("response.output_item.added", output_index=index,
+                           item={**item, "status": "in_progress", "content": []}),
+                self.event("response.content_part.added", item_id=item["id"], output_index=index,
+                           content_index=0, part=part)]
 
     def closing(self) -> list[tuple[str, dict]]:
         response = to_response(self.state, self.collector.response(), self.body, self.rid, self.created)
+        if self.live is not None and not response["output"]:
+            response["output"] = [_message_item("")]  # a streamed reply always has its message
         out = []
         for index, item in enumerate(response["output"]):
-            out += self._replay(index, item)
-        if self.streaming_text and not response["output"]:
-            empty = {"type": "message", "id": self.item_id, "status": "completed", "role": "assistant",
-                     "content": [{"type": "output_text", "text": "", "annotations": []}]}
-            out += [self.event("response.output_text.done", item_id=self.item_id, output_index=0, content_index=0,
-                               text="", logprobs=[]),
-                    self.event("response.content_part.done", item_id=self.item_id, output_index=0, content_index=0,
-                               part=empty["content"][0]),
-                    self.event("response.output_item.done", output_index=0, item=empty)]
-            response["output"] = [empty]
+            live = self.live[index] if self.live and index < len(self.live) else None
+            live = live if live is not None and live["type"] == item["type"] else None
+            if live is not None:
+                item["id"] = live["id"]
+            out += self._replay(index, item, streamed=live is not None)
         kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
         return out + [self.event(kind, response=response)]
 
-    def _replay(self, index: int, item: dict) -> list[tuple[str, dict]]:
+    def _replay(self, index: int, item: dict, streamed: bool = False) -> list[tuple[str, dict]]:
+        """The events of a finished item; for one `streamed` live, only those that close it."""
         event, out = self.event, []
-        if item["type"] == "message":
+        if item["type"] in _TEXT_ITEMS:
             part = item["content"][0]
-            if self.streaming_text and index == 0:
-                item["id"] = self.item_id
-            else:
+            _, delta_event, done_event = _TEXT_ITEMS[item["type"]]
+            logprobs = {"logprobs": []} if item["type"] == "message" else {}
+            if not streamed:
                 out += [event("response.output_item.added", output_index=index,
                               item={**item, "status": "in_progress", "content": []}),
                         event("response.content_part.added", item_id=item["id"], output_index=index,
                               content_index=0, part={**part, "text": ""}),
-                        event("response.output_text.delta", item_id=item["id"], output_index=index,
-                              content_index=0, delta=part["text"], logprobs=[])]
-            out += [event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                          text=part["text"], logprobs=[]),
+                        event(delta_event, item_id=item["id"], output_index=index, content_index=0,
+                              delta=part["text"], **logprobs)]
+            out += [event(done_event, item_id=item["id"], output_index=index, content_index=0, text=part["text"],
+                          **logprobs),
                     event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                           part=part)]
         elif item["type"] == "function_call":

@@ -24,6 +24,8 @@ from levante.net.policy import listens_on_loopback
 from levante.serve.app import ServerState, create_app
 from levante.serve.http import guard, uvicorn_server
 from levante.serve.limits import RequestLimits
+from levante.serve.ranking import Ranker
+from levante.serve.webui import DOCS_PAGES, OPEN_PAGES, WebUI
 from levante.serve.web_search import configure_web_search
 
 logger = logging.getLogger("levante")
@@ -31,9 +33,18 @@ logger = logging.getLogger("levante")
 
 def build_server(state: ServerState, host: str, port: int, api_key: str | None = None,
                  log_level: str = "info", open_metrics: bool = False) -> uvicorn.Server:
-    """The OpenAI API for `state` on host:port, behind the key, body and connection guards (serve/http.py)."""
-    app = guard(create_app(state), state.limits, api_key, open_metrics)
+    """The OpenAI API for `state` on host:port (and the web chat, with `state.webui`), behind the key,
+    body and connection guards (serve/http.py)."""
+    open_pages = OPEN_PAGES if state.webui is not None else DOCS_PAGES
+    app = guard(create_app(state), state.limits, api_key, open_metrics, open_pages)
     return uvicorn_server(app, host, port, state.limits, log_level)
+
+
+def addresses(host: str, port: int, webui: bool) -> str:
+    """Where to point a browser and a client, for the log line that says the server is ready."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    base = f"http://{shown}:{port}"
+    return (f"web chat at {base}/, " if webui else "") + f"API at {base}/v1, docs at {base}/docs"
 
 
 def check_model(args) -> None:
@@ -64,6 +75,8 @@ def _mcp_manager(args, policy: FetchPolicy):
     path = getattr(args, "mcp_config", None)
     if getattr(args, "mcp_max_rounds", 0) < 0:
         raise InvalidRequest("--mcp-max-rounds: must be 0 or more")
+    if getattr(args, "mcp_max_tools", 0) < 0:
+        raise InvalidRequest("--mcp-max-tools: must be 0 (no cap) or more")
     if not path:
         return None
     from levante.mcp import McpConfig, McpToolManager
@@ -80,6 +93,17 @@ def _start_mcp(state: ServerState, manager) -> None:
     logger.warning("levante: MCP: %d tools from %d servers%s", len(manager.tools), len(servers),
                    "" if manager.config.auto_register_tools else " (auto_register_tools is off: none offered)")
     state.mcp = manager
+
+
+def _prepare_tool_selection(state: ServerState) -> None:
+    """Say how MCP tools will be offered, and embed them now if they will be ranked (not in a request)."""
+    from levante.serve.tool_selection import selector_for
+
+    selector = selector_for(state)
+    if selector.selects:
+        logger.warning("levante: MCP: more tools than fit the budget (%d, or %d tokens): each request is offered "
+                       "the most relevant", state.mcp_max_tools, selector.max_tool_tokens)
+        selector.prepare()
 
 
 def _serve_mcp(state: ServerState, args):
@@ -115,11 +139,14 @@ def fetch_policy(args) -> FetchPolicy:
 def serve(args) -> int:
     engine_args = EngineArgs.from_cli_args(args, warmup=True, progress=sys.stderr.isatty())
     state = ServerState(args.served_model_name or args.model, RequestLimits.from_cli_args(args))
+    if not getattr(args, "no_webui", False):
+        state.webui = WebUI()
     policy = fetch_policy(args)
     state.load_image = functools.partial(
         load_image, local_paths=local_media_policy(args.host, getattr(args, "allowed_local_media_path", None)),
         fetch_policy=policy)
     state.mcp_max_rounds = getattr(args, "mcp_max_rounds", state.mcp_max_rounds)
+    state.mcp_max_tools = getattr(args, "mcp_max_tools", state.mcp_max_tools)
     manager = _mcp_manager(args, policy)  # a bad config stops here, before anything starts
     check_model(args)  # so does a model that cannot be found or is not supported
     server = build_server(state, args.host, args.port, args.api_key, open_metrics=getattr(args, "open_metrics", False))
@@ -133,10 +160,8 @@ def serve(args) -> int:
 
             llm = LLM.from_engine_args(engine_args)
             embedding_llm = _load_embedding_model(args)
-            configure_web_search(state, args.search_url, embedding_llm or (llm if llm.is_embedding_model else None),
-                                 policy)
-            if llm.engine is not None:
-                llm.engine.grammars.ll_tokenizer  # build it now, not inside the first constrained request
+            state.ranker = Ranker(embedding_llm or (llm if llm.is_embedding_model else None))
+            configure_web_search(state, args.search_url, policy)
         except Exception as e:  # noqa: BLE001 - any failure stops the server with one line
             state.load_failure = str(e) if isinstance(e, LevanteError) else f"internal error: {type(e).__name__}: {e}"
             server.should_exit = True
@@ -144,8 +169,11 @@ def serve(args) -> int:
         if manager is not None:
             mcp_start.join()  # ready means the MCP tools are offered too
         state.attach(llm, embedding_llm, args.embedding_model)
+        if state.mcp is not None and state.llm is not None:
+            _prepare_tool_selection(state)
         seconds = llm.engine.load_seconds if llm.engine else llm.embedder.load_seconds
-        logger.warning("levante: %s ready (load %.1fs)", state.model_name, seconds)
+        logger.warning("levante: %s ready (load %.1fs): %s", state.model_name, seconds,
+                       addresses(args.host, args.port, state.webui is not None))
 
     threading.Thread(target=load, name="levante-load", daemon=True).start()
     mcp_server = _serve_mcp(state, args)

@@ -13,6 +13,8 @@ from levante.serve.limits import RequestLimits
 from levante.serve.mcp_loop import DEFAULT_MAX_ROUNDS
 from levante.serve.metrics import Metrics
 from levante.serve.pipeline import Pipeline
+from levante.serve.ranking import Ranker
+from levante.serve.tool_selection import DEFAULT_MAX_TOOLS
 
 
 class ServerState:
@@ -25,9 +27,13 @@ class ServerState:
         self.web_search = None  # levante.search.WebSearch, when web search is enabled
         self.mcp = None  # levante.mcp.McpToolManager, when MCP servers are configured (see serve/mcp_loop.py)
         self.mcp_max_rounds = DEFAULT_MAX_ROUNDS
+        self.mcp_max_tools = DEFAULT_MAX_TOOLS  # per request, beyond which the most relevant are chosen; 0: no cap
+        self.tool_selector = None  # serve/tool_selection.py's ToolSelector, built on first need
+        self.ranker = Ranker()  # ranks search passages and MCP tools: the served embedding model, else MiniLM
         self.metrics = Metrics()
         self.load_image = load_image  # image sources -> images; `levante serve` may confine local paths
         self.load_failure: str | None = None  # why loading failed, if it did (the server is then stopping)
+        self.webui = None  # serve/webui.py's WebUI: the chat page at / and its conversation routes; None: off
         self.pipeline = Pipeline(self)
 
     @property

@@ -11,15 +11,14 @@ import logging
 import os
 from dataclasses import dataclass
 
-from levante.errors import InvalidRequest, LevanteError
+from levante.errors import InvalidRequest
 from levante.net import FetchPolicy
-from levante.search import SearchOutcome, WebSearch, embed_with
+from levante.search import SearchOutcome, WebSearch
 from levante.serve.protocol import ChatCompletionRequest
 
 logger = logging.getLogger("levante")
 
 PASSAGES_PER_CONTEXT_SIZE = {"low": 3, "medium": 5, "high": 10}
-RERANK_FALLBACK_MODEL = "all-minilm:l6-v2"
 
 
 @dataclass
@@ -71,28 +70,14 @@ def _with_context(content, context: str):
     return f"{content or ''}\n\n{context}"
 
 
-def configure_web_search(state, url: str | None, embedding_llm=None,
-                         policy: FetchPolicy = FetchPolicy.local()) -> None:
+def configure_web_search(state, url: str | None, policy: FetchPolicy = FetchPolicy.local()) -> None:
     """Enable web search on `state` when a SearxNG URL is given (flag or LEVANTE_SEARCH_URL).
 
-    Passages are re-ranked by the served embedding model, else by the packaged
-    MiniLM when it is installed, else left in the backend's order.
+    Passages are re-ranked by the server's ranking model (serve/ranking.py: the served embedding
+    model, else the packaged MiniLM), or left in the backend's order without one.
     """
     url = url or os.environ.get("LEVANTE_SEARCH_URL")
     if not url:
         return
-    if embedding_llm is None:
-        embedding_llm = _fallback_embedding_model()
-    state.web_search = WebSearch(url, embed_with(embedding_llm) if embedding_llm else None,
-                                 policy=policy.without_domain_list())
+    state.web_search = WebSearch(url, state.ranker.embedder(), policy=policy.without_domain_list())
     logger.warning("levante: web search via %s", state.web_search.backend)
-
-
-def _fallback_embedding_model():
-    from levante import LLM
-
-    try:
-        return LLM(RERANK_FALLBACK_MODEL)
-    except LevanteError as e:
-        logger.warning("levante: web search results will not be re-ranked (%s)", e)
-        return None

@@ -1,5 +1,5 @@
 """`levante chat`: the Textual app. The conversation itself lives in `ChatSession` (session.py),
-saved after every turn in `ConversationStore` (store.py); this file is only the screen."""
+saved after every turn in `ConversationStore` (levante/conversations.py); this file is only the screen."""
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +17,7 @@ from textual.worker import Worker, WorkerState
 from levante.errors import LevanteError
 from levante.tui.session import (ChatSession, TextDelta, ToolCall, ToolResult, TurnEnd, TurnError, image_part,
                                  user_content)
-from levante.tui.store import ConversationStore
+from levante.conversations import ConversationStore
 from levante.tui.widgets import AssistantMessage, Notice, PromptInput, ToolCallView, UserMessage
 
 HELP = """Commands:
@@ -347,7 +347,8 @@ class ChatApp(App):
             models = await self.session.client.models.list()
             for card in models.data:
                 extra = card.model_extra or {}
-                details = ", ".join(f"{k} {v}" for k, v in extra.items() if k not in ("object", "created"))
+                details = ", ".join(f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                                    for k, v in extra.items() if k not in ("object", "created"))
                 mark = "*" if card.id == self.session.model else " "
                 lines.append(f"{mark} {card.id} (owned by {card.owned_by}{', ' + details if details else ''})")
         except Exception as e:  # the listing is informative only

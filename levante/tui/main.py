@@ -55,11 +55,13 @@ def remote_model(base_url: str, api_key: str) -> str:
 def run_chat(args) -> int:
     import openai
 
+    from levante.conversations import ConversationStore
     from levante.tui.app import ChatApp
     from levante.tui.session import ChatSession, Settings, image_part
-    from levante.tui.store import ConversationStore
 
     store = ConversationStore()
+    # Conversations belong to the key given with --url, as a levante server's web chat stores them.
+    store = store.as_owner(store.owner_of(args.api_key if args.url else None))
     if args.resume is not None:
         store.load(args.resume)  # a clear error now rather than inside the app
     tools = load_tools(args.mcp_config or os.environ.get("MCP_CONFIG_PATH"))
