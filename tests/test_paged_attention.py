@@ -1,8 +1,9 @@
 """Paged attention (layers/paged_attention.py) and the padded decode path (engine/cuda_graph.py).
 
 On CPU: `paged_attention_torch` against a per-sequence float64 reference and against the SDPA
-path the runner uses today; whole-engine runs with the paged path and the padded static-buffer
-decode path forced on (LEVANTE_PAGED_ATTENTION / LEVANTE_PADDED_DECODE) against the normal path.
+path; whole-engine runs of the default CPU path (the native kernel, tests/test_native_attention.py),
+the paged path's PyTorch version and the padded static-buffer decode path (LEVANTE_PAGED_ATTENTION /
+LEVANTE_PADDED_DECODE) against the SDPA path.
 On CUDA (skipped here): CUDA graphs vs enforce_eager vs CPU float32.
 """
 import math
@@ -159,6 +160,12 @@ def _generate(llm, prompts, max_tokens):
     return [done[f"r{i}"] for i in range(len(prompts))]
 
 
+def _sequences(prompts):
+    from levante.engine.sequence import Sequence
+
+    return [Sequence(f"probe{i}", 0, p, SamplingParams()) for i, p in enumerate(prompts)]
+
+
 def _run(folder, prompts, max_tokens, **options):
     llm = LLM(folder, dtype="float32", block_size=4, max_model_len=128, **options)
     return llm, _generate(llm, prompts, max_tokens)
@@ -172,16 +179,53 @@ def _same(got, want):
         torch.testing.assert_close(torch.tensor(chosen_a), torch.tensor(chosen_b), atol=1e-4, rtol=1e-4)
 
 
+ENGINE_PROMPTS, ENGINE_MAX_TOKENS = _ragged_prompts(5), [20, 7, 30, 12, 25]
+
+
+@pytest.fixture(scope="module")
+def sdpa_outputs(tiny_model):
+    """arch -> the SDPA path's outputs for ENGINE_PROMPTS, computed once per arch."""
+    done = {}
+
+    def outputs(arch):
+        if arch not in done:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv(PAGED_ENV, "0")
+                done[arch] = _run(str(tiny_model(arch)), ENGINE_PROMPTS, ENGINE_MAX_TOKENS)[1]
+        return done[arch]
+
+    return outputs
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3"])  # gemma3: sliding-window layers (window 16)
-def test_engine_paged_path_matches_sdpa_path(tiny_model, monkeypatch, arch):
-    folder = str(tiny_model(arch))
-    prompts = _ragged_prompts(5)
-    max_tokens = [20, 7, 30, 12, 25]
-    _, want = _run(folder, prompts, max_tokens)
-    monkeypatch.setenv(PAGED_ENV, "1")
-    llm, got = _run(folder, prompts, max_tokens)
-    assert llm.engine.runner.paged and llm.engine.runner.decode_graphs is None
+@pytest.mark.parametrize("kernel", ["default", "torch"])
+def test_engine_paged_path_matches_sdpa_path(tiny_model, sdpa_outputs, monkeypatch, arch, kernel):
+    """The CPU's default (the native kernel where it runs, else SDPA) and the paged path's PyTorch
+    version against the SDPA path; run twice, the second time with the prompts' full blocks (they
+    share a prefix) coming from the prefix cache."""
+    from levante.quant import native
+
+    want = sdpa_outputs(arch)
+    if kernel == "torch":
+        monkeypatch.setenv(PAGED_ENV, "1")
+        monkeypatch.setattr(native, "paged_attention_fits", lambda q, k_cache: False)
+    else:
+        monkeypatch.delenv(PAGED_ENV, raising=False)
+    llm, got = _run(str(tiny_model(arch)), ENGINE_PROMPTS, ENGINE_MAX_TOKENS)
+    assert llm.engine.runner.paged == (kernel == "torch" or native.available())
+    assert llm.engine.runner.decode_graphs is None
     _same(got, want)
+    hits = llm.engine.block_manager.match_prefix
+    assert sum(len(hits(s)) for s in _sequences(ENGINE_PROMPTS)) >= 10
+    _same(_generate(llm, ENGINE_PROMPTS, ENGINE_MAX_TOKENS), want)
+
+
+def test_cpu_without_the_native_kernel_keeps_the_sdpa_path(tiny_model, monkeypatch):
+    from levante.quant import native
+
+    monkeypatch.setattr(native, "paged_attention_supported", lambda dtype, head_dim: False)
+    llm = LLM(str(tiny_model("qwen3")), dtype="float32", block_size=4, max_model_len=128)
+    assert not llm.engine.runner.paged
 
 
 def test_padded_decode_path_matches_normal_decode(tiny_model, monkeypatch):

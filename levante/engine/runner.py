@@ -20,10 +20,11 @@ from levante.engine.scheduler import ScheduledSequence
 from levante.layers.attention import Attention, AttentionMetadata, attention_metadata
 from levante.layers.lora import LoraBatch, lora_batch
 from levante.layers.moe import SparseMoE
+from levante.quant import native
 
 logger = logging.getLogger("levante")
 
-# Test knobs (CPU): the paged attention path, and the padded static-buffer decode path run eagerly.
+# Knobs (CPU): the paged attention path on (1) or off (0), and the padded static-buffer decode path run eagerly.
 PAGED_ENV, PADDED_DECODE_ENV = "LEVANTE_PAGED_ATTENTION", "LEVANTE_PADDED_DECODE"
 
 
@@ -75,10 +76,19 @@ class ModelRunner:
         self.takes_images = hasattr(model, "encode_images")
         self.encoder_cache = EncoderCache()
         padded = os.environ.get(PADDED_DECODE_ENV) == "1"
-        # Paged attention: always on CUDA; on CPU only under the test knobs (the CPU SDPA path is tuned).
-        self.paged = device.type == "cuda" or padded or os.environ.get(PAGED_ENV) == "1"
+        self.paged = device.type == "cuda" or padded or self._native_attention(dtype)
         self.decode_graphs: DecodeGraphs | None = None
         self._padded_eager = padded
+
+    def _native_attention(self, dtype: torch.dtype) -> bool:
+        """Paged attention on the CPU: with the native kernel (quant/attention.c) where it runs for every
+        layer, else the SDPA path. LEVANTE_PAGED_ATTENTION=1 forces the paged path (its PyTorch
+        version where the kernel cannot run), 0 the SDPA path."""
+        forced = os.environ.get(PAGED_ENV)
+        if forced in ("0", "1"):
+            return forced == "1"
+        return all(native.paged_attention_supported(dtype, m.head_dim) and k.device.type == "cpu"
+                   for m, (k, _) in zip(self.attention_layers, self.kv_cache))
 
     def setup_decode_graphs(self, max_num_seqs: int, max_model_len: int, enforce_eager: bool,
                             max_batch: int = 256) -> None:

@@ -7,9 +7,15 @@ and no layer imports the engine.
 Tokens of a step are packed: `[num_tokens, ...]`, sequences one after another,
 each contributing the tokens it computes this step (a prefill chunk or one
 decode token). Keys and values are written into the cache at `slot_mapping`,
-then each sequence's whole context is gathered back through `key_slots`
-(built from its block table) and attended with PyTorch SDPA under a causal,
-sliding-window and padding mask.
+then attended by one of two roads:
+
+- paged (`layers/paged_attention.py`): each sequence's context is read in place
+  through its block table, no gather and no mask: on CUDA (Triton) and on CPUs
+  where the native kernel runs (AVX-512, quant/attention.c);
+- SDPA: each sequence's whole context is gathered back through `key_slots` and
+  attended with PyTorch SDPA under a causal, sliding-window and padding mask:
+  elsewhere, and for what the paged road does not cover (no cache, attention
+  both ways, image spans).
 """
 from __future__ import annotations
 
@@ -40,9 +46,9 @@ class AttentionMetadata:
     # [batch, max_q] the last key each query may see when it is past the causal limit (tokens of one
     # image attending both ways, Gemma 3); None: the query's own position.
     key_limits: torch.Tensor | None = None
-    # Paged attention (the interface in layers/paged_attention.py): set by the runner on
-    # CUDA (or under LEVANTE_PAGED_ATTENTION=1); then the SDPA fields above may be None until a layer
-    # that needs them calls `sdpa()`, which builds them once.
+    # Paged attention (the interface in layers/paged_attention.py): set by the runner where that road
+    # runs (ModelRunner.paged); then the SDPA fields above may be None until a layer that needs them
+    # calls `sdpa()`, which builds them once.
     block_tables: torch.Tensor | None = None  # [batch, width] int32
     cu_seqlens_q: torch.Tensor | None = None  # [batch + 1] int32
     seq_lens: torch.Tensor | None = None  # [batch] int32

@@ -1,8 +1,9 @@
 """Paged attention: packed queries attend to each sequence's context through its block table.
 
 The interface, shared by `paged_attention_triton` (levante.layers.triton_attention, the CUDA
-kernel) and `paged_attention_torch` here (plain PyTorch: the reference for tests and the fallback
-where Triton is missing):
+kernel), `native.paged_attention` (levante.quant.native: the CPU kernel of quant/attention.c,
+AVX-512) and `paged_attention_torch` here (plain PyTorch: the reference for tests and the
+fallback where neither kernel runs):
 
     paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *,
                     block_size, scale, max_q, sliding_window=None, out=None) -> [T, H, D]
@@ -20,14 +21,16 @@ no key come out as zeros, never NaN. No host synchronisation (CUDA-graph captura
 float32, output in q's dtype. Not covered (the SDPA path of layers/attention.py keeps these):
 attention without a cache, non-causal attention, image spans attending both ways (key_limits).
 
-The torch version gathers the whole `[B, W * block_size]` context, so it is for small batches,
-tests and CPU.
+The torch version gathers the whole `[B, W * block_size]` context, so it is for small batches
+and tests; where the native kernel cannot run, the CPU keeps the SDPA path instead.
 """
 from __future__ import annotations
 
 import logging
 
 import torch
+
+from levante.quant import native
 
 logger = logging.getLogger("levante")
 
@@ -53,8 +56,12 @@ def triton_paged_attention_available() -> bool:
 
 def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, block_size: int,
                     scale: float, max_q: int, sliding_window: int | None = None, out=None) -> torch.Tensor:
-    """The Triton kernel for CUDA tensors when it is available, else `paged_attention_torch`."""
-    kernel = _triton_kernel() if q.is_cuda else None
+    """The Triton kernel for CUDA tensors when it is available, the native kernel for CPU
+    tensors where it runs, else `paged_attention_torch`."""
+    if q.is_cuda:
+        kernel = _triton_kernel()
+    else:
+        kernel = native.paged_attention if native.paged_attention_fits(q, k_cache) else None
     fn = kernel or paged_attention_torch
     return fn(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, block_size=block_size, scale=scale,
               max_q=max_q, sliding_window=sliding_window, out=out)

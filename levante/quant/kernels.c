@@ -775,3 +775,6 @@ int lv_q5_pack_gguf(const uint8_t *raw, int64_t N, int64_t K, int64_t row_bytes,
     parallel(q5_pack_tile, &p, (N + 15) / 16, nthreads, 0);
     return 0;
 }
+
+/* -- paged attention (decode) ------------------------------------------------------------------ */
+#include "attention.c"

@@ -35,6 +35,7 @@ import torch
 logger = logging.getLogger("levante")
 
 SOURCE = Path(__file__).with_name("kernels.c")
+INCLUDED = (Path(__file__).with_name("attention.c"),)  # #included by kernels.c: part of the build's hash
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fno-math-errno",
          "-pthread", "-shared", "-fPIC")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
@@ -75,7 +76,7 @@ def build(compiler: str | None = None) -> Path:
     compiler = compiler or _compiler()
     if compiler is None:
         raise OSError("no C compiler (gcc or cc) on PATH")
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (SOURCE, *INCLUDED))
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"levante-kernels-{key}.so"
     if target.is_file():
@@ -104,8 +105,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i32, i32]
     lib.lv_silu_mul.argtypes = [p, p, i64, i64, i32]
     lib.lv_rope.argtypes = [p, p, p, i64, i64, i64, i64, i32]
+    lib.lv_paged_attention.argtypes = [p, p, p, p, p, i64, p, p, i32, i32, i32, i32, i32, i32, ctypes.c_float,
+                                       i32, i32]
     for fn in (lib.lv_w8_pack, lib.lv_q5_pack_gguf, lib.lv_w8a8, lib.lv_w8a16, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
-               lib.lv_silu_mul, lib.lv_rope):
+               lib.lv_silu_mul, lib.lv_rope, lib.lv_paged_attention):
         fn.restype = i32
     return lib
 
@@ -434,6 +437,43 @@ def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     library().lv_rope(x.data_ptr(), out.data_ptr(), cos_sin.data_ptr(), tokens, heads, dim, x.stride(0),
                       int(x.dtype == torch.bfloat16))
     return out
+
+
+# -- paged attention --------------------------------------------------------------------------------
+# The CPU kernel behind layers/paged_attention.py's interface (attention.c).
+
+_KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MAX_HEAD_DIM = 512
+
+
+def paged_attention_supported(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernel runs here for caches of `dtype` (float32, bfloat16, float16) and `head_dim`."""
+    return dtype in _KV_DTYPES and head_dim <= MAX_HEAD_DIM and available()
+
+
+def paged_attention_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernel takes these: CPU tensors of one supported dtype and head size."""
+    return (q.device.type == "cpu" and k_cache.device.type == "cpu" and k_cache.dtype == q.dtype
+            and paged_attention_supported(q.dtype, q.shape[-1]))
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, block_size: int, scale: float,
+                    max_q: int = 0, sliding_window: int | None = None, out=None) -> torch.Tensor:
+    """layers/paged_attention.py's interface (``max_q`` is not needed here); caches contiguous."""
+    tokens, heads, dim = q.shape
+    q = q.contiguous()
+    tables, cu, lens = (t.to(torch.int32).contiguous() for t in (block_tables, cu_seqlens_q, seq_lens))
+    target = out if out is not None and out.is_contiguous() else torch.empty_like(q)
+    rc = library().lv_paged_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), target.data_ptr(), tables.data_ptr(), tables.shape[1],
+        cu.data_ptr(), lens.data_ptr(), lens.shape[0], heads, k_cache.shape[1], dim, block_size,
+        sliding_window or 0, scale, _KV_DTYPES[q.dtype], threads())
+    if rc:
+        raise RuntimeError(f"lv_paged_attention failed ({rc})")
+    if out is not None and target is not out:
+        out.copy_(target)
+        return out
+    return target
 
 
 if __name__ == "__main__":  # `python -m levante.quant.native`: build ahead (make install)
