@@ -72,7 +72,8 @@ def test_chat_in_tmux_remote_server(tmp_path, tiny_model):
         try:
             terminal.wait_for("Chatting with tiny-remote.")
             terminal.send("/model", "Enter")
-            terminal.wait_for("tiny-remote (owned by levante, max_model_len 256)")
+            card = flat(terminal.wait_for("tiny-remote (owned by levante,"))  # the /v1/models card's fields
+            assert "max_model_len 256" in card.split("tiny-remote (owned by levante,", 1)[1]
             terminal.send("hi", "Enter")
             terminal.wait_for("tok/s")
             terminal.send("/quit", "Enter")
