@@ -113,3 +113,14 @@ def test_bounded_fuzz_run():
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "gguf: 300 inputs" in result.stdout and "safetensors: 300 inputs" in result.stdout
+
+
+def test_a_layer_count_past_the_files_layers_is_refused_at_once(tmp_path):
+    """block_count is bounded by the layers whose tensors the file holds, before any per-layer list
+    is built (a billion layers took minutes and gigabytes to refuse)."""
+    from levante.loader.gguf import GGUFFile
+
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(write_gguf(fields_with(block_count=(U32, 10**9)), base_tensors()))
+    with pytest.raises(ModelLoadError, match="block_count = 1000000000, the file holds tensors of"):
+        GGUFFile(path).hf_config()

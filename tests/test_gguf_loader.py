@@ -118,6 +118,7 @@ def test_gemma3_norms_and_config(tmp_path):
     path = write_gguf(tmp_path / "gemma.gguf", "gemma3", {
         "blk.0.attn_q_norm.weight": norm, "blk.0.post_ffw_norm.weight": norm, "output_norm.weight": norm,
         "blk.0.ffn_norm.weight": norm, "blk.0.attn_q.weight": np.ones((8, 8), dtype=np.float32),
+        "blk.11.attn_q.weight": np.ones((8, 8), dtype=np.float32),  # the file holds 12 layers' tensors
     }, layers=12, **{"gemma3.attention.sliding_window": 4, "gemma3.rope.scaling.type": "linear",
                      "gemma3.rope.scaling.factor": 8.0})
     file = GGUFFile(path)

@@ -258,7 +258,7 @@ class GGUFFile:
             "model_type": model_type,
             "hidden_size": hidden,
             "intermediate_size": self._arch_field("feed_forward_length"),
-            "num_hidden_layers": self._arch_field("block_count"),
+            "num_hidden_layers": self._layer_count(),
             "num_attention_heads": heads,
             "num_key_value_heads": self._arch_field("attention.head_count_kv", heads),
             "head_dim": self._arch_field("attention.key_length", hidden // heads),
@@ -274,7 +274,7 @@ class GGUFFile:
             "attention_bias": "blk.0.attn_q.bias" in self._tensors,
             "hidden_act": "silu",
             "sliding_window": None,
-            "layer_types": ["full_attention"] * self._arch_field("block_count"),
+            "layer_types": ["full_attention"] * self._layer_count(),
         }
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta} | (config["rope_scaling"] or {})
         if self.architecture == "gemma3":
@@ -349,6 +349,17 @@ class GGUFFile:
             if tensor not in self._tensors:
                 raise ModelLoadError(f"{self.path}: a Gemma 3n GGUF without {tensor}")
             config[key] = int(self._tensors[tensor].shape[-1])
+
+    def _layer_count(self) -> int:
+        """block_count, bounded by the file: every layer has tensors of its own (`blk.N.*`), so a
+        count past the highest layer the file holds is refused before any per-layer list is built."""
+        layers = self._arch_field("block_count")
+        held = 1 + max((int(name.split(".")[1]) for name in self._tensors
+                        if name.startswith("blk.") and name.split(".")[1].isdigit()), default=-1)
+        if not isinstance(layers, int) or not 1 <= layers <= held:
+            raise ModelLoadError(f"{self.path}: GGUF metadata gives {self.architecture}.block_count = {layers!r}, "
+                                 f"the file holds tensors of {held} layers")
+        return layers
 
     def _arch_count(self, key: str) -> int:
         """A required count (a size, a number of heads or layers): at least 1."""
@@ -531,9 +542,10 @@ def _parameter_count(config: dict[str, Any]) -> int:
     attention = hidden * head_dim * (2 * config["num_attention_heads"] + 2 * config["num_key_value_heads"])
     experts = config.get("num_local_experts", 0)
     widths = config["intermediate_size"] if not experts else experts * config["moe_intermediate_size"]
-    widths = widths if isinstance(widths, list) else [widths] * config["num_hidden_layers"]
+    layers = config["num_hidden_layers"]
+    width_sum = sum(widths) if isinstance(widths, list) else widths * layers
     embeddings = config["vocab_size"] * hidden * (1 if config["tie_word_embeddings"] else 2)
-    return embeddings + sum(attention + 3 * hidden * width for width in widths)
+    return embeddings + attention * layers + 3 * hidden * width_sum
 
 
 def _add_gemma3_fields(config: dict[str, Any]) -> None:
