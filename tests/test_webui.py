@@ -21,6 +21,7 @@ from levante import LLM
 from levante.conversations import ConversationStore
 from levante.serve.webui import WebUI
 from live_server import live_server
+from live_server import metric as server_metric
 
 pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra (make test installs it)")
 
@@ -124,9 +125,9 @@ def api_answer(base: str, body: dict, key: str = "unused") -> str:
     return response.choices[0].message.content
 
 
-def metric(base: str, name: str) -> float:
-    text = httpx.get(f"{base}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+def metric(base: str, name: str, **labels) -> float:
+    """The /metrics sample `name` with `labels` (0 when the server has not counted one yet)."""
+    return server_metric(base, name, **labels) or 0.0
 
 
 def regex_literal(text: str) -> str:
@@ -168,7 +169,7 @@ def test_answer_is_the_apis_greedy_answer_and_survives_a_reload(tab, server):
 def test_stop_aborts_the_request_and_frees_the_kv_cache(tab, server):
     page = tab.open()
     set_settings(page, temperature=0, max_tokens=MAX_POSITIONS - 64, extra='{"ignore_eos": true}')
-    aborted = metric(server, 'levante_requests_total{finish_reason="abort"}')
+    aborted = metric(server, "levante_requests_total", finish_reason="abort")
     send(page, "Talk for a long time.")
     page.wait_for_function("() => document.querySelector('.message.assistant .bubble')?.textContent.length > 20")
     assert metric(server, "levante_kv_cache_usage_ratio") > 0
@@ -181,7 +182,7 @@ def test_stop_aborts_the_request_and_frees_the_kv_cache(tab, server):
     while metric(server, "levante_kv_cache_usage_ratio") > 0 or metric(server, "levante_num_requests_running") > 0:
         assert time.monotonic() < deadline, httpx.get(f"{server}/metrics").text
         time.sleep(0.1)
-    assert metric(server, 'levante_requests_total{finish_reason="abort"}') == aborted + 1
+    assert metric(server, "levante_requests_total", finish_reason="abort") == aborted + 1
     partial = stored(server, conversation_id(page))["messages"][-1]["content"]
     assert 20 < len(partial) and partial.startswith(answer.locator(".bubble").inner_text()[:10])
 
