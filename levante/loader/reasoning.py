@@ -27,6 +27,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from levante.multimodal.messages import text_of
+
 THINK_START, THINK_END = "<think>", "</think>"
 _WHITESPACE = " \t\r\n"
 _SWITCH = re.compile(r"/(no_)?think\b")
@@ -56,18 +58,10 @@ def thinking_switch(template_source: str, messages: list[dict], template_kwargs:
     for message in reversed(messages):
         if message.get("role") not in ("user", "system"):
             continue
-        switches = _SWITCH.findall(_text_of(message.get("content")))
+        switches = _SWITCH.findall(text_of(message.get("content")))
         if switches:
             return {**(template_kwargs or {}), "enable_thinking": switches[-1] != "no_"}
     return dict(template_kwargs) if template_kwargs is not None else None
-
-
-def _text_of(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(part.get("text") or "" for part in content if isinstance(part, dict))
-    return ""
 
 
 @dataclass(frozen=True)

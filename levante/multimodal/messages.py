@@ -90,6 +90,16 @@ def extract_images(messages: list[dict], load: Callable | None = None,
     return out, images
 
 
+def text_of(content) -> str:
+    """The text of a message's content: a string as it is, text parts joined by newlines (images
+    and other parts left out), anything else empty."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(part.get("text") or "" for part in content if isinstance(part, dict))
+    return ""
+
+
 def flatten(messages: list[dict], placeholder: str, audio_placeholder: str = "") -> list[dict]:
     """Content part lists joined into one string, each image written as `placeholder` (audio as
     `audio_placeholder`)."""

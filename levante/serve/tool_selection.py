@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from levante.mcp import McpTool
+from levante.multimodal.messages import text_of
 from levante.search.retrieval import Embed, unit_vectors
 
 DEFAULT_MAX_TOOLS = 16
@@ -90,7 +91,7 @@ class ToolSelector:
 
     def named(self, messages: list[dict]) -> set[str]:
         """Names of the tools that the user or system messages mention, or that earlier calls used."""
-        text = "\n".join(_text(m.get("content")) for m in messages if m.get("role") in ("user", "system"))
+        text = "\n".join(text_of(m.get("content")) for m in messages if m.get("role") in ("user", "system"))
         named = {call["function"]["name"] for m in messages for call in m.get("tool_calls") or []
                  if isinstance(call, dict) and isinstance(call.get("function"), dict)}
         return {name for name, pattern in self._mentions.items() if name in named or pattern.search(text)}
@@ -117,17 +118,9 @@ def _mention_pattern(tool: McpTool) -> re.Pattern:
     return re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])", re.IGNORECASE)
 
 
-def _text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(part.get("text") or "" for part in content if isinstance(part, dict))
-    return ""
-
-
 def _recent_text(messages: list[dict]) -> str:
     """The last few user and assistant texts, newest first (an embedding model truncates the oldest)."""
-    texts = [_text(m.get("content")).strip() for m in messages if m.get("role") in ("user", "assistant")]
+    texts = [text_of(m.get("content")).strip() for m in messages if m.get("role") in ("user", "assistant")]
     return "\n".join(reversed([text for text in texts if text][-RECENT_MESSAGES:]))
 
 
