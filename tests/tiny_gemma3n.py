@@ -175,22 +175,14 @@ def write_gguf(folder: Path, path: Path, qtype=None) -> Path:
 
     import numpy as np
     from safetensors.torch import load_file
+    from tiny_gguf import add_transformer_sizes, save
 
     cfg = json.loads((folder / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
     layers = cfg["num_hidden_layers"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, layers)
     writer = gguf.GGUFWriter(path, "gemma3n")
-    writer.add_block_count(layers)
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(cfg["num_attention_heads"])
-    writer.add_head_count_kv(cfg["num_key_value_heads"])
-    writer.add_key_length(cfg["head_dim"])
-    writer.add_value_length(cfg["head_dim"])
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    writer.add_rope_freq_base(cfg["rope_parameters"]["full_attention"]["rope_theta"])
+    add_transformer_sizes(writer, cfg, cfg["rope_parameters"]["full_attention"]["rope_theta"])
     writer.add_sliding_window(cfg["sliding_window"])
     writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     writer.add_altup_active_idx(cfg["altup_active_idx"])
@@ -219,15 +211,11 @@ def write_gguf(folder: Path, path: Path, qtype=None) -> Path:
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, name
         out[gguf_name] = value
+    arrays = {}
     for name, value in out.items():
-        array = value.float().numpy()
-        if qtype is not None and array.ndim == 2 and array.shape[-1] % 32 == 0 and "norm" not in name \
-                and not name.startswith(("token_embd", "per_layer_token_embd")):
-            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, np.ascontiguousarray(array))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        array = np.ascontiguousarray(value.float().numpy())
+        quantized = qtype is not None and array.ndim == 2 and array.shape[-1] % 32 == 0 and "norm" not in name \
+            and not name.startswith(("token_embd", "per_layer_token_embd"))
+        arrays[name] = (array, qtype) if quantized else array
+    save(writer, arrays)
     return path

@@ -53,7 +53,8 @@ def save(writer: gguf.GGUFWriter, tensors: dict) -> None:
     writer.close()
 
 
-def _hyperparameters(writer: gguf.GGUFWriter, config: dict, arch: str) -> None:
+def add_transformer_sizes(writer: gguf.GGUFWriter, config: dict, rope_theta: float) -> int:
+    """The hyperparameters every decoder GGUF carries (layers, widths, heads, norm eps, RoPE base); the head size."""
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // heads
     writer.add_block_count(config["num_hidden_layers"])
@@ -63,9 +64,14 @@ def _hyperparameters(writer: gguf.GGUFWriter, config: dict, arch: str) -> None:
     writer.add_head_count(heads)
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_rope_freq_base(rope_theta)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
+    return head_dim
+
+
+def _hyperparameters(writer: gguf.GGUFWriter, config: dict, arch: str) -> None:
+    head_dim = add_transformer_sizes(writer, config, config["rope_parameters"]["rope_theta"])
     experts = config.get("num_local_experts") or config.get("num_experts")
     if experts:
         writer.add_expert_count(experts)
