@@ -253,12 +253,13 @@ class GGUFFile:
         hidden = self._arch_count("embedding_length")
         heads = self._arch_count("attention.head_count")
         rope_theta = float(self._arch_field("rope.freq_base", 10000.0))
+        layers = self._layer_count()
         config = {
             "architectures": [hf_class],
             "model_type": model_type,
             "hidden_size": hidden,
             "intermediate_size": self._arch_field("feed_forward_length"),
-            "num_hidden_layers": self._layer_count(),
+            "num_hidden_layers": layers,
             "num_attention_heads": heads,
             "num_key_value_heads": self._arch_field("attention.head_count_kv", heads),
             "head_dim": self._arch_field("attention.key_length", hidden // heads),
@@ -274,7 +275,7 @@ class GGUFFile:
             "attention_bias": "blk.0.attn_q.bias" in self._tensors,
             "hidden_act": "silu",
             "sliding_window": None,
-            "layer_types": ["full_attention"] * self._layer_count(),
+            "layer_types": ["full_attention"] * layers,
         }
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta} | (config["rope_scaling"] or {})
         if self.architecture == "gemma3":
