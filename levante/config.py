@@ -206,6 +206,12 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None  # overrides memory_gb when set
     enable_prefix_caching: bool = True
+    # The cache's dtype: None keeps the model's; torch.int8 stores 8-bit codes with a scale per token and
+    # KV head (quant/kv_int8.py; the CPU only), half of bfloat16's memory.
+    dtype: torch.dtype | None = None
+
+    def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return self.dtype or model_dtype
 
 
 SPECULATIVE_METHODS = ("ngram", "draft")

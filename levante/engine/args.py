@@ -17,6 +17,9 @@ from levante.config import CacheConfig, EngineConfig, SpeculativeConfig
 from levante.errors import InvalidRequest
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The KV cache's: "auto" keeps the model's dtype; int8 (llama.cpp's name for the same idea: q8_0) halves
+# bfloat16's memory (quant/kv_int8.py).
+KV_CACHE_DTYPES = {**DTYPES, "int8": torch.int8, "q8_0": torch.int8}
 _CACHE_FIELDS = {"block_size": "block_size", "kv_cache_gb": "memory_gb", "num_kv_blocks": "num_blocks",
                  "enable_prefix_caching": "enable_prefix_caching",
                  "gpu_memory_utilization": "gpu_memory_utilization"}
@@ -38,6 +41,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     kv_cache_gb: float | None = None
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
@@ -79,6 +83,8 @@ class EngineArgs:
                 setattr(config.cache, _CACHE_FIELDS[name], value)
             elif name == "dtype":
                 config.dtype = DTYPES[value] if isinstance(value, str) or value is None else value
+            elif name == "kv_cache_dtype":
+                config.cache.dtype = _kv_cache_dtype(value)
             elif hasattr(config, name):
                 setattr(config, name, value)
         config.speculative = self._speculative_config()
@@ -129,6 +135,10 @@ class EngineArgs:
         parser.add_argument("--kv-cache-gb", type=float, default=None,
                             help="memory preallocated for the KV cache (default: 2 on the CPU; on CUDA what "
                                  "--gpu-memory-utilization leaves after the weights)")
+        parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                            help="the KV cache's dtype: auto (the model's), bfloat16, float16, float32, or int8 "
+                                 "(= q8_0: 8-bit codes with a scale per token and KV head, half of bfloat16's "
+                                 "memory; the CPU only)")
         parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                             help="fraction of the GPU's memory levante may use, KV cache included (default: 0.9)")
         parser.add_argument("--threads", dest="num_threads", type=int, default=None,
@@ -174,6 +184,14 @@ class EngineArgs:
     def add_gguf_file_arg(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--gguf-file", default=None, metavar="NAME",
                             help="the .gguf file of the Hub repo -m names (instead of picking one by :QUANT)")
+
+
+def _kv_cache_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in KV_CACHE_DTYPES:
+        raise InvalidRequest(f"kv_cache_dtype '{value}': expected one of {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[value]
 
 
 def parse_lora_flags(specs: list[str]) -> dict[str, str]:

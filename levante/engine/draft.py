@@ -40,7 +40,7 @@ class DraftProposer:
         self.model, self.config, self.quantization = model, config, quantization
         self.dtype, self.device = dtype, device
         self.vocab_size = vocab_size  # the target's: draft logits are cut or padded to it
-        self.kv_bytes_per_token = kv_bytes_per_token(model, dtype)
+        self.kv_bytes_per_token = kv_bytes_per_token(model, config.cache.kv_dtype(dtype))
         self.sampler = Sampler(eos_token_ids)
         self.runner: ModelRunner | None = None
         self.block_manager: BlockManager | None = None
@@ -65,7 +65,8 @@ class DraftProposer:
 
     def init_cache(self, num_blocks: int, block_size: int, max_model_len: int) -> None:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.config.cache.kv_dtype(self.dtype),
+                                  self.device)
         cfg = self.config
         self.runner.setup_decode_graphs(cfg.max_num_seqs, max_model_len, cfg.enforce_eager, cfg.cuda_graph_max_batch)
 

@@ -138,7 +138,8 @@ class Engine:
         cache, cfg = self.config.cache, self.config
         # A draft model's cache holds as many tokens as the target's: it is paid for from the same memory.
         draft_per_token = self.speculator.kv_bytes_per_token() if self.speculator else 0
-        per_token = kv_bytes_per_token(self.model, self.dtype) + draft_per_token
+        kv_dtype = cache.kv_dtype(self.dtype)
+        per_token = kv_bytes_per_token(self.model, kv_dtype) + draft_per_token
         memory = self._kv_cache_bytes(per_token) if cache.memory_gb is None else cache.memory_gb * (1 << 30)
         num_blocks = cache.num_blocks or int(memory // (per_token * cache.block_size))
         if num_blocks < 1:
@@ -150,9 +151,9 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         if self.tensor_parallel:
             self.runner = tp.TensorParallelRunner(self.tensor_parallel, self.model, num_blocks, cache.block_size,
-                                                  self.dtype, self.device)
+                                                  kv_dtype, self.device)
         else:
-            self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+            self.runner = ModelRunner(self.model, num_blocks, cache.block_size, kv_dtype, self.device)
             self.runner.setup_decode_graphs(cfg.max_num_seqs, self.max_model_len, cfg.enforce_eager,
                                             cfg.cuda_graph_max_batch)
         if draft_per_token:

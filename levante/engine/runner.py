@@ -20,7 +20,8 @@ from levante.engine.scheduler import ScheduledSequence
 from levante.layers.attention import Attention, AttentionMetadata, attention_metadata
 from levante.layers.lora import LoraBatch, lora_batch
 from levante.layers.moe import SparseMoE
-from levante.quant import native
+from levante.errors import InvalidRequest
+from levante.quant import kv_int8, native
 
 logger = logging.getLogger("levante")
 
@@ -33,9 +34,14 @@ def cache_owning_layers(model: nn.Module) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention) and m.kv_producer is None]
 
 
+def cache_row(head_dim: int, dtype: torch.dtype) -> int:
+    """Values per (slot, KV head) of a cache of `dtype`: an int8 cache's rows carry their scale."""
+    return kv_int8.row_bytes(head_dim) if dtype == torch.int8 else head_dim
+
+
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
-    """Cache bytes a token takes: only the layers that own a cache count."""
-    return (sum(2 * m.num_kv_heads * m.head_dim for m in cache_owning_layers(model))
+    """Cache bytes a token takes in a cache of `dtype`: only the layers that own a cache count."""
+    return (sum(2 * m.num_kv_heads * cache_row(m.head_dim, dtype) for m in cache_owning_layers(model))
             * torch.empty((), dtype=dtype).element_size())
 
 
@@ -54,6 +60,7 @@ def padded_tables(block_tables: list[list[int]]) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        """`dtype`: the KV cache's (EngineConfig.cache.kv_dtype: the model's unless asked otherwise)."""
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -62,10 +69,14 @@ class ModelRunner:
         slots = num_blocks * block_size + 1
         self.scratch_slot = num_blocks * block_size
         # A layer mapped to another device (engine/placement.py) keeps its cache there.
+        devices = [torch.device(getattr(m, "cache_device", device)) for m in self.attention_layers]
+        if dtype == torch.int8 and any(d.type != "cpu" for d in devices):
+            raise InvalidRequest("--kv-cache-dtype int8 runs on the CPU only: use auto, bfloat16 or float16 on "
+                                 "CUDA")
         self.kv_cache = [
-            (torch.empty(slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=getattr(m, "cache_device", device)),
-             torch.empty(slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=getattr(m, "cache_device", device)))
-            for m in self.attention_layers
+            tuple(torch.empty(slots, m.num_kv_heads, cache_row(m.head_dim, dtype), dtype=dtype, device=d)
+                  for _ in "kv")
+            for m, d in zip(self.attention_layers, devices)
         ]
         for layer, (k_cache, v_cache) in zip(self.attention_layers, self.kv_cache):
             layer.k_cache, layer.v_cache = k_cache, v_cache

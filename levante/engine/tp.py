@@ -226,7 +226,7 @@ def _serve_steps(device: torch.device) -> None:
             return
         if kind == messages.INIT:
             num_blocks, block_size = ints
-            runner = ModelRunner(model, num_blocks, block_size, dtype, device)
+            runner = ModelRunner(model, num_blocks, block_size, config.cache.kv_dtype(dtype), device)
             continue
         if kind == messages.LORA_LOAD:
             _load_lora(model, ints[0], config.max_lora_rank)

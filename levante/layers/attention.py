@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from levante.layers.paged_attention import paged_attention
+from levante.quant import kv_int8
 
 
 @dataclass
@@ -144,7 +145,8 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.__dict__["kv_producer"] = kv_producer  # not a submodule: the producer is its own layer's
-        # [num_slots, num_kv_heads, head_dim]; None runs without a cache (one-shot encoders).
+        # [num_slots, num_kv_heads, head_dim] (an int8 cache: head_dim + 4, quant/kv_int8.py); None runs
+        # without a cache (one-shot encoders).
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -157,7 +159,7 @@ class Attention(nn.Module):
         md.sdpa()
         if self.k_cache is not None and md.max_q == 1 and md.query_index is None:
             return self._decode(q, k, v, md)
-        keys, values = (t.transpose(1, 2) for t in self._context(k, v, md))  # [batch, kv_heads, max_kv, head_dim]
+        keys, values = (t.transpose(1, 2) for t in self._context(k, v, md, q.dtype))  # [batch, kv_heads, max_kv, head_dim]
         queries = self._pad_queries(q, md).transpose(1, 2)  # [batch, heads, max_q, head_dim]
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
@@ -172,8 +174,7 @@ class Attention(nn.Module):
     def _paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         """Write the step's keys and values, then attend through the block tables (no gather, no mask)."""
         if k is not None:
-            self.k_cache.index_copy_(0, md.slot_mapping, k)
-            self.v_cache.index_copy_(0, md.slot_mapping, v)
+            self.write_cache(k, v, md.slot_mapping)
         out = paged_attention(q, self.k_cache, self.v_cache, md.block_tables, md.cu_seqlens_q, md.seq_lens,
                               block_size=md.block_size, scale=self.scale, max_q=md.max_query_len,
                               sliding_window=self.sliding_window)
@@ -183,7 +184,7 @@ class Attention(nn.Module):
         """One new token per sequence: the query heads that share a KV head become that head's
         query rows (``[batch, kv_heads, heads / kv_heads, head_dim]``), so grouped-query attention
         needs no copy of the keys per query head; a lone sequence needs no mask either."""
-        keys, values = (t.transpose(1, 2) for t in self._context(k, v, md))  # [batch, kv_heads, max_kv, head_dim]
+        keys, values = (t.transpose(1, 2) for t in self._context(k, v, md, q.dtype))  # [batch, kv_heads, max_kv, head_dim]
         batch = md.batch_size
         queries = q.view(batch, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self._decode_mask(md), scale=self.scale)
@@ -195,14 +196,21 @@ class Attention(nn.Module):
             return None  # one sequence, every cached key visible
         return md.mask(window)  # [batch, 1, 1, max_kv]: broadcast over the grouped query rows
 
-    def _context(self, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata):
-        """Each sequence's keys and values, [batch, max_kv, kv_heads, head_dim]."""
+    def write_cache(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store the step's keys and values at their slots, in the cache's dtype (an int8 cache: quantised)."""
+        if self.k_cache.dtype == torch.int8:
+            k, v = kv_int8.quantize(k), kv_int8.quantize(v)
+        self.k_cache.index_copy_(0, slot_mapping, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(0, slot_mapping, v.to(self.v_cache.dtype))
+
+    def _context(self, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata, q_dtype: torch.dtype):
+        """Each sequence's keys and values, [batch, max_kv, kv_heads, head_dim], as `q_dtype`."""
         if self.k_cache is not None:
             if k is None:
-                return self._shared_context(md.key_slots.device)
-            self.k_cache.index_copy_(0, md.slot_mapping, k)
-            self.v_cache.index_copy_(0, md.slot_mapping, v)
-            return self.k_cache[md.key_slots], self.v_cache[md.key_slots]
+                return self._shared_context(md.key_slots.device, q_dtype)
+            self.write_cache(k, v, md.slot_mapping)
+            return (kv_int8.cache_values(self.k_cache[md.key_slots], q_dtype),
+                    kv_int8.cache_values(self.v_cache[md.key_slots], q_dtype))
         if md.query_index is None:
             # No cache and rows already [batch, max_q] (an encoder's padded batch): the keys are the
             # step's own tokens in place, so views replace the gather.
@@ -210,12 +218,13 @@ class Attention(nn.Module):
             return k.view(shape), v.view(shape)
         return k[md.key_slots], v[md.key_slots]
 
-    def _shared_context(self, device: torch.device):
+    def _shared_context(self, device: torch.device, dtype: torch.dtype):
         """A KV-sharing layer's keys and values: gathered from the producer's cache where it lives, then
         moved to this layer's queries (mistral.rs #1653: q on another device than the shared k = v;
         on one device both moves are no-ops)."""
         slots = get_attention_metadata().to(self.k_cache.device).key_slots
-        return self.k_cache[slots].to(device), self.v_cache[slots].to(device)
+        return (kv_int8.cache_values(self.k_cache[slots], dtype).to(device),
+                kv_int8.cache_values(self.v_cache[slots], dtype).to(device))
 
     @staticmethod
     def _pad_queries(q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:

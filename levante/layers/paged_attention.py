@@ -9,7 +9,8 @@ fallback where neither kernel runs):
                     block_size, scale, max_q, sliding_window=None, out=None) -> [T, H, D]
 
     q             [T, H, D]     the step's queries, sequence after sequence
-    k/v_cache     [S, KVH, D]   a layer's cache; slot = block * block_size + offset (q's dtype)
+    k/v_cache     [S, KVH, D]   a layer's cache; slot = block * block_size + offset (float: any float
+                                dtype; int8: [S, KVH, D + 4], codes and scale, quant/kv_int8.py)
     block_tables  [B, W] int32  each sequence's block ids (entries past its blocks are never read)
     cu_seqlens_q  [B + 1] int32 sequence b owns query rows cu[b] .. cu[b+1]-1 (possibly none)
     seq_lens      [B] int32     context length after this step (the new keys are already written)
@@ -30,7 +31,7 @@ import logging
 
 import torch
 
-from levante.quant import native
+from levante.quant import kv_int8, native
 
 logger = logging.getLogger("levante")
 
@@ -86,8 +87,9 @@ def paged_attention_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_l
     key_valid = key_pos < lens.unsqueeze(1)  # [B, K]
     blocks = block_tables.long().gather(1, (key_pos // block_size).expand(batch, -1))
     slots = torch.where(key_valid, blocks * block_size + key_pos % block_size, 0)
-    keys = k_cache[slots].float()  # [B, K, KVH, D]
-    values = torch.where(key_valid[..., None, None], v_cache[slots].float(), 0.0)  # never-written slots: 0
+    keys = kv_int8.cache_values(k_cache[slots], torch.float32)  # [B, K, KVH, D]
+    values = kv_int8.cache_values(v_cache[slots], torch.float32)
+    values = torch.where(key_valid[..., None, None], values, 0.0)  # never-written slots: 0
     # Queries padded to [B, max_q]; rows past a sequence's q_len read row 0 and are dropped.
     row = torch.arange(max_q, device=dev)
     q_valid = row < q_lens.unsqueeze(1)  # [B, max_q]

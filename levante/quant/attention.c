@@ -12,9 +12,13 @@
  * threads busy; each item keeps an online softmax (running max m, sum l, accumulator) in
  * float32 and the ranges of a row are merged at the end. Keys go 16 at a time: the 16 dot
  * products of a query vector come out of one transposed horizontal sum.
+ *
+ * Queries and output are float32, bfloat16 or float16; the caches one of those or int8
+ * (quant/kv_int8.py: a head's row is D int8 codes then its float32 scale), converted to float32
+ * with the scale as each tile is loaded.
  */
 
-enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
 #define ATTN_MAX_D 512
 #define ATTN_MIN_SPLIT 256 /* keys: below this a range is not worth its merge */
 #define ATTN_QVECS 32      /* query vectors per item (rows x G), at least one row */
@@ -29,6 +33,18 @@ static inline __m512 load_kv(const void *p, int dtype, int64_t i, __mmask16 m) {
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
     return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+}
+
+/* D int8 codes of a row (then its scale) times that scale, 16 at a time. */
+static inline __m512 load_i8(const int8_t *row, int64_t i, __mmask16 m, float scale) {
+    const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, row + i)));
+    return _mm512_mul_ps(x, _mm512_set1_ps(scale));
+}
+
+static inline float row_scale(const int8_t *row, int D) {
+    float scale;
+    memcpy(&scale, row + D, sizeof scale);
+    return scale;
 }
 
 static inline void store_kv(void *p, int dtype, int64_t i, __m512 v, __mmask16 m) {
@@ -73,8 +89,10 @@ typedef struct {
     void *out;
     const int32_t *tables, *cu, *lens;
     int64_t width;
-    int H, KVH, D, Dp, G, bs, window, dtype;
-    int bf16_dot; /* bfloat16 caches on a CPU with AVX512-BF16: scores_bf16 */
+    int H, KVH, D, Dp, G, bs, window, dtype; /* dtype: q's and out's */
+    int kv;       /* the caches' dtype */
+    int row;      /* cache values per (slot, KV head): D, or D + 4 for int8 (codes, scale) */
+    int bf16_dot; /* bfloat16 queries and caches on a CPU with AVX512-BF16: scores_bf16 */
     int size;     /* bytes per cache value */
     float scale;
     const AttnItem *items;
@@ -178,7 +196,7 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
     float kf[16 * Dp] __attribute__((aligned(64))), vf[16 * Dp] __attribute__((aligned(64)));
     const uint16_t *kp[16];
     const int32_t *table = a->tables + it->b * a->width;
-    const int64_t row_stride = (int64_t)a->KVH * D, head_at = (int64_t)it->kvh * D;
+    const int64_t row_stride = (int64_t)a->KVH * a->row, head_at = (int64_t)it->kvh * a->row;
     for (int64_t t0 = it->k0; t0 < it->k1; t0 += 16) {
         const int nk = (int)(it->k1 - t0 < 16 ? it->k1 - t0 : 16);
         int64_t block = t0 / a->bs, offset = t0 % a->bs;
@@ -189,15 +207,25 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
             const int64_t ahead = t0 + ATTN_PREFETCH + j; /* blocks sit anywhere: the hardware prefetcher cannot follow */
             if (ahead < it->k1) {
                 const int64_t next = ((int64_t)table[ahead / a->bs] * a->bs + ahead % a->bs) * row_stride + head_at;
-                for (int64_t byte = 0; byte < (int64_t)D * a->size; byte += 64) {
+                for (int64_t byte = 0; byte < (int64_t)a->row * a->size; byte += 64) {
                     _mm_prefetch((const char *)a->k + next * a->size + byte, _MM_HINT_T0);
                     _mm_prefetch((const char *)a->v + next * a->size + byte, _MM_HINT_T0);
                 }
             }
+            if (a->kv == KV_I8) {
+                const int8_t *kr = (const int8_t *)a->k + at, *vr = (const int8_t *)a->v + at;
+                const float sk = row_scale(kr, D), sv = row_scale(vr, D);
+                for (int c = 0; c < C; c++) {
+                    __mmask16 m = c == C - 1 ? last : 0xFFFF;
+                    _mm512_store_ps(kf + j * Dp + c * 16, load_i8(kr, c * 16, m, sk));
+                    _mm512_store_ps(vf + j * Dp + c * 16, load_i8(vr, c * 16, m, sv));
+                }
+                continue;
+            }
             for (int c = 0; c < C; c++) {
                 __mmask16 m = c == C - 1 ? last : 0xFFFF;
-                if (!bf16_dot) _mm512_store_ps(kf + j * Dp + c * 16, load_kv(a->k, a->dtype, at + c * 16, m));
-                _mm512_store_ps(vf + j * Dp + c * 16, load_kv(a->v, a->dtype, at + c * 16, m));
+                if (!bf16_dot) _mm512_store_ps(kf + j * Dp + c * 16, load_kv(a->k, a->kv, at + c * 16, m));
+                _mm512_store_ps(vf + j * Dp + c * 16, load_kv(a->v, a->kv, at + c * 16, m));
             }
         }
         for (int r = 0; r < it->rows; r++) {
@@ -268,11 +296,12 @@ static void attn_span(const Attn *a, int b, int row0, int rows, int64_t *lo, int
 
 int lv_paged_attention(const void *q, const void *k_cache, const void *v_cache, void *out, const int32_t *tables,
                        int64_t width, const int32_t *cu, const int32_t *lens, int B, int H, int KVH, int D,
-                       int block_size, int window, float scale, int dtype, int nthreads) {
-    if (D < 1 || D > ATTN_MAX_D || KVH < 1 || H % KVH || block_size < 1) return -1;
+                       int block_size, int window, float scale, int dtype, int kv, int nthreads) {
+    if (D < 1 || D > ATTN_MAX_D || KVH < 1 || H % KVH || block_size < 1 || dtype == KV_I8) return -1;
     Attn a = {q, k_cache, v_cache, out, tables, cu, lens, width, H, KVH, D, (D + 15) / 16 * 16, H / KVH,
-              block_size, window, dtype, dtype == KV_BF16 && D % 32 == 0 && bf16_dot_supported(),
-              dtype == KV_F32 ? 4 : 2, scale, NULL, NULL, 0};
+              block_size, window, dtype, kv, kv == KV_I8 ? D + 4 : D,
+              dtype == KV_BF16 && kv == KV_BF16 && D % 32 == 0 && bf16_dot_supported(),
+              kv == KV_F32 ? 4 : kv == KV_I8 ? 1 : 2, scale, NULL, NULL, 0};
     const int rows_per_item = ATTN_QVECS / a.G > 1 ? ATTN_QVECS / a.G : 1;
     /* Pass 1: the keys all row groups read, to size the key ranges; pass 2: the items. */
     int64_t keys = 0, groups = 0;

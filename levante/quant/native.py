@@ -106,7 +106,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_silu_mul.argtypes = [p, p, i64, i64, i32]
     lib.lv_rope.argtypes = [p, p, p, i64, i64, i64, i64, i32]
     lib.lv_paged_attention.argtypes = [p, p, p, p, p, i64, p, p, i32, i32, i32, i32, i32, i32, ctypes.c_float,
-                                       i32, i32]
+                                       i32, i32, i32]
     for fn in (lib.lv_w8_pack, lib.lv_q5_pack_gguf, lib.lv_w8a8, lib.lv_w8a16, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
                lib.lv_silu_mul, lib.lv_rope, lib.lv_paged_attention):
         fn.restype = i32
@@ -442,19 +442,21 @@ def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
 # -- paged attention --------------------------------------------------------------------------------
 # The CPU kernel behind layers/paged_attention.py's interface (attention.c).
 
-_KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_Q_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_KV_DTYPES = {**_Q_DTYPES, torch.int8: 3}  # int8: quant/kv_int8.py's rows (codes, then a float32 scale)
 MAX_HEAD_DIM = 512
 
 
 def paged_attention_supported(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the kernel runs here for caches of `dtype` (float32, bfloat16, float16) and `head_dim`."""
+    """Whether the kernel runs here for caches of `dtype` (float32, bfloat16, float16, int8) and `head_dim`."""
     return dtype in _KV_DTYPES and head_dim <= MAX_HEAD_DIM and available()
 
 
 def paged_attention_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the kernel takes these: CPU tensors of one supported dtype and head size."""
-    return (q.device.type == "cpu" and k_cache.device.type == "cpu" and k_cache.dtype == q.dtype
-            and paged_attention_supported(q.dtype, q.shape[-1]))
+    """Whether the kernel takes these: CPU tensors, float queries, a supported cache dtype and head size."""
+    row = q.shape[-1] + (4 if k_cache.dtype == torch.int8 else 0)
+    return (q.device.type == "cpu" and k_cache.device.type == "cpu" and q.dtype in _Q_DTYPES
+            and k_cache.shape[-1] == row and paged_attention_supported(k_cache.dtype, q.shape[-1]))
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, block_size: int, scale: float,
@@ -467,7 +469,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *
     rc = library().lv_paged_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), target.data_ptr(), tables.data_ptr(), tables.shape[1],
         cu.data_ptr(), lens.data_ptr(), lens.shape[0], heads, k_cache.shape[1], dim, block_size,
-        sliding_window or 0, scale, _KV_DTYPES[q.dtype], threads())
+        sliding_window or 0, scale, _Q_DTYPES[q.dtype], _KV_DTYPES[k_cache.dtype], threads())
     if rc:
         raise RuntimeError(f"lv_paged_attention failed ({rc})")
     if out is not None and target is not out:
