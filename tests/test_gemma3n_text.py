@@ -96,6 +96,27 @@ def test_sharing_layers_hold_no_cache(llm):
     assert kv_bytes_per_token(model, torch.float32) == 4 * per_layer
 
 
+def test_int8_kv_cache_is_shared_and_stays_close(folder, reference):
+    """An 8-bit cache (quant/kv_int8.py): the sharing layers read their producers' int8 rows (chunked prefill,
+    sliding and full layers); the prompts' next-token distributions stay within a small KL of transformers'."""
+    from levante import LLM, SamplingParams
+
+    llm = LLM(str(folder), dtype="float32", kv_cache_dtype="int8", block_size=4, num_kv_blocks=128,
+              max_num_batched_tokens=6, warmup=False)
+    layers = llm.engine.model.model.layers
+    assert layers[4].self_attn.attn.k_cache is layers[3].self_attn.attn.k_cache
+    assert layers[4].self_attn.attn.k_cache.dtype == torch.int8
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=1, return_prompt_logits=True))
+    for ids, output in zip(PROMPTS, outputs):
+        expected = _expected_logits(reference, ids)
+        got = output.metrics["prompt_logits"]
+        expected = expected[len(expected) - len(got):]
+        kl = torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True,
+                                        reduction="none").sum(-1)
+        assert kl.max() < 1e-3 and (got - expected).abs().max() < 0.15, (kl.max(), (got - expected).abs().max())
+        assert (got - expected).abs().max() > 1e-6  # the cache is quantised
+
+
 def test_shared_layers_checkpoint_tensors_are_skipped(folder):
     """transformers' checkpoints carry no k/v weights for the sharing layers; Google's do: both load."""
     from safetensors.torch import load_file

@@ -114,6 +114,34 @@ def test_cache_dtypes(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,shared_blocks", [(None, 0), (37, 0), (None, 20)])
+def test_int8_caches(q_dtype, window, shared_blocks):
+    """int8 caches (quant/kv_int8.py, read in place) against the reference on their dequantised values;
+    NaN rows (slots no sequence owns) quantise to a NaN scale, so a read outside the context still shows."""
+    from levante.quant import kv_int8
+
+    seq_lens, q_lens = [900, 700, 33, 1], [1, 20, 1, 1]
+    q, k_cache, v_cache, tables, block_tables, cu = make_case(
+        seq_lens, q_lens, block_size=16, heads=14, kv_heads=2, dim=64, dtype=torch.float32,
+        shared_blocks=shared_blocks)
+    k8, v8 = kv_int8.quantize(k_cache), kv_int8.quantize(v_cache)
+    want = reference(q.to(q_dtype), kv_int8.dequantize(k8), kv_int8.dequantize(v8), tables, q_lens, seq_lens, 16,
+                     0.125, window)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    for count in (1, 2):
+        native.set_threads(count)
+        try:
+            got = native.paged_attention(q.to(q_dtype), k8, v8, block_tables, cu, lens, block_size=16, scale=0.125,
+                                         sliding_window=window)
+        finally:
+            native.set_threads(None)
+        assert got.dtype == q_dtype and torch.isfinite(got).all()
+        tol = TOLERANCE[q_dtype]
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@needs_native
 def test_prefill_chunks_decode_rows_and_empty_sequences():
     """A ragged step: a whole prompt, a chunk after a prefix-cache hit, decode rows, a sequence with no rows."""
     check([300, 1200, 7, 0, 64], [300, 100, 1, 0, 1], heads=8, kv_heads=2, block_size=16)

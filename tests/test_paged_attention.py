@@ -74,6 +74,19 @@ def test_paged_attention_torch_matches_a_per_sequence_reference(window):
 
 
 @pytest.mark.parametrize("window", [None, 4])
+def test_paged_attention_torch_reads_int8_caches(window):
+    """An int8 cache (quant/kv_int8.py) attends as its dequantised values do."""
+    from levante.quant import kv_int8
+
+    q, k_cache, v_cache, tables, block_tables, cu, q_lens, seq_lens = _ragged_case()
+    k8, v8 = kv_int8.quantize(k_cache), kv_int8.quantize(v_cache)
+    got = paged_attention_torch(q, k8, v8, block_tables, cu, torch.tensor(seq_lens, dtype=torch.int32),
+                                block_size=3, scale=0.3, max_q=max(q_lens), sliding_window=window)
+    want = _reference(q, kv_int8.dequantize(k8), kv_int8.dequantize(v8), tables, q_lens, seq_lens, 3, 0.3, window)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 4])
 def test_triton_kernel_agrees_with_the_torch_reference(window):
     """Only where the kernel can run: CUDA, or the Triton interpreter on CPU (TRITON_INTERPRET=1)."""
     import os

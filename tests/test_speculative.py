@@ -103,6 +103,22 @@ def test_greedy_output_is_plain_decodings(folder, reference, tiny_model, method)
         assert spec.num_accepted_tokens == spec.num_draft_tokens
 
 
+def test_int8_kv_cache_keeps_greedy_output_with_both_methods(folder):
+    """With an 8-bit cache (quant/kv_int8.py; the draft model's too), speculation gives plain decoding's
+    tokens; the model drafting for itself has every draft accepted (both caches hold the same codes)."""
+    int8 = {"dtype": "float32", "kv_cache_dtype": "int8"}
+    plain = LLM(folder, enable_prefix_caching=False, warmup=False, **int8)
+    prompts = _prompts()[:3]
+    want = [plain.generate(p, GREEDY)[0].outputs[0].token_ids for p in prompts]
+    for options in (NGRAM, {"speculative_method": "draft", "num_speculative_tokens": 3, "draft_model": folder}):
+        llm = LLM(folder, warmup=False, **int8, **options)
+        assert _tokens(llm.generate(prompts, GREEDY)) == want
+        spec = llm.engine.speculator
+        assert spec.num_draft_tokens > 0
+    assert spec.draft.runner.kv_cache[0][0].dtype == torch.int8
+    assert spec.num_accepted_tokens == spec.num_draft_tokens
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_prefix_cache_and_preemption_keep_outputs_and_hash_no_rejected_token(folder, reference, near_draft, method):
     # 24 blocks of 4 slots: the five sequences need more, so some are preempted and recomputed.
