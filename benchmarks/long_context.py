@@ -14,7 +14,7 @@ engine, each levante engine's ratio to llama.cpp on the medians, and its own rat
 
 Engines: `levante` (the default CPU attention: the native paged kernel where it runs),
 `levante-sdpa` (the SDPA path, LEVANTE_PAGED_ATTENTION=0: the attention before the kernel),
-`llama.cpp`. `--clock cpu` counts the process's CPU time instead of wall time: with
+`levante-kv8` (the 8-bit KV cache, --kv-cache-dtype int8), `llama.cpp`. `--clock cpu` counts the process's CPU time instead of wall time: with
 `--threads 1` (no thread waits spinning for another) it measures the work per token whatever
 else loads the machine.
 """
@@ -36,6 +36,7 @@ def prompt(length: int, salt: int) -> list[int]:
 class Levante:
     name = "levante"
     paged = None  # LEVANTE_PAGED_ATTENTION while the engine is built (None: the default)
+    kv_cache_dtype = "auto"
 
     def __init__(self, path: str, threads: int, max_len: int):
         from levante import LLM, SamplingParams
@@ -45,7 +46,8 @@ class Levante:
         if self.paged is not None:
             os.environ[PAGED_ENV] = self.paged
         try:
-            self.llm = LLM(path, num_threads=threads, max_model_len=max_len, warmup=True)
+            self.llm = LLM(path, num_threads=threads, max_model_len=max_len, warmup=True,
+                           kv_cache_dtype=self.kv_cache_dtype)
         finally:
             os.environ.pop(PAGED_ENV, None)
             if saved is not None:
@@ -60,6 +62,11 @@ class Levante:
 class LevanteSdpa(Levante):
     name = "levante-sdpa"
     paged = "0"
+
+
+class LevanteKv8(Levante):
+    name = "levante-kv8"
+    kv_cache_dtype = "int8"
 
 
 class LlamaCpp:
@@ -102,7 +109,7 @@ def main() -> None:
     _, path = resolve_path(args.model)
     lengths = [int(n) for n in args.lengths.split(",")]
     max_len = max(lengths) + args.gen_tokens + 16
-    kinds = {"levante": Levante, "levante-sdpa": LevanteSdpa, "llama.cpp": LlamaCpp}
+    kinds = {"levante": Levante, "levante-sdpa": LevanteSdpa, "levante-kv8": LevanteKv8, "llama.cpp": LlamaCpp}
     engines = [kinds[name](str(path), args.threads, max_len) for name in args.engines.split(",")]
     results = {(e.name, n): [] for e in engines for n in lengths}
     for run in range(args.runs):

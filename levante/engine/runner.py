@@ -58,6 +58,14 @@ def padded_tables(block_tables: list[list[int]]) -> torch.Tensor:
     return torch.from_numpy(table)
 
 
+def _set_key_offsets(model: nn.Module) -> None:
+    """Keys go into an int8 cache less the layer's key bias, where the model has one (quant/kv_int8.py)."""
+    for module in model.modules():
+        if hasattr(module, "key_bias") and isinstance(getattr(module, "attn", None), Attention):
+            bias = module.key_bias()
+            module.attn.key_offset = None if bias is None else bias.to(module.attn.k_cache.device)
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         """`dtype`: the KV cache's (EngineConfig.cache.kv_dtype: the model's unless asked otherwise)."""
@@ -80,6 +88,8 @@ class ModelRunner:
         ]
         for layer, (k_cache, v_cache) in zip(self.attention_layers, self.kv_cache):
             layer.k_cache, layer.v_cache = k_cache, v_cache
+        if dtype == torch.int8:
+            _set_key_offsets(model)
         for layer in model.modules():  # KV sharing: a consumer reads its producer's cache, wherever it is
             if isinstance(layer, Attention) and layer.kv_producer is not None:
                 layer.k_cache, layer.v_cache = layer.kv_producer.k_cache, layer.kv_producer.v_cache

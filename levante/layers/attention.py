@@ -149,6 +149,9 @@ class Attention(nn.Module):
         # without a cache (one-shot encoders).
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # [num_kv_heads, head_dim]: subtracted from keys before an int8 cache stores them (see
+        # quant/kv_int8.py; softmax ignores it); set by the runner from the model's `key_bias()`.
+        self.key_offset: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] (None: read the producer's
@@ -199,7 +202,9 @@ class Attention(nn.Module):
     def write_cache(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the step's keys and values at their slots, in the cache's dtype (an int8 cache: quantised)."""
         if self.k_cache.dtype == torch.int8:
-            k, v = kv_int8.quantize(k), kv_int8.quantize(v)
+            kv_int8.store(self.k_cache, slot_mapping, k, self.key_offset)
+            kv_int8.store(self.v_cache, slot_mapping, v)
+            return
         self.k_cache.index_copy_(0, slot_mapping, k.to(self.k_cache.dtype))
         self.v_cache.index_copy_(0, slot_mapping, v.to(self.v_cache.dtype))
 

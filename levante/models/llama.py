@@ -44,6 +44,15 @@ class SelfAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
                               config.attention_scale, sliding_window=window)
 
+    def key_bias(self) -> torch.Tensor | None:
+        """[kv_heads, head_dim]: the key projection's bias (Qwen2), which an int8 KV cache takes off the
+        keys it stores (engine/runner.py, quant/kv_int8.py); None without one."""
+        bias = self.qkv_proj.bias
+        if bias is None:
+            return None
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return bias.detach()[q_size:q_size + kv_size].float().view(self.num_kv_heads, self.head_dim)
+
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim

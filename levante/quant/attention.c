@@ -14,8 +14,8 @@
  * products of a query vector come out of one transposed horizontal sum.
  *
  * Queries and output are float32, bfloat16 or float16; the caches one of those or int8
- * (quant/kv_int8.py: a head's row is D int8 codes then its float32 scale), converted to float32
- * with the scale as each tile is loaded.
+ * (quant/kv_int8.py: a head's row is D int8 codes then a float16 scale per 16 of them, one per
+ * 16-lane vector), converted to float32 with their scales as each tile is loaded.
  */
 
 enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
@@ -35,16 +35,12 @@ static inline __m512 load_kv(const void *p, int dtype, int64_t i, __mmask16 m) {
     return _mm512_maskz_loadu_ps(m, (const float *)p + i);
 }
 
-/* D int8 codes of a row (then its scale) times that scale, 16 at a time. */
-static inline __m512 load_i8(const int8_t *row, int64_t i, __mmask16 m, float scale) {
-    const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, row + i)));
-    return _mm512_mul_ps(x, _mm512_set1_ps(scale));
-}
-
-static inline float row_scale(const int8_t *row, int D) {
-    float scale;
-    memcpy(&scale, row + D, sizeof scale);
-    return scale;
+/* Block c of an int8 row (D codes, then a float16 scale per 16 codes): 16 values as float32. */
+static inline __m512 load_i8(const int8_t *row, int D, int c, __mmask16 m) {
+    uint16_t half;
+    memcpy(&half, row + D + 2 * c, sizeof half);
+    const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, row + c * 16)));
+    return _mm512_mul_ps(x, _mm512_set1_ps(_cvtsh_ss(half)));
 }
 
 static inline void store_kv(void *p, int dtype, int64_t i, __m512 v, __mmask16 m) {
@@ -91,8 +87,8 @@ typedef struct {
     int64_t width;
     int H, KVH, D, Dp, G, bs, window, dtype; /* dtype: q's and out's */
     int kv;       /* the caches' dtype */
-    int row;      /* cache values per (slot, KV head): D, or D + 4 for int8 (codes, scale) */
-    int bf16_dot; /* bfloat16 queries and caches on a CPU with AVX512-BF16: scores_bf16 */
+    int row;      /* cache values per (slot, KV head): D, or D + 2 * Dp / 16 for int8 (codes, scales) */
+    int bf16_dot; /* bfloat16 queries, bfloat16 or int8 caches, a CPU with AVX512-BF16: scores_bf16 */
     int size;     /* bytes per cache value */
     float scale;
     const AttnItem *items;
@@ -194,6 +190,7 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
             }
         }
     float kf[16 * Dp] __attribute__((aligned(64))), vf[16 * Dp] __attribute__((aligned(64)));
+    uint16_t kb[16 * Dp] __attribute__((aligned(64))); /* int8 keys as bfloat16, for scores_bf16 */
     const uint16_t *kp[16];
     const int32_t *table = a->tables + it->b * a->width;
     const int64_t row_stride = (int64_t)a->KVH * a->row, head_at = (int64_t)it->kvh * a->row;
@@ -214,12 +211,15 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
             }
             if (a->kv == KV_I8) {
                 const int8_t *kr = (const int8_t *)a->k + at, *vr = (const int8_t *)a->v + at;
-                const float sk = row_scale(kr, D), sv = row_scale(vr, D);
                 for (int c = 0; c < C; c++) {
                     __mmask16 m = c == C - 1 ? last : 0xFFFF;
-                    _mm512_store_ps(kf + j * Dp + c * 16, load_i8(kr, c * 16, m, sk));
-                    _mm512_store_ps(vf + j * Dp + c * 16, load_i8(vr, c * 16, m, sv));
+                    if (bf16_dot) /* keys rounded to bfloat16 for vdpbf16ps (the queries are bfloat16) */
+                        store_kv(kb, KV_BF16, j * Dp + c * 16, load_i8(kr, D, c, m), 0xFFFF);
+                    else
+                        _mm512_store_ps(kf + j * Dp + c * 16, load_i8(kr, D, c, m));
+                    _mm512_store_ps(vf + j * Dp + c * 16, load_i8(vr, D, c, m));
                 }
+                kp[j] = kb + j * Dp;
                 continue;
             }
             for (int c = 0; c < C; c++) {
@@ -299,8 +299,8 @@ int lv_paged_attention(const void *q, const void *k_cache, const void *v_cache, 
                        int block_size, int window, float scale, int dtype, int kv, int nthreads) {
     if (D < 1 || D > ATTN_MAX_D || KVH < 1 || H % KVH || block_size < 1 || dtype == KV_I8) return -1;
     Attn a = {q, k_cache, v_cache, out, tables, cu, lens, width, H, KVH, D, (D + 15) / 16 * 16, H / KVH,
-              block_size, window, dtype, kv, kv == KV_I8 ? D + 4 : D,
-              dtype == KV_BF16 && kv == KV_BF16 && D % 32 == 0 && bf16_dot_supported(),
+              block_size, window, dtype, kv, kv == KV_I8 ? D + 2 * ((D + 15) / 16) : D,
+              dtype == KV_BF16 && (kv == KV_BF16 || kv == KV_I8) && D % 32 == 0 && bf16_dot_supported(),
               kv == KV_F32 ? 4 : kv == KV_I8 ? 1 : 2, scale, NULL, NULL, 0};
     const int rows_per_item = ATTN_QVECS / a.G > 1 ? ATTN_QVECS / a.G : 1;
     /* Pass 1: the keys all row groups read, to size the key ranges; pass 2: the items. */
@@ -346,5 +346,35 @@ int lv_paged_attention(const void *q, const void *k_cache, const void *v_cache, 
         }
     free((void *)a.items);
     free(a.partial);
+    return 0;
+}
+
+/* The int8 cache's write (quant/kv_int8.py's `quantize`, then the rows stored at their slots): x
+ * [T][KVH][D] (float32, bfloat16 or float16; `stride` values from one token to the next), less
+ * offset [KVH][D] when given, as D codes and a float16 scale per 16 values into cache row
+ * slots[t] * KVH + h. Rounds and clamps as the PyTorch version does, so both write the same bytes. */
+int lv_kv_int8_store(const void *x, int dtype, int64_t stride, const float *offset, int8_t *cache,
+                     const int64_t *slots, int64_t T, int KVH, int D) {
+    if (D < 1 || D > ATTN_MAX_D || dtype == KV_I8) return -1;
+    const int C = (D + 15) / 16, R = D + 2 * C;
+    const __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xFFFF);
+    const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    for (int64_t t = 0; t < T; t++)
+        for (int h = 0; h < KVH; h++) {
+            int8_t *row = cache + (slots[t] * KVH + h) * (int64_t)R;
+            for (int c = 0; c < C; c++) {
+                const __mmask16 m = c == C - 1 ? last : 0xFFFF;
+                __m512 v = load_kv(x, dtype, t * stride + (int64_t)h * D + c * 16, m);
+                if (offset) v = _mm512_maskz_sub_ps(m, v, _mm512_maskz_loadu_ps(m, offset + h * D + c * 16));
+                const float absmax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
+                const uint16_t half = _cvtss_sh(fminf(absmax / 127.f, 65504.f), _MM_FROUND_TO_NEAREST_INT);
+                const float scale = fmaxf(_cvtsh_ss(half), 1.17549435e-38f); /* torch.finfo(float32).tiny */
+                __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(scale)),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+                _mm_mask_storeu_epi8(row + c * 16, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+                memcpy(row + D + 2 * c, &half, sizeof half);
+            }
+        }
     return 0;
 }

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from levante.quant import kv_int8
+
 logger = logging.getLogger("levante")
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -107,7 +109,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_rope.argtypes = [p, p, p, i64, i64, i64, i64, i32]
     lib.lv_paged_attention.argtypes = [p, p, p, p, p, i64, p, p, i32, i32, i32, i32, i32, i32, ctypes.c_float,
                                        i32, i32, i32]
-    for fn in (lib.lv_w8_pack, lib.lv_q5_pack_gguf, lib.lv_w8a8, lib.lv_w8a16, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
+    lib.lv_kv_int8_store.argtypes = [p, i32, i64, p, p, p, i64, i32, i32]
+    for fn in (lib.lv_kv_int8_store, lib.lv_w8_pack, lib.lv_q5_pack_gguf, lib.lv_w8a8, lib.lv_w8a16, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
                lib.lv_silu_mul, lib.lv_rope, lib.lv_paged_attention):
         fn.restype = i32
     return lib
@@ -443,7 +446,7 @@ def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
 # The CPU kernel behind layers/paged_attention.py's interface (attention.c).
 
 _Q_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_KV_DTYPES = {**_Q_DTYPES, torch.int8: 3}  # int8: quant/kv_int8.py's rows (codes, then a float32 scale)
+_KV_DTYPES = {**_Q_DTYPES, torch.int8: 3}  # int8: quant/kv_int8.py's rows (codes, then float16 scales)
 MAX_HEAD_DIM = 512
 
 
@@ -454,9 +457,10 @@ def paged_attention_supported(dtype: torch.dtype, head_dim: int) -> bool:
 
 def paged_attention_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the kernel takes these: CPU tensors, float queries, a supported cache dtype and head size."""
-    row = q.shape[-1] + (4 if k_cache.dtype == torch.int8 else 0)
+    dim = q.shape[-1]
+    row = kv_int8.row_bytes(dim) if k_cache.dtype == torch.int8 else dim
     return (q.device.type == "cpu" and k_cache.device.type == "cpu" and q.dtype in _Q_DTYPES
-            and k_cache.shape[-1] == row and paged_attention_supported(k_cache.dtype, q.shape[-1]))
+            and k_cache.shape[-1] == row and paged_attention_supported(k_cache.dtype, dim))
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, block_size: int, scale: float,
@@ -476,6 +480,20 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *
         out.copy_(target)
         return out
     return target
+
+
+def kv_int8_store(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, offset: torch.Tensor | None) -> None:
+    """quant/kv_int8.py's `store` (x [T, KVH, D] float, less `offset` [KVH, D] float32) in one pass."""
+    tokens, kv_heads, dim = x.shape
+    if x.stride(2) != 1 or x.stride(1) != dim:
+        x = x.contiguous()
+    slots = slots.to(torch.int64).contiguous()
+    offset = None if offset is None else offset.float().contiguous()
+    rc = library().lv_kv_int8_store(x.data_ptr(), _Q_DTYPES[x.dtype], x.stride(0),
+                                    None if offset is None else offset.data_ptr(), cache.data_ptr(),
+                                    slots.data_ptr(), tokens, kv_heads, dim)
+    if rc:
+        raise RuntimeError(f"lv_kv_int8_store failed ({rc})")
 
 
 if __name__ == "__main__":  # `python -m levante.quant.native`: build ahead (make install)
