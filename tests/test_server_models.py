@@ -297,7 +297,8 @@ def test_unloading_frees_the_model(folders):
         async with router.use("a") as route:
             refs = [weakref.ref(route.llm.engine.model)]
         async with router.use("e", embedding=True) as route:
-            answer = await route.model.embeddings.respond(EmbeddingRequest(input="hi"))
+            service, body = route.model.embeddings, EmbeddingRequest(input="hi")
+            answer = await service.respond(body, service.inputs(body))
             assert len(answer["data"][0]["embedding"]) == 384
             refs.append(weakref.ref(route.llm.embedder.model))
             worker = route.model.embeddings.batcher._worker
