@@ -11,15 +11,15 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
-
 from levante.config import CacheConfig, EngineConfig, SpeculativeConfig
 from levante.errors import InvalidRequest
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The KV cache's: "auto" keeps the model's dtype; int8 (llama.cpp's name for the same idea: q8_0) halves
-# bfloat16's memory (quant/kv_int8.py).
-KV_CACHE_DTYPES = {**DTYPES, "int8": torch.int8, "q8_0": torch.int8}
+# `--dtype` names; torch's dtypes are looked up when the engine is configured, so that the CLI
+# (argument parsing, `levante --help`, the start of `levante serve`) runs before PyTorch is imported.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# `--kv-cache-dtype` names: "auto" keeps the model's dtype; int8 (llama.cpp's name for the same idea:
+# q8_0) is quant/kv_int8.py's cache, 56% of bfloat16's memory.
+KV_CACHE_DTYPES = (*DTYPES, "int8", "q8_0")
 _CACHE_FIELDS = {"block_size": "block_size", "kv_cache_gb": "memory_gb", "num_kv_blocks": "num_blocks",
                  "enable_prefix_caching": "enable_prefix_caching",
                  "gpu_memory_utilization": "gpu_memory_utilization"}
@@ -82,7 +82,7 @@ class EngineArgs:
             if name in _CACHE_FIELDS:
                 setattr(config.cache, _CACHE_FIELDS[name], value)
             elif name == "dtype":
-                config.dtype = DTYPES[value] if isinstance(value, str) or value is None else value
+                config.dtype = _torch_dtype(value)
             elif name == "kv_cache_dtype":
                 config.cache.dtype = _kv_cache_dtype(value)
             elif hasattr(config, name):
@@ -186,12 +186,17 @@ class EngineArgs:
                             help="the .gguf file of the Hub repo -m names (instead of picking one by :QUANT)")
 
 
-def _kv_cache_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
+def _kv_cache_dtype(value):
+    """`--kv-cache-dtype`'s value as a torch dtype (None for "auto": the model's)."""
+    if value is None or not isinstance(value, str):
+        return value  # a torch.dtype given to LLM(kv_cache_dtype=...)
     if value not in KV_CACHE_DTYPES:
         raise InvalidRequest(f"kv_cache_dtype '{value}': expected one of {', '.join(KV_CACHE_DTYPES)}")
-    return KV_CACHE_DTYPES[value]
+    if value in ("int8", "q8_0"):
+        import torch
+
+        return torch.int8
+    return _torch_dtype(value)
 
 
 def parse_lora_flags(specs: list[str]) -> dict[str, str]:
@@ -205,3 +210,16 @@ def parse_lora_flags(specs: list[str]) -> dict[str, str]:
             raise InvalidRequest(f"--lora {spec}: adapter name '{name}' is given twice")
         adapters[name] = path
     return adapters
+
+
+def _torch_dtype(value):
+    """`--dtype`'s value as a torch dtype (None for "auto": the device's default)."""
+    if value is None or value == "auto":
+        return None
+    if not isinstance(value, str):
+        return value  # a torch.dtype given to LLM(dtype=...)
+    if value not in DTYPES:
+        raise InvalidRequest(f"dtype: '{value}' is not one of {', '.join(DTYPES)}")
+    import torch
+
+    return getattr(torch, value)
