@@ -108,11 +108,11 @@ def test_int8_kv_cache_keeps_greedy_output_with_both_methods(folder):
     tokens; the model drafting for itself has every draft accepted (both caches hold the same codes)."""
     int8 = {"dtype": "float32", "kv_cache_dtype": "int8"}
     plain = LLM(folder, enable_prefix_caching=False, warmup=False, **int8)
-    prompts = _prompts()[:3]
-    want = [plain.generate(p, GREEDY)[0].outputs[0].token_ids for p in prompts]
+    prompts, greedy = _prompts()[:3], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [plain.generate(p, greedy)[0].outputs[0].token_ids for p in prompts]
     for options in (NGRAM, {"speculative_method": "draft", "num_speculative_tokens": 3, "draft_model": folder}):
         llm = LLM(folder, warmup=False, **int8, **options)
-        assert _tokens(llm.generate(prompts, GREEDY)) == want
+        assert _tokens(llm.generate(prompts, greedy)) == want
         spec = llm.engine.speculator
         assert spec.num_draft_tokens > 0
     assert spec.draft.runner.kv_cache[0][0].dtype == torch.int8
