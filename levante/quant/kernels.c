@@ -778,3 +778,6 @@ int lv_q5_pack_gguf(const uint8_t *raw, int64_t N, int64_t K, int64_t row_bytes,
 
 /* -- paged attention (decode) ------------------------------------------------------------------ */
 #include "attention.c"
+
+/* -- a whole decode token through the blocks (one call) ----------------------------------------- */
+#include "decode_step.c"
