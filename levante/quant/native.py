@@ -111,7 +111,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_decode_scratch.argtypes = [i64, i32, i32, i32, i64]
     lib.lv_decode_scratch.restype = i64
     lib.lv_decode_blocks.argtypes = [p, i32, p, i64, i32, i32, i32, i64, i32, i64, i64, p, i64, i32, p, i32]
-    for fn in (lib.lv_decode_blocks, lib.lv_w8_pack, lib.lv_q5_pack_gguf, lib.lv_w8a8, lib.lv_w8a16, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
+    for fn in (lib.lv_decode_blocks, lib.lv_w8_pack, lib.lv_q5_pack_gguf, lib.lv_w8a8, lib.lv_w8a16, lib.lv_q4a8,
+               lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
                lib.lv_silu_mul, lib.lv_rope, lib.lv_paged_attention):
         fn.restype = i32
     return lib
