@@ -5,6 +5,7 @@ Errors reach the user as one line on stderr (set LEVANTE_DEBUG=1 for a traceback
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -201,6 +202,10 @@ def cmd_rm(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    # No garbage collection until the server is ready (serve() turns it back on): the imports
+    # and the load make few cycles, and every collection meanwhile walks all that torch and the
+    # web stack have created (about a tenth of a second of start-up).
+    gc.disable()
     _start_early(args)  # in parallel with the imports below (the engine, the web stack)
     from levante.serve.server import serve
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from levante.errors import InvalidRequest, ModelLoadError
 
@@ -282,6 +281,8 @@ class EngineConfig:
 
     def with_device_defaults(self, device: torch.device) -> "EngineConfig":
         """Fill the knobs left None with the defaults of `device`'s type (in place; returns self)."""
+        import torch  # here: `levante --help` and the start of `levante serve` do not wait for PyTorch
+
         cuda = torch.device(device).type == "cuda"
         if self.max_num_seqs is None:
             self.max_num_seqs = 256 if cuda else 64

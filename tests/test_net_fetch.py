@@ -21,9 +21,8 @@ import pytest
 from PIL import Image
 
 from levante.errors import InvalidRequest
-from levante.net import FetchFailed, FetchPolicy, FetchRefused, address_class, fetch, literal_address
-from levante.net import addresses
-from levante.net.fetch import MAX_REDIRECTS, REFUSED
+from levante.net import FetchPolicy, address_class, addresses, literal_address
+from levante.net.fetch import MAX_REDIRECTS, REFUSED, FetchFailed, FetchRefused, fetch
 from levante.net.policy import listens_on_loopback
 
 PUBLIC = FetchPolicy()  # a server on a public address, no opt-ins

@@ -93,6 +93,55 @@ def test_concurrent_requests_share_forward_passes(both, minilm):
     assert torch.allclose(torch.tensor(vectors), torch.tensor(minilm.embed(texts)), atol=1e-5)
 
 
+def test_a_failing_text_fails_only_its_request(both, minilm):
+    """Fault injection: a forward that fails on one request's text; the requests merged with it in the
+    same call still get their vectors, and only that request gets the error."""
+    base, state, _ = both
+    batcher = state.router.models["minilm"].embeddings.batcher
+    real_embed = batcher.embedder.embed
+    poison = minilm.embedder.token_ids(["poisoned text"])[0]
+
+    class FailingEmbedder:
+        def embed(self, inputs):
+            time.sleep(0.2)  # the others queue up behind the first forward, to share the next one
+            if poison in inputs:
+                raise RuntimeError("injected fault")
+            return real_embed(inputs)
+
+    texts = [f"sentence {i}" for i in range(5)] + ["poisoned text"] + [f"another {i}" for i in range(4)]
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            return await asyncio.gather(*[
+                http.post("/v1/embeddings", json={"model": "minilm", "input": t, "encoding_format": "float"})
+                for t in texts])
+
+    batcher.embedder = FailingEmbedder()
+    try:
+        replies = asyncio.run(fire())
+    finally:
+        batcher.embedder = real_embed.__self__
+    assert [r.status_code for r in replies] == [500 if t == "poisoned text" else 200 for t in texts]
+    good = [t for t in texts if t != "poisoned text"]
+    vectors = [r.json()["data"][0]["embedding"] for r in replies if r.status_code == 200]
+    assert torch.allclose(torch.tensor(vectors), torch.tensor(minilm.embed(good)), atol=1e-5)
+
+
+def test_embeddings_are_admitted_within_bounds(both):
+    """Texts queued or embedding count toward the batch size plus the waiting room: past it, 429."""
+    base, state, client = both
+    served = state.router.models["minilm"]
+    capacity = served.llm.embedder.max_batch_size + state.limits.max_waiting_requests
+    served.in_flight += capacity - 1  # as if that many texts were queued already
+    try:
+        with pytest.raises(openai.RateLimitError, match="busy"):
+            client.embeddings.create(model="minilm", input=["one", "two"])
+        assert len(client.embeddings.create(model="minilm", input="one").data) == 1
+    finally:
+        served.in_flight -= capacity - 1
+    assert served.in_flight == 0
+
+
 def test_embedding_only_server(tmp_path_factory):
     """`-m <embedding model>` alone: embeddings (with dimensions and prompts) work, chat routes answer 400."""
     llm = LLM(str(build_embedding_gemma(tmp_path_factory.mktemp("emb") / "gemma")), dtype="float32")

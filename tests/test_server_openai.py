@@ -1,5 +1,7 @@
 """The HTTP server against the official `openai` client, on a live loopback port."""
 import asyncio
+import json
+import socket
 import time
 
 import httpx
@@ -141,6 +143,32 @@ def test_disconnect_aborts_and_frees_the_cache(tiny_model):
             time.sleep(0.05)
         assert _metric(base, "levante_requests_total", finish_reason="abort") == 1
         assert _metric(base, "levante_generation_tokens_total") < 8000
+
+
+def test_a_client_gone_before_a_whole_answer_aborts_it(tiny_model):
+    """Non-streamed requests too: a client that disconnects (a timeout, a closed tab) aborts the
+    generation and frees its cache, rather than leaving it to run to max_tokens."""
+    llm = LLM(str(tiny_model("qwen2")), dtype="float32", max_model_len=8192, warmup=False)
+    run_long = {"max_tokens": 8000, "ignore_eos": True, "temperature": 0}
+    bodies = {"/v1/chat/completions": {"messages": MSG, **run_long}, "/v1/completions": {"prompt": "Once", **run_long},
+              "/v1/responses": {"input": "Hello", "max_output_tokens": 8000, "temperature": 0}}
+    with live_server(llm, "tiny") as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        for done, (path, body) in enumerate(bodies.items(), start=1):
+            payload = json.dumps({"model": "tiny", **body}).encode()
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+                deadline = time.monotonic() + 30
+                while not _metric(base, "levante_kv_cache_usage_ratio"):  # it is generating
+                    assert time.monotonic() < deadline, f"{path}: the request never started"
+                    time.sleep(0.02)
+            deadline = time.monotonic() + 10
+            while _metric(base, "levante_num_requests_running") or _metric(base, "levante_kv_cache_usage_ratio"):
+                assert time.monotonic() < deadline, f"{path}: the abandoned request still runs"
+                time.sleep(0.05)
+            assert _metric(base, "levante_requests_total", finish_reason="abort") == done, path
+        assert httpx.get(f"{base}/health").status_code == 200
 
 
 def test_32_concurrent_streams(server):

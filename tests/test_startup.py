@@ -79,7 +79,7 @@ def test_tokenizer_read_ahead_is_taken_by_the_load(tmp_path):
 
 
 def _imported_after(code: str) -> set[str]:
-    script = f"import sys\n{code}\nprint(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    script = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -91,6 +91,14 @@ def test_the_package_loads_without_pytorch_and_the_server_without_jinja():
     assert "torch" not in _imported_after("import levante, levante.errors, levante.loader.tokenizer")
     served = _imported_after("import levante.serve.server\nfrom levante import LLM, SamplingParams")
     assert "torch" in served and "jinja2" not in served  # templates compile and render in workers
+    # The fetcher (httpx, httpcore, httpx's rich) and the MCP client load when first used.
+    assert not {"httpx", "httpcore", "rich", "levante.net.fetch", "levante.mcp"} & served
+
+
+def test_the_command_line_parses_before_pytorch_loads():
+    # `levante --help`, and `levante serve` starting its tokenizer read-ahead and template worker
+    # beside the PyTorch import rather than after it.
+    assert "torch" not in _imported_after("import levante.cli\nlevante.cli.build_parser().parse_args(['serve'])")
 
 
 def test_llguidance_tokenizer_waits_for_the_first_constrained_request(tiny_model):

@@ -11,12 +11,12 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
-
 from levante.config import CacheConfig, EngineConfig, SpeculativeConfig
 from levante.errors import InvalidRequest
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `--dtype` names; torch's dtypes are looked up when the engine is configured, so that the CLI
+# (argument parsing, `levante --help`, the start of `levante serve`) runs before PyTorch is imported.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 _CACHE_FIELDS = {"block_size": "block_size", "kv_cache_gb": "memory_gb", "num_kv_blocks": "num_blocks",
                  "enable_prefix_caching": "enable_prefix_caching",
                  "gpu_memory_utilization": "gpu_memory_utilization"}
@@ -78,7 +78,7 @@ class EngineArgs:
             if name in _CACHE_FIELDS:
                 setattr(config.cache, _CACHE_FIELDS[name], value)
             elif name == "dtype":
-                config.dtype = DTYPES[value] if isinstance(value, str) or value is None else value
+                config.dtype = _torch_dtype(value)
             elif hasattr(config, name):
                 setattr(config, name, value)
         config.speculative = self._speculative_config()
@@ -187,3 +187,16 @@ def parse_lora_flags(specs: list[str]) -> dict[str, str]:
             raise InvalidRequest(f"--lora {spec}: adapter name '{name}' is given twice")
         adapters[name] = path
     return adapters
+
+
+def _torch_dtype(value):
+    """`--dtype`'s value as a torch dtype (None for "auto": the device's default)."""
+    if value is None or value == "auto":
+        return None
+    if not isinstance(value, str):
+        return value  # a torch.dtype given to LLM(dtype=...)
+    if value not in DTYPES:
+        raise InvalidRequest(f"dtype: '{value}' is not one of {', '.join(DTYPES)}")
+    import torch
+
+    return getattr(torch, value)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from importlib import metadata, util
 
 from levante.mcp.config import McpConfig, McpServerConfig, ProcessSource, UrlSource, safe_name
-from levante.net import FetchPolicy, guarded_async_client
+from levante.net import FetchPolicy
 
 logger = logging.getLogger("levante.mcp")
 
@@ -163,6 +163,8 @@ class _Connection:
 
     @asynccontextmanager
     async def _transport(self):
+        from levante.net.fetch import guarded_async_client
+
         source = self.server.source
         if isinstance(source, ProcessSource):
             from mcp import StdioServerParameters

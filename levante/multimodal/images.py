@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from levante.errors import InvalidRequest
-from levante.net import FetchFailed, FetchPolicy, FetchRefused, fetch
+from levante.net import FetchPolicy
 
 MAX_BYTES = 20 * 1024 * 1024
 TIMEOUT_S = 10.0
@@ -155,6 +155,8 @@ def _read_file(path: Path, what: str, max_bytes: int) -> bytes:
 
 
 def _fetch(url: str, max_bytes: int, timeout: float, policy: FetchPolicy) -> bytes:
+    from levante.net.fetch import FetchFailed, FetchRefused, fetch
+
     try:
         return fetch(url, policy, max_bytes=max_bytes, timeout=timeout, accept=IMAGE_TYPES).body
     except (FetchRefused, FetchFailed) as e:

@@ -6,8 +6,9 @@
                   redirect hop re-checked, bytes (also after decompression), time and type capped
 """
 from levante.net.addresses import address_class, literal_address
-from levante.net.fetch import Fetched, FetchFailed, FetchRefused, fetch, guarded_async_client
 from levante.net.policy import FetchPolicy
 
-__all__ = ["FetchFailed", "FetchPolicy", "FetchRefused", "Fetched", "address_class", "fetch",
-           "guarded_async_client", "literal_address"]
+# The fetcher itself (levante.net.fetch: `fetch`, `guarded_async_client`, FetchRefused, FetchFailed)
+# is imported where it is used: it brings httpx and httpcore (and httpx's `rich`), a tenth of a
+# second that a `levante serve` which never fetches should not pay at start-up.
+__all__ = ["FetchPolicy", "address_class", "literal_address"]

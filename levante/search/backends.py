@@ -14,10 +14,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import httpx
-
 from levante.errors import LevanteError
-from levante.net import FetchFailed, FetchPolicy, FetchRefused, fetch
+from levante.net import FetchPolicy
 from levante.search.html_text import html_to_text
 
 USER_AGENT = "levante-web-search/0.1"
@@ -45,6 +43,8 @@ class SearxngBackend:
         self.timeout = timeout
 
     def __call__(self, query: str, max_results: int) -> list[SearchResult]:
+        import httpx  # here, not at start-up: a server without --search-url never needs it
+
         try:
             response = httpx.get(self.endpoint, params={"q": query, "format": "json"}, timeout=self.timeout,
                                  headers={"User-Agent": USER_AGENT}, follow_redirects=True)
@@ -97,6 +97,8 @@ PAGE_TYPES = ("text/html", "text/plain", "application/xhtml")
 
 
 def _page_text(url: str, policy: FetchPolicy, timeout: float, max_bytes: int) -> str:
+    from levante.net.fetch import FetchFailed, FetchRefused, fetch
+
     try:
         page = fetch(url, policy, max_bytes=max_bytes, timeout=timeout, accept=PAGE_TYPES)
         text = page.body.decode(page.charset or "utf-8", errors="replace")

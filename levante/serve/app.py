@@ -25,19 +25,18 @@ from levante.serve.admin import register_admin
 from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                     error_body, error_for, validation_error)
 from levante.serve.responses import register_responses
-from levante.serve.sse import formatted, sse_response
+from levante.serve.sse import ClientGone, collected, formatted, sse_response
 from levante.serve.state import ServerState
 from levante.serve.webui import register_docs, register_webui
 
 __all__ = ["ServerState", "create_app", "chat_completion"]
 
 
-async def chat_completion(state: ServerState, body: ChatCompletionRequest) -> dict:
-    """A whole chat.completion for `body` (the MCP server's `chat` tool answers with this too)."""
+async def chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request | None = None) -> dict:
+    """A whole chat.completion for `body`, aborted if `request`'s client goes away first (the MCP
+    server's `chat` tool answers with this too, without a request)."""
     collector = fmt.ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
-    async for event in state.pipeline.chat_events(body):
-        collector.add(event)
-    return collector.response()
+    return (await collected(request, state.pipeline.chat_events(body), collector)).response()
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -88,21 +87,19 @@ def create_app(state: ServerState) -> FastAPI:
             return {"prompt": route.llm.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         if not body.stream:
-            return await chat_completion(state, body)
+            return await chat_completion(state, body, request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = fmt.ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), include_usage)
         return await sse_response(formatted(pipeline.chat_events(body), chunks))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             collector = fmt.Completion(body, rid, created)
-            async for event in pipeline.completion_events(body):
-                collector.add(event)
-            return collector.response()
+            return (await collected(request, pipeline.completion_events(body), collector)).response()
         chunks = fmt.CompletionChunks(body, rid, created)
         return await sse_response(formatted(pipeline.completion_events(body), chunks))
 
@@ -115,6 +112,10 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone):
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError):
         message, param = validation_error(exc.errors())

@@ -3,7 +3,9 @@
 Concurrent requests share forward passes: each request queues its token ids,
 and one worker takes everything queued, embeds it in one call (in a thread, so
 the event loop keeps serving) and hands each request its rows. While a forward
-runs, new requests gather for the next one.
+runs, new requests gather for the next one. A call that fails is re-run in halves, so
+only a request that fails by itself gets the error; the texts queued and running are
+bounded by admission (serve/pipeline.py: 429 past the batch size plus the waiting room).
 """
 from __future__ import annotations
 
@@ -72,10 +74,14 @@ class EmbeddingBatcher:
         self.forward_calls += 1
         try:
             vectors = await asyncio.to_thread(self.embedder.embed, merged)
-        except Exception as e:  # every request of the batch learns why
-            for _, future in taken:
-                if not future.done():
-                    future.set_exception(e)
+        except Exception as e:  # noqa: BLE001 - only the requests that fail alone learn why
+            if len(taken) > 1:  # halves, until the requests that fail by themselves are found
+                half = len(taken) // 2
+                await self._embed_together(taken[:half])
+                await self._embed_together(taken[half:])
+                return
+            if not taken[0][1].done():
+                taken[0][1].set_exception(e)
             return
         offset = 0
         for inputs, future in taken:
@@ -100,11 +106,15 @@ class EmbeddingService:
                 "type": "embedding", "dimensions": self.embedder.dimensions,
                 "max_model_len": self.embedder.max_length}
 
-    async def respond(self, body: EmbeddingRequest) -> dict:
+    def inputs(self, body: EmbeddingRequest) -> list[list[int]]:
+        """The request's texts as token ids, checked (400 before anything is queued)."""
+        inputs = self.embedder.token_ids(body.input, body.prompt_name, body.prompt)
+        self.embedder.validate(inputs)
+        self.embedder.check_dimensions(body.dimensions)
+        return inputs
+
+    async def respond(self, body: EmbeddingRequest, inputs: list[list[int]]) -> dict:
         embedder = self.embedder
-        inputs = embedder.token_ids(body.input, body.prompt_name, body.prompt)
-        embedder.validate(inputs)
-        embedder.check_dimensions(body.dimensions)
         vectors = embedder.truncate(await self.batcher.embed(inputs), body.dimensions)
         encode = _base64 if body.encoding_format == "base64" else torch.Tensor.tolist
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
@@ -123,6 +133,9 @@ def register_embeddings(app: FastAPI, state) -> None:
     async def embeddings(body: EmbeddingRequest):
         """The embedding model `model` names (or the first one served), through the router."""
         async with state.pipeline.routed(body.model, embedding=True) as route:
-            return await route.model.embeddings.respond(body)
+            service = route.model.embeddings
+            inputs = service.inputs(body)
+            async with state.pipeline.admitted(route, len(inputs)):
+                return await service.respond(body, inputs)
 
 

@@ -122,10 +122,12 @@ class Pipeline:
 
     @asynccontextmanager
     async def admitted(self, route: Route, sequences: int):
-        """Hold room for `sequences` more on the route's model; Overloaded once its engine's running
-        slots and the waiting room (--max-waiting-requests) are full."""
-        served = route.model
-        capacity = route.llm.engine.config.max_num_seqs + self.state.limits.max_waiting_requests
+        """Hold room for `sequences` more on the route's model (texts, for an embedding model); Overloaded
+        once its running slots (an embedding forward's batch) and the waiting room (--max-waiting-requests)
+        are full."""
+        served, llm = route.model, route.llm
+        running = llm.engine.config.max_num_seqs if llm.engine is not None else llm.embedder.max_batch_size
+        capacity = running + self.state.limits.max_waiting_requests
         if served.in_flight + sequences > capacity:
             self.state.metrics.requests.labels(served.name, "rejected").inc()
             raise Overloaded(f"the server is busy ({served.in_flight} sequences in flight for '{served.name}'); "

@@ -6,14 +6,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from levante.errors import InvalidRequest
 from levante.serve.openai_format import ChatCompletion
 from levante.serve.pipeline import Event, Output, Round, Routed
 from levante.serve.protocol import ChatCompletionRequest, ReasoningEffort, validation_error
-from levante.serve.sse import formatted, sse_response
+from levante.serve.sse import collected, formatted, sse_response
 
 
 class FunctionTool(BaseModel):
@@ -351,14 +351,12 @@ class ResponseEvents:
 
 def register_responses(app: FastAPI, state) -> None:
     @app.post("/v1/responses")
-    async def responses(body: ResponsesRequest):
+    async def responses(body: ResponsesRequest, request: Request):
         chat_body = to_chat_request(body)
         rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
         events = state.pipeline.chat_events(chat_body)
         if body.stream:
             stream = ResponseEvents(state, body, rid, created)
             return await sse_response(formatted(events, stream), stream.error)
-        collector = ChatCompletion(rid, created)
-        async for event in events:
-            collector.add(event)
+        collector = await collected(request, events, ChatCompletion(rid, created))
         return to_response(state, collector.response(), body, rid, created)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import sys
 import threading
@@ -171,12 +172,14 @@ def serve(args) -> int:
         if manager is not None:
             mcp_start.join()  # ready means the MCP tools are offered too
         state.ready = True
+        gc.enable()  # off since `levante serve` began (cli.cmd_serve); what start-up made is frozen
         default = state.router.default
         if state.mcp is not None and not default.spec.embedding:
             _prepare_tool_selection(state, default)
         logger.warning("levante: %s ready (load %.1fs): %s", default.name, default.load_seconds or 0.0,
                        addresses(args.host, args.port, state.webui is not None))
 
+    gc.freeze()  # modules, classes, the web app: never garbage, and no collection walks them again
     threading.Thread(target=load, name="levante-load", daemon=True).start()
     mcp_server = _serve_mcp(state, args)
     server.run()

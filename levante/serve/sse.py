@@ -1,15 +1,20 @@
-"""The one server-sent-events writer: every streamed response ends properly.
+"""Pipeline events to the client: the one server-sent-events writer, and whole (non-streamed) responses.
 
-Errors before the first event become the response's status (400, 404, 429, 500, 503); once the
-stream has begun, an error becomes an error event. Either way the stream ends with `data: [DONE]`,
-and a client that goes away closes the events, which aborts its requests (serve/pipeline.py).
+Streamed: errors before the first event become the response's status (400, 404, 429, 500, 503);
+once the stream has begun, an error becomes an error event. Either way the stream ends with
+`data: [DONE]`, and a client that goes away closes the events, which aborts its requests
+(serve/pipeline.py). Whole: `collected` reads the events while it watches the connection; a client
+that goes away before the answer is ready aborts its requests the same way, rather than leaving
+them to run to max_tokens.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from levante.serve.protocol import error_for
@@ -67,3 +72,39 @@ async def formatted(events: AsyncIterator, formatter) -> AsyncIterator[Payload]:
         await events.aclose()
     for payload in formatter.closing():
         yield payload
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request closed its connection before the answer was ready."""
+
+
+async def collected(request: Request | None, events: AsyncIterator, collector):
+    """`collector` after `collector.add(event)` for each of `events`; ClientGone (its requests
+    aborted, their cache freed) if the client disconnects first. `request` None: no connection to
+    watch (the MCP server's chat tool)."""
+    async def read():
+        try:
+            async for event in events:
+                collector.add(event)
+        finally:
+            await events.aclose()  # cancelled: aborts the requests still running (serve/pipeline.py)
+        return collector
+
+    if request is None:
+        return await read()
+    reading, watching = asyncio.ensure_future(read()), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((reading, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+    if not reading.done():
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        raise ClientGone()
+    return reading.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body is read by then: what follows is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

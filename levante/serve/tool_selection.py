@@ -23,12 +23,15 @@ import json
 import re
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from levante.mcp import McpTool
 from levante.multimodal.messages import text_of
 from levante.search.retrieval import Embed, unit_vectors
+
+if TYPE_CHECKING:  # the MCP client is imported only by a server that has MCP servers
+    from levante.mcp import McpTool
 
 DEFAULT_MAX_TOOLS = 16
 TOOL_CONTEXT_SHARE = 0.25  # of the context window, at most, for the tool definitions
