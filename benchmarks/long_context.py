@@ -14,9 +14,11 @@ engine, each levante engine's ratio to llama.cpp on the medians, and its own rat
 
 Engines: `levante` (the default CPU attention: the native paged kernel where it runs),
 `levante-sdpa` (the SDPA path, LEVANTE_PAGED_ATTENTION=0: the attention before the kernel),
-`levante-kv8` (the 8-bit KV cache, --kv-cache-dtype int8), `llama.cpp`. `--clock cpu` counts the process's CPU time instead of wall time: with
-`--threads 1` (no thread waits spinning for another) it measures the work per token whatever
-else loads the machine.
+`levante-modules` (each decode token through the model's modules, not the one-call native step of
+layers/decode_step.py: the step before it), `levante-kv8` (the 8-bit KV cache,
+--kv-cache-dtype int8), `llama.cpp`. `--clock cpu` counts the process's CPU
+time instead of wall time: with `--threads 1` (no thread waits spinning for another) it measures
+the work per token whatever else loads the machine.
 """
 from __future__ import annotations
 
@@ -69,6 +71,21 @@ class LevanteKv8(Levante):
     kv_cache_dtype = "int8"
 
 
+class LevanteModules(Levante):
+    """levante with each decode token run through the model's modules (one kernel call per op), not
+    the one-call native step (layers/decode_step.py): the step before it, in the same run."""
+    name = "levante-modules"
+
+    def decode(self, ids: list[int], tokens: int) -> float:
+        from levante.layers import decode_step
+
+        decode_step.enabled = False
+        try:
+            return super().decode(ids, tokens)
+        finally:
+            decode_step.enabled = True
+
+
 class LlamaCpp:
     name = "llama.cpp"
 
@@ -109,7 +126,8 @@ def main() -> None:
     _, path = resolve_path(args.model)
     lengths = [int(n) for n in args.lengths.split(",")]
     max_len = max(lengths) + args.gen_tokens + 16
-    kinds = {"levante": Levante, "levante-sdpa": LevanteSdpa, "levante-kv8": LevanteKv8, "llama.cpp": LlamaCpp}
+    kinds = {"levante": Levante, "levante-sdpa": LevanteSdpa, "levante-modules": LevanteModules,
+             "levante-kv8": LevanteKv8, "llama.cpp": LlamaCpp}
     engines = [kinds[name](str(path), args.threads, max_len) for name in args.engines.split(",")]
     results = {(e.name, n): [] for e in engines for n in lengths}
     for run in range(args.runs):

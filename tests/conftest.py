@@ -69,3 +69,14 @@ def minilm():
     from levante import LLM
 
     return LLM("all-minilm:l6-v2", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The default model (qwen2.5-coder:0.5b, packed Q4_K) as `levante serve` runs it, loaded once per
+    session for the tests that need a real model's answers (tool calls, MCP, structured output, the
+    web page and the TUI). Each server the tests start on it stops its engine loop when it closes;
+    the model stays usable for the next."""
+    from levante import LLM
+
+    return LLM(max_model_len=4096)

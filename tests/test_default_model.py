@@ -47,16 +47,14 @@ def llm():
 
 @pytest.mark.slow
 def test_teacher_forced_top1_agrees_with_transformers(llm):
-    from transformers import AutoModelForCausalLM
+    from tokenizer_refs import transformers_model
 
-    path = resolve_alias(DEFAULT_MODEL)
     ids = llm.tokenizer.encode(TEXT)[:301]
     assert len(ids) == 301
     out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, return_prompt_logits=True))[0]
     ours = out.metrics["prompt_logits"][:300].argmax(-1)
-    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
-        theirs = reference(torch.tensor([ids])).logits[0, :300].argmax(-1)
+        theirs = transformers_model(DEFAULT_MODEL)(torch.tensor([ids])).logits[0, :300].argmax(-1)
     agreement = (ours == theirs).float().mean().item()
     print(f"top-1 agreement over 300 tokens: {agreement:.4f}")
     assert agreement >= 0.98

@@ -15,6 +15,7 @@ from levante.loader.gguf import GGUFFile
 from levante.loader.sources import PACKAGED_MODELS, is_installed, resolve_alias
 from levante.quant.gguf_blocks import dequantize
 from tiny_gguf import llama_cpp_permute, save
+from tokenizer_refs import transformers_model
 
 GGUF_ALIASES = [alias for alias, model in PACKAGED_MODELS.items() if model.filename.endswith(".gguf")]
 CONFIG_FIELDS = [
@@ -32,6 +33,14 @@ def packaged_path(alias: str) -> Path:
     return resolve_alias(alias)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def free_the_reference():
+    """transformers_model keeps the last reference it built (the default model's, shared with
+    test_default_model.py); none is needed after this module."""
+    yield
+    transformers_model.cache_clear()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("alias", GGUF_ALIASES)
 def test_matches_transformers_gguf_loader(alias):
@@ -40,10 +49,10 @@ def test_matches_transformers_gguf_loader(alias):
     Both sides dequantise bit-exactly (see test_gguf_dequant) and apply the same exact
     float32 fix-ups (``w - 1``, row permutations), so values must be equal, not close.
     """
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # transformers needs it to load GGUF
     path = packaged_path(alias)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = transformers_model(alias)
     expected = model.state_dict()
     ours = GGUFFile(path)
     config = ours.hf_config()

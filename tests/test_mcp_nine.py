@@ -150,10 +150,9 @@ def test_a_question_about_files_ranks_the_filesystem_tools_first(nine, minilm):
 
 
 @pytest.fixture(scope="module")
-def served(nine):
+def served(nine, default_llm):
     """The default model behind a server with all nine servers' tools (the packaged MiniLM ranks them)."""
-    llm = LLM(MODEL, max_model_len=4096)
-    with live_server(llm, MODEL, mcp=nine.manager) as (base, state):
+    with live_server(default_llm, MODEL, mcp=nine.manager) as (base, state):
         yield openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=900), base, state
 
 

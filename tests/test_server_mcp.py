@@ -6,7 +6,6 @@ import signal
 import openai
 import pytest
 
-from levante import LLM
 from levante.mcp import McpConfig, McpToolManager
 from live_server import live_server
 from mcp_servers import assert_answers_from_the_tool, npm_server, time_server
@@ -17,20 +16,15 @@ MODEL = "qwen2.5-coder:0.5b"
 TOKYO = [{"role": "user", "content": "What time is it in Tokyo?"}]
 
 
-@pytest.fixture(scope="module")
-def llm():
-    return LLM(max_model_len=4096)
-
-
 @pytest.fixture
-def serve(llm):
+def serve(default_llm):
     """serve(servers) -> (openai client, manager): the default model behind a server with these MCP servers."""
     opened = []
 
     def start(servers: dict):
         manager = McpToolManager(McpConfig.from_dict({"mcpServers": servers}))
         asyncio.run(manager.start())
-        context = live_server(llm, MODEL, mcp=manager)
+        context = live_server(default_llm, MODEL, mcp=manager)
         base, _ = context.__enter__()
         opened.append((context, manager))
         return openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=600), manager

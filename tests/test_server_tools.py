@@ -6,7 +6,6 @@ import jsonschema
 import openai
 import pytest
 
-from levante import LLM
 from live_server import live_server
 
 pytestmark = pytest.mark.slow
@@ -22,9 +21,8 @@ TIME = {"type": "function", "function": {
 
 
 @pytest.fixture(scope="module")
-def client():
-    llm = LLM(max_model_len=4096)
-    with live_server(llm, "qwen2.5-coder:0.5b") as (base, _):
+def client(default_llm):
+    with live_server(default_llm, "qwen2.5-coder:0.5b") as (base, _):
         yield openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=300)
 
 

@@ -126,17 +126,16 @@ def test_malformed_structured_output_is_refused(kind, value):
 
 
 @pytest.mark.slow
-def test_default_model_writes_a_person_as_json():
+def test_default_model_writes_a_person_as_json(default_llm):
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                        "languages": {"type": "array", "items": {"type": "string"}}},
         "required": ["name", "age", "languages"],
     }
-    llm = LLM("qwen2.5-coder:0.5b")
     messages = [{"role": "user", "content": "Invent a software developer. Reply with JSON: name, age, languages."}]
     params = SamplingParams(max_tokens=120, temperature=0, structured=StructuredOutput("json_schema", schema))
-    (output,) = llm.chat(messages, params)
+    (output,) = default_llm.chat(messages, params)
     completion = output.outputs[0]
     assert completion.finish_reason == "stop", completion.text
     person = json.loads(completion.text)

@@ -77,12 +77,9 @@ def test_scripted_model_calls_the_real_mcp_time_server(mcp_config, store):
 
 
 @pytest.mark.slow  # loads the default model and generates on CPU
-def test_default_model_calls_the_mcp_tool_itself(mcp_config, store):
+def test_default_model_calls_the_mcp_tool_itself(mcp_config, store, default_llm):
     """The real road end to end: local levante server, default model, real MCP server, the app's pilot."""
-    from levante import LLM
     from levante.tui.local import LocalServer
-
-    llm = LLM(max_model_len=4096)
 
     async def run(server):
         host = _host(mcp_config)
@@ -99,7 +96,7 @@ def test_default_model_calls_the_mcp_tool_itself(mcp_config, store):
             await app.action_quit()
             return views, answers, notices, session.messages
 
-    with LocalServer(llm, "qwen2.5-coder:0.5b") as server:
+    with LocalServer(default_llm, "qwen2.5-coder:0.5b") as server:
         views, answers, notices, messages = asyncio.run(run(server))
     assert views, (answers, notices)
     assert views[0].tool_name == "time_get_current_time" and not views[0].is_error

@@ -541,7 +541,7 @@ def in_thread(coroutine):
 
 
 @pytest.mark.slow
-def test_mcp_calls_show_as_cards(browser, shots, tmp_path):
+def test_mcp_calls_show_as_cards(browser, default_llm, shots, tmp_path):
     """The default model asks the real time server (the server runs the MCP loop); the page shows the
     call as a card with its arguments and result, and the answer that uses it."""
     from levante.mcp import McpConfig, McpToolManager
@@ -551,7 +551,7 @@ def test_mcp_calls_show_as_cards(browser, shots, tmp_path):
     in_thread(manager.start())
     model = "qwen2.5-coder:0.5b"
     try:
-        with live_server(LLM(max_model_len=4096), model, mcp=manager,
+        with live_server(default_llm, model, mcp=manager,
                          webui=WebUI(store_path=tmp_path / "chats.sqlite3")) as (base, _):
             tab = Tab(browser, base, shots)
             page = tab.open()

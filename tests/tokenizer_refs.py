@@ -1,10 +1,13 @@
-"""Shared by the tokenizer, detokenizer and chat template tests: a text corpus, and each packaged
-GGUF tokenizer loaded once per pytest process (ours, transformers', llama.cpp's)."""
+"""Shared by the tokenizer, detokenizer, chat template and GGUF loader tests: a text corpus, each
+packaged GGUF tokenizer loaded once per pytest process (ours, transformers', llama.cpp's), and
+transformers' model from a packaged GGUF file."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -71,13 +74,59 @@ def ours(alias: str) -> Tokenizer:
     return Tokenizer.from_gguf_metadata(gguf_path(alias))
 
 
+@contextlib.contextmanager
+def one_reader_per_file():
+    """Within this block, each GGUF file gets one `gguf.GGUFReader`, however often it is opened.
+
+    transformers opens the file with a new reader for the config and again for the tokenizer or
+    the weights; building the reader parses every token string of the vocabulary (150k-260k of
+    them) element by element in Python, 2-10 s of CPU each time. The reader only reads, so sharing
+    it changes nothing in what transformers computes. The readers go with the block: they hold
+    millions of small objects that the garbage collector would otherwise walk for the rest of
+    the session."""
+    import gguf
+
+    real = gguf.GGUFReader
+    readers = {}
+
+    def shared(path, mode="r"):
+        if mode != "r":
+            return real(path, mode)
+        key = str(Path(path).resolve())
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 @functools.cache
 def transformers_tokenizer(alias: str):
     quiet()
     from transformers import AutoTokenizer
 
     path = gguf_path(alias)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with one_reader_per_file():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@functools.lru_cache(maxsize=1)
+def transformers_model(alias: str):
+    """transformers' float32 model dequantised from the packaged GGUF file: the reference of the
+    GGUF loader (tests/test_gguf_loader.py) and of the default model's logits
+    (tests/test_default_model.py). The last one built is kept, so that those two share the
+    default model's, the slowest to build (transformers_model.cache_clear() frees it)."""
+    quiet()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = gguf_path(alias)
+    with one_reader_per_file():
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
 @functools.cache

@@ -14,6 +14,7 @@ from levante.config import FULL, SLIDING, ModelConfig
 from levante.distributed import tp_size
 from levante.layers import mlp
 from levante.layers.attention import Attention, get_attention_metadata
+from levante.layers.decode_step import BlockParts, DecodeStep
 from levante.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from levante.layers.linear import QKVParallelLinear, RowParallelLinear
 from levante.layers.moe import SparseMoE
@@ -93,6 +94,14 @@ class DecoderLayer(nn.Module):
         hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
+    def decode_parts(self) -> BlockParts | None:
+        """This block's modules for layers/decode_step.py (None: its MLP is not a SiLU-gated one)."""
+        attn, feed = self.self_attn, self.mlp
+        if not isinstance(feed, mlp.GatedMLP) or not feed.act.silu:
+            return None
+        return BlockParts(self.input_layernorm, attn.qkv_proj, attn.q_norm, attn.k_norm, attn.rotary_emb, attn.attn,
+                          attn.o_proj, self.post_attention_layernorm, feed.gate_up_proj, feed.down_proj)
+
 
 class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, **attention_options):
@@ -102,12 +111,30 @@ class DecoderModel(nn.Module):
             DecoderLayer(config, i, **attention_options) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._decode_step: tuple[torch.Tensor | None, DecodeStep | None] = (None, None)  # (for which cache, step)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        step = self.decode_step() if hidden.shape[0] == 1 else None
+        if step is not None:
+            metadata = get_attention_metadata()
+            if step.takes(hidden, positions, metadata):  # one sequence's decode token: one native call
+                return self.norm(step(hidden, metadata))
         for layer in self.layers:
             hidden = layer(positions, hidden)
         return self.norm(hidden)
+
+    def decode_step(self) -> DecodeStep | None:
+        """The blocks as one native decode call (layers/decode_step.py), built once per KV cache;
+        None where it does not apply to them."""
+        cache = self.layers[0].self_attn.attn.k_cache
+        if cache is None:
+            return None
+        built_for, step = self._decode_step
+        if built_for is not cache:
+            step = DecodeStep.build([layer.decode_parts() for layer in self.layers])
+            self._decode_step = (cache, step)
+        return step
 
 
 class CausalLM(nn.Module):

@@ -37,7 +37,8 @@ from levante.quant import kv_int8
 logger = logging.getLogger("levante")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-INCLUDED = (Path(__file__).with_name("attention.c"),)  # #included by kernels.c: part of the build's hash
+# #included by kernels.c: part of the build's hash
+INCLUDED = tuple(Path(__file__).with_name(name) for name in ("attention.c", "decode_step.c"))
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fno-math-errno",
          "-pthread", "-shared", "-fPIC")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
@@ -110,7 +111,11 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_paged_attention.argtypes = [p, p, p, p, p, i64, p, p, i32, i32, i32, i32, i32, i32, ctypes.c_float,
                                        i32, i32, i32]
     lib.lv_kv_int8_store.argtypes = [p, i32, i64, p, p, p, i64, i32, i32]
-    for fn in (lib.lv_kv_int8_store, lib.lv_w8_pack, lib.lv_q5_pack_gguf, lib.lv_w8a8, lib.lv_w8a16, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
+    lib.lv_decode_scratch.argtypes = [i64, i32, i32, i32, i64]
+    lib.lv_decode_scratch.restype = i64
+    lib.lv_decode_blocks.argtypes = [p, i32, p, i64, i32, i32, i32, i64, i32, i64, i64, p, i64, i32, p, i32]
+    for fn in (lib.lv_kv_int8_store, lib.lv_decode_blocks, lib.lv_w8_pack, lib.lv_q5_pack_gguf, lib.lv_w8a8,
+               lib.lv_w8a16, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
                lib.lv_silu_mul, lib.lv_rope, lib.lv_paged_attention):
         fn.restype = i32
     return lib
@@ -494,6 +499,27 @@ def kv_int8_store(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, off
                                     slots.data_ptr(), tokens, kv_heads, dim)
     if rc:
         raise RuntimeError(f"lv_kv_int8_store failed ({rc})")
+
+
+# -- a decode token through the blocks --------------------------------------------------------------
+# The structures of decode_step.c; layers/decode_step.py fills them.
+
+LINEAR_W8, LINEAR_Q4, LINEAR_Q5 = 0, 1, 2
+
+
+class DecodeLinear(ctypes.Structure):
+    """A packed weight as decode_step.c reads it (its tensors must outlive it)."""
+    _fields_ = [("kind", ctypes.c_int), ("qscale_f32", ctypes.c_int), ("w", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("qscale", ctypes.c_void_p), ("qoffset", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("Kp", ctypes.c_int64)]
+
+
+class DecodeBlock(ctypes.Structure):
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("eps", ctypes.c_float), ("qk_eps", ctypes.c_float),
+                ("qkv", DecodeLinear), ("o", DecodeLinear), ("gate_up", DecodeLinear), ("down", DecodeLinear),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cos_sin", ctypes.c_void_p),
+                ("window", ctypes.c_int), ("scale", ctypes.c_float)]
 
 
 if __name__ == "__main__":  # `python -m levante.quant.native`: build ahead (make install)

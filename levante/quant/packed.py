@@ -177,6 +177,13 @@ class Int8Weight:
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self._weight_rows(0, self.shape[0], dtype) * self._scales(dtype).unsqueeze(1)
 
+    def decode_linear(self) -> native.DecodeLinear | None:
+        """This weight for quant/decode_step.c (None: not in a native layout)."""
+        if self.layout != "t16":
+            return None
+        return native.DecodeLinear(kind=native.LINEAR_W8, w=self.qweight.data_ptr(), scale=self._scales32.data_ptr(),
+                                   N=self.shape[0], K=self.shape[1], Kp=self.qweight.shape[1])
+
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = index.reshape(-1)
         if self.layout == "t16":
@@ -432,6 +439,15 @@ class Int4Weight:
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self._dequantize_range(0, self.shape[0], dtype)
 
+    def decode_linear(self) -> native.DecodeLinear | None:
+        """This weight for quant/decode_step.c (None: not in a native layout)."""
+        if self.layout != "q4t16":
+            return None
+        return native.DecodeLinear(kind=native.LINEAR_Q4, qscale_f32=int(self.qscale.dtype == torch.float32),
+                                   w=self.packed.data_ptr(), qscale=self.qscale.data_ptr(),
+                                   qoffset=self.qoffset.data_ptr(), N=self.shape[0], K=self.shape[1],
+                                   Kp=self.shape[1])
+
     def _dequantize_range(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``first:last``; ``first`` a multiple of 64, ``last`` one too or the last row."""
         rows, cols = self.shape
@@ -562,6 +578,11 @@ class Q5Weight:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self._weight_rows(0, self.shape[0], dtype)
+
+    def decode_linear(self) -> native.DecodeLinear:
+        """This weight for quant/decode_step.c."""
+        return native.DecodeLinear(kind=native.LINEAR_Q5, w=self.packed.data_ptr(), N=self.shape[0],
+                                   K=self.shape[1], Kp=self.shape[1])
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = index.reshape(-1)

@@ -1,0 +1,115 @@
+/* One decode token through N pre-norm transformer blocks in one call (included by kernels.c).
+ *
+ * A single sequence's decode step is ~170 kernel calls, and between them PyTorch and Python
+ * spent about as long as the small ops themselves: ~10 ms a token on this project's default
+ * model (24 blocks), a fifth of the step, most of it cache misses in the interpreter after
+ * each matmul has streamed megabytes of weights through the caches. Here the block is
+ * the figure of models/llama.py, run with the same kernels, in the same order, with the
+ * same roundings (every tensor the PyTorch path makes in x's dtype is rounded to it here at
+ * the same point), so the result is bit for bit the same:
+ *
+ *   h += o_proj(attention(rope(q), rope(k) -> cache, v -> cache))   of qkv_proj(rms_norm(h)) (+ bias)
+ *   h += down_proj(silu(gate) * up)                                  of gate_up_proj(rms_norm(h))
+ *
+ * with optional per-head RMSNorm on q and k before RoPE (Qwen3). The KV cache holds x's
+ * dtype (float32 or bfloat16); layers/decode_step.py decides when this applies.
+ */
+
+enum { LIN_W8 = 0, LIN_Q4 = 1, LIN_Q5 = 2 };
+
+typedef struct {
+    int kind;                     /* LIN_*: layout t16 (int8), q4t16, q5t16 */
+    int qscale_f32;               /* q4t16: scales and offsets float32 (else float16) */
+    const uint8_t *w;
+    const float *scale;           /* t16: per-row float32 scales */
+    const void *qscale, *qoffset; /* q4t16 */
+    const void *bias;             /* [N] in x's dtype, or NULL */
+    int64_t N, K, Kp;
+} DecodeLinear;
+
+typedef struct {
+    const void *input_norm, *post_norm; /* [hidden] in x's dtype */
+    const void *q_norm, *k_norm;        /* [head_dim] in x's dtype, or NULL */
+    float eps, qk_eps;
+    DecodeLinear qkv, o, gate_up, down;
+    void *k_cache, *v_cache;            /* [slots][kv_heads][head_dim] in x's dtype */
+    const float *cos_sin;               /* [positions][head_dim]: cos half, then sin half */
+    int window;                         /* sliding window, 0: none */
+    float scale;                        /* attention scale */
+} DecodeBlock;
+
+/* out = x @ W.T (+ bias) for one row of x, as quant/native.py's matmuls for one row. */
+static int decode_linear(const DecodeLinear *l, const void *x, int bf16, void *out, int nthreads) {
+    int rc;
+    if (l->kind == LIN_W8) /* one row: int8_matmul's "precise" two roundings */
+        rc = lv_w8a16(l->w, l->scale, l->N, l->K, l->Kp, x, l->K, bf16, 1, out, l->N, bf16, nthreads);
+    else if (l->kind == LIN_Q4)
+        rc = lv_q4a8(l->w, l->qscale, l->qoffset, l->qscale_f32, l->N, l->K, x, l->K, bf16, 1, out, l->N, bf16,
+                     nthreads, 0);
+    else
+        rc = lv_q5a8(l->w, l->N, l->K, x, l->K, bf16, 1, out, l->N, bf16, nthreads, 0);
+    if (rc || !l->bias) return rc;
+    for (int64_t i = 0; i < l->N; i += 16) {
+        int m = tail16(l->N - i);
+        store16(out, bf16, i, _mm512_add_ps(load16(out, bf16, i, m), load16(l->bias, bf16, i, m)), m);
+    }
+    return 0;
+}
+
+/* h += y over n values (x's dtype: the sum rounded once, as PyTorch's add). */
+static void add_into(void *h, const void *y, int64_t n, int bf16) {
+    for (int64_t i = 0; i < n; i += 16) {
+        int m = tail16(n - i);
+        store16(h, bf16, i, _mm512_add_ps(load16(h, bf16, i, m), load16(y, bf16, i, m)), m);
+    }
+}
+
+/* Scratch (in x's dtype) the step needs: see the layout in lv_decode_blocks. */
+int64_t lv_decode_scratch(int64_t hidden, int heads, int kv_heads, int head_dim, int64_t intermediate) {
+    return 2 * hidden + (int64_t)(2 * heads + 2 * kv_heads) * head_dim + 3 * intermediate;
+}
+
+/* hidden [hidden] (in place): one token at `position` through blocks[0 .. n), its keys and
+ * values written at cache slot `slot`; the sequence's block table `table` (`width` entries)
+ * then holds `position` + 1 keys. */
+int lv_decode_blocks(const DecodeBlock *blocks, int n, void *hidden, int64_t hidden_size, int heads, int kv_heads,
+                     int head_dim, int64_t intermediate, int bf16, int64_t position, int64_t slot,
+                     const int32_t *table, int64_t width, int block_size, void *scratch, int nthreads) {
+    const int64_t size = bf16 ? 2 : 4, q_size = (int64_t)heads * head_dim, kv_size = (int64_t)kv_heads * head_dim;
+    char *at = scratch;
+    void *normed = at;                              at += hidden_size * size;
+    void *qkv = at;                                 at += (q_size + 2 * kv_size) * size;
+    void *q = at;                                   at += q_size * size;
+    void *delta = at;                               at += hidden_size * size;
+    void *gate_up = at;                             at += 2 * intermediate * size;
+    void *act = at;
+    void *attn_out = gate_up; /* free while attention runs: 2 * intermediate >= q_size in every model here */
+    const int32_t cu[2] = {0, 1}, lens[1] = {(int32_t)(position + 1)};
+    if (2 * intermediate < q_size) return -1;
+    for (int i = 0; i < n; i++) {
+        const DecodeBlock *b = &blocks[i];
+        int rc;
+        lv_rms_norm(hidden, b->input_norm, normed, 1, hidden_size, b->eps, bf16, 0);
+        if ((rc = decode_linear(&b->qkv, normed, bf16, qkv, nthreads))) return rc;
+        char *k = (char *)qkv + q_size * size, *v = k + kv_size * size;
+        if (b->q_norm) {
+            lv_rms_norm(qkv, b->q_norm, qkv, heads, head_dim, b->qk_eps, bf16, 0);
+            lv_rms_norm(k, b->k_norm, k, kv_heads, head_dim, b->qk_eps, bf16, 0);
+        }
+        const float *rows = b->cos_sin + position * head_dim;
+        lv_rope(qkv, q, rows, 1, heads, head_dim, q_size, bf16);
+        lv_rope(k, (char *)b->k_cache + slot * kv_size * size, rows, 1, kv_heads, head_dim, kv_size, bf16);
+        memcpy((char *)b->v_cache + slot * kv_size * size, v, (size_t)(kv_size * size));
+        rc = lv_paged_attention(q, b->k_cache, b->v_cache, attn_out, table, width, cu, lens, 1, heads, kv_heads,
+                                head_dim, block_size, b->window, b->scale, bf16 ? KV_BF16 : KV_F32,
+                                bf16 ? KV_BF16 : KV_F32, nthreads);
+        if (rc || (rc = decode_linear(&b->o, attn_out, bf16, delta, nthreads))) return rc;
+        add_into(hidden, delta, hidden_size, bf16);
+        lv_rms_norm(hidden, b->post_norm, normed, 1, hidden_size, b->eps, bf16, 0);
+        if ((rc = decode_linear(&b->gate_up, normed, bf16, gate_up, nthreads))) return rc;
+        lv_silu_mul(gate_up, act, 1, intermediate, bf16);
+        if ((rc = decode_linear(&b->down, act, bf16, delta, nthreads))) return rc;
+        add_into(hidden, delta, hidden_size, bf16);
+    }
+    return 0;
+}
