@@ -23,8 +23,8 @@ serve: $(VENV)/.runtime web
 	$(BIN)/levante serve $(ARGS)
 
 # Two pytest workers (pytest-xdist), each taking whole test files (module fixtures stay shared): many
-# tests wait on servers, subprocesses and the browser, so two cores run the suite in about 60% of
-# the time. PYTEST_WORKERS=0 runs it in one process.
+# tests wait on servers, subprocesses and the browser, so on two cores the suite takes ~540 s, not
+# ~735 s in one process (PYTEST_WORKERS=0).
 PYTEST_WORKERS ?= 2
 PYTEST_PARALLEL = $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
 test: $(VENV)/.test mcp-servers web browser
