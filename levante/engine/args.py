@@ -84,7 +84,7 @@ class EngineArgs:
             elif name == "dtype":
                 config.dtype = _torch_dtype(value)
             elif name == "kv_cache_dtype":
-                config.cache.dtype = _kv_cache_dtype(value)
+                config.cache.dtype = _torch_dtype(value, "kv_cache_dtype", KV_CACHE_DTYPES)
             elif hasattr(config, name):
                 setattr(config, name, value)
         config.speculative = self._speculative_config()
@@ -186,19 +186,6 @@ class EngineArgs:
                             help="the .gguf file of the Hub repo -m names (instead of picking one by :QUANT)")
 
 
-def _kv_cache_dtype(value):
-    """`--kv-cache-dtype`'s value as a torch dtype (None for "auto": the model's)."""
-    if value is None or not isinstance(value, str):
-        return value  # a torch.dtype given to LLM(kv_cache_dtype=...)
-    if value not in KV_CACHE_DTYPES:
-        raise InvalidRequest(f"kv_cache_dtype '{value}': expected one of {', '.join(KV_CACHE_DTYPES)}")
-    if value in ("int8", "q8_0"):
-        import torch
-
-        return torch.int8
-    return _torch_dtype(value)
-
-
 def parse_lora_flags(specs: list[str]) -> dict[str, str]:
     """`--lora NAME=PATH` flags as {name: path}."""
     adapters = {}
@@ -212,14 +199,15 @@ def parse_lora_flags(specs: list[str]) -> dict[str, str]:
     return adapters
 
 
-def _torch_dtype(value):
-    """`--dtype`'s value as a torch dtype (None for "auto": the device's default)."""
+def _torch_dtype(value, field: str = "dtype", names: tuple[str, ...] = DTYPES):
+    """A dtype flag's value (`--dtype`, `--kv-cache-dtype`) as a torch dtype; None for "auto" (the
+    device's default, the model's for the cache)."""
     if value is None or value == "auto":
         return None
     if not isinstance(value, str):
-        return value  # a torch.dtype given to LLM(dtype=...)
-    if value not in DTYPES:
-        raise InvalidRequest(f"dtype: '{value}' is not one of {', '.join(DTYPES)}")
+        return value  # a torch.dtype given to LLM(dtype=..., kv_cache_dtype=...)
+    if value not in names:
+        raise InvalidRequest(f"{field} '{value}': expected one of {', '.join(names)}")
     import torch
 
-    return getattr(torch, value)
+    return torch.int8 if value == "q8_0" else getattr(torch, value)  # q8_0: llama.cpp's name for int8
