@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
+import logging
 import threading
 import time
 
@@ -21,7 +23,7 @@ import pytest
 from levante.tui.app import ChatApp
 from levante.tui.session import ChatSession, Settings, ToolResult, TurnEnd, TurnError
 from levante.conversations import ConversationStore, data_dir
-from levante.tui.widgets import AssistantMessage, Notice, ToolCallView, UserMessage
+from levante.tui.widgets import AssistantMessage, LogNotice, Notice, ToolCallView, UserMessage
 from scripted_openai import scripted_endpoint, text, tool_call
 
 
@@ -85,7 +87,22 @@ def _answers(app):
 
 
 def _notices(app):
-    return [w.text for w in app.query(Notice)]
+    """The app's own lines (command answers, errors); logged lines arrive on a timer, see `_logged`."""
+    return [w.text for w in app.query(Notice) if not isinstance(w, LogNotice)]
+
+
+def _logged(app):
+    return [w.text for w in app.query(LogNotice)]
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_clients():
+    """An unclosed `AsyncOpenAI` from an earlier test (this file's or another's) schedules its own close
+    on whatever loop runs when it is collected, and that loop's log then shows the failure: collect
+    such garbage here, outside any loop, where the client's `__del__` does nothing."""
+    gc.collect()
+    yield
+    gc.collect()
 
 
 # --- store ------------------------------------------------------------------------------------------
@@ -406,6 +423,26 @@ def test_pilot_history_resume_and_commands(store, tmp_path):
     assert [m["content"] for m in fresh["messages"]] == ["Answer in one word.", "And of Spain?"]
     assert len(store.load(conversation)) == 5 and newer != conversation
     assert [c.id for c in store.list()] == [newer, conversation]
+
+
+
+def test_pilot_shows_logged_warnings_apart_and_closes_its_client(store):
+    """A warning logged by any thread shows as a log line, never in place of a command's answer; on exit
+    the app closes its HTTP client inside its own loop (none left for a later loop to collect)."""
+    async def run(base_url):
+        app = ChatApp(_session(base_url), store)
+        async with app.run_test() as pilot:
+            threading.Thread(target=lambda: logging.getLogger("levante.test").warning("a server went away")).start()
+            await _until(pilot, lambda: _logged(app), what="the logged line")
+            await _type(pilot, "/bogus")
+            assert "unknown command /bogus" in _notices(app)[-1]
+            logged = _logged(app)
+        return app.session.client, logged
+
+    with scripted_endpoint() as (base_url, endpoint):
+        client, logged = asyncio.run(run(base_url))
+    assert logged == ["warning: a server went away"]
+    assert client.is_closed()
 
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg==")

@@ -18,7 +18,7 @@ from levante.errors import LevanteError
 from levante.tui.session import (ChatSession, TextDelta, ToolCall, ToolResult, TurnEnd, TurnError, image_part,
                                  user_content)
 from levante.conversations import ConversationStore
-from levante.tui.widgets import AssistantMessage, Notice, PromptInput, ToolCallView, UserMessage
+from levante.tui.widgets import AssistantMessage, LogNotice, Notice, PromptInput, ToolCallView, UserMessage
 
 HELP = """Commands:
   /system PROMPT     set the system prompt (/system alone clears it)
@@ -89,10 +89,11 @@ class ChatApp(App):
 
     async def on_unmount(self) -> None:
         logging.getLogger().removeHandler(self.log_handler)
+        await self.session.client.close()  # its connections belong to this loop: close them while it runs
 
     async def _drain_log(self) -> None:
         while self.log_handler.lines:
-            await self.notice(self.log_handler.lines.popleft(), error=True)
+            await self.notice(self.log_handler.lines.popleft(), error=True, kind=LogNotice)
 
     @property
     def log_view(self) -> VerticalScroll:
@@ -114,8 +115,8 @@ class ChatApp(App):
                   self.session.model]
         self.query_one("#status", Static).update(" · ".join(p for p in parts if p))
 
-    async def notice(self, text: str, error: bool = False) -> Notice:
-        widget = Notice(text, error)
+    async def notice(self, text: str, error: bool = False, kind: type[Notice] = Notice) -> Notice:
+        widget = kind(text, error)
         await self.log_view.mount(widget)
         self.log_view.scroll_end(animate=False)
         return widget

@@ -97,6 +97,10 @@ class Notice(Static):
         super().__init__(Text(text), classes="error" if error else "")
 
 
+class LogNotice(Notice):
+    """A warning or error logged by any thread (a failed MCP server...), shown when the app next drains them."""
+
+
 def _text_and_images(content: str | list[dict] | None) -> tuple[str, int]:
     if isinstance(content, list):
         text = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
