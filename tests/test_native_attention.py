@@ -155,6 +155,31 @@ def test_prefix_cache_sharing(window):
 
 
 @needs_native
+@pytest.mark.skipif(not native.bf16_dot_supported(), reason="the bfloat16 path needs AVX512-BF16")
+@pytest.mark.parametrize("case", [
+    # (seq_lens, q_lens, heads, kv_heads, dim, block_size, window, shared_blocks)
+    ([1, 15, 16, 17], [1, 1, 1, 1], 14, 2, 64, 16, None, 0),           # inside one tile, one past it
+    ([63, 64, 65, 129], [1, 1, 1, 1], 14, 2, 64, 5, None, 0),          # chunk edges, blocks across tiles
+    ([2100, 700], [1, 1], 14, 2, 64, 1, None, 0),                      # many chunks, key ranges split
+    ([600, 33], [1, 1], 4, 4, 32, 16, None, 0),                        # no grouping, the smallest head
+    ([600, 33], [1, 1], 16, 2, 128, 16, None, 0),                      # G 8: one full register group
+    ([600, 33], [1, 1], 18, 2, 256, 8, None, 0),                       # G 9: a group of 8 and of 1
+    ([300, 64], [1, 1], 64, 2, 64, 16, None, 0),                       # G 32: the largest the path takes
+    ([300, 64], [1, 1], 66, 1, 64, 16, None, 0),                       # G 66: the general path
+    ([1000, 40, 520], [1, 40, 9], 14, 2, 64, 8, 7, 0),                 # windows inside a tile, prefill rows
+    ([1000, 40, 520], [1, 40, 9], 14, 2, 64, 8, 300, 0),               # windows across chunks
+    ([300, 1200, 7, 0, 64], [300, 100, 1, 0, 1], 8, 2, 64, 16, None, 0),  # a prompt, a chunk, no rows
+    ([700, 650, 333, 900], [1, 1, 20, 1], 14, 2, 64, 16, 50, 20),      # prefix-cache sharing
+])
+def test_bfloat16_path(case):
+    """bfloat16 queries and caches (the usual decode, transposed key tiles and bfloat16 weights times
+    values interleaved by pairs of keys) against the float64 definition; unowned slots are NaN."""
+    seq_lens, q_lens, heads, kv_heads, dim, block_size, window, shared = case
+    check(seq_lens, q_lens, heads=heads, kv_heads=kv_heads, dim=dim, block_size=block_size, window=window,
+          shared_blocks=shared, dtype=torch.bfloat16)
+
+
+@needs_native
 def test_out_argument_and_layer_dispatch():
     from levante.layers.paged_attention import paged_attention, paged_attention_torch
 

@@ -23,7 +23,10 @@ enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
 #define ATTN_MIN_SPLIT 256 /* keys: below this a range is not worth its merge */
 #define ATTN_QVECS 32      /* query vectors per item (rows x G), at least one row */
 #ifndef ATTN_PREFETCH
-#define ATTN_PREFETCH 32   /* keys ahead whose rows are prefetched */
+#define ATTN_PREFETCH 64   /* keys ahead whose rows are prefetched (into L2: more misses in flight than L1 takes) */
+#endif
+#ifndef ATTN_HINT
+#define ATTN_HINT _MM_HINT_T1
 #endif
 
 static inline __m512 load_kv(const void *p, int dtype, int64_t i, __mmask16 m) {
@@ -89,6 +92,7 @@ typedef struct {
     int kv;       /* the caches' dtype */
     int row;      /* cache values per (slot, KV head): D, or D + 2 * Dp / 16 for int8 (codes, scales) */
     int bf16_dot; /* bfloat16 queries, bfloat16 or int8 caches, a CPU with AVX512-BF16: scores_bf16 */
+    int bf16_path; /* bfloat16 queries and caches, D <= ATTN_BF16_MAX_D, G <= ATTN_QVECS: attn_item_bf16 */
     int size;     /* bytes per cache value */
     float scale;
     const AttnItem *items;
@@ -205,8 +209,8 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
             if (ahead < it->k1) {
                 const int64_t next = ((int64_t)table[ahead / a->bs] * a->bs + ahead % a->bs) * row_stride + head_at;
                 for (int64_t byte = 0; byte < (int64_t)a->row * a->size; byte += 64) {
-                    _mm_prefetch((const char *)a->k + next * a->size + byte, _MM_HINT_T0);
-                    _mm_prefetch((const char *)a->v + next * a->size + byte, _MM_HINT_T0);
+                    _mm_prefetch((const char *)a->k + next * a->size + byte, ATTN_HINT);
+                    _mm_prefetch((const char *)a->v + next * a->size + byte, ATTN_HINT);
                 }
             }
             if (a->kv == KV_I8) {
@@ -248,8 +252,220 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
     }
 }
 
+/* --- The bfloat16 path: bfloat16 queries and caches on a CPU with AVX512-BF16 (the usual decode) ---
+ *
+ * Keys: each tile of 16 is transposed to pairs of dimensions (vector i, lane j = key j's
+ * dimensions 2i and 2i + 1), so a query vector's 16 scores are D / 2 vdpbf16ps with the query's
+ * pairs broadcast, no horizontal sums. Values: per chunk of ATTN_CHUNK keys the softmax weights
+ * are rounded to bfloat16 and the values interleaved by pairs of keys (vector c of pair p holds
+ * (v_2p[d], v_2p+1[d]) for 16 dimensions d), so p . V is D / 16 vdpbf16ps per pair of keys, the
+ * weights' pair broadcast. One online-softmax rescale per chunk. The rounding of the weights to
+ * bfloat16 (relative 2^-9 each, as a bfloat16 matmul of softmax(QK) and V rounds them) is the
+ * only difference from the float32 path; the accumulators are float32. The chunk's keys are
+ * read in bursts (a tile's 16 key rows, then the chunk's value rows), prefetched ahead. */
+#define ATTN_CHUNK 64       /* keys per softmax update */
+#define ATTN_VG 8           /* query vectors per register group */
+#define ATTN_BF16_MAX_D 256 /* head sizes this path takes (D % 32 == 0) */
+
+/* r[i] lane j <- r[j] lane i (16 x 16 32-bit values). */
+static inline __attribute__((always_inline)) void transpose16_epi32(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* u[4i + k] lane L: rows 4i .. 4i + 3 at column 4L + k */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512i v0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x88), v1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xDD);
+        const __m512i w0 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x88), w1 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xDD);
+        t[k] = _mm512_shuffle_i32x4(v0, w0, 0x88);      /* column k */
+        t[8 + k] = _mm512_shuffle_i32x4(v0, w0, 0xDD);  /* column 8 + k */
+        t[4 + k] = _mm512_shuffle_i32x4(v1, w1, 0x88);  /* column 4 + k */
+        t[12 + k] = _mm512_shuffle_i32x4(v1, w1, 0xDD); /* column 12 + k */
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* out[v * stride] = scale * (lane j: query vector v . key j) for n vectors (q32: [n][W] pairs) and
+ * a tile's transposed keys kt[W]. Two accumulators per vector halve the dependency chains. */
+static inline __attribute__((always_inline, target("avx512bf16"))) void tile_scores_n(
+        const uint32_t *q32, const __m512i *kt, const int W, const int n, float scale, __m512 *out, int stride) {
+    __m512 s0[ATTN_VG], s1[ATTN_VG];
+    for (int v = 0; v < n; v++) s0[v] = s1[v] = _mm512_setzero_ps();
+    for (int i = 0; i < W; i += 2) {
+        const __m512bh k0 = (__m512bh)kt[i], k1 = (__m512bh)kt[i + 1];
+        for (int v = 0; v < n; v++) {
+            s0[v] = _mm512_dpbf16_ps(s0[v], (__m512bh)_mm512_set1_epi32((int)q32[v * W + i]), k0);
+            s1[v] = _mm512_dpbf16_ps(s1[v], (__m512bh)_mm512_set1_epi32((int)q32[v * W + i + 1]), k1);
+        }
+    }
+    for (int v = 0; v < n; v++) out[v * stride] = _mm512_mul_ps(_mm512_add_ps(s0[v], s1[v]), _mm512_set1_ps(scale));
+}
+
+__attribute__((target("avx512bf16"))) static void tile_scores(const uint32_t *q32, const __m512i *kt, int W, int n,
+                                                             float scale, __m512 *out, int stride) {
+#define TILE_SCORES_CASE(N) case N: tile_scores_n(q32, kt, W, N, scale, out, stride); break;
+    switch (n) {
+    TILE_SCORES_CASE(1) TILE_SCORES_CASE(2) TILE_SCORES_CASE(3) TILE_SCORES_CASE(4)
+    TILE_SCORES_CASE(5) TILE_SCORES_CASE(6) TILE_SCORES_CASE(7) default: tile_scores_n(q32, kt, W, 8, scale, out, stride);
+    }
+#undef TILE_SCORES_CASE
+}
+
+/* acc[v] (n vectors, [C][16] floats each, dimensions in the interleaved order) = alpha[v] acc[v] +
+ * sum over pairs p of the weights' pair p32[v][p] times the interleaved values vi[p][c]. */
+static inline __attribute__((always_inline, target("avx512bf16"))) void chunk_values_n(
+        float *acc, const float *alpha, const uint32_t *p32, const __m512i *vi, int pairs, const int C, const int n) {
+    for (int c = 0; c < C; c++) {
+        __m512 x[ATTN_VG];
+        for (int v = 0; v < n; v++) x[v] = _mm512_mul_ps(_mm512_load_ps(acc + (v * C + c) * 16), _mm512_set1_ps(alpha[v]));
+        for (int p = 0; p < pairs; p++) {
+            const __m512bh w = (__m512bh)vi[p * C + c];
+            for (int v = 0; v < n; v++)
+                x[v] = _mm512_dpbf16_ps(x[v], (__m512bh)_mm512_set1_epi32((int)p32[v * (ATTN_CHUNK / 2) + p]), w);
+        }
+        for (int v = 0; v < n; v++) _mm512_store_ps(acc + (v * C + c) * 16, x[v]);
+    }
+}
+
+__attribute__((target("avx512bf16"))) static void chunk_values(float *acc, const float *alpha, const uint32_t *p32,
+                                                              const __m512i *vi, int pairs, int C, int n) {
+#define CHUNK_VALUES_CASE(N) case N: chunk_values_n(acc, alpha, p32, vi, pairs, C, N); break;
+    switch (n) {
+    CHUNK_VALUES_CASE(1) CHUNK_VALUES_CASE(2) CHUNK_VALUES_CASE(3) CHUNK_VALUES_CASE(4)
+    CHUNK_VALUES_CASE(5) CHUNK_VALUES_CASE(6) CHUNK_VALUES_CASE(7) default: chunk_values_n(acc, alpha, p32, vi, pairs, C, 8);
+    }
+#undef CHUNK_VALUES_CASE
+}
+
+/* One item on the bfloat16 path (rows * G <= ATTN_QVECS, D <= ATTN_BF16_MAX_D); partial as attn_item_c's. */
+__attribute__((target("avx512bf16"))) static void attn_item_bf16(const Attn *a, int64_t index) {
+    const AttnItem *it = a->items + index;
+    const int D = a->D, W = D / 2, C = D / 16, G = a->G, NV = it->rows * G;
+    float *part = a->partial + index * a->per_item;
+    const int64_t q_len = a->cu[it->b + 1] - a->cu[it->b], n = a->lens[it->b];
+    const int64_t first_row = a->cu[it->b] + it->row0, first_pos = n - q_len + it->row0;
+    uint32_t q32[ATTN_QVECS * ATTN_BF16_MAX_D / 2] __attribute__((aligned(64)));
+    float acc[ATTN_QVECS * ATTN_BF16_MAX_D] __attribute__((aligned(64)));
+    float m[ATTN_QVECS], l[ATTN_QVECS], alpha[ATTN_QVECS];
+    __m512 S[ATTN_QVECS * (ATTN_CHUNK / 16)];
+    uint32_t p32[ATTN_QVECS * ATTN_CHUNK / 2] __attribute__((aligned(64)));
+    __m512i kt[ATTN_BF16_MAX_D / 2], vi[ATTN_CHUNK / 2 * (ATTN_BF16_MAX_D / 16)];
+    for (int v = 0; v < NV; v++) {
+        const int r = v / G, g = v % G;
+        memcpy(q32 + v * W, (const uint16_t *)a->q + ((first_row + r) * a->H + it->kvh * G + g) * (int64_t)D, 2 * D);
+        m[v] = -INFINITY;
+        l[v] = 0.f;
+    }
+    memset(acc, 0, sizeof(float) * NV * D);
+    const int32_t *table = a->tables + it->b * a->width;
+    const int64_t row_stride = (int64_t)a->KVH * a->row, head_at = (int64_t)it->kvh * a->row;
+    const uint16_t *kp[ATTN_CHUNK], *vp[ATTN_CHUNK];
+    for (int64_t c0 = it->k0; c0 < it->k1; c0 += ATTN_CHUNK) {
+        const int nk = (int)(it->k1 - c0 < ATTN_CHUNK ? it->k1 - c0 : ATTN_CHUNK), tiles = (nk + 15) / 16;
+        int64_t block = c0 / a->bs, offset = c0 % a->bs;
+        for (int j = 0; j < nk; j++) {
+            const int64_t at = ((int64_t)table[block] * a->bs + offset) * row_stride + head_at;
+            if (++offset == a->bs) offset = 0, block++;
+            kp[j] = (const uint16_t *)a->k + at;
+            vp[j] = (const uint16_t *)a->v + at;
+            const int64_t ahead = c0 + j + ATTN_PREFETCH; /* blocks sit anywhere: the hardware prefetcher cannot follow */
+            if (ahead < it->k1) {
+                const int64_t next = ((int64_t)table[ahead / a->bs] * a->bs + ahead % a->bs) * row_stride + head_at;
+                for (int byte = 0; byte < 2 * D; byte += 64) {
+                    _mm_prefetch((const char *)((const uint16_t *)a->k + next) + byte, ATTN_HINT);
+                    _mm_prefetch((const char *)((const uint16_t *)a->v + next) + byte, ATTN_HINT);
+                }
+            }
+        }
+        for (int t = 0; t < tiles; t++) {
+            const int nkt = nk - 16 * t < 16 ? nk - 16 * t : 16;
+            for (int h = 0; h < W / 16; h++) {
+                __m512i r[16];
+                for (int j = 0; j < 16; j++)
+                    r[j] = j < nkt ? _mm512_loadu_si512(kp[16 * t + j] + 32 * h) : _mm512_setzero_si512();
+                transpose16_epi32(r);
+                for (int i = 0; i < 16; i++) kt[16 * h + i] = r[i];
+            }
+            for (int v0 = 0; v0 < NV; v0 += ATTN_VG)
+                tile_scores(q32 + v0 * W, kt, W, NV - v0 < ATTN_VG ? NV - v0 : ATTN_VG, a->scale,
+                            S + v0 * (ATTN_CHUNK / 16) + t, ATTN_CHUNK / 16);
+        }
+        for (int v = 0; v < NV; v++) { /* the chunk's weights, the running max and sum */
+            const int64_t pos = first_pos + v / G; /* this row sees keys lo .. pos */
+            const int64_t lo = a->window > 0 && pos - a->window + 1 > 0 ? pos - a->window + 1 : 0;
+            int64_t from = lo - c0, to = pos + 1 - c0;
+            if (from < 0) from = 0;
+            if (to > nk) to = nk;
+            uint16_t *pv = (uint16_t *)(p32 + v * (ATTN_CHUNK / 2));
+            if (from >= to) {
+                alpha[v] = 1.f;
+                memset(pv, 0, 2 * ATTN_CHUNK);
+                continue;
+            }
+            __mmask16 valid[ATTN_CHUNK / 16];
+            __m512 top = _mm512_set1_ps(-INFINITY);
+            for (int t = 0; t < tiles; t++) {
+                const int64_t f = from - 16 * t < 0 ? 0 : from - 16 * t, e = to - 16 * t > 16 ? 16 : to - 16 * t;
+                valid[t] = f >= e ? 0 : (__mmask16)(((1u << e) - 1) & ~((1u << f) - 1));
+                top = _mm512_mask_max_ps(top, valid[t], top, S[v * (ATTN_CHUNK / 16) + t]);
+            }
+            const float m_new = fmaxf(m[v], _mm512_reduce_max_ps(top));
+            alpha[v] = expf(m[v] - m_new); /* 0 on the first chunk, 1 while the max holds */
+            m[v] = m_new;
+            __m512 sum = _mm512_setzero_ps();
+            for (int t = 0; t < tiles; t++) {
+                const __m512 p = _mm512_maskz_mov_ps(valid[t], exp512(_mm512_sub_ps(S[v * (ATTN_CHUNK / 16) + t],
+                                                                                   _mm512_set1_ps(m_new))));
+                sum = _mm512_add_ps(sum, p);
+                _mm256_storeu_si256((__m256i *)(pv + 16 * t), (__m256i)_mm512_cvtneps_pbh(p));
+            }
+            l[v] = l[v] * alpha[v] + _mm512_reduce_add_ps(sum);
+        }
+        const int pairs = (nk + 1) / 2;
+        for (int p = 0; p < pairs; p++) /* the values interleaved by pairs of keys (the last may pair with zeros) */
+            for (int h = 0; h < D / 32; h++) {
+                const __m512i x = _mm512_loadu_si512(vp[2 * p] + 32 * h);
+                const __m512i y = 2 * p + 1 < nk ? _mm512_loadu_si512(vp[2 * p + 1] + 32 * h) : _mm512_setzero_si512();
+                vi[p * C + 2 * h] = _mm512_unpacklo_epi16(x, y);     /* dims 32h + 8L + k, lane 4L + k */
+                vi[p * C + 2 * h + 1] = _mm512_unpackhi_epi16(x, y); /* dims 32h + 8L + 4 + k */
+            }
+        for (int v0 = 0; v0 < NV; v0 += ATTN_VG)
+            chunk_values(acc + v0 * D, alpha + v0, p32 + v0 * (ATTN_CHUNK / 2), vi, pairs, C,
+                         NV - v0 < ATTN_VG ? NV - v0 : ATTN_VG);
+    }
+    /* Dimensions back in order: natural d = 32h + 8L + k is lane 4L + k of vector 2h (k < 4) or
+     * lane 4L + k - 4 of vector 2h + 1 (k >= 4). */
+    __m512i order[2];
+    {
+        int32_t idx[32];
+        for (int d = 0; d < 32; d++) idx[d] = (d % 8 < 4 ? 0 : 16) + 4 * (d / 8) + d % 4;
+        order[0] = _mm512_loadu_si512(idx);
+        order[1] = _mm512_loadu_si512(idx + 16);
+    }
+    for (int v = 0; v < NV; v++) {
+        float *qv = part + v * (2 + a->Dp);
+        qv[0] = m[v];
+        qv[1] = l[v];
+        for (int h = 0; h < D / 32; h++) {
+            const __m512 lo = _mm512_load_ps(acc + (v * C + 2 * h) * 16), hi = _mm512_load_ps(acc + (v * C + 2 * h + 1) * 16);
+            _mm512_storeu_ps(qv + 2 + 32 * h, _mm512_permutex2var_ps(lo, order[0], hi));
+            _mm512_storeu_ps(qv + 2 + 32 * h + 16, _mm512_permutex2var_ps(lo, order[1], hi));
+        }
+    }
+}
+
 static void attn_item(const void *ctx, int64_t index) {
     const Attn *a = ctx;
+    if (a->bf16_path) {
+        attn_item_bf16(a, index);
+        return;
+    }
     switch (a->Dp / 16) { /* the common head sizes with their loops unrolled */
     case 4: attn_item_c(a, index, 4); break;
     case 8: attn_item_c(a, index, 8); break;
@@ -301,7 +517,8 @@ int lv_paged_attention(const void *q, const void *k_cache, const void *v_cache, 
     Attn a = {q, k_cache, v_cache, out, tables, cu, lens, width, H, KVH, D, (D + 15) / 16 * 16, H / KVH,
               block_size, window, dtype, kv, kv == KV_I8 ? D + 2 * ((D + 15) / 16) : D,
               dtype == KV_BF16 && (kv == KV_BF16 || kv == KV_I8) && D % 32 == 0 && bf16_dot_supported(),
-              kv == KV_F32 ? 4 : kv == KV_I8 ? 1 : 2, scale, NULL, NULL, 0};
+              0, kv == KV_F32 ? 4 : kv == KV_I8 ? 1 : 2, scale, NULL, NULL, 0};
+    a.bf16_path = a.bf16_dot && kv == KV_BF16 && D <= ATTN_BF16_MAX_D && a.G <= ATTN_QVECS;
     const int rows_per_item = ATTN_QVECS / a.G > 1 ? ATTN_QVECS / a.G : 1;
     /* Pass 1: the keys all row groups read, to size the key ranges; pass 2: the items. */
     int64_t keys = 0, groups = 0;

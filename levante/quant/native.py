@@ -51,18 +51,27 @@ def enabled_by_env() -> bool:
     return os.environ.get("LEVANTE_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _cpu_supported() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return frozenset()
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return all(flag in flags for flag in _CPU_FLAGS)
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def _cpu_supported() -> bool:
+    return all(flag in _cpu_flags() for flag in _CPU_FLAGS)
+
+
+def bf16_dot_supported() -> bool:
+    """Whether the kernels' bfloat16 dot products (AVX512-BF16) run here: the bfloat16 attention path."""
+    return available() and "avx512_bf16" in _cpu_flags()
 
 
 def _cache_dir() -> Path:
