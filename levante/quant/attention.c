@@ -92,7 +92,7 @@ typedef struct {
     int kv;       /* the caches' dtype */
     int row;      /* cache values per (slot, KV head): D, or D + 2 * Dp / 16 for int8 (codes, scales) */
     int bf16_dot; /* bfloat16 queries, bfloat16 or int8 caches, a CPU with AVX512-BF16: scores_bf16 */
-    int bf16_path; /* bfloat16 queries and caches, D <= ATTN_BF16_MAX_D, G <= ATTN_QVECS: attn_item_bf16 */
+    int bf16_path; /* bf16_dot, D <= ATTN_BF16_MAX_D, G <= ATTN_QVECS: attn_item_bf16 */
     int size;     /* bytes per cache value */
     float scale;
     const AttnItem *items;
@@ -252,7 +252,7 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
     }
 }
 
-/* --- The bfloat16 path: bfloat16 queries and caches on a CPU with AVX512-BF16 (the usual decode) ---
+/* --- The bfloat16 path: bfloat16 queries, bfloat16 or int8 caches, a CPU with AVX512-BF16 (the usual decode) ---
  *
  * Keys: each tile of 16 is transposed to pairs of dimensions (vector i, lane j = key j's
  * dimensions 2i and 2i + 1), so a query vector's 16 scores are D / 2 vdpbf16ps with the query's
@@ -262,7 +262,8 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
  * weights' pair broadcast. One online-softmax rescale per chunk. The rounding of the weights to
  * bfloat16 (relative 2^-9 each, as a bfloat16 matmul of softmax(QK) and V rounds them) is the
  * only difference from the float32 path; the accumulators are float32. The chunk's keys are
- * read in bursts (a tile's 16 key rows, then the chunk's value rows), prefetched ahead. */
+ * read in bursts (a tile's 16 key rows, then the chunk's value rows), prefetched ahead. An int8
+ * cache's rows are dequantised to bfloat16 as they are read (row_bf16). */
 #define ATTN_CHUNK 64       /* keys per softmax update */
 #define ATTN_VG 8           /* query vectors per register group */
 #define ATTN_BF16_MAX_D 256 /* head sizes this path takes (D % 32 == 0) */
@@ -343,6 +344,16 @@ __attribute__((target("avx512bf16"))) static void chunk_values(float *acc, const
 #undef CHUNK_VALUES_CASE
 }
 
+/* Values 32h .. 32h + 31 of a cache row as bfloat16: a bfloat16 row's as they are, an int8 row's
+ * codes times their scales, rounded to bfloat16 as the queries are (int8's own error is ~50x that). */
+static inline __attribute__((always_inline, target("avx512bf16"))) __m512i row_bf16(const char *row, int kv, int D,
+                                                                                   int h) {
+    if (kv == KV_I8)
+        return (__m512i)_mm512_cvtne2ps_pbh(load_i8((const int8_t *)row, D, 2 * h + 1, 0xFFFF),
+                                            load_i8((const int8_t *)row, D, 2 * h, 0xFFFF));
+    return _mm512_loadu_si512(row + 64 * h);
+}
+
 /* One item on the bfloat16 path (rows * G <= ATTN_QVECS, D <= ATTN_BF16_MAX_D); partial as attn_item_c's. */
 __attribute__((target("avx512bf16"))) static void attn_item_bf16(const Attn *a, int64_t index) {
     const AttnItem *it = a->items + index;
@@ -365,21 +376,22 @@ __attribute__((target("avx512bf16"))) static void attn_item_bf16(const Attn *a, 
     memset(acc, 0, sizeof(float) * NV * D);
     const int32_t *table = a->tables + it->b * a->width;
     const int64_t row_stride = (int64_t)a->KVH * a->row, head_at = (int64_t)it->kvh * a->row;
-    const uint16_t *kp[ATTN_CHUNK], *vp[ATTN_CHUNK];
+    const char *kp[ATTN_CHUNK], *vp[ATTN_CHUNK];
+    const int kv = a->kv, row_bytes = a->row * a->size;
     for (int64_t c0 = it->k0; c0 < it->k1; c0 += ATTN_CHUNK) {
         const int nk = (int)(it->k1 - c0 < ATTN_CHUNK ? it->k1 - c0 : ATTN_CHUNK), tiles = (nk + 15) / 16;
         int64_t block = c0 / a->bs, offset = c0 % a->bs;
         for (int j = 0; j < nk; j++) {
             const int64_t at = ((int64_t)table[block] * a->bs + offset) * row_stride + head_at;
             if (++offset == a->bs) offset = 0, block++;
-            kp[j] = (const uint16_t *)a->k + at;
-            vp[j] = (const uint16_t *)a->v + at;
+            kp[j] = (const char *)a->k + at * a->size;
+            vp[j] = (const char *)a->v + at * a->size;
             const int64_t ahead = c0 + j + ATTN_PREFETCH; /* blocks sit anywhere: the hardware prefetcher cannot follow */
             if (ahead < it->k1) {
                 const int64_t next = ((int64_t)table[ahead / a->bs] * a->bs + ahead % a->bs) * row_stride + head_at;
-                for (int byte = 0; byte < 2 * D; byte += 64) {
-                    _mm_prefetch((const char *)((const uint16_t *)a->k + next) + byte, ATTN_HINT);
-                    _mm_prefetch((const char *)((const uint16_t *)a->v + next) + byte, ATTN_HINT);
+                for (int byte = 0; byte < row_bytes; byte += 64) {
+                    _mm_prefetch((const char *)a->k + next * a->size + byte, ATTN_HINT);
+                    _mm_prefetch((const char *)a->v + next * a->size + byte, ATTN_HINT);
                 }
             }
         }
@@ -388,7 +400,7 @@ __attribute__((target("avx512bf16"))) static void attn_item_bf16(const Attn *a, 
             for (int h = 0; h < W / 16; h++) {
                 __m512i r[16];
                 for (int j = 0; j < 16; j++)
-                    r[j] = j < nkt ? _mm512_loadu_si512(kp[16 * t + j] + 32 * h) : _mm512_setzero_si512();
+                    r[j] = j < nkt ? row_bf16(kp[16 * t + j], kv, D, h) : _mm512_setzero_si512();
                 transpose16_epi32(r);
                 for (int i = 0; i < 16; i++) kt[16 * h + i] = r[i];
             }
@@ -430,8 +442,8 @@ __attribute__((target("avx512bf16"))) static void attn_item_bf16(const Attn *a, 
         const int pairs = (nk + 1) / 2;
         for (int p = 0; p < pairs; p++) /* the values interleaved by pairs of keys (the last may pair with zeros) */
             for (int h = 0; h < D / 32; h++) {
-                const __m512i x = _mm512_loadu_si512(vp[2 * p] + 32 * h);
-                const __m512i y = 2 * p + 1 < nk ? _mm512_loadu_si512(vp[2 * p + 1] + 32 * h) : _mm512_setzero_si512();
+                const __m512i x = row_bf16(vp[2 * p], kv, D, h);
+                const __m512i y = 2 * p + 1 < nk ? row_bf16(vp[2 * p + 1], kv, D, h) : _mm512_setzero_si512();
                 vi[p * C + 2 * h] = _mm512_unpacklo_epi16(x, y);     /* dims 32h + 8L + k, lane 4L + k */
                 vi[p * C + 2 * h + 1] = _mm512_unpackhi_epi16(x, y); /* dims 32h + 8L + 4 + k */
             }
@@ -518,7 +530,7 @@ int lv_paged_attention(const void *q, const void *k_cache, const void *v_cache, 
               block_size, window, dtype, kv, kv == KV_I8 ? D + 2 * ((D + 15) / 16) : D,
               dtype == KV_BF16 && (kv == KV_BF16 || kv == KV_I8) && D % 32 == 0 && bf16_dot_supported(),
               0, kv == KV_F32 ? 4 : kv == KV_I8 ? 1 : 2, scale, NULL, NULL, 0};
-    a.bf16_path = a.bf16_dot && kv == KV_BF16 && D <= ATTN_BF16_MAX_D && a.G <= ATTN_QVECS;
+    a.bf16_path = a.bf16_dot && D <= ATTN_BF16_MAX_D && a.G <= ATTN_QVECS;
     const int rows_per_item = ATTN_QVECS / a.G > 1 ? ATTN_QVECS / a.G : 1;
     /* Pass 1: the keys all row groups read, to size the key ranges; pass 2: the items. */
     int64_t keys = 0, groups = 0;
