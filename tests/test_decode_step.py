@@ -2,7 +2,8 @@
 
 Same kernels, same roundings: every decode step's logits must equal the modules' bit for bit,
 for biased q/k/v (Qwen2), q/k norms (Qwen3), a sliding window shorter than the context
-(Mistral), int8 / int4 / Q5_0 weights, float32 and bfloat16, one and two threads; steps it
+(Mistral), int8 / int4 / Q5_0 weights, float32 and bfloat16, float and int8 KV caches, one and
+two threads; steps it
 does not take (several sequences, LoRA, MoE) run the modules.
 """
 import pytest
@@ -60,14 +61,16 @@ def _assert_same(results):
         assert torch.equal(off, on)
 
 
-@pytest.mark.parametrize("arch, quantization, dtype, threads", [
-    ("qwen2", "int8", "bfloat16", 1),
-    ("qwen3", "int4", "float32", 2),
-    ("mistral", "int4", "bfloat16", 1),
+@pytest.mark.parametrize("arch, quantization, dtype, threads, kv", [
+    ("qwen2", "int8", "bfloat16", 1, "auto"),
+    ("qwen3", "int4", "float32", 2, "auto"),
+    ("mistral", "int4", "bfloat16", 1, "auto"),
+    ("qwen2", "int8", "bfloat16", 2, "int8"),  # an int8 cache, keys stored less Qwen2's key bias
+    ("qwen3", "int4", "float32", 1, "int8"),
 ])
-def test_one_call_step_equals_the_modules(tiny_model, arch, quantization, dtype, threads):
+def test_one_call_step_equals_the_modules(tiny_model, arch, quantization, dtype, threads, kv):
     llm = LLM(str(tiny_model(arch)), dtype=dtype, quantization=quantization, num_threads=threads,
-              enable_prefix_caching=False, warmup=False)
+              enable_prefix_caching=False, kv_cache_dtype=kv, warmup=False)
     generator = torch.Generator().manual_seed(1)
     for module in llm.engine.runner.model.modules():  # checkpoints start their biases at zero
         bias = getattr(module, "bias", None)

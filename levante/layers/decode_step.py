@@ -6,7 +6,7 @@ quant/decode_step.c with the same kernels and roundings, so the result is the sa
 bit; what goes is the Python and PyTorch glue between the ~170 kernel calls of a token
 (a fifth of the step on the default model). It applies where every piece is one the
 kernels run: packed weights in native layouts, RMSNorms in the activations' dtype, full
-RoPE, a float KV cache of that dtype on the paged road, one rank, and a step of one token
+RoPE, a KV cache of that dtype or int8 on the paged road, one rank, and a step of one token
 without LoRA; anything else takes the modules as usual.
 """
 from __future__ import annotations
@@ -84,17 +84,24 @@ class DecodeStep:
         if dtype not in (torch.float32, torch.bfloat16):
             return None
         blocks = (native.DecodeBlock * len(parts))()
-        shape = None
+        shape, offsets = None, []
         for part, block in zip(parts, blocks):
             attn, rotary = part.attn, part.rotary
             if not all(_norm_fits(n, dtype) for n in (part.input_norm, part.post_norm, part.q_norm, part.k_norm)):
                 return None
             if (part.q_norm is None) != (part.k_norm is None):
                 return None
-            if (attn.kv_producer is not None or attn.k_cache is None or attn.k_cache.dtype != dtype
+            if (attn.kv_producer is not None or attn.k_cache is None or attn.k_cache.dtype not in (dtype, torch.int8)
                     or attn.k_cache.device.type != "cpu" or not attn.k_cache.is_contiguous()
-                    or not attn.v_cache.is_contiguous() or not native.paged_attention_supported(dtype, attn.head_dim)):
+                    or not attn.v_cache.is_contiguous()
+                    or not native.paged_attention_supported(attn.k_cache.dtype, attn.head_dim)):
                 return None
+            offset = attn.key_offset  # an int8 cache's keys are stored less it (float32 for the kernel)
+            if offset is not None:
+                if offset.device.type != "cpu" or offset.shape != (attn.num_kv_heads, attn.head_dim):
+                    return None
+                offset = offset.float().contiguous()
+                offsets.append(offset)
             if rotary.rotary_dim != attn.head_dim or rotary.mrope_axis is not None:
                 return None
             linears = [_linear(m, dtype) for m in (part.qkv, part.o, part.gate_up, part.down)]
@@ -102,6 +109,8 @@ class DecodeStep:
                 return None
             block_shape = (part.input_norm.weight.numel(), attn.num_heads, attn.num_kv_heads, attn.head_dim,
                            part.gate_up.packed.shape[0])
+            if attn.num_kv_heads * attn.head_dim > block_shape[0]:
+                return None  # the step keeps the rotated keys of an int8 cache in a hidden-sized buffer
             if shape not in (None, block_shape):
                 return None
             shape = block_shape
@@ -116,8 +125,12 @@ class DecodeStep:
                 if part.k_norm.eps != part.q_norm.eps:
                     return None
             block.k_cache, block.v_cache = attn.k_cache.data_ptr(), attn.v_cache.data_ptr()
+            block.kv_int8 = int(attn.k_cache.dtype == torch.int8)
+            block.key_offset = offset.data_ptr() if block.kv_int8 and offset is not None else None
             block.window, block.scale = attn.sliding_window or 0, attn.scale
-        return cls(parts, blocks, dtype)
+        step = cls(parts, blocks, dtype)
+        step.offsets = offsets  # the blocks point into them
+        return step
 
     def takes(self, hidden: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> bool:
         """Whether this step is one it runs: one token of one sequence on the paged road, no LoRA."""

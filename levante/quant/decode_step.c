@@ -12,7 +12,9 @@
  *   h += down_proj(silu(gate) * up)                                  of gate_up_proj(rms_norm(h))
  *
  * with optional per-head RMSNorm on q and k before RoPE (Qwen3). The KV cache holds x's
- * dtype (float32 or bfloat16); layers/decode_step.py decides when this applies.
+ * dtype (float32 or bfloat16), or int8 (quant/kv_int8.py: the keys less the model's key bias,
+ * written by lv_kv_int8_store as the modules write them); layers/decode_step.py decides when
+ * this applies.
  */
 
 enum { LIN_W8 = 0, LIN_Q4 = 1, LIN_Q5 = 2 };
@@ -32,10 +34,12 @@ typedef struct {
     const void *q_norm, *k_norm;        /* [head_dim] in x's dtype, or NULL */
     float eps, qk_eps;
     DecodeLinear qkv, o, gate_up, down;
-    void *k_cache, *v_cache;            /* [slots][kv_heads][head_dim] in x's dtype */
+    void *k_cache, *v_cache;            /* [slots][kv_heads][head_dim] in x's dtype, or int8 rows */
     const float *cos_sin;               /* [positions][head_dim]: cos half, then sin half */
     int window;                         /* sliding window, 0: none */
     float scale;                        /* attention scale */
+    int kv_int8;                        /* the caches are int8 (rows of head_dim codes, then scales) */
+    const float *key_offset;            /* int8: [kv_heads][head_dim] subtracted from keys, or NULL */
 } DecodeBlock;
 
 /* out = x @ W.T (+ bias) for one row of x, as quant/native.py's matmuls for one row. */
@@ -85,7 +89,7 @@ int lv_decode_blocks(const DecodeBlock *blocks, int n, void *hidden, int64_t hid
     void *act = at;
     void *attn_out = gate_up; /* free while attention runs: 2 * intermediate >= q_size in every model here */
     const int32_t cu[2] = {0, 1}, lens[1] = {(int32_t)(position + 1)};
-    if (2 * intermediate < q_size) return -1;
+    if (2 * intermediate < q_size || hidden_size < kv_size) return -1;
     for (int i = 0; i < n; i++) {
         const DecodeBlock *b = &blocks[i];
         int rc;
@@ -97,12 +101,19 @@ int lv_decode_blocks(const DecodeBlock *blocks, int n, void *hidden, int64_t hid
             lv_rms_norm(k, b->k_norm, k, kv_heads, head_dim, b->qk_eps, bf16, 0);
         }
         const float *rows = b->cos_sin + position * head_dim;
+        const int dtype = bf16 ? KV_BF16 : KV_F32;
         lv_rope(qkv, q, rows, 1, heads, head_dim, q_size, bf16);
-        lv_rope(k, (char *)b->k_cache + slot * kv_size * size, rows, 1, kv_heads, head_dim, kv_size, bf16);
-        memcpy((char *)b->v_cache + slot * kv_size * size, v, (size_t)(kv_size * size));
+        if (b->kv_int8) { /* the rotated keys into the step's o-projection buffer (free until then) */
+            lv_rope(k, delta, rows, 1, kv_heads, head_dim, kv_size, bf16);
+            if ((rc = lv_kv_int8_store(delta, dtype, kv_size, b->key_offset, b->k_cache, &slot, 1, kv_heads, head_dim))
+                || (rc = lv_kv_int8_store(v, dtype, kv_size, NULL, b->v_cache, &slot, 1, kv_heads, head_dim)))
+                return rc;
+        } else {
+            lv_rope(k, (char *)b->k_cache + slot * kv_size * size, rows, 1, kv_heads, head_dim, kv_size, bf16);
+            memcpy((char *)b->v_cache + slot * kv_size * size, v, (size_t)(kv_size * size));
+        }
         rc = lv_paged_attention(q, b->k_cache, b->v_cache, attn_out, table, width, cu, lens, 1, heads, kv_heads,
-                                head_dim, block_size, b->window, b->scale, bf16 ? KV_BF16 : KV_F32,
-                                bf16 ? KV_BF16 : KV_F32, nthreads);
+                                head_dim, block_size, b->window, b->scale, dtype, b->kv_int8 ? KV_I8 : dtype, nthreads);
         if (rc || (rc = decode_linear(&b->o, attn_out, bf16, delta, nthreads))) return rc;
         add_into(hidden, delta, hidden_size, bf16);
         lv_rms_norm(hidden, b->post_norm, normed, 1, hidden_size, b->eps, bf16, 0);

@@ -528,7 +528,8 @@ class DecodeBlock(ctypes.Structure):
                 ("k_norm", ctypes.c_void_p), ("eps", ctypes.c_float), ("qk_eps", ctypes.c_float),
                 ("qkv", DecodeLinear), ("o", DecodeLinear), ("gate_up", DecodeLinear), ("down", DecodeLinear),
                 ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cos_sin", ctypes.c_void_p),
-                ("window", ctypes.c_int), ("scale", ctypes.c_float)]
+                ("window", ctypes.c_int), ("scale", ctypes.c_float), ("kv_int8", ctypes.c_int),
+                ("key_offset", ctypes.c_void_p)]
 
 
 if __name__ == "__main__":  # `python -m levante.quant.native`: build ahead (make install)
