@@ -93,3 +93,15 @@ def test_longrope_frequencies_match_transformers_rope_init(context):
         rotary = RotaryEmbedding(ours.head_dim, ours.rope[FULL], ours.max_position_embeddings, context)
         assert torch.equal(rotary.inv_freq, expected)
         assert rotary.attention_scale == pytest.approx(scale, rel=1e-12)
+
+
+def test_layers_share_one_rotary_table(tiny_model):
+    """Layers of equal rope settings hold one cos/sin table (not one each: 24-64 copies of up to
+    tens of MiB at a long context), grown for all of them past 4,096 positions."""
+    llm = LLM(str(tiny_model("llama")), dtype="float32", max_model_len=8192, warmup=False)
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2))
+    rotary = [layer.self_attn.rotary_emb for layer in llm.engine.runner.model.model.layers]
+    first = rotary[0]._cache(10, torch.device("cpu"))
+    assert len(rotary) > 1 and all(r._cache(10, torch.device("cpu")) is first for r in rotary)
+    grown = rotary[0]._cache(5000, torch.device("cpu"))
+    assert all(r._cache(5000, torch.device("cpu")) is grown for r in rotary) and grown.shape[0] == 8192

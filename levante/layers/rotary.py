@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -79,6 +80,8 @@ def _longrope(wavelengths: torch.Tensor, rope: RopeConfig, context: int) -> tupl
 # Per thread, the cos/sin rows of the positions the last forward used: every layer of a step
 # rotates the same positions, so the lookup is done once per step and rope variant.
 _step_rows = threading.local()
+# (settings, positions, device) -> the cos/sin table the layers holding it share; gone with them.
+_tables: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class RotaryEmbedding(nn.Module):
@@ -101,13 +104,19 @@ class RotaryEmbedding(nn.Module):
                          None if self.mrope_axis is None else tuple(self.mrope_axis.tolist()))
 
     def _cache(self, needed: int, device) -> torch.Tensor:
+        """The cos/sin table of at least `needed` positions on `device`: one table for all layers of
+        equal settings (a model's 24-64 layers would otherwise each build and hold the same one)."""
         cache = self.cos_sin
         if cache is None or cache.size(0) < needed or cache.device != device:
             length = max(4096, 1 << (needed - 1).bit_length())
-            t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
-            freqs = torch.outer(t, self.inv_freq)
-            cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scale
-            self.cos_sin = cache = cache.to(device=device)
+            key = (self._variant, length, str(device))
+            cache = _tables.get(key)
+            if cache is None:
+                t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
+                freqs = torch.outer(t, self.inv_freq)
+                cache = (torch.cat([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scale).to(device=device)
+                _tables[key] = cache
+            self.cos_sin = cache
         return cache
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, max_position: int | None = None):
