@@ -15,7 +15,9 @@
  *
  * Queries and output are float32, bfloat16 or float16; the caches one of those or int8
  * (quant/kv_int8.py: a head's row is D int8 codes then a float16 scale per 16 of them, one per
- * 16-lane vector), converted to float32 with their scales as each tile is loaded.
+ * 16-lane vector), converted to float32 with their scales as each tile is loaded. bfloat16
+ * queries over bfloat16 or int8 caches take the bfloat16 path further down (attn_item_bf16)
+ * where the CPU has AVX512-BF16; this general path computes in float32.
  */
 
 enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
@@ -91,14 +93,26 @@ typedef struct {
     int H, KVH, D, Dp, G, bs, window, dtype; /* dtype: q's and out's */
     int kv;       /* the caches' dtype */
     int row;      /* cache values per (slot, KV head): D, or D + 2 * Dp / 16 for int8 (codes, scales) */
-    int bf16_dot; /* bfloat16 queries, bfloat16 or int8 caches, a CPU with AVX512-BF16: scores_bf16 */
-    int bf16_path; /* bf16_dot, D <= ATTN_BF16_MAX_D, G <= ATTN_QVECS: attn_item_bf16 */
+    int bf16_path; /* bfloat16 queries, bfloat16 or int8 caches, D % 32 == 0, D <= ATTN_BF16_MAX_D,
+                    * G <= ATTN_QVECS, a CPU with AVX512-BF16: attn_item_bf16; else attn_item_c */
     int size;     /* bytes per cache value */
     float scale;
     const AttnItem *items;
     float *partial;  /* per item: m, l, acc[Dp] per query vector, then the query vectors [Dp] */
     int64_t per_item; /* floats of `partial` per item */
 } Attn;
+
+/* Key `ahead`'s rows (K and V of the item's KV head) into L2, when it is before `end`: blocks sit
+ * anywhere, so the hardware prefetcher cannot follow them, and into L1 too few misses stay in flight. */
+static inline __attribute__((always_inline)) void prefetch_row(const Attn *a, const int32_t *table, int64_t ahead,
+                                                               int64_t end, int64_t row_stride, int64_t head_at) {
+    if (ahead >= end) return;
+    const int64_t at = (((int64_t)table[ahead / a->bs] * a->bs + ahead % a->bs) * row_stride + head_at) * a->size;
+    for (int64_t byte = 0; byte < (int64_t)a->row * a->size; byte += 64) {
+        _mm_prefetch((const char *)a->k + at + byte, ATTN_HINT);
+        _mm_prefetch((const char *)a->v + at + byte, ATTN_HINT);
+    }
+}
 
 /* Scores of the G query vectors of one row (qf: [G][Dp] float32, scaled) against a tile of
  * keys converted to float32 (kf: [16][Dp]): s[g] lane j = q_g . k_j for from <= j < to. */
@@ -114,34 +128,6 @@ static inline __attribute__((always_inline)) void scores_f32(const float *qf, co
             dots[j] = d;
         }
         s[g] = hsum16x16(dots);
-    }
-}
-
-/* The same from bfloat16 queries and keys as they are (q: the row's G heads, [G][D]; kp: each
- * key's row in the cache), with vdpbf16ps: products of bfloat16 values are exact in float32, so
- * this differs from scores_f32 only in the order of the float32 sums; times `scale`. D = 32 * C2. */
-static inline __attribute__((always_inline, target("avx512bf16"))) void scores_bf16_c(
-        const uint16_t *q, const uint16_t *const *kp, const int C2, int G, int from, int to, float scale, __m512 *s) {
-    for (int g = 0; g < G; g++) {
-        __m512bh qr[C2];
-        __m512 dots[16];
-        for (int c = 0; c < C2; c++) qr[c] = (__m512bh)_mm512_loadu_si512(q + g * C2 * 32 + c * 32);
-        for (int j = 0; j < 16; j++) {
-            __m512 d = _mm512_setzero_ps();
-            if (j >= from && j < to)
-                for (int c = 0; c < C2; c++) d = _mm512_dpbf16_ps(d, qr[c], (__m512bh)_mm512_loadu_si512(kp[j] + c * 32));
-            dots[j] = d;
-        }
-        s[g] = _mm512_mul_ps(hsum16x16(dots), _mm512_set1_ps(scale));
-    }
-}
-
-__attribute__((target("avx512bf16"))) static void scores_bf16(const uint16_t *q, const uint16_t *const *kp, int C2,
-                                                             int G, int from, int to, float scale, __m512 *s) {
-    switch (C2) {
-    case 2: scores_bf16_c(q, kp, 2, G, from, to, scale, s); break;
-    case 4: scores_bf16_c(q, kp, 4, G, from, to, scale, s); break;
-    default: scores_bf16_c(q, kp, C2, G, from, to, scale, s);
     }
 }
 
@@ -175,7 +161,7 @@ static inline __attribute__((always_inline)) void softmax_update(float *qv, __m5
  * (row r, head g at r * G + g): m, l, acc[Dp], then the scaled float32 query [Dp]. */
 static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int64_t index, const int C) {
     const AttnItem *it = a->items + index;
-    const int D = a->D, Dp = C * 16, G = a->G, bf16_dot = a->bf16_dot;
+    const int D = a->D, Dp = C * 16, G = a->G;
     const __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xFFFF);
     float *part = a->partial + index * a->per_item;
     const int64_t q_len = a->cu[it->b + 1] - a->cu[it->b], n = a->lens[it->b];
@@ -194,8 +180,6 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
             }
         }
     float kf[16 * Dp] __attribute__((aligned(64))), vf[16 * Dp] __attribute__((aligned(64)));
-    uint16_t kb[16 * Dp] __attribute__((aligned(64))); /* int8 keys as bfloat16, for scores_bf16 */
-    const uint16_t *kp[16];
     const int32_t *table = a->tables + it->b * a->width;
     const int64_t row_stride = (int64_t)a->KVH * a->row, head_at = (int64_t)it->kvh * a->row;
     for (int64_t t0 = it->k0; t0 < it->k1; t0 += 16) {
@@ -204,31 +188,19 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
         for (int j = 0; j < nk; j++) {
             const int64_t at = ((int64_t)table[block] * a->bs + offset) * row_stride + head_at;
             if (++offset == a->bs) offset = 0, block++;
-            kp[j] = (const uint16_t *)a->k + at;
-            const int64_t ahead = t0 + ATTN_PREFETCH + j; /* blocks sit anywhere: the hardware prefetcher cannot follow */
-            if (ahead < it->k1) {
-                const int64_t next = ((int64_t)table[ahead / a->bs] * a->bs + ahead % a->bs) * row_stride + head_at;
-                for (int64_t byte = 0; byte < (int64_t)a->row * a->size; byte += 64) {
-                    _mm_prefetch((const char *)a->k + next * a->size + byte, ATTN_HINT);
-                    _mm_prefetch((const char *)a->v + next * a->size + byte, ATTN_HINT);
-                }
-            }
+            prefetch_row(a, table, t0 + ATTN_PREFETCH + j, it->k1, row_stride, head_at);
             if (a->kv == KV_I8) {
                 const int8_t *kr = (const int8_t *)a->k + at, *vr = (const int8_t *)a->v + at;
                 for (int c = 0; c < C; c++) {
                     __mmask16 m = c == C - 1 ? last : 0xFFFF;
-                    if (bf16_dot) /* keys rounded to bfloat16 for vdpbf16ps (the queries are bfloat16) */
-                        store_kv(kb, KV_BF16, j * Dp + c * 16, load_i8(kr, D, c, m), 0xFFFF);
-                    else
-                        _mm512_store_ps(kf + j * Dp + c * 16, load_i8(kr, D, c, m));
+                    _mm512_store_ps(kf + j * Dp + c * 16, load_i8(kr, D, c, m));
                     _mm512_store_ps(vf + j * Dp + c * 16, load_i8(vr, D, c, m));
                 }
-                kp[j] = kb + j * Dp;
                 continue;
             }
             for (int c = 0; c < C; c++) {
                 __mmask16 m = c == C - 1 ? last : 0xFFFF;
-                if (!bf16_dot) _mm512_store_ps(kf + j * Dp + c * 16, load_kv(a->k, a->kv, at + c * 16, m));
+                _mm512_store_ps(kf + j * Dp + c * 16, load_kv(a->k, a->kv, at + c * 16, m));
                 _mm512_store_ps(vf + j * Dp + c * 16, load_kv(a->v, a->kv, at + c * 16, m));
             }
         }
@@ -241,11 +213,7 @@ static inline __attribute__((always_inline)) void attn_item_c(const Attn *a, int
             if (from >= to) continue;
             const __mmask16 valid = (__mmask16)(((1u << to) - 1) & ~((1u << from) - 1));
             __m512 s[G];
-            if (bf16_dot)
-                scores_bf16((const uint16_t *)a->q + ((first_row + r) * a->H + it->kvh * G) * (int64_t)D, kp, D / 32,
-                            G, (int)from, (int)to, a->scale, s);
-            else
-                scores_f32(qf + r * G * Dp, kf, C, G, (int)from, (int)to, s);
+            scores_f32(qf + r * G * Dp, kf, C, G, (int)from, (int)to, s);
             for (int g = 0; g < G; g++)
                 softmax_update(part + (r * G + g) * (2 + Dp), s[g], vf, C, (int)from, (int)to, valid);
         }
@@ -377,7 +345,7 @@ __attribute__((target("avx512bf16"))) static void attn_item_bf16(const Attn *a, 
     const int32_t *table = a->tables + it->b * a->width;
     const int64_t row_stride = (int64_t)a->KVH * a->row, head_at = (int64_t)it->kvh * a->row;
     const char *kp[ATTN_CHUNK], *vp[ATTN_CHUNK];
-    const int kv = a->kv, row_bytes = a->row * a->size;
+    const int kv = a->kv;
     for (int64_t c0 = it->k0; c0 < it->k1; c0 += ATTN_CHUNK) {
         const int nk = (int)(it->k1 - c0 < ATTN_CHUNK ? it->k1 - c0 : ATTN_CHUNK), tiles = (nk + 15) / 16;
         int64_t block = c0 / a->bs, offset = c0 % a->bs;
@@ -386,14 +354,7 @@ __attribute__((target("avx512bf16"))) static void attn_item_bf16(const Attn *a, 
             if (++offset == a->bs) offset = 0, block++;
             kp[j] = (const char *)a->k + at * a->size;
             vp[j] = (const char *)a->v + at * a->size;
-            const int64_t ahead = c0 + j + ATTN_PREFETCH; /* blocks sit anywhere: the hardware prefetcher cannot follow */
-            if (ahead < it->k1) {
-                const int64_t next = ((int64_t)table[ahead / a->bs] * a->bs + ahead % a->bs) * row_stride + head_at;
-                for (int byte = 0; byte < row_bytes; byte += 64) {
-                    _mm_prefetch((const char *)a->k + next * a->size + byte, ATTN_HINT);
-                    _mm_prefetch((const char *)a->v + next * a->size + byte, ATTN_HINT);
-                }
-            }
+            prefetch_row(a, table, c0 + ATTN_PREFETCH + j, it->k1, row_stride, head_at);
         }
         for (int t = 0; t < tiles; t++) {
             const int nkt = nk - 16 * t < 16 ? nk - 16 * t : 16;
@@ -528,9 +489,9 @@ int lv_paged_attention(const void *q, const void *k_cache, const void *v_cache, 
     if (D < 1 || D > ATTN_MAX_D || KVH < 1 || H % KVH || block_size < 1 || dtype == KV_I8) return -1;
     Attn a = {q, k_cache, v_cache, out, tables, cu, lens, width, H, KVH, D, (D + 15) / 16 * 16, H / KVH,
               block_size, window, dtype, kv, kv == KV_I8 ? D + 2 * ((D + 15) / 16) : D,
-              dtype == KV_BF16 && (kv == KV_BF16 || kv == KV_I8) && D % 32 == 0 && bf16_dot_supported(),
-              0, kv == KV_F32 ? 4 : kv == KV_I8 ? 1 : 2, scale, NULL, NULL, 0};
-    a.bf16_path = a.bf16_dot && D <= ATTN_BF16_MAX_D && a.G <= ATTN_QVECS;
+              dtype == KV_BF16 && (kv == KV_BF16 || kv == KV_I8) && D % 32 == 0 && D <= ATTN_BF16_MAX_D
+                  && H / KVH <= ATTN_QVECS && bf16_dot_supported(),
+              kv == KV_F32 ? 4 : kv == KV_I8 ? 1 : 2, scale, NULL, NULL, 0};
     const int rows_per_item = ATTN_QVECS / a.G > 1 ? ATTN_QVECS / a.G : 1;
     /* Pass 1: the keys all row groups read, to size the key ranges; pass 2: the items. */
     int64_t keys = 0, groups = 0;
