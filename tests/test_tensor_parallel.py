@@ -85,14 +85,16 @@ def test_tp2_splits_every_quantized_expert(tiny_model, tmp_path):
     (down_proj's input columns split on block boundaries)."""
     from gguf import GGMLQuantizationType
 
-    from levante.quant.packed import Int4Weight
+    from levante.quant.packed import Int4Weight, Int8Weight, int4_fits
     from tiny_gguf import convert
 
     path = convert(tiny_model("mixtral"), tmp_path / "mixtral-q4_0.gguf", GGMLQuantizationType.Q4_0)
+    # 4-bit where this machine has int4 kernels, else int8 codes of the same values (quant/packed.py)
+    packed_type = Int4Weight if int4_fits((64, 64)) else Int8Weight
 
     def halves_each_expert(llm):
         expert = llm.engine.model.model.layers[0].mlp.experts[3]
-        assert isinstance(expert.down_proj.packed, Int4Weight) and expert.down_proj.packed.shape == (64, 64)
+        assert isinstance(expert.down_proj.packed, packed_type) and expert.down_proj.packed.shape == (64, 64)
         assert expert.gate_up_proj.packed.shape == (128, 64)  # gate and up: 64 rows each of 128
 
     _compare(path, prepared_cache=False, check=halves_each_expert)
@@ -125,8 +127,16 @@ def test_indivisible_split_is_a_clear_error(tiny_model):
 def test_tp2_quantized_int4_matches_tp1(tiny_model):
     """In-situ int4 under TP: each rank packs its rows of every weight and of the (tied,
     vocabulary-split) embedding and head. int4 groups run along the input dimension in 32s,
-    which the row-parallel split keeps whole, so both sides quantize identically."""
+    which the row-parallel split keeps whole, so both sides quantize identically. Where this
+    machine has no int4 kernels the weights become per-row int8, whose scales the row-parallel
+    ranks take from whole rows: the same codes again."""
     _compare(tiny_model("qwen2"), quantization="int4")
+
+
+def test_tp2_quantized_int8_matches_tp1(tiny_model):
+    """Per-row int8 under TP: a row-parallel rank (o_proj, down_proj) keeps half of each row, with
+    the whole row's scale (else its codes and logits differ from one rank's)."""
+    _compare(tiny_model("qwen2"), quantization="int8")
 
 
 _TORCHRUN_SCRIPT = """

@@ -92,7 +92,12 @@ class LinearBase(nn.Module):
         ids = [None] if None in self._pending else self.shard_ids
         if all(i in self._pending for i in ids):
             shards, self._pending = [self._pending[i] for i in ids], {}
-            self._adopt(pack(shards, self.quantization, self.weight.dtype))
+            self._adopt(pack(shards, self.quantization, self.weight.dtype, self._packed_columns()))
+
+    def _packed_columns(self) -> tuple[int, int] | None:
+        """(start, length) of the input columns this rank keeps of the whole weights it collects, or None:
+        it collects its own share."""
+        return None
 
     def _adopt(self, weight: PackedWeight | torch.Tensor) -> None:
         expected = tuple(self.weight.shape)
@@ -207,6 +212,16 @@ class RowParallelLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce_results: bool = True):
         super().__init__(in_features // tp_size(), out_features, bias, shard_dim=1)
         self.reduce_results = reduce_results
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+        if self.tp_size > 1 and self._collects(param):
+            # Whole rows to `pack`, which quantises them as a single rank does and keeps this rank's
+            # columns: per-row int8 scales read the whole row, so every rank has the one-rank codes.
+            return self._collect(loaded, shard_id)
+        return super().weight_loader(param, loaded, shard_id)
+
+    def _packed_columns(self) -> tuple[int, int] | None:
+        return (self.tp_rank * self.in_features, self.in_features) if self.tp_size > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None

@@ -198,10 +198,14 @@ class Int8Weight:
 NATIVE_KERNEL_ROWS = Int8Weight.dense_from_rows
 
 
-def _int8_codes(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and scales; the scales are rounded to ``dtype`` before the codes are chosen."""
+def _int8_codes(w: torch.Tensor, dtype: torch.dtype,
+                columns: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales; the scales are rounded to ``dtype`` before the codes are chosen. ``columns``:
+    codes of those columns only, with the whole rows' scales."""
     w = w.float()
     scales = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(dtype).tiny).to(dtype)
+    if columns is not None:
+        w = w.narrow(1, *columns)
     codes = (w / scales.float().unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
     return codes, scales
 
@@ -211,13 +215,14 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype | None = None) -> Int8Weig
     return _int8_from_chunks(_dense_chunks(w), w.shape, dtype or w.dtype)
 
 
-def _int8_from_chunks(chunks: Iterator[torch.Tensor], shape, dtype: torch.dtype) -> Int8Weight:
+def _int8_from_chunks(chunks: Iterator[torch.Tensor], shape, dtype: torch.dtype,
+                      columns: tuple[int, int] | None = None) -> Int8Weight:
     qweight = torch.empty(shape, dtype=torch.int8)
     scales = torch.empty(shape[0], dtype=dtype)
     start = 0
     for chunk in chunks:
         end = start + chunk.shape[0]
-        qweight[start:end], scales[start:end] = _int8_codes(chunk, dtype)
+        qweight[start:end], scales[start:end] = _int8_codes(chunk, dtype, columns)
         start = end
     return Int8Weight.from_codes(qweight, scales)
 
@@ -647,10 +652,18 @@ def _int4_parts(shard: Shard) -> Iterator[tuple[torch.Tensor, torch.Tensor, torc
         yield _int4_codes(chunk, 32)
 
 
-def pack(shards: Sequence[Shard], mode: str, dtype: torch.dtype) -> PackedWeight | torch.Tensor:
+def pack(shards: Sequence[Shard], mode: str, dtype: torch.dtype,
+         columns: tuple[int, int] | None = None) -> PackedWeight | torch.Tensor:
     """The shards of one weight (q, k, v of a fused projection, or just one), stacked by rows,
     in the form ``mode`` ("auto", "int8" or "int4") asks for: a packed weight, or a dense
-    tensor in ``dtype`` when "auto" meets float checkpoint tensors."""
+    tensor in ``dtype`` when "auto" meets float checkpoint tensors.
+
+    ``columns`` (start, length): the shards are whole and only those input columns are kept (a
+    row-parallel rank's share), quantised as the whole weight is: int4 and GGUF groups run along
+    a row in 32s that the split keeps whole, and per-row int8 scales are taken from whole rows."""
+    whole = shards
+    if columns is not None:
+        shards = [shard.narrow(1, *columns) for shard in shards]
     cols = shards[0].shape[-1]
     shape = (sum(shard.shape[0] for shard in shards), cols)
     form = _form(shards, mode, shape)
@@ -661,8 +674,8 @@ def pack(shards: Sequence[Shard], mode: str, dtype: torch.dtype) -> PackedWeight
     if form == "q5":
         raw = torch.cat([shard.raw.reshape(shard.shape[0], -1) for shard in shards])
         return Q5Weight(native.pack_q5_gguf(raw, shape), shape)
-    chunks = (chunk for shard in shards for chunk in _float_chunks(shard))
-    return _int8_from_chunks(chunks, shape, dtype)
+    chunks = (chunk for shard in whole for chunk in _float_chunks(shard))
+    return _int8_from_chunks(chunks, shape, dtype, columns)
 
 
 def _dense(shard: Shard, dtype: torch.dtype) -> torch.Tensor:
