@@ -27,6 +27,7 @@ def flat(text: str) -> str:
 
 
 BORDERS = re.compile("[\u2500-\u259f\u2800-\u28ff]")
+EXITED = "LEVANTE-EXITED"  # the shell's line once `levante chat` has exited, with its status
 
 
 class Terminal:
@@ -37,7 +38,7 @@ class Terminal:
         env = {"PYTHONPATH": str(REPO), "LEVANTE_DATA_DIR": str(tmp_path / "data"), "TERM": "xterm-256color"}
         command = [sys.executable, "-m", "levante", "chat", *args]
         shell = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(command)
-        shell = f"cd {shlex.quote(str(REPO))} && {shell}; echo LEVANTE-EXITED rc=$?; sleep 60"
+        shell = f"cd {shlex.quote(str(REPO))} && {shell}; echo {EXITED} rc=$?; sleep 60"
         subprocess.run([*self.tmux, "new-session", "-d", "-s", "chat", "-x", "200", "-y", "50", shell], check=True)
 
     def screen(self) -> str:
@@ -46,15 +47,20 @@ class Terminal:
     def send(self, *keys: str) -> None:
         subprocess.run([*self.tmux, "send-keys", "-t", "chat", *keys], check=True)
 
-    def wait_for(self, needle: str, timeout: float = 120) -> str:
-        """The screen once `needle` shows on it, however the app or the terminal wrapped it."""
-        deadline = time.monotonic() + timeout
+    def wait_for(self, needle: str, hang: float = 600) -> str:
+        """The screen once `needle` shows on it, however the app or the terminal wrapped it.
+
+        Waits on the app, not on a clock: as long as `levante chat` runs (a loaded machine may take
+        minutes to start it), and fails at once, with the screen, when it has exited without showing
+        `needle`. `hang` only bounds a process that neither shows it nor exits."""
+        deadline = time.monotonic() + hang
         while True:
             text = self.screen()
             if flat(needle) in flat(text):
                 return text
-            if time.monotonic() > deadline:
-                raise AssertionError(f"'{needle}' never appeared; the screen:\n{text}")
+            if EXITED in text or time.monotonic() > deadline:
+                state = "exited" if EXITED in text else f"hung for {hang:.0f} s"
+                raise AssertionError(f"'{needle}' never appeared; levante chat {state}; the screen:\n{text}")
             time.sleep(0.2)
 
     def close(self) -> None:
@@ -77,7 +83,7 @@ def test_chat_in_tmux_remote_server(tmp_path, tiny_model):
             terminal.send("hi", "Enter")
             terminal.wait_for("tok/s")
             terminal.send("/quit", "Enter")
-            terminal.wait_for("LEVANTE-EXITED rc=0", 30)
+            terminal.wait_for(f"{EXITED} rc=0")
         finally:
             terminal.close()
 
@@ -97,15 +103,15 @@ def test_ctrl_c_in_tmux_stops_the_answer(tmp_path):
             terminal.send("first", "Enter")
             terminal.wait_for("The answer is long")
             terminal.send("C-c")
-            terminal.wait_for("[stopped]", 30)
+            terminal.wait_for("[stopped]")
             deadline = time.monotonic() + 10
             while endpoint.disconnects != 1 and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert endpoint.disconnects == 1  # the stream was closed
             terminal.send("second", "Enter")
-            terminal.wait_for("second answer", 30)
+            terminal.wait_for("second answer")
             terminal.send("/quit", "Enter")
-            terminal.wait_for("LEVANTE-EXITED rc=0", 30)
+            terminal.wait_for(f"{EXITED} rc=0")
         finally:
             never.set()
             terminal.close()
@@ -125,7 +131,7 @@ def test_chat_in_tmux(tmp_path, tiny_model):
         terminal.send("/history", "Enter")
         terminal.wait_for("Saved conversations")
         terminal.send("C-q")
-        terminal.wait_for("LEVANTE-EXITED rc=0", 30)
+        terminal.wait_for(f"{EXITED} rc=0")
     finally:
         terminal.close()
     store = ConversationStore(tmp_path / "data" / "chats.sqlite3")
