@@ -80,3 +80,23 @@ def default_llm():
     from levante import LLM
 
     return LLM(max_model_len=4096)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per class of skipped test, with its reason and count, so that a green run says what it
+    did not test on this machine (no AVX-512 variant, no CUDA, no Chromium, ...). Runs in the xdist
+    controller too: the workers' reports carry their reasons."""
+    classes: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        classes[skip_reason(report)] = classes.get(skip_reason(report), 0) + 1
+    if not classes:
+        return
+    terminalreporter.section("what this run did not test", sep="-")
+    for reason, count in sorted(classes.items(), key=lambda item: (-item[1], item[0])):
+        terminalreporter.line(f"{count:5d} skipped: {reason}")
+
+
+def skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ").strip() or "no reason given"
