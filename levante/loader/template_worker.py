@@ -8,8 +8,9 @@ that outlives `TIMEOUT_S` has its worker killed. The output is capped at `MAX_OU
 Whatever happens, the caller gets `InvalidRequest` with one line, and the server lives.
 
 Protocol: length-prefixed JSON over the worker's stdin/stdout, one request at a time per worker:
-{"source", "context", "max_output"} -> {"text"} or {"error"} (a null context: compile only). Workers are kept for the next
-render; at most `MAX_WORKERS` run at once.
+{"source", "context", "max_output"} -> {"text"} or {"error"} (a null context: compile only), after the worker's
+{"ready"} once it has imported what it needs: the time limit counts from then, so that a Python slow to start on a
+busy machine never fails a template. Workers are kept for the next render; at most `MAX_WORKERS` run at once.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-TIMEOUT_S = 10.0
+TIMEOUT_S = 10.0  # seconds a compile or render may take, once its worker is up
+BOOT_TIMEOUT_S = 120.0  # seconds a new worker may take to start (a loaded machine boots Pythons slowly)
 MEMORY_LIMIT = 1 << 30  # bytes of address space a render may add to the worker's own
 MAX_OUTPUT = 8 << 20  # characters of prompt text (~2M tokens)
 MAX_WORKERS = 4
@@ -56,6 +58,7 @@ def serve() -> None:
     _limit_memory()
     compiled: dict[str, object] = {}
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    _send(stdout, {"ready": True})
     while (request := _receive(stdin)) is not None:
         try:
             if request["source"] not in compiled:
@@ -115,12 +118,22 @@ class _Worker:
         root = str(Path(__file__).resolve().parents[2])
         self.process = subprocess.Popen([sys.executable, "-I", "-c", _BOOTSTRAP, root], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.ready = False
 
     def call(self, message: dict, timeout: float) -> dict:
+        if not self.ready:
+            try:
+                self._reply(time.monotonic() + BOOT_TIMEOUT_S)  # {"ready": true}
+            except TimeoutError:
+                raise EOFError from None  # never started: as if it died
+            self.ready = True
         deadline = time.monotonic() + timeout
         data = json.dumps(message).encode()
         self.process.stdin.write(_HEADER.pack(len(data)) + data)
         self.process.stdin.flush()
+        return self._reply(deadline)
+
+    def _reply(self, deadline: float) -> dict:
         header = self._read(_HEADER.size, deadline)
         return json.loads(self._read(_HEADER.unpack(header)[0], deadline))
 
