@@ -91,22 +91,12 @@ mcp-servers: .mcp-servers/.installed .mcp-servers/sqlite-venv/.installed
 	else echo "npm not found: MCP tests that need the npm servers will be skipped"; fi
 
 # The web chat's libraries (markdown, sanitizer, code highlighting): npm packages, copied into the
-# git-ignored levante/web/vendor, which the server serves (and a wheel built afterwards carries).
-# Without npm the page still works, rendering answers as plain text.
-WEB_NPM := marked@18.2.1 dompurify@3.4.18 @highlightjs/cdn-assets@11.12.0
+# git-ignored levante/web/vendor, which the server serves; tools/web_vendor.py names them, and a wheel
+# build runs it too (setup.py). Without npm the page still works, rendering answers as plain text.
 WEB_VENDOR := levante/web/vendor
 web: $(WEB_VENDOR)/.built
-$(WEB_VENDOR)/.built: Makefile
-	@if command -v npm >/dev/null 2>&1; then \
-		npm install --prefix .web-build --no-audit --no-fund --loglevel=error $(WEB_NPM) && \
-		M=.web-build/node_modules && mkdir -p $(WEB_VENDOR) && \
-		cp $$M/marked/lib/marked.esm.js $$M/dompurify/dist/purify.es.mjs $(WEB_VENDOR)/ && \
-		cp $$M/@highlightjs/cdn-assets/es/highlight.min.js $(WEB_VENDOR)/highlight.es.min.js && \
-		cp $$M/@highlightjs/cdn-assets/styles/github.min.css $(WEB_VENDOR)/highlight-light.css && \
-		cp $$M/@highlightjs/cdn-assets/styles/github-dark.min.css $(WEB_VENDOR)/highlight-dark.css && \
-		cp $$M/marked/LICENSE $(WEB_VENDOR)/marked.LICENSE && cp $$M/dompurify/LICENSE $(WEB_VENDOR)/dompurify.LICENSE && \
-		cp $$M/@highlightjs/cdn-assets/LICENSE $(WEB_VENDOR)/highlight.js.LICENSE && touch $@; \
-	else echo "npm not found: the web chat will show answers as plain text (install npm, then make web)"; fi
+$(WEB_VENDOR)/.built: tools/web_vendor.py
+	$(PYTHON) tools/web_vendor.py
 
 # Chromium from Debian for the browser tests (Playwright drives it; its own browser download is not
 # reachable). Needs root and apt; elsewhere the browser tests skip, saying why.

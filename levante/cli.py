@@ -249,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("LEVANTE_API_KEY"))
+    serve.add_argument("--allowed-hosts", nargs="+", default=None, metavar="NAME",
+                       help="more names the server answers to in the Host header (both ports), beside --host, "
+                            "localhost and loopback addresses (any address on 0.0.0.0/::); '*': any name. Other "
+                            "names get 421, which stops DNS-rebinding pages")
+    serve.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                       help="web pages (scheme://host[:port]) of other origins that may call the server, "
+                            "answered with CORS; '*': any page. Without it only the server's own page may")
     serve.add_argument("--served-model-name", default=None, help="the name the (first) -m model is served under")
     serve.add_argument("--embedding-model", default=None,
                        help="also serve this embedding model on /v1/embeddings (alias or folder)")

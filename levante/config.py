@@ -74,13 +74,22 @@ class ModelConfig:
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
+    @staticmethod
+    def text_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+        """The language model's fields of a config.json: a multimodal one's `text_config` merged into
+        the top level (loader/bounds.py checks these before `from_hf_dict` builds anything)."""
+        text = cfg.get("text_config") or {}
+        if not isinstance(text, dict):
+            raise ModelLoadError("config text_config is not an object")
+        if cfg.get("model_type") == "gemma3" and text:  # Google's config.json lists only what differs
+            text = {**GEMMA3_TEXT_DEFAULTS, **text}
+        return dict(text, **{k: v for k, v in cfg.items() if k != "text_config"}) \
+            if "text_config" in cfg and "hidden_size" not in cfg else cfg
+
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
         text = cfg.get("text_config") or {}
-        if cfg.get("model_type") == "gemma3" and text:  # Google's config.json lists only what differs
-            text = {**GEMMA3_TEXT_DEFAULTS, **text}
-        cfg = dict(text, **{k: v for k, v in cfg.items() if k != "text_config"}) \
-            if "text_config" in cfg and "hidden_size" not in cfg else cfg
+        cfg = cls.text_fields(cfg)
         # Vision-language checkpoints may say it in text_config only (Qwen3-VL, #1682).
         tied = bool(cfg.get("tie_word_embeddings", False)) or bool(text.get("tie_word_embeddings", False))
         try:

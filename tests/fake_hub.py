@@ -9,6 +9,8 @@ It answers what `huggingface_hub` asks for, as the Hub does:
   repo without the right token (with "Invalid credentials" for a wrong one), and 401/403 with
   ``X-Error-Code: GatedRepo`` for a gated repo whose terms the token's account has not accepted.
 `drop_once` names files whose first download is cut off halfway (the connection closed).
+`forged` makes it a hostile mirror: "sha" (the model info's commit), "commit" (every X-Repo-Commit
+header) or "etag" (every ETag) sent instead of the true value.
 Every request is recorded in `requests` as (method, path, Range header).
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self.drop_once: set[str] = set()
+        self.forged: dict[str, str] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -115,14 +118,17 @@ def _handler(hub: FakeHub):
 
         def _commit(self, repo: Repo, revision: str, head: bool) -> str | None:
             sha = repo.branches.get(revision) or (revision if revision in repo.commits else None)
+            if sha is None and revision == hub.forged.get("sha"):  # a hostile mirror answers for its forgery
+                sha = next(iter(repo.branches.values()))
             if sha is None:
                 self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head)
             return sha
 
         def _answer(self, head: bool):
-            path = unquote(urlparse(self.path).path)
+            raw = urlparse(self.path).path
+            path = unquote(raw)
             hub.requests.append((self.command, path, self.headers.get("Range")))
-            parts = path.strip("/").split("/")
+            parts = [unquote(part) for part in raw.strip("/").split("/")]  # an encoded / stays in its part
             if parts[:2] == ["api", "models"] and len(parts) == 4:  # the default branch's info
                 parts += ["revision", "main"]
             if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
@@ -133,7 +139,8 @@ def _handler(hub: FakeHub):
                     return
                 files = repo.commits[sha]
                 if kind == "revision":
-                    body = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": bool(repo.token),
+                    body = {"id": repo_id, "modelId": repo_id, "sha": hub.forged.get("sha", sha),
+                            "private": bool(repo.token),
                             "siblings": [{"rfilename": name} for name in files]}
                 else:
                     body = [{"type": "file", "path": name, "size": len(data), "oid": _sha(name + str(len(data)))}
@@ -152,7 +159,8 @@ def _handler(hub: FakeHub):
             self._error(404, None, "not found", head)
 
         def _file(self, sha: str, name: str, data: bytes, head: bool):
-            headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+            etag = hub.forged.get("etag", hashlib.sha256(data).hexdigest())
+            headers = {"X-Repo-Commit": hub.forged.get("commit", sha), "ETag": f'"{etag}"',
                        "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
             start = 0
             ranged = self.headers.get("Range")

@@ -117,14 +117,14 @@ def loopback_site(pages: dict[str, str]):
 
 
 @contextmanager
-def levante_mcp_server(llm, name: str = "tiny", api_key: str | None = None):
+def levante_mcp_server(llm, name: str = "tiny", api_key: str | None = None, sites=None):
     """levante's own MCP server, as `levante serve --mcp-port P` runs it (build_mcp_http_server in a thread
-    beside the OpenAI API, on the same state), for `llm`; yields (OpenAI base URL, MCP URL)."""
+    beside the OpenAI API, on the same state and site policy), for `llm`; yields (OpenAI base URL, MCP URL)."""
     from levante.mcp.server import build_mcp_http_server
 
-    with live_server(llm, name, api_key=api_key) as (base, state):
+    with live_server(llm, name, api_key=api_key, sites=sites) as (base, state):
         port = free_port()
-        server = build_mcp_http_server(state, "127.0.0.1", port, api_key=api_key)
+        server = build_mcp_http_server(state, "127.0.0.1", port, api_key=api_key, sites=sites)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         try:

@@ -212,3 +212,68 @@ def test_cli_pull_models_rm(hub, capsys, monkeypatch):
     assert main(["run", "-m", "tiny/gguf:Q8_0", "hi"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "levante pull tiny/gguf:Q8_0" in err
+
+
+# -- a hostile mirror ---------------------------------------------------------------------------------
+
+FORGERIES = [("etag", "../../../../escaped"), ("etag", "ABSOLUTE"), ("sha", "../../../../escaped"),
+             ("commit", "../../../../escaped"), ("commit", "0123456789abcdef"), ("sha", "x" * 40)]
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("field, value", FORGERIES)
+def test_a_hostile_mirror_writes_nothing_anywhere(hub, tmp_path, capsys, field, value):
+    """`levante pull` refuses a forged commit or ETag with one line, before a byte is written: not
+    outside the cache (the forgery's aim), and not inside it either."""
+    outside = tmp_path / "outside"
+    hub.forged[field] = str(outside / "escaped") if value == "ABSOLUTE" else value
+    for model in ("tiny/llama", "tiny/gguf:Q8_0"):
+        assert main(["pull", model]) == 1, model
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("levante: error: the Hub (") and "refused" in err, err
+        assert files_under(tmp_path) == [], model  # HF_HUB_CACHE lies in tmp_path too
+    assert not (tmp_path.parent / "escaped").exists() and not any(tmp_path.parent.parent.glob("escaped"))
+
+
+def test_revisions_and_file_names_stay_inside_the_cache(hub, repos, tmp_path):
+    for name in ("tiny/llama@../../../x", "tiny/llama@refs/../../x", "tiny/llama@/etc", "tiny/llama@a//b",
+                 "tiny/llama@x.lock"):
+        with pytest.raises(ModelLoadError, match="is not a branch, tag or commit name"):
+            resolve_path(name)
+    hub.add("tiny/sly", {"config.json": (repos[0] / "config.json").read_bytes(), "model.safetensors.index.json":
+                         b'{"weight_map": {"w": "../../../../sly.safetensors"}}'})
+    with pytest.raises(ModelLoadError, match="not a plain relative path"):
+        resolve_path("tiny/sly")
+    assert not any("sly.safetensors" in f for f in files_under(tmp_path.parent))
+
+
+def test_levante_serve_refuses_a_hostile_mirror_in_one_line(hub, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    hub.forged["commit"] = "../../../../escaped"
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    result = subprocess.run([sys.executable, "-m", "levante", "serve", "-m", "tiny/llama", "--port", "1"],
+                            capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"levante: error: the Hub ({hub.url}) sent X-Repo-Commit '../../../../escaped', not a 40-hex commit: "
+        "refused, nothing was written"]
+    assert files_under(tmp_path) == []
+
+
+def test_a_config_beyond_bounds_is_refused_before_the_weights_download(hub, repos, tmp_path):
+    import json
+
+    sharded = repos[0]
+    config = json.loads((sharded / "config.json").read_text())
+    files = {p.name: p.read_bytes() for p in sharded.iterdir()}
+    hub.add("tiny/huge", {**files, "config.json": json.dumps({**config, "num_hidden_layers": 10 ** 9}).encode()})
+    with pytest.raises(ModelLoadError, match=r"^'tiny/huge' config.json gives num_hidden_layers = 1000000000, "
+                                             r"which must be an integer from 1 to 4,096$"):
+        resolve_path("tiny/huge")
+    assert [f for f in hub.downloads()] == ["config.json"]

@@ -157,7 +157,7 @@ def test_a_client_gone_before_a_whole_answer_aborts_it(tiny_model):
         for done, (path, body) in enumerate(bodies.items(), start=1):
             payload = json.dumps({"model": "tiny", **body}).encode()
             with socket.create_connection(("127.0.0.1", port)) as client:
-                client.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                client.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                                f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
                 deadline = time.monotonic() + 30
                 while not _metric(base, "levante_kv_cache_usage_ratio"):  # it is generating

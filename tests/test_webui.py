@@ -295,11 +295,29 @@ def test_streamed_reasoning_is_folded_away(browser, thinking_server, shots):
     tab.close()
 
 
+@pytest.fixture(scope="module")
+def plain_server(llm, tmp_path_factory):
+    """The page without its built libraries, as before `make web`: their folder does not exist."""
+    folder = tmp_path_factory.mktemp("no-vendor")
+    with live_server(llm, "tiny", webui=WebUI(vendor=folder / "not-built", store_path=folder / "chats.sqlite3")) \
+            as (base, _):
+        yield base
+
+
 @pytest.mark.parametrize("libraries", ["markdown", "plain"])
-def test_a_hostile_answer_stays_inert(tab, server, libraries):
-    if libraries == "plain":  # the page without its built libraries: plain text, and it says so
-        tab.page.route("**/ui/vendor/**", lambda route: route.fulfill(status=404, body="not built"))
+def test_a_hostile_answer_stays_inert(browser, shots, request, libraries):
+    server = request.getfixturevalue("server" if libraries == "markdown" else "plain_server")
+    tab = Tab(browser, server, shots)
+    if libraries == "plain":  # the libraries' files are 404s: plain text, and the page says so
         tab.expected_errors.append("404")
+    try:
+        _hostile_answer(tab, server, libraries)
+    finally:
+        tab.check()
+        tab.close()
+
+
+def _hostile_answer(tab, server, libraries):
     page = tab.open()
     title = page.title()
     grammar = {"grammar": {"type": "regex", "value": regex_literal(HOSTILE)}}
@@ -531,6 +549,51 @@ def test_the_api_key_is_asked_once_and_conversations_belong_to_it(browser, llm, 
     local.close()
 
 
+def test_enter_saves_the_key_and_escape_cancels(browser, llm, shots, tmp_path):
+    """As a user does it: the key typed and Enter pressed is the key saved (Save is the dialogs' default
+    button); Escape cancels and saves nothing. The settings dialog behaves the same."""
+    key = "enter is save"
+    stored_key = "() => localStorage.getItem('levante.apiKey')"
+    settings = "() => JSON.parse(localStorage.getItem('levante.settings') || '{}')"
+    with live_server(llm, "tiny", api_key=key, webui=WebUI(store_path=tmp_path / "keyed.sqlite3")) as (base, _):
+        tab = Tab(browser, base, shots)
+        tab.expected_errors.append("401")
+        page = tab.open(ready=False)
+        page.wait_for_selector("#key-dialog[open]")
+        page.fill("#key-form [name=key]", "wrong")
+        page.press("#key-form [name=key]", "Enter")
+        page.wait_for_selector("#key-dialog[open] >> text=refused the saved API key")  # it was saved, and tried
+        assert page.evaluate(stored_key) == "wrong"
+        page.fill("#key-form [name=key]", "never saved")
+        page.keyboard.press("Escape")
+        page.wait_for_selector("#banner.error >> text=No API key")
+        assert not page.locator("#key-dialog").evaluate("node => node.open")
+        assert page.evaluate(stored_key) == "wrong"
+        page.click("#key-button")
+        page.wait_for_selector("#key-dialog[open]")
+        page.fill("#key-form [name=key]", key)
+        page.press("#key-form [name=key]", "Enter")
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.evaluate(stored_key) == key
+        tab.shot("21-key-by-enter")
+        page.click("#settings-button")
+        page.fill("#settings-form [name=max_tokens]", "7")
+        page.press("#settings-form [name=max_tokens]", "Enter")
+        page.wait_for_selector("#settings", state="hidden")
+        assert page.evaluate(settings)["max_tokens"] == "7"
+        page.click("#settings-button")
+        page.fill("#settings-form [name=max_tokens]", "9")
+        page.keyboard.press("Escape")
+        page.wait_for_selector("#settings", state="hidden")
+        assert page.evaluate(settings)["max_tokens"] == "7"
+        page.click("#settings-button")
+        page.click("#settings-form .dialog-cancel")
+        page.wait_for_selector("#settings", state="hidden")
+        assert page.evaluate(settings)["max_tokens"] == "7"
+        tab.check()
+        tab.close()
+
+
 def in_thread(coroutine):
     """Run `coroutine` to its end in a thread of its own (Playwright's sync API holds this thread's loop)."""
     import asyncio
@@ -574,3 +637,72 @@ def test_mcp_calls_show_as_cards(browser, default_llm, shots, tmp_path):
             tab.close()
     finally:
         manager.close()
+
+
+@pytest.mark.slow
+def test_a_wheel_carries_the_page_and_its_libraries(browser, tiny_model, shots, tmp_path):
+    """Build the wheel (as pip does for `pip install .`), install it alone into a fresh virtual environment
+    (its dependencies seen through a path file, offline), serve from there, and render markdown in Chromium."""
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+    import zipfile
+    from pathlib import Path
+
+    from live_server import free_port
+    from levante.serve.webui import VENDOR
+
+    repo = Path(__file__).resolve().parent.parent
+    if not (VENDOR / "marked.esm.js").is_file() and not __import__("shutil").which("npm"):
+        pytest.skip("neither built web libraries (make web) nor npm to build them")
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "-C", str(repo), "ls-files", "pyproject.toml", "setup.py", "MANIFEST.in",
+                              "README.md", "tools", "levante"], capture_output=True, text=True, check=True).stdout
+    for name in tracked.split():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes((repo / name).read_bytes())
+    if VENDOR.is_dir():
+        __import__("shutil").copytree(VENDOR, source / "levante" / "web" / "vendor")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("levante-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"levante/web/static/index.html", "levante/web/vendor/marked.esm.js", "levante/web/vendor/purify.es.mjs",
+            "levante/web/vendor/highlight.es.min.js", "levante/web/docs/index.html"} <= names
+    fresh = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True)
+    python = fresh / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
+                    str(wheel)], check=True, capture_output=True)
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "test-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")  # after its own levante
+    where = subprocess.run([str(python), "-c", "import levante; print(levante.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(site)), where
+    port = free_port()
+    env = {**os.environ, "LEVANTE_DATA_DIR": str(tmp_path / "data")}
+    server = subprocess.Popen([str(python), "-m", "levante", "serve", "-m", str(tiny_model("qwen2")), "--port",
+                               str(port), "--dtype", "float32", "--max-model-len", "512"],
+                              cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not any("ready" in line for line in lines):
+            assert server.poll() is None, "".join(lines)
+            lines.append(server.stderr.readline())
+        tab = Tab(browser, f"http://127.0.0.1:{port}", shots)
+        page = tab.open()
+        markdown = "Some **bold** and `code`"
+        set_settings(page, temperature=0, max_tokens=120,
+                     extra=json.dumps({"grammar": {"type": "regex", "value": regex_literal(markdown)}}))
+        send(page, "Say it in markdown.")
+        bubble = wait_answer(page).locator(".bubble")
+        assert bubble.locator("strong").inner_text() == "bold" and bubble.locator("code").inner_text() == "code"
+        assert not page.locator("#plain-note").is_visible()
+        tab.shot("22-from-the-wheel")
+        tab.check()
+        tab.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -202,3 +202,26 @@ def test_page_files_are_the_ones_in_the_package():
         text = script.read_text()
         assert "innerHTML" not in text and "eval(" not in text and "new Function" not in text, script.name
         assert "http://" not in text and "https://" not in text, script.name  # nothing fetched from elsewhere
+
+
+def test_missing_vendor_files_are_404_not_500(llm, tmp_path):
+    """Before `make web` (or in an install without the built libraries): each library file is a 404 the
+    page falls back from (test_webui.py), never a 500 with a traceback in the log."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "uvicorn", "levante", "")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with live_server(llm, "tiny", webui=WebUI(vendor=tmp_path / "not-built")) as (base, _):
+            for name in ("marked.esm.js", "purify.es.mjs", "highlight-light.css", "%2e%2e/index.html", "a/b.js"):
+                r = httpx.get(f"{base}/ui/vendor/{name}")
+                assert r.status_code == 404 and r.json()["error"]["code"] == 404, name
+            assert httpx.get(f"{base}/").status_code == 200 and httpx.get(f"{base}/ui/app.js").status_code == 200
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR], records

@@ -10,7 +10,7 @@
       isq: int8
 
 Keys are layer ranges `START-END`, single layers `N`, or regular expressions between
-slashes, matched (`re.search`) against levante's parameter names, e.g.
+slashes, matched (`search`, by RE2: user_regex.py) against levante's parameter names, e.g.
 `model.layers.3.self_attn.qkv_proj.weight`, `model.layers.3.mlp.down_proj.weight`
 (q/k/v and gate/up are fused: `qkv_proj`, `gate_up_proj`).
 
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from levante.errors import InvalidTopology
+from levante.user_regex import compile_user_regex
 
 _DEVICE = re.compile(r"^(cpu|cuda)(?:\[(\d+)\]|:(\d+))?$")
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
@@ -63,7 +64,7 @@ class _Range:
 
 
 class Topology:
-    def __init__(self, ranges: list[_Range], patterns: list[tuple[re.Pattern, LayerSpec]]):
+    def __init__(self, ranges: list[_Range], patterns: list[tuple[object, LayerSpec]]):
         self.ranges = ranges
         self.patterns = patterns
 
@@ -95,10 +96,7 @@ class Topology:
             key = str(raw_key)
             spec = _spec(key, value, source)
             if isinstance(raw_key, str) and len(key) >= 2 and key.startswith("/") and key.endswith("/"):
-                try:
-                    patterns.append((re.compile(key[1:-1]), spec))
-                except re.error as e:
-                    raise InvalidTopology(f"{source}: key '{key}': invalid regular expression: {e}") from None
+                patterns.append((compile_user_regex(key[1:-1], f"{source}: key '{key}'", InvalidTopology), spec))
                 continue
             start, end = _layer_range(key, raw_key, source)
             ranges.append(_Range(start, end, index, spec))

@@ -17,6 +17,7 @@ from levante.config import EngineConfig
 from levante.engine import tp
 from levante.engine.kv_cache import BlockManager
 from levante.engine.lora import LoadedAdapter, LoraAdapters
+from levante.loader.lora import LoraAdapter
 from levante.engine.outputs import CompletionOutput, RequestOutput
 from levante.engine.runner import ModelRunner, kv_bytes_per_token
 from levante.engine.sampler import Sampler, top_logprobs
@@ -167,9 +168,10 @@ class Engine:
             adapters.load(name, path)
         return adapters
 
-    def load_lora(self, name: str, path: str) -> LoadedAdapter:
-        """Serve LoRA adapter `name` (a PEFT folder) from now on; requests pick it by name."""
-        return self.lora.load(name, path)
+    def load_lora(self, name: str, adapter: str | LoraAdapter) -> LoadedAdapter:
+        """Serve LoRA adapter `name` (a PEFT folder, or what `self.lora.read` made of one) from now on;
+        requests pick it by name."""
+        return self.lora.load(name, adapter)
 
     def unload_lora(self, name: str) -> None:
         """Stop serving adapter `name`; refused while an unfinished request applies it."""

@@ -14,8 +14,8 @@ from pathlib import Path
 from torch import nn
 
 from levante.errors import InvalidRequest, ModelLoadError
-from levante.loader.lora import read_adapter
-from levante.models.registry import attach_lora, detach_lora
+from levante.loader.lora import LoraAdapter, read_adapter
+from levante.models.registry import attach_lora, detach_lora, lora_shapes
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class LoraAdapters:
         # Tensor parallelism: the other ranks load and drop the same adapters (engine/tp.py).
         self._on_load, self._on_unload = on_load, on_unload
 
-    def load(self, name: str, path: str | Path) -> LoadedAdapter:
+    def check_new(self, name: str) -> None:
+        """InvalidRequest unless an adapter named `name` could be loaded now."""
         if not name or not isinstance(name, str):
             raise InvalidRequest("a LoRA adapter needs a name")
         if name in self.loaded:
@@ -43,7 +44,18 @@ class LoraAdapters:
         if len(self.loaded) >= self.max_loras:
             raise InvalidRequest(f"{len(self.loaded)} LoRA adapters are loaded, the most this engine holds "
                                  "(--max-loras): unload one first")
-        adapter = read_adapter(path, self.max_rank)
+
+    def read(self, path: str | Path) -> LoraAdapter:
+        """The adapter at `path`, checked against this model (its layers' shapes, --max-lora-rank) before
+        a tensor is read. Reads files and touches no engine state: a server runs it off the engine's
+        thread, then `load`s what it read there."""
+        return read_adapter(path, self.max_rank, lora_shapes(self.model))
+
+    def load(self, name: str, adapter: str | Path | LoraAdapter) -> LoadedAdapter:
+        """Serve `adapter` (a folder, or what `read` gave) under `name`: on the engine's thread, between steps."""
+        self.check_new(name)
+        if not isinstance(adapter, LoraAdapter):
+            adapter = self.read(adapter)
         adapter_id = next(self._ids)
         attach_lora(self.model, adapter_id, adapter.modules)
         if self._on_load is not None:

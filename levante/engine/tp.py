@@ -40,7 +40,7 @@ from levante.errors import LevanteError, ModelLoadError
 from levante.layers.attention import AttentionMetadata, attention_metadata
 from levante.layers.lora import LoraBatch, lora_batch
 from levante.loader.lora import read_adapter
-from levante.models.registry import attach_lora, detach_lora
+from levante.models.registry import attach_lora, detach_lora, lora_shapes
 
 logger = logging.getLogger("levante")
 
@@ -243,7 +243,7 @@ def _load_lora(model, adapter_id: int, max_rank: int) -> None:
     dist.broadcast_object_list(box, src=0, group=parallel_state.cpu_group())
     error = None
     try:
-        attach_lora(model, adapter_id, read_adapter(box[0], max_rank).modules)
+        attach_lora(model, adapter_id, read_adapter(box[0], max_rank, lora_shapes(model)).modules)
     except Exception as e:  # reported to rank 0, which refuses the adapter
         error = e
     try:

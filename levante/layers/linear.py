@@ -135,6 +135,12 @@ class LinearBase(nn.Module):
         dtype = torch.float32 if device.type == "cpu" else self.weight.dtype  # see layers/lora.py
         self.lora[adapter_id] = (lora_a.t().to(device, dtype).contiguous(), lora_b.t().to(device, dtype).contiguous())
 
+    def lora_shape(self, shard_id=None) -> tuple[int, int]:
+        """(out, in) of checkpoint matrix `shard_id` whole (before tensor parallelism splits it): the
+        rows of an adapter's B and the columns of its A for it (checked before an adapter is read)."""
+        out = self.out_features * (self.tp_size if self.shard_dim == 0 else 1)
+        return out, self.in_features * (self.tp_size if self.shard_dim == 1 else 1)
+
     def remove_lora(self, adapter_id: int) -> None:
         self.lora.pop(adapter_id, None)
 
@@ -171,6 +177,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def _fused_sizes(self, loaded: torch.Tensor) -> list[int]:
         return self.output_sizes
 
+    def lora_shape(self, shard_id=None) -> tuple[int, int]:
+        return self.output_sizes[shard_id], self.in_features
+
     def _place(self, loaded: torch.Tensor, shard_id: int) -> tuple[torch.Tensor, int]:
         return self._shard(loaded, 0), sum(self.output_sizes[:shard_id]) // self.tp_size
 
@@ -198,6 +207,10 @@ class QKVParallelLinear(ColumnParallelLinear):
     def _fused_sizes(self, loaded: torch.Tensor) -> list[int]:
         kv_rows = self.total_kv_heads * self.head_dim
         return [loaded.size(0) - 2 * kv_rows, kv_rows, kv_rows]
+
+    def lora_shape(self, shard_id=None) -> tuple[int, int]:
+        rows = self.q_size * self.tp_size if shard_id == "q" else self.total_kv_heads * self.head_dim
+        return rows, self.in_features
 
     def _place(self, loaded: torch.Tensor, shard_id: str) -> tuple[torch.Tensor, int]:
         shard = self._shard(loaded, 0) if shard_id == "q" else self._kv_shard(loaded)

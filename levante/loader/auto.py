@@ -102,12 +102,12 @@ def open_model(model: str | os.PathLike, progress: bool = False) -> ModelSource:
         gguf_file = GGUFFile(path)
         source = ModelSource(name, path, "gguf", ModelConfig.from_hf_dict(gguf_file.hf_config()), gguf_file)
     elif is_embedding_folder(path):
-        raw = hf.read_config(path)
+        raw = hf.checked_config(path)
         source = ModelSource(name, path, "hf", ModelConfig.from_hf_dict(raw), pipeline=read_pipeline(path, raw))
         embedding_encoder_class(source.config.model_type)  # fail before reading weights or tokenizer
         return source
     else:
-        raw = hf.read_config(path)
+        raw = hf.checked_config(path)
         if not raw.get("architectures"):
             raise ModelLoadError(f"{path / 'config.json'} names no architectures")
         source = ModelSource(name, path, "hf", ModelConfig.from_hf_dict(raw))

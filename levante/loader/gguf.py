@@ -22,6 +22,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from levante.errors import ModelLoadError, UnsupportedArchitecture
+from levante.loader import bounds
+from levante.loader.bounds import Held, layer_index
 from levante.loader.gguf_metadata import check_field_types, read_gguf_metadata
 from levante.loader.memory import trim_heap
 from levante.quant.gguf_blocks import GGUFTensor, as_bytes, dequantize
@@ -361,11 +363,9 @@ class GGUFFile:
         """block_count, bounded by the file: every layer has tensors of its own (`blk.N.*`), so a
         count past the highest layer the file holds is refused before any per-layer list is built."""
         layers = self._arch_field("block_count")
-        held = 1 + max((int(name.split(".")[1]) for name in self._tensors
-                        if name.startswith("blk.") and name.split(".")[1].isdigit()), default=-1)
-        if not isinstance(layers, int) or not 1 <= layers <= held:
-            raise ModelLoadError(f"{self.path}: GGUF metadata gives {self.architecture}.block_count = {layers!r}, "
-                                 f"the file holds tensors of {held} layers")
+        held = 1 + max((layer_index(name) for name in self._tensors), default=-1)
+        bounds.check_layers(f"{self.path}: GGUF metadata", f"{self.architecture}.block_count", layers, held,
+                            "the file")
         return layers
 
     def _arch_count(self, key: str) -> int:
@@ -376,27 +376,11 @@ class GGUFFile:
         return value
 
     def _check_sizes(self, config: dict[str, Any]) -> None:
-        """Sizes a model can be built from, and a model no larger than the file's tensors: the
-        metadata cannot make levante allocate what the file does not hold."""
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size"):
-            values = config[key] if key == "intermediate_size" and isinstance(config[key], list) else [config[key]]
-            if not values or any(not isinstance(v, int) or v < 1 for v in values):
-                raise ModelLoadError(f"{self.path}: GGUF metadata gives {key} = {config[key]!r}, must be at least 1")
-        if config.get("num_experts_per_tok", 0) > config.get("num_local_experts", 0):
-            raise ModelLoadError(f"{self.path}: GGUF metadata routes each token to {config['num_experts_per_tok']} "
-                                 f"of {config['num_local_experts']} experts")
-        widths = config["intermediate_size"]
-        if isinstance(widths, list) and len(widths) != config["num_hidden_layers"]:
-            raise ModelLoadError(f"{self.path}: GGUF metadata gives {len(widths)} feed-forward widths for "
-                                 f"{config['num_hidden_layers']} layers")
-        if config["num_attention_heads"] % config["num_key_value_heads"]:
-            raise ModelLoadError(f"{self.path}: {config['num_attention_heads']} attention heads cannot share "
-                                 f"{config['num_key_value_heads']} key/value heads")
-        declared, held = _parameter_count(config), sum(int(t.n_elements) for t in self._tensors.values())
-        if declared > 2 * held + (1 << 20):
-            raise ModelLoadError(f"{self.path}: the metadata describes ~{declared:,} parameters, the file holds "
-                                 f"{held:,}")
+        """Sizes a model can be built from, and a model no larger than the file's tensors (the bounds
+        every format meets, loader/bounds.py): the metadata cannot make levante allocate what the
+        file does not hold."""
+        held = Held(sum(int(t.n_elements) for t in self._tensors.values()), config["num_hidden_layers"])
+        bounds.check_model(config, held, f"{self.path}: GGUF metadata")
 
     def _vocab_size(self) -> int:
         """Declared, else the token list's length (as transformers does), else the embedding's rows."""
@@ -540,19 +524,6 @@ class GGUFFile:
             heads = self._arch_field("attention.head_count_kv", heads)
         grouped = rows.reshape(heads, rows.shape[0] // heads // 2, 2, *rows.shape[1:])
         return grouped.transpose(1, 2).reshape(rows.shape)
-
-
-def _parameter_count(config: dict[str, Any]) -> int:
-    """About how many parameters a model of `config` has (embeddings, attention and MLP weights;
-    every expert's, for a mixture)."""
-    hidden, head_dim = config["hidden_size"], config["head_dim"]
-    attention = hidden * head_dim * (2 * config["num_attention_heads"] + 2 * config["num_key_value_heads"])
-    experts = config.get("num_local_experts", 0)
-    widths = config["intermediate_size"] if not experts else experts * config["moe_intermediate_size"]
-    layers = config["num_hidden_layers"]
-    width_sum = sum(widths) if isinstance(widths, list) else widths * layers
-    embeddings = config["vocab_size"] * hidden * (1 if config["tie_word_embeddings"] else 2)
-    return embeddings + attention * layers + 3 * hidden * width_sum
 
 
 def _add_gemma3_fields(config: dict[str, Any]) -> None:

@@ -8,17 +8,46 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from levante.config import ModelConfig
 from levante.errors import ModelLoadError
+from levante.loader import bounds
+from levante.loader.safetensors_header import read_shapes
+
+
+MAX_CONFIG_BYTES = 16 << 20  # the largest config.json seen is ~100 KB
 
 
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"{folder} has no config.json")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelLoadError(f"{path} is {path.stat().st_size:,} bytes, more than a config.json holds "
+                             f"({MAX_CONFIG_BYTES:,} at most)")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {' '.join(str(e).split())[:100]}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return config
+
+
+def checked_config(folder: Path) -> dict:
+    """config.json, its sizes checked against the safetensors headers (loader/bounds.py) before
+    anything is built from it."""
+    config = read_config(folder)
+    bounds.check_model(ModelConfig.text_fields(config), held(folder), str(folder / "config.json"))
+    return config
+
+
+def held(folder: Path) -> bounds.Held:
+    """What the checkpoint's weights hold, read from the safetensors headers alone."""
+    shapes: dict[str, list[int]] = {}
+    for path, names in shards(folder):
+        in_file = read_shapes(path)
+        shapes.update(in_file if names is None else {name: in_file[name] for name in names if name in in_file})
+    return bounds.Held.of(shapes)
 
 
 INDEX_FILE = "model.safetensors.index.json"

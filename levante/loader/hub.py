@@ -12,20 +12,37 @@ resumes after an interrupted download. ``HF_HUB_OFFLINE=1`` uses the cache alone
 ``HF_TOKEN`` opens private and gated repos; ``HF_ENDPOINT`` names another Hub. These are read
 when a model is resolved (not when the library was imported), and every failure is one line
 that says what to do.
+
+Whatever a Hub (or a mirror, or whoever sits on a plain-http one) answers, downloads stay inside
+the cache: huggingface_hub names folders and files after the commit hash and the ETags it is
+sent, and does not check them (2.5), so levante does, before anything is written. The commit of
+the model's info must be 40 hex digits, and every response's `X-Repo-Commit` too; the `ETag` and
+`X-Linked-Etag` of its metadata answers must be plain tokens (checked by an event hook on
+huggingface_hub's HTTP client, `check_hub_response`); a revision the user names may not climb
+out of `refs/`, and every file asked for is a plain relative path. Each file then lands in the
+snapshot folder of that one commit, or the download is refused.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from levante.errors import ModelLoadError
 
 # A repo id as the Hub allows it: owner/name, letters, digits, '-', '_', '.'.
 _NAME = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<rev>[^:@\s]+))?"
                    r"(?::(?P<tag>[^:@\s/]+))?$")
+# A branch, tag or commit as a user names it: no `..` part, no absolute path (checked in _revision).
+_REVISION = re.compile(r"^[A-Za-z0-9_][\w./-]{0,254}$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# An ETag as huggingface_hub keeps it (quotes and W/ dropped): the blob's file name in the cache.
+_ETAG = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+DOWNLOAD_WORKERS = 8
 DEFAULT_GGUF_TAG = "Q4_K_M"
 # Files a safetensors model may read beside its weights.
 SIDE_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -53,7 +70,17 @@ def parse_hub_name(name: str) -> HubName | None:
     match = _NAME.match(name)
     if match is None or ".." in match["repo"]:
         return None
-    return HubName(match["repo"], match["rev"], match["tag"])
+    return HubName(match["repo"], _revision(match["rev"], name), match["tag"])
+
+
+def _revision(revision: str | None, name: str) -> str | None:
+    """A revision that names a file under the cache's refs/ folder, as git refs are named."""
+    if revision is None:
+        return None
+    parts = revision.split("/")
+    if not _REVISION.match(revision) or any(part in ("", ".", "..") or part.endswith(".lock") for part in parts):
+        raise ModelLoadError(f"'{name}': '{revision}' is not a branch, tag or commit name")
+    return revision
 
 
 def with_gguf_file(model: str, gguf_file: str | None) -> str:
@@ -172,31 +199,120 @@ def resolve(name: HubName, progress: bool = False) -> Path:
 
 
 def _download(name: HubName, progress: bool) -> Path:
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub import HfApi
 
+    check_hub_responses()
     options = _hub_options()
     info = HfApi(endpoint=options["endpoint"], token=options["token"]).model_info(
         name.repo_id, revision=name.revision)
+    snapshot = _snapshot_folder(name, info.sha)
     files = [s.rfilename for s in info.siblings or []]
-    common = dict(repo_id=name.repo_id, revision=name.revision, tqdm_class=_progress(progress), **options)
+    fetch = functools.partial(_fetch, name, info.sha, snapshot, progress, options)
     if is_gguf_repo(files, name.tag):
-        return Path(hf_hub_download(filename=pick_gguf(files, name.tag, name), **common))
+        return fetch(pick_gguf(files, name.tag, name), name.revision)
     if "config.json" not in files:
         raise ModelLoadError(f"'{name}' on the Hub has neither config.json nor a .gguf file: not a model levante "
                              "loads")
-    wanted = [f for f in SIDE_FILES if f in files]
-    index = modules = None
-    if INDEX in files:
-        index = _json(hf_hub_download(filename=INDEX, **common))
-    if "modules.json" in files:
-        modules = _json(hf_hub_download(filename="modules.json", **common))
-    weights = weight_files(files, index)
+    if INDEX not in files and not weight_files(files, None):
+        raise _no_weights(name, files)
+    _check_config(fetch("config.json", name.revision), name)  # before any weight is downloaded
+    index = _json(fetch(INDEX)) if INDEX in files else None
+    modules = _json(fetch("modules.json")) if "modules.json" in files else None
+    weights = weight_files(files, index if isinstance(index, dict) else None)
     if not weights:
-        pickled = any(f.endswith((".bin", ".pt", ".pth")) for f in files)
-        raise ModelLoadError(f"'{name}' has no safetensors weights" + (" (only pickled .bin/.pt files, which "
-                                                                        "levante does not load)" if pickled else ""))
+        raise _no_weights(name, files)
+    wanted = [f for f in SIDE_FILES if f in files and f not in ("config.json", INDEX, "modules.json")]
     wanted += weights + (sentence_transformers_files(files, modules) if isinstance(modules, list) else [])
-    return Path(snapshot_download(allow_patterns=[_literal(f) for f in wanted], **common))
+    with ThreadPoolExecutor(DOWNLOAD_WORKERS, thread_name_prefix="levante-hub") as pool:
+        list(pool.map(fetch, dict.fromkeys(wanted)))
+    return snapshot
+
+
+def _no_weights(name: HubName, files: list[str]) -> ModelLoadError:
+    pickled = any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    return ModelLoadError(f"'{name}' has no safetensors weights" + (" (only pickled .bin/.pt files, which levante "
+                                                                     "does not load)" if pickled else ""))
+
+
+def _snapshot_folder(name: HubName, commit) -> Path:
+    """Where the files of `commit` go in the cache; a commit that is not 40 hex digits is refused."""
+    if not isinstance(commit, str) or not COMMIT.match(commit):
+        raise ModelLoadError(f"the Hub ({_endpoint()}) gave '{name}' the commit {_shown(commit)}, not 40 hex digits: "
+                             "refused, nothing was written")
+    return hub_cache_dir() / f"models--{name.repo_id.replace('/', '--')}" / "snapshots" / commit
+
+
+def _fetch(name: HubName, commit: str, snapshot: Path, progress: bool, options: dict, filename: str,
+           revision: str | None = "") -> Path:
+    """One file of the model into the cache, at `commit` (`revision`, when given, names it instead: the
+    first file records the branch or tag in refs/); its path, which must lie in `snapshot`."""
+    from huggingface_hub import hf_hub_download
+
+    if not _plain_path(filename):
+        raise ModelLoadError(f"the Hub ({_endpoint()}) lists a file '{_shown(filename)}' for '{name}', not a plain "
+                             "relative path: refused")
+    path = Path(hf_hub_download(repo_id=name.repo_id, filename=filename, tqdm_class=_progress(progress),
+                                revision=commit if revision == "" else revision, **options))
+    if Path(os.path.abspath(path)).parent != Path(os.path.abspath(snapshot / filename)).parent:
+        raise ModelLoadError(f"the Hub ({_endpoint()}) sent '{filename}' of '{name}' for another commit than "
+                             f"{commit} ({path}): refused")
+    return path
+
+
+def _plain_path(filename) -> bool:
+    parts = PurePosixPath(filename).parts if isinstance(filename, str) else ()
+    return bool(parts) and not filename.startswith("/") and "\\" not in filename and \
+        all(part not in (".", "..") and part.isprintable() for part in parts) and len(filename) < 1024
+
+
+def _check_config(path: Path, name: HubName) -> None:
+    """The sizes config.json declares, bounded (loader/bounds.py) before the weights are downloaded."""
+    from levante.config import ModelConfig
+    from levante.loader import bounds
+    from levante.loader.hf import read_config
+
+    bounds.check_model(ModelConfig.text_fields(read_config(path.parent)), None, f"'{name}' config.json")
+
+
+def _endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT") or "huggingface.co"
+
+
+def _shown(value, limit: int = 80) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in str(value))
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+@functools.cache
+def check_hub_responses() -> None:
+    """Have huggingface_hub's HTTP client check every response (`check_hub_response`), once per process:
+    its client factory is huggingface_hub's default one plus this hook."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    def checked_client():
+        client = default_client_factory()
+        client.event_hooks["response"] = [*client.event_hooks["response"], check_hub_response]
+        return client
+
+    set_client_factory(checked_client)
+
+
+def check_hub_response(response) -> None:
+    """huggingface_hub names the cache's snapshot folder after a response's X-Repo-Commit and a blob after
+    the X-Linked-Etag or ETag of a file's HEAD answer: anything but a 40-hex commit and a plain token
+    is refused here, before huggingface_hub reads them."""
+    commit = response.headers.get("X-Repo-Commit")
+    if commit is not None and not COMMIT.match(commit):
+        raise ModelLoadError(f"the Hub ({_endpoint()}) sent X-Repo-Commit {_shown(commit)}, not a 40-hex commit: "
+                             "refused, nothing was written")
+    if response.request.method != "HEAD":
+        return  # file metadata comes from HEAD: other answers' ETags (API pages, a file's bytes) name nothing
+    for header in ("X-Linked-Etag", "ETag"):
+        value = response.headers.get(header)
+        if value is not None and not _ETAG.match(value.removeprefix("W/").strip('"')):
+            raise ModelLoadError(f"the Hub ({_endpoint()}) sent {header} {_shown(value)}, not a plain token: "
+                                 "refused, nothing was written")
 
 
 def _cached(name: HubName) -> Path:
@@ -218,11 +334,6 @@ def _cached(name: HubName) -> Path:
     if "config.json" not in files or not weights or any(f not in files for f in weights):
         raise not_cached
     return folder
-
-
-def _literal(filename: str) -> str:
-    """An allow pattern (fnmatch) that matches this file name only."""
-    return re.sub(r"([*?\[])", r"[\1]", filename)
 
 
 def _json(path) -> dict | list:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -43,23 +44,9 @@ def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 def read_header(buffer, path: Path) -> tuple[dict[str, tuple], dict[str, str], int]:
     """(name -> (dtype, shape, first byte, end byte) in the data section, __metadata__, data start)."""
-    def bad(why: str) -> ModelLoadError:
-        return ModelLoadError(f"{path}: not a valid safetensors file ({why})")
-
-    if len(buffer) < 8:
-        raise bad("shorter than its 8-byte header length")
-    (size,) = struct.unpack("<Q", buffer[:8])
-    if size > min(MAX_HEADER, len(buffer) - 8):
-        raise bad(f"a header of {size} bytes in a file of {len(buffer)}")
-    try:
-        header = json.loads(bytes(buffer[8:8 + size]))
-    except (ValueError, RecursionError) as error:
-        raise bad(f"the header is not JSON: {' '.join(str(error).split())[:80]}") from None
-    if not isinstance(header, dict):
-        raise bad("the header is not a JSON object")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise bad("__metadata__ is not an object of strings")
+    bad = _complaint(path)
+    size = _header_size(bytes(buffer[:8]), len(buffer), bad)
+    header, metadata = _header_object(bytes(buffer[8:8 + size]), bad)
     data_size = len(buffer) - 8 - size
     entries, ranges = {}, []
     for name, info in header.items():
@@ -71,14 +58,68 @@ def read_header(buffer, path: Path) -> tuple[dict[str, tuple], dict[str, str], i
     return entries, metadata, 8 + size
 
 
+def read_shapes(path: Path) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a safetensors file, from its header alone: no tensor is read
+    (what a checkpoint holds, for loader/bounds.py). Dtypes and offsets are left to the reader that
+    loads the tensors later."""
+    bad = _complaint(path)
+    try:
+        with path.open("rb") as stream:
+            size = _header_size(stream.read(8), os.fstat(stream.fileno()).st_size, bad)
+            header, _ = _header_object(stream.read(size), bad)
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot read ({error.strerror})") from None
+    shapes = {}
+    for name, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not _is_shape(shape):
+            raise bad(f"tensor {name!r}: a shape must be a list of at most {MAX_DIMS} sizes")
+        shapes[name] = shape
+    return shapes
+
+
+def _complaint(path: Path):
+    def bad(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{path}: not a valid safetensors file ({why})")
+
+    return bad
+
+
+def _header_size(first: bytes, file_size: int, bad) -> int:
+    if len(first) < 8 or file_size < 8:
+        raise bad("shorter than its 8-byte header length")
+    (size,) = struct.unpack("<Q", first)
+    if size > min(MAX_HEADER, file_size - 8):
+        raise bad(f"a header of {size} bytes in a file of {file_size}")
+    return size
+
+
+def _header_object(raw: bytes, bad) -> tuple[dict, dict[str, str]]:
+    """(the tensors' entries, __metadata__) of a header's JSON."""
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as error:
+        raise bad(f"the header is not JSON: {' '.join(str(error).split())[:80]}") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ is not an object of strings")
+    return header, metadata
+
+
+def _is_shape(shape) -> bool:
+    return isinstance(shape, list) and len(shape) <= MAX_DIMS and all(type(d) is int and 0 <= d < 1 << 48
+                                                                       for d in shape)
+
+
 def _entry(name: str, info, data_size: int, bad) -> tuple:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise bad(f"tensor {name!r}: needs exactly dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in DTYPES:
         raise bad(f"tensor {name!r}: unknown dtype {str(dtype)[:20]!r}")
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS or \
-            not all(type(d) is int and 0 <= d < 1 << 48 for d in shape):
+    if not _is_shape(shape):
         raise bad(f"tensor {name!r}: a shape must be a list of at most {MAX_DIMS} sizes")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
         raise bad(f"tensor {name!r}: data_offsets must be [begin, end]")

@@ -54,9 +54,17 @@ def create_mcp_server(state):
 
 
 def build_mcp_http_server(state, host: str, port: int, api_key: str | None = None,
-                          log_level: str = "warning") -> uvicorn.Server:
-    """A uvicorn server for the MCP endpoint at /mcp, behind the same guards as the OpenAI port."""
-    from levante.serve.http import guard, uvicorn_server
+                          log_level: str = "warning", sites=None) -> uvicorn.Server:
+    """A uvicorn server for the MCP endpoint at /mcp, behind the same guards as the OpenAI port: the
+    same site policy (serve/sites.py; default: the names of `host`) replaces the MCP SDK's own Host
+    and Origin check, which it applies on loopback binds only."""
+    from mcp.server.transport_security import TransportSecuritySettings
 
-    app = create_mcp_server(state).streamable_http_app(streamable_http_path="/mcp", host=host)
-    return uvicorn_server(guard(app, state.limits, api_key), host, port, state.limits, log_level)
+    from levante.serve.http import guard, uvicorn_server
+    from levante.serve.sites import SitePolicy
+
+    one_gate = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    app = create_mcp_server(state).streamable_http_app(streamable_http_path="/mcp", host=host,
+                                                       transport_security=one_gate)
+    return uvicorn_server(guard(app, state.limits, api_key, sites or SitePolicy(host)), host, port, state.limits,
+                          log_level)

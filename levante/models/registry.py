@@ -5,7 +5,7 @@ a causal LM (Qwen3-Embedding says `Qwen3ForCausalLM`) or a bare encoder.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -145,29 +145,52 @@ def _fused_target(model: nn.Module, name: str, params: dict) -> tuple[str, objec
     return name, None
 
 
-def attach_lora(model: nn.Module, adapter_id: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Give the decoder's linear layers adapter `adapter_id`'s updates: `modules` maps checkpoint module
-    names (``model.layers.0.self_attn.q_proj``) to (A, B with its scaling). All or nothing."""
-    per_layer: dict[str, dict] = {}
+def lora_targets(model: nn.Module) -> Callable[[str], tuple[str, object, LinearBase]]:
+    """For checkpoint module names (``model.layers.0.self_attn.q_proj``): (the decoder's linear layer an
+    adapter of that module changes, its name, the shard id in it); ModelLoadError if there is none."""
     params = dict(model.named_parameters())
-    for name, pair in modules.items():
-        target, shard_id = _fused_target(model, _our_layout(model, name) + ".weight", params)
-        target = target.removesuffix(".weight")
-        layer = _find(model, target)
-        if not isinstance(layer, LinearBase) or not target.startswith("model.layers."):
+
+    def target(name: str) -> tuple[str, object, LinearBase]:
+        where, shard_id = _fused_target(model, _our_layout(model, name) + ".weight", params)
+        where = where.removesuffix(".weight")
+        layer = _find(model, where)
+        if not isinstance(layer, LinearBase) or not where.startswith("model.layers."):
             raise ModelLoadError(f"the adapter changes '{name}', which is not a linear layer of the decoder "
                                  "(LoRA applies to attention and MLP projections)")
         if shard_id not in layer.shard_ids:
             raise ModelLoadError(f"the adapter changes '{name}', which {type(model).__name__} does not have")
-        per_layer.setdefault(target, {})[shard_id] = pair
+        return where, shard_id, layer
+
+    return target
+
+
+def lora_shapes(model: nn.Module) -> Callable[[str], tuple[int, int]]:
+    """For checkpoint module names: (out, in) of the matrix an adapter's B and A must fit."""
+    target = lora_targets(model)
+
+    def shape(name: str) -> tuple[int, int]:
+        _, shard_id, layer = target(name)
+        return layer.lora_shape(shard_id)
+
+    return shape
+
+
+def attach_lora(model: nn.Module, adapter_id: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give the decoder's linear layers adapter `adapter_id`'s updates: `modules` maps checkpoint module
+    names (``model.layers.0.self_attn.q_proj``) to (A, B with its scaling). All or nothing."""
+    per_layer: dict[str, dict] = {}
+    target = lora_targets(model)
+    for name, pair in modules.items():
+        where, shard_id, _ = target(name)
+        per_layer.setdefault(where, {})[shard_id] = pair
     try:
-        for target, shards in per_layer.items():
-            layer = model.get_submodule(target)
+        for where, shards in per_layer.items():
+            layer = model.get_submodule(where)
             ordered = {shard_id: shards[shard_id] for shard_id in layer.shard_ids if shard_id in shards}
             try:
                 layer.set_lora(adapter_id, ordered)
             except RuntimeError as e:
-                raise ModelLoadError(f"the adapter's tensors for '{target}' do not fit the model ({e})") from None
+                raise ModelLoadError(f"the adapter's tensors for '{where}' do not fit the model ({e})") from None
     except ModelLoadError:
         detach_lora(model, adapter_id)
         raise

@@ -3,8 +3,9 @@ the server's disk or free its memory, so they answer only on a server started wi
 
 - `POST /v1/load_lora_adapter {"lora_name", "lora_path", "model"?}` and
   `POST /v1/unload_lora_adapter {"lora_name"}`: vLLM's routes and bodies; `model` (levante's)
-  names the base model, the default model without it. Adapters load on the engine's thread
-  between two steps, and are kept in the model's spec, so that a reload brings them back.
+  names the base model, the default model without it. An adapter's files are read and checked in a
+  worker thread (loader/lora.py), then attached on the engine's thread between two steps; adapters
+  are kept in the model's spec, so that a reload brings them back.
 - `POST /models/load {"model"}` and `POST /models/unload {"model"}`: llama.cpp's router routes.
 """
 from __future__ import annotations
@@ -48,7 +49,10 @@ def register_admin(app: FastAPI, state) -> None:
             if route.lora is not None:
                 raise InvalidRequest(f"model: '{body.model}' is an adapter; name its base model")
             engine = route.llm.engine
-            loaded = await asyncio.wrap_future(route.loop.call(lambda: engine.load_lora(name, body.lora_path)))
+            engine.lora.check_new(name)
+            # files are read and checked off the engine's thread; only attaching runs on it, between steps
+            adapter = await asyncio.to_thread(engine.lora.read, body.lora_path)
+            loaded = await asyncio.wrap_future(route.loop.call(lambda: engine.load_lora(name, adapter)))
             route.model.spec.args.lora = {**route.model.spec.adapters, name: str(loaded.path)}
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 

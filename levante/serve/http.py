@@ -1,5 +1,8 @@
-"""What stands between the network and the routes: key checks, body checks, connection guards.
+"""What stands between the network and the routes: site, key and body checks, connection guards.
 
+- `SiteGate` (ASGI), outermost on every listener: a Host the server does not answer to gets 421,
+  a page of another origin 403, whatever the key (serve/sites.py says which); CORS is answered
+  only for the origins of `--allowed-origins`.
 - `ApiKeyGate` (ASGI): every path but /health (and /metrics with --open-metrics, and the files
   of the web page and /docs) needs `Authorization: Bearer KEY`, compared in constant time,
   decided on the ASGI path. The admin routes (ADMIN_PATHS, serve/admin.py: loading and unloading
@@ -25,9 +28,12 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.middleware.cors import CORSMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from levante.serve.limits import RequestLimits
+from levante.serve.protocol import error_body
+from levante.serve.sites import SitePolicy
 
 OPEN_PATHS = ("/health",)
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/models/load", "/models/unload")
@@ -43,6 +49,56 @@ class BadBody(HTTPException):
     def __init__(self, message: str, param: str | None = None, status_code: int = 400):
         super().__init__(status_code=status_code, detail=message)
         self.param = param
+
+
+# -- sites ------------------------------------------------------------------------------------------
+
+class SiteGate:
+    """Every request's Host and Origin checked against `policy` before anything else reads it; with
+    --allowed-origins, Starlette's CORS middleware answers those origins (no credentials, so
+    never `*` with credentials)."""
+
+    def __init__(self, app, policy: SitePolicy):
+        self.policy = policy
+        self.app = CORSMiddleware(app, allow_origins=list(policy.allowed_origins), allow_methods=["*"],
+                                  allow_headers=["*"], allow_credentials=False, max_age=600) if policy.cors else app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                else:
+                    await _send_json(send, *refusal)
+                return
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope) -> tuple[int, dict] | None:
+        """(status, error JSON) when the request's Host or Origin is not allowed, else None."""
+        hosts = _header_values(scope, b"host")
+        host = hosts[0] if hosts else None
+        if len(set(hosts)) > 1 or not self.policy.host_allowed(host):
+            shown = _shown(host or "")
+            message = (f"this server does not answer to the name '{shown}' (a DNS-rebinding page?); it answers to "
+                       f"{self.policy.described()}: start it with --allowed-hosts NAME to add a name")
+            return 421, error_body(message, "invalid_request_error", code="misdirected_request")
+        for origin in _header_values(scope, b"origin"):
+            if not self.policy.origin_allowed(origin, host, scope.get("scheme", "http")):
+                message = (f"requests from web pages at '{_shown(origin)}' are refused (not this server's own "
+                           "origin): start it with --allowed-origins ORIGIN to let such a page call it")
+                return 403, error_body(message, "permission_error", code="origin_not_allowed")
+        return None
+
+
+def _header_values(scope, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """An untrusted header value as a message may quote it: printable, and not too long."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # -- API key ----------------------------------------------------------------------------------------
@@ -64,9 +120,8 @@ class ApiKeyGate:
         if scope["type"] in ("http", "websocket") and not self.is_open(scope["path"]):
             given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
             if not hmac.compare_digest(given, self.expected):
-                await _send_json(send, 401, {"error": {"message": "invalid or missing API key",
-                                                       "type": "authentication_error", "param": None,
-                                                       "code": "invalid_api_key"}})
+                await _send_json(send, 401, error_body("invalid or missing API key", "authentication_error",
+                                                       code="invalid_api_key"))
                 return
             scope["levante.api_key"] = self.api_key
         await self.app(scope, receive, send)
@@ -85,8 +140,7 @@ class AdminClosed:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] in self.admin_paths:
             message = f"{scope['path']} needs a server started with --api-key"
-            await _send_json(send, 403, {"error": {"message": message, "type": "permission_error", "param": None,
-                                                   "code": 403}})
+            await _send_json(send, 403, error_body(message, "permission_error", code=403))
             return
         await self.app(scope, receive, send)
 
@@ -111,22 +165,23 @@ class BodyLimit:
             declared = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
             if declared.isdigit() and int(declared) > self.max_bytes:
                 message = f"the request body is larger than the server takes ({self.max_bytes} bytes)"
-                await _send_json(send, 413, {"error": {"message": message, "type": "invalid_request_error",
-                                                       "param": None, "code": 413}})
+                await _send_json(send, 413, error_body(message, code=413))
                 return
         await self.app(scope, receive, send)
 
 
-def guard(app, limits: RequestLimits, api_key: str | None, open_metrics: bool = False,
+def guard(app, limits: RequestLimits, api_key: str | None, sites: SitePolicy, open_metrics: bool = False,
           open_pages: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())):
-    """`app` behind the body-size limit and, with a key, the key check (outermost: no body is read
-    for a request without the key). `open_pages`: (paths, prefixes) of pages served without the key.
-    Without a key, the admin routes are closed."""
+    """`app` behind the site gate (outermost, whatever the key), the body-size limit and, with a key,
+    the key check (no body is read for a request without the key). `open_pages`: (paths, prefixes)
+    of pages served without the key. Without a key, the admin routes are closed."""
     app = BodyLimit(app, limits.max_body_bytes)
     if api_key:
         paths, prefixes = open_pages
-        return ApiKeyGate(app, api_key, OPEN_PATHS + (("/metrics",) if open_metrics else ()) + paths, prefixes)
-    return AdminClosed(app)
+        app = ApiKeyGate(app, api_key, OPEN_PATHS + (("/metrics",) if open_metrics else ()) + paths, prefixes)
+    else:
+        app = AdminClosed(app)
+    return SiteGate(app, sites)
 
 
 # -- request bodies ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from levante.serve.limits import RequestLimits
 from levante.serve.model_specs import ModelSpec, specs_from_cli
 from levante.serve.router import ModelRouter, Route
 from levante.serve.ranking import Ranker
+from levante.serve.sites import SitePolicy
 from levante.serve.webui import DOCS_PAGES, OPEN_PAGES, WebUI
 from levante.serve.web_search import configure_web_search
 
@@ -36,11 +37,11 @@ logger = logging.getLogger("levante")
 
 
 def build_server(state: ServerState, host: str, port: int, api_key: str | None = None,
-                 log_level: str = "info", open_metrics: bool = False) -> uvicorn.Server:
-    """The OpenAI API for `state` on host:port (and the web chat, with `state.webui`), behind the key,
-    body and connection guards (serve/http.py)."""
+                 log_level: str = "info", open_metrics: bool = False, sites: SitePolicy | None = None) -> uvicorn.Server:
+    """The OpenAI API for `state` on host:port (and the web chat, with `state.webui`), behind the site,
+    key, body and connection guards (serve/http.py); `sites` default: the names of `host` only."""
     open_pages = OPEN_PAGES if state.webui is not None else DOCS_PAGES
-    app = guard(create_app(state), state.limits, api_key, open_metrics, open_pages)
+    app = guard(create_app(state), state.limits, api_key, sites or SitePolicy(host), open_metrics, open_pages)
     return uvicorn_server(app, host, port, state.limits, log_level)
 
 
@@ -108,13 +109,13 @@ def _prepare_tool_selection(state: ServerState, served) -> None:
         selector.prepare()
 
 
-def _serve_mcp(state: ServerState, args):
+def _serve_mcp(state: ServerState, args, sites: SitePolicy):
     """`--mcp-port`: levante's own MCP server, in a thread next to the OpenAI one; None without the flag."""
     if not getattr(args, "mcp_port", None):
         return None
     from levante.mcp.server import build_mcp_http_server
 
-    mcp_server = build_mcp_http_server(state, args.host, args.mcp_port, args.api_key)
+    mcp_server = build_mcp_http_server(state, args.host, args.mcp_port, args.api_key, sites=sites)
     threading.Thread(target=mcp_server.run, name="levante-mcp-server", daemon=True).start()
     logger.warning("levante: MCP server at http://%s:%d/mcp", args.host, args.mcp_port)
     return mcp_server
@@ -138,7 +139,17 @@ def fetch_policy(args) -> FetchPolicy:
                                   getattr(args, "allow_private_network", False))
 
 
+def site_policy(args) -> SitePolicy:
+    """The names and pages both listeners answer (--host, --allowed-hosts, --allowed-origins)."""
+    try:
+        return SitePolicy(args.host, tuple(getattr(args, "allowed_hosts", None) or ()),
+                          tuple(getattr(args, "allowed_origins", None) or ()))
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
+
+
 def serve(args) -> int:
+    sites = site_policy(args)
     engine_args = EngineArgs.from_cli_args(args, model=None, warmup=True, progress=sys.stderr.isatty())
     specs = specs_from_cli(args, engine_args)
     policy = fetch_policy(args)
@@ -152,7 +163,8 @@ def serve(args) -> int:
     state.mcp_max_tools = getattr(args, "mcp_max_tools", state.mcp_max_tools)
     if not getattr(args, "no_webui", False):
         state.webui = WebUI()
-    server = build_server(state, args.host, args.port, args.api_key, open_metrics=getattr(args, "open_metrics", False))
+    server = build_server(state, args.host, args.port, args.api_key, open_metrics=getattr(args, "open_metrics", False),
+                          sites=sites)
     mcp_start = threading.Thread(target=_start_mcp, args=(state, manager), name="levante-mcp-start", daemon=True)
     if manager is not None:
         mcp_start.start()
@@ -181,7 +193,7 @@ def serve(args) -> int:
 
     gc.freeze()  # modules, classes, the web app: never garbage, and no collection walks them again
     threading.Thread(target=load, name="levante-load", daemon=True).start()
-    mcp_server = _serve_mcp(state, args)
+    mcp_server = _serve_mcp(state, args, sites)
     server.run()
     if mcp_server is not None:
         mcp_server.should_exit = True

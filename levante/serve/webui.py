@@ -72,9 +72,18 @@ class Headers:
         await self.app(scope, receive, send_with_headers)
 
 
+class Files(StaticFiles):
+    """Starlette's static files, from a folder that may not exist (the vendor folder before `make web`):
+    then every file is a 404, as a missing one is (Starlette's own check would answer 500)."""
+
+    async def check_config(self) -> None:
+        if self.directory is not None and Path(self.directory).is_dir():
+            await super().check_config()
+
+
 def _files(directory: Path, csp: str = CSP):
     """Static files, gzipped for clients that take it, with the security headers."""
-    return Headers(GZipMiddleware(StaticFiles(directory=directory, check_dir=False), minimum_size=512),
+    return Headers(GZipMiddleware(Files(directory=directory, check_dir=False), minimum_size=512),
                    {"content-security-policy": csp, "cache-control": "no-cache", **SECURITY_HEADERS})
 
 

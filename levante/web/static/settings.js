@@ -37,6 +37,15 @@ export function requestFields(settings) {
   return fields;
 }
 
+// Shows a modal dialog whose one submit button (Save) is its default: Enter in a field saves, Cancel and
+// Escape close it with returnValue "cancel" (a Cancel that were a submit button, first in the form,
+// would be the default button, and Enter would cancel).
+function openDialog(dialog) {
+  dialog.returnValue = "";
+  for (const button of dialog.querySelectorAll(".dialog-cancel")) button.onclick = () => dialog.close("cancel");
+  dialog.showModal();
+}
+
 // Opens the settings dialog on `current`; resolves to the new settings, or null when cancelled.
 export function editSettings(current) {
   const dialog = document.getElementById("settings");
@@ -59,7 +68,7 @@ export function editSettings(current) {
     }
   };
   const read = () => Object.fromEntries(Object.keys(DEFAULTS).map((name) => [name, form.elements[name].value]));
-  dialog.showModal();
+  openDialog(dialog);
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => {
       if (dialog.returnValue !== "save") return resolve(null);
@@ -76,7 +85,7 @@ export function askKey(reason) {
   const form = document.getElementById("key-form");
   document.getElementById("key-reason").textContent = reason;
   form.elements.key.value = "";
-  dialog.showModal();
+  openDialog(dialog);
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => {
       const key = form.elements.key.value.trim();
