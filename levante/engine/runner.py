@@ -21,7 +21,8 @@ from levante.layers.attention import Attention, AttentionMetadata, attention_met
 from levante.layers.lora import LoraBatch, lora_batch
 from levante.layers.moe import SparseMoE
 from levante.errors import InvalidRequest
-from levante.quant import kv_int8, native
+from levante.kernels import native
+from levante.quant import kv_int8
 
 logger = logging.getLogger("levante")
 
@@ -102,7 +103,7 @@ class ModelRunner:
         self._padded_eager = padded
 
     def _native_attention(self, dtype: torch.dtype) -> bool:
-        """Paged attention on the CPU: with the native kernel (quant/attention.c) where it runs for every
+        """Paged attention on the CPU: with the native kernel (kernels/cpu/*_attention.c) where it runs for every
         layer, else the SDPA path. LEVANTE_PAGED_ATTENTION=1 forces the paged path (its PyTorch
         version where the kernel cannot run), 0 the SDPA path."""
         forced = os.environ.get(PAGED_ENV)
