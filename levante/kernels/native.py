@@ -72,7 +72,12 @@ def available() -> bool:
 def variant() -> str:
     """The variant in use: "avx512", "avx2", "avx2-vnni", "neon", or "scalar" (PyTorch's kernels)."""
     lib = library()
-    return lib.lv_variant().decode() if lib is not None else isa.SCALAR
+    return _name(lib) if lib is not None else isa.SCALAR
+
+
+@functools.cache
+def _name(lib: ctypes.CDLL) -> str:
+    return lib.lv_variant().decode()
 
 
 @contextlib.contextmanager
@@ -103,6 +108,20 @@ def bf16_dot_supported() -> bool:
 def max_rows() -> int:
     """Rows of x one matrix call of this variant takes (more go in several calls)."""
     return library().lv_max_rows()
+
+
+# Rows of x from which dequantising a packed weight and a float matmul beat the variant's kernel,
+# by layout (quant/packed.py). AVX-512: oneDNN's bfloat16/AMX matmuls take over early (crossovers
+# measured there); AVX2 and NEON have no fast low-precision float matmul and their kernels take
+# many rows of x at once (a prefill): the kernels take every size.
+_DENSE_FROM_ROWS = {"avx512": {"t16": 12, "q5t16": 12, "q4t16": 80}}
+
+
+def dense_from_rows(layout: str, default: int) -> int:
+    """Rows from which a weight in `layout` is dequantised for a float matmul (`default`: PyTorch's layouts)."""
+    if layout not in ("t16", "q4t16", "q5t16"):
+        return default
+    return _DENSE_FROM_ROWS.get(variant(), {}).get(layout, 1 << 30)
 
 
 _threads: int | None = None

@@ -109,9 +109,13 @@ class Int8Weight:
     """
 
     # From this many rows of x on, dequantising (one int8 -> bf16 pass) and a dense matmul
-    # beat the kernel (measured crossover ~10 rows on this project's layer shapes, one core,
-    # dequantising a cache-sized step at a time).
-    dense_from_rows = 12
+    # beat the kernel (AVX-512: measured crossover ~10 rows on this project's layer shapes, one
+    # core, dequantising a cache-sized step at a time; per variant: native.dense_from_rows).
+    _dense_from_rows = 12
+
+    @property
+    def dense_from_rows(self) -> int:
+        return native.dense_from_rows(self.layout, self._dense_from_rows)
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, layout: str = "rows",
                  shape: tuple[int, int] | None = None):
@@ -195,7 +199,9 @@ class Int8Weight:
 
 
 # Rows of x below which every packed weight's matmul takes its kernel (not the dense path).
-NATIVE_KERNEL_ROWS = Int8Weight.dense_from_rows
+# Rows of a step below which it is a decode-sized one: every packed matmul takes its kernel on every
+# variant, PyTorch runs on one thread around them (native.kernel_step), drafts stay below it.
+NATIVE_KERNEL_ROWS = Int8Weight._dense_from_rows
 
 
 def _int8_codes(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,8 +331,12 @@ class Int4Weight:
 
     # Dequantising 4-bit groups costs ~6x an int8 conversion (9 ms for 9728 x 896 on one
     # core), and the kernel, a real GEMM, grows slowly with rows: it stays ahead up to ~85
-    # rows (896 x 4864: 7.1 ms vs 9.8 ms at 64 rows, 10.6 vs 9.3 at 96, one core).
-    dense_from_rows = 80
+    # rows (896 x 4864: 7.1 ms vs 9.8 ms at 64 rows, 10.6 vs 9.3 at 96, one core; AVX-512).
+    _dense_from_rows = 80
+
+    @property
+    def dense_from_rows(self) -> int:
+        return native.dense_from_rows(self.layout, self._dense_from_rows)
     _dequantize_rows = 256  # rows per step of `dequantize`: float32 temporaries stay in cache
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor | None, group_size: int, cols: int,
@@ -546,7 +556,9 @@ class Q5Weight:
     5.5 bits a value, against 8 for the int8 it would otherwise be requantised to. Only
     where the native kernels run."""
 
-    dense_from_rows = Int8Weight.dense_from_rows  # the dequantisation is as cheap as int8's
+    @property
+    def dense_from_rows(self) -> int:  # the dequantisation is as cheap as int8's
+        return native.dense_from_rows("q5t16", Int8Weight._dense_from_rows)
 
     def __init__(self, packed: torch.Tensor, shape: tuple[int, int]):
         self.packed, self.shape = packed, tuple(shape)
