@@ -100,6 +100,17 @@ def use(name: str):
         library.cache_clear()
 
 
+def select(name: str) -> None:
+    """Use variant `name` (or "scalar") in this process from now on (a tensor-parallel worker takes
+    rank 0's); KernelChoiceError where this CPU cannot run it."""
+    global _forced
+    reason = isa.missing(name)
+    if reason is not None:
+        raise isa.KernelChoiceError(f"the {name} kernel variant does not run here: {reason}")
+    _forced = name
+    library.cache_clear()
+
+
 def bf16_dot_supported() -> bool:
     """Whether the kernels' bfloat16 dot products (AVX512-BF16) run here: the bfloat16 attention path."""
     return available() and bool(library().lv_bf16_dot())
