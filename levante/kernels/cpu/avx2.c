@@ -433,6 +433,82 @@ TILE_RANGE(q4_range, Q4_CALL)
 #define Q5_CALL(tile, T, R, acc) q5_tiles(wt, tile, a, r0, T, R, acc)
 TILE_RANGE(q5_range, Q5_CALL)
 
+/* 5-bit weights for many rows of x (a prefill): each tile's codes are decoded once into bytes (per
+ * block and group of 4 columns, 64 bytes = 16 rows x 4 columns, as t16 without the +128), then every
+ * group of MAX_M rows multiplies them with vpmaddubsw alone (int16 sums of four groups stay below
+ * 4 x 2 x 31 x 127 < 2^15): the decoding, most of q5_tiles' work, is paid once per tile, not per
+ * four rows. The integers and the float arithmetic are q5_tiles', so the results are its bits. */
+static void q5_decode_tile(const uint8_t *tile, int64_t nb, uint8_t *codes) {
+    const __m256i low = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(16);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = tile + b * Q5_BLOCK;
+        for (int g = 0; g < 4; g++) {
+            uint32_t bits[4];
+            memcpy(bits, blk + 256 + g * 16, 16);
+            for (int h = 0; h < 2; h++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(blk + g * 64 + h * 32));
+                __m256i lo = _mm256_or_si256(_mm256_and_si256(v, low), _mm256_and_si256(bits_to_bytes(bits[h]), sixteen));
+                __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                                             _mm256_and_si256(bits_to_bytes(bits[2 + h]), sixteen));
+                _mm256_storeu_si256((__m256i *)(codes + b * 512 + (2 * g) * 64 + h * 32), lo);
+                _mm256_storeu_si256((__m256i *)(codes + b * 512 + (2 * g + 1) * 64 + h * 32), hi);
+            }
+        }
+    }
+}
+
+/* Rows r0 .. r0 + R - 1 of x times one decoded 5-bit tile (codes) of the q5t16 tile `tile`. */
+static inline __attribute__((always_inline)) void q5_decoded(const uint8_t *tile, const uint8_t *codes, const Act *a,
+                                                             int r0, const int R, Acc acc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a->nb; b++) {
+        const __m256 d[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tile + b * Q5_BLOCK + 320))),
+                             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tile + b * Q5_BLOCK + 336)))};
+        for (int h = 0; h < 2; h++) {
+            __m256i i16[MAX_M], i32[MAX_M];
+            for (int r = 0; r < R; r++) i16[r] = i32[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(codes + b * 512 + g * 64 + h * 32));
+                for (int r = 0; r < R; r++)
+                    i16[r] = _mm256_add_epi16(i16[r], _mm256_maddubs_epi16(
+                        w, _mm256_set1_epi32(x4(a->xq + (r0 + r) * a->Kp + b * QB + g * 4))));
+                if ((g & 3) == 3)
+                    for (int r = 0; r < R; r++) {
+                        i32[r] = _mm256_add_epi32(i32[r], _mm256_madd_epi16(i16[r], ones));
+                        i16[r] = _mm256_setzero_si256();
+                    }
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256 s16 = _mm256_set1_ps(16.f * a->s[(r0 + r) * a->nb + b]);
+                const __m256 dx = _mm256_set1_ps(a->d[(r0 + r) * a->nb + b]);
+                __m256 dot = _mm256_sub_ps(_mm256_cvtepi32_ps(i32[r]), s16);
+                acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(dot, dx), d[h], acc[r][h]);
+            }
+        }
+    }
+}
+
+static void q5_many(const Weight *wt, const Act *a, int64_t t0, int64_t t1, uint8_t *codes) {
+    const int64_t nb = a->nb;
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *tile = wt->w + t * wt->tstride;
+        q5_decode_tile(tile, nb, codes);
+        for (int r0 = 0; r0 < a->M; r0 += MAX_M) {
+            const int rows = a->M - r0 < MAX_M ? a->M - r0 : MAX_M;
+            Acc acc;
+            switch (rows) {
+            case 1: q5_decoded(tile, codes, a, r0, 1, acc); break;
+            case 2: q5_decoded(tile, codes, a, r0, 2, acc); break;
+            case 3: q5_decoded(tile, codes, a, r0, 3, acc); break;
+            default: q5_decoded(tile, codes, a, r0, 4, acc);
+            }
+            store_tile(wt, a, t, r0, rows, acc);
+        }
+    }
+}
+
 enum { W8 = 0, Q4 = 1, Q5 = 2 };
 typedef struct { const Weight *wt; const Act *a; int kind; int64_t tiles, chunk; } Task;
 
@@ -442,6 +518,14 @@ static void run_chunk(const void *ctx, int64_t c) {
     const Task *task = ctx;
     const Act *a = task->a;
     int64_t t0 = c * task->chunk, t1 = t0 + task->chunk < task->tiles ? t0 + task->chunk : task->tiles;
+    if (task->kind == Q5 && a->M > MAX_M) {
+        uint8_t *codes = malloc((size_t)a->nb * 512);
+        if (codes) {
+            q5_many(task->wt, a, t0, t1, codes);
+            free(codes);
+            return;
+        }
+    }
     const int64_t step = a->M > MAX_M ? 4 : t1 - t0;
     for (int64_t s = t0; s < t1; s += step) {
         const int64_t e = s + step < t1 ? s + step : t1;

@@ -32,6 +32,9 @@ LV_API int lv_bf16_dot(void);              /* 1: the bfloat16 attention path run
 
 /* -- threads ------------------------------------------------------------------------------- */
 LV_API void lv_set_spin(int on);
+/* STREAM-like read of `bytes` (a multiple of 8) by `nthreads` threads of the pool: a sum, so the
+ * loads are not optimised away (benchmarks/memory_bandwidth.py: the bandwidth decode is bound by). */
+LV_API uint64_t lv_read(const void *buf, int64_t bytes, int nthreads);
 
 /* -- matrix-vector products: out[m, n] = sum_k W[n, k] x[m, k], m < M ------------------------ */
 LV_API int lv_w8a8(const uint8_t *w, const float *scale, int64_t N, int64_t K, int64_t Kp, const void *x,
