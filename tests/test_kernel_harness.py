@@ -39,9 +39,8 @@ def _how(name: str) -> tuple[list[str], list[str]] | str:
     return [cc, "-static"], [qemu, "-cpu", "max"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(isa.VARIANTS))
-def test_variant_passes_the_harness(name, tmp_path):
+def _build(name: str, tmp_path: Path) -> list[str]:
+    """The harness compiled with variant `name`: the command that runs it here (skips where it cannot)."""
     how = _how(name)
     if isinstance(how, str):
         pytest.skip(how)
@@ -57,6 +56,30 @@ def test_variant_passes_the_harness(name, tmp_path):
     for command in steps:
         compiled = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert compiled.returncode == 0, compiled.stderr[-3000:]
-    result = subprocess.run([*run_prefix, str(binary)], capture_output=True, text=True, timeout=900)
+    return [*run_prefix, str(binary)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(isa.VARIANTS))
+def test_variant_passes_the_harness(name, tmp_path):
+    result = subprocess.run(_build(name, tmp_path), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0 and " 0 failures" in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
     assert f"variant {name} " in result.stdout
+
+
+@pytest.mark.slow
+def test_variants_compute_the_same_bits(tmp_path):
+    """The matrix products and small ops of fixed cases give the same bits on every variant that runs here
+    (the integers are exact and the float steps are the AVX-512 variant's, lane for lane)."""
+    digests = {}
+    for name in isa.VARIANTS:
+        if isinstance(_how(name), str):
+            continue
+        result = subprocess.run([*_build(name, tmp_path), "digest"], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        digests[name] = [line for line in result.stdout.splitlines() if line.startswith("digest ")]
+    if len(digests) < 2:
+        pytest.skip(f"only {', '.join(digests) or 'no variant'} runs here: nothing to compare")
+    first, *others = digests
+    for name in others:
+        assert digests[name] == digests[first], (name, first)

@@ -618,8 +618,59 @@ static void test_decode_step(void) {
     printf("decode step: worst relative error %.4g over %d steps\n", worst, STEPS);
 }
 
-int main(void) {
+/* -- digests: the bits of fixed cases, which every variant should share -------------------------------- */
+
+static uint64_t fnv(const void *p, size_t n, uint64_t h) {
+    for (size_t i = 0; i < n; i++) h = (h ^ ((const uint8_t *)p)[i]) * 0x100000001B3ull;
+    return h;
+}
+
+static void digests(void) {
+    seed(7);
+    enum { N = 70, K = 160, M = 6 };
+    int8_t codes[N * K];
+    float scale[N], x[M * K], out[M * N * 2];
+    uint16_t xh[M * K];
+    for (int i = 0; i < N * K; i++) codes[i] = (int8_t)(randint(255) - 127);
+    for (int n = 0; n < N; n++) scale[n] = (float)(0.01 + 0.01 * uniform());
+    for (int i = 0; i < M * K; i++) xh[i] = to_bf16(x[i] = (float)gauss());
+    uint8_t tiles[80 * K], q4[80 * K / 2] = {0}, raw[N * (K / 32) * 22] = {0}, q5[5 * (K / 32) * 352];
+    float qs[5 * (K / 32) * 16], qo[5 * (K / 32) * 16];
+    lv_w8_pack(codes, N, K, K, tiles, 1);
+    for (int i = 0; i < 80 * K / 2; i++) q4[i] = (uint8_t)randint(256);
+    for (int i = 0; i < 5 * (K / 32) * 16; i++) qs[i] = (float)uniform() * 0.1f, qo[i] = (float)gauss() * 0.1f;
+    for (int i = 0; i < N * (K / 32); i++) {
+        uint16_t d = to_f16((float)(uniform() * 0.02));
+        memcpy(raw + i * 22, &d, 2);
+        for (int j = 2; j < 22; j++) raw[i * 22 + j] = (uint8_t)randint(256);
+    }
+    lv_q5_pack_gguf(raw, N, K, (K / 32) * 22, q5, 1);
+    for (int bf16 = 0; bf16 < 2; bf16++) {
+        const void *xs = bf16 ? (const void *)xh : (const void *)x;
+        const size_t size = (size_t)M * N * (bf16 ? 2 : 4);
+        lv_w8a8(tiles, scale, N, K, K, xs, K, bf16, M, out, N, bf16, 2);
+        printf("digest w8a8/%d %016llx\n", bf16, (unsigned long long)fnv(out, size, 14695981039346656037ull));
+        lv_w8a16(tiles, scale, N, K, K, xs, K, bf16, 3, out, N, bf16, 2);
+        printf("digest w8a16/%d %016llx\n", bf16, (unsigned long long)fnv(out, size / 2, 14695981039346656037ull));
+        lv_q4a8(q4, qs, qo, 1, N, K, xs, K, bf16, M, out, N, bf16, 2, 0);
+        printf("digest q4a8/%d %016llx\n", bf16, (unsigned long long)fnv(out, size, 14695981039346656037ull));
+        lv_q5a8(q5, N, K, xs, K, bf16, M, out, N, bf16, 2, 0);
+        printf("digest q5a8/%d %016llx\n", bf16, (unsigned long long)fnv(out, size, 14695981039346656037ull));
+        lv_rms_norm(xs, xs, out, M, K, 1e-6f, bf16, 0);
+        printf("digest rms_norm/%d %016llx\n", bf16, (unsigned long long)fnv(out, (size_t)M * K * (bf16 ? 2 : 4), 14695981039346656037ull));
+        lv_silu_mul(xs, out, M, K / 2, bf16);
+        printf("digest silu_mul/%d %016llx\n", bf16, (unsigned long long)fnv(out, (size_t)M * K / 2 * (bf16 ? 2 : 4), 14695981039346656037ull));
+        lv_rope(xs, out, x, 3, 2, K / 2, K, bf16);
+        printf("digest rope/%d %016llx\n", bf16, (unsigned long long)fnv(out, (size_t)3 * K * (bf16 ? 2 : 4), 14695981039346656037ull));
+    }
+}
+
+int main(int argc, char **argv) {
     printf("variant %s (build %s), %d rows per call\n", lv_variant(), lv_build_id(), lv_max_rows());
+    if (argc > 1 && strcmp(argv[1], "digest") == 0) {
+        digests();
+        return 0;
+    }
     seed(1);
     const int shapes8[][2] = {{16, 32}, {37, 50}, {100, 96}, {272, 896}, {40, 4864}};
     const int rows8[] = {1, 2, 3, 5, 8, 11};

@@ -606,8 +606,11 @@ int lv_rope(const void *x, void *out, const float *cos_sin, int64_t tokens, int6
                 int m = tail16(half - i);
                 V16 x1 = load16(x, bf16, base + i, m), x2 = load16(x, bf16, base + half + i, m);
                 V16 cv = load16(c, 0, i, m), sv = load16(s, 0, i, m);
-                V16 a = v16_sub(v16_mul(x1, cv), v16_mul(x2, sv));
-                V16 b = v16_add(v16_mul(x2, cv), v16_mul(x1, sv));
+                V16 a, b; /* fused as GCC fuses the AVX-512 variant's: x1 c - x2 s with x1 c rounded first */
+                for (int q = 0; q < 4; q++) {
+                    a.v[q] = vfmsq_f32(vmulq_f32(x1.v[q], cv.v[q]), x2.v[q], sv.v[q]);
+                    b.v[q] = vfmaq_f32(vmulq_f32(x2.v[q], cv.v[q]), x1.v[q], sv.v[q]);
+                }
                 store16(out, bf16, to + i, a, m);
                 store16(out, bf16, to + half + i, b, m);
             }
