@@ -457,15 +457,16 @@ static void q5_decode_tile(const uint8_t *tile, int64_t nb, uint8_t *codes) {
     }
 }
 
-/* Rows r0 .. r0 + R - 1 of x times one decoded 5-bit tile (codes) of the q5t16 tile `tile`. */
+/* Rows r0 .. r0 + R - 1 of x times one decoded 5-bit tile (codes) of the q5t16 tile `tile`; the
+ * activations come broadcast already (xb: per row, block and group of 4 columns, 32 bytes), so each
+ * product is one vpmaddubsw with a memory operand and one add. */
 static inline __attribute__((always_inline)) void q5_decoded(const uint8_t *tile, const uint8_t *codes, const Act *a,
-                                                             int r0, const int R, Acc acc) {
+                                                             const uint8_t *xb, int r0, const int R, Acc acc) {
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < a->nb; b++) {
-        const __m256 d[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tile + b * Q5_BLOCK + 320))),
-                             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tile + b * Q5_BLOCK + 336)))};
-        for (int h = 0; h < 2; h++) {
+    for (int h = 0; h < 2; h++) { /* one half of the tile's rows at a time: fewer registers live */
+        __m256 sum[MAX_M];
+        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < a->nb; b++) {
             __m256i i16[MAX_M], i32[MAX_M];
             for (int r = 0; r < R; r++) i16[r] = i32[r] = _mm256_setzero_si256();
 #pragma GCC unroll 8
@@ -473,44 +474,53 @@ static inline __attribute__((always_inline)) void q5_decoded(const uint8_t *tile
                 const __m256i w = _mm256_loadu_si256((const __m256i *)(codes + b * 512 + g * 64 + h * 32));
                 for (int r = 0; r < R; r++)
                     i16[r] = _mm256_add_epi16(i16[r], _mm256_maddubs_epi16(
-                        w, _mm256_set1_epi32(x4(a->xq + (r0 + r) * a->Kp + b * QB + g * 4))));
+                        w, _mm256_loadu_si256((const __m256i *)(xb + (((r0 + r) * a->nb + b) * 8 + g) * 32))));
                 if ((g & 3) == 3)
                     for (int r = 0; r < R; r++) {
                         i32[r] = _mm256_add_epi32(i32[r], _mm256_madd_epi16(i16[r], ones));
                         i16[r] = _mm256_setzero_si256();
                     }
             }
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tile + b * Q5_BLOCK + 320 + 16 * h)));
             for (int r = 0; r < R; r++) {
                 const __m256 s16 = _mm256_set1_ps(16.f * a->s[(r0 + r) * a->nb + b]);
                 const __m256 dx = _mm256_set1_ps(a->d[(r0 + r) * a->nb + b]);
                 __m256 dot = _mm256_sub_ps(_mm256_cvtepi32_ps(i32[r]), s16);
-                acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(dot, dx), d[h], acc[r][h]);
+                sum[r] = _mm256_fmadd_ps(_mm256_mul_ps(dot, dx), d, sum[r]);
             }
         }
+        for (int r = 0; r < R; r++) acc[r][h] = sum[r];
     }
 }
 
-static void q5_many(const Weight *wt, const Act *a, int64_t t0, int64_t t1, uint8_t *codes) {
+#define Q5_MANY_TILES 8 /* tiles decoded at a time: 8 x 14 KiB at K = 896, in L2 while every row reads them */
+
+/* Tiles t0 .. t1 - 1 for all rows: Q5_MANY_TILES tiles decoded, then each group of MAX_M rows (its
+ * broadcast activations in L1) through all of them. */
+static void q5_many(const Weight *wt, const Act *a, const uint8_t *xb, int64_t t0, int64_t t1, uint8_t *codes) {
     const int64_t nb = a->nb;
-    for (int64_t t = t0; t < t1; t++) {
-        const uint8_t *tile = wt->w + t * wt->tstride;
-        q5_decode_tile(tile, nb, codes);
+    for (int64_t s = t0; s < t1; s += Q5_MANY_TILES) {
+        const int64_t e = s + Q5_MANY_TILES < t1 ? s + Q5_MANY_TILES : t1;
+        for (int64_t t = s; t < e; t++) q5_decode_tile(wt->w + t * wt->tstride, nb, codes + (t - s) * nb * 512);
         for (int r0 = 0; r0 < a->M; r0 += MAX_M) {
             const int rows = a->M - r0 < MAX_M ? a->M - r0 : MAX_M;
-            Acc acc;
-            switch (rows) {
-            case 1: q5_decoded(tile, codes, a, r0, 1, acc); break;
-            case 2: q5_decoded(tile, codes, a, r0, 2, acc); break;
-            case 3: q5_decoded(tile, codes, a, r0, 3, acc); break;
-            default: q5_decoded(tile, codes, a, r0, 4, acc);
+            for (int64_t t = s; t < e; t++) {
+                const uint8_t *tile = wt->w + t * wt->tstride, *decoded = codes + (t - s) * nb * 512;
+                Acc acc;
+                switch (rows) {
+                case 1: q5_decoded(tile, decoded, a, xb, r0, 1, acc); break;
+                case 2: q5_decoded(tile, decoded, a, xb, r0, 2, acc); break;
+                case 3: q5_decoded(tile, decoded, a, xb, r0, 3, acc); break;
+                default: q5_decoded(tile, decoded, a, xb, r0, 4, acc);
+                }
+                store_tile(wt, a, t, r0, rows, acc);
             }
-            store_tile(wt, a, t, r0, rows, acc);
         }
     }
 }
 
 enum { W8 = 0, Q4 = 1, Q5 = 2 };
-typedef struct { const Weight *wt; const Act *a; int kind; int64_t tiles, chunk; } Task;
+typedef struct { const Weight *wt; const Act *a; int kind; int64_t tiles, chunk; const uint8_t *xb; } Task;
 
 /* A chunk of tiles for every row: with many rows, a few tiles at a time, which every group of
  * MAX_M rows then reads from the cache. */
@@ -518,10 +528,10 @@ static void run_chunk(const void *ctx, int64_t c) {
     const Task *task = ctx;
     const Act *a = task->a;
     int64_t t0 = c * task->chunk, t1 = t0 + task->chunk < task->tiles ? t0 + task->chunk : task->tiles;
-    if (task->kind == Q5 && a->M > MAX_M) {
-        uint8_t *codes = malloc((size_t)a->nb * 512);
+    if (task->xb) { /* 5-bit weights, many rows */
+        uint8_t *codes = malloc((size_t)Q5_MANY_TILES * a->nb * 512);
         if (codes) {
-            q5_many(task->wt, a, t0, t1, codes);
+            q5_many(task->wt, a, task->xb, t0, t1, codes);
             free(codes);
             return;
         }
@@ -560,6 +570,11 @@ static void quantize_rows(const Quantize *q, int r) {
     }
 }
 
+static void quantize_chunk(const void *ctx, int64_t chunk) { /* rows 16c .. 16c + 15 (no split) */
+    const Quantize *q = ctx;
+    for (int r = (int)chunk * 16; r < (int)chunk * 16 + 16 && r < q->a->M; r++) quantize_rows(q, r);
+}
+
 static int run(const Weight *wt, int kind, const void *x, int64_t ldx, int x_bf16, int rows, int64_t K, int64_t Kp,
                int nthreads, int split) {
     if (rows < 1 || rows > MAX_ROWS || Kp % QB || K > Kp) return -1;
@@ -583,17 +598,27 @@ static int run(const Weight *wt, int kind, const void *x, int64_t ldx, int x_bf1
     a.corr = fl + (size_t)2 * M * a.nb;
     a.si = si;
     Quantize q = {x, ldx, x_bf16, K, &a, scratch};
-    for (int r = 0; r < rows; r++) quantize_rows(&q, r);
+    if (split || rows < 16) {
+        for (int r = 0; r < rows; r++) quantize_rows(&q, r);
+    } else {
+        parallel(quantize_chunk, &q, (rows + 15) / 16, nthreads, 0);
+    }
     free(scratch);
+    uint8_t *xb = NULL; /* 5-bit weights and many rows: the activations broadcast for q5_decoded */
+    if (kind == Q5 && M > MAX_M && (xb = malloc((size_t)M * a.nb * 8 * 32))) {
+        for (int64_t i = 0; i < (int64_t)M * a.nb * 8; i++)
+            _mm256_storeu_si256((__m256i *)(xb + i * 32), _mm256_set1_epi32(x4(xq + i * 4)));
+    }
     int64_t tiles = (wt->N + 15) / 16;
     int64_t chunk = tiles / (8 * nthreads) / 4 * 4; /* ~8 chunks per thread, whole 4-tile groups */
     chunk = chunk < 4 ? 4 : chunk > 64 ? 64 : chunk;
     int64_t chunks = nthreads > 1 && tiles >= 8 ? (tiles + chunk - 1) / chunk : 1;
-    Task task = {wt, &a, kind, tiles, chunks == 1 ? tiles : chunk};
+    Task task = {wt, &a, kind, tiles, chunks == 1 ? tiles : chunk, xb};
     parallel(run_chunk, &task, chunks, nthreads, atomic_load(&kernel_spin_ns));
     free(xq);
     free(fl);
     free(si);
+    free(xb);
     return 0;
 }
 
