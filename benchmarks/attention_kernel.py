@@ -1,4 +1,4 @@
-"""The native paged attention (levante/quant/attention.c) beside PyTorch's, one decode step's calls.
+"""The native paged attention (levante/kernels/cpu/*_attention.c) beside PyTorch's, one decode step's calls.
 
     python benchmarks/attention_kernel.py [--contexts 512 4096 16384] [--threads 1 2] [--layers 24]
                                           [--repeats 5]
@@ -18,7 +18,8 @@ import time
 import torch
 
 from levante.layers.paged_attention import paged_attention_torch
-from levante.quant import kv_int8, native
+from levante.kernels import native
+from levante.quant import kv_int8
 
 HEADS, KV_HEADS, DIM, BLOCK = 14, 2, 64, 16
 

@@ -38,7 +38,7 @@ def gathered(k_cache, tables, ctx, block_size):
 
 def bench(name, batch, q_len, ctx, heads, kv_heads, dim, block_size, dtype):
     import triton
-    from levante.layers.triton_attention import paged_attention_triton
+    from levante.kernels.triton_attention import paged_attention_triton
 
     q, k, v, tables, cu, lens = paged_case(batch, q_len, ctx, heads, kv_heads, dim, block_size, dtype, "cuda")
     scale = dim ** -0.5

@@ -1,4 +1,4 @@
-"""The native CPU kernels (levante/quant/kernels.c) beside PyTorch's, same process, interleaved.
+"""The native CPU kernels (levante/kernels/cpu/, the variant this CPU runs) beside PyTorch's, same process, interleaved.
 
     python benchmarks/native_kernels.py [--threads 1 2] [--rows 1 4 8] [--repeats 5]
 
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from levante.quant import native
+from levante.kernels import native
 from levante.quant.packed import Int4Weight, Int8Weight, Q5Weight
 
 SHAPES = {"head": (151936, 896), "gate_up": (9728, 896), "down": (896, 4864), "qkv": (1152, 896)}

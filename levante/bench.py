@@ -11,15 +11,19 @@ import time
 
 
 def run_bench(args) -> int:
+    import torch
+
     from levante import LLM
     from levante.engine.args import EngineArgs
     from levante.engine.engine import weight_bytes
     from levante.engine.sampling_params import SamplingParams
+    from levante.kernels import native
 
     start = time.perf_counter()
     llm = LLM.from_engine_args(EngineArgs.from_cli_args(args, warmup=True, progress=sys.stderr.isatty()))
     load = time.perf_counter() - start
-    prompt = [(i * 7919) % 20000 + 100 for i in range(args.prompt_tokens)]
+    span = min(20000, llm.engine.model_config.vocab_size - 120)  # ordinary tokens of any vocabulary
+    prompt = [(i * 7919) % span + 100 for i in range(args.prompt_tokens)]
     prefill, decode = [], []
     for run in range(args.runs):
         ids = [prompt[0] + run + 1] + prompt[1:]
@@ -31,7 +35,8 @@ def run_bench(args) -> int:
         decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     engine = llm.engine
     print(f"model {args.model} ({engine.dtype}, quantization {engine.quantization or 'none'}), load {load:.2f} s, "
-          f"weights {weight_bytes(engine.model) / 2**20:.0f} MiB, peak RSS {_peak_rss_mib():.0f} MiB")
+          f"weights {weight_bytes(engine.model) / 2**20:.0f} MiB, peak RSS {_peak_rss_mib():.0f} MiB, "
+          f"CPU kernels {native.variant()}, {torch.get_num_threads()} threads")
     print(f"weights loaded from {getattr(engine, 'loaded_from', None)}")
     for name, values in [("prefill tok/s", prefill), ("decode tok/s", decode)]:
         print(f"{name:14} min {min(values):8.1f}  median {statistics.median(values):8.1f}  max {max(values):8.1f}")

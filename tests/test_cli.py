@@ -92,3 +92,25 @@ def test_bad_lora_flags(tiny_model, tmp_path):
     _assert_one_line_error(_run("run", "-m", model, "--lora", "no-equals-sign", "hi"), "--lora", "NAME=PATH")
     _assert_one_line_error(_run("run", "-m", model, "--lora", f"x={tmp_path / 'nowhere'}", "hi"),
                            "nowhere", "not a folder")
+
+
+def test_bench_names_the_cpu_kernels(tiny_model):
+    from levante.kernels import native
+
+    result = _run("bench", "-m", str(tiny_model("qwen2")), "--isq", "int8", "--prompt-tokens", "16",
+                  "--gen-tokens", "4", "--runs", "1", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"CPU kernels {native.variant()}," in result.stdout
+
+
+def test_a_cpu_isa_this_cpu_cannot_run_is_one_line(tiny_model):
+    """LEVANTE_CPU_ISA naming another architecture's variant (one always exists): refused, saying why."""
+    import os
+
+    from levante.kernels import isa
+
+    foreign = next(name for name in isa.VARIANTS if isa.missing(name) is not None)
+    result = subprocess.run([sys.executable, "-m", "levante", "run", "-m", str(tiny_model("qwen2")), "--isq", "int8",
+                             "--max-tokens", "2", "hi"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "LEVANTE_CPU_ISA": foreign})
+    _assert_one_line_error(result, f"LEVANTE_CPU_ISA={foreign}", isa.missing(foreign))

@@ -1,4 +1,4 @@
-"""The one-call decode step (layers/decode_step.py, quant/decode_step.c) against the modules.
+"""The one-call decode step (layers/decode_step.py, kernels/cpu/decode_step.c) against the modules.
 
 Same kernels, same roundings: every decode step's logits must equal the modules' bit for bit,
 for biased q/k/v (Qwen2), q/k norms (Qwen3), a sliding window shorter than the context
@@ -13,10 +13,10 @@ from gguf import GGMLQuantizationType as T
 from levante import LLM, SamplingParams
 from levante.layers import decode_step
 from levante.layers.decode_step import DecodeStep
-from levante.quant import native
+from kernel_variants import kernel_variant  # noqa: F401
 from tiny_gguf import convert
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels do not run here")
+pytestmark = pytest.mark.usefixtures("kernel_variant")  # each variant this CPU runs (kernel_variants.py)
 
 PROMPT = [5 + (i * 37) % 300 for i in range(40)]  # longer than Mistral's 16-token window
 

@@ -4,7 +4,7 @@
 Float32 files: the same numbers as both (observed max |diff| ~1e-5 on logits of magnitude
 ~3; 1e-4 as in test_models). Q4_0 files: the weights stay quantised (experts too, each its
 own packed matrix cut from the stacked tensor). The quantised matmuls round activations to
-8 bits in blocks (llama.cpp always; ours where the native kernels run, quant/native.py), so
+8 bits in blocks (llama.cpp always; ours where the native kernels run, kernels/native.py), so
 only the top token and the size of the difference are held against llama.cpp, over both prompts'
 positions (observed: the top token agrees at >= 95% of positions, |ours - llama.cpp| / |llama.cpp|
 is 1-2% with the native kernels; without them, where PyTorch has no int4 kernels either (AVX2),

@@ -19,7 +19,9 @@ from levante.engine.args import EngineArgs
 from levante.engine.runner import PAGED_ENV
 from levante.errors import InvalidRequest
 from levante.layers.paged_attention import paged_attention_torch
-from levante.quant import kv_int8, native
+from kernel_variants import kernel_variant  # noqa: F401
+from levante.kernels import native
+from levante.quant import kv_int8
 
 
 def test_rows_hold_codes_then_a_scale_per_16_values():
@@ -40,7 +42,7 @@ def test_rows_hold_codes_then_a_scale_per_16_values():
     assert kv_int8.cache_values(x, torch.float64).dtype == torch.float64
 
 
-@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX-512 or gcc)")
+@pytest.mark.usefixtures("kernel_variant")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_native_store_writes_the_bytes_of_quantize(dtype):
     g = torch.Generator().manual_seed(0)

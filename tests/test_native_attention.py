@@ -1,4 +1,4 @@
-"""The CPU paged-attention kernel (quant/attention.c through native.paged_attention) against a
+"""The CPU paged-attention kernel (kernels/cpu/*_attention.c through native.paged_attention) against a
 float64 reference computed from the same cache values, and the engine's default CPU path (the
 kernel where it runs) against the SDPA path.
 
@@ -14,9 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from levante.quant import native
+from kernel_variants import kernel_variant  # noqa: F401
+from levante.kernels import native
 
-needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX-512 or gcc)")
+every_variant = pytest.mark.usefixtures("kernel_variant")  # each variant this CPU runs (kernel_variants.py)
+needs_native = pytest.mark.skipif(not native.available(), reason="no native kernel variant runs here")
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -86,34 +88,34 @@ def check(seq_lens, q_lens, *, block_size=16, heads=4, kv_heads=2, dim=64, dtype
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
-@needs_native
+@every_variant
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 255, 700, 2100])
 @pytest.mark.parametrize("block_size", [1, 5, 16, 32])
 def test_decode_lengths_and_block_sizes(length, block_size):
     check([length, max(1, length // 3)], [1, 1], block_size=block_size)
 
 
-@needs_native
+@every_variant
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (14, 2), (6, 1)])
 @pytest.mark.parametrize("dim", [8, 64, 80, 128, 256])
 def test_grouped_query_ratios_and_head_sizes(heads, kv_heads, dim):
     check([600, 33, 1], [1, 1, 1], heads=heads, kv_heads=kv_heads, dim=dim)
 
 
-@needs_native
+@every_variant
 @pytest.mark.parametrize("window", [1, 7, 16, 300, 5000])
 def test_sliding_windows(window):
     """Decode rows and a prefill chunk, windows inside a tile, across tiles, and wider than the context."""
     check([1000, 40, 520], [1, 40, 9], window=window, block_size=8)
 
 
-@needs_native
+@every_variant
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cache_dtypes(dtype):
     check([900, 70, 3], [1, 5, 3], dtype=dtype, heads=14, kv_heads=2)
 
 
-@needs_native
+@every_variant
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window,shared_blocks", [(None, 0), (37, 0), (None, 20)])
 def test_int8_caches(q_dtype, window, shared_blocks):
@@ -141,20 +143,20 @@ def test_int8_caches(q_dtype, window, shared_blocks):
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
-@needs_native
+@every_variant
 def test_prefill_chunks_decode_rows_and_empty_sequences():
     """A ragged step: a whole prompt, a chunk after a prefix-cache hit, decode rows, a sequence with no rows."""
     check([300, 1200, 7, 0, 64], [300, 100, 1, 0, 1], heads=8, kv_heads=2, block_size=16)
 
 
-@needs_native
+@every_variant
 @pytest.mark.parametrize("window", [None, 50])
 def test_prefix_cache_sharing(window):
     """Sequences whose tables start with the same blocks (one copy of the shared prefix in the cache)."""
     check([700, 650, 333, 900], [1, 1, 20, 1], shared_blocks=20, window=window, heads=14, kv_heads=2)
 
 
-@needs_native
+@every_variant
 @pytest.mark.skipif(not native.bf16_dot_supported(), reason="the bfloat16 path needs AVX512-BF16")
 @pytest.mark.parametrize("case", [
     # (seq_lens, q_lens, heads, kv_heads, dim, block_size, window, shared_blocks)
@@ -179,7 +181,7 @@ def test_bfloat16_path(case):
           shared_blocks=shared, dtype=torch.bfloat16)
 
 
-@needs_native
+@every_variant
 def test_out_argument_and_layer_dispatch():
     from levante.layers.paged_attention import paged_attention, paged_attention_torch
 

@@ -1,4 +1,4 @@
-"""levante.quant.native: the W8A8 / W4A8 kernels of kernels.c against float64 references.
+"""levante.kernels.native: the W8A8 / W4A8 kernels of kernels/cpu/ against float64 references.
 
 The kernels round each row of x to int8 in blocks of 32 (scale = the block's max / 127),
 so a product differs from the exact one (same quantised weights, float64) by the
@@ -16,10 +16,11 @@ import sys
 import pytest
 import torch
 
-from levante.quant import native
-from levante.quant.packed import Int4Weight, Int8Weight, Q5Weight, quantize_int4, quantize_int8
+from kernel_variants import kernel_variant  # noqa: F401
+from levante.kernels import build, isa, native
+from levante.quant.packed import Int4Weight, Int8Weight, Q5Weight, int4_supported, quantize_int4, quantize_int8
 
-needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX-512 VNNI or gcc)")
+every_variant = pytest.mark.usefixtures("kernel_variant")  # each variant this CPU runs (kernel_variants.py)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -35,7 +36,7 @@ def rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return half_step @ w.double().abs().t()
 
 
-@needs_native
+@every_variant
 @pytest.mark.parametrize("shape", [(16, 32), (37, 50), (100, 96), (1152, 896), (40, 4864)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -56,7 +57,7 @@ def test_int8_kernel_against_float64(shape, rows, dtype):
     assert ((got.double() - want).abs() <= rounding_bound(x, w_hat) * 1.01 + slack * want.abs() + 1e-4).all()
 
 
-@needs_native
+@every_variant
 @pytest.mark.parametrize("shape", [(16, 32), (40, 96), (144, 896), (24, 4864)])
 @pytest.mark.parametrize("rows", [1, 3, 8, 10])
 def test_int4_kernel_against_float64(shape, rows):
@@ -77,7 +78,7 @@ def test_int4_kernel_against_float64(shape, rows):
     assert ((got.double() - want).abs() <= rounding_bound(x, w_hat) * 1.01 + 1e-5 * want.abs() + 1e-4).all()
 
 
-@needs_native
+@every_variant
 def test_int4_rows_not_a_multiple_of_the_tile():
     shape = (40, 64)
     generator = torch.Generator().manual_seed(3)
@@ -96,7 +97,7 @@ def test_int4_rows_not_a_multiple_of_the_tile():
     assert ((got.double() - exact).abs() <= rounding_bound(x, want) * 1.01 + 1e-5 * exact.abs() + 1e-4).all()
 
 
-@needs_native
+@every_variant
 @pytest.mark.parametrize("shape", [(37, 50), (144, 64)])
 def test_int8_layouts_round_trip(shape):
     weight = quantize_int8(torch.randn(*shape, generator=torch.Generator().manual_seed(6)))
@@ -110,11 +111,13 @@ def test_int8_layouts_round_trip(shape):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert torch.equal(native.unpack_int8_rows(weight.qweight, shape, 16, shape[0], dtype),
                            rows.qweight[16:].to(dtype))
-    x = torch.randn(20, shape[1])  # the dense path, through each layout's rows
-    assert relative_error(weight.matmul(x), rows.matmul(x)) < 1e-6
+    x = torch.randn(20, shape[1])  # the dense path, through each layout's rows, where this variant has one
+    if weight.dense_from_rows <= 20:
+        assert relative_error(weight.matmul(x), rows.matmul(x)) < 1e-6
 
 
-@needs_native
+@every_variant
+@pytest.mark.skipif(not int4_supported(), reason="PyTorch's int4 packing (the aten layout) differs on this CPU")
 def test_int4_layouts_round_trip():
     """Equal up to float32 rounding: the aten layout keeps zero = offset + 8 * scale."""
     weight = quantize_int4(torch.randn(144, 64, generator=torch.Generator().manual_seed(5)), 32, torch.float32)
@@ -128,7 +131,7 @@ def test_int4_layouts_round_trip():
     assert relative_error(weight.matmul(x), aten.matmul(x)) < 1e-6
 
 
-@needs_native
+@every_variant
 def test_threads_agree():
     weight = quantize_int8(torch.randn(4096, 256))
     x = torch.randn(3, 256)
@@ -143,11 +146,28 @@ def test_threads_agree():
     assert torch.equal(one, two)
 
 
+@every_variant
+def test_rows_agree_however_many_share_a_call():
+    """A row of x gets the same bits alone as among 11 (variants take many rows another way)."""
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(11, 896, generator=generator)
+    int8 = quantize_int8(torch.randn(100, 896, generator=generator))
+    codes, d, _ = q5_codes((100, 896), 3)
+    q5 = Q5Weight.from_codes(codes, d)
+    q4 = quantize_int4(torch.randn(96, 896, generator=generator), 32, torch.float32)
+    products = [lambda rows: native.int8_matmul(int8.qweight, int8._scales32, int8.shape, rows, precise=False),
+                lambda rows: native.q5_matmul(q5.packed, q5.shape, rows),
+                lambda rows: native.int4_matmul(q4.packed, q4.qscale, q4.qoffset, q4.shape, rows)]
+    for product in products:
+        together = product(x)
+        assert torch.equal(together, torch.cat([product(x[i:i + 1]) for i in range(11)]))
+
+
 def test_disabled_by_env_falls_back_to_pytorch():
     """LEVANTE_NATIVE_KERNELS=0: no library, packed weights in PyTorch's layouts, exact kernels."""
     code = (
         "import torch\n"
-        "from levante.quant import native\n"
+        "from levante.kernels import native\n"
         "from levante.quant.packed import quantize_int8\n"
         "assert native.library() is None\n"
         "w = quantize_int8(torch.randn(40, 64))\n"
@@ -164,20 +184,76 @@ def test_disabled_by_env_falls_back_to_pytorch():
 
 
 def test_build_failure_is_quiet(tmp_path, monkeypatch):
-    """A compiler that fails: library() is None (debug log only), nothing raised."""
+    """No packaged library and a compiler that fails: no kernels (debug log only), nothing raised."""
     compiler = tmp_path / "cc"
     compiler.write_text("#!/bin/sh\necho broken >&2\nexit 1\n")
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("LEVANTE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(native, "_cpu_supported", lambda: True)
-    native.library.cache_clear()
+    monkeypatch.setattr(build, "PACKAGED", tmp_path / "none")
+    name = isa.for_machine()[0].name if isa.for_machine() else pytest.skip(f"no kernel variant for {isa.machine()}")
+    native._load.cache_clear()
     try:
-        assert native.library() is None
+        assert native._load(name) is None
         with pytest.raises(subprocess.CalledProcessError):
-            native.build()
+            build.library_path(name)
     finally:
-        native.library.cache_clear()
+        native._load.cache_clear()
+
+
+@pytest.mark.slow
+def test_built_at_first_use_where_not_installed(tmp_path, monkeypatch, caplog):
+    """A variant missing from the package is compiled into the cache once, and that is logged once."""
+    name = isa.best()
+    if name == isa.SCALAR or build.compiler() is None:
+        pytest.skip(f"no kernel variant runs here ({isa.machine()}) or no C compiler")
+    monkeypatch.setenv("LEVANTE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "PACKAGED", tmp_path / "none")
+    monkeypatch.setattr(build, "_logged_fallback", set())
+    with caplog.at_level("INFO", logger="levante"):
+        first, again = build.library_path(name), build.library_path(name)
+    assert first == again and first.parent == tmp_path / "cache" / "kernels" and build.is_current(first, isa.VARIANTS[name])
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert f"the {name} variant is not installed" in caplog.records[0].getMessage()
+
+
+def test_the_package_carries_every_variant_of_this_architecture():
+    """make install / pip install built every variant into levante/kernels/lib, from these sources."""
+    if not isa.for_machine() or build.compiler() is None:
+        pytest.skip(f"no kernel variant for {isa.machine()}, or no C compiler to have built them")
+    for variant in isa.for_machine():
+        assert build.is_current(build.PACKAGED / build.file_name(variant.name), variant), variant.name
+
+
+def test_cpu_isa_choice(monkeypatch):
+    """LEVANTE_CPU_ISA: the best by default, "scalar" is PyTorch's kernels, a variant this CPU cannot run
+    (another architecture's always exists) and an unknown name are refused, saying why."""
+    monkeypatch.delenv("LEVANTE_CPU_ISA", raising=False)
+    monkeypatch.delenv("LEVANTE_NATIVE_KERNELS", raising=False)
+    assert isa.requested() == isa.best()
+    monkeypatch.setenv("LEVANTE_CPU_ISA", "scalar")
+    assert isa.requested() == "scalar"
+    foreign = next(name for name in isa.VARIANTS if isa.missing(name) is not None)
+    monkeypatch.setenv("LEVANTE_CPU_ISA", foreign)
+    with pytest.raises(isa.KernelChoiceError, match=f"LEVANTE_CPU_ISA={foreign}: .*this CPU runs {isa.best()}"):
+        isa.requested()
+    monkeypatch.setenv("LEVANTE_CPU_ISA", "sse2")
+    with pytest.raises(isa.KernelChoiceError, match="no such kernel variant"):
+        isa.requested()
+    monkeypatch.setenv("LEVANTE_NATIVE_KERNELS", "0")
+    assert isa.requested() == "scalar"
+
+
+def test_forcing_a_lower_variant_runs_it():
+    """LEVANTE_CPU_ISA=<the lowest variant this CPU runs> in a fresh process: that variant's kernels."""
+    runnable = [v.name for v in isa.for_machine() if isa.missing(v.name) is None]
+    if not runnable:
+        pytest.skip(f"no kernel variant runs on this CPU ({isa.machine()})")
+    code = "from levante.kernels import native; print(native.variant())"
+    for name in (runnable[-1], "scalar"):
+        result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LEVANTE_CPU_ISA": name},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and result.stdout.strip() == name, result.stderr[-2000:]
 
 
 def q5_codes(shape, seed):
@@ -188,7 +264,7 @@ def q5_codes(shape, seed):
     return codes, d, values
 
 
-@needs_native
+@every_variant
 @pytest.mark.parametrize("shape", [(16, 32), (37, 96), (1152, 896)])
 @pytest.mark.parametrize("rows", [1, 4, 8, 11])
 def test_q5_kernel_against_float64(shape, rows):
@@ -202,7 +278,7 @@ def test_q5_kernel_against_float64(shape, rows):
     assert ((got.double() - want).abs() <= rounding_bound(x, values) * 1.01 + 1e-5 * want.abs() + 1e-4).all()
 
 
-@needs_native
+@every_variant
 def test_q5_layout_round_trips_and_rows():
     codes, d, values = q5_codes((37, 64), 1)
     weight = Q5Weight.from_codes(codes, d)
@@ -211,13 +287,14 @@ def test_q5_layout_round_trips_and_rows():
     index = torch.tensor([[36, 0], [17, 16]])
     assert torch.equal(weight.rows(index, torch.float32), values[index])
     assert torch.equal(native.q5_values(weight.packed, weight.shape, 16, 37, torch.bfloat16), values[16:].bfloat16())
-    x = torch.randn(30, 64)  # the dense path
-    assert relative_error(weight.matmul(x), x.double() @ values.double().t()) < 1e-6
+    x = torch.randn(30, 64)  # the dense path, where this variant has one
+    if weight.dense_from_rows <= 30:
+        assert relative_error(weight.matmul(x), x.double() @ values.double().t()) < 1e-6
     int8 = weight.to_int8(torch.float32)
     assert relative_error(int8.dequantize(torch.float32), values) < 0.01
 
 
-@needs_native
+@every_variant
 def test_q5_0_gguf_tensors_stay_exact():
     from gguf import GGMLQuantizationType as T
     import gguf

@@ -91,7 +91,7 @@ def test_triton_kernel_agrees_with_the_torch_reference(window):
     """Only where the kernel can run: CUDA, or the Triton interpreter on CPU (TRITON_INTERPRET=1)."""
     import os
 
-    triton_attention = pytest.importorskip("levante.layers.triton_attention")
+    triton_attention = pytest.importorskip("levante.kernels.triton_attention")
     cuda = torch.cuda.is_available()
     if not triton_attention.triton_available() or not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("no Triton kernel here")
@@ -216,7 +216,7 @@ def test_engine_paged_path_matches_sdpa_path(tiny_model, sdpa_outputs, monkeypat
     """The CPU's default (the native kernel where it runs, else SDPA) and the paged path's PyTorch
     version against the SDPA path; run twice, the second time with the prompts' full blocks (they
     share a prefix) coming from the prefix cache."""
-    from levante.quant import native
+    from levante.kernels import native
 
     want = sdpa_outputs(arch)
     if kernel == "torch":
@@ -234,7 +234,7 @@ def test_engine_paged_path_matches_sdpa_path(tiny_model, sdpa_outputs, monkeypat
 
 
 def test_cpu_without_the_native_kernel_keeps_the_sdpa_path(tiny_model, monkeypatch):
-    from levante.quant import native
+    from levante.kernels import native
 
     monkeypatch.setattr(native, "paged_attention_supported", lambda dtype, head_dim: False)
     llm = LLM(str(tiny_model("qwen3")), dtype="float32", block_size=4, max_model_len=128)

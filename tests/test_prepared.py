@@ -77,7 +77,7 @@ def test_entry_written_with_native_kernels_loads_without_them(gguf_path, tmp_pat
     import subprocess
     import sys
 
-    from levante.quant import native
+    from levante.kernels import native
 
     if not native.available():
         pytest.skip("native kernels unavailable")
@@ -86,7 +86,7 @@ def test_entry_written_with_native_kernels_loads_without_them(gguf_path, tmp_pat
     code = (
         "import sys\n"
         "from levante import LLM, SamplingParams\n"
-        "from levante.quant import native\n"
+        "from levante.kernels import native\n"
         "assert native.library() is None\n"
         f"params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)\n"
         f"mapped = LLM({str(gguf_path)!r}, warmup=False)\n"

@@ -26,7 +26,7 @@ from levante.layers.linear import LinearBase
 from levante.loader.gguf import GGUFFile
 from levante.loader.sources import DEFAULT_MODEL, is_installed, resolve_alias
 from levante.quant.gguf_blocks import GGUFTensor, dequantize
-from levante.quant import native
+from levante.kernels import native
 from levante.quant.packed import (GGUFRows, Int4Weight, Int8Weight, Q5Weight, int4_supported, pack, pack_int4,
                                   quantize_int4, quantize_int8, unpack_int4)
 

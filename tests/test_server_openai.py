@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from levante import LLM
+from levante.kernels import native
 from live_server import live_server, metric
 
 MSG = [{"role": "user", "content": "Say something."}]
@@ -27,7 +28,10 @@ def client(server):
 
 
 def test_models_and_health(server, client):
-    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok", "models": {"tiny": {"status": "loaded"}}}
+    kernels = native.variant()  # the CPU kernels' variant: /health and /metrics report it
+    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok", "models": {"tiny": {"status": "loaded"}},
+                                                       "cpu_kernels": kernels}
+    assert metric(server[0], "levante_cpu_kernels_info", variant=kernels) == 1
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 

@@ -9,6 +9,7 @@ import torch
 
 from levante import LLM, SamplingParams
 from levante.errors import ModelLoadError
+from levante.kernels import native
 
 ATOL = 1e-4
 OPTIONS = dict(dtype="float32", block_size=4, num_kv_blocks=128)
@@ -137,6 +138,28 @@ def test_tp2_quantized_int8_matches_tp1(tiny_model):
     """Per-row int8 under TP: a row-parallel rank (o_proj, down_proj) keeps half of each row, with
     the whole row's scale (else its codes and logits differ from one rank's)."""
     _compare(tiny_model("qwen2"), quantization="int8")
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernel variant runs here")
+def test_tp2_ranks_take_the_paged_kernel(tiny_model):
+    """With the native kernels, every rank attends through the paged kernel: a step goes to the workers
+    as its block tables (rank 0 builds no SDPA fields for them), and the logits match one rank's."""
+    def check(llm):
+        runner = llm.engine.runner
+        assert runner.paged
+        prepare, paged_steps = runner.prepare, []
+
+        def spy(batch, all_logits):
+            ids, positions, md = prepare(batch, all_logits)
+            paged_steps.append(md.block_tables is not None and md.key_slots is None)
+            return ids, positions, md
+
+        runner.prepare = spy
+        llm.generate([[7 + i for i in range(30)], [9, 10, 11]], SamplingParams(temperature=0, max_tokens=8))
+        runner.prepare = prepare
+        assert paged_steps and all(paged_steps)
+
+    _compare(tiny_model("qwen2"), check=check, quantization="int4")  # int4 groups survive the split (see below)
 
 
 _TORCHRUN_SCRIPT = """

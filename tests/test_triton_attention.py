@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from levante.layers.triton_attention import paged_attention_triton, triton_available  # noqa: E402
+from levante.kernels.triton_attention import paged_attention_triton, triton_available  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -112,7 +112,7 @@ def test_sliding_window(block_size):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_batch_no_out(split_kv, dtype, monkeypatch):
     # Small decode batches split each context over several programs (flash-decoding) unless turned off.
-    import levante.layers.triton_attention as ta
+    import levante.kernels.triton_attention as ta
 
     monkeypatch.setattr(ta, "SPLIT_KV_BELOW", 256 if split_kv else 0)
     assert (ta._num_splits(1, 7, 1) > 1) == split_kv
@@ -122,7 +122,7 @@ def test_decode_batch_no_out(split_kv, dtype, monkeypatch):
 
 @pytest.mark.parametrize("split_kv", [True, False])
 def test_decode_sliding_window(split_kv, monkeypatch):
-    import levante.layers.triton_attention as ta
+    import levante.kernels.triton_attention as ta
 
     monkeypatch.setattr(ta, "SPLIT_KV_BELOW", 256 if split_kv else 0)
     run_case(q_lens=[1, 1, 1, 0], seq_lens=[150, 20, 70, 9], heads=4, kv_heads=2, head_dim=80, block_size=5,

@@ -16,9 +16,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from levante.layers._triton_attention_kernel import combine_splits_kernel as COMBINE
-from levante.layers._triton_attention_kernel import paged_attention_kernel as KERNEL
-from levante.layers.triton_attention import _next_pow2, _tiles
+from levante.kernels._triton_attention_kernel import combine_splits_kernel as COMBINE
+from levante.kernels._triton_attention_kernel import paged_attention_kernel as KERNEL
+from levante.kernels.triton_attention import _next_pow2, _tiles
 
 INTS = ["stride_qt", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh", "stride_ot", "stride_oh",
         "stride_bt"]

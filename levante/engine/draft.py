@@ -26,7 +26,7 @@ from levante.engine.scheduler import ScheduledSequence
 from levante.engine.sequence import Sequence, Status
 from levante.engine.speculative import SequenceWithDrafts
 from levante.errors import ModelLoadError
-from levante.quant import native
+from levante.kernels import native
 from levante.quant.packed import NATIVE_KERNEL_ROWS
 
 logger = logging.getLogger("levante")

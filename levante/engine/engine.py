@@ -32,7 +32,7 @@ from levante.loader.matformer import sliced_config
 from levante.loader.tokenizer import IncrementalDetokenizer
 from levante.multimodal.inputs import MultiModalPrompt
 from levante.multimodal.processor import load_processor
-from levante.quant import native
+from levante.kernels import native
 from levante.quant.packed import NATIVE_KERNEL_ROWS, resolve_mode
 
 logger = logging.getLogger("levante")
@@ -290,7 +290,7 @@ class Engine:
 
     # -- one step ---------------------------------------------------------
     def _native_step(self, batch: list[ScheduledSequence]) -> bool:
-        """Whether every packed matmul of this step takes the native kernels (quant/native.py)."""
+        """Whether every packed matmul of this step takes the native kernels (kernels/native.py)."""
         return (self.quantization is not None and self.tensor_parallel is None and self.device.type == "cpu"
                 and sum(item.num_new_tokens for item in batch) < NATIVE_KERNEL_ROWS)
 

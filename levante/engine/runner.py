@@ -21,7 +21,8 @@ from levante.layers.attention import Attention, AttentionMetadata, attention_met
 from levante.layers.lora import LoraBatch, lora_batch
 from levante.layers.moe import SparseMoE
 from levante.errors import InvalidRequest
-from levante.quant import kv_int8, native
+from levante.kernels import native
+from levante.quant import kv_int8
 
 logger = logging.getLogger("levante")
 
@@ -102,7 +103,7 @@ class ModelRunner:
         self._padded_eager = padded
 
     def _native_attention(self, dtype: torch.dtype) -> bool:
-        """Paged attention on the CPU: with the native kernel (quant/attention.c) where it runs for every
+        """Paged attention on the CPU: with the native kernel (kernels/cpu/*_attention.c) where it runs for every
         layer, else the SDPA path. LEVANTE_PAGED_ATTENTION=1 forces the paged path (its PyTorch
         version where the kernel cannot run), 0 the SDPA path."""
         forced = os.environ.get(PAGED_ENV)
@@ -223,13 +224,17 @@ class ModelRunner:
             block_tables=table.to(torch.int32), cu_seqlens_q=cu.to(torch.int32), seq_lens=kv.to(torch.int32),
             max_query_len=max(q_lens), block_size=bs)
 
+        metadata._sdpa_builder = self.sdpa_builder(q_lens, kv_lens, block_tables)
+        return ids, pos, metadata
+
+    def sdpa_builder(self, q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]]):
+        """The SDPA fields of a paged step, built when a layer asks for them (AttentionMetadata.sdpa)."""
         def sdpa_fields():
             full = self._metadata(q_lens, kv_lens, block_tables, [])
             return {name: getattr(full, name) for name in ("key_slots", "query_positions", "query_index",
                                                             "output_index")}
 
-        metadata._sdpa_builder = sdpa_fields
-        return ids, pos, metadata
+        return sdpa_fields
 
     def _upload(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """int64 host tensors -> the device in one non-blocking copy from pinned memory (CUDA); as-is on CPU.

@@ -17,7 +17,10 @@ notebook) takes the group over: the old engine's workers stop and its next step 
 
 Each step (`TensorParallelRunner.prepare`): rank 0 builds the step's inputs as usual and
 broadcasts them (distributed/messages.py), with each token row's LoRA adapter id when any
-row has one; workers rebuild the attention metadata and run the same forward. A LoRA adapter
+row has one; workers rebuild the attention metadata and run the same forward. Every rank runs
+the native CPU kernels' variant rank 0 runs (sent at start-up), and a paged step travels as
+its block tables, so the workers' attention is the paged kernel too (their SDPA fields, where
+a layer needs them, are built from the tables as rank 0 builds its own). A LoRA adapter
 loaded on rank 0 is loaded by every rank from the same path (each keeps its shard), all
 confirming together as at start-up. Layers all-reduce inside; the head's logits are all-gathered, and only
 rank 0 samples. Workers end on a SHUTDOWN message, or when rank 0 disappears.
@@ -37,6 +40,7 @@ from levante.config import EngineConfig
 from levante.distributed import launcher, messages, parallel_state
 from levante.engine.runner import ModelRunner
 from levante.errors import LevanteError, ModelLoadError
+from levante.kernels import native
 from levante.layers.attention import AttentionMetadata, attention_metadata
 from levante.layers.lora import LoraBatch, lora_batch
 from levante.loader.lora import read_adapter
@@ -45,7 +49,7 @@ from levante.models.registry import attach_lora, detach_lora, lora_shapes
 logger = logging.getLogger("levante")
 
 _FIELDS = ("input_ids", "positions", "slot_mapping", "key_slots", "query_positions", "kv_lens",
-           "query_index", "output_index", "logits_indices", "lora_rows")
+           "query_index", "output_index", "logits_indices", "block_tables", "cu_seqlens_q", "seq_lens", "lora_rows")
 _CPU = torch.device("cpu")
 
 
@@ -130,7 +134,7 @@ def start_rank0(model: str, model_config, config: EngineConfig, device: torch.de
             launcher.join_workers(procs, timeout=1.0)
             codes = [p.returncode for p in procs]
             raise ModelLoadError(f"tensor-parallel workers did not join (exit codes {codes}): {e}") from None
-    dist.broadcast_object_list([model, config], src=0, group=parallel_state.cpu_group())
+    dist.broadcast_object_list([model, config, native.variant()], src=0, group=parallel_state.cpu_group())
     return TensorParallel(procs, threads), device
 
 
@@ -203,13 +207,14 @@ def _serve_steps(device: torch.device) -> None:
     from levante.engine.build import load_model
     from levante.loader.auto import open_model
 
-    box: list = [None, None]
+    box: list = [None, None, None]
     dist.broadcast_object_list(box, src=0, group=parallel_state.cpu_group())
-    model_path, config = box
+    model_path, config, kernels = box
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     model, error = None, None
     try:
+        native.select(kernels)  # rank 0's CPU kernels (the same weight layouts, the same roads)
         source = open_model(model_path)
         dtype = config.dtype  # resolved by rank 0
         model = load_model(source, config, dtype, device)[0]
@@ -254,13 +259,19 @@ def _load_lora(model, adapter_id: int, max_rank: int) -> None:
 
 @torch.inference_mode()
 def _forward(runner: ModelRunner, ints: list[int], tensors: list) -> None:
-    max_position, causal = ints
+    max_position, causal, max_query_len, block_size = ints
     fields = dict(zip(_FIELDS, tensors))
     metadata = AttentionMetadata(
         slot_mapping=fields["slot_mapping"], key_slots=fields["key_slots"],
         query_positions=fields["query_positions"], kv_lens=fields["kv_lens"],
         query_index=fields["query_index"], output_index=fields["output_index"],
         max_position=max_position, logits_indices=fields["logits_indices"], causal=bool(causal))
+    if fields["block_tables"] is not None:  # a paged step: the tables, the SDPA fields on demand
+        tables, cu, lens = (fields[n].to(torch.int32) for n in ("block_tables", "cu_seqlens_q", "seq_lens"))
+        metadata.block_tables, metadata.cu_seqlens_q, metadata.seq_lens = tables, cu, lens
+        metadata.max_query_len, metadata.block_size = max_query_len, block_size
+        q_lens = (cu[1:] - cu[:-1]).tolist()
+        metadata._sdpa_builder = runner.sdpa_builder(q_lens, lens.tolist(), tables.tolist())
     rows = fields["lora_rows"]
     adapters = None if rows is None else LoraBatch.from_rows([a if a >= 0 else None for a in rows.tolist()])
     with attention_metadata(metadata), lora_batch(adapters):
@@ -282,11 +293,11 @@ class TensorParallelRunner(ModelRunner):
             raise LevanteError("this engine's tensor-parallel workers are stopped (it was closed, or a newer "
                                "tensor-parallel LLM took the group over): load it again")
         input_ids, positions, md = super().prepare(batch, all_logits)
-        md.sdpa()  # the workers take the SDPA fields
         rows = self.lora_rows(batch)
         lora_rows = None if rows is None else torch.tensor([-1 if a is None else a for a in rows])
         values = {"input_ids": input_ids, "positions": positions, "lora_rows": lora_rows, **{
             name: getattr(md, name) for name in _FIELDS[2:-1]}}
-        messages.send(messages.STEP, [md.max_position, int(md.causal)], [values[n] for n in _FIELDS], self.device)
+        messages.send(messages.STEP, [md.max_position, int(md.causal), md.max_query_len, md.block_size],
+                      [values[n] for n in _FIELDS], self.device)
         return input_ids, positions, md
 

@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from levante.quant import native
+from levante.kernels import native
 
 
 class GatedActivation(nn.Module):

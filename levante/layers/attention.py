@@ -11,7 +11,7 @@ then attended by one of two roads:
 
 - paged (`layers/paged_attention.py`): each sequence's context is read in place
   through its block table, no gather and no mask: on CUDA (Triton) and on CPUs
-  where the native kernel runs (AVX-512, quant/attention.c);
+  where the native kernel runs (kernels/cpu/*_attention.c);
 - SDPA: each sequence's whole context is gathered back through `key_slots` and
   attended with PyTorch SDPA under a causal, sliding-window and padding mask:
   elsewhere, and for what the paged road does not cover (no cache, attention

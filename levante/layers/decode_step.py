@@ -2,7 +2,7 @@
 
 models/llama.py's block (norm, fused q/k/v with optional bias and q/k norms, RoPE, paged
 attention, o_proj, norm, gate/up, SiLU, down, two residual adds) run by
-quant/decode_step.c with the same kernels and roundings, so the result is the same bit for
+kernels/cpu/decode_step.c with the same kernels and roundings, so the result is the same bit for
 bit; what goes is the Python and PyTorch glue between the ~170 kernel calls of a token
 (a fifth of the step on the default model). It applies where every piece is one the
 kernels run: packed weights in native layouts, RMSNorms in the activations' dtype, full
@@ -21,7 +21,7 @@ from levante.layers.linear import LinearBase
 from levante.layers.lora import current_lora_batch
 from levante.layers.norms import RMSNorm
 from levante.layers.rotary import RotaryEmbedding
-from levante.quant import native
+from levante.kernels import native
 
 enabled = True  # False: always the modules (for comparisons)
 

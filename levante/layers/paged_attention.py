@@ -1,8 +1,8 @@
 """Paged attention: packed queries attend to each sequence's context through its block table.
 
-The interface, shared by `paged_attention_triton` (levante.layers.triton_attention, the CUDA
-kernel), `native.paged_attention` (levante.quant.native: the CPU kernel of quant/attention.c,
-AVX-512) and `paged_attention_torch` here (plain PyTorch: the reference for tests and the
+The interface, shared by `paged_attention_triton` (levante.kernels.triton_attention, the CUDA
+kernel), `native.paged_attention` (levante.kernels.native: the CPU kernels of kernels/cpu/*_attention.c,
+one per ISA) and `paged_attention_torch` here (plain PyTorch: the reference for tests and the
 fallback where neither kernel runs):
 
     paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *,
@@ -31,7 +31,8 @@ import logging
 
 import torch
 
-from levante.quant import kv_int8, native
+from levante.kernels import native
+from levante.quant import kv_int8
 
 logger = logging.getLogger("levante")
 
@@ -43,7 +44,7 @@ def _triton_kernel():
     if _TRITON is None:
         _TRITON = False
         try:
-            from levante.layers.triton_attention import paged_attention_triton, triton_available
+            from levante.kernels.triton_attention import paged_attention_triton, triton_available
             if triton_available():
                 _TRITON = paged_attention_triton
         except Exception as e:  # the module or triton is absent: the torch path serves

@@ -17,7 +17,7 @@ from torch import nn
 
 from levante.config import RopeConfig
 from levante.errors import ModelLoadError
-from levante.quant import native
+from levante.kernels import native
 
 
 def _inv_freq(dim: int, rope: RopeConfig, max_position: int,

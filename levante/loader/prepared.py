@@ -37,7 +37,7 @@ from levante.layers.linear import LinearBase
 from levante.loader.integrity import sha256_file, stamp, stamped_digest, verified
 from levante.loader.safetensors_header import map_safetensors
 from levante.loader.sources import derived_key, remove_superseded
-from levante.quant import native
+from levante.kernels import native
 from levante.quant.gguf_blocks import GGUFTensor
 from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight, Q5Weight, int4_layout
 
@@ -45,7 +45,7 @@ logger = logging.getLogger("levante")
 
 FORMAT_VERSION = 2  # 2: entries carry a SHA-256 stamp and every shape is checked on load
 # The modules whose code decides what a prepared file holds, relative to the package.
-_PACKING_SOURCES = ("quant/packed.py", "quant/native.py", "quant/gguf_blocks.py", "loader/gguf.py",
+_PACKING_SOURCES = ("quant/packed.py", "kernels/native.py", "quant/gguf_blocks.py", "loader/gguf.py",
                     "loader/prepared.py", "models/registry.py", "layers/linear.py", "layers/embedding.py")
 
 

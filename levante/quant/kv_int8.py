@@ -6,7 +6,7 @@ of them (the last block may be shorter), so a layer's int8 cache is one tensor
 cache: written at `slot_mapping`, gathered through `key_slots`, shared between Gemma 3n layers.
 ``value = code * scale`` with ``scale = max |x| / 127`` over the block (symmetric, round to
 nearest): llama.cpp's q8_0 with blocks of 16 instead of 32, so that each 16-lane vector of the
-native kernel (quant/attention.c) has one scale; measured on Qwen2.5 (benchmarks/kv_cache_quality.py),
+native kernel (kernels/cpu/*_attention.c) has one scale; measured on Qwen2.5 (benchmarks/kv_cache_quality.py),
 blocks of 16 halve the KL divergence of blocks of 32 and one scale per head row is 3x worse.
 
 Keys may be stored shifted by a constant vector per KV head (`Attention.key_offset`: the key
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from levante.kernels import native
 
 BLOCK = 16  # values per scale
 _F16_MAX = torch.finfo(torch.float16).max
@@ -54,8 +56,6 @@ def store(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, offset: tor
     """Write x [T, KVH, D] (less `offset` [KVH, D], if any) into an int8 cache at `slots`: with the
     native kernels in one pass (no temporaries: a decode step writes 2 x layers of these), else
     through `quantize`; both write the same bytes."""
-    from levante.quant import native
-
     if cache.device.type == "cpu" and cache.is_contiguous() and x.dtype in native._Q_DTYPES and native.available():
         native.kv_int8_store(x, cache, slots, offset)
         return

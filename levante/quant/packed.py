@@ -15,7 +15,7 @@ How a GGUF weight is kept (``pack``, mode ``"auto"``):
   In float32 the packed weight dequantises bit for bit to what ``dequantize`` gives (the
   tests check real files); the kernel takes scale and zero in the activations' dtype, so
   under bfloat16 they are rounded to bfloat16 (relative error up to 2^-9 per group).
-* Q5_0 -> ``Q5Weight`` (exact) where the native kernels run (quant/native.py).
+* Q5_0 -> ``Q5Weight`` (exact) where the native kernels run (kernels/native.py).
 * Q5_0 (elsewhere), Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K -> ``Int8Weight``, requantised per row from
   the dequantised values (the int8 step is the row's max / 127; see tests/test_quant.py
   for the measured error).
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
 from levante.errors import ModelLoadError
-from levante.quant import native
+from levante.kernels import native
 from levante.quant.gguf_blocks import INT4_AFFINE_TYPES, GGUFTensor, int4_affine
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
@@ -104,14 +104,18 @@ class Int8Weight:
 
     ``qweight`` holds the codes in one of two layouts: ``"rows"``, the plain ``[out, in]``
     int8 matrix that ``aten._weight_int8pack_mm`` reads, or ``"t16"``, tiles of 16 rows for
-    the native W8A8 kernel (quant/native.py, kernels.c: ~2x faster for one row of x, more
+    the native W8A8 kernel (kernels/native.py, kernels/cpu/: ~2x faster for one row of x, more
     for several). ``pack``/``quantize_int8`` give "t16" wherever the native kernels load.
     """
 
     # From this many rows of x on, dequantising (one int8 -> bf16 pass) and a dense matmul
-    # beat the kernel (measured crossover ~10 rows on this project's layer shapes, one core,
-    # dequantising a cache-sized step at a time).
-    dense_from_rows = 12
+    # beat the kernel (AVX-512: measured crossover ~10 rows on this project's layer shapes, one
+    # core, dequantising a cache-sized step at a time; per variant: native.dense_from_rows).
+    _dense_from_rows = 12
+
+    @property
+    def dense_from_rows(self) -> int:
+        return native.dense_from_rows(self.layout, self._dense_from_rows)
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, layout: str = "rows",
                  shape: tuple[int, int] | None = None):
@@ -178,7 +182,7 @@ class Int8Weight:
         return self._weight_rows(0, self.shape[0], dtype) * self._scales(dtype).unsqueeze(1)
 
     def decode_linear(self) -> native.DecodeLinear | None:
-        """This weight for quant/decode_step.c (None: not in a native layout)."""
+        """This weight for kernels/cpu/decode_step.c (None: not in a native layout)."""
         if self.layout != "t16":
             return None
         return native.DecodeLinear(kind=native.LINEAR_W8, w=self.qweight.data_ptr(), scale=self._scales32.data_ptr(),
@@ -195,7 +199,9 @@ class Int8Weight:
 
 
 # Rows of x below which every packed weight's matmul takes its kernel (not the dense path).
-NATIVE_KERNEL_ROWS = Int8Weight.dense_from_rows
+# Rows of a step below which it is a decode-sized one: every packed matmul takes its kernel on every
+# variant, PyTorch runs on one thread around them (native.kernel_step), drafts stay below it.
+NATIVE_KERNEL_ROWS = Int8Weight._dense_from_rows
 
 
 def _int8_codes(w: torch.Tensor, dtype: torch.dtype,
@@ -305,8 +311,12 @@ def int4_supported() -> bool:
 
 
 def int4_fits(shape: Sequence[int], group_size: int = 32) -> bool:
+    """Whether a weight of this shape can be kept in 4 bits here: in the native layout (any CPU the
+    kernels run on), or in PyTorch's (whose packing this PyTorch build must have, see int4_supported)."""
     rows, cols = shape
-    return int4_supported() and group_size in INT4_GROUP_SIZES and rows % 16 == 0 and cols % group_size == 0
+    if group_size not in INT4_GROUP_SIZES or rows % 16 or cols % group_size:
+        return False
+    return int4_layout(group_size, cols) == "q4t16" or int4_supported()
 
 
 def int4_layout(group_size: int, cols: int) -> str:
@@ -320,14 +330,18 @@ class Int4Weight:
     Two layouts: ``"aten"``, packed for ``_weight_int4pack_mm_for_cpu`` with
     ``scales_and_zeros`` ``[cols // group_size, rows, 2]`` in the compute dtype (value =
     (q - 8) * scale + zero); ``"q4t16"``, tiles of 16 rows for the native kernel
-    (quant/native.py, kernels.c; groups of 32 only) with ``qscale``/``qoffset`` in float16
+    (kernels/native.py, kernels/cpu/; groups of 32 only) with ``qscale``/``qoffset`` in float16
     (float32 when the compute dtype is float32, so that GGUF blocks stay exact).
     """
 
     # Dequantising 4-bit groups costs ~6x an int8 conversion (9 ms for 9728 x 896 on one
     # core), and the kernel, a real GEMM, grows slowly with rows: it stays ahead up to ~85
-    # rows (896 x 4864: 7.1 ms vs 9.8 ms at 64 rows, 10.6 vs 9.3 at 96, one core).
-    dense_from_rows = 80
+    # rows (896 x 4864: 7.1 ms vs 9.8 ms at 64 rows, 10.6 vs 9.3 at 96, one core; AVX-512).
+    _dense_from_rows = 80
+
+    @property
+    def dense_from_rows(self) -> int:
+        return native.dense_from_rows(self.layout, self._dense_from_rows)
     _dequantize_rows = 256  # rows per step of `dequantize`: float32 temporaries stay in cache
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor | None, group_size: int, cols: int,
@@ -445,7 +459,7 @@ class Int4Weight:
         return self._dequantize_range(0, self.shape[0], dtype)
 
     def decode_linear(self) -> native.DecodeLinear | None:
-        """This weight for quant/decode_step.c (None: not in a native layout)."""
+        """This weight for kernels/cpu/decode_step.c (None: not in a native layout)."""
         if self.layout != "q4t16":
             return None
         return native.DecodeLinear(kind=native.LINEAR_Q4, qscale_f32=int(self.qscale.dtype == torch.float32),
@@ -543,11 +557,13 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32, dtype: torch.dtype | No
 
 class Q5Weight:
     """A GGUF Q5_0 matrix kept exactly as stored (value = d * (q - 16), 5-bit q, float16 d
-    per block of 32), in the native kernel's layout q5t16 (quant/native.py, kernels.c):
+    per block of 32), in the native kernel's layout q5t16 (kernels/native.py, kernels/cpu/):
     5.5 bits a value, against 8 for the int8 it would otherwise be requantised to. Only
     where the native kernels run."""
 
-    dense_from_rows = Int8Weight.dense_from_rows  # the dequantisation is as cheap as int8's
+    @property
+    def dense_from_rows(self) -> int:  # the dequantisation is as cheap as int8's
+        return native.dense_from_rows("q5t16", Int8Weight._dense_from_rows)
 
     def __init__(self, packed: torch.Tensor, shape: tuple[int, int]):
         self.packed, self.shape = packed, tuple(shape)
@@ -585,7 +601,7 @@ class Q5Weight:
         return self._weight_rows(0, self.shape[0], dtype)
 
     def decode_linear(self) -> native.DecodeLinear:
-        """This weight for quant/decode_step.c."""
+        """This weight for kernels/cpu/decode_step.c."""
         return native.DecodeLinear(kind=native.LINEAR_Q5, w=self.packed.data_ptr(), N=self.shape[0],
                                    K=self.shape[1], Kp=self.shape[1])
 

@@ -7,7 +7,18 @@ from __future__ import annotations
 
 import weakref
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from levante.errors import LevanteError
+from levante.kernels import native
+
+def cpu_kernels() -> str:
+    """The CPU kernels' variant, as /health, /metrics and the start-up line report it."""
+    try:
+        return native.variant()
+    except LevanteError:  # LEVANTE_CPU_ISA names one this CPU cannot run: the model load said so
+        return "none"
+
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 MODEL = ["model_name"]
@@ -24,6 +35,8 @@ class Metrics:
                               "done (running, waiting, or being planned)", MODEL, registry=registry)
         self.kv_usage = Gauge("levante_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", MODEL,
                               registry=registry)
+        self.cpu_kernels = Info("levante_cpu_kernels", "The native CPU kernels' variant in use (avx512, avx2, "
+                                "avx2-vnni, neon; scalar: PyTorch's kernels)", registry=registry)
         self.loaded = Gauge("levante_model_loaded", "1 while the model is loaded, else 0", MODEL, registry=registry)
         self.memory = Gauge("levante_model_memory_bytes", "Memory the loaded model holds (weights, KV cache)", MODEL,
                             registry=registry)
@@ -62,6 +75,7 @@ class Metrics:
 
     def render(self, models) -> bytes:
         """The exposition text, with the gauges of `models` (the router's ServedModels) read now."""
+        self.cpu_kernels.info({"variant": cpu_kernels()})
         for served in models:
             llm = served.llm  # read once: the model may be unloaded meanwhile
             name, engine = served.name, llm.engine if llm is not None else None

@@ -26,6 +26,7 @@ from levante.net.policy import listens_on_loopback
 from levante.serve.app import ServerState, create_app
 from levante.serve.http import guard, uvicorn_server
 from levante.serve.limits import RequestLimits
+from levante.serve.metrics import cpu_kernels
 from levante.serve.model_specs import ModelSpec, specs_from_cli
 from levante.serve.router import ModelRouter, Route
 from levante.serve.ranking import Ranker
@@ -188,8 +189,8 @@ def serve(args) -> int:
         default = state.router.default
         if state.mcp is not None and not default.spec.embedding:
             _prepare_tool_selection(state, default)
-        logger.warning("levante: %s ready (load %.1fs): %s", default.name, default.load_seconds or 0.0,
-                       addresses(args.host, args.port, state.webui is not None))
+        logger.warning("levante: %s ready (load %.1fs, CPU kernels %s): %s", default.name,
+                       default.load_seconds or 0.0, cpu_kernels(), addresses(args.host, args.port, state.webui is not None))
 
     gc.freeze()  # modules, classes, the web app: never garbage, and no collection walks them again
     threading.Thread(target=load, name="levante-load", daemon=True).start()

@@ -10,7 +10,7 @@ import dataclasses
 from levante.multimodal.images import load_image
 from levante.serve.limits import RequestLimits
 from levante.serve.mcp_loop import DEFAULT_MAX_ROUNDS
-from levante.serve.metrics import Metrics
+from levante.serve.metrics import Metrics, cpu_kernels
 from levante.serve.model_specs import ModelSpec
 from levante.serve.pipeline import Pipeline
 from levante.serve.router import ModelRouter
@@ -58,7 +58,8 @@ class ServerState:
             return 503, {"status": "loading"}
         models = {m.name: m.health() for m in self.router.models.values()}
         healthy = all(model["status"] != "unhealthy" for model in models.values())
-        return (200 if healthy else 503), {"status": "ok" if healthy else "unhealthy", "models": models}
+        return (200 if healthy else 503), {"status": "ok" if healthy else "unhealthy", "models": models,
+                                           "cpu_kernels": cpu_kernels()}
 
     def close(self) -> None:
         """Stop the engine loops (the server has stopped)."""

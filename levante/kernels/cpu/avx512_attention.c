@@ -1,4 +1,4 @@
-/* Paged attention over the KV cache on the CPU (included by kernels.c, whose threads it uses).
+/* Paged attention over the KV cache on the CPU (AVX-512; included by avx512.c, whose threads it uses).
  *
  * The interface of layers/paged_attention.py: queries q [T][H][D] packed sequence after
  * sequence (cu_seqlens_q), caches [slots][KVH][D] read in place through each sequence's block
@@ -20,7 +20,6 @@
  * where the CPU has AVX512-BF16; this general path computes in float32.
  */
 
-enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
 #define ATTN_MAX_D 512
 #define ATTN_MIN_SPLIT 256 /* keys: below this a range is not worth its merge */
 #define ATTN_QVECS 32      /* query vectors per item (rows x G), at least one row */

@@ -1,19 +1,19 @@
-"""Native matrix-vector kernels (kernels.c) for packed weights, built on first use.
+"""The native CPU kernels (cpu/*.c) for packed weights, attention and the decode step.
 
-A decode step is a chain of matrix-vector products over int8/int4 weights. PyTorch's CPU
-kernels for them turn every weight into a float and multiply in float, which is slower
-than memory; kernels.c quantises the activations to int8 in blocks of 32 (as llama.cpp
-does) and multiplies integers with AVX-512 VNNI, at memory speed.
+A decode step is a chain of matrix-vector products over int8/int4/5-bit weights. PyTorch's CPU
+kernels for them turn every weight into a float and multiply in float, which is slower than
+memory; the kernels quantise the activations to int8 in blocks of 32 (as llama.cpp does) and
+multiply integers (AVX-512 VNNI, AVX2 or AVX-VNNI, NEON dot products), at memory speed.
 
-The shared library is compiled with the system C compiler into
-``$LEVANTE_CACHE/kernels/`` (default ``~/.cache/levante/kernels/``) under a hash of the
-source and flags, once per machine (``make install`` does it ahead; a fresh checkout does
-it on first use, ~3 s). Without a compiler, without AVX-512 VNNI, or with
-``LEVANTE_NATIVE_KERNELS=0``, ``library()`` is None and the packed weights keep PyTorch's
-kernels (nothing else changes).
+One variant per ISA (kernels/isa.py picks the best this CPU runs, or LEVANTE_CPU_ISA's), built
+at install (kernels/build.py; at first use where it was not) and bound from the header
+(kernels/bindings.py). Where none runs (no variant for this CPU, no library and no compiler,
+or LEVANTE_NATIVE_KERNELS=0), ``library()`` is None and the packed weights keep PyTorch's
+kernels (nothing else changes). ``use(name)`` switches the variant in this process (tests run
+every variant the machine can execute: the weight layouts are the same for all).
 
 The library runs its own helper threads (``torch.get_num_threads() - 1`` of them, see
-kernels.c), not OpenMP: on a machine shared with other work, a job must not wait at a
+cpu/runtime.h), not OpenMP: on a machine shared with other work, a job must not wait at a
 barrier for a helper that is not scheduled.
 """
 from __future__ import annotations
@@ -21,135 +21,118 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-from levante.quant import kv_int8
+from levante.kernels import bindings, build, isa
 
 logger = logging.getLogger("levante")
 
-SOURCE = Path(__file__).with_name("kernels.c")
-# #included by kernels.c: part of the build's hash
-INCLUDED = tuple(Path(__file__).with_name(name) for name in ("attention.c", "decode_step.c"))
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fno-math-errno",
-         "-pthread", "-shared", "-fPIC")
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
-MAX_ROWS = 8  # rows of x per call (larger batches are split)
+PRECISE_ROWS = 4  # up to this many rows of x, int8 products take x to ~15 bits (see int8_matmul)
 BLOCK = 32  # activation values per scale; weights are padded to a multiple of it
 TILE = 16  # weight rows per tile
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get("LEVANTE_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return isa._enabled_by_env()
+
+
+_forced: str | None = None  # use()'s variant, else isa.requested()
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return frozenset()
+def _load(name: str) -> ctypes.CDLL | None:
+    """Variant `name`'s library (compiled first where it is not built), or None (logged at debug level)."""
     try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def _cpu_supported() -> bool:
-    return all(flag in _cpu_flags() for flag in _CPU_FLAGS)
-
-
-def bf16_dot_supported() -> bool:
-    """Whether the kernels' bfloat16 dot products (AVX512-BF16) run here: the bfloat16 attention path."""
-    return available() and "avx512_bf16" in _cpu_flags()
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LEVANTE_CACHE", Path.home() / ".cache" / "levante")) / "kernels"
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-
-
-def build(compiler: str | None = None) -> Path:
-    """The compiled library's path (compiling it if this source and flags were not yet);
-    raises OSError or CalledProcessError when it cannot be built."""
-    compiler = compiler or _compiler()
-    if compiler is None:
-        raise OSError("no C compiler (gcc or cc) on PATH")
-    source = b"".join(path.read_bytes() for path in (SOURCE, *INCLUDED))
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"levante-kernels-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
-                       timeout=120)
-        os.replace(built, target)  # atomic: a concurrent builder's file is the same
-    return target
-
-
-def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lv_w8a8.argtypes = [p, p, i64, i64, i64, p, i64, i32, i32, p, i64, i32, i32]
-    lib.lv_w8a16.argtypes = lib.lv_w8a8.argtypes
-    lib.lv_q4a8.argtypes = [p, p, p, i32, i64, i64, p, i64, i32, i32, p, i64, i32, i32, i32]
-    lib.lv_w8_unpack.argtypes = [p, i64, i64, i64, i64, i64, p, i32, i32]
-    lib.lv_q5a8.argtypes = [p, i64, i64, p, i64, i32, i32, p, i64, i32, i32, i32]
-    lib.lv_q5_unpack.argtypes = [p, i64, i64, i64, i64, p, i32, i32]
-    lib.lv_w8_pack.argtypes = [p, i64, i64, i64, p, i32]
-    lib.lv_q5_pack_gguf.argtypes = [p, i64, i64, i64, p, i32]
-    lib.lv_set_spin.argtypes = [i32]
-    lib.lv_set_spin.restype = None
-    lib.lv_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i32, i32]
-    lib.lv_silu_mul.argtypes = [p, p, i64, i64, i32]
-    lib.lv_rope.argtypes = [p, p, p, i64, i64, i64, i64, i32]
-    lib.lv_paged_attention.argtypes = [p, p, p, p, p, i64, p, p, i32, i32, i32, i32, i32, i32, ctypes.c_float,
-                                       i32, i32, i32]
-    lib.lv_kv_int8_store.argtypes = [p, i32, i64, p, p, p, i64, i32, i32]
-    lib.lv_decode_scratch.argtypes = [i64, i32, i32, i32, i64]
-    lib.lv_decode_scratch.restype = i64
-    lib.lv_decode_blocks.argtypes = [p, i32, p, i64, i32, i32, i32, i64, i32, i64, i64, p, i64, i32, p, i32]
-    for fn in (lib.lv_kv_int8_store, lib.lv_decode_blocks, lib.lv_w8_pack, lib.lv_q5_pack_gguf, lib.lv_w8a8,
-               lib.lv_w8a16, lib.lv_q4a8, lib.lv_w8_unpack, lib.lv_q5a8, lib.lv_q5_unpack, lib.lv_rms_norm,
-               lib.lv_silu_mul, lib.lv_rope, lib.lv_paged_attention):
-        fn.restype = i32
-    return lib
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The kernels, or None where they cannot run here (logged once, at debug level)."""
-    if not enabled_by_env():
-        logger.debug("native kernels disabled by LEVANTE_NATIVE_KERNELS")
-        return None
-    if not _cpu_supported():
-        logger.debug("native kernels need x86-64 Linux with AVX-512 VNNI; using PyTorch's kernels")
-        return None
-    try:
-        return _bind(ctypes.CDLL(str(build())))
-    except (OSError, subprocess.SubprocessError) as error:
+        return bindings.bind(ctypes.CDLL(str(build.library_path(name))))
+    except (OSError, AttributeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", b"") or b""
-        logger.debug("native kernels unavailable (%s %s); using PyTorch's kernels", error,
+        logger.debug("native kernels (%s) unavailable (%s %s); using PyTorch's kernels", name, error,
                      detail.decode(errors="replace")[-2000:])
         return None
 
 
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The chosen variant's kernels, or None where none runs here. Raises KernelChoiceError when
+    LEVANTE_CPU_ISA names a variant this CPU cannot run."""
+    name = _forced or isa.requested()
+    if name == isa.SCALAR:
+        logger.debug("native kernels: none (scalar: PyTorch's kernels)")
+        return None
+    return _load(name)
+
+
 def available() -> bool:
     return library() is not None
+
+
+def variant() -> str:
+    """The variant in use: "avx512", "avx2", "avx2-vnni", "neon", or "scalar" (PyTorch's kernels)."""
+    lib = library()
+    return _name(lib) if lib is not None else isa.SCALAR
+
+
+@functools.cache
+def _name(lib: ctypes.CDLL) -> str:
+    return lib.lv_variant().decode()
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Run with variant `name` (or "scalar") in this process; raises KernelChoiceError where the CPU
+    cannot run it, OSError where it cannot be built. Weights packed under one variant stay valid."""
+    global _forced
+    reason = isa.missing(name)
+    if reason is not None:
+        raise isa.KernelChoiceError(f"the {name} kernel variant does not run here: {reason}")
+    if name != isa.SCALAR and _load(name) is None:
+        raise OSError(f"the {name} kernel variant could not be built (is a C compiler installed?)")
+    previous = _forced
+    _forced = name
+    library.cache_clear()
+    try:
+        yield
+    finally:
+        _forced = previous
+        library.cache_clear()
+
+
+def select(name: str) -> None:
+    """Use variant `name` (or "scalar") in this process from now on (a tensor-parallel worker takes
+    rank 0's); KernelChoiceError where this CPU cannot run it."""
+    global _forced
+    reason = isa.missing(name)
+    if reason is not None:
+        raise isa.KernelChoiceError(f"the {name} kernel variant does not run here: {reason}")
+    _forced = name
+    library.cache_clear()
+
+
+def bf16_dot_supported() -> bool:
+    """Whether the kernels' bfloat16 dot products (AVX512-BF16) run here: the bfloat16 attention path."""
+    return available() and bool(library().lv_bf16_dot())
+
+
+def max_rows() -> int:
+    """Rows of x one matrix call of this variant takes (more go in several calls)."""
+    return library().lv_max_rows()
+
+
+# Rows of x from which dequantising a packed weight and a float matmul beat the variant's kernel,
+# by layout (quant/packed.py). AVX-512: oneDNN's bfloat16/AMX matmuls take over early (crossovers
+# measured there); AVX2 and NEON have no fast low-precision float matmul and their kernels take
+# many rows of x at once (a prefill): the kernels take every size.
+_DENSE_FROM_ROWS = {"avx512": {"t16": 12, "q5t16": 12, "q4t16": 80}}
+
+
+def dense_from_rows(layout: str, default: int) -> int:
+    """Rows from which a weight in `layout` is dequantised for a float matmul (`default`: PyTorch's layouts)."""
+    if layout not in ("t16", "q4t16", "q5t16"):
+        return default
+    return _DENSE_FROM_ROWS.get(variant(), {}).get(layout, 1 << 30)
 
 
 _threads: int | None = None
@@ -181,7 +164,7 @@ def kernel_step(all_native: bool):
         return
     set_threads(count)
     torch.set_num_threads(1)
-    library().lv_set_spin(1)  # helpers wait spinning for the step's next kernel (kernels.c)
+    library().lv_set_spin(1)  # helpers wait spinning for the step's next kernel (cpu/runtime.h)
     try:
         yield
     finally:
@@ -197,7 +180,7 @@ def _padded(n: int, multiple: int) -> int:
 # -- int8 ------------------------------------------------------------------------------------------
 
 def pack_int8(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes ``[N, K]`` -> layout t16 (uint8 ``[N16, K32]``, N and K padded; see kernels.c)."""
+    """int8 codes ``[N, K]`` -> layout t16 (uint8 ``[N16, K32]``, N and K padded; see cpu/levante.h)."""
     n, k = codes.shape
     n16, k32 = _padded(n, TILE), _padded(k, BLOCK)
     if available():  # one pass in C (the PyTorch version takes seconds for a vocabulary)
@@ -248,8 +231,17 @@ def unpack_int8_rows(tiles: torch.Tensor, shape: tuple[int, int], start: int, en
 _SIZES = {torch.float32: 4, torch.bfloat16: 2}
 
 
+@functools.cache
+def _variant_rows(lib: ctypes.CDLL) -> int:
+    return lib.lv_max_rows()
+
+
+def _max_rows() -> int:
+    return _variant_rows(library())
+
+
 def _rows_call(fn, x: torch.Tensor, out_features: int, *head, out_dtype: torch.dtype | None = None,
-               tail: tuple = (), max_rows: int = MAX_ROWS) -> torch.Tensor:
+               tail: tuple = (), max_rows: int | None = None) -> torch.Tensor:
     """``fn(*head, x_rows, M, out_rows, ...)`` over chunks of at most ``max_rows`` rows of 2-D
     ``x``. The output is in ``out_dtype`` (float32 or bfloat16; default: x's). Lean on
     purpose (pointer arithmetic, no tensor slicing): it runs ~100 times per decode step."""
@@ -262,6 +254,7 @@ def _rows_call(fn, x: torch.Tensor, out_features: int, *head, out_dtype: torch.d
     out = torch.empty((rows, out_features), dtype=out_dtype or x.dtype)
     out_size = _SIZES[out.dtype]
     x_at, out_at, count = x.data_ptr(), out.data_ptr(), _threads or torch.get_num_threads()
+    max_rows = max_rows or _max_rows()
     for start in range(0, rows, max_rows):
         rc = fn(*head, x_at + start * k * x_size, k, x_size == 2, min(max_rows, rows - start),
                 out_at + start * out_features * out_size, out_features, out_size == 2, count, *tail)
@@ -280,10 +273,10 @@ def int8_matmul(tiles: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int
     """
     n, k = shape
     if precise is None:
-        precise = x.shape[0] <= MAX_ROWS // 2
+        precise = x.shape[0] <= PRECISE_ROWS
     fn = library().lv_w8a16 if precise else library().lv_w8a8
     return _rows_call(fn, x, n, tiles.data_ptr(), scales.data_ptr(), n, k, tiles.shape[1], out_dtype=out_dtype,
-                      max_rows=MAX_ROWS // 2 if precise else MAX_ROWS)
+                      max_rows=_max_rows() // 2 if precise else None)
 
 
 # -- int4 ------------------------------------------------------------------------------------------
@@ -343,7 +336,7 @@ def int4_matmul(packed: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tenso
 
 # -- 5-bit (Q5_0) ------------------------------------------------------------------------------------
 
-Q5_BLOCK_BYTES = 352  # per tile of 16 rows and block of 32 columns (see kernels.c)
+Q5_BLOCK_BYTES = 352  # per tile of 16 rows and block of 32 columns (see cpu/avx512.c)
 
 
 def pack_q5(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -457,10 +450,11 @@ def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
 
 
 # -- paged attention --------------------------------------------------------------------------------
-# The CPU kernel behind layers/paged_attention.py's interface (attention.c).
+# The CPU kernel behind layers/paged_attention.py's interface (cpu/*_attention.c).
 
-_Q_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_KV_DTYPES = {**_Q_DTYPES, torch.int8: 3}  # int8: quant/kv_int8.py's rows (codes, then float16 scales)
+_Q_DTYPES = {torch.float32: bindings.CONSTANTS["KV_F32"], torch.bfloat16: bindings.CONSTANTS["KV_BF16"],
+             torch.float16: bindings.CONSTANTS["KV_F16"]}
+_KV_DTYPES = {**_Q_DTYPES, torch.int8: bindings.CONSTANTS["KV_I8"]}  # quant/kv_int8.py's rows (codes, then scales)
 MAX_HEAD_DIM = 512
 
 
@@ -472,7 +466,7 @@ def paged_attention_supported(dtype: torch.dtype, head_dim: int) -> bool:
 def paged_attention_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the kernel takes these: CPU tensors, float queries, a supported cache dtype and head size."""
     dim = q.shape[-1]
-    row = kv_int8.row_bytes(dim) if k_cache.dtype == torch.int8 else dim
+    row = dim + 2 * -(-dim // 16) if k_cache.dtype == torch.int8 else dim  # int8: quant/kv_int8.py's row_bytes
     return (q.device.type == "cpu" and k_cache.device.type == "cpu" and q.dtype in _Q_DTYPES
             and k_cache.shape[-1] == row and paged_attention_supported(k_cache.dtype, dim))
 
@@ -511,27 +505,8 @@ def kv_int8_store(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, off
 
 
 # -- a decode token through the blocks --------------------------------------------------------------
-# The structures of decode_step.c; layers/decode_step.py fills them.
+# The structures of cpu/levante.h (decode_step.c); layers/decode_step.py fills them.
 
-LINEAR_W8, LINEAR_Q4, LINEAR_Q5 = 0, 1, 2
-
-
-class DecodeLinear(ctypes.Structure):
-    """A packed weight as decode_step.c reads it (its tensors must outlive it)."""
-    _fields_ = [("kind", ctypes.c_int), ("qscale_f32", ctypes.c_int), ("w", ctypes.c_void_p),
-                ("scale", ctypes.c_void_p), ("qscale", ctypes.c_void_p), ("qoffset", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("Kp", ctypes.c_int64)]
-
-
-class DecodeBlock(ctypes.Structure):
-    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
-                ("k_norm", ctypes.c_void_p), ("eps", ctypes.c_float), ("qk_eps", ctypes.c_float),
-                ("qkv", DecodeLinear), ("o", DecodeLinear), ("gate_up", DecodeLinear), ("down", DecodeLinear),
-                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("cos_sin", ctypes.c_void_p),
-                ("window", ctypes.c_int), ("scale", ctypes.c_float), ("kv_int8", ctypes.c_int),
-                ("key_offset", ctypes.c_void_p)]
-
-
-if __name__ == "__main__":  # `python -m levante.quant.native`: build ahead (make install)
-    logging.basicConfig(level=logging.DEBUG)
-    print(library() and build() or "native kernels unavailable here (PyTorch's kernels will be used)")
+LINEAR_W8, LINEAR_Q4, LINEAR_Q5 = (bindings.CONSTANTS[name] for name in ("LIN_W8", "LIN_Q4", "LIN_Q5"))
+DecodeLinear = bindings.STRUCTS["DecodeLinear"]  # a packed weight as decode_step.c reads it (its tensors must outlive it)
+DecodeBlock = bindings.STRUCTS["DecodeBlock"]

@@ -37,7 +37,7 @@ def triton_available() -> bool:
 def _kernels():
     global _KERNELS
     if _KERNELS is None:
-        from levante.layers._triton_attention_kernel import combine_splits_kernel, paged_attention_kernel
+        from levante.kernels._triton_attention_kernel import combine_splits_kernel, paged_attention_kernel
         _KERNELS = paged_attention_kernel, combine_splits_kernel
     return _KERNELS
 

@@ -1,4 +1,5 @@
-/* One decode token through N pre-norm transformer blocks in one call (included by kernels.c).
+/* One decode token through N pre-norm transformer blocks in one call (included by each variant
+ * after its kernels: it only calls them, so it is the same C for every ISA).
  *
  * A single sequence's decode step is ~170 kernel calls, and between them PyTorch and Python
  * spent about as long as the small ops themselves: ~10 ms a token on this project's default
@@ -17,32 +18,13 @@
  * this applies.
  */
 
-enum { LIN_W8 = 0, LIN_Q4 = 1, LIN_Q5 = 2 };
+/* h += y over n values (x's dtype: the sum rounded once, as PyTorch's add; plain C, the same
+ * roundings as the variants' vector stores). */
+static void add_into(void *h, const void *y, int64_t n, int bf16) {
+    for (int64_t i = 0; i < n; i++) value_put(h, bf16, i, value_at(h, bf16, i) + value_at(y, bf16, i));
+}
 
-typedef struct {
-    int kind;                     /* LIN_*: layout t16 (int8), q4t16, q5t16 */
-    int qscale_f32;               /* q4t16: scales and offsets float32 (else float16) */
-    const uint8_t *w;
-    const float *scale;           /* t16: per-row float32 scales */
-    const void *qscale, *qoffset; /* q4t16 */
-    const void *bias;             /* [N] in x's dtype, or NULL */
-    int64_t N, K, Kp;
-} DecodeLinear;
-
-typedef struct {
-    const void *input_norm, *post_norm; /* [hidden] in x's dtype */
-    const void *q_norm, *k_norm;        /* [head_dim] in x's dtype, or NULL */
-    float eps, qk_eps;
-    DecodeLinear qkv, o, gate_up, down;
-    void *k_cache, *v_cache;            /* [slots][kv_heads][head_dim] in x's dtype, or int8 rows */
-    const float *cos_sin;               /* [positions][head_dim]: cos half, then sin half */
-    int window;                         /* sliding window, 0: none */
-    float scale;                        /* attention scale */
-    int kv_int8;                        /* the caches are int8 (rows of head_dim codes, then scales) */
-    const float *key_offset;            /* int8: [kv_heads][head_dim] subtracted from keys, or NULL */
-} DecodeBlock;
-
-/* out = x @ W.T (+ bias) for one row of x, as quant/native.py's matmuls for one row. */
+/* out = x @ W.T (+ bias) for one row of x, as kernels/native.py's matmuls for one row. */
 static int decode_linear(const DecodeLinear *l, const void *x, int bf16, void *out, int nthreads) {
     int rc;
     if (l->kind == LIN_W8) /* one row: int8_matmul's "precise" two roundings */
@@ -53,19 +35,8 @@ static int decode_linear(const DecodeLinear *l, const void *x, int bf16, void *o
     else
         rc = lv_q5a8(l->w, l->N, l->K, x, l->K, bf16, 1, out, l->N, bf16, nthreads, 0);
     if (rc || !l->bias) return rc;
-    for (int64_t i = 0; i < l->N; i += 16) {
-        int m = tail16(l->N - i);
-        store16(out, bf16, i, _mm512_add_ps(load16(out, bf16, i, m), load16(l->bias, bf16, i, m)), m);
-    }
+    add_into(out, l->bias, l->N, bf16);
     return 0;
-}
-
-/* h += y over n values (x's dtype: the sum rounded once, as PyTorch's add). */
-static void add_into(void *h, const void *y, int64_t n, int bf16) {
-    for (int64_t i = 0; i < n; i += 16) {
-        int m = tail16(n - i);
-        store16(h, bf16, i, _mm512_add_ps(load16(h, bf16, i, m), load16(y, bf16, i, m)), m);
-    }
 }
 
 /* Scratch (in x's dtype) the step needs: see the layout in lv_decode_blocks. */
