@@ -33,11 +33,13 @@ test: $(VENV)/.test mcp-servers web browser
 test-fast: $(VENV)/.test mcp-servers web browser
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
-# The GGUF and safetensors readers against hostile files, random seeds (make test runs a bounded,
-# fixed run: tests/test_fuzz_readers.py). FUZZ_EXAMPLES inputs per format.
+# The GGUF and safetensors readers against hostile files, and the tool-call and reasoning parsers against
+# hostile model output, random seeds (make test runs bounded, fixed runs: tests/test_fuzz_readers.py,
+# tests/test_fuzz_parsers.py). FUZZ_EXAMPLES inputs per format.
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(VENV)/.test
 	PYTHONPATH=. $(BIN)/python -W ignore tests/fuzz_readers.py --examples $(FUZZ_EXAMPLES)
+	FUZZ_PARSER_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_PARSER_RANDOM=1 $(BIN)/python -m pytest -q tests/test_fuzz_parsers.py
 
 bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/decode_vs_llamacpp.py
