@@ -17,7 +17,7 @@ MCP_NPM_SERVERS := @modelcontextprotocol/server-filesystem@2026.8.31 @modelconte
 # environment of its own, as a user would install it.
 MCP_SQLITE := mcp-server-sqlite==2025.4.25 "mcp[cli]==1.30.0"
 
-.PHONY: serve test test-fast fuzz bench bench-deps install install-test clean mcp-servers web browser kernels cross-tools
+.PHONY: serve test test-fast fuzz vlm-fidelity bench bench-deps install install-test clean mcp-servers web browser kernels cross-tools
 
 serve: $(VENV)/.runtime kernels web
 	$(BIN)/levante serve $(ARGS)
@@ -33,11 +33,19 @@ test: $(VENV)/.test kernels cross-tools mcp-servers web browser
 test-fast: $(VENV)/.test kernels cross-tools mcp-servers web browser
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
-# The GGUF and safetensors readers against hostile files, random seeds (make test runs a bounded,
-# fixed run: tests/test_fuzz_readers.py). FUZZ_EXAMPLES inputs per format.
+# The GGUF and safetensors readers against hostile files, and the tool-call and reasoning parsers against
+# hostile model output, random seeds (make test runs bounded, fixed runs: tests/test_fuzz_readers.py,
+# tests/test_fuzz_parsers.py). FUZZ_EXAMPLES inputs per format.
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(VENV)/.test
 	PYTHONPATH=. $(BIN)/python -W ignore tests/fuzz_readers.py --examples $(FUZZ_EXAMPLES)
+	FUZZ_PARSER_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_PARSER_RANDOM=1 $(BIN)/python -m pytest -q tests/test_fuzz_parsers.py
+
+# Images read as transformers reads them: VLM_FIDELITY_CASES random models and prompts per family (Qwen2.5-VL,
+# Qwen3-VL, Gemma 3, Gemma 3n) against transformers; make test runs the first 2 of each (tests/vlm_fidelity.py).
+VLM_FIDELITY_CASES ?= 20
+vlm-fidelity: $(VENV)/.test
+	VLM_FIDELITY_CASES=$(VLM_FIDELITY_CASES) $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) tests/test_vlm_fidelity_qwen.py tests/test_vlm_fidelity_gemma.py
 
 bench: $(VENV)/.bench-$(BENCH_ISA)
 	$(BIN)/python benchmarks/decode_vs_llamacpp.py

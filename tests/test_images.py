@@ -7,6 +7,7 @@ import io
 import threading
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -48,6 +49,33 @@ def test_grayscale_and_transparent_become_rgb():
     rgba.save(buffer, format="PNG")
     image = load_image(buffer.getvalue())
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+
+
+def _random_png(mode: str) -> tuple[bytes, Image.Image]:
+    rng = np.random.default_rng(3)
+    bands = {"RGBA": 4, "LA": 2, "RGB": 3, "L": 1, "P": 1}[mode]
+    pixels = rng.integers(0, 256, (9, 13, bands), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if bands == 1 else pixels, "L" if mode == "P" else mode)
+    if mode == "P":
+        image = image.convert("P")
+        image.info["transparency"] = 7
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **({"transparency": 7} if mode == "P" else {}))
+    return buffer.getvalue(), Image.open(io.BytesIO(buffer.getvalue()))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB", "L"])
+def test_every_alpha_is_composited_as_transformers_does(mode):
+    """One RGB conversion for every image road and family, transformers' (issue 28: a grey-and-alpha PNG lost
+    its transparency through the server, and Gemma's processors dropped any image's alpha)."""
+    from transformers.image_transforms import convert_to_rgb
+
+    from levante.multimodal.images import to_rgb
+
+    data, opened = _random_png(mode)
+    expected = convert_to_rgb(opened, return_numpy=True)
+    assert (np.asarray(load_image(data)) == expected).all()
+    assert (np.asarray(to_rgb(opened)) == expected).all()
 
 
 @pytest.mark.parametrize("source, message", [

@@ -88,3 +88,44 @@ def test_bad_requests_get_openai_errors(client, body, status):
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == status
     assert "message" in r.json()["error"]
+
+
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "integer"}}}}}
+# Issue 28: a call whose arguments are no JSON made `json.loads` raise inside the parser: a 500.
+MALFORMED_CALL = '{"name": "get_time", "arguments": {"zone" 1}}'
+
+
+def _forced(reply: str, **body) -> dict:
+    """A chat request with a tool whose reply the grammar fixes to `reply` (what the model writes)."""
+    return {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [TIME_TOOL], "max_tokens": 120,
+            "temperature": 0, "grammar": {"type": "lark", "value": f"start: {json.dumps(reply)}"}, **body}
+
+
+def test_malformed_tool_call_json_is_text_not_a_500(client):
+    r = client.post("/v1/chat/completions", json=_forced(MALFORMED_CALL))
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    assert message["content"] == MALFORMED_CALL and not message.get("tool_calls")
+    with client.stream("POST", "/v1/chat/completions", json=_forced(MALFORMED_CALL, stream=True)) as streamed:
+        assert streamed.status_code == 200
+        lines = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+
+
+def test_a_parser_that_raises_is_a_request_error_not_an_unhandled_one(client, monkeypatch):
+    """Defence in depth: whatever a parser raises ends the request as the pipeline's errors do (the
+    TestClient re-raises an exception the app leaves unhandled)."""
+    from levante.serve.tool_parsers import StreamingToolParser
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("a parser bug")
+
+    monkeypatch.setattr(StreamingToolParser, "_advance", boom)
+    r = client.post("/v1/chat/completions", json=_forced("It is noon."))
+    assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError: a parser bug"
+    streamed = client.post("/v1/chat/completions", json=_forced("It is noon.", stream=True))  # fails on its first chunk
+    assert streamed.status_code == 500 and "a parser bug" in streamed.json()["error"]["message"]
+    r = client.post("/v1/responses", json={"input": "What time is it?", "tools": [TIME_TOOL["function"] | {
+        "type": "function"}], "max_output_tokens": 5})
+    assert r.status_code == 500 and "a parser bug" in r.json()["error"]["message"]

@@ -47,13 +47,13 @@ def test_named_tools_and_earlier_calls_are_always_offered():
     selector = ToolSelector(TOOLS, max_tools=2, max_tool_tokens=1 << 30, count_tokens=len)
     # by the offered name, or the server's own name when it has a _ or -; a plain word ("fetch") names nothing
     assert names(selector, "Use memory_search_nodes and READ_QUERY, then fetch it") == \
-        ["sqlite_read_query", "memory_search_nodes"]
+        ["sqlite_read_query", "memory_search_nodes"]  # named ones in registration order
     assert names(selector, "Use my_read_query_tool") == ["time_get_current_time", "time_convert_time"]
     earlier = [{"role": "user", "content": "hi"},
                {"role": "assistant", "content": None, "tool_calls": [
                    {"id": "c1", "type": "function", "function": {"name": "sqlite_list_tables", "arguments": "{}"}}]},
                {"role": "tool", "tool_call_id": "c1", "content": "orders"}, {"role": "user", "content": "and?"}]
-    assert [t.name for t in selector.select(earlier)] == ["time_get_current_time", "sqlite_list_tables"]
+    assert [t.name for t in selector.select(earlier)] == ["sqlite_list_tables", "time_get_current_time"]  # named first
     many = ToolSelector(TOOLS, max_tools=1, max_tool_tokens=1 << 30, count_tokens=len)
     assert len(names(many, "time_convert_time, sqlite_list_tables and fetch_fetch")) == 3  # beyond the count
 
@@ -62,3 +62,25 @@ def test_always_offered_servers():
     selector = ToolSelector(TOOLS, max_tools=3, max_tool_tokens=1 << 30, count_tokens=len,
                             always_offer=frozenset({"sqlite"}))
     assert names(selector) == ["time_get_current_time", "sqlite_read_query", "sqlite_list_tables"]  # as registered
+
+
+def test_the_order_is_by_relevance_within_the_limit_and_name_words_count():
+    """Issue 28: ranked whether or not the tools exceed the limit; a request that says "memory" or "tables"
+    lifts the tools whose names say so (here every embedding is alike, so the names decide)."""
+    import torch
+
+    def embed(texts, kind):
+        return torch.ones(len(texts), 4)
+
+    selector = ToolSelector(TOOLS, max_tools=16, max_tool_tokens=1 << 30, count_tokens=len, embedder=lambda: embed)
+    assert not selector.selects
+    assert names(selector, "Look it up in your memory")[0] == "memory_search_nodes"
+    assert names(selector, "Which tables are in the sqlite database?")[:2] == ["sqlite_list_tables", "sqlite_read_query"]
+    assert names(selector, "hello") == [t.name for t in TOOLS]  # nothing to tell them apart: as registered
+
+
+def test_paths_and_urls_are_ranked_by_their_last_part():
+    from levante.serve.tool_selection import _recent_text
+
+    text = _recent_text([{"role": "user", "content": "Read /tmp/work-3f9/files/secret.txt and https://x.org/a/b/"}])
+    assert text == "Read secret.txt and b"

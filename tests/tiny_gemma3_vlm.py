@@ -50,26 +50,30 @@ def hf_tokenizer():
                               "image_token": "<image_soft_token>"})
 
 
-def config(image_size=56, mm_tokens_per_image=4, sliding_window=3):
+def config(image_size=56, mm_tokens_per_image=4, sliding_window=3, text_options: dict | None = None,
+           vision_options: dict | None = None):
+    """`text_options` / `vision_options` override the text and SigLIP settings below."""
     import transformers as tf
 
-    text = tf.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                               sliding_window=sliding_window, query_pre_attn_scalar=24,
-                               layer_types=["sliding_attention", "full_attention"], initializer_range=0.1,
-                               bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                   image_size=image_size, patch_size=14, vision_use_head=False)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=sliding_window,
+                query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention"], initializer_range=0.1,
+                bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=image_size, patch_size=14, vision_use_head=False)
+    text = tf.Gemma3TextConfig(**{**text, **(text_options or {})})
+    vision = tf.SiglipVisionConfig(**{**vision, **(vision_options or {})})
     return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=mm_tokens_per_image,
                            boi_token_index=BOI, eoi_token_index=EOI, image_token_index=IMG,
                            architectures=["Gemma3ForConditionalGeneration"], initializer_range=0.1)
 
 
-def build(folder: Path, **options) -> Path:
-    """Save the tiny model (float32), tokenizer (with chat template) and preprocessor config into `folder`."""
+def build(folder: Path, seed: int = 0, processor_options: dict | None = None, **options) -> Path:
+    """Save the tiny model (float32, weights drawn from `seed`), tokenizer (with chat template) and
+    preprocessor config (`processor_options` override image_processor's) into `folder`."""
     import transformers as tf
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = tf.Gemma3ForConditionalGeneration(config(**options))
     with torch.no_grad():  # random norms and projector so they are tested (init leaves zeros/ones)
         for name, p in model.named_parameters():
@@ -79,7 +83,7 @@ def build(folder: Path, **options) -> Path:
     tok = hf_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(folder)
-    image_processor(model.config).save_pretrained(folder)
+    image_processor(model.config, **(processor_options or {})).save_pretrained(folder)
     return folder
 
 

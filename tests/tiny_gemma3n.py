@@ -79,16 +79,19 @@ def text_config(**overrides):
     return tf.Gemma3nTextConfig(**options)
 
 
-def config():
+def config(text_options: dict | None = None, image_tokens: int = IMAGE_TOKENS, channel_multiplier: float = 0.0625):
+    """`text_options` override text_config's settings; `image_tokens` (a square) per image, the side of the
+    tower's output; `channel_multiplier` cuts the tower's channels."""
     import transformers as tf
 
     vision = {"architecture": "mobilenetv5_300m_enc", "hidden_size": 2048, "vocab_size": VISION_VOCAB,
-              "vocab_offset": TEXT_VOCAB, "model_args": {"channel_multiplier": 0.0625, "msfa_output_resolution": 2}}
+              "vocab_offset": TEXT_VOCAB, "model_args": {"channel_multiplier": channel_multiplier,
+                                                         "msfa_output_resolution": round(image_tokens ** 0.5)}}
     audio = tf.Gemma3nAudioConfig(vocab_size=AUDIO_VOCAB, vocab_offset=TEXT_VOCAB + VISION_VOCAB,
                                   input_feat_size=MEL_BINS, hidden_size=32, conf_num_attention_heads=2,
                                   conf_num_hidden_layers=2, sscp_conv_channel_size=[8, 4])
-    return tf.Gemma3nConfig(text_config=text_config(), vision_config=vision, audio_config=audio,
-                            audio_soft_tokens_per_image=AUDIO_TOKENS, vision_soft_tokens_per_image=IMAGE_TOKENS,
+    return tf.Gemma3nConfig(text_config=text_config(**(text_options or {})), vision_config=vision, audio_config=audio,
+                            audio_soft_tokens_per_image=AUDIO_TOKENS, vision_soft_tokens_per_image=image_tokens,
                             boi_token_id=BOI, eoi_token_id=EOI, image_token_id=IMG, boa_token_id=BOA,
                             eoa_token_id=EOA, audio_token_id=AUD, initializer_range=0.1,
                             architectures=["Gemma3nForConditionalGeneration"])
@@ -123,16 +126,17 @@ def build_text(folder: Path, **overrides) -> Path:
     return _save(model, folder)
 
 
-def build(folder: Path) -> Path:
-    """The whole model, with its image and audio preprocessor config."""
+def build(folder: Path, seed: int = 0, image_tokens: int = IMAGE_TOKENS, **options) -> Path:
+    """The whole model (weights drawn from `seed`; `options`: config's), with its image and audio
+    preprocessor config."""
     import timm_import  # noqa: F401 - timm, for transformers' vision tower
     import transformers as tf
 
-    torch.manual_seed(0)
-    model = tf.Gemma3nForConditionalGeneration(config())
+    torch.manual_seed(seed)
+    model = tf.Gemma3nForConditionalGeneration(config(image_tokens=image_tokens, **options))
     _randomize(model)
     _save(model, folder)
-    hf_processor(folder).save_pretrained(folder)
+    hf_processor(image_tokens=image_tokens).save_pretrained(folder)
     return folder
 
 
@@ -149,11 +153,11 @@ def image_processor():
                                 resample=2, rescale_factor=1 / 255)
 
 
-def hf_processor(folder: Path | None = None):
+def hf_processor(folder: Path | None = None, image_tokens: int = IMAGE_TOKENS):
     from transformers import Gemma3nProcessor
 
     return Gemma3nProcessor(feature_extractor(), image_processor(), hf_tokenizer(), chat_template=CHAT_TEMPLATE,
-                            audio_seq_length=AUDIO_TOKENS, image_seq_length=IMAGE_TOKENS)
+                            audio_seq_length=AUDIO_TOKENS, image_seq_length=image_tokens)
 
 
 def load_reference(folder: Path, text_only: bool = False):

@@ -79,21 +79,26 @@ def _config(arch: str, text_options: dict | None = None, vision_options: dict | 
     raise ValueError(arch)
 
 
-def image_processor(arch: str):
-    """transformers' reference processor (the PIL backend: torchvision is unusable here)."""
+def image_processor(arch: str, **options):
+    """transformers' reference processor (the PIL backend: torchvision is unusable here); `options`
+    override the settings below (min_pixels, max_pixels, patch_size, merge_size, ...)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if arch == "qwen3_vl":
-        return Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=32 * 32 * 48, patch_size=16,
-                                        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        defaults = dict(min_pixels=64 * 64, max_pixels=32 * 32 * 48, patch_size=16, image_mean=[0.5, 0.5, 0.5],
+                        image_std=[0.5, 0.5, 0.5])
+    else:
+        defaults = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return Qwen2VLImageProcessorPil(**{**defaults, **options})
 
 
-def build(arch: str, folder: Path, text_options: dict | None = None, vision_options: dict | None = None) -> Path:
+def build(arch: str, folder: Path, text_options: dict | None = None, vision_options: dict | None = None,
+          processor_options: dict | None = None, seed: int = 0) -> Path:
+    """`processor_options`: the saved preprocessor's settings (image_processor's); `seed`: the weights'."""
     import transformers as tf
 
     config = _config(arch, text_options, vision_options)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cls = {"qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration, "qwen3_vl": tf.Qwen3VLForConditionalGeneration}[arch]
     model = cls(config)
     with torch.no_grad():  # norms start at 1 (biases at 0): make them random so they are tested
@@ -104,7 +109,7 @@ def build(arch: str, folder: Path, text_options: dict | None = None, vision_opti
                 p.normal_(0, 0.5)
     model.to(torch.float32).save_pretrained(folder)
     _tokenizer(folder)
-    image_processor(arch).save_pretrained(folder)
+    image_processor(arch, **(processor_options or {})).save_pretrained(folder)
     return folder
 
 
@@ -115,18 +120,20 @@ def load_reference(arch: str, folder: Path):
     return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
-def reference_inputs(arch, ids, images):
-    """transformers' own preprocessing and placeholder expansion, independent of ours."""
+def reference_inputs(arch, ids, images, processor=None, image_token: int = IMAGE):
+    """transformers' own preprocessing and placeholder expansion, independent of ours (`processor`:
+    an `image_processor`, default the one `build` saves without options)."""
     if not images:
         ids = torch.tensor([ids])
         return {"input_ids": ids, "mm_token_type_ids": torch.zeros_like(ids, dtype=torch.int32)}
-    features = image_processor(arch)(images, return_tensors="pt")
-    counts = (features["image_grid_thw"].prod(-1) // 4).tolist()
+    processor = processor or image_processor(arch)
+    features = processor(images, return_tensors="pt")
+    counts = (features["image_grid_thw"].prod(-1) // processor.merge_size ** 2).tolist()
     expanded, it = [], iter(counts)
     for token in ids:
-        expanded.extend([IMAGE] * next(it) if token == IMAGE else [token])
+        expanded.extend([image_token] * next(it) if token == image_token else [token])
     ids = torch.tensor([expanded])
-    return {"input_ids": ids, "mm_token_type_ids": (ids == IMAGE).int(),
+    return {"input_ids": ids, "mm_token_type_ids": (ids == image_token).int(),
             "pixel_values": features["pixel_values"], "image_grid_thw": features["image_grid_thw"]}
 
 

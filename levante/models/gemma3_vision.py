@@ -56,6 +56,9 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
         raw = config.raw
         if "tie_word_embeddings" not in raw and "tie_word_embeddings" not in (raw.get("text_config") or {}):
             config.tie_word_embeddings = True  # Gemma3Config's default; released checkpoints have no lm_head
+        # transformers' Gemma3ForConditionalGeneration does not soft-cap the logits, whatever text_config says
+        # (Gemma3ForCausalLM does; the released checkpoints set no cap).
+        config.final_logit_softcapping = None
         super().__init__(config)
         vision = dict(config.raw.get("vision_config") or {})
         for key in ("hidden_size", "image_size", "patch_size", "num_hidden_layers", "num_attention_heads",

@@ -50,16 +50,24 @@ class VisionAttention(nn.Module):
         return self.proj(segment_attention(q, k, v, cu_seqlens, self.head_dim ** -0.5))
 
 
+VISION_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                      "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
+                      "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}  # a Qwen-VL tower's hidden_act
+
+
+def vision_activation(name: str):
+    """The tower's activation (Qwen2.5-VL's and Qwen3-VL's alike), or a load error naming it."""
+    if name not in VISION_ACTIVATIONS:
+        raise ModelLoadError(f"unsupported vision activation {name!r}")
+    return VISION_ACTIVATIONS[name]
+
+
 class VisionGatedMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(dim, [hidden, hidden], bias=True)
         self.down_proj = RowParallelLinear(hidden, dim, bias=True)
-        acts = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-                "gelu": F.gelu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
-        if act not in acts:
-            raise ModelLoadError(f"unsupported vision activation {act!r}")
-        self.act = acts[act]
+        self.act = vision_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from levante.config import ModelConfig
-from levante.errors import ModelLoadError
 from levante.layers.conv import PatchEmbed
 from levante.layers.linear import ReplicatedLinear
 from levante.layers.vision import rope_2d
-from levante.models.qwen2_5_vl import QwenVLBase, VisionAttention, VLDecoderModel, vision_positions
+from levante.models.qwen2_5_vl import (QwenVLBase, VisionAttention, VLDecoderModel, vision_activation,
+                                       vision_positions)
 
 
 class VisionMLP(nn.Module):
@@ -28,12 +28,10 @@ class VisionMLP(nn.Module):
         super().__init__()
         self.linear_fc1 = ReplicatedLinear(dim, hidden, bias=True)
         self.linear_fc2 = ReplicatedLinear(hidden, dim, bias=True)
-        self.approximate = "tanh" if act in ("gelu_pytorch_tanh", "gelu_tanh") else "none"
-        if act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
-            raise ModelLoadError(f"unsupported vision activation {act!r}")
+        self.act = vision_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate=self.approximate))
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
 
 
 class VisionBlock(nn.Module):

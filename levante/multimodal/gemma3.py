@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from levante.errors import InvalidRequest, ModelLoadError
+from levante.multimodal.images import to_rgb
 from levante.multimodal.inputs import ImageInput, MultiModalPrompt
 
 BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
@@ -109,7 +110,7 @@ class Gemma3ImageProcessor:
     def crops(self, image: Image.Image, do_pan_and_scan: bool | None = None) -> list[np.ndarray]:
         """The image and its pan-and-scan crops, uint8 [H, W, 3] each, original first."""
         s = self.settings
-        array = np.asarray(image.convert("RGB"))
+        array = np.asarray(to_rgb(image))
         pas = s.do_pan_and_scan if do_pan_and_scan is None else do_pan_and_scan
         extra = pan_and_scan_crops(array, s.pan_and_scan_min_crop_size, s.pan_and_scan_max_num_crops,
                                    s.pan_and_scan_min_ratio_to_activate) if pas else []

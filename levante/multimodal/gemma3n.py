@@ -24,6 +24,7 @@ from levante.errors import InvalidRequest
 from levante.multimodal.audio import AudioClip
 from levante.multimodal.gemma3 import (Gemma3ImageProcessor, Gemma3ImageSettings, _read_json,
                                        expand_placeholders)
+from levante.multimodal.images import to_rgb
 from levante.multimodal.inputs import ImageInput, MultiModalPrompt
 
 IMAGE_TOKEN, AUDIO_TOKEN = "<image_soft_token>", "<audio_soft_token>"
@@ -175,7 +176,7 @@ class Gemma3nProcessor:
                                  f"placeholders but {given.count(False)} images and {given.count(True)} audio "
                                  "clips were given (in that order)")
         tensors = [self.audio_input(item) if audio else
-                   {"pixel_values": self.image_processor.pixels(np.asarray(item.convert("RGB")))}
+                   {"pixel_values": self.image_processor.pixels(np.asarray(to_rgb(item)))}
                    for item, audio in zip(media, kinds)]
         ids = expand_placeholders(self.tokenizer, self._split_ids, token_ids, places,
                                   [self._expansion(audio) for audio in kinds])

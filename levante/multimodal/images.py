@@ -55,6 +55,16 @@ def load_image(source: str | bytes, *, max_bytes: int = MAX_BYTES, timeout: floa
     return decode_image(data, what, max_bytes=max_bytes, max_pixels=max_pixels)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as transformers' `convert_to_rgb` makes it, for every family's processor: an image with an alpha
+    band or a transparent colour is composited onto white (its transparent pixels white, not black)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_image(data: bytes, what: str = "image", *, max_bytes: int = MAX_BYTES,
                  max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode and fully load `data` into an RGB image, refusing oversized and broken files."""
@@ -79,12 +89,7 @@ def decode_image(data: bytes, what: str = "image", *, max_bytes: int = MAX_BYTES
         raise InvalidRequest(f"{what}: too large ({width}x{height} pixels; the limit is {max_pixels} pixels)")
     try:
         image.load()  # decode now: a truncated file fails here, not later inside the model
-        if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
-            # Like transformers' convert_rgb: transparent pixels become white, not black.
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        return image.convert("RGB")
+        return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         reason = "truncated or corrupt" if "truncated" in str(e).lower() or isinstance(e, SyntaxError) \
             else "corrupt"

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from levante.errors import InvalidRequest, ModelLoadError
+from levante.multimodal.images import to_rgb
 from levante.multimodal.inputs import ImageInput, MultiModalPrompt
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -41,16 +42,6 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
-
-
-def to_rgb(image):
-    from PIL import Image
-
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
 
 
 class QwenVLProcessor:

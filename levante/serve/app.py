@@ -36,7 +36,7 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest, reque
     """A whole chat.completion for `body`, aborted if `request`'s client goes away first (the MCP
     server's `chat` tool answers with this too, without a request)."""
     collector = fmt.ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
-    return (await collected(request, state.pipeline.chat_events(body), collector)).response()
+    return await collected(request, state.pipeline.chat_events(body), collector)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -99,7 +99,7 @@ def create_app(state: ServerState) -> FastAPI:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             collector = fmt.Completion(body, rid, created)
-            return (await collected(request, pipeline.completion_events(body), collector)).response()
+            return await collected(request, pipeline.completion_events(body), collector)
         chunks = fmt.CompletionChunks(body, rid, created)
         return await sse_response(formatted(pipeline.completion_events(body), chunks))
 

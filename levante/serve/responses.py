@@ -358,5 +358,4 @@ def register_responses(app: FastAPI, state) -> None:
         if body.stream:
             stream = ResponseEvents(state, body, rid, created)
             return await sse_response(formatted(events, stream), stream.error)
-        collector = await collected(request, events, ChatCompletion(rid, created))
-        return to_response(state, collector.response(), body, rid, created)
+        return to_response(state, await collected(request, events, ChatCompletion(rid, created)), body, rid, created)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from levante.errors import LevanteError, RequestFailed
 from levante.serve.protocol import error_for
 
 logger = logging.getLogger("levante")
@@ -62,26 +63,46 @@ async def sse_response(payloads: AsyncIterator[Payload],
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
+def request_error(error: Exception) -> Exception:
+    """The error a request ends with: levante's own as it is; anything else (a bug, say in a parser reading
+    the model's output) logged with its traceback and turned into RequestFailed, so that the app answers
+    it as any pipeline error (a 500 that says what happened) rather than as an unhandled exception."""
+    if isinstance(error, (LevanteError, ClientGone)):
+        return error
+    logger.error("a request failed on a bug", exc_info=error)
+    return RequestFailed(f"internal error: {type(error).__name__}: {error}")
+
+
 async def formatted(events: AsyncIterator, formatter) -> AsyncIterator[Payload]:
     """Pipeline events -> the payloads `formatter.chunks(event)` makes of them, then `formatter.closing()`."""
     try:
-        async for event in events:
-            for payload in formatter.chunks(event):
-                yield payload
-    finally:
-        await events.aclose()
-    for payload in formatter.closing():
-        yield payload
+        try:
+            async for event in events:
+                for payload in formatter.chunks(event):
+                    yield payload
+        finally:
+            await events.aclose()
+        for payload in formatter.closing():
+            yield payload
+    except Exception as error:  # noqa: BLE001 - see request_error
+        raise request_error(error) from error
 
 
 class ClientGone(Exception):
     """The client of a non-streamed request closed its connection before the answer was ready."""
 
 
-async def collected(request: Request | None, events: AsyncIterator, collector):
-    """`collector` after `collector.add(event)` for each of `events`; ClientGone (its requests
+async def collected(request: Request | None, events: AsyncIterator, collector) -> dict:
+    """`collector.response()` after `collector.add(event)` for each of `events`; ClientGone (its requests
     aborted, their cache freed) if the client disconnects first. `request` None: no connection to
     watch (the MCP server's chat tool)."""
+    try:
+        return (await _collect(request, events, collector)).response()
+    except Exception as error:  # noqa: BLE001 - see request_error
+        raise request_error(error) from error
+
+
+async def _collect(request: Request | None, events: AsyncIterator, collector):
     async def read():
         try:
             async for event in events:

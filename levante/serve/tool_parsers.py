@@ -100,6 +100,37 @@ _CALL_KEYS = {"name", "arguments", "parameters", "type", "id"}
 _ARGUMENT_KEYS = ("arguments", "parameters")
 
 
+def _decode(text: str):
+    """A JSON value; `_Malformed` for anything `json` cannot take (bad escapes, control characters,
+    nesting too deep, integers too long): model output is untrusted input."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise _Malformed from None
+
+
+def _encode(value) -> str:
+    """JSON text of a decoded value, as written where it can be: non-ASCII kept, unless it holds a lone
+    surrogate (`"\\ud800"` decodes to one), which no UTF-8 response could carry: then escaped."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
+
+
+def _is_name(value) -> bool:
+    """A tool name a response can carry: text, not empty, valid UTF-8."""
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _skip_whitespace(text: str, i: int) -> int:
     while i < len(text) and text[i] in _WHITESPACE:
         i += 1
@@ -184,7 +215,7 @@ def _object_members(text: str, i: int, members: dict[str, tuple[int, int | None]
         return i + 1
     while True:
         key_end = _string_end(text, i)
-        key = json.loads(text[i:key_end])
+        key = _decode(text[i:key_end])
         i = _skip_whitespace(text, _expect(text, _skip_whitespace(text, key_end), ":"))
         members[key] = (i, None)
         end = _value_end(text, i)
@@ -207,10 +238,7 @@ def _read_call_object(text: str, i: int, calls: list[_PartialCall], accept: _Acc
         _fill_call(call, text, members, accept, complete=False)
         raise
     _fill_call(call, text, members, accept, complete=True)
-    try:
-        json.loads(text[i:end])
-    except ValueError:
-        raise _Malformed from None
+    _decode(text[i:end])
     return end
 
 
@@ -220,8 +248,8 @@ def _fill_call(call: _PartialCall, text: str, members: dict, accept: _Accept,
         raise _Malformed
     name_start, name_end = members.get("name", (0, None))
     if name_end is not None:
-        name = json.loads(text[name_start:name_end])
-        if not isinstance(name, str) or (accept is not None and not accept(name)):
+        name = _decode(text[name_start:name_end])
+        if not _is_name(name) or (accept is not None and not accept(name)):
             raise _Malformed
         call.name = name
     key = next((key for key in _ARGUMENT_KEYS if key in members), None)
@@ -239,15 +267,12 @@ def _arguments_so_far(text: str, start: int, end: int | None) -> str:
     is decoded, so it waits until it is complete."""
     if end is None:
         return text[start:] if text.startswith("{", start) else ""
-    value = json.loads(text[start:end])
+    value = _decode(text[start:end])
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise _Malformed from None
+        value = _decode(value)
         if not isinstance(value, dict):
             raise _Malformed
-        return json.dumps(value, ensure_ascii=False)
+        return _encode(value)
     if not isinstance(value, dict):
         raise _Malformed
     return text[start:end]
@@ -359,7 +384,7 @@ def _read_tool_code(text: str, i: int, calls: list[_PartialCall], accept: _Accep
         raise _Incomplete
     body, end = (text[i:], len(text)) if close < 0 else (text[i:close], close + 3)
     for name, arguments in _python_calls(body):
-        calls.append(_PartialCall(name, json.dumps(arguments, ensure_ascii=False), done=True))
+        calls.append(_PartialCall(name, _encode(arguments), done=True))
     return end
 
 
@@ -398,8 +423,8 @@ def _python_call(node: ast.AST) -> tuple[str, dict]:
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             raise _Malformed from None
     try:
-        json.dumps(arguments)
-    except (TypeError, ValueError):
+        json.dumps(arguments, allow_nan=False)  # `1e999` is a literal, but no JSON
+    except (TypeError, ValueError, RecursionError):
         raise _Malformed from None
     return name, arguments
 
@@ -490,6 +515,11 @@ class StreamingToolParser:
         self._released: int | None = None  # a marker at this offset turned out not to open a call
         self._calls_sent = 0
         self._broken = False  # a call broke after it began streaming
+
+    @property
+    def broken(self) -> bool:
+        """A call broke after it began streaming: the rest of the reply is dropped (see the module's docstring)."""
+        return self._broken
 
     def feed(self, text: str) -> list[Delta]:
         self._text += text

@@ -1,21 +1,22 @@
 """Which MCP tools a chat request is offered (serve/mcp_loop.py).
 
-mistral.rs, llama.cpp and Ollama put every registered tool into every prompt. With a real setup
-(nine servers, sixty tools: some 9,000 prompt tokens of JSON schemas) that costs prompt time and
-loses a small model among tools it does not need. While the tools fit the budget (at most
+mistral.rs, llama.cpp and Ollama put every registered tool into every prompt, in the order the servers
+list them. With a real setup (nine servers, sixty tools: some 9,000 prompt tokens of JSON schemas) that
+costs prompt time and loses a small model among tools it does not need; and a small model tends to call
+the first tool it sees. So the tools are ranked: by the cosine similarity of "server tool: what it does"
+(the description's first sentence) to the recent messages (with serve/ranking.py's embedding model;
+paths and URLs cut to their last part), plus NAME_WEIGHT times the share of the tool's name words the
+messages use (a dense score alone misses "memory" in "look it up in your memory"). While they fit the budget (at most
 `max_tools`, their definitions within TOOL_CONTEXT_SHARE of the context window) all are offered;
-beyond it a request is offered, in this order:
+beyond it a request is offered:
   1. the tools of servers marked `always_offer` in the MCP config;
   2. every tool the conversation names: by its offered name (`sqlite_read_query`), by the server's
      own name for it when that has a `_` or `-` (`read_query`), or by a call made earlier in it;
-  3. the others by cosine similarity of "server tool: description" to the recent messages (with
-     serve/ranking.py's embedding model), best first, while they fit the budget and score at least
-     RELEVANCE_FLOOR of the best score: a clear question gets its few tools, not a full budget.
-The first two kinds are offered whatever the budget says. Without an embedding model the others
-keep their registration order. The chosen tools go to the model in registration order, not by
-score: each server's own order (its main tool usually first, which a small model tends to pick)
-and, for requests that choose the same tools, the same prompt prefix. One request keeps one
-selection for all its rounds.
+  3. the others best first, while they fit the budget and score at least RELEVANCE_FLOOR of the best
+     score: a clear question gets its few tools, not a full budget.
+The first two kinds are offered whatever the budget says. Either way the offered tools go to the model
+most relevant first: the named ones, then by score. Without an embedding model (or any text to rank
+by) the others keep their registration order. One request keeps one selection for all its rounds.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 
 from levante.multimodal.messages import text_of
 from levante.search.retrieval import Embed, unit_vectors
+from levante.serve.tool_prompt import first_sentence
 
 if TYPE_CHECKING:  # the MCP client is imported only by a server that has MCP servers
     from levante.mcp import McpTool
@@ -37,7 +39,9 @@ DEFAULT_MAX_TOOLS = 16
 TOOL_CONTEXT_SHARE = 0.25  # of the context window, at most, for the tool definitions
 RELEVANCE_FLOOR = 0.5  # a ranked tool scoring below this share of the best score is left out
 RECENT_MESSAGES = 4  # the messages the tools are ranked against, newest first
-DOCUMENT_CHARS = 512  # of a tool's "server tool: description" embedded (its first sentences say what it does)
+UNLIMITED = 1 << 62  # a token budget that holds every tool (--mcp-offer-all)
+NAME_WEIGHT = 0.1  # added to a tool's similarity for the share of its name's words the request uses
+_PATH = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?\S*/([^\s/]+)/?")  # a path or URL: its last part, captured
 
 
 class ToolSelector:
@@ -60,27 +64,28 @@ class ToolSelector:
 
     def prepare(self) -> None:
         """Embed the tools now rather than in the first request that needs it. Blocking."""
-        if self.selects:
+        if self.tools:
             self._tool_vectors()
 
     def select(self, messages: list[dict]) -> list[McpTool]:
-        """The tools to offer for a conversation (OpenAI chat messages as dicts), in registration order.
+        """The tools to offer for a conversation (OpenAI chat messages as dicts), most relevant first.
         Blocking: it may embed."""
-        if not self.selects:
-            return list(self.tools)
         named = self.named(messages)
+        ranked = self.ranked(messages)
+        if not self.selects:
+            return _relevance_order(ranked, named)
         chosen = {t.name for t in self.tools if t.name in self.always or t.name in named}
         tokens = sum(self.tokens[name] for name in chosen)
-        ranked = [(tool, score) for tool, score in self.ranked(messages) if tool.name not in chosen]
-        floor = ranked[0][1] * RELEVANCE_FLOOR if ranked and ranked[0][1] > 0 else float("-inf")
-        for tool, score in ranked:
+        others = [(tool, score) for tool, score in ranked if tool.name not in chosen]
+        floor = others[0][1] * RELEVANCE_FLOOR if others and others[0][1] > 0 else float("-inf")
+        for tool, score in others:
             if (self.max_tools and len(chosen) >= self.max_tools) or score < floor:
                 break
             if chosen and tokens + self.tokens[tool.name] > self.max_tool_tokens:
                 continue
             chosen.add(tool.name)
             tokens += self.tokens[tool.name]
-        return [tool for tool in self.tools if tool.name in chosen]
+        return _relevance_order([(tool, score) for tool, score in ranked if tool.name in chosen], named)
 
     def ranked(self, messages: list[dict]) -> list[tuple[McpTool, float]]:
         """Every tool with its similarity to the recent messages, best first; without a ranking model
@@ -90,6 +95,8 @@ class ToolSelector:
         if vectors is None:
             return [(tool, 0.0) for tool in self.tools]
         scores = (vectors @ unit_vectors(self._embed, [query], "query")[0]).tolist()
+        words = _words(query)
+        scores = [score + NAME_WEIGHT * _name_overlap(tool, words) for tool, score in zip(self.tools, scores)]
         return sorted(zip(self.tools, scores), key=lambda pair: -pair[1])
 
     def named(self, messages: list[dict]) -> set[str]:
@@ -109,10 +116,35 @@ class ToolSelector:
             return self._vectors
 
 
+def _relevance_order(ranked: list[tuple[McpTool, float]], named: set[str]) -> list[McpTool]:
+    """Tools the conversation names first, then the others best first (`ranked` is already sorted)."""
+    return [tool for tool, _ in ranked if tool.name in named] + [tool for tool, _ in ranked if tool.name not in named]
+
+
 def _document(tool: McpTool) -> str:
-    """What a tool is ranked by: "filesystem read text file: Read the complete contents of a file...". """
-    words = re.sub(r"[_-]+", " ", f"{tool.server_id} {tool.tool_name}")
-    return f"{words}: {tool.description}"[:DOCUMENT_CHARS]
+    """What a tool is ranked by: its name's words and what it does, "filesystem read text file: Read the complete
+    contents of a file from the file system as text." (the rest of a description is how, which blurs the what)."""
+    return f"{' '.join(_name_words(tool))}: {first_sentence(tool.description)}"
+
+
+def _name_words(tool: McpTool) -> list[str]:
+    return re.sub(r"[_-]+", " ", f"{tool.server_id} {tool.tool_name}").split()
+
+
+def _words(text: str) -> set[str]:
+    return {_stem(word) for word in re.findall(r"[A-Za-z]+", text)}
+
+
+def _stem(word: str) -> str:
+    """Lower case, a plural's `s` off ("tables" -> "table")."""
+    word = word.lower()
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def _name_overlap(tool: McpTool, words: set[str]) -> float:
+    """The share of the tool's name words (server and tool) that the request uses."""
+    names = [_stem(word) for word in _name_words(tool)]
+    return sum(name in words for name in names) / len(names)
 
 
 def _mention_pattern(tool: McpTool) -> re.Pattern:
@@ -122,8 +154,11 @@ def _mention_pattern(tool: McpTool) -> re.Pattern:
 
 
 def _recent_text(messages: list[dict]) -> str:
-    """The last few user and assistant texts, newest first (an embedding model truncates the oldest)."""
-    texts = [text_of(m.get("content")).strip() for m in messages if m.get("role") in ("user", "assistant")]
+    """The last few user and assistant texts, newest first (an embedding model truncates the oldest), each
+    path or URL cut to its last part: `/home/me/notes/todo.txt` says `todo.txt` to a ranking model, and
+    its folders only blur the request."""
+    texts = [_PATH.sub(r"\1", text_of(m.get("content"))).strip() for m in messages
+             if m.get("role") in ("user", "assistant")]
     return "\n".join(reversed([text for text in texts if text][-RECENT_MESSAGES:]))
 
 
@@ -141,9 +176,14 @@ def selector_for(state, route) -> ToolSelector:
 
 
 def _build(state, engine) -> ToolSelector:
-    selector = ToolSelector(state.mcp.offered_tools(), state.mcp_max_tools,
-                            int(engine.max_model_len * TOOL_CONTEXT_SHARE),
-                            lambda text: len(engine.tokenizer.encode(text)), state.ranker.embedder,
-                            state.mcp.always_offered_servers)
+    def count_tokens(text: str) -> int:
+        return len(engine.tokenizer.encode(text))
+
+    if state.mcp_offer_all:  # no cap, no budget, no ranking model: every tool, as registered
+        selector = ToolSelector(state.mcp.offered_tools(), 0, UNLIMITED, count_tokens)
+    else:
+        selector = ToolSelector(state.mcp.offered_tools(), state.mcp_max_tools,
+                                int(engine.max_model_len * TOOL_CONTEXT_SHARE), count_tokens,
+                                state.ranker.embedder, state.mcp.always_offered_servers)
     state.metrics.mcp_tools_registered.set(len(selector.tools))
     return selector
