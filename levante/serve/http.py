@@ -1,7 +1,8 @@
 """What stands between the network and the routes: key checks, body checks, connection guards.
 
 - `ApiKeyGate` (ASGI): every path but /health (and /metrics with --open-metrics, and the files
-  of the web page and /docs) needs `Authorization: Bearer KEY`, compared in constant time,
+  of the web page and /docs) needs `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`),
+  compared in constant time,
   decided on the ASGI path. The admin routes (ADMIN_PATHS, serve/admin.py: loading and unloading
   adapters and models) need a key: on a server without one they answer 403.
 - `CheckedRoute`: request bodies parsed once, refused (400, naming the field) when nested
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from levante.serve.error_shapes import for_path
 from levante.serve.limits import RequestLimits
 
 OPEN_PATHS = ("/health",)
@@ -57,19 +59,25 @@ class ApiKeyGate:
         self.app = app
         self.api_key = api_key
         self.expected = f"Bearer {api_key}".encode()
+        self.key_bytes = api_key.encode()
         self.open_paths = frozenset(open_paths)
         self.open_prefixes = open_prefixes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] in ("http", "websocket") and not self.is_open(scope["path"]):
-            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
+            if not self.has_key(scope["headers"]):
                 await _send_json(send, 401, {"error": {"message": "invalid or missing API key",
                                                        "type": "authentication_error", "param": None,
-                                                       "code": "invalid_api_key"}})
+                                                       "code": "invalid_api_key"}}, scope["path"])
                 return
             scope["levante.api_key"] = self.api_key
         await self.app(scope, receive, send)
+
+    def has_key(self, headers) -> bool:
+        """`Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`; both compared in constant time."""
+        bearer = next((value for name, value in headers if name == b"authorization"), b"")
+        api_key = next((value for name, value in headers if name == b"x-api-key"), b"")
+        return hmac.compare_digest(bearer, self.expected) | hmac.compare_digest(api_key, self.key_bytes)
 
     def is_open(self, path: str) -> bool:
         return path in self.open_paths or path.startswith(self.open_prefixes)
@@ -86,13 +94,14 @@ class AdminClosed:
         if scope["type"] == "http" and scope["path"] in self.admin_paths:
             message = f"{scope['path']} needs a server started with --api-key"
             await _send_json(send, 403, {"error": {"message": message, "type": "permission_error", "param": None,
-                                                   "code": 403}})
+                                                   "code": 403}}, scope["path"])
             return
         await self.app(scope, receive, send)
 
 
-async def _send_json(send, status: int, payload: dict) -> None:
-    body = json.dumps(payload).encode()
+async def _send_json(send, status: int, payload: dict, path: str) -> None:
+    """An error answered before the app runs, in the shape of the API `path` belongs to."""
+    body = json.dumps(for_path(path, status, payload)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -112,7 +121,7 @@ class BodyLimit:
             if declared.isdigit() and int(declared) > self.max_bytes:
                 message = f"the request body is larger than the server takes ({self.max_bytes} bytes)"
                 await _send_json(send, 413, {"error": {"message": message, "type": "invalid_request_error",
-                                                       "param": None, "code": 413}})
+                                                       "param": None, "code": 413}}, scope["path"])
                 return
         await self.app(scope, receive, send)
 

@@ -170,6 +170,13 @@ class Pipeline:
                 async for output in self.generate(route, plan.prompts, plan.params):
                     yield output
 
+    async def count_chat_tokens(self, body: ChatCompletionRequest) -> int:
+        """The prompt tokens `body` would run (template, tools and images as planned), without running it."""
+        async with self.routed(body.model) as route:
+            validate.check_chat(body, route.llm.engine.model_config.vocab_size, self.state.limits)
+            plan = await asyncio.to_thread(plan_chat, route.llm, body, self.state.load_image)
+            return len(plan.prompt_ids)
+
     # plan
     async def plan_chat(self, route: Route, body: ChatCompletionRequest,
                         structured: StructuredOutput | None = None) -> ChatPlan:
