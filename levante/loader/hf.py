@@ -12,13 +12,20 @@ from levante.errors import ModelLoadError
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
+    if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no config.json")
+    return read_json(folder / "config.json")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file of a model folder; ModelLoadError when it is not one."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return value
 
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -15,6 +15,7 @@ from levante.errors import ModelLoadError, UnsupportedArchitecture
 from levante.layers.embedding import VocabParallelEmbedding
 from levante.layers.linear import LinearBase
 from levante.models.bert import BertModel
+from levante.models.cross_encoder import PairScorer, cross_encoder, yes_no_reranker
 from levante.models.embedding import (DecoderEncoder, Gemma3Encoder, Qwen2Encoder, Qwen3Encoder,
                                       SentenceEmbeddingModel)
 from levante.models.gemma3 import Gemma3ForCausalLM
@@ -86,6 +87,16 @@ def build_embedding_model(config: ModelConfig, pipeline, dtype: torch.dtype,
     """The encoder for `config.model_type` followed by `pipeline`'s pooling, dense and normalize stages."""
     encoder_cls = embedding_encoder_class(config.model_type)
     return _construct(lambda: SentenceEmbeddingModel(encoder_cls(config), pipeline), dtype, device)
+
+
+def build_scoring_model(config: ModelConfig, yes_no: tuple[int, int] | None, dtype: torch.dtype,
+                        device: torch.device) -> PairScorer:
+    """A cross-encoder (`yes_no` None: a `*ForSequenceClassification` checkpoint) or a decoder LLM read
+    as a yes/no reranker (its encoder chosen by `model_type`, as an embedding model's is)."""
+    if yes_no is None:
+        return _construct(lambda: cross_encoder(config), dtype, device)
+    encoder_cls = embedding_encoder_class(config.model_type)
+    return _construct(lambda: yes_no_reranker(config, encoder_cls(config), *yes_no), dtype, device)
 
 
 def _construct(make, dtype: torch.dtype, device: torch.device) -> nn.Module:

@@ -68,7 +68,7 @@ class Metrics:
             self.loaded.labels(name).set(served.status == "loaded")
             self.memory.labels(name).set(served.memory_bytes if served.status == "loaded" else 0)
             self.admitted.labels(name).set(served.in_flight)
-            if served.spec.embedding:
+            if served.spec.task != "generate":
                 continue
             scheduler = engine.scheduler if engine is not None else None
             self.running.labels(name).set(len(scheduler.running) if scheduler else 0)

@@ -26,13 +26,24 @@ _PATH_FIELDS = ("model", "topology", "matformer_config", "draft_model")
 _SERVER_FIELDS = ("progress", "warmup")  # set by the server for every model
 
 
+# What each task (loader/auto.py's TASKS) is called, and the routes a model of it serves.
+TASK_NOUNS = {"generate": "a chat model", "embed": "an embedding model", "score": "a reranker"}
+TASK_ROUTES = {"generate": "chat, completions, /v1/responses and /v1/messages",
+               "embed": "/v1/embeddings (and /v1/rerank, /v1/score by cosine similarity)",
+               "score": "/v1/rerank and /v1/score"}
+
+
 @dataclass
 class ModelSpec:
     """One model a server offers: the name requests give, how to load it, what it serves."""
     name: str
     args: EngineArgs
-    embedding: bool = False  # a sentence-embedding model: it serves /v1/embeddings
+    task: str = "generate"  # TASK_NOUNS: what it serves (`check_models` reads it from the model's files)
     pinned: bool = False  # loaded at start and never unloaded (--embedding-model, attached models)
+
+    @property
+    def embedding(self) -> bool:
+        return self.task == "embed"
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -43,7 +54,8 @@ class ModelSpec:
 
 def specs_from_cli(args, engine_args: EngineArgs) -> list[ModelSpec]:
     """`-m` (repeatable; `--served-model-name` names the first, `--lora` goes on the first), then the
-    entries of `--models-config`; `--embedding-model` last, pinned. Names must be unique, adapters too."""
+    entries of `--models-config`; `--embedding-model` and `--rerank-model` last, pinned. Names must be
+    unique, adapters too."""
     models = args.model if isinstance(args.model, list) else [args.model] if args.model else []
     config = getattr(args, "models_config", None)
     if not models and not config:
@@ -59,10 +71,11 @@ def specs_from_cli(args, engine_args: EngineArgs) -> list[ModelSpec]:
                              "their keys")
     if config:
         specs += read_models_config(config, dataclasses.replace(engine_args, lora={}, gguf_file=None))
-    embedding = getattr(args, "embedding_model", None)
-    if embedding:
-        specs.append(ModelSpec(embedding, dataclasses.replace(engine_args, model=embedding, lora={}, gguf_file=None),
-                               embedding=True, pinned=True))
+    for flag, task in (("embedding_model", "embed"), ("rerank_model", "score")):
+        model = getattr(args, flag, None)
+        if model:
+            specs.append(ModelSpec(model, dataclasses.replace(engine_args, model=model, lora={}, gguf_file=None,
+                                                              task=task), task=task, pinned=True))
     check_names(specs)
     return specs
 

@@ -28,12 +28,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from levante.engine.loop import EngineLoop
 from levante.errors import InvalidRequest, LevanteError, ModelBusy, ModelNotFound, ServiceUnavailable
-from levante.serve.embeddings import EmbeddingService
-from levante.serve.model_specs import DEFAULT_LOAD_TIMEOUT, ModelSpec, check_names
+from levante.serve.model_specs import DEFAULT_LOAD_TIMEOUT, TASK_NOUNS, TASK_ROUTES, ModelSpec, check_names
+from levante.serve.served import Route, ServedModel, model_service
+
+__all__ = ["ModelRouter", "Route", "ServedModel", "load_llm"]
 
 logger = logging.getLogger("levante")
 
@@ -47,82 +48,6 @@ def load_llm(spec: ModelSpec):
     from levante import LLM
 
     return LLM.from_engine_args(spec.args)
-
-
-class ServedModel:
-    """One model of the server: its spec and, while loaded, its LLM with its engine loop (a chat
-    model) or its embedding service."""
-
-    def __init__(self, spec: ModelSpec):
-        self.spec = spec
-        self.status = "unloaded"  # unloaded | loading | loaded | failed
-        self.failure: str | None = None
-        self.failed_at = 0.0
-        self.llm = None
-        self.loop: EngineLoop | None = None
-        self.embeddings: EmbeddingService | None = None
-        self.loading: Future | None = None
-        self.users = 0  # requests holding it
-        self.waiting = 0  # requests waiting for it to load
-        self.in_flight = 0  # sequences admitted and not yet done (serve/pipeline.py)
-        self.last_used = 0.0
-        self.memory_bytes = 0  # as measured at its last load
-        self.load_seconds: float | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def idle(self) -> bool:
-        return self.status == "loaded" and not self.spec.pinned and not self.users and not self.waiting
-
-    def health(self) -> dict:
-        problem = self.loop.problem if self.loop is not None else None
-        if problem:
-            return {"status": "unhealthy", "reason": problem}
-        return {"status": self.status, **({"reason": self.failure} if self.status == "failed" else {})}
-
-    def cards(self) -> list[dict]:
-        """Its /v1/models entries: the model (with `status`), then its LoRA adapters."""
-        card = {"id": self.name, "object": "model", "created": 0, "owned_by": "levante", "status": self.status}
-        if self.embeddings is not None:
-            card.update(self.embeddings.card(), status=self.status)
-        elif self.spec.embedding:
-            card["type"] = "embedding"
-        else:
-            card["type"] = "chat"
-            if self.llm is not None:
-                card["max_model_len"] = self.llm.engine.max_model_len
-                card["input_modalities"] = input_modalities(self.llm)
-        adapters = [{"id": name, "object": "model", "created": 0, "owned_by": "levante", "parent": self.name,
-                     "root": str(path), "status": self.status} for name, path in dict(self.spec.adapters).items()]
-        return [card, *adapters]
-
-
-def input_modalities(llm) -> list[str]:
-    """What a chat model's messages may carry: text, and images (and audio) for models with a processor."""
-    processor = llm.engine.processor
-    if processor is None:
-        return ["text"]
-    return ["text", "image"] + (["audio"] if getattr(processor, "takes_audio", False) else [])
-
-
-@dataclass
-class Route:
-    """What a request runs on: the name its responses report (the model or adapter it named), the
-    model, and the LoRA adapter to apply (None: the base model)."""
-    name: str
-    model: ServedModel
-    lora: str | None = None
-
-    @property
-    def llm(self):
-        return self.model.llm
-
-    @property
-    def loop(self) -> EngineLoop:
-        return self.model.loop
 
 
 class ModelRouter:
@@ -169,15 +94,15 @@ class ModelRouter:
     def loaded(self) -> list[ServedModel]:
         return [m for m in self.models.values() if m.status == "loaded"]
 
-    def resolve(self, name: str | None, embedding: bool = False) -> tuple[ServedModel, str | None]:
+    def resolve(self, name: str | None, tasks: tuple[str, ...] = ("generate",)) -> tuple[ServedModel, str | None]:
         """The one place a request's `model` is mapped to what serves it: (model, LoRA adapter or None).
-        No name: the first model of the kind asked for."""
+        `tasks`: what the route takes (model_specs.py's TASKS). No name: the first model of the first task."""
         if not self.models:
             raise ServiceUnavailable("the model is still loading; retry when /health answers 200", retry_after=1)
         if not name:
-            served = next((m for m in self.models.values() if m.spec.embedding == embedding), None)
+            served = next((m for task in tasks for m in self.models.values() if m.spec.task == task), None)
             if served is None:
-                raise InvalidRequest(self._wrong_kind(self.default, embedding))
+                raise InvalidRequest(self._wrong_kind(self.default, tasks))
             return served, None
         served, lora = self.models.get(name), None
         if served is None:
@@ -185,25 +110,22 @@ class ModelRouter:
             lora = name
         if served is None:
             raise ModelNotFound(f"model '{name}' is not served here; this server serves '{', '.join(self.names())}'")
-        if served.spec.embedding != embedding:
-            raise InvalidRequest(self._wrong_kind(served, embedding))
+        if served.spec.task not in tasks:
+            raise InvalidRequest(self._wrong_kind(served, tasks))
         return served, lora
 
-    def _wrong_kind(self, served: ServedModel, embedding: bool) -> str:
-        if embedding:
-            other = next((m.name for m in self.models.values() if m.spec.embedding), None)
-            return (f"'{served.name}' is a chat model; embeddings come from '{other}'" if other else
-                    f"'{served.name}' is not an embedding model, and no embedding model is served (start the "
-                    "server with --embedding-model)")
-        has_chat = any(not m.spec.embedding for m in self.models.values())
-        return f"'{served.name}' is an embedding model: it serves /v1/embeddings only" + (
-            "" if has_chat else " (start the server with a chat model to generate)")
+    def _wrong_kind(self, served: ServedModel, tasks: tuple[str, ...]) -> str:
+        task = served.spec.task
+        other = next((m.name for m in self.models.values() if m.spec.task in tasks), None)
+        return (f"'{served.name}' is {TASK_NOUNS[task]}: it serves {TASK_ROUTES[task]}; " +
+                (f"this route is served by '{other}'" if other else
+                 f"no model served here is {' or '.join(TASK_NOUNS[t] for t in tasks)}"))
 
     # -- holding a model for a request -------------------------------------------------------------
     @asynccontextmanager
-    async def use(self, name: str | None, embedding: bool = False) -> AsyncIterator[Route]:
+    async def use(self, name: str | None, tasks: tuple[str, ...] = ("generate",)) -> AsyncIterator[Route]:
         """Hold the model `name` routes to (loading it first, if need be) while the block runs."""
-        served, lora = self.resolve(name, embedding)
+        served, lora = self.resolve(name, tasks)
         await self.hold(served)
         try:
             yield Route(name or served.name, served, lora)
@@ -298,9 +220,9 @@ class ModelRouter:
         if loop is not None:
             # what the engine holds (a model handed over loaded may bring adapters of its own)
             served.spec.args.lora = {name: str(a.path) for name, a in llm.engine.lora.loaded.items()}
-        embeddings = EmbeddingService(llm, served.name) if llm.is_embedding_model else None
+        service = model_service(llm, served.name)
         with self._lock:
-            served.llm, served.loop, served.embeddings = llm, loop, embeddings
+            served.llm, served.loop, served.service = llm, loop, service
             served.memory_bytes, served.load_seconds = llm.memory_bytes(), seconds
             served.status, served.failure, served.loading = "loaded", None, None
             served.last_used = time.monotonic()
@@ -390,21 +312,21 @@ class ModelRouter:
 
     def _take(self, served: ServedModel) -> tuple:
         """Under the lock: mark `served` unloaded, and hand back what must be shut down."""
-        parts = (served.llm, served.loop, served.embeddings)
-        served.llm = served.loop = served.embeddings = None
+        parts = (served.llm, served.loop, served.service)
+        served.llm = served.loop = served.service = None
         served.status = "unloaded"
         return parts
 
     def _shut(self, served: ServedModel, parts: tuple) -> None:
-        llm, loop, embeddings = parts
+        llm, loop, service = parts
         if loop is not None:
             loop.stop()
-        if embeddings is not None:
-            embeddings.close()
+        if service is not None:
+            service.close()
         if llm is not None:
             llm.close()
             cuda = llm.engine is not None and llm.engine.device.type == "cuda"
-            del llm, embeddings, parts
+            del llm, service, parts
             gc.collect()
             if cuda:
                 import torch
