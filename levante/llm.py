@@ -88,6 +88,19 @@ class LLM:
         """Sequences (texts, pairs) one step or forward takes at most."""
         return self.engine.config.max_num_seqs if self.engine is not None else self.runner.max_batch_size
 
+    # -- sleep (vLLM's LLM.sleep / wake_up) -------------------------------------
+    @property
+    def asleep(self) -> bool:
+        return self.runner.asleep
+
+    def sleep(self) -> None:
+        """Give the weights (and a generating model's KV cache) back to the system; the tokenizer, chat
+        template, grammar tables, adapters and settings stay, so `wake_up` loads only the weights again."""
+        self.runner.sleep()
+
+    def wake_up(self) -> None:
+        self.runner.wake_up()
+
     @property
     def chat_template(self):
         """The model's chat template (its own, or the fallback), or None for an embedding model."""

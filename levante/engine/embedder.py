@@ -17,6 +17,7 @@ from levante.errors import InvalidRequest
 from levante.layers.attention import AttentionMetadata, attention_metadata
 from levante.layers.pooling import normalize
 from levante.loader.auto import ModelSource, open_model
+from levante.loader.memory import release_memory
 from levante.models.registry import build_embedding_model, load_weights
 
 # What callers may pass: one text, texts, one token-id list, token-id lists.
@@ -33,11 +34,27 @@ class Embedder:
         self.max_length = self.pipeline.max_seq_length or self.config.max_position_embeddings
         self.tokenizer = source.tokenizer()
         self.tokenizer.backend.enable_truncation(self.max_length)  # as sentence-transformers truncates
-        self.model = build_embedding_model(self.config, self.pipeline, dtype, device)
-        load_weights(self.model, self.model.checkpoint_tensors(source.weights()))
-        self.model.eval()
+        self.model = self._build()
         self.dimensions = self._output_dimensions()
         self.load_seconds = time.monotonic() - started
+
+    def _build(self):
+        model = build_embedding_model(self.config, self.pipeline, self.dtype, self.device)
+        load_weights(model, model.checkpoint_tensors(self.source.weights()))
+        return model.eval()
+
+    @property
+    def asleep(self) -> bool:
+        return self.model is None
+
+    def sleep(self) -> None:
+        """Give the weights back to the system; the tokenizer and settings stay for `wake_up`."""
+        self.model = None
+        release_memory(self.device)
+
+    def wake_up(self) -> None:
+        if self.model is None:
+            self.model = self._build()
 
     @classmethod
     def load(cls, model: str, config: EngineConfig) -> Embedder:
@@ -51,7 +68,7 @@ class Embedder:
         return cls(source, config.dtype or default_dtype(device), device)
 
     def memory_bytes(self) -> int:
-        return weight_bytes(self.model)
+        return weight_bytes(self.model) if self.model is not None else 0
 
     def _output_dimensions(self) -> int:
         if self.pipeline.dense:

@@ -23,6 +23,7 @@ from levante.errors import InvalidRequest, ModelLoadError
 from levante.layers.pooling import DENSE_ACTIVATIONS
 from levante.loader import hf
 from levante.loader.auto import ModelSource, open_model
+from levante.loader.memory import release_memory
 from levante.models.bert import position_offset
 from levante.models.registry import build_scoring_model, load_weights
 
@@ -88,7 +89,20 @@ class Scorer:
         return int(declared) if isinstance(declared, (int, float)) and 0 < declared < default else default
 
     def memory_bytes(self) -> int:
-        return weight_bytes(self.model)
+        return weight_bytes(self.model) if self.model is not None else 0
+
+    # -- sleep --------------------------------------------------------------
+    @property
+    def asleep(self) -> bool:
+        return self.model is None
+
+    def sleep(self) -> None:
+        self.model = None
+        release_memory(self.device)
+
+    def wake_up(self) -> None:
+        if self.model is None:
+            self.model = self._build()
 
     # -- inputs -------------------------------------------------------------
     def pairs(self, queries: list[str], documents: list[str], instruction: str | None = None) -> list[Pair]:

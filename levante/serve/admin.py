@@ -6,6 +6,8 @@ the server's disk or free its memory, so they answer only on a server started wi
   names the base model, the default model without it. Adapters load on the engine's thread
   between two steps, and are kept in the model's spec, so that a reload brings them back.
 - `POST /models/load {"model"}` and `POST /models/unload {"model"}`: llama.cpp's router routes.
+- `POST /sleep?level=1|2[&model=NAME]` and `POST /wake_up[?model=NAME]`: vLLM's routes
+  (serve/router.py's sleep and wake); `GET /is_sleeping` says which models sleep.
 """
 from __future__ import annotations
 
@@ -76,3 +78,37 @@ def register_admin(app: FastAPI, state) -> None:
     async def unload_model(body: ModelRequest):
         unloaded = await router.unload(body.model)
         return {"success": True, "model": body.model, "status": "unloaded", "was_loaded": unloaded}
+
+    @app.post("/sleep", description=SLEEP_DOC)
+    async def sleep(level: int = 1, model: str | None = None):
+        """vLLM's route: `level` 1 or 2, `model` one model (default: every loaded one)."""
+        return {"success": True, "level": level, "sleeping": await router.sleep(model, level)}
+
+    @app.post("/wake_up", description=WAKE_DOC)
+    async def wake_up(model: str | None = None):
+        return {"success": True, "woken": await router.wake(model)}
+
+    @app.get("/is_sleeping")
+    async def is_sleeping(model: str | None = None):
+        if model is not None and model not in router.models:
+            raise ModelNotFound(f"model '{model}' is not served here")
+        models = [router.models[model]] if model is not None else list(router.models.values())
+        return {"is_sleeping": any(m.status == "sleeping" for m in models),
+                "models": {m.name: m.status == "sleeping" for m in models}}
+
+
+SLEEP_DOC = """Put models to sleep (admin: needs a server started with --api-key). Level 1 gives the weights
+and KV cache back to the system and keeps what a wake needs (tokenizer, template, grammar tables);
+level 2 unloads the model whole. The next request for a sleeping model wakes it (its wake time is
+`levante_model_wake_seconds` in /metrics); `--sleep-after SECONDS` does this for idle models.
+
+```
+curl -X POST "http://127.0.0.1:8000/sleep?level=1" -H "Authorization: Bearer $KEY"
+curl -X POST http://127.0.0.1:8000/wake_up -H "Authorization: Bearer $KEY"
+```
+```python
+import httpx
+httpx.post("http://127.0.0.1:8000/sleep", params={"level": 1}, headers={"Authorization": "Bearer KEY"})
+```
+"""
+WAKE_DOC = """Wake sleeping models now (admin), as their next request would; `model` names one."""

@@ -4,7 +4,7 @@
   of the web page and /docs) needs `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`),
   compared in constant time,
   decided on the ASGI path. The admin routes (ADMIN_PATHS, serve/admin.py: loading and unloading
-  adapters and models) need a key: on a server without one they answer 403.
+  adapters and models, sleep and wake) need a key: on a server without one they answer 403.
 - `CheckedRoute`: request bodies parsed once, refused (400, naming the field) when nested
   deeper than --max-json-depth or holding text that is not Unicode (lone surrogates).
   The size limit itself is Starlette's `RequestBodyLimitMiddleware` (413, counted while read).
@@ -32,7 +32,8 @@ from levante.serve.error_shapes import for_path
 from levante.serve.limits import RequestLimits
 
 OPEN_PATHS = ("/health",)
-ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/models/load", "/models/unload")
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/models/load", "/models/unload", "/sleep",
+               "/wake_up")
 # A surrogate can only enter a str through a \uD800-\uDFFF escape or, as json.loads decodes bytes with
 # 'surrogatepass', through its UTF-8-like bytes (ED A0..BF xx); bodies without either skip the search.
 _SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")

@@ -168,6 +168,12 @@ def add_cli_args(parser) -> None:
                             "another unloads the least recently used idle ones (default: no limit)")
     group.add_argument("--model-idle-timeout", type=float, default=None, metavar="SECONDS",
                        help="unload a model no request has used for this long (default: never)")
+    group.add_argument("--sleep-after", type=float, default=None, metavar="SECONDS",
+                       help="put a model no request has used for this long to sleep (--sleep-level); its next "
+                            "request wakes it (default: never)")
+    group.add_argument("--sleep-level", type=int, default=1, choices=[1, 2],
+                       help="how deep --sleep-after sleeps: 1 gives the weights and KV cache back to the system "
+                            "and keeps the rest for a quick wake, 2 unloads the model whole (default: 1)")
     group.add_argument("--model-load-timeout", type=float, default=DEFAULT_LOAD_TIMEOUT, metavar="SECONDS",
                        help="how long a request waits for its model to load before a 503 with Retry-After "
                             f"(default: {DEFAULT_LOAD_TIMEOUT:g})")

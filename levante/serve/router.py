@@ -7,6 +7,8 @@ first use and unloaded when idle or when room is needed (llama.cpp's router mode
                    up to --model-load-timeout seconds (then 503 with Retry-After)
         failed:    its requests fail at once (503, saying why) for FAILED_RETRY_SECONDS, then it is
                    tried again (at once through POST /models/load); the other models keep serving
+        sleeping:  woken by the loader thread (level 1: its weights loaded again; level 2: loaded
+                   whole) while its requests wait, as a load; POST /sleep, --sleep-after
 
 Room: before a load, the least recently used idle models (held by no request, awaited by none)
 are unloaded until the new one fits within --max-loaded-models and --models-memory-gb (its size
@@ -21,7 +23,6 @@ unloading themselves run outside it.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from contextlib import asynccontextmanager
 
 from levante.engine.loop import EngineLoop
 from levante.errors import InvalidRequest, LevanteError, ModelBusy, ModelNotFound, ServiceUnavailable
+from levante.loader.memory import release_memory
 from levante.serve.model_specs import DEFAULT_LOAD_TIMEOUT, TASK_NOUNS, TASK_ROUTES, ModelSpec, check_names
 from levante.serve.served import Route, ServedModel, model_service
 
@@ -53,9 +55,13 @@ def load_llm(spec: ModelSpec):
 class ModelRouter:
     def __init__(self, specs: list[ModelSpec] = (), max_loaded: int | None = None, memory_gb: float | None = None,
                  idle_timeout: float | None = None, load_timeout: float = DEFAULT_LOAD_TIMEOUT,
-                 load: Callable[[ModelSpec], object] = load_llm, on_change: Callable | None = None):
+                 load: Callable[[ModelSpec], object] = load_llm, on_change: Callable | None = None,
+                 sleep_after: float | None = None, sleep_level: int = 1):
         if max_loaded is not None and max_loaded < 1:
             raise InvalidRequest("--max-loaded-models: must be 1 or more")
+        if sleep_level not in (1, 2):
+            raise InvalidRequest("--sleep-level: must be 1 or 2")
+        self.sleep_after, self.sleep_level = sleep_after, sleep_level
         self.models: dict[str, ServedModel] = {}
         self.max_loaded = max_loaded
         self.memory_budget = None if memory_gb is None else int(memory_gb * GIB)
@@ -72,7 +78,8 @@ class ModelRouter:
     @classmethod
     def from_cli_args(cls, args, specs: list[ModelSpec]) -> ModelRouter:
         return cls(specs, args.max_loaded_models, args.models_memory_gb, args.model_idle_timeout,
-                   args.model_load_timeout)
+                   args.model_load_timeout, sleep_after=getattr(args, "sleep_after", None),
+                   sleep_level=getattr(args, "sleep_level", 1))
 
     # -- what is served ----------------------------------------------------------------------------
     def add(self, spec: ModelSpec, llm=None) -> ServedModel:
@@ -186,36 +193,61 @@ class ModelRouter:
             if wait > 0:
                 raise ServiceUnavailable(f"model '{served.name}' could not be loaded: {served.failure}",
                                          retry_after=max(1, round(wait)))
+        waking = served.status == "sleeping"
         served.status = "loading"
-        served.loading = self._loader.submit(self._load, served)
+        served.loading = self._loader.submit(self._wake if waking else self._load, served)
         return served.loading
 
-    def _load(self, served: ServedModel) -> None:
-        """The loader thread: make room, load, publish; a failure fails this model's requests only."""
+    def _load(self, served: ServedModel, llm=None) -> None:
+        """The loader thread: make room, load (or wake `llm`, asleep), publish; a failure fails this
+        model's requests only."""
         started = time.monotonic()
         try:
             self._make_room(served)
-            logger.warning("levante: loading model '%s'", served.name)
-            llm = self._load_llm(served.spec)
+            logger.warning("levante: %s model '%s'", "loading" if llm is None else "waking", served.name)
+            if llm is None:
+                llm = self._load_llm(served.spec)
+            else:
+                llm.wake_up()
         except _NoRoom as e:
             with self._lock:
-                served.status, served.loading = "unloaded", None
+                served.status, served.loading = "sleeping" if served.sleep_level else "unloaded", None
                 self._lock.notify_all()
             raise ServiceUnavailable(str(e), retry_after=5) from None
         except Exception as e:  # noqa: BLE001 - any failure fails this model's requests, with one line
             reason = str(e) if isinstance(e, LevanteError) else f"internal error: {type(e).__name__}: {e}"
             logger.warning("levante: model '%s' could not be loaded: %s", served.name, reason)
             with self._lock:
+                stale = self._take(served) if served.llm is not None else None  # a wake that failed
                 served.status, served.failure, served.failed_at, served.loading = \
                     "failed", reason, time.monotonic(), None
+                served.sleep_level = None
                 self._lock.notify_all()
+            if stale is not None:
+                self._shut(served, stale)
             self.on_change(served, "failed")
             raise ServiceUnavailable(f"model '{served.name}' could not be loaded: {reason}",
                                      retry_after=round(FAILED_RETRY_SECONDS)) from None
         self._publish(served, llm, time.monotonic() - started)
         logger.warning("levante: model '%s' loaded (%.1f s)", served.name, served.load_seconds)
 
+    def _wake(self, served: ServedModel) -> None:
+        """The loader thread: a sleeping model loaded again (level 2) or its weights (level 1)."""
+        started, level = time.monotonic(), served.sleep_level
+        self._load(served, served.llm)
+        served.wake_seconds, served.sleep_level = time.monotonic() - started, None
+        logger.warning("levante: model '%s' woke from sleep level %d in %.2f s", served.name, level,
+                       served.wake_seconds)
+        self.on_change(served, "woken")
+
     def _publish(self, served: ServedModel, llm, seconds: float) -> None:
+        if served.llm is llm:  # woken at level 1: its loop and service stay
+            with self._lock:
+                served.memory_bytes, served.load_seconds = llm.memory_bytes(), seconds
+                served.status, served.failure, served.loading = "loaded", None, None
+                served.last_used = time.monotonic()
+                self._lock.notify_all()
+            return
         loop = EngineLoop(llm.engine) if llm.engine is not None else None
         if loop is not None:
             # what the engine holds (a model handed over loaded may bring adapters of its own)
@@ -310,56 +342,139 @@ class ModelRouter:
                                 f"'{', '.join(self.models)}'")
         return served
 
-    def _take(self, served: ServedModel) -> tuple:
+    def _take(self, served: ServedModel) -> list:
         """Under the lock: mark `served` unloaded, and hand back what must be shut down."""
-        parts = (served.llm, served.loop, served.service)
+        parts = [served.llm, served.loop, served.service]
         served.llm = served.loop = served.service = None
         served.status = "unloaded"
         return parts
 
-    def _shut(self, served: ServedModel, parts: tuple) -> None:
+    def _shut(self, served: ServedModel, parts: list, event: str = "unloaded") -> None:
+        """Stop and free what `_take` handed back. The list is emptied, so that no caller's reference keeps
+        the model alive past the collection below (its memory goes back to the system now)."""
         llm, loop, service = parts
+        parts.clear()
         if loop is not None:
             loop.stop()
         if service is not None:
             service.close()
+        device = None
         if llm is not None:
             llm.close()
-            cuda = llm.engine is not None and llm.engine.device.type == "cuda"
-            del llm, service, parts
-            gc.collect()
-            if cuda:
-                import torch
+            device = llm.engine.device if llm.engine is not None else None
+        del llm, loop, service
+        release_memory(device)
+        logger.warning("levante: model '%s' %s", served.name, "unloaded" if event == "unloaded" else "asleep (level 2)")
+        self.on_change(served, event)
 
-                torch.cuda.empty_cache()
-        logger.warning("levante: model '%s' unloaded", served.name)
-        self.on_change(served, "unloaded")
+    # -- sleep ---------------------------------------------------------------------------------------
+    async def sleep(self, name: str | None, level: int) -> list[str]:
+        """Put model `name` (None: every loaded one) to sleep: level 1 gives its weights and KV cache back
+        to the system and keeps the rest (tokenizer, templates, grammar tables, engine loop); level 2
+        unloads it whole. A request for it wakes it. ModelBusy while requests use it; the names put to sleep."""
+        if level not in (1, 2):
+            raise InvalidRequest("level: must be 1 (weights and KV cache released) or 2 (everything)")
+        with self._lock:
+            targets = [self._served(name)] if name else [m for m in self.models.values() if m.status == "loaded"]
+            targets = [m for m in targets if m.status != "sleeping"]
+            for served in targets:
+                if served.status != "loaded":
+                    raise InvalidRequest(f"model '{served.name}' is {served.status}: only a loaded model sleeps")
+                if served.users or served.waiting:
+                    raise ModelBusy(f"model '{served.name}' is in use ({served.users} requests hold it, "
+                                    f"{served.waiting} wait for it); retry later")
+            futures = [self._start_sleep(served, level) for served in targets]
+        for future in futures:
+            await asyncio.wrap_future(future)
+        return [served.name for served in targets]
+
+    async def wake(self, name: str | None) -> list[str]:
+        """Wake model `name` (None: every sleeping one) now, as its next request would; the names woken."""
+        targets = [self._served(name)] if name else [m for m in self.models.values() if m.status == "sleeping"]
+        woken = []
+        for served in targets:
+            asleep = served.status == "sleeping"
+            await self.hold(served)
+            self.release(served)
+            if asleep:
+                woken.append(served.name)
+        return woken
+
+    def _start_sleep(self, served: ServedModel, level: int) -> Future:
+        """Under the lock: mark `served` asleep, and put it to sleep on the loader thread (after any load
+        under way, before any wake a request asks for)."""
+        parts = self._take(served) if level == 2 else None
+        served.status, served.sleep_level = "sleeping", level
+        served.loading = self._loader.submit(self._put_to_sleep, served, parts)
+        return served.loading
+
+    def _put_to_sleep(self, served: ServedModel, parts: list | None) -> None:
+        try:
+            if parts is not None:
+                self._shut(served, parts, event="sleeping")
+                return
+            llm = served.llm
+            if served.loop is not None:  # on the engine's thread, between two steps
+                served.loop.call(llm.sleep).result()
+            else:
+                llm.sleep()
+        except Exception:
+            with self._lock:  # still awake: it serves on
+                served.status, served.sleep_level = "loaded", None
+            raise
+        finally:
+            with self._lock:
+                served.loading = None
+                self._lock.notify_all()
+        logger.warning("levante: model '%s' asleep (level 1)", served.name)
+        self.on_change(served, "sleeping")
 
     # -- idle models -------------------------------------------------------------------------------
     def _start_watcher(self) -> None:
         with self._lock:
-            if self.idle_timeout is None or self._watcher is not None or self._closed:
+            if (self.idle_timeout is None and self.sleep_after is None) or self._watcher is not None or self._closed:
                 return
             self._watcher = threading.Thread(target=self._watch_idle, name="levante-idle-models", daemon=True)
             self._watcher.start()
 
     def _watch_idle(self) -> None:
-        """Unload models idle for `idle_timeout` seconds; sleeps until the next one could be (no polling)."""
+        """Unload models idle for `idle_timeout` seconds, put to sleep those idle for `sleep_after`; waits
+        until the next one could be (no polling)."""
         with self._lock:
             while not self._closed:
                 now = time.monotonic()
-                expired = [m for m in self.models.values() if m.idle and now - m.last_used >= self.idle_timeout]
-                if not expired:
-                    upcoming = [m.last_used + self.idle_timeout - now for m in self.models.values() if m.idle]
+                deadlines = self._idle_deadlines()
+                due = [(m, action) for m, (action, when) in deadlines.items() if when <= now]
+                if not due:
+                    upcoming = [when - now for _, when in deadlines.values()]
                     self._lock.wait(min(upcoming) if upcoming else None)
                     continue
-                taken = [(m, self._take(m)) for m in expired]
+                for served, action in due:
+                    if action == "sleep":
+                        self._start_sleep(served, self.sleep_level)
+                taken = [(m, self._take(m)) for m, action in due if action == "unload"]
                 self._lock.release()
                 try:
                     for served, parts in taken:
                         self._shut(served, parts)
                 finally:
                     self._lock.acquire()
+
+    def _idle_deadlines(self) -> dict[ServedModel, tuple[str, float]]:
+        """Under the lock: for each model nobody uses, what comes first ("unload" or "sleep") and when.
+        A pinned embedding model stays awake: the server ranks with it directly (serve/ranking.py)."""
+        deadlines = {}
+        for m in self.models.values():
+            if m.status != "loaded" or m.users or m.waiting:
+                continue
+            options = []
+            if self.idle_timeout is not None and not m.spec.pinned:
+                options.append(("unload", m.last_used + self.idle_timeout))
+            if self.sleep_after is not None and not (m.spec.pinned and m.spec.task == "embed"):
+                options.append(("sleep", m.last_used + self.sleep_after))
+            if options:
+                deadlines[m] = min(options, key=lambda option: option[1])
+        return deadlines
 
     def close(self) -> None:
         """Stop every engine loop and the loader (the server is shutting down)."""

@@ -27,13 +27,15 @@ class ServedModel:
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
-        self.status = "unloaded"  # unloaded | loading | loaded | failed
+        self.status = "unloaded"  # unloaded | loading | loaded | failed | sleeping
         self.failure: str | None = None
         self.failed_at = 0.0
         self.llm = None
         self.loop: EngineLoop | None = None
         self.service = None  # model_service's
-        self.loading: Future | None = None
+        self.loading: Future | None = None  # the load, wake or sleep under way on the loader thread
+        self.sleep_level: int | None = None  # while sleeping: 1 (the LLM kept, its weights given back) or 2
+        self.wake_seconds: float | None = None  # the last wake's
         self.users = 0  # requests holding it
         self.waiting = 0  # requests waiting for it to load
         self.in_flight = 0  # sequences admitted and not yet done (serve/pipeline.py)
