@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 
 from levante.engine.args import EngineArgs
@@ -55,6 +56,7 @@ class LLM:
         self.engine: Engine | None = None
         self.embedder: Embedder | None = None
         self.scorer = None  # engine/scorer.py's Scorer, for a reranker
+        self.transcriber = None  # engine/transcriber.py's Transcriber, for a speech-recognition model
         self._ids = itertools.count()
         self.task = args.task or model_task(self.model_name, args.progress)
         if self.task not in TASKS:
@@ -72,20 +74,24 @@ class LLM:
         config = args.engine_config()
         if self.task == "embed":
             self.embedder = Embedder.load(self.model_name, config)
-        else:
+        elif self.task == "score":
             from levante.engine.scorer import Scorer
 
             self.scorer = Scorer.load(self.model_name, config)
+        else:
+            from levante.engine.transcriber import Transcriber
+
+            self.transcriber = Transcriber.load(self.model_name, config)
         self.tokenizer, self.chat_renderer = self.runner.tokenizer, None
 
     @property
     def runner(self):
-        """What runs the model: its Engine, Embedder or Scorer."""
-        return self.engine or self.embedder or self.scorer
+        """What runs the model: its Engine, Embedder, Scorer or Transcriber."""
+        return self.engine or self.embedder or self.scorer or self.transcriber
 
     @property
     def max_batch_size(self) -> int:
-        """Sequences (texts, pairs) one step or forward takes at most."""
+        """Sequences (texts, pairs, audio chunks) one step or forward takes at most."""
         return self.engine.config.max_num_seqs if self.engine is not None else self.runner.max_batch_size
 
     # -- sleep (vLLM's LLM.sleep / wake_up) -------------------------------------
@@ -165,6 +171,21 @@ class LLM:
 
         vectors = self.embed(queries + documents, as_tensor=True)
         return cosine_similarity(vectors[:len(queries)], vectors[len(queries):]).tolist()
+
+    def transcribe(self, audio, language: str | None = None, prompt: str | None = None, timestamps: bool = False,
+                   temperature: float = 0.0):
+        """What a speech-recognition model (Whisper) hears in `audio`: a file's path or bytes (wav, mp3,
+        flac, ogg), or float32 samples at 16 kHz. -> `Transcript` (text, duration, language, segments;
+        with `timestamps`, segments timed by the model)."""
+        if self.transcriber is None:
+            raise InvalidRequest(f"'{self.model_name}' is not a speech-recognition model: it cannot transcribe")
+        from levante.multimodal.audio import decode_audio_file
+
+        if isinstance(audio, (str, bytes, Path)):
+            raw = audio if isinstance(audio, bytes) else Path(audio).read_bytes()
+            audio = decode_audio_file(raw).resampled(self.transcriber.sampling_rate)
+        decoding = self.transcriber.decoding(language, prompt, timestamps, temperature)
+        return self.transcriber.transcribe(audio, decoding)
 
     def _require_engine(self) -> Engine:
         if self.engine is None:
@@ -302,7 +323,8 @@ class LLM:
 
 
 # What a model that does not generate does instead.
-_DOES = {"embed": "an embedding model: it embeds (embed())", "score": "a reranker: it scores (score())"}
+_DOES = {"embed": "an embedding model: it embeds (embed())", "score": "a reranker: it scores (score())",
+         "transcribe": "a speech-recognition model: it transcribes (transcribe())"}
 
 
 def _raise_if_failed(output: RequestOutput, index: int | None = None) -> None:

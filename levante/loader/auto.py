@@ -23,11 +23,12 @@ from levante.loader import hf
 from levante.loader.hub import parse_hub_name, resolve as resolve_hub
 from levante.loader.sentence_transformers import EmbeddingPipeline, dense_weights, read_pipeline
 from levante.loader.sources import PACKAGED_MODELS, prepared_dir, resolve_alias
-from levante.models.registry import embedding_encoder_class, model_class
+from levante.models.registry import embedding_encoder_class, family_config, model_class
 
 # What a model does: generate text (the engine), embed texts (engine/embedder.py), score (query,
-# document) pairs (engine/scorer.py).
-TASKS = ("generate", "embed", "score")
+# document) pairs (engine/scorer.py), transcribe speech (engine/transcriber.py).
+TASKS = ("generate", "embed", "score", "transcribe")
+TRANSCRIPTION_ARCHITECTURES = ("WhisperForConditionalGeneration",)
 
 
 @dataclass
@@ -79,7 +80,7 @@ def is_embedding_folder(path: Path) -> bool:
 def folder_task(path: Path) -> str:
     """What a model folder does (TASKS): "score" for a cross-encoder (a `*ForSequenceClassification`
     checkpoint, or what sentence-transformers saved as a CrossEncoder), "embed" for another
-    sentence-transformers folder, else "generate"."""
+    sentence-transformers folder, "transcribe" for Whisper, else "generate"."""
     if not path.is_dir():
         return "generate"
     settings = path / "config_sentence_transformers.json"
@@ -89,7 +90,7 @@ def folder_task(path: Path) -> str:
         return "score"
     if (path / "modules.json").is_file() or settings.is_file():
         return "embed"
-    return "generate"
+    return "transcribe" if architecture in TRANSCRIPTION_ARCHITECTURES else "generate"
 
 
 def model_task(model: str | os.PathLike, progress: bool = False) -> str:
@@ -132,8 +133,8 @@ def open_model(model: str | os.PathLike, progress: bool = False) -> ModelSource:
                              task="embed")
         embedding_encoder_class(source.config.model_type)  # fail before reading weights or tokenizer
         return source
-    elif task != "generate":  # a cross-encoder: checked by what runs it
-        return ModelSource(name, path, "hf", ModelConfig.from_hf_dict(hf.read_config(path)), task=task)
+    elif task != "generate":  # a cross-encoder or a speech model: checked by what runs it
+        return ModelSource(name, path, "hf", ModelConfig.from_hf_dict(family_config(hf.read_config(path))), task=task)
     else:
         raw = hf.read_config(path)
         if not raw.get("architectures"):

@@ -31,6 +31,7 @@ from levante.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from levante.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from levante.models.qwen3 import Qwen3ForCausalLM
 from levante.models.qwen3_moe import Qwen3MoeForCausalLM
+from levante.models.whisper import WhisperForConditionalGeneration, hf_config as whisper_config
 from levante.quant.gguf_blocks import GGUFTensor
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -97,6 +98,18 @@ def build_scoring_model(config: ModelConfig, yes_no: tuple[int, int] | None, dty
         return _construct(lambda: cross_encoder(config), dtype, device)
     encoder_cls = embedding_encoder_class(config.model_type)
     return _construct(lambda: yes_no_reranker(config, encoder_cls(config), *yes_no), dtype, device)
+
+
+def build_transcription_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    if config.architecture != "WhisperForConditionalGeneration":
+        raise UnsupportedArchitecture(f"unsupported speech-recognition architecture '{config.architecture}' "
+                                      "(supported: WhisperForConditionalGeneration)")
+    return _construct(lambda: WhisperForConditionalGeneration(config), dtype, device)
+
+
+def family_config(raw: dict) -> dict:
+    """A config.json in the names ModelConfig reads, for families that name their sizes otherwise."""
+    return whisper_config(raw) if (raw.get("architectures") or [""])[0] == "WhisperForConditionalGeneration" else raw
 
 
 def _construct(make, dtype: torch.dtype, device: torch.device) -> nn.Module:

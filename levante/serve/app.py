@@ -26,6 +26,7 @@ from levante.serve.http import CheckedRoute
 from levante.serve.admin import register_admin
 from levante.serve.anthropic import register_anthropic
 from levante.serve.rerank import register_rerank
+from levante.serve.transcription import register_transcription
 from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                     error_body, error_for, validation_error)
 from levante.serve.responses import register_responses
@@ -110,6 +111,7 @@ def create_app(state: ServerState) -> FastAPI:
     register_responses(app, state)
     register_anthropic(app, state)
     register_rerank(app, state)
+    register_transcription(app, state)
     register_admin(app, state)
     if state.webui is not None:
         register_webui(app, state.webui)

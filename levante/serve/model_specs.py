@@ -27,10 +27,11 @@ _SERVER_FIELDS = ("progress", "warmup")  # set by the server for every model
 
 
 # What each task (loader/auto.py's TASKS) is called, and the routes a model of it serves.
-TASK_NOUNS = {"generate": "a chat model", "embed": "an embedding model", "score": "a reranker"}
-TASK_ROUTES = {"generate": "chat, completions, /v1/responses and /v1/messages",
+TASK_NOUNS = {"generate": "a chat model", "embed": "an embedding model", "score": "a reranker",
+              "transcribe": "a speech-recognition model"}
+TASK_ROUTES = {"generate": "chat, completions, /v1/responses and /v1/messages (and transcription, with audio)",
                "embed": "/v1/embeddings (and /v1/rerank, /v1/score by cosine similarity)",
-               "score": "/v1/rerank and /v1/score"}
+               "score": "/v1/rerank and /v1/score", "transcribe": "/v1/audio/transcriptions"}
 
 
 @dataclass

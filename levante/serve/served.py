@@ -13,12 +13,16 @@ from levante.serve.model_specs import ModelSpec
 
 def model_service(llm, name: str):
     """What answers the routes of a model that does not generate: the batcher in front of an embedding
-    model or a reranker; None for a chat model (its engine loop)."""
+    model or a reranker, the transcriber of a speech model; None for a chat model (its engine loop)."""
+    # Imported here: the services' modules reach the pipeline, which imports this module.
     from levante.serve.rerank import ScoreService
+    from levante.serve.transcription import TranscriptionService
 
     if llm.embedder is not None:
         return EmbeddingService(llm, name)
-    return ScoreService(llm, name) if llm.scorer is not None else None
+    if llm.scorer is not None:
+        return ScoreService(llm, name)
+    return TranscriptionService(llm, name) if llm.transcriber is not None else None
 
 
 class ServedModel:
@@ -78,7 +82,7 @@ class ServedModel:
         return [card, *adapters]
 
 
-CARD_TYPES = {"embed": "embedding", "score": "score"}
+CARD_TYPES = {"embed": "embedding", "score": "score", "transcribe": "transcription"}
 
 
 def input_modalities(llm) -> list[str]:
