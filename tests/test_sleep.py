@@ -50,6 +50,7 @@ RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh process loads torch and a 68 MB model
 def test_rss_after_sleep(tiny_model):
     """Sleep (level 1) gives the weights and the touched KV cache back: measured, in a fresh process, as
     the resident set size before and after."""
@@ -157,3 +158,23 @@ def test_sleep_after_idle_seconds(server):
         time.sleep(0.1)
     assert served.llm.asleep and served.sleep_level == 1
     assert _complete(client, "a") == answer and served.status == "loaded"
+
+
+def test_the_docs_show_curl_and_an_sdk_for_each_route(server):
+    """/docs (Swagger, from /openapi.json): each route of Anthropic's API, reranking, transcription and
+    sleep carries a curl and a Python SDK example; the SDK lines for sleep and wake work as written."""
+    base, state, _ = server()
+    schema = httpx.get(f"{base}/openapi.json", headers={"x-api-key": KEY}).json()
+    routes = [("/v1/messages", "post"), ("/v1/messages/count_tokens", "post"), ("/v1/rerank", "post"),
+              ("/v1/score", "post"), ("/v1/audio/transcriptions", "post"), ("/sleep", "post"), ("/wake_up", "post"),
+              ("/is_sleeping", "get")]
+    for path, method in routes:
+        description = schema["paths"][path][method]["description"]
+        assert f"curl http://127.0.0.1:8000{path}" in description.replace('"', "").replace("-X POST ", ""), path
+        assert "```python" in description and "client" in description, path
+    admin = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0)  # as the /sleep entry shows
+    _complete(openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0), "a")
+    assert admin.post("/sleep", cast_to=object, options={"params": {"level": 1}})["sleeping"] == ["a"]
+    assert admin.get("/is_sleeping", cast_to=object)["models"]["a"] is True
+    assert admin.post("/wake_up", cast_to=object) == {"success": True, "woken": ["a"]}
+    assert state.router.models["a"].status == "loaded"

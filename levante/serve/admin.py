@@ -88,7 +88,7 @@ def register_admin(app: FastAPI, state) -> None:
     async def wake_up(model: str | None = None):
         return {"success": True, "woken": await router.wake(model)}
 
-    @app.get("/is_sleeping")
+    @app.get("/is_sleeping", description=IS_SLEEPING_DOC)
     async def is_sleeping(model: str | None = None):
         if model is not None and model not in router.models:
             raise ModelNotFound(f"model '{model}' is not served here")
@@ -107,8 +107,31 @@ curl -X POST "http://127.0.0.1:8000/sleep?level=1" -H "Authorization: Bearer $KE
 curl -X POST http://127.0.0.1:8000/wake_up -H "Authorization: Bearer $KEY"
 ```
 ```python
-import httpx
-httpx.post("http://127.0.0.1:8000/sleep", params={"level": 1}, headers={"Authorization": "Bearer KEY"})
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8000", api_key="KEY")   # the admin routes are not under /v1
+client.post("/sleep", cast_to=object, options={"params": {"level": 1}})
+client.post("/wake_up", cast_to=object)
 ```
 """
-WAKE_DOC = """Wake sleeping models now (admin), as their next request would; `model` names one."""
+WAKE_DOC = """Wake sleeping models now (admin), as their next request would; `model` names one.
+
+```
+curl -X POST "http://127.0.0.1:8000/wake_up?model=qwen2.5-coder:0.5b" -H "Authorization: Bearer $KEY"
+```
+```python
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8000", api_key="KEY")
+print(client.post("/wake_up", cast_to=object))   # {"success": true, "woken": [...]}
+```
+"""
+IS_SLEEPING_DOC = """Whether models sleep (admin): `is_sleeping` (any of them) and each model's state.
+
+```
+curl http://127.0.0.1:8000/is_sleeping -H "Authorization: Bearer $KEY"
+```
+```python
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8000", api_key="KEY")
+print(client.get("/is_sleeping", cast_to=object))   # {"is_sleeping": false, "models": {...}}
+```
+"""
