@@ -231,3 +231,36 @@ def test_image_blocks_become_image_parts(client):
     with pytest.raises(anthropic.BadRequestError, match="does not accept images"):  # the chat road's planner said so
         create(client("Hi"), messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}])
+
+
+def test_a_failing_request_fails_alone(served, client):
+    """A step that raises (an injected fault past the prompt) fails that request only: a 500 in Anthropic's
+    shape, or an `error` event after the stream began, which the SDK raises; the server serves on."""
+    _, llm = served
+    reply = "Hello there! How are you today?"
+    scripted = client(reply)
+    prompt = scripted.messages.count_tokens(model="tiny", messages=HI).input_tokens
+    model = llm.engine.model
+    original = model.forward
+
+    def forward(input_ids, positions, *args, **kwargs):
+        if bool((positions >= prompt + 3).any()):
+            raise RuntimeError("injected fault")
+        return original(input_ids, positions, *args, **kwargs)
+
+    model.forward = forward
+    try:
+        with pytest.raises(anthropic.InternalServerError) as failed:
+            create(scripted)
+        assert failed.value.body["error"] == {"type": "api_error", "message": failed.value.body["error"]["message"]}
+        assert "injected fault" in failed.value.body["error"]["message"]
+        with scripted.messages.stream(model="tiny", max_tokens=64, messages=HI) as stream:
+            events = []
+            with pytest.raises(anthropic.APIStatusError, match="injected fault") as broken:
+                for event in stream:
+                    events.append(event.type)
+        assert events[0] == "message_start" and "content_block_delta" in events  # it had streamed first
+        assert broken.value.body["type"] == "error" and broken.value.body["error"]["type"] == "api_error"
+    finally:
+        del model.forward
+    assert create(scripted).content[0].text == reply
