@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="the name the (first) -m model is served under")
     serve.add_argument("--embedding-model", default=None,
                        help="also serve this embedding model on /v1/embeddings (alias or folder)")
+    serve.add_argument("--rerank-model", default=None,
+                       help="also serve this reranker on /v1/rerank and /v1/score: a cross-encoder folder, or a "
+                            "decoder LLM read as a yes/no reranker (Qwen3-Reranker)")
     serve.add_argument("--search-url", default=os.environ.get("LEVANTE_SEARCH_URL"),
                        help="SearxNG URL for web_search_options on chat requests (env LEVANTE_SEARCH_URL)")
     serve.add_argument("--allowed-local-media-path", action="append", default=None, metavar="DIR",

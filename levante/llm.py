@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 
 from levante.engine.args import EngineArgs
@@ -15,7 +16,7 @@ from levante.engine.engine import Engine
 from levante.engine.outputs import RequestOutput
 from levante.engine.sampling_params import SamplingParams
 from levante.errors import InvalidRequest, RequestFailed
-from levante.loader.auto import is_embedding_model
+from levante.loader.auto import TASKS, model_task
 from levante.loader.chat_prompt import ChatRenderer
 from levante.multimodal.inputs import MultiModalPrompt
 from levante.multimodal.messages import to_image
@@ -54,15 +55,57 @@ class LLM:
         self.model_name = args.model_name
         self.engine: Engine | None = None
         self.embedder: Embedder | None = None
+        self.scorer = None  # engine/scorer.py's Scorer, for a reranker
+        self.transcriber = None  # engine/transcriber.py's Transcriber, for a speech-recognition model
         self._ids = itertools.count()
-        if is_embedding_model(self.model_name, args.progress):
-            self.embedder = Embedder.load(self.model_name, args.engine_config())
-            self.tokenizer, self.chat_renderer = self.embedder.tokenizer, None
+        self.task = args.task or model_task(self.model_name, args.progress)
+        if self.task not in TASKS:
+            raise InvalidRequest(f"task '{self.task}': expected one of {', '.join(TASKS)}")
+        if self.task != "generate":
+            self._load_runner(args)
             return
         self.engine = Engine(self.model_name, args.engine_config(), progress=args.progress)
         self.tokenizer = self.engine.tokenizer
         self.chat_renderer = ChatRenderer(self.tokenizer, self.engine.processor, self.model_name,
                                           self.engine.model_config.model_type)
+
+    def _load_runner(self, args: EngineArgs) -> None:
+        """A model that does not generate: what runs it, with no chat template."""
+        config = args.engine_config()
+        if self.task == "embed":
+            self.embedder = Embedder.load(self.model_name, config)
+        elif self.task == "score":
+            from levante.engine.scorer import Scorer
+
+            self.scorer = Scorer.load(self.model_name, config)
+        else:
+            from levante.engine.transcriber import Transcriber
+
+            self.transcriber = Transcriber.load(self.model_name, config)
+        self.tokenizer, self.chat_renderer = self.runner.tokenizer, None
+
+    @property
+    def runner(self):
+        """What runs the model: its Engine, Embedder, Scorer or Transcriber."""
+        return self.engine or self.embedder or self.scorer or self.transcriber
+
+    @property
+    def max_batch_size(self) -> int:
+        """Sequences (texts, pairs, audio chunks) one step or forward takes at most."""
+        return self.engine.config.max_num_seqs if self.engine is not None else self.runner.max_batch_size
+
+    # -- sleep (vLLM's LLM.sleep / wake_up) -------------------------------------
+    @property
+    def asleep(self) -> bool:
+        return self.runner.asleep
+
+    def sleep(self) -> None:
+        """Give the weights (and a generating model's KV cache) back to the system; the tokenizer, chat
+        template, grammar tables, adapters and settings stay, so `wake_up` loads only the weights again."""
+        self.runner.sleep()
+
+    def wake_up(self) -> None:
+        self.runner.wake_up()
 
     @property
     def chat_template(self):
@@ -83,7 +126,7 @@ class LLM:
 
     def memory_bytes(self) -> int:
         """What the model holds in memory: its weights, and the KV cache of a generating model."""
-        return self.engine.memory_bytes() if self.engine is not None else self.embedder.memory_bytes()
+        return self.runner.memory_bytes()
 
     def close(self) -> None:
         """Release what outlives the object: tensor-parallel worker processes (also done when the LLM is
@@ -114,10 +157,39 @@ class LLM:
         vectors = self.embedder.embed(ids, dimensions)
         return vectors if as_tensor else vectors.tolist()
 
+    def score(self, query: str | list[str], documents: list[str]) -> list[float]:
+        """The relevance of each document to the query (or to `query[i]`, given one query per document):
+        a reranker's score, or an embedding model's cosine similarity."""
+        queries = [query] * len(documents) if isinstance(query, str) else list(query)
+        if len(queries) != len(documents):
+            raise InvalidRequest(f"{len(queries)} queries for {len(documents)} documents")
+        if self.scorer is not None:
+            return self.scorer.score(self.scorer.pairs(queries, documents)).tolist()
+        if self.embedder is None:
+            raise InvalidRequest(f"'{self.model_name}' is not a reranker or an embedding model: it cannot score")
+        from levante.layers.pooling import cosine_similarity
+
+        vectors = self.embed(queries + documents, as_tensor=True)
+        return cosine_similarity(vectors[:len(queries)], vectors[len(queries):]).tolist()
+
+    def transcribe(self, audio, language: str | None = None, prompt: str | None = None, timestamps: bool = False,
+                   temperature: float = 0.0):
+        """What a speech-recognition model (Whisper) hears in `audio`: a file's path or bytes (wav, mp3,
+        flac, ogg), or float32 samples at 16 kHz. -> `Transcript` (text, duration, language, segments;
+        with `timestamps`, segments timed by the model)."""
+        if self.transcriber is None:
+            raise InvalidRequest(f"'{self.model_name}' is not a speech-recognition model: it cannot transcribe")
+        from levante.multimodal.audio import decode_audio_file
+
+        if isinstance(audio, (str, bytes, Path)):
+            raw = audio if isinstance(audio, bytes) else Path(audio).read_bytes()
+            audio = decode_audio_file(raw).resampled(self.transcriber.sampling_rate)
+        decoding = self.transcriber.decoding(language, prompt, timestamps, temperature)
+        return self.transcriber.transcribe(audio, decoding)
+
     def _require_engine(self) -> Engine:
         if self.engine is None:
-            raise InvalidRequest(f"'{self.model_name}' is an embedding model: it embeds (embed()), "
-                                 "it does not generate")
+            raise InvalidRequest(f"'{self.model_name}' is {_DOES[self.task]}; it does not generate")
         return self.engine
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -248,6 +320,11 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         return ids
+
+
+# What a model that does not generate does instead.
+_DOES = {"embed": "an embedding model: it embeds (embed())", "score": "a reranker: it scores (score())",
+         "transcribe": "a speech-recognition model: it transcribes (transcribe())"}
 
 
 def _raise_if_failed(output: RequestOutput, index: int | None = None) -> None:

@@ -255,6 +255,31 @@ def test_bad_audio_answers_400_naming_the_part(server):
         {"role": "user", "content": "still serving"}]).choices[0].message.content is not None
 
 
+def test_transcription_through_the_audio_encoder(server, llm):
+    """/v1/audio/transcriptions on Gemma 3n: audio longer than its encoder takes is cut into windows, each
+    a chat request with the audio and the instruction; the text is what `LLM.chat` answers to those."""
+    import openai
+
+    from levante import SamplingParams
+    from levante.multimodal.audio import wav_bytes
+    from levante.serve.transcription import INSTRUCTION, WINDOW_TOKENS
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    samples, step = sound(3.0, 13), llm.engine.processor.max_samples
+    assert len(samples) > step
+    transcript = client.audio.transcriptions.create(model="tiny-gemma3n", response_format="verbose_json",
+                                                    file=("speech.wav", wav_bytes(samples, tiny.SAMPLING_RATE)))
+    greedy, answers = SamplingParams(temperature=0, max_tokens=WINDOW_TOKENS), []
+    for start in range(0, len(samples), step):
+        data = base64.b64encode(wav_bytes(samples[start:start + step], tiny.SAMPLING_RATE)).decode()
+        message = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+                                                {"type": "text", "text": INSTRUCTION.format(language="")}]}]
+        answers.append(llm.chat(message, greedy)[0].outputs[0].text)
+    assert transcript.text == " ".join(a.strip() for a in answers).strip()
+    assert [s.start for s in transcript.segments] == pytest.approx(
+        [start / tiny.SAMPLING_RATE for start in range(0, len(samples), step)])
+
+
 def test_text_model_refuses_audio(tiny_model):
     from levante import LLM
     from levante.errors import InvalidRequest

@@ -68,7 +68,7 @@ def test_routing_and_errors(both):
 def test_concurrent_requests_share_forward_passes(both, minilm):
     base, state, _ = both
     batcher = state.router.models["minilm"].embeddings.batcher
-    real_embed = batcher.embedder.embed
+    real_embed = batcher.run
 
     class SlowEmbedder:  # holds each forward long enough for the other requests to queue up
         def embed(self, inputs):
@@ -84,11 +84,11 @@ def test_concurrent_requests_share_forward_passes(both, minilm):
                 for t in texts])
         return [r.json()["data"][0]["embedding"] for r in replies]
 
-    batcher.embedder, before = SlowEmbedder(), batcher.forward_calls
+    batcher.run, before = SlowEmbedder().embed, batcher.forward_calls
     try:
         vectors = asyncio.run(fire())
     finally:
-        batcher.embedder = real_embed.__self__
+        batcher.run = real_embed
     assert batcher.forward_calls - before <= 3  # 8 requests, at most 3 forwards
     assert torch.allclose(torch.tensor(vectors), torch.tensor(minilm.embed(texts)), atol=1e-5)
 
@@ -98,7 +98,7 @@ def test_a_failing_text_fails_only_its_request(both, minilm):
     same call still get their vectors, and only that request gets the error."""
     base, state, _ = both
     batcher = state.router.models["minilm"].embeddings.batcher
-    real_embed = batcher.embedder.embed
+    real_embed = batcher.run
     poison = minilm.embedder.token_ids(["poisoned text"])[0]
 
     class FailingEmbedder:
@@ -116,11 +116,11 @@ def test_a_failing_text_fails_only_its_request(both, minilm):
                 http.post("/v1/embeddings", json={"model": "minilm", "input": t, "encoding_format": "float"})
                 for t in texts])
 
-    batcher.embedder = FailingEmbedder()
+    batcher.run = FailingEmbedder().embed
     try:
         replies = asyncio.run(fire())
     finally:
-        batcher.embedder = real_embed.__self__
+        batcher.run = real_embed
     assert [r.status_code for r in replies] == [500 if t == "poisoned text" else 200 for t in texts]
     good = [t for t in texts if t != "poisoned text"]
     vectors = [r.json()["data"][0]["embedding"] for r in replies if r.status_code == 200]

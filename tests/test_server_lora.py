@@ -113,3 +113,19 @@ def test_run_time_loading_needs_an_api_key(adapters):
         answer = httpx.post(f"{base_url}/v1/load_lora_adapter",
                             json={"lora_name": "attn", "lora_path": str(folders["attn"])})
     assert answer.status_code == 403 and "--api-key" in answer.json()["error"]["message"]
+
+
+def test_messages_api_picks_the_adapter(served, client):
+    """/v1/messages routes `model` as the chat road does: the adapter's reply is the chat completion's."""
+    import anthropic
+
+    sdk = anthropic.Anthropic(base_url=served[0], api_key=KEY, max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    replies = {}
+    for name in ("tiny", "attn"):
+        chat = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+        message = sdk.messages.create(model=name, max_tokens=8, messages=messages, extra_body={"temperature": 0})
+        assert message.model == name
+        replies[name] = "".join(block.text for block in message.content)
+        assert replies[name] == (chat.choices[0].message.content or "")
+    assert replies["tiny"] != replies["attn"]

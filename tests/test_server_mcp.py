@@ -1,5 +1,6 @@
 """The server-side MCP tool loop with the default model and the real time server, through the openai client."""
 import asyncio
+import json
 import os
 import signal
 
@@ -107,3 +108,25 @@ def test_responses_api_runs_the_loop(serve):
     assert events[-1].type == "response.completed"
     assert [i.type for i in events[-1].response.output][-1] == "message"
     assert any(e.type == "response.output_item.done" and e.item.type == "mcp_call" for e in events)
+
+
+def test_messages_api_runs_the_loop(serve):
+    import anthropic
+    import httpx
+
+    client, _ = serve({"time": time_server()})
+    base = str(client.base_url).removesuffix("/v1/")
+    body = {"model": MODEL, "max_tokens": 100, "messages": TOKYO, "temperature": 0}
+    message = httpx.post(f"{base}/v1/messages", json=body, timeout=600).json()
+    kinds = [block["type"] for block in message["content"]]
+    assert kinds[:2] == ["mcp_tool_use", "mcp_tool_result"] and kinds[-1] == "text"
+    use, result = message["content"][:2]
+    assert use["server_name"] == "time" and result["tool_use_id"] == use["id"] and not result["is_error"]
+    records = [{"name": b["name"], "arguments": json.dumps(b["input"]), "content": r["content"][0]["text"],
+                "is_error": r["is_error"]} for b, r in zip(message["content"][0:-1:2], message["content"][1:-1:2])]
+    assert_answers_from_the_tool(message["content"][-1]["text"], records)
+    assert message["stop_reason"] == "end_turn"
+    sdk = anthropic.Anthropic(base_url=base, api_key="x", max_retries=0, timeout=600)
+    with sdk.messages.stream(model=MODEL, max_tokens=100, messages=TOKYO, extra_body={"temperature": 0}) as stream:
+        final = stream.get_final_message()
+    assert final.content[-1].type == "text" and final.stop_reason == "end_turn"

@@ -290,13 +290,13 @@ def test_unloading_frees_the_model(folders):
 
     from levante.serve.embeddings import EmbeddingRequest
 
-    embedding = ModelSpec("e", EngineArgs(model="all-minilm:l6-v2", dtype="float32", warmup=False), embedding=True)
+    embedding = ModelSpec("e", EngineArgs(model="all-minilm:l6-v2", dtype="float32", warmup=False), task="embed")
     router = ModelRouter([_spec("a", folders["a"]), embedding])
 
     async def main():  # all within one event loop that lives on, as a server's does
         async with router.use("a") as route:
             refs = [weakref.ref(route.llm.engine.model)]
-        async with router.use("e", embedding=True) as route:
+        async with router.use("e", ("embed",)) as route:
             service, body = route.model.embeddings, EmbeddingRequest(input="hi")
             answer = await service.respond(body, service.inputs(body))
             del service  # the test must not be what keeps the model alive

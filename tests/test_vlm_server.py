@@ -327,3 +327,57 @@ def test_text_parts_reach_a_string_only_template(tiny_model):
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick fox"}]
     assert render_chat(llm, parts) == render_chat(llm, plain) == (llm.apply_chat_template(plain), None)
     assert llm.chat_prompt(parts) == llm.apply_chat_template(plain)  # the Python API too
+
+
+def test_anthropic_image_blocks_base64_and_url(server, arch_folder, reference, hf_tokenizer):
+    """/v1/messages with the `anthropic` SDK: an image block, base64 or a URL (fetched by the server's
+    guarded fetcher from a loopback server that counts its hits), answers as transformers does."""
+    import http.server
+    import threading
+
+    import anthropic
+
+    image = random_image(84, 56, 44)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    png, hits = buffer.getvalue(), []
+
+    class Pictures(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    pictures = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pictures)
+    pictures.daemon_threads = True
+    threading.Thread(target=pictures.serve_forever, daemon=True).start()
+    arch, _ = arch_folder
+    text = hf_tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": QUESTION},
+                                                                          {"type": "image"}]}],
+                                            tokenize=False, add_generation_prompt=True)
+    inputs = reference_inputs(arch, hf_tokenizer(text, add_special_tokens=False)["input_ids"], [image])
+    with torch.no_grad():  # no ignore_eos in Anthropic's API: both sides stop at end of turn or after 8 tokens
+        ids = reference.generate(**inputs, do_sample=False, max_new_tokens=8, pad_token_id=0)
+    length = inputs["input_ids"].shape[1]
+    expected = hf_tokenizer.decode(ids[0, length:], skip_special_tokens=True)
+    client = anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0)
+    try:
+        sources = [{"type": "base64", "media_type": "image/png", "data": base64.b64encode(png).decode()},
+                   {"type": "url", "url": f"http://127.0.0.1:{pictures.server_address[1]}/cat.png"}]
+        for source in sources:
+            message = client.messages.create(
+                model="tiny-vlm", max_tokens=8, extra_body={"temperature": 0},
+                messages=[{"role": "user", "content": [{"type": "text", "text": QUESTION},
+                                                       {"type": "image", "source": source}]}])
+            assert "".join(block.text for block in message.content) == expected
+            assert message.usage.input_tokens + message.usage.cache_read_input_tokens == length
+            assert message.usage.output_tokens == ids.shape[1] - length
+    finally:
+        pictures.shutdown()
+    assert hits == ["/cat.png"]

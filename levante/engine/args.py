@@ -33,6 +33,9 @@ class EngineArgs:
     """Every knob of model loading and the engine. `None` means the device's default (EngineConfig)."""
 
     model: str | None = None  # HF folder, .gguf file, alias or Hub name; None: the default model
+    # What the model does (loader/auto.py's TASKS); None: what its files say. "score" reads a decoder
+    # LLM as a yes/no reranker (Qwen3-Reranker), which its files cannot say.
+    task: str | None = None
     gguf_file: str | None = None  # the .gguf file of the Hub repo `model` names (instead of :QUANT)
     dtype: str | torch.dtype | None = "auto"
     device: str = "cpu"

@@ -17,6 +17,7 @@ from levante.errors import InvalidRequest
 from levante.layers.attention import AttentionMetadata, attention_metadata
 from levante.layers.pooling import normalize
 from levante.loader.auto import ModelSource, open_model
+from levante.loader.memory import release_memory
 from levante.models.registry import build_embedding_model, load_weights
 
 # What callers may pass: one text, texts, one token-id list, token-id lists.
@@ -33,11 +34,27 @@ class Embedder:
         self.max_length = self.pipeline.max_seq_length or self.config.max_position_embeddings
         self.tokenizer = source.tokenizer()
         self.tokenizer.backend.enable_truncation(self.max_length)  # as sentence-transformers truncates
-        self.model = build_embedding_model(self.config, self.pipeline, dtype, device)
-        load_weights(self.model, self.model.checkpoint_tensors(source.weights()))
-        self.model.eval()
+        self.model = self._build()
         self.dimensions = self._output_dimensions()
         self.load_seconds = time.monotonic() - started
+
+    def _build(self):
+        model = build_embedding_model(self.config, self.pipeline, self.dtype, self.device)
+        load_weights(model, model.checkpoint_tensors(self.source.weights()))
+        return model.eval()
+
+    @property
+    def asleep(self) -> bool:
+        return self.model is None
+
+    def sleep(self) -> None:
+        """Give the weights back to the system; the tokenizer and settings stay for `wake_up`."""
+        self.model = None
+        release_memory(self.device)
+
+    def wake_up(self) -> None:
+        if self.model is None:
+            self.model = self._build()
 
     @classmethod
     def load(cls, model: str, config: EngineConfig) -> Embedder:
@@ -51,7 +68,7 @@ class Embedder:
         return cls(source, config.dtype or default_dtype(device), device)
 
     def memory_bytes(self) -> int:
-        return weight_bytes(self.model)
+        return weight_bytes(self.model) if self.model is not None else 0
 
     def _output_dimensions(self) -> int:
         if self.pipeline.dense:
@@ -128,26 +145,41 @@ class Embedder:
         return normalize(vectors) if self.pipeline.normalize else vectors
 
     def _batches(self, inputs: list[list[int]]) -> list[list[int]]:
-        """Indices grouped longest first, each group within the padded-token and size budgets."""
-        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
-        batches, current = [], []
-        for i in order:
-            longest = len(inputs[current[0]]) if current else len(inputs[i])
-            if current and ((len(current) + 1) * longest > self.max_batch_tokens
-                            or len(current) >= self.max_batch_size):
-                batches.append(current)
-                current = []
-            current.append(i)
-        return batches + [current] if current else batches
+        return length_batches([len(ids) for ids in inputs], self.max_batch_tokens, self.max_batch_size)
 
     def _forward(self, batch: list[list[int]]) -> torch.Tensor:
-        lengths = [len(ids) for ids in batch]
-        longest, dev = max(lengths), self.device
-        input_ids = torch.tensor([ids + [0] * (longest - len(ids)) for ids in batch], dtype=torch.long)
-        positions = torch.arange(longest).repeat(len(batch))
-        metadata = padded_metadata(lengths, self.model.is_causal, dev)
-        with attention_metadata(metadata):
-            return self.model(input_ids.view(-1).to(dev), positions.to(dev), metadata.kv_lens)
+        return forward_padded(self.model, batch, self.device)
+
+
+def length_batches(lengths: list[int], max_tokens: int, max_size: int) -> list[list[int]]:
+    """Indices grouped longest first, each group within the padded-token and size budgets."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * longest > max_tokens or len(current) >= max_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def forward_padded(model, rows: list[list[int]], device: torch.device,
+                   token_types: list[list[int]] | None = None) -> torch.Tensor:
+    """`model(input_ids, positions, lengths[, token_type_ids])` over `rows` right-padded into one batch,
+    each row attending to its own tokens only (embedding and scoring models)."""
+    lengths = [len(ids) for ids in rows]
+    longest = max(lengths)
+    input_ids = _padded(rows, longest)
+    positions = torch.arange(longest).repeat(len(rows))
+    metadata = padded_metadata(lengths, model.is_causal, device)
+    extra = {} if token_types is None else {"token_type_ids": _padded(token_types, longest).view(-1).to(device)}
+    with attention_metadata(metadata):
+        return model(input_ids.view(-1).to(device), positions.to(device), metadata.kv_lens, **extra)
+
+
+def _padded(rows: list[list[int]], longest: int) -> torch.Tensor:
+    return torch.tensor([row + [0] * (longest - len(row)) for row in rows], dtype=torch.long)
 
 
 def padded_metadata(lengths: list[int], causal: bool, device: torch.device) -> AttentionMetadata:

@@ -28,6 +28,7 @@ from levante.engine.speculative import Speculator
 from levante.engine.structured import GrammarCompiler
 from levante.errors import InvalidRequest, ModelLoadError
 from levante.loader.auto import open_model
+from levante.loader.memory import release_memory
 from levante.loader.matformer import sliced_config
 from levante.loader.tokenizer import IncrementalDetokenizer
 from levante.multimodal.inputs import MultiModalPrompt
@@ -198,8 +199,38 @@ class Engine:
         return int(max(budget, floor))
 
     def memory_bytes(self) -> int:
-        """What this engine holds: the weights (this rank's) and the KV cache."""
+        """What this engine holds: the weights (this rank's) and the KV cache (nothing while asleep)."""
+        if self.asleep:
+            return 0
         return weight_bytes(self.model) + sum(k.nbytes + v.nbytes for k, v in self.runner.kv_cache)
+
+    # -- sleep (the server's POST /sleep, level 1) ----------------------
+    @property
+    def asleep(self) -> bool:
+        return self.model is None
+
+    def sleep(self) -> None:
+        """Give the weights and the KV cache back to the system, between requests. What a wake needs
+        stays: the tokenizer, chat template, grammar tables, LoRA adapters and settings."""
+        if self.requests:
+            raise InvalidRequest(f"the engine cannot sleep while {len(self.requests)} requests run")
+        if self.tensor_parallel is not None:
+            raise InvalidRequest("sleep: not supported under tensor parallelism")
+        self.model = self.runner = self.speculator = self.lora.model = None
+        release_memory(self.device)
+
+    def wake_up(self) -> None:
+        """Load the weights again (the prepared-weights cache or the checkpoint, which the system's page
+        cache likely still holds) and a new KV cache; the adapters come back under their ids."""
+        if not self.asleep:
+            return
+        self.model, self.loaded_from = tp.load_model_all_ranks(
+            self.source, self.config, self.dtype, self.device, lambda s, q: s.weights(q), None)
+        self.speculator = self._speculator()
+        self._init_cache()
+        self.lora.reattach(self.model)
+        if self.config.warmup:
+            self.warmup()
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (also done when the engine is collected, or at exit)."""

@@ -80,6 +80,13 @@ class LoraAdapters:
         if self._on_unload is not None:
             self._on_unload(adapter.adapter_id)
 
+    def reattach(self, model: nn.Module) -> None:
+        """Attach every loaded adapter, under its id, to `model` (the engine's model, loaded again after
+        a sleep): their folders are read again."""
+        self.model = model
+        for adapter in self.loaded.values():
+            attach_lora(model, adapter.adapter_id, read_adapter(adapter.path, self.max_rank).modules)
+
     def id_of(self, name: str | None) -> int | None:
         """The id of adapter `name` (None: the base model)."""
         if name is None:

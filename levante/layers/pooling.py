@@ -66,3 +66,8 @@ class Dense(nn.Module):
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, p=2, dim=-1)
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row i of `a` against row i of `b` (rows broadcast), float32."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)

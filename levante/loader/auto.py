@@ -23,7 +23,12 @@ from levante.loader import hf
 from levante.loader.hub import parse_hub_name, resolve as resolve_hub
 from levante.loader.sentence_transformers import EmbeddingPipeline, dense_weights, read_pipeline
 from levante.loader.sources import PACKAGED_MODELS, prepared_dir, resolve_alias
-from levante.models.registry import embedding_encoder_class, model_class
+from levante.models.registry import embedding_encoder_class, family_config, model_class
+
+# What a model does: generate text (the engine), embed texts (engine/embedder.py), score (query,
+# document) pairs (engine/scorer.py), transcribe speech (engine/transcriber.py).
+TASKS = ("generate", "embed", "score", "transcribe")
+TRANSCRIPTION_ARCHITECTURES = ("WhisperForConditionalGeneration",)
 
 
 @dataclass
@@ -34,6 +39,7 @@ class ModelSource:
     config: ModelConfig
     _gguf: object = None
     pipeline: EmbeddingPipeline | None = None  # set for sentence-embedding models
+    task: str = "generate"  # TASKS: what the files say the model does
 
     @property
     def is_embedding(self) -> bool:
@@ -68,13 +74,33 @@ class ModelSource:
 
 def is_embedding_folder(path: Path) -> bool:
     """sentence-transformers folders are embedding models even when config.json names a causal LM (#1707)."""
-    return (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file()
+    return folder_task(path) == "embed"
+
+
+def folder_task(path: Path) -> str:
+    """What a model folder does (TASKS): "score" for a cross-encoder (a `*ForSequenceClassification`
+    checkpoint, or what sentence-transformers saved as a CrossEncoder), "embed" for another
+    sentence-transformers folder, "transcribe" for Whisper, else "generate"."""
+    if not path.is_dir():
+        return "generate"
+    settings = path / "config_sentence_transformers.json"
+    saved_as = hf.read_json(settings).get("model_type") if settings.is_file() else None
+    architecture = (hf.read_config(path).get("architectures") or [""])[0] if (path / "config.json").is_file() else ""
+    if saved_as == "CrossEncoder" or architecture.endswith("ForSequenceClassification"):
+        return "score"
+    if (path / "modules.json").is_file() or settings.is_file():
+        return "embed"
+    return "transcribe" if architecture in TRANSCRIPTION_ARCHITECTURES else "generate"
+
+
+def model_task(model: str | os.PathLike, progress: bool = False) -> str:
+    """What `model` (alias, path or Hub name) does, from its files, without reading weights (TASKS)."""
+    return folder_task(resolve_path(model, progress)[1])
 
 
 def is_embedding_model(model: str | os.PathLike, progress: bool = False) -> bool:
     """Whether `model` (alias, path or Hub name) loads as an embedding model, without reading weights."""
-    path = resolve_path(model, progress)[1]
-    return path.is_dir() and is_embedding_folder(path)
+    return model_task(model, progress) == "embed"
 
 
 def resolve_path(model: str | os.PathLike, progress: bool = False) -> tuple[str, Path]:
@@ -101,11 +127,14 @@ def open_model(model: str | os.PathLike, progress: bool = False) -> ModelSource:
 
         gguf_file = GGUFFile(path)
         source = ModelSource(name, path, "gguf", ModelConfig.from_hf_dict(gguf_file.hf_config()), gguf_file)
-    elif is_embedding_folder(path):
+    elif (task := folder_task(path)) == "embed":
         raw = hf.checked_config(path)
-        source = ModelSource(name, path, "hf", ModelConfig.from_hf_dict(raw), pipeline=read_pipeline(path, raw))
+        source = ModelSource(name, path, "hf", ModelConfig.from_hf_dict(raw), pipeline=read_pipeline(path, raw),
+                             task="embed")
         embedding_encoder_class(source.config.model_type)  # fail before reading weights or tokenizer
         return source
+    elif task != "generate":  # a cross-encoder or a speech model: checked by what runs it
+        return ModelSource(name, path, "hf", ModelConfig.from_hf_dict(family_config(hf.read_config(path))), task=task)
     else:
         raw = hf.checked_config(path)
         if not raw.get("architectures"):

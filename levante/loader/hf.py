@@ -18,19 +18,24 @@ MAX_CONFIG_BYTES = 16 << 20  # the largest config.json seen is ~100 KB
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
+    if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no config.json")
+    return read_json(folder / "config.json")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file of a model folder, bounded in size before it is read; ModelLoadError when it is
+    not one."""
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ModelLoadError(f"{path} is {path.stat().st_size:,} bytes, more than a config.json holds "
                              f"({MAX_CONFIG_BYTES:,} at most)")
     try:
-        config = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{path} is not valid JSON: {' '.join(str(e).split())[:100]}") from None
-    if not isinstance(config, dict):
+    if not isinstance(value, dict):
         raise ModelLoadError(f"{path} is not a JSON object")
-    return config
+    return value
 
 
 def checked_config(folder: Path) -> dict:

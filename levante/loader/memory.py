@@ -32,3 +32,12 @@ def return_free_memory() -> None:
     """Collect garbage, then ``trim_heap``."""
     gc.collect()
     trim_heap()
+
+
+def release_memory(device) -> None:
+    """``return_free_memory``, and on CUDA the caching allocator's free blocks too (a model put to sleep)."""
+    return_free_memory()
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()

@@ -1,5 +1,6 @@
-"""BERT (all-MiniLM and kin): embeddings (word + position + token type), N post-LN
-encoder blocks (bidirectional attention, GELU MLP), no head.
+"""BERT (all-MiniLM and kin) and RoBERTa / XLM-R: embeddings (word + position + token type), N
+post-LN encoder blocks (bidirectional attention, GELU MLP), no head. RoBERTa's positions start
+after its padding id; a cross-encoder's pair has token types 0 (query) then 1 (document).
 
 Module names follow the checkpoint's (`encoder.layer.N.attention.output.dense`),
 so weights load by name; q/k/v are fused on load through `packed_modules_mapping`.
@@ -17,12 +18,18 @@ from levante.layers.attention import Attention
 from levante.layers.embedding import VocabParallelEmbedding
 from levante.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
+ROBERTA_TYPES = ("roberta", "xlm-roberta")
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
 
 def _layer_norm(config: ModelConfig) -> nn.LayerNorm:
     return nn.LayerNorm(config.hidden_size, eps=float(config.raw.get("layer_norm_eps", 1e-12)))
+
+
+def position_offset(config: ModelConfig) -> int:
+    """Where positions start in the position table: RoBERTa and XLM-R count from the padding id + 1."""
+    return int(config.raw.get("pad_token_id", 1)) + 1 if config.model_type in ROBERTA_TYPES else 0
 
 
 class BertEmbeddings(nn.Module):
@@ -32,11 +39,15 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(int(config.raw.get("type_vocab_size", 2)), config.hidden_size)
         self.LayerNorm = _layer_norm(config)
+        self.position_offset = position_offset(config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # One text per sequence: every token has token type 0.
-        hidden = self.word_embeddings(input_ids) + self.position_embeddings(positions)
-        return self.LayerNorm(hidden + self.token_type_embeddings.weight[0])
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`token_type_ids`: each token's segment (a cross-encoder's query 0, document 1); None: all 0."""
+        hidden = self.word_embeddings(input_ids) + self.position_embeddings(positions + self.position_offset)
+        types = self.token_type_embeddings.weight[0] if token_type_ids is None else \
+            self.token_type_embeddings(token_type_ids)
+        return self.LayerNorm(hidden + types)
 
 
 class ResidualOutput(nn.Module):
@@ -116,5 +127,6 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.embeddings(input_ids, positions))
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder(self.embeddings(input_ids, positions, token_type_ids))

@@ -15,6 +15,7 @@ from levante.errors import ModelLoadError, UnsupportedArchitecture
 from levante.layers.embedding import VocabParallelEmbedding
 from levante.layers.linear import LinearBase
 from levante.models.bert import BertModel
+from levante.models.cross_encoder import PairScorer, cross_encoder, yes_no_reranker
 from levante.models.embedding import (DecoderEncoder, Gemma3Encoder, Qwen2Encoder, Qwen3Encoder,
                                       SentenceEmbeddingModel)
 from levante.models.gemma3 import Gemma3ForCausalLM
@@ -30,6 +31,7 @@ from levante.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from levante.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from levante.models.qwen3 import Qwen3ForCausalLM
 from levante.models.qwen3_moe import Qwen3MoeForCausalLM
+from levante.models.whisper import WhisperForConditionalGeneration, hf_config as whisper_config
 from levante.quant.gguf_blocks import GGUFTensor
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -86,6 +88,28 @@ def build_embedding_model(config: ModelConfig, pipeline, dtype: torch.dtype,
     """The encoder for `config.model_type` followed by `pipeline`'s pooling, dense and normalize stages."""
     encoder_cls = embedding_encoder_class(config.model_type)
     return _construct(lambda: SentenceEmbeddingModel(encoder_cls(config), pipeline), dtype, device)
+
+
+def build_scoring_model(config: ModelConfig, yes_no: tuple[int, int] | None, dtype: torch.dtype,
+                        device: torch.device) -> PairScorer:
+    """A cross-encoder (`yes_no` None: a `*ForSequenceClassification` checkpoint) or a decoder LLM read
+    as a yes/no reranker (its encoder chosen by `model_type`, as an embedding model's is)."""
+    if yes_no is None:
+        return _construct(lambda: cross_encoder(config), dtype, device)
+    encoder_cls = embedding_encoder_class(config.model_type)
+    return _construct(lambda: yes_no_reranker(config, encoder_cls(config), *yes_no), dtype, device)
+
+
+def build_transcription_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    if config.architecture != "WhisperForConditionalGeneration":
+        raise UnsupportedArchitecture(f"unsupported speech-recognition architecture '{config.architecture}' "
+                                      "(supported: WhisperForConditionalGeneration)")
+    return _construct(lambda: WhisperForConditionalGeneration(config), dtype, device)
+
+
+def family_config(raw: dict) -> dict:
+    """A config.json in the names ModelConfig reads, for families that name their sizes otherwise."""
+    return whisper_config(raw) if (raw.get("architectures") or [""])[0] == "WhisperForConditionalGeneration" else raw
 
 
 def _construct(make, dtype: torch.dtype, device: torch.device) -> nn.Module:

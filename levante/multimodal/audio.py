@@ -1,4 +1,5 @@
-"""Audio from OpenAI `input_audio` content parts: base64 wav or mp3, decoded to mono float32 samples.
+"""Audio from OpenAI `input_audio` content parts (base64 wav or mp3) and from uploaded files (wav, mp3,
+flac, ogg: /v1/audio/transcriptions), decoded to mono float32 samples.
 
     {"type": "input_audio", "input_audio": {"data": "<base64>", "format": "wav" | "mp3"}}
 
@@ -19,6 +20,8 @@ import numpy as np
 from levante.errors import InvalidRequest
 
 FORMATS = {"wav": "WAV", "mp3": "MP3"}
+# What /v1/audio/transcriptions takes (libsndfile's names), told from the file's content.
+UPLOAD_FORMATS = {"wav": "WAV", "mp3": "MP3", "flac": "FLAC", "ogg": "OGG"}
 MAX_BYTES = 25 * 1024 * 1024  # OpenAI's upload limit for audio
 
 
@@ -63,20 +66,45 @@ def input_audio_clip(value, where: str) -> AudioClip:
 
 def decode_audio(raw: bytes, fmt: str, where: str = "audio") -> AudioClip:
     """`raw` bytes of a `fmt` file -> a mono `AudioClip` (channels averaged)."""
+    return _decode(raw, where, (FORMATS[fmt],), f"a readable {fmt} file", f"not {fmt} as 'format' says")
+
+
+def decode_audio_file(raw: bytes, where: str = "file", max_seconds: float | None = None) -> AudioClip:
+    """An uploaded audio file of any format in UPLOAD_FORMATS (told by its content) -> a mono `AudioClip`;
+    longer than `max_seconds` is refused from its header, before its samples are decoded."""
+    names = ", ".join(UPLOAD_FORMATS)
+    return _decode(raw, where, tuple(UPLOAD_FORMATS.values()), f"an audio file ({names})", f"not one of {names}",
+                   max_seconds)
+
+
+def _decode(raw: bytes, where: str, formats: tuple[str, ...], readable: str, mismatch: str,
+            max_seconds: float | None = None) -> AudioClip:
     import soundfile
 
     try:
         with soundfile.SoundFile(io.BytesIO(raw)) as file:
-            found = file.format
-            if found == FORMATS[fmt]:
-                samples, rate = file.read(dtype="float32", always_2d=True), file.samplerate
+            found, rate = file.format, file.samplerate
+            seconds = file.frames / rate if rate > 0 else 0.0
+            if found in formats and (max_seconds is None or seconds <= max_seconds):
+                samples = file.read(dtype="float32", always_2d=True)
     except Exception as e:  # noqa: BLE001 - libsndfile reports every bad file its own way
-        raise InvalidRequest(f"{where}: not a readable {fmt} file ({_reason(e)})") from None
-    if found != FORMATS[fmt]:
-        raise InvalidRequest(f"{where}: the data is {found.lower()}, not {fmt} as 'format' says")
+        raise InvalidRequest(f"{where}: not {readable} ({_reason(e)})") from None
+    if found not in formats:
+        raise InvalidRequest(f"{where}: the data is {found.lower()}, {mismatch}")
+    if max_seconds is not None and seconds > max_seconds:
+        raise InvalidRequest(f"{where}: the audio lasts {seconds:.1f} s; this server takes at most {max_seconds:g} s")
     if samples.size == 0 or rate <= 0:
-        raise InvalidRequest(f"{where}: the {fmt} file holds no audio")
+        raise InvalidRequest(f"{where}: the file holds no audio")
     return AudioClip(np.ascontiguousarray(samples.mean(axis=1), dtype=np.float32), int(rate), where)
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    """Samples as a float WAV file (no loss): how a clip travels as an `input_audio` part."""
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
 
 
 def _reason(error: Exception) -> str:

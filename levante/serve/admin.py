@@ -7,6 +7,8 @@ the server's disk or free its memory, so they answer only on a server started wi
   worker thread (loader/lora.py), then attached on the engine's thread between two steps; adapters
   are kept in the model's spec, so that a reload brings them back.
 - `POST /models/load {"model"}` and `POST /models/unload {"model"}`: llama.cpp's router routes.
+- `POST /sleep?level=1|2[&model=NAME]` and `POST /wake_up[?model=NAME]`: vLLM's routes
+  (serve/router.py's sleep and wake); `GET /is_sleeping` says which models sleep.
 """
 from __future__ import annotations
 
@@ -80,3 +82,60 @@ def register_admin(app: FastAPI, state) -> None:
     async def unload_model(body: ModelRequest):
         unloaded = await router.unload(body.model)
         return {"success": True, "model": body.model, "status": "unloaded", "was_loaded": unloaded}
+
+    @app.post("/sleep", description=SLEEP_DOC)
+    async def sleep(level: int = 1, model: str | None = None):
+        """vLLM's route: `level` 1 or 2, `model` one model (default: every loaded one)."""
+        return {"success": True, "level": level, "sleeping": await router.sleep(model, level)}
+
+    @app.post("/wake_up", description=WAKE_DOC)
+    async def wake_up(model: str | None = None):
+        return {"success": True, "woken": await router.wake(model)}
+
+    @app.get("/is_sleeping", description=IS_SLEEPING_DOC)
+    async def is_sleeping(model: str | None = None):
+        if model is not None and model not in router.models:
+            raise ModelNotFound(f"model '{model}' is not served here")
+        models = [router.models[model]] if model is not None else list(router.models.values())
+        return {"is_sleeping": any(m.status == "sleeping" for m in models),
+                "models": {m.name: m.status == "sleeping" for m in models}}
+
+
+SLEEP_DOC = """Put models to sleep (admin: needs a server started with --api-key). Level 1 gives the weights
+and KV cache back to the system and keeps what a wake needs (tokenizer, template, grammar tables);
+level 2 unloads the model whole. The next request for a sleeping model wakes it (its wake time is
+`levante_model_wake_seconds` in /metrics); `--sleep-after SECONDS` does this for idle models.
+
+```
+curl -X POST "http://127.0.0.1:8000/sleep?level=1" -H "Authorization: Bearer $KEY"
+curl -X POST http://127.0.0.1:8000/wake_up -H "Authorization: Bearer $KEY"
+```
+```python
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8000", api_key="KEY")   # the admin routes are not under /v1
+client.post("/sleep", cast_to=object, options={"params": {"level": 1}})
+client.post("/wake_up", cast_to=object)
+```
+"""
+WAKE_DOC = """Wake sleeping models now (admin), as their next request would; `model` names one.
+
+```
+curl -X POST "http://127.0.0.1:8000/wake_up?model=qwen2.5-coder:0.5b" -H "Authorization: Bearer $KEY"
+```
+```python
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8000", api_key="KEY")
+print(client.post("/wake_up", cast_to=object))   # {"success": true, "woken": [...]}
+```
+"""
+IS_SLEEPING_DOC = """Whether models sleep (admin): `is_sleeping` (any of them) and each model's state.
+
+```
+curl http://127.0.0.1:8000/is_sleeping -H "Authorization: Bearer $KEY"
+```
+```python
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8000", api_key="KEY")
+print(client.get("/is_sleeping", cast_to=object))   # {"is_sleeping": false, "models": {...}}
+```
+"""

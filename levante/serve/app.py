@@ -2,7 +2,8 @@
 
 Bodies are parsed by the schemas in protocol.py (through http.py's checks), carried by the
 pipeline (pipeline.py) and formatted by openai_format.py and responses.py; streams go out through
-sse.py. Errors of any kind leave as OpenAI's error JSON with the status they carry.
+sse.py. Errors of any kind leave as OpenAI's error JSON (Anthropic's under /v1/messages: serve/error_shapes.py)
+with the status they carry.
 """
 from __future__ import annotations
 
@@ -20,8 +21,12 @@ from levante.serve import openai_format as fmt
 from levante.serve.chat import render_chat
 from levante.serve.conversations import register_conversations
 from levante.serve.embeddings import register_embeddings
+from levante.serve.error_shapes import for_path
 from levante.serve.http import CheckedRoute
 from levante.serve.admin import register_admin
+from levante.serve.anthropic import register_anthropic
+from levante.serve.rerank import register_rerank
+from levante.serve.transcription import register_transcription
 from levante.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                     error_body, error_for, validation_error)
 from levante.serve.responses import register_responses
@@ -104,6 +109,9 @@ def create_app(state: ServerState) -> FastAPI:
         return await sse_response(formatted(pipeline.completion_events(body), chunks))
 
     register_responses(app, state)
+    register_anthropic(app, state)
+    register_rerank(app, state)
+    register_transcription(app, state)
     register_admin(app, state)
     if state.webui is not None:
         register_webui(app, state.webui)
@@ -117,21 +125,21 @@ def install_error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError):
+    async def invalid_body(request: Request, exc: RequestValidationError):
         message, param = validation_error(exc.errors())
-        return JSONResponse(error_body(message, param=param), 400)
+        return JSONResponse(for_path(request.url.path, 400, error_body(message, param=param)), 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException):
         message = str(exc.detail)
         if exc.status_code == 413:
             message = f"the request body is larger than the server takes ({app.state.limits.max_body_bytes} bytes)"
         body = error_body(message, "invalid_request_error", getattr(exc, "param", None), exc.status_code)
-        return JSONResponse(body, exc.status_code)
+        return JSONResponse(for_path(request.url.path, exc.status_code, body), exc.status_code)
 
-    async def error_response(_: Request, exc: Exception):
+    async def error_response(request: Request, exc: Exception):
         status, body, headers = error_for(exc)
-        return JSONResponse(body, status, headers=headers)
+        return JSONResponse(for_path(request.url.path, status, body), status, headers=headers)
 
     app.add_exception_handler(LevanteError, error_response)  # each carries its status
     app.add_exception_handler(Exception, error_response)  # a bug: 500, saying what happened

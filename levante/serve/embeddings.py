@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -32,18 +33,19 @@ class EmbeddingRequest(Strict):
 
 
 class EmbeddingBatcher:
-    """Merges the token ids of concurrent requests into shared `Embedder.embed` calls."""
+    """Merges the inputs of concurrent requests into shared calls of `run` (inputs -> one row each):
+    `Embedder.embed` for an embedding model, `Scorer.score` for a reranker (serve/rerank.py)."""
 
-    def __init__(self, embedder):
-        self.embedder = embedder
+    def __init__(self, run: Callable[[list], torch.Tensor]):
+        self.run = run
         self._pending: list[tuple[list[list[int]], asyncio.Future]] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._closed = False
         self.forward_calls = 0  # embedder calls made, for tests and metrics
 
-    async def embed(self, inputs: list[list[int]]) -> torch.Tensor:
-        """Full-size vectors for `inputs` (already validated), computed with whatever else is queued."""
+    async def embed(self, inputs: list) -> torch.Tensor:
+        """`run`'s rows for `inputs` (already validated), computed with whatever else is queued."""
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._worker = asyncio.create_task(self._run())
@@ -73,7 +75,7 @@ class EmbeddingBatcher:
         merged = [ids for inputs, _ in taken for ids in inputs]
         self.forward_calls += 1
         try:
-            vectors = await asyncio.to_thread(self.embedder.embed, merged)
+            vectors = await asyncio.to_thread(self.run, merged)
         except Exception as e:  # noqa: BLE001 - only the requests that fail alone learn why
             if len(taken) > 1:  # halves, until the requests that fail by themselves are found
                 half = len(taken) // 2
@@ -96,7 +98,7 @@ class EmbeddingService:
     def __init__(self, llm, name: str):
         self.llm, self.name = llm, name
         self.embedder = llm.embedder
-        self.batcher = EmbeddingBatcher(self.embedder)
+        self.batcher = EmbeddingBatcher(self.embedder.embed)
 
     def close(self) -> None:
         self.batcher.close()
@@ -132,7 +134,7 @@ def register_embeddings(app: FastAPI, state) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         """The embedding model `model` names (or the first one served), through the router."""
-        async with state.pipeline.routed(body.model, embedding=True) as route:
+        async with state.pipeline.routed(body.model, ("embed",)) as route:
             service = route.model.embeddings
             inputs = service.inputs(body)
             async with state.pipeline.admitted(route, len(inputs)):

@@ -4,9 +4,10 @@
   a page of another origin 403, whatever the key (serve/sites.py says which); CORS is answered
   only for the origins of `--allowed-origins`.
 - `ApiKeyGate` (ASGI): every path but /health (and /metrics with --open-metrics, and the files
-  of the web page and /docs) needs `Authorization: Bearer KEY`, compared in constant time,
+  of the web page and /docs) needs `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`),
+  compared in constant time,
   decided on the ASGI path. The admin routes (ADMIN_PATHS, serve/admin.py: loading and unloading
-  adapters and models) need a key: on a server without one they answer 403.
+  adapters and models, sleep and wake) need a key: on a server without one they answer 403.
 - `CheckedRoute`: request bodies parsed once, refused (400, naming the field) when nested
   deeper than --max-json-depth or holding text that is not Unicode (lone surrogates).
   The size limit itself is Starlette's `RequestBodyLimitMiddleware` (413, counted while read).
@@ -31,12 +32,14 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.middleware.cors import CORSMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from levante.serve.error_shapes import for_path
 from levante.serve.limits import RequestLimits
 from levante.serve.protocol import error_body
 from levante.serve.sites import SitePolicy
 
 OPEN_PATHS = ("/health",)
-ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/models/load", "/models/unload")
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/models/load", "/models/unload", "/sleep",
+               "/wake_up")
 # A surrogate can only enter a str through a \uD800-\uDFFF escape or, as json.loads decodes bytes with
 # 'surrogatepass', through its UTF-8-like bytes (ED A0..BF xx); bodies without either skip the search.
 _SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
@@ -70,7 +73,7 @@ class SiteGate:
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                 else:
-                    await _send_json(send, *refusal)
+                    await _send_json(send, *refusal, scope["path"])
                 return
         await self.app(scope, receive, send)
 
@@ -113,18 +116,24 @@ class ApiKeyGate:
         self.app = app
         self.api_key = api_key
         self.expected = f"Bearer {api_key}".encode()
+        self.key_bytes = api_key.encode()
         self.open_paths = frozenset(open_paths)
         self.open_prefixes = open_prefixes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] in ("http", "websocket") and not self.is_open(scope["path"]):
-            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
+            if not self.has_key(scope["headers"]):
                 await _send_json(send, 401, error_body("invalid or missing API key", "authentication_error",
-                                                       code="invalid_api_key"))
+                                                       code="invalid_api_key"), scope["path"])
                 return
             scope["levante.api_key"] = self.api_key
         await self.app(scope, receive, send)
+
+    def has_key(self, headers) -> bool:
+        """`Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`; both compared in constant time."""
+        bearer = next((value for name, value in headers if name == b"authorization"), b"")
+        api_key = next((value for name, value in headers if name == b"x-api-key"), b"")
+        return hmac.compare_digest(bearer, self.expected) | hmac.compare_digest(api_key, self.key_bytes)
 
     def is_open(self, path: str) -> bool:
         return path in self.open_paths or path.startswith(self.open_prefixes)
@@ -140,13 +149,14 @@ class AdminClosed:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] in self.admin_paths:
             message = f"{scope['path']} needs a server started with --api-key"
-            await _send_json(send, 403, error_body(message, "permission_error", code=403))
+            await _send_json(send, 403, error_body(message, "permission_error", code=403), scope["path"])
             return
         await self.app(scope, receive, send)
 
 
-async def _send_json(send, status: int, payload: dict) -> None:
-    body = json.dumps(payload).encode()
+async def _send_json(send, status: int, payload: dict, path: str) -> None:
+    """An error answered before the app runs, in the shape of the API `path` belongs to."""
+    body = json.dumps(for_path(path, status, payload)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -165,7 +175,7 @@ class BodyLimit:
             declared = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
             if declared.isdigit() and int(declared) > self.max_bytes:
                 message = f"the request body is larger than the server takes ({self.max_bytes} bytes)"
-                await _send_json(send, 413, error_body(message, code=413))
+                await _send_json(send, 413, error_body(message, code=413), scope["path"])
                 return
         await self.app(scope, receive, send)
 

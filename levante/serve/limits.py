@@ -26,6 +26,9 @@ class RequestLimits:
     max_messages: int = _limit(4096, "messages in one chat request")
     max_tools: int = _limit(128, "tools in one chat request")
     max_images: int = _limit(16, "images in one chat request")
+    max_documents: int = _limit(1024, "documents (or text pairs) in one /v1/rerank or /v1/score request")
+    max_audio_bytes: int = _limit(25 << 20, "bytes of the audio file of one /v1/audio/transcriptions request")
+    max_audio_seconds: float = _limit(3600.0, "seconds of audio in one /v1/audio/transcriptions request")
     max_waiting_requests: int = _limit(256, "sequences that may wait beyond --max-num-seqs running ones before "
                                             "new requests get 429 with Retry-After")
     grammar_timeout: float = _limit(10.0, "seconds a structured-output grammar may take to compile (400 past it)")

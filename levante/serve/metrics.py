@@ -40,10 +40,14 @@ class Metrics:
         self.loaded = Gauge("levante_model_loaded", "1 while the model is loaded, else 0", MODEL, registry=registry)
         self.memory = Gauge("levante_model_memory_bytes", "Memory the loaded model holds (weights, KV cache)", MODEL,
                             registry=registry)
-        self.model_events = Counter("levante_model_events", "Loads, failed loads and unloads of each model",
+        self.model_events = Counter("levante_model_events", "Loads, failed loads, unloads, sleeps and wakes of "
+                                    "each model",
                                     MODEL + ["event"], registry=registry)
         self.load_seconds = Histogram("levante_model_load_seconds", "Time to load a model (warm-up included)", MODEL,
                                       buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=registry)
+        self.wake_seconds = Histogram("levante_model_wake_seconds", "Time to wake a sleeping model (POST /sleep, "
+                                      "--sleep-after) for the request that found it asleep", MODEL,
+                                      buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=registry)
         self.prompt_tokens = Counter("levante_prompt_tokens", "Prompt tokens processed", MODEL, registry=registry)
         self.generation_tokens = Counter("levante_generation_tokens", "Tokens generated", MODEL, registry=registry)
         self.requests = Counter("levante_requests", "Finished requests by reason", MODEL + ["finish_reason"],
@@ -68,10 +72,12 @@ class Metrics:
         self._spec_seen: dict[str, tuple[weakref.ref, dict[str, int]]] = {}  # model -> (its speculator, counts read)
 
     def model_changed(self, served, event: str) -> None:
-        """The router's report: model `served` was loaded, failed to load, or unloaded."""
+        """The router's report: model `served` was loaded, failed to load, unloaded, put to sleep or woken."""
         self.model_events.labels(served.name, event).inc()
         if event == "loaded" and served.load_seconds:
             self.load_seconds.labels(served.name).observe(served.load_seconds)
+        if event == "woken" and served.wake_seconds is not None:
+            self.wake_seconds.labels(served.name).observe(served.wake_seconds)
 
     def render(self, models) -> bytes:
         """The exposition text, with the gauges of `models` (the router's ServedModels) read now."""
@@ -82,7 +88,7 @@ class Metrics:
             self.loaded.labels(name).set(served.status == "loaded")
             self.memory.labels(name).set(served.memory_bytes if served.status == "loaded" else 0)
             self.admitted.labels(name).set(served.in_flight)
-            if served.spec.embedding:
+            if served.spec.task != "generate":
                 continue
             scheduler = engine.scheduler if engine is not None else None
             self.running.labels(name).set(len(scheduler.running) if scheduler else 0)

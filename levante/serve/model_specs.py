@@ -26,13 +26,25 @@ _PATH_FIELDS = ("model", "topology", "matformer_config", "draft_model")
 _SERVER_FIELDS = ("progress", "warmup")  # set by the server for every model
 
 
+# What each task (loader/auto.py's TASKS) is called, and the routes a model of it serves.
+TASK_NOUNS = {"generate": "a chat model", "embed": "an embedding model", "score": "a reranker",
+              "transcribe": "a speech-recognition model"}
+TASK_ROUTES = {"generate": "chat, completions, /v1/responses and /v1/messages (and transcription, with audio)",
+               "embed": "/v1/embeddings (and /v1/rerank, /v1/score by cosine similarity)",
+               "score": "/v1/rerank and /v1/score", "transcribe": "/v1/audio/transcriptions"}
+
+
 @dataclass
 class ModelSpec:
     """One model a server offers: the name requests give, how to load it, what it serves."""
     name: str
     args: EngineArgs
-    embedding: bool = False  # a sentence-embedding model: it serves /v1/embeddings
+    task: str = "generate"  # TASK_NOUNS: what it serves (`check_models` reads it from the model's files)
     pinned: bool = False  # loaded at start and never unloaded (--embedding-model, attached models)
+
+    @property
+    def embedding(self) -> bool:
+        return self.task == "embed"
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -43,7 +55,8 @@ class ModelSpec:
 
 def specs_from_cli(args, engine_args: EngineArgs) -> list[ModelSpec]:
     """`-m` (repeatable; `--served-model-name` names the first, `--lora` goes on the first), then the
-    entries of `--models-config`; `--embedding-model` last, pinned. Names must be unique, adapters too."""
+    entries of `--models-config`; `--embedding-model` and `--rerank-model` last, pinned. Names must be
+    unique, adapters too."""
     models = args.model if isinstance(args.model, list) else [args.model] if args.model else []
     config = getattr(args, "models_config", None)
     if not models and not config:
@@ -59,10 +72,11 @@ def specs_from_cli(args, engine_args: EngineArgs) -> list[ModelSpec]:
                              "their keys")
     if config:
         specs += read_models_config(config, dataclasses.replace(engine_args, lora={}, gguf_file=None))
-    embedding = getattr(args, "embedding_model", None)
-    if embedding:
-        specs.append(ModelSpec(embedding, dataclasses.replace(engine_args, model=embedding, lora={}, gguf_file=None),
-                               embedding=True, pinned=True))
+    for flag, task in (("embedding_model", "embed"), ("rerank_model", "score")):
+        model = getattr(args, flag, None)
+        if model:
+            specs.append(ModelSpec(model, dataclasses.replace(engine_args, model=model, lora={}, gguf_file=None,
+                                                              task=task), task=task, pinned=True))
     check_names(specs)
     return specs
 
@@ -155,6 +169,12 @@ def add_cli_args(parser) -> None:
                             "another unloads the least recently used idle ones (default: no limit)")
     group.add_argument("--model-idle-timeout", type=float, default=None, metavar="SECONDS",
                        help="unload a model no request has used for this long (default: never)")
+    group.add_argument("--sleep-after", type=float, default=None, metavar="SECONDS",
+                       help="put a model no request has used for this long to sleep (--sleep-level); its next "
+                            "request wakes it (default: never)")
+    group.add_argument("--sleep-level", type=int, default=1, choices=[1, 2],
+                       help="how deep --sleep-after sleeps: 1 gives the weights and KV cache back to the system "
+                            "and keeps the rest for a quick wake, 2 unloads the model whole (default: 1)")
     group.add_argument("--model-load-timeout", type=float, default=DEFAULT_LOAD_TIMEOUT, metavar="SECONDS",
                        help="how long a request waits for its model to load before a 503 with Retry-After "
                             f"(default: {DEFAULT_LOAD_TIMEOUT:g})")

@@ -111,10 +111,11 @@ class Pipeline:
 
     # route and admit
     @asynccontextmanager
-    async def routed(self, model: str | None, embedding: bool = False) -> AsyncIterator[Route]:
+    async def routed(self, model: str | None, tasks: tuple[str, ...] = ("generate",)) -> AsyncIterator[Route]:
         """What runs a request for `model`, held while the block runs: 404 for a name not served, 400
-        for a model of the other kind, 503 when it cannot be loaded in time or its engine has stopped."""
-        async with self.state.router.use(model, embedding) as route:
+        for a model of another task than `tasks`, 503 when it cannot be loaded (or woken) in time or its
+        engine has stopped."""
+        async with self.state.router.use(model, tasks) as route:
             problem = route.loop.problem if route.loop is not None else None
             if problem:
                 raise ServiceUnavailable(problem)
@@ -122,12 +123,11 @@ class Pipeline:
 
     @asynccontextmanager
     async def admitted(self, route: Route, sequences: int):
-        """Hold room for `sequences` more on the route's model (texts, for an embedding model); Overloaded
-        once its running slots (an embedding forward's batch) and the waiting room (--max-waiting-requests)
-        are full."""
-        served, llm = route.model, route.llm
-        running = llm.engine.config.max_num_seqs if llm.engine is not None else llm.embedder.max_batch_size
-        capacity = running + self.state.limits.max_waiting_requests
+        """Hold room for `sequences` more on the route's model (texts, pairs or audio chunks for a model that
+        does not generate); Overloaded once its running slots (a forward's batch) and the waiting room
+        (--max-waiting-requests) are full."""
+        served = route.model
+        capacity = route.llm.max_batch_size + self.state.limits.max_waiting_requests
         if served.in_flight + sequences > capacity:
             self.state.metrics.requests.labels(served.name, "rejected").inc()
             raise Overloaded(f"the server is busy ({served.in_flight} sequences in flight for '{served.name}'); "
@@ -169,6 +169,13 @@ class Pipeline:
                 yield Round(plan)
                 async for output in self.generate(route, plan.prompts, plan.params):
                     yield output
+
+    async def count_chat_tokens(self, body: ChatCompletionRequest) -> int:
+        """The prompt tokens `body` would run (template, tools and images as planned), without running it."""
+        async with self.routed(body.model) as route:
+            validate.check_chat(body, route.llm.engine.model_config.vocab_size, self.state.limits)
+            plan = await asyncio.to_thread(plan_chat, route.llm, body, self.state.load_image)
+            return len(plan.prompt_ids)
 
     # plan
     async def plan_chat(self, route: Route, body: ChatCompletionRequest,

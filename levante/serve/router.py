@@ -7,6 +7,8 @@ first use and unloaded when idle or when room is needed (llama.cpp's router mode
                    up to --model-load-timeout seconds (then 503 with Retry-After)
         failed:    its requests fail at once (503, saying why) for FAILED_RETRY_SECONDS, then it is
                    tried again (at once through POST /models/load); the other models keep serving
+        sleeping:  woken by the loader thread (level 1: its weights loaded again; level 2: loaded
+                   whole) while its requests wait, as a load; POST /sleep, --sleep-after
 
 Room: before a load, the least recently used idle models (held by no request, awaited by none)
 are unloaded until the new one fits within --max-loaded-models and --models-memory-gb (its size
@@ -21,19 +23,20 @@ unloading themselves run outside it.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from levante.engine.loop import EngineLoop
 from levante.errors import InvalidRequest, LevanteError, ModelBusy, ModelNotFound, ServiceUnavailable
-from levante.serve.embeddings import EmbeddingService
-from levante.serve.model_specs import DEFAULT_LOAD_TIMEOUT, ModelSpec, check_names
+from levante.loader.memory import release_memory
+from levante.serve.model_specs import DEFAULT_LOAD_TIMEOUT, TASK_NOUNS, TASK_ROUTES, ModelSpec, check_names
+from levante.serve.served import Route, ServedModel, model_service
+
+__all__ = ["ModelRouter", "Route", "ServedModel", "load_llm"]
 
 logger = logging.getLogger("levante")
 
@@ -49,88 +52,16 @@ def load_llm(spec: ModelSpec):
     return LLM.from_engine_args(spec.args)
 
 
-class ServedModel:
-    """One model of the server: its spec and, while loaded, its LLM with its engine loop (a chat
-    model) or its embedding service."""
-
-    def __init__(self, spec: ModelSpec):
-        self.spec = spec
-        self.status = "unloaded"  # unloaded | loading | loaded | failed
-        self.failure: str | None = None
-        self.failed_at = 0.0
-        self.llm = None
-        self.loop: EngineLoop | None = None
-        self.embeddings: EmbeddingService | None = None
-        self.loading: Future | None = None
-        self.users = 0  # requests holding it
-        self.waiting = 0  # requests waiting for it to load
-        self.in_flight = 0  # sequences admitted and not yet done (serve/pipeline.py)
-        self.last_used = 0.0
-        self.memory_bytes = 0  # as measured at its last load
-        self.load_seconds: float | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def idle(self) -> bool:
-        return self.status == "loaded" and not self.spec.pinned and not self.users and not self.waiting
-
-    def health(self) -> dict:
-        problem = self.loop.problem if self.loop is not None else None
-        if problem:
-            return {"status": "unhealthy", "reason": problem}
-        return {"status": self.status, **({"reason": self.failure} if self.status == "failed" else {})}
-
-    def cards(self) -> list[dict]:
-        """Its /v1/models entries: the model (with `status`), then its LoRA adapters."""
-        card = {"id": self.name, "object": "model", "created": 0, "owned_by": "levante", "status": self.status}
-        if self.embeddings is not None:
-            card.update(self.embeddings.card(), status=self.status)
-        elif self.spec.embedding:
-            card["type"] = "embedding"
-        else:
-            card["type"] = "chat"
-            if self.llm is not None:
-                card["max_model_len"] = self.llm.engine.max_model_len
-                card["input_modalities"] = input_modalities(self.llm)
-        adapters = [{"id": name, "object": "model", "created": 0, "owned_by": "levante", "parent": self.name,
-                     "root": str(path), "status": self.status} for name, path in dict(self.spec.adapters).items()]
-        return [card, *adapters]
-
-
-def input_modalities(llm) -> list[str]:
-    """What a chat model's messages may carry: text, and images (and audio) for models with a processor."""
-    processor = llm.engine.processor
-    if processor is None:
-        return ["text"]
-    return ["text", "image"] + (["audio"] if getattr(processor, "takes_audio", False) else [])
-
-
-@dataclass
-class Route:
-    """What a request runs on: the name its responses report (the model or adapter it named), the
-    model, and the LoRA adapter to apply (None: the base model)."""
-    name: str
-    model: ServedModel
-    lora: str | None = None
-
-    @property
-    def llm(self):
-        return self.model.llm
-
-    @property
-    def loop(self) -> EngineLoop:
-        return self.model.loop
-
-
 class ModelRouter:
     def __init__(self, specs: list[ModelSpec] = (), max_loaded: int | None = None, memory_gb: float | None = None,
                  idle_timeout: float | None = None, load_timeout: float = DEFAULT_LOAD_TIMEOUT,
-                 load: Callable[[ModelSpec], object] = load_llm, on_change: Callable | None = None):
+                 load: Callable[[ModelSpec], object] = load_llm, on_change: Callable | None = None,
+                 sleep_after: float | None = None, sleep_level: int = 1):
         if max_loaded is not None and max_loaded < 1:
             raise InvalidRequest("--max-loaded-models: must be 1 or more")
+        if sleep_level not in (1, 2):
+            raise InvalidRequest("--sleep-level: must be 1 or 2")
+        self.sleep_after, self.sleep_level = sleep_after, sleep_level
         self.models: dict[str, ServedModel] = {}
         self.max_loaded = max_loaded
         self.memory_budget = None if memory_gb is None else int(memory_gb * GIB)
@@ -147,7 +78,8 @@ class ModelRouter:
     @classmethod
     def from_cli_args(cls, args, specs: list[ModelSpec]) -> ModelRouter:
         return cls(specs, args.max_loaded_models, args.models_memory_gb, args.model_idle_timeout,
-                   args.model_load_timeout)
+                   args.model_load_timeout, sleep_after=getattr(args, "sleep_after", None),
+                   sleep_level=getattr(args, "sleep_level", 1))
 
     # -- what is served ----------------------------------------------------------------------------
     def add(self, spec: ModelSpec, llm=None) -> ServedModel:
@@ -169,15 +101,15 @@ class ModelRouter:
     def loaded(self) -> list[ServedModel]:
         return [m for m in self.models.values() if m.status == "loaded"]
 
-    def resolve(self, name: str | None, embedding: bool = False) -> tuple[ServedModel, str | None]:
+    def resolve(self, name: str | None, tasks: tuple[str, ...] = ("generate",)) -> tuple[ServedModel, str | None]:
         """The one place a request's `model` is mapped to what serves it: (model, LoRA adapter or None).
-        No name: the first model of the kind asked for."""
+        `tasks`: what the route takes (model_specs.py's TASKS). No name: the first model of the first task."""
         if not self.models:
             raise ServiceUnavailable("the model is still loading; retry when /health answers 200", retry_after=1)
         if not name:
-            served = next((m for m in self.models.values() if m.spec.embedding == embedding), None)
+            served = next((m for task in tasks for m in self.models.values() if m.spec.task == task), None)
             if served is None:
-                raise InvalidRequest(self._wrong_kind(self.default, embedding))
+                raise InvalidRequest(self._wrong_kind(self.default, tasks))
             return served, None
         served, lora = self.models.get(name), None
         if served is None:
@@ -185,25 +117,22 @@ class ModelRouter:
             lora = name
         if served is None:
             raise ModelNotFound(f"model '{name}' is not served here; this server serves '{', '.join(self.names())}'")
-        if served.spec.embedding != embedding:
-            raise InvalidRequest(self._wrong_kind(served, embedding))
+        if served.spec.task not in tasks:
+            raise InvalidRequest(self._wrong_kind(served, tasks))
         return served, lora
 
-    def _wrong_kind(self, served: ServedModel, embedding: bool) -> str:
-        if embedding:
-            other = next((m.name for m in self.models.values() if m.spec.embedding), None)
-            return (f"'{served.name}' is a chat model; embeddings come from '{other}'" if other else
-                    f"'{served.name}' is not an embedding model, and no embedding model is served (start the "
-                    "server with --embedding-model)")
-        has_chat = any(not m.spec.embedding for m in self.models.values())
-        return f"'{served.name}' is an embedding model: it serves /v1/embeddings only" + (
-            "" if has_chat else " (start the server with a chat model to generate)")
+    def _wrong_kind(self, served: ServedModel, tasks: tuple[str, ...]) -> str:
+        task = served.spec.task
+        other = next((m.name for m in self.models.values() if m.spec.task in tasks), None)
+        return (f"'{served.name}' is {TASK_NOUNS[task]}: it serves {TASK_ROUTES[task]}; " +
+                (f"this route is served by '{other}'" if other else
+                 f"no model served here is {' or '.join(TASK_NOUNS[t] for t in tasks)}"))
 
     # -- holding a model for a request -------------------------------------------------------------
     @asynccontextmanager
-    async def use(self, name: str | None, embedding: bool = False) -> AsyncIterator[Route]:
+    async def use(self, name: str | None, tasks: tuple[str, ...] = ("generate",)) -> AsyncIterator[Route]:
         """Hold the model `name` routes to (loading it first, if need be) while the block runs."""
-        served, lora = self.resolve(name, embedding)
+        served, lora = self.resolve(name, tasks)
         await self.hold(served)
         try:
             yield Route(name or served.name, served, lora)
@@ -264,43 +193,68 @@ class ModelRouter:
             if wait > 0:
                 raise ServiceUnavailable(f"model '{served.name}' could not be loaded: {served.failure}",
                                          retry_after=max(1, round(wait)))
+        waking = served.status == "sleeping"
         served.status = "loading"
-        served.loading = self._loader.submit(self._load, served)
+        served.loading = self._loader.submit(self._wake if waking else self._load, served)
         return served.loading
 
-    def _load(self, served: ServedModel) -> None:
-        """The loader thread: make room, load, publish; a failure fails this model's requests only."""
+    def _load(self, served: ServedModel, llm=None) -> None:
+        """The loader thread: make room, load (or wake `llm`, asleep), publish; a failure fails this
+        model's requests only."""
         started = time.monotonic()
         try:
             self._make_room(served)
-            logger.warning("levante: loading model '%s'", served.name)
-            llm = self._load_llm(served.spec)
+            logger.warning("levante: %s model '%s'", "loading" if llm is None else "waking", served.name)
+            if llm is None:
+                llm = self._load_llm(served.spec)
+            else:
+                llm.wake_up()
         except _NoRoom as e:
             with self._lock:
-                served.status, served.loading = "unloaded", None
+                served.status, served.loading = "sleeping" if served.sleep_level else "unloaded", None
                 self._lock.notify_all()
             raise ServiceUnavailable(str(e), retry_after=5) from None
         except Exception as e:  # noqa: BLE001 - any failure fails this model's requests, with one line
             reason = str(e) if isinstance(e, LevanteError) else f"internal error: {type(e).__name__}: {e}"
             logger.warning("levante: model '%s' could not be loaded: %s", served.name, reason)
             with self._lock:
+                stale = self._take(served) if served.llm is not None else None  # a wake that failed
                 served.status, served.failure, served.failed_at, served.loading = \
                     "failed", reason, time.monotonic(), None
+                served.sleep_level = None
                 self._lock.notify_all()
+            if stale is not None:
+                self._shut(served, stale)
             self.on_change(served, "failed")
             raise ServiceUnavailable(f"model '{served.name}' could not be loaded: {reason}",
                                      retry_after=round(FAILED_RETRY_SECONDS)) from None
         self._publish(served, llm, time.monotonic() - started)
         logger.warning("levante: model '%s' loaded (%.1f s)", served.name, served.load_seconds)
 
+    def _wake(self, served: ServedModel) -> None:
+        """The loader thread: a sleeping model loaded again (level 2) or its weights (level 1)."""
+        started, level = time.monotonic(), served.sleep_level
+        self._load(served, served.llm)
+        served.wake_seconds, served.sleep_level = time.monotonic() - started, None
+        logger.warning("levante: model '%s' woke from sleep level %d in %.2f s", served.name, level,
+                       served.wake_seconds)
+        self.on_change(served, "woken")
+
     def _publish(self, served: ServedModel, llm, seconds: float) -> None:
+        if served.llm is llm:  # woken at level 1: its loop and service stay
+            with self._lock:
+                served.memory_bytes, served.load_seconds = llm.memory_bytes(), seconds
+                served.status, served.failure, served.loading = "loaded", None, None
+                served.last_used = time.monotonic()
+                self._lock.notify_all()
+            return
         loop = EngineLoop(llm.engine) if llm.engine is not None else None
         if loop is not None:
             # what the engine holds (a model handed over loaded may bring adapters of its own)
             served.spec.args.lora = {name: str(a.path) for name, a in llm.engine.lora.loaded.items()}
-        embeddings = EmbeddingService(llm, served.name) if llm.is_embedding_model else None
+        service = model_service(llm, served.name)
         with self._lock:
-            served.llm, served.loop, served.embeddings = llm, loop, embeddings
+            served.llm, served.loop, served.service = llm, loop, service
             served.memory_bytes, served.load_seconds = llm.memory_bytes(), seconds
             served.status, served.failure, served.loading = "loaded", None, None
             served.last_used = time.monotonic()
@@ -388,56 +342,139 @@ class ModelRouter:
                                 f"'{', '.join(self.models)}'")
         return served
 
-    def _take(self, served: ServedModel) -> tuple:
+    def _take(self, served: ServedModel) -> list:
         """Under the lock: mark `served` unloaded, and hand back what must be shut down."""
-        parts = (served.llm, served.loop, served.embeddings)
-        served.llm = served.loop = served.embeddings = None
+        parts = [served.llm, served.loop, served.service]
+        served.llm = served.loop = served.service = None
         served.status = "unloaded"
         return parts
 
-    def _shut(self, served: ServedModel, parts: tuple) -> None:
-        llm, loop, embeddings = parts
+    def _shut(self, served: ServedModel, parts: list, event: str = "unloaded") -> None:
+        """Stop and free what `_take` handed back. The list is emptied, so that no caller's reference keeps
+        the model alive past the collection below (its memory goes back to the system now)."""
+        llm, loop, service = parts
+        parts.clear()
         if loop is not None:
             loop.stop()
-        if embeddings is not None:
-            embeddings.close()
+        if service is not None:
+            service.close()
+        device = None
         if llm is not None:
             llm.close()
-            cuda = llm.engine is not None and llm.engine.device.type == "cuda"
-            del llm, embeddings, parts
-            gc.collect()
-            if cuda:
-                import torch
+            device = llm.engine.device if llm.engine is not None else None
+        del llm, loop, service
+        release_memory(device)
+        logger.warning("levante: model '%s' %s", served.name, "unloaded" if event == "unloaded" else "asleep (level 2)")
+        self.on_change(served, event)
 
-                torch.cuda.empty_cache()
-        logger.warning("levante: model '%s' unloaded", served.name)
-        self.on_change(served, "unloaded")
+    # -- sleep ---------------------------------------------------------------------------------------
+    async def sleep(self, name: str | None, level: int) -> list[str]:
+        """Put model `name` (None: every loaded one) to sleep: level 1 gives its weights and KV cache back
+        to the system and keeps the rest (tokenizer, templates, grammar tables, engine loop); level 2
+        unloads it whole. A request for it wakes it. ModelBusy while requests use it; the names put to sleep."""
+        if level not in (1, 2):
+            raise InvalidRequest("level: must be 1 (weights and KV cache released) or 2 (everything)")
+        with self._lock:
+            targets = [self._served(name)] if name else [m for m in self.models.values() if m.status == "loaded"]
+            targets = [m for m in targets if m.status != "sleeping"]
+            for served in targets:
+                if served.status != "loaded":
+                    raise InvalidRequest(f"model '{served.name}' is {served.status}: only a loaded model sleeps")
+                if served.users or served.waiting:
+                    raise ModelBusy(f"model '{served.name}' is in use ({served.users} requests hold it, "
+                                    f"{served.waiting} wait for it); retry later")
+            futures = [self._start_sleep(served, level) for served in targets]
+        for future in futures:
+            await asyncio.wrap_future(future)
+        return [served.name for served in targets]
+
+    async def wake(self, name: str | None) -> list[str]:
+        """Wake model `name` (None: every sleeping one) now, as its next request would; the names woken."""
+        targets = [self._served(name)] if name else [m for m in self.models.values() if m.status == "sleeping"]
+        woken = []
+        for served in targets:
+            asleep = served.status == "sleeping"
+            await self.hold(served)
+            self.release(served)
+            if asleep:
+                woken.append(served.name)
+        return woken
+
+    def _start_sleep(self, served: ServedModel, level: int) -> Future:
+        """Under the lock: mark `served` asleep, and put it to sleep on the loader thread (after any load
+        under way, before any wake a request asks for)."""
+        parts = self._take(served) if level == 2 else None
+        served.status, served.sleep_level = "sleeping", level
+        served.loading = self._loader.submit(self._put_to_sleep, served, parts)
+        return served.loading
+
+    def _put_to_sleep(self, served: ServedModel, parts: list | None) -> None:
+        try:
+            if parts is not None:
+                self._shut(served, parts, event="sleeping")
+                return
+            llm = served.llm
+            if served.loop is not None:  # on the engine's thread, between two steps
+                served.loop.call(llm.sleep).result()
+            else:
+                llm.sleep()
+        except Exception:
+            with self._lock:  # still awake: it serves on
+                served.status, served.sleep_level = "loaded", None
+            raise
+        finally:
+            with self._lock:
+                served.loading = None
+                self._lock.notify_all()
+        logger.warning("levante: model '%s' asleep (level 1)", served.name)
+        self.on_change(served, "sleeping")
 
     # -- idle models -------------------------------------------------------------------------------
     def _start_watcher(self) -> None:
         with self._lock:
-            if self.idle_timeout is None or self._watcher is not None or self._closed:
+            if (self.idle_timeout is None and self.sleep_after is None) or self._watcher is not None or self._closed:
                 return
             self._watcher = threading.Thread(target=self._watch_idle, name="levante-idle-models", daemon=True)
             self._watcher.start()
 
     def _watch_idle(self) -> None:
-        """Unload models idle for `idle_timeout` seconds; sleeps until the next one could be (no polling)."""
+        """Unload models idle for `idle_timeout` seconds, put to sleep those idle for `sleep_after`; waits
+        until the next one could be (no polling)."""
         with self._lock:
             while not self._closed:
                 now = time.monotonic()
-                expired = [m for m in self.models.values() if m.idle and now - m.last_used >= self.idle_timeout]
-                if not expired:
-                    upcoming = [m.last_used + self.idle_timeout - now for m in self.models.values() if m.idle]
+                deadlines = self._idle_deadlines()
+                due = [(m, action) for m, (action, when) in deadlines.items() if when <= now]
+                if not due:
+                    upcoming = [when - now for _, when in deadlines.values()]
                     self._lock.wait(min(upcoming) if upcoming else None)
                     continue
-                taken = [(m, self._take(m)) for m in expired]
+                for served, action in due:
+                    if action == "sleep":
+                        self._start_sleep(served, self.sleep_level)
+                taken = [(m, self._take(m)) for m, action in due if action == "unload"]
                 self._lock.release()
                 try:
                     for served, parts in taken:
                         self._shut(served, parts)
                 finally:
                     self._lock.acquire()
+
+    def _idle_deadlines(self) -> dict[ServedModel, tuple[str, float]]:
+        """Under the lock: for each model nobody uses, what comes first ("unload" or "sleep") and when.
+        A pinned embedding model stays awake: the server ranks with it directly (serve/ranking.py)."""
+        deadlines = {}
+        for m in self.models.values():
+            if m.status != "loaded" or m.users or m.waiting:
+                continue
+            options = []
+            if self.idle_timeout is not None and not m.spec.pinned:
+                options.append(("unload", m.last_used + self.idle_timeout))
+            if self.sleep_after is not None and not (m.spec.pinned and m.spec.task == "embed"):
+                options.append(("sleep", m.last_used + self.sleep_after))
+            if options:
+                deadlines[m] = min(options, key=lambda option: option[1])
+        return deadlines
 
     def close(self) -> None:
         """Stop every engine loop and the loader (the server is shutting down)."""

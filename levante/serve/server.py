@@ -1,6 +1,6 @@
 """`levante serve`: check the models, open the port, load in the background (/health 503 until warm).
 
-Every model (-m, --models-config, --embedding-model) is resolved and its architecture checked
+Every model (-m, --models-config, --embedding-model, --rerank-model) is resolved and its architecture checked
 before the port opens, so a wrong name or file fails at once, with one line and a non-zero exit.
 The default model (the first) and the pinned ones then load and warm up in a thread while /health
 answers 503; if that fails for any reason, the server stops and `levante serve` exits non-zero
@@ -55,16 +55,20 @@ def addresses(host: str, port: int, webui: bool) -> str:
 
 def check_models(specs: list[ModelSpec]) -> None:
     """Resolve every model and check its architecture, without reading weights: a ModelLoadError before
-    the port opens (a Hub model is downloaded here). Each spec learns whether it is an embedding model."""
-    from levante.loader.auto import is_embedding_model, open_model
+    the port opens (a Hub model is downloaded here). Each spec learns its task (what it serves)."""
+    from levante.loader.auto import model_task, open_model
 
     for spec in specs:
         open_model(spec.args.model_name, spec.args.progress)
-        embedding = is_embedding_model(spec.args.model_name)
-        if spec.embedding and not embedding:
+        found = model_task(spec.args.model_name)
+        if spec.task == "embed" and found != "embed":
             raise InvalidRequest(f"--embedding-model: '{spec.name}' is not a sentence-embedding model "
                                  "(a folder with modules.json or config_sentence_transformers.json, or an alias)")
-        spec.embedding = embedding
+        if spec.task == "score" and found not in ("score", "generate"):
+            raise InvalidRequest(f"--rerank-model: '{spec.name}' is not a cross-encoder or a decoder LLM" +
+                                 (" (an embedding model reranks by cosine similarity: serve it with "
+                                  "--embedding-model)" if found == "embed" else ""))
+        spec.task = spec.args.task or found
 
 
 def _mcp_manager(args, policy: FetchPolicy):
@@ -188,7 +192,7 @@ def serve(args) -> int:
         state.ready = True
         gc.enable()  # off since `levante serve` began (cli.cmd_serve); what start-up made is frozen
         default = state.router.default
-        if state.mcp is not None and not default.spec.embedding:
+        if state.mcp is not None and default.spec.task == "generate":
             _prepare_tool_selection(state, default)
         logger.warning("levante: %s ready (load %.1fs, CPU kernels %s): %s", default.name,
                        default.load_seconds or 0.0, cpu_kernels(), addresses(args.host, args.port, state.webui is not None))

@@ -1,7 +1,7 @@
 """Pipeline events to the client: the one server-sent-events writer, and whole (non-streamed) responses.
 
 Streamed: errors before the first event become the response's status (400, 404, 429, 500, 503);
-once the stream has begun, an error becomes an error event. Either way the stream ends with
+once the stream has begun, an error becomes an error event. Either way an OpenAI stream ends with
 `data: [DONE]`, and a client that goes away closes the events, which aborts its requests
 (serve/pipeline.py). Whole: `collected` reads the events while it watches the connection; a client
 that goes away before the answer is ready aborts its requests the same way, rather than leaving
@@ -40,9 +40,10 @@ def chat_error(error_json: dict) -> Payload:
     return error_json
 
 
-async def sse_response(payloads: AsyncIterator[Payload],
-                       error_event: Callable[[dict], Payload] = chat_error) -> StreamingResponse:
-    """Stream `payloads`; `error_event(error_json)` shapes a mid-stream error for the API at hand."""
+async def sse_response(payloads: AsyncIterator[Payload], error_event: Callable[[dict], Payload] = chat_error,
+                       done: bool = True) -> StreamingResponse:
+    """Stream `payloads`; `error_event(error_json)` shapes a mid-stream error for the API at hand;
+    `done`: end with `data: [DONE]` (OpenAI's APIs; Anthropic's ends with its message_stop event)."""
     first = await anext(payloads, None)  # an error here is the response's status, by the app's handlers
 
     async def body():
@@ -58,7 +59,8 @@ async def sse_response(payloads: AsyncIterator[Payload],
             yield frame(error_event(error_json))
         finally:
             await payloads.aclose()  # a client gone mid-stream: abort its requests now, freeing their cache
-        yield DONE
+        if done:
+            yield DONE
 
     return StreamingResponse(body(), media_type="text/event-stream")
 

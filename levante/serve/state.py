@@ -45,7 +45,7 @@ class ServerState:
         for model, name in ((llm, self.model_name), (embedding_llm, embedding_name)):
             if model is not None:
                 args = dataclasses.replace(model.args, lora={})  # the adapters: what the engine holds
-                spec = ModelSpec(name or model.model_name, args, embedding=model.is_embedding_model, pinned=True)
+                spec = ModelSpec(name or model.model_name, args, task=model.task, pinned=True)
                 self.router.add(spec, model)
         self.ready = True
 
