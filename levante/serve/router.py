@@ -21,6 +21,7 @@ unloading themselves run outside it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import threading
@@ -44,9 +45,14 @@ GIB = 1 << 30
 def load_llm(spec: ModelSpec):
     """How a model loads by default: `LLM.from_engine_args` (weights, KV cache, warm-up). The
     structured-output tokenizer is built by the first constrained request (serve/pipeline.py)."""
+    args = spec.args  # replicas when asked for (a backend named: even one, e.g. to measure the overhead)
+    if (args.data_parallel_size > 1 or args.distributed_executor_backend) and not spec.embedding:
+        from levante.engine.front import DataParallelLLM
+
+        return DataParallelLLM(args)
     from levante import LLM
 
-    return LLM.from_engine_args(spec.args)
+    return LLM.from_engine_args(dataclasses.replace(args, data_parallel_size=1, distributed_executor_backend=None))
 
 
 class ServedModel:
@@ -79,9 +85,10 @@ class ServedModel:
 
     def health(self) -> dict:
         problem = self.loop.problem if self.loop is not None else None
+        replicas = self.loop.health() if hasattr(self.loop, "health") else {}  # data parallel: replicas up
         if problem:
-            return {"status": "unhealthy", "reason": problem}
-        return {"status": self.status, **({"reason": self.failure} if self.status == "failed" else {})}
+            return {"status": "unhealthy", "reason": problem, **replicas}
+        return {"status": self.status, **({"reason": self.failure} if self.status == "failed" else {}), **replicas}
 
     def cards(self) -> list[dict]:
         """Its /v1/models entries: the model (with `status`), then its LoRA adapters."""
@@ -294,7 +301,8 @@ class ModelRouter:
         logger.warning("levante: model '%s' loaded (%.1f s)", served.name, served.load_seconds)
 
     def _publish(self, served: ServedModel, llm, seconds: float) -> None:
-        loop = EngineLoop(llm.engine) if llm.engine is not None else None
+        # A data-parallel model brings its own loop (engine/data_parallel.py's ReplicaSet).
+        loop = getattr(llm, "loop", None) or (EngineLoop(llm.engine) if llm.engine is not None else None)
         if loop is not None:
             # what the engine holds (a model handed over loaded may bring adapters of its own)
             served.spec.args.lora = {name: str(a.path) for name, a in llm.engine.lora.loaded.items()}
