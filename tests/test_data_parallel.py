@@ -42,10 +42,13 @@ def _prompt(seed: int, length: int = 24) -> list[int]:
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A one-node Ray cluster on loopback, in this process (dashboard and usage statistics off)."""
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    from levante.engine.replica_handles import LOCAL_ONLY
+
+    os.environ.update(LOCAL_ONLY)
     ray = pytest.importorskip("ray")
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, configure_logging=False,
              log_to_driver=False)
+    assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
     yield ray
     ray.shutdown()
 
@@ -169,11 +172,10 @@ def _stream(base: str, prompt, max_tokens: int, events: list, first: threading.E
 
 
 def _survives_sigkill(server: _Server, restarted_by: str):
-    """Streams A (replica 0) and B (replica 1) run; replica 0 is frozen, C (A's prefix) is routed to it
-    and waits; replica 0 is killed: A ends with an error event, C runs on replica 1, B finishes."""
+    """Streams A and B run, one per replica; A's replica (the victim) is frozen, C (A's prefix) is routed
+    to it and waits; the victim is killed: A ends with an error event, C runs on the other, B finishes."""
     replicas = server.replicas
     assert [s.up for s in replicas.stats] == [True, True]
-    old_pid = replicas.stats[0].pid
     streams = {}
     for label, seed in (("A", 20), ("B", 21)):
         events, first = [], threading.Event()
@@ -182,14 +184,17 @@ def _survives_sigkill(server: _Server, restarted_by: str):
         assert first.wait(60), f"stream {label} produced nothing"
         streams[label] = (thread, events)
     assert [v.in_flight for v in replicas.router.replicas] == [1, 1]
+    a_keys = replicas.router.keys(_prompt(20, 32))
+    victim = next(i for i, view in enumerate(replicas.router.replicas) if view.matched(a_keys) == len(a_keys))
+    tag, old_pid = str(victim), replicas.stats[victim].pid
     os.kill(old_pid, signal.SIGSTOP)
     try:
         answer = {}
         c = threading.Thread(target=lambda: answer.update(r=server.complete(_prompt(20, 32) + [9, 9], 4)))
         c.start()
         deadline = time.monotonic() + 30
-        while replicas.router.replicas[0].in_flight < 2:  # C routed to replica 0, by A's prefix
-            assert time.monotonic() < deadline, "the shared prefix did not route C to replica 0"
+        while replicas.router.replicas[victim].in_flight < 2:  # C routed to A's replica, by A's prefix
+            assert time.monotonic() < deadline, "the shared prefix did not route C to A's replica"
             time.sleep(0.02)
     finally:
         os.kill(old_pid, signal.SIGKILL)
@@ -201,7 +206,7 @@ def _survives_sigkill(server: _Server, restarted_by: str):
             degraded.append(health)
         assert time.monotonic() < deadline, "health never showed the lost replica"
     assert degraded[0]["status"] == "ok" and "reduced" in degraded[0]["models"][NAME]["capacity"]
-    # while replica 0 is down, every new request is served by replica 1
+    # while the victim is down, every new request is served by the other replica
     assert all(server.complete(_prompt(30 + i), 4).status_code == 200 for i in range(3))
     c.join(60)
     assert answer["r"].status_code == 200, answer["r"].text
@@ -212,14 +217,14 @@ def _survives_sigkill(server: _Server, restarted_by: str):
     a_events, b_events = streams["A"][1], streams["B"][1]
     assert "error" in a_events[-2] and "lost" in a_events[-2]["error"]["message"]
     assert b_events[-2]["choices"][0]["finish_reason"] == "length"
-    assert server.metric("levante_replica_rerouted_total", replica="0") >= 1
-    assert server.metric("levante_replica_failed_total", replica="0") >= 1
+    assert server.metric("levante_replica_rerouted_total", replica=tag) >= 1
+    assert server.metric("levante_replica_failed_total", replica=tag) >= 1
     deadline = time.monotonic() + 120
     while httpx.get(f"{server.base}/health").json()["models"][NAME].get("replicas_up") != 2:
-        assert time.monotonic() < deadline, f"replica 0 was not restarted by {restarted_by}"
+        assert time.monotonic() < deadline, f"the victim was not restarted by {restarted_by}"
         time.sleep(0.2)
-    assert replicas.stats[0].pid != old_pid
-    assert server.metric("levante_replica_restarts_total", replica="0") == 1
+    assert replicas.stats[victim].pid != old_pid
+    assert server.metric("levante_replica_restarts_total", replica=tag) == 1
     assert all(server.complete(_prompt(40 + i), 4).status_code == 200 for i in range(4))
 
 

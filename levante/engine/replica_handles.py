@@ -166,14 +166,22 @@ def _cause(error: Exception) -> str:
     return text[-1] if text else type(error).__name__
 
 
+# A local cluster's node address is loopback: Ray turns `_node_ip_address="127.0.0.1"` (and `ray start
+# --node-ip-address 127.0.0.1`) into the host's routable address unless it is told the cluster is this
+# host alone (its switch for macOS and Windows, where that is the default), and its servers then listen there.
+LOCAL_ONLY = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def connect_ray(num_cpus: float | None = None) -> None:
-    """Join the Ray cluster RAY_ADDRESS names, or start a local one on loopback; usage statistics and
-    the dashboard stay off either way."""
+    """Join the Ray cluster RAY_ADDRESS names, or start a local one on loopback only; usage statistics
+    and the dashboard stay off either way."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        os.environ.update(LOCAL_ONLY)  # read when ray is imported: here, or by the processes it starts
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or None
     local = {} if address else {"_node_ip_address": "127.0.0.1", "num_cpus": num_cpus}
     ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False, **local)
