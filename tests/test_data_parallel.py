@@ -239,3 +239,71 @@ def test_ray_actors_serve_and_survive_sigkill(ray_cluster, tiny_model):
     with _Server(tiny_model("qwen2"), "ray") as server:
         assert server.complete(_prompt(1)).status_code == 200
         _survives_sigkill(server, "Ray")
+
+
+# -- Ray Serve and KubeRay ----------------------------------------------------------------------------
+
+def _serve_flags(config: dict) -> tuple[dict, list[str]]:
+    """The one application of a Serve config, and its `levante serve` flags."""
+    import shlex
+
+    (application,) = config["applications"]
+    return application, shlex.split(application["args"]["flags"])
+
+
+def test_serve_config_and_rayservice_are_valid():
+    """deploy/'s Serve config and KubeRay RayService: valid for Ray Serve's own schema, naming an importable
+    application builder, with flags `levante serve` accepts, Ray's version as pinned, usage statistics off."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    ray = pytest.importorskip("ray")
+    from ray.serve.schema import ServeDeploySchema
+
+    from levante.cli import build_parser
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    plain = yaml.safe_load((deploy / "serve_config.yaml").read_text())
+    service = yaml.safe_load((deploy / "rayservice.yaml").read_text())
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__
+    pods = [cluster["headGroupSpec"]["template"]] + [group["template"] for group in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            assert {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"} in container["env"]
+    for config in (plain, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        ServeDeploySchema.model_validate(config)
+        application, flags = _serve_flags(config)
+        module, _, attribute = application["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module), attribute)
+        assert callable(builder) and builder(application["args"]) is not None
+        args = build_parser().parse_args(["serve", *flags])
+        assert (args.data_parallel_size, args.distributed_executor_backend) == (2, "ray")
+        assert application["runtime_env"]["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+@pytest.mark.slow
+def test_ray_serve_app_serves_through_the_guards(ray_cluster, tiny_model):
+    """`build_app` on Ray Serve (proxy on a loopback port): the levante app answers, behind its site gate and key."""
+    from ray import serve
+
+    from levante.serve.ray_serve import build_app
+    from live_server import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        flags = f"-m {tiny_model('qwen2')} --dtype float32 --kv-cache-gb 0.02 --threads 1 --no-webui --api-key {KEY}"
+        serve.run(build_app({"flags": flags}), name="levante", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        answer = httpx.post(f"{base}/v1/completions", headers=AUTH, timeout=120,
+                            json={"prompt": _prompt(3), "max_tokens": 4, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 4
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "x"}).status_code == 401
+        assert httpx.get(f"{base}/health", headers={"Host": "evil.example"}).status_code == 421
+    finally:
+        serve.shutdown()
