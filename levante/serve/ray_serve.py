@@ -38,12 +38,12 @@ def _server(flags: list[str]):
 class LevanteServer:
     def __init__(self, flags: list[str]):
         try:
-            self.state, self.app = _server(flags)
+            self.state, self.levante_app = _server(flags)
         except LevanteError as e:  # one line in Serve's status, not a traceback
             raise RuntimeError(f"levante: {e}") from None
 
     def __serve_build_asgi_app__(self):
-        return self.app
+        return self.levante_app
 
     def check_health(self) -> None:
         status, body = self.state.health()
