@@ -53,16 +53,16 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _dp_server(folder, backend: str, routing: str = "prefix"):
-    args = EngineArgs(model=str(folder), **OPTIONS, data_parallel_size=2, distributed_executor_backend=backend,
-                      data_parallel_routing=routing)
+def _dp_server(folder, backend: str, routing: str = "prefix", **options):
+    args = EngineArgs(model=str(folder), **{**OPTIONS, **options}, data_parallel_size=2,
+                      distributed_executor_backend=backend, data_parallel_routing=routing)
     state = ServerState(router=ModelRouter([ModelSpec(NAME, args)]))
     return state
 
 
 class _Server:
-    def __init__(self, folder, backend: str, routing: str = "prefix"):
-        self.state = _dp_server(folder, backend, routing)
+    def __init__(self, folder, backend: str, routing: str = "prefix", **options):
+        self.state = _dp_server(folder, backend, routing, **options)
         self._cm = serving(self.state, api_key=KEY)
 
     def __enter__(self):
@@ -239,6 +239,22 @@ def test_ray_actors_serve_and_survive_sigkill(ray_cluster, tiny_model):
     with _Server(tiny_model("qwen2"), "ray") as server:
         assert server.complete(_prompt(1)).status_code == 200
         _survives_sigkill(server, "Ray")
+
+
+@pytest.mark.slow
+def test_ray_replicas_may_be_tensor_parallel(ray_cluster, tiny_model):
+    """Two Ray replicas of two tensor-parallel ranks each (a placement group of two bundles per replica)
+    answer as one single-rank engine does."""
+    folder = tiny_model("qwen2")
+    prompts = [_prompt(5), _prompt(6)]  # no shared prefix: one per replica
+    expected = [o.outputs[0].text for o in LLM(str(folder), **OPTIONS).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))]
+    with _Server(folder, "ray", tensor_parallel_size=2) as server:
+        for prompt, text in zip(prompts, expected):
+            answer = server.complete(prompt, 12, ignore_eos=True)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["text"] == text
+        assert all(server.metric("levante_replica_prompt_tokens_total", replica=r) > 0 for r in "01")
 
 
 # -- Ray Serve and KubeRay ----------------------------------------------------------------------------
