@@ -131,9 +131,14 @@ class _ReplicaMetrics:
                 "restarts": "Times the replica was restarted after its process died"}
         self.counters = {name: Counter(f"levante_replica_{name}", docs[name], labels, registry=registry)
                          for name in self.COUNTED}
-        self._seen: dict[tuple, float] = {}
+        self._seen: dict[str, tuple[weakref.ref, dict]] = {}  # model -> (its ReplicaSet, totals read)
 
     def render(self, model: str, replica_set: ReplicaSet) -> None:
+        """Counters move from 0 for a ReplicaSet made since the last render (the model unloaded and loaded again)."""
+        owner, seen = self._seen.get(model, (None, {}))
+        if owner is None or owner() is not replica_set:
+            seen = {}
+        self._seen[model] = (weakref.ref(replica_set), seen)
         for index, (stats, view) in enumerate(zip(replica_set.stats, replica_set.router.replicas)):
             replica = str(index)
             self.up.labels(model, replica).set(stats.up)
@@ -142,10 +147,11 @@ class _ReplicaMetrics:
             self.waiting.labels(model, replica).set(stats.waiting)
             self.kv_usage.labels(model, replica).set(view.kv_usage)
             for reason, count in list(stats.routed.items()):
-                self._move(self.routed.labels(model, replica, reason), (model, replica, reason), count)
+                _move(self.routed.labels(model, replica, reason), seen, (replica, reason), count)
             for name, counter in self.counters.items():
-                self._move(counter.labels(model, replica), (model, replica, name), getattr(stats, name))
+                _move(counter.labels(model, replica), seen, (replica, name), getattr(stats, name))
 
-    def _move(self, counter, key: tuple, total: float) -> None:
-        counter.inc(max(0, total - self._seen.get(key, 0)))
-        self._seen[key] = total
+
+def _move(counter, seen: dict, key: tuple, total: float) -> None:
+    counter.inc(total - seen.get(key, 0))
+    seen[key] = total
