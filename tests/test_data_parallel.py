@@ -228,6 +228,16 @@ def _survives_sigkill(server: _Server, restarted_by: str):
     assert all(server.complete(_prompt(40 + i), 4).status_code == 200 for i in range(4))
 
 
+def test_a_bad_replica_count_is_one_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "levante", "serve", "--data-parallel-size", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "levante: error: --data-parallel-size: must be 1 or more"
+
+
 def test_a_killed_process_replica_costs_capacity_only(mp_server):
     _survives_sigkill(mp_server, "the front")
 

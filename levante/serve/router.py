@@ -46,7 +46,7 @@ def load_llm(spec: ModelSpec):
     """How a model loads by default: `LLM.from_engine_args` (weights, KV cache, warm-up). The
     structured-output tokenizer is built by the first constrained request (serve/pipeline.py)."""
     args = spec.args  # replicas when asked for (a backend named: even one, e.g. to measure the overhead)
-    if (args.data_parallel_size > 1 or args.distributed_executor_backend) and not spec.embedding:
+    if (args.data_parallel_size != 1 or args.distributed_executor_backend) and not spec.embedding:
         from levante.engine.front import DataParallelLLM
 
         return DataParallelLLM(args)

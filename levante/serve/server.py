@@ -157,6 +157,8 @@ def site_policy(args) -> SitePolicy:
 def server_state(args, progress: bool = False) -> tuple[ServerState, list[ModelSpec], FetchPolicy, object]:
     """What `levante serve ARGS` serves, checked and not yet loaded: the state, the model specs, the fetch
     policy and the MCP manager (not started). A bad flag, config or model raises here."""
+    if getattr(args, "data_parallel_size", 1) < 1:
+        raise InvalidRequest("--data-parallel-size: must be 1 or more")
     engine_args = EngineArgs.from_cli_args(args, model=None, warmup=True, progress=progress)
     specs = specs_from_cli(args, engine_args)
     policy = fetch_policy(args)
