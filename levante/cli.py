@@ -280,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mcp-port", type=int, default=None,
                        help="also serve levante itself as an MCP server (streamable HTTP at /mcp, tool 'chat'; "
                             "it takes the same --api-key)")
+    serve.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                       help="serve N replicas of the model behind this one address, each request routed to the "
+                            "replica whose prefix cache holds most of its prompt, balanced against load")
+    serve.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
+                       help="where the replicas run: mp, local processes (default); ray, Ray actors on the cluster "
+                            "RAY_ADDRESS names (else a local one on loopback), restarted by Ray when they die")
+    serve.add_argument("--data-parallel-routing", default="prefix", choices=["prefix", "round-robin"],
+                       help="how requests are spread over the replicas (default: prefix, cache-aware)")
     serve.add_argument("--open-metrics", action="store_true",
                        help="let /metrics answer without the API key (/health always does)")
     serve.add_argument("--no-webui", action="store_true",

@@ -51,6 +51,9 @@ class LLM:
             args = EngineArgs(model=model, **options)
         except TypeError as e:
             raise TypeError(f"unknown LLM option: {e}") from None
+        if args.data_parallel_size != 1:
+            raise InvalidRequest("data_parallel_size: an LLM is one engine; `levante serve --data-parallel-size N` "
+                                 "serves N replicas")
         self.args = args
         self.model_name = args.model_name
         self.engine: Engine | None = None

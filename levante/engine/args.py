@@ -51,6 +51,11 @@ class EngineArgs:
     num_threads: int | None = None
     quantization: str = "auto"
     tensor_parallel_size: int = 1
+    # Data parallelism (`levante serve` only, engine/front.py): replicas of the model, on local
+    # processes ("mp") or Ray actors ("ray"), requests routed by "prefix" (cache-aware) or "round-robin".
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    data_parallel_routing: str = "prefix"
     device_map: str | None = None
     topology: str | None = None
     matformer_config: str | None = None  # Gemma 3n: the MatFormer slicing table (CSV)

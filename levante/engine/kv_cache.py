@@ -136,6 +136,16 @@ def root_key(seq: Sequence) -> bytes:
     return hashlib.sha256(b"lora adapter %d" % seq.lora_id).digest()
 
 
+def prompt_block_keys(token_ids: list[int], block_size: int, root: bytes | None = None) -> list[bytes]:
+    """The keys of a prompt's full blocks (no images), as the cache files them: what a data-parallel
+    front routes on (engine/prefix_router.py). `root`: the first block's parent (default: the base model's)."""
+    keys, parent = [], root or _ROOT
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = block_key(parent, token_ids[start:start + block_size])
+        keys.append(parent)
+    return keys
+
+
 def block_key(parent: bytes | None, tokens, images: tuple = ()) -> bytes:
     """SHA-256 over the parent's key, the block's token ids (8 bytes each) and the (key, offset)
     of each image placed in it, every part length-prefixed so no two contents encode alike."""

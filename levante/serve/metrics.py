@@ -20,6 +20,8 @@ def cpu_kernels() -> str:
         return "none"
 
 
+from levante.engine.data_parallel import ReplicaSet
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 MODEL = ["model_name"]
 _TOOL_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -70,6 +72,7 @@ class Metrics:
                               ("num_draft_tokens", "Proposed tokens checked by the target model"),
                               ("num_accepted_tokens", "Proposed tokens accepted"))}
         self._spec_seen: dict[str, tuple[weakref.ref, dict[str, int]]] = {}  # model -> (its speculator, counts read)
+        self.replicas = _ReplicaMetrics(registry)
 
     def model_changed(self, served, event: str) -> None:
         """The router's report: model `served` was loaded, failed to load, unloaded, put to sleep or woken."""
@@ -90,6 +93,15 @@ class Metrics:
             self.admitted.labels(name).set(served.in_flight)
             if served.spec.task != "generate":
                 continue
+            replica_set = served.loop if isinstance(served.loop, ReplicaSet) else None
+            if replica_set is not None:  # data parallel: per replica, and the sums
+                self.replicas.render(name, replica_set)
+                stats = replica_set.stats
+                self.running.labels(name).set(sum(s.running for s in stats))
+                self.waiting.labels(name).set(sum(s.waiting for s in stats))
+                views = [v for v in replica_set.router.replicas if v.up]
+                self.kv_usage.labels(name).set(sum(v.kv_usage for v in views) / max(1, len(views)))
+                continue
             scheduler = engine.scheduler if engine is not None else None
             self.running.labels(name).set(len(scheduler.running) if scheduler else 0)
             self.waiting.labels(name).set(len(scheduler.waiting) if scheduler else 0)
@@ -109,3 +121,57 @@ class Metrics:
             counter.labels(model).inc(total - seen.get(name, 0))
             seen[name] = total
         self._spec_seen[model] = (weakref.ref(speculator), seen)
+
+
+class _ReplicaMetrics:
+    """Data-parallel replicas (engine/data_parallel.py), each series labelled with its `replica`: state and
+    load read at each scrape, counters moved by what the ReplicaSet counted since the last one."""
+
+    COUNTED = ("prompt_tokens", "cached_tokens", "rerouted", "failed", "restarts")
+
+    def __init__(self, registry):
+        labels = MODEL + ["replica"]
+        self.up = Gauge("levante_replica_up", "1 while the data-parallel replica serves, else 0", labels,
+                        registry=registry)
+        self.in_flight = Gauge("levante_replica_requests_in_flight", "Requests routed to the replica and not "
+                               "yet done (its queue depth)", labels, registry=registry)
+        self.running = Gauge("levante_replica_num_requests_running", "Sequences the replica computes", labels,
+                             registry=registry)
+        self.waiting = Gauge("levante_replica_num_requests_waiting", "Sequences waiting on the replica", labels,
+                             registry=registry)
+        self.kv_usage = Gauge("levante_replica_kv_cache_usage_ratio", "Fraction of the replica's KV-cache blocks "
+                              "in use", labels, registry=registry)
+        self.routed = Counter("levante_replica_routed", "Requests routed to the replica, by reason (prefix: the "
+                              "longest cached prefix; load: the least loaded; round-robin)", labels + ["reason"],
+                              registry=registry)
+        docs = {"prompt_tokens": "Prompt tokens the replica was given",
+                "cached_tokens": "Prompt tokens the replica's prefix cache held (prefix-cache hits)",
+                "rerouted": "Requests the replica lost before they produced output, run on another",
+                "failed": "Requests the replica lost mid-output (ended with an error)",
+                "restarts": "Times the replica was restarted after its process died"}
+        self.counters = {name: Counter(f"levante_replica_{name}", docs[name], labels, registry=registry)
+                         for name in self.COUNTED}
+        self._seen: dict[str, tuple[weakref.ref, dict]] = {}  # model -> (its ReplicaSet, totals read)
+
+    def render(self, model: str, replica_set: ReplicaSet) -> None:
+        """Counters move from 0 for a ReplicaSet made since the last render (the model unloaded and loaded again)."""
+        owner, seen = self._seen.get(model, (None, {}))
+        if owner is None or owner() is not replica_set:
+            seen = {}
+        self._seen[model] = (weakref.ref(replica_set), seen)
+        for index, (stats, view) in enumerate(zip(replica_set.stats, replica_set.router.replicas)):
+            replica = str(index)
+            self.up.labels(model, replica).set(stats.up)
+            self.in_flight.labels(model, replica).set(max(0, view.in_flight) if stats.up else 0)
+            self.running.labels(model, replica).set(stats.running)
+            self.waiting.labels(model, replica).set(stats.waiting)
+            self.kv_usage.labels(model, replica).set(view.kv_usage)
+            for reason, count in list(stats.routed.items()):
+                _move(self.routed.labels(model, replica, reason), seen, (replica, reason), count)
+            for name, counter in self.counters.items():
+                _move(counter.labels(model, replica), seen, (replica, name), getattr(stats, name))
+
+
+def _move(counter, seen: dict, key: tuple, total: float) -> None:
+    counter.inc(total - seen.get(key, 0))
+    seen[key] = total

@@ -23,6 +23,7 @@ unloading themselves run outside it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -47,9 +48,14 @@ GIB = 1 << 30
 def load_llm(spec: ModelSpec):
     """How a model loads by default: `LLM.from_engine_args` (weights, KV cache, warm-up). The
     structured-output tokenizer is built by the first constrained request (serve/pipeline.py)."""
+    args = spec.args  # replicas when asked for (a backend named: even one, e.g. to measure the overhead)
+    if (args.data_parallel_size != 1 or args.distributed_executor_backend) and spec.task == "generate":
+        from levante.engine.front import DataParallelLLM
+
+        return DataParallelLLM(args)
     from levante import LLM
 
-    return LLM.from_engine_args(spec.args)
+    return LLM.from_engine_args(dataclasses.replace(args, data_parallel_size=1, distributed_executor_backend=None))
 
 
 class ModelRouter:
@@ -248,7 +254,8 @@ class ModelRouter:
                 served.last_used = time.monotonic()
                 self._lock.notify_all()
             return
-        loop = EngineLoop(llm.engine) if llm.engine is not None else None
+        # A data-parallel model brings its own loop (engine/data_parallel.py's ReplicaSet).
+        loop = getattr(llm, "loop", None) or (EngineLoop(llm.engine) if llm.engine is not None else None)
         if loop is not None:
             # what the engine holds (a model handed over loaded may bring adapters of its own)
             served.spec.args.lora = {name: str(a.path) for name, a in llm.engine.lora.loaded.items()}

@@ -61,9 +61,10 @@ class ServedModel:
 
     def health(self) -> dict:
         problem = self.loop.problem if self.loop is not None else None
+        replicas = self.loop.health() if hasattr(self.loop, "health") else {}  # data parallel: replicas up
         if problem:
-            return {"status": "unhealthy", "reason": problem}
-        return {"status": self.status, **({"reason": self.failure} if self.status == "failed" else {})}
+            return {"status": "unhealthy", "reason": problem, **replicas}
+        return {"status": self.status, **({"reason": self.failure} if self.status == "failed" else {}), **replicas}
 
     def cards(self) -> list[dict]:
         """Its /v1/models entries: the model (with `status`), then its LoRA adapters."""

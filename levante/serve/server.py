@@ -41,9 +41,15 @@ def build_server(state: ServerState, host: str, port: int, api_key: str | None =
                  log_level: str = "info", open_metrics: bool = False, sites: SitePolicy | None = None) -> uvicorn.Server:
     """The OpenAI API for `state` on host:port (and the web chat, with `state.webui`), behind the site,
     key, body and connection guards (serve/http.py); `sites` default: the names of `host` only."""
+    return uvicorn_server(guarded_app(state, host, api_key, open_metrics, sites), host, port, state.limits, log_level)
+
+
+def guarded_app(state: ServerState, host: str, api_key: str | None = None, open_metrics: bool = False,
+                sites: SitePolicy | None = None):
+    """The ASGI app of `state` behind the site, key and body guards: what uvicorn serves here, and
+    what a Ray Serve replica serves (serve/ray_serve.py)."""
     open_pages = OPEN_PAGES if state.webui is not None else DOCS_PAGES
-    app = guard(create_app(state), state.limits, api_key, sites or SitePolicy(host), open_metrics, open_pages)
-    return uvicorn_server(app, host, port, state.limits, log_level)
+    return guard(create_app(state), state.limits, api_key, sites or SitePolicy(host), open_metrics, open_pages)
 
 
 def addresses(host: str, port: int, webui: bool) -> str:
@@ -153,9 +159,12 @@ def site_policy(args) -> SitePolicy:
         raise InvalidRequest(str(e)) from None
 
 
-def serve(args) -> int:
-    sites = site_policy(args)
-    engine_args = EngineArgs.from_cli_args(args, model=None, warmup=True, progress=sys.stderr.isatty())
+def server_state(args, progress: bool = False) -> tuple[ServerState, list[ModelSpec], FetchPolicy, object]:
+    """What `levante serve ARGS` serves, checked and not yet loaded: the state, the model specs, the fetch
+    policy and the MCP manager (not started). A bad flag, config or model raises here."""
+    if getattr(args, "data_parallel_size", 1) < 1:
+        raise InvalidRequest("--data-parallel-size: must be 1 or more")
+    engine_args = EngineArgs.from_cli_args(args, model=None, warmup=True, progress=progress)
     specs = specs_from_cli(args, engine_args)
     policy = fetch_policy(args)
     manager = _mcp_manager(args, policy)  # a bad config stops here, before anything starts
@@ -169,6 +178,21 @@ def serve(args) -> int:
     state.mcp_offer_all = getattr(args, "mcp_offer_all", state.mcp_offer_all)
     if not getattr(args, "no_webui", False):
         state.webui = WebUI()
+    return state, specs, policy, manager
+
+
+def load_models(state: ServerState, specs: list[ModelSpec], args, policy: FetchPolicy) -> None:
+    """Load the default model and the pinned ones (the others load on first use), and what ranks with them."""
+    for spec in specs:
+        if spec is specs[0] or spec.pinned:
+            state.router.start_loading(spec.name).result()
+    state.ranker = Ranker(ranking_model(state.router))
+    configure_web_search(state, args.search_url, policy)
+
+
+def serve(args) -> int:
+    sites = site_policy(args)
+    state, specs, policy, manager = server_state(args, progress=sys.stderr.isatty())
     server = build_server(state, args.host, args.port, args.api_key, open_metrics=getattr(args, "open_metrics", False),
                           sites=sites)
     mcp_start = threading.Thread(target=_start_mcp, args=(state, manager), name="levante-mcp-start", daemon=True)
@@ -178,11 +202,7 @@ def serve(args) -> int:
     def load():
         """The default model and the pinned ones load now (the others on first use); /health is 503 until then."""
         try:
-            for spec in specs:
-                if spec is specs[0] or spec.pinned:
-                    state.router.start_loading(spec.name).result()
-            state.ranker = Ranker(ranking_model(state.router))
-            configure_web_search(state, args.search_url, policy)
+            load_models(state, specs, args, policy)
         except Exception as e:  # noqa: BLE001 - any failure stops the server with one line
             state.load_failure = str(e) if isinstance(e, LevanteError) else f"internal error: {type(e).__name__}: {e}"
             server.should_exit = True
