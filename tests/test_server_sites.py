@@ -79,9 +79,17 @@ def send(base: str, method: str, path: str, headers: dict) -> httpx.Response:
     return httpx.request(method, f"{base}{path}", json=body if method != "GET" else None, headers=headers, timeout=30)
 
 
+ANTHROPIC_TYPES = {421: "invalid_request_error", 403: "permission_error"}
+
+
 def refused(response: httpx.Response, status: int, code: str) -> bool:
-    error = response.json()["error"]
-    return response.status_code == status and error["code"] == code and error["message"]
+    """Refused with `status`: in OpenAI's error JSON with `code`, or under /v1/messages in Anthropic's
+    (which has no code: its error type says it)."""
+    body = response.json()
+    if body.get("type") == "error":
+        return (response.status_code == status and body["error"]["type"] == ANTHROPIC_TYPES[status]
+                and body["error"]["message"])
+    return response.status_code == status and body["error"]["code"] == code and body["error"]["message"]
 
 
 @pytest.mark.parametrize("key", [None, KEY])

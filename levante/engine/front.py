@@ -61,7 +61,7 @@ class DataParallelLLM:
     """`args.data_parallel_size` replicas of `args.model` on `args.distributed_executor_backend`."""
 
     is_embedding_model = False
-    embedder = None
+    embedder = scorer = transcriber = None  # a chat model: no other task's runner
 
     def __init__(self, args: EngineArgs):
         size, backend = args.data_parallel_size, args.distributed_executor_backend or "mp"
@@ -93,6 +93,11 @@ class DataParallelLLM:
     @property
     def chat_template(self):
         return self.chat_renderer.template
+
+    @property
+    def max_batch_size(self) -> int:
+        """Sequences the replicas run at once, all together (admission's running slots)."""
+        return self.engine.config.max_num_seqs
 
     def memory_bytes(self) -> int:
         return sum(info.get("memory_bytes", 0) for info in self.loop.infos)

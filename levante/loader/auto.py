@@ -136,9 +136,12 @@ def open_model(model: str | os.PathLike, progress: bool = False) -> ModelSource:
     elif task != "generate":  # a cross-encoder or a speech model: checked by what runs it
         return ModelSource(name, path, "hf", ModelConfig.from_hf_dict(family_config(hf.read_config(path))), task=task)
     else:
-        raw = hf.checked_config(path)
+        raw = hf.read_config(path)
         if not raw.get("architectures"):
             raise ModelLoadError(f"{path / 'config.json'} names no architectures")
+        if isinstance(raw["architectures"], list) and isinstance(raw["architectures"][0], str):
+            model_class(raw["architectures"][0])  # an architecture levante lacks is named before anything else
+        hf.checked_config(path)  # sizes bounded before anything is built from them
         source = ModelSource(name, path, "hf", ModelConfig.from_hf_dict(raw))
     model_class(source.config.architecture)  # fail before reading weights or tokenizer
     return source

@@ -299,9 +299,19 @@ def mcp_blocks(call: dict) -> list[dict]:
              "content": [{"type": "text", "text": call["content"]}]}]
 
 
-def to_message(collector: fmt.ChatCompletion, rid: str, shows_thinking: bool) -> dict:
-    """The chat events read by `collector`, as Anthropic's message."""
-    completion = collector.response()
+class MessageCollector(fmt.ChatCompletion):
+    """Chat events -> one Anthropic message (the chat.completion, rewritten by `to_message`)."""
+
+    def __init__(self, rid: str, shows_thinking: bool):
+        super().__init__(rid, int(time.time()))
+        self.shows_thinking = shows_thinking
+
+    def response(self) -> dict:
+        return to_message(super().response(), self.rounds, self.rid, self.shows_thinking)
+
+
+def to_message(completion: dict, rounds: fmt.Rounds, rid: str, shows_thinking: bool) -> dict:
+    """A chat.completion (serve/openai_format.py's `ChatCompletion`) as Anthropic's message."""
     choice = completion["choices"][0]
     message = choice["message"]
     content = [block for call in message.get("mcp_calls") or [] for block in mcp_blocks(call)]
@@ -310,7 +320,7 @@ def to_message(collector: fmt.ChatCompletion, rid: str, shows_thinking: bool) ->
     if message.get("content"):
         content.append({"type": "text", "text": message["content"]})
     content += [tool_use_block(call) for call in message.get("tool_calls") or []]
-    reason, sequence = stop_reason(choice["finish_reason"], collector.rounds)
+    reason, sequence = stop_reason(choice["finish_reason"], rounds)
     return {"id": rid, "type": "message", "role": "assistant", "model": completion["model"], "content": content,
             "stop_reason": reason, "stop_sequence": sequence, "usage": usage(completion["usage"])}
 
@@ -451,8 +461,7 @@ def register_anthropic(app: FastAPI, state) -> None:
         if body.stream:
             stream = MessageEvents(rid, body.shows_thinking)
             return await sse_response(formatted(events, stream), stream.error, done=False)
-        collector = await collected(request, events, fmt.ChatCompletion(rid, int(time.time())))
-        return to_message(collector, rid, body.shows_thinking)
+        return await collected(request, events, MessageCollector(rid, body.shows_thinking))
 
     @app.post("/v1/messages/count_tokens", description=COUNT_TOKENS_DOC)
     async def count_tokens(body: CountTokensRequest):

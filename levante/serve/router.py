@@ -387,6 +387,8 @@ class ModelRouter:
             for served in targets:
                 if served.status != "loaded":
                     raise InvalidRequest(f"model '{served.name}' is {served.status}: only a loaded model sleeps")
+                if level == 1 and not hasattr(served.llm, "sleep"):  # data-parallel replicas: only unloading
+                    raise InvalidRequest(f"model '{served.name}' runs as replicas: it sleeps at level 2 only")
                 if served.users or served.waiting:
                     raise ModelBusy(f"model '{served.name}' is in use ({served.users} requests hold it, "
                                     f"{served.waiting} wait for it); retry later")

@@ -92,8 +92,8 @@ async def _chat_window(state, model: str, samples: np.ndarray, rate: int, option
                                                      "format": "wav"}}
     body = ChatCompletionRequest(model=model, temperature=options["temperature"], max_tokens=options["max_tokens"],
                                  messages=[{"role": "user", "content": [audio, {"type": "text", "text": instruction}]}])
-    collector = await collected(None, state.pipeline.chat_events(body), fmt.ChatCompletion("transcription", 0))
-    return collector.response()["choices"][0]["message"]["content"] or ""
+    completion = await collected(None, state.pipeline.chat_events(body), fmt.ChatCompletion("transcription", 0))
+    return completion["choices"][0]["message"]["content"] or ""
 
 
 # -- response formats --------------------------------------------------------------------------------
