@@ -71,9 +71,10 @@ def test_changed_checkpoint_gets_a_new_entry_that_replaces_the_old(gguf_path, tm
 
 @pytest.mark.slow
 def test_entry_written_with_native_kernels_loads_without_them(gguf_path, tmp_path):
-    """Packed in the native kernels' layouts, the entry still serves a process where they are
-    off (LEVANTE_NATIVE_KERNELS=0): converted back to PyTorch's layouts on load, same greedy
-    tokens as that process packing the GGUF itself."""
+    """The native kernels' layouts and PyTorch's differ (and PyTorch's int4 packing exists on some CPUs
+    only): a process where the kernels are off (LEVANTE_NATIVE_KERNELS=0) never reads the native entry
+    in a layout it cannot run; it writes and maps an entry of its own, beside the native one, with the
+    same greedy tokens as packing the GGUF itself."""
     import subprocess
     import sys
 
@@ -89,8 +90,10 @@ def test_entry_written_with_native_kernels_loads_without_them(gguf_path, tmp_pat
         "from levante.kernels import native\n"
         "assert native.library() is None\n"
         f"params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)\n"
+        f"written = LLM({str(gguf_path)!r}, warmup=False)\n"
+        f"assert written.engine.loaded_from is None or str(written.engine.loaded_from) != {str(prepared)!r}\n"
         f"mapped = LLM({str(gguf_path)!r}, warmup=False)\n"
-        f"assert str(mapped.engine.loaded_from) == {str(prepared)!r}, mapped.engine.loaded_from\n"
+        f"assert mapped.engine.loaded_from is not None and str(mapped.engine.loaded_from) != {str(prepared)!r}\n"
         f"fresh = LLM({str(gguf_path)!r}, warmup=False, prepared_cache=False)\n"
         f"a = mapped.generate([{PROMPT}], params)[0].outputs[0].token_ids\n"
         f"b = fresh.generate([{PROMPT}], params)[0].outputs[0].token_ids\n"
@@ -100,6 +103,7 @@ def test_entry_written_with_native_kernels_loads_without_them(gguf_path, tmp_pat
     env = {**os.environ, "LEVANTE_NATIVE_KERNELS": "0"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert prepared.is_file() and len(list((tmp_path / "cache" / "prepared").glob("*.safetensors"))) == 2
 
 
 def _entry(tmp_path):

@@ -39,7 +39,7 @@ from levante.loader.safetensors_header import map_safetensors
 from levante.loader.sources import derived_key, remove_superseded
 from levante.kernels import native
 from levante.quant.gguf_blocks import GGUFTensor
-from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight, Q5Weight, int4_layout
+from levante.quant.packed import GGUFRows, Int4Weight, Int8Weight, Q5Weight, int4_layout, int4_supported
 
 logger = logging.getLogger("levante")
 
@@ -55,7 +55,9 @@ def prepared_path(folder: Path, checkpoint: Path, quantization: str | None, dtyp
     if quantization is None or not checkpoint.is_file():
         return None
     key = derived_key(checkpoint, quantization, dtype, FORMAT_VERSION, sources=_PACKING_SOURCES)
-    kind = f"{checkpoint.stem}-{quantization}-{str(dtype).removeprefix('torch.')}"
+    # The layouts differ with the kernels that run (native or PyTorch's, with or without int4): one file each.
+    packs = "native" if native.available() else ("aten4" if int4_supported() else "int8")
+    kind = f"{checkpoint.stem}-{quantization}-{str(dtype).removeprefix('torch.')}-{packs}"
     return folder / f"{kind}-{key}.safetensors"
 
 
@@ -153,7 +155,10 @@ def _packed_weight(name: str, entry: dict, tensors: dict, built: dict, expected_
     if isinstance(saved, Int8Weight):  # in the layout this process runs (the native kernels may be off now)
         return saved.in_layout("t16" if native.available() else "rows")
     if isinstance(saved, Int4Weight):
-        return saved.in_layout(int4_layout(saved.group_size, saved.shape[1]))
+        layout = int4_layout(saved.group_size, saved.shape[1])
+        if layout == "aten" and not int4_supported():  # packed for kernels that do not run now: pack afresh
+            raise ValueError(f"{name}: 4-bit weights in a layout no kernel here reads")
+        return saved.in_layout(layout)
     if isinstance(saved, Q5Weight):  # without the native kernels now: requantised to int8, as pack() would
         return saved if native.available() else saved.to_int8(getattr(torch, entry["dtype"]))
     return saved
