@@ -131,6 +131,11 @@ def test_sampling_output_config_and_cache_control(client):
     assert (chat.temperature, chat.top_k, chat.reasoning_effort, chat.chat_template_kwargs) == (0.5, 5, "low", None)
 
 
+def _runs(kinds: list[str]) -> list[str]:
+    """`kinds` with each run of one kind written once."""
+    return [kind for i, kind in enumerate(kinds) if i == 0 or kinds[i - 1] != kind]
+
+
 def test_the_event_stream(served, client):
     base, _ = served
     scripted = client(THINK)
@@ -141,7 +146,9 @@ def test_the_event_stream(served, client):
     with scripted.messages.create(model="tiny", max_tokens=64, messages=HI, stream=True) as stream:
         events = list(stream)  # the SDK passes over pings
     kinds = [event.type for event in events]
-    assert kinds == [name for name in names if name != "ping"]
+    # two runs: the same events, though text may arrive in more or fewer deltas (how the engine's
+    # steps meet the stream's reads)
+    assert _runs(kinds) == _runs([name for name in names if name != "ping"])
     starts = [event.content_block.type for event in events if event.type == "content_block_start"]
     assert starts == ["thinking", "text"] and kinds.count("content_block_stop") == 2
     thought = "".join(e.delta.thinking for e in events if e.type == "content_block_delta" and e.delta.type == "thinking_delta")

@@ -128,7 +128,10 @@ def open_model(model: str | os.PathLike, progress: bool = False) -> ModelSource:
         gguf_file = GGUFFile(path)
         source = ModelSource(name, path, "gguf", ModelConfig.from_hf_dict(gguf_file.hf_config()), gguf_file)
     elif (task := folder_task(path)) == "embed":
-        raw = hf.checked_config(path)
+        raw = hf.read_config(path)
+        if isinstance(raw.get("model_type"), str):
+            embedding_encoder_class(raw["model_type"])  # a type levante lacks is named before anything else
+        hf.checked_config(path)  # sizes bounded before anything is built from them
         source = ModelSource(name, path, "hf", ModelConfig.from_hf_dict(raw), pipeline=read_pipeline(path, raw),
                              task="embed")
         embedding_encoder_class(source.config.model_type)  # fail before reading weights or tokenizer
