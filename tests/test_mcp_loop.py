@@ -12,7 +12,7 @@ import pytest
 from levante import LLM
 from levante.engine.outputs import CompletionOutput, RequestOutput
 from levante.mcp import McpConfig, McpToolManager
-from levante.serve.mcp_loop import McpChat
+from levante.serve.mcp_loop import ANSWER_NUDGE, McpChat
 from levante.serve.openai_format import ChatChunks, ChatCompletion
 from levante.serve.model_specs import ModelSpec
 from levante.serve.pipeline import Output, Pipeline, Routed
@@ -20,7 +20,6 @@ from levante.serve.router import Route, ServedModel
 from levante.serve.protocol import ChatCompletionRequest
 from levante.serve.sse import formatted
 from levante.serve.state import ServerState
-from levante.serve.tool_prompt import ANSWER_NUDGE
 from levante.serve.tool_selection import ToolSelector
 from mcp_servers import time_server
 from tiny_models import build

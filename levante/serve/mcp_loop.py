@@ -19,10 +19,9 @@ It is made to answer in an "answer round" when it has had `max_rounds` rounds of
 round repeats a call it already made, when, after calls ran, it writes what looks like a call the
 parser cannot take, or when its reply is empty or only repeats a tool's error or the loop's own
 words (small models do all of these, and would otherwise loop, answer JSON, answer nothing or hand
-the user an error message). An answer round offers no tools, adds one user turn when calls ran
-(the request restated: serve/tool_prompt.py, which writes all the loop puts before the model), and
-makes the reply open with a letter or digit (after its thinking, for a model that thinks), so it is
-neither a call nor a bare JSON object nor empty.
+the user an error message). An answer round offers no tools, adds one user turn (ANSWER_NUDGE, not
+part of any reply) when calls ran, and makes the reply open with a letter or digit (after its
+thinking, for a model that thinks), so it is neither a call nor a bare JSON object nor empty.
 Should it still give no answer of its own, the reply says plainly that the tools did not give an
 answer, and what they returned, with the finish reason "tool_loop" (the model kept calling tools) or
 "no_answer" (it gave no answer after the results): the loop's own notes and a tool's raw error are
@@ -57,14 +56,13 @@ from levante.errors import InvalidRequest
 from levante.serve.chat import ChatPlan
 from levante.serve.pipeline import Event, Finish, McpCalls, Output, Round, ToolsOffered
 from levante.serve.protocol import ChatCompletionRequest
-from levante.serve.tool_prompt import (ANSWER_NUDGE, GUIDANCE, answer_request, result_text, tool_definition,
-                                       with_guidance)
 from levante.serve.tool_selection import selector_for
 
 DEFAULT_MAX_ROUNDS = 5
 ANSWER_PATTERN = r"[\p{L}\p{N}][\s\S]*"  # an answer round's reply: text, not a call, a JSON object or nothing
 CALL_OPENERS = ("{", "[", "<", "`")  # how a call the parser missed begins
-QUOTED_CHARS = 500  # of each tool result quoted in a reply that has no answer
+ANSWER_NUDGE = "Answer my question above in plain text, using the tool results."  # the answer round's last turn
+RESULT_CHARS = 500  # of each tool result quoted in a reply that has no answer
 ECHO_CHARS, ECHO_SHARE = 24, 0.8  # a reply that is a piece of a note this long, or mostly one, only repeats it
 
 
@@ -100,14 +98,17 @@ class McpChat:
         data = self.body.model_dump(exclude_none=True, by_alias=True)
         for key in ("tools", "tool_choice", "stream", "stream_options"):
             data.pop(key, None)
-        data["messages"] = with_guidance(self.messages)
+        data["messages"] = self.messages
         if not answer_round:
             data["tools"] = self.tools
         elif self.calls:
-            data["messages"].append({"role": "user", "content": answer_request(self.messages)})
+            data["messages"] = self.messages + [{"role": "user", "content": self._answer_nudge()}]
         forced = answer_round and (self.calls or self.answering)
         structured = StructuredOutput("regex", self.answer_pattern()) if forced else None
         return await self.pipeline.plan_chat(self.route, ChatCompletionRequest.model_validate(data), structured)
+
+    def _answer_nudge(self) -> str:
+        return ANSWER_NUDGE
 
     def answer_pattern(self) -> str:
         """ANSWER_PATTERN, after the thinking of a model that thinks (`<think>...</think>`)."""
@@ -147,7 +148,7 @@ class McpChat:
 
     async def _offer_tools(self) -> ToolsOffered:
         chosen = await asyncio.to_thread(lambda: selector_for(self.state, self.route).select(self.messages))
-        self.tools = [tool_definition(tool) for tool in chosen]
+        self.tools = [tool.to_openai() for tool in chosen]
         self.state.metrics.mcp_tools_offered.observe(len(chosen))
         return ToolsOffered([tool.name for tool in chosen])
 
@@ -178,8 +179,7 @@ class McpChat:
     def _echoes(self, reply: str) -> bool:
         """Whether a reply only repeats what the loop itself wrote into the conversation, or a tool's error:
         no answer of the model's own."""
-        said = [GUIDANCE, ANSWER_NUDGE, answer_request(self.messages)] + [c["content"] for c in self.calls
-                                                                           if c["is_error"]]
+        said = [ANSWER_NUDGE, self._answer_nudge()] + [c["content"] for c in self.calls if c["is_error"]]
         return any(_repeats(reply, text) for text in said)
 
     async def _execute(self, calls) -> list[dict]:
@@ -201,7 +201,7 @@ class McpChat:
         for call in calls:
             record = self._record(call, fresh, results)
             if fresh.get(_key(call)) is call:
-                self.messages.append({"role": "tool", "tool_call_id": call.id, "content": result_text(record["content"])})
+                self.messages.append({"role": "tool", "tool_call_id": call.id, "content": record["content"]})
             self.calls.append(record)
             done.append(record)
         return done
@@ -268,4 +268,4 @@ def _repeats(reply: str, said: str) -> bool:
 
 def _clip(text: str) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "..."
+    return text if len(text) <= RESULT_CHARS else text[:RESULT_CHARS] + "..."
