@@ -62,25 +62,3 @@ def test_always_offered_servers():
     selector = ToolSelector(TOOLS, max_tools=3, max_tool_tokens=1 << 30, count_tokens=len,
                             always_offer=frozenset({"sqlite"}))
     assert names(selector) == ["time_get_current_time", "sqlite_read_query", "sqlite_list_tables"]  # as registered
-
-
-def test_the_order_is_by_relevance_within_the_limit_and_name_words_count():
-    """Issue 28: ranked whether or not the tools exceed the limit; a request that says "memory" or "tables"
-    lifts the tools whose names say so (here every embedding is alike, so the names decide)."""
-    import torch
-
-    def embed(texts, kind):
-        return torch.ones(len(texts), 4)
-
-    selector = ToolSelector(TOOLS, max_tools=16, max_tool_tokens=1 << 30, count_tokens=len, embedder=lambda: embed)
-    assert not selector.selects
-    assert names(selector, "Look it up in your memory")[0] == "memory_search_nodes"
-    assert names(selector, "Which tables are in the sqlite database?")[:2] == ["sqlite_list_tables", "sqlite_read_query"]
-    assert names(selector, "hello") == [t.name for t in TOOLS]  # nothing to tell them apart: as registered
-
-
-def test_paths_and_urls_are_ranked_by_their_last_part():
-    from levante.serve.tool_selection import _recent_text
-
-    text = _recent_text([{"role": "user", "content": "Read /tmp/work-3f9/files/secret.txt and https://x.org/a/b/"}])
-    assert text == "Read secret.txt and b"

@@ -3,10 +3,8 @@
 mistral.rs, llama.cpp and Ollama put every registered tool into every prompt, in the order the servers
 list them. With a real setup (nine servers, sixty tools: some 9,000 prompt tokens of JSON schemas) that
 costs prompt time and loses a small model among tools it does not need; and a small model tends to call
-the first tool it sees. So the tools are ranked: by the cosine similarity of "server tool: what it does"
-(the description's first sentence) to the recent messages (with serve/ranking.py's embedding model;
-paths and URLs cut to their last part), plus NAME_WEIGHT times the share of the tool's name words the
-messages use (a dense score alone misses "memory" in "look it up in your memory"). While they fit the budget (at most
+the first tool it sees. So the tools are ranked: by cosine similarity of "server tool: description" to
+the recent messages (with serve/ranking.py's embedding model). While they fit the budget (at most
 `max_tools`, their definitions within TOOL_CONTEXT_SHARE of the context window) all are offered;
 beyond it a request is offered:
   1. the tools of servers marked `always_offer` in the MCP config;
@@ -30,7 +28,6 @@ import torch
 
 from levante.multimodal.messages import text_of
 from levante.search.retrieval import Embed, unit_vectors
-from levante.serve.tool_prompt import first_sentence
 
 if TYPE_CHECKING:  # the MCP client is imported only by a server that has MCP servers
     from levante.mcp import McpTool
@@ -40,8 +37,7 @@ TOOL_CONTEXT_SHARE = 0.25  # of the context window, at most, for the tool defini
 RELEVANCE_FLOOR = 0.5  # a ranked tool scoring below this share of the best score is left out
 RECENT_MESSAGES = 4  # the messages the tools are ranked against, newest first
 UNLIMITED = 1 << 62  # a token budget that holds every tool (--mcp-offer-all)
-NAME_WEIGHT = 0.1  # added to a tool's similarity for the share of its name's words the request uses
-_PATH = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?\S*/([^\s/]+)/?")  # a path or URL: its last part, captured
+DOCUMENT_CHARS = 512  # of a tool's "server tool: description" embedded (its first sentences say what it does)
 
 
 class ToolSelector:
@@ -95,8 +91,6 @@ class ToolSelector:
         if vectors is None:
             return [(tool, 0.0) for tool in self.tools]
         scores = (vectors @ unit_vectors(self._embed, [query], "query")[0]).tolist()
-        words = _words(query)
-        scores = [score + NAME_WEIGHT * _name_overlap(tool, words) for tool, score in zip(self.tools, scores)]
         return sorted(zip(self.tools, scores), key=lambda pair: -pair[1])
 
     def named(self, messages: list[dict]) -> set[str]:
@@ -122,29 +116,9 @@ def _relevance_order(ranked: list[tuple[McpTool, float]], named: set[str]) -> li
 
 
 def _document(tool: McpTool) -> str:
-    """What a tool is ranked by: its name's words and what it does, "filesystem read text file: Read the complete
-    contents of a file from the file system as text." (the rest of a description is how, which blurs the what)."""
-    return f"{' '.join(_name_words(tool))}: {first_sentence(tool.description)}"
-
-
-def _name_words(tool: McpTool) -> list[str]:
-    return re.sub(r"[_-]+", " ", f"{tool.server_id} {tool.tool_name}").split()
-
-
-def _words(text: str) -> set[str]:
-    return {_stem(word) for word in re.findall(r"[A-Za-z]+", text)}
-
-
-def _stem(word: str) -> str:
-    """Lower case, a plural's `s` off ("tables" -> "table")."""
-    word = word.lower()
-    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
-
-
-def _name_overlap(tool: McpTool, words: set[str]) -> float:
-    """The share of the tool's name words (server and tool) that the request uses."""
-    names = [_stem(word) for word in _name_words(tool)]
-    return sum(name in words for name in names) / len(names)
+    """What a tool is ranked by: "filesystem read text file: Read the complete contents of a file...". """
+    words = re.sub(r"[_-]+", " ", f"{tool.server_id} {tool.tool_name}")
+    return f"{words}: {tool.description}"[:DOCUMENT_CHARS]
 
 
 def _mention_pattern(tool: McpTool) -> re.Pattern:
@@ -154,11 +128,8 @@ def _mention_pattern(tool: McpTool) -> re.Pattern:
 
 
 def _recent_text(messages: list[dict]) -> str:
-    """The last few user and assistant texts, newest first (an embedding model truncates the oldest), each
-    path or URL cut to its last part: `/home/me/notes/todo.txt` says `todo.txt` to a ranking model, and
-    its folders only blur the request."""
-    texts = [_PATH.sub(r"\1", text_of(m.get("content"))).strip() for m in messages
-             if m.get("role") in ("user", "assistant")]
+    """The last few user and assistant texts, newest first (an embedding model truncates the oldest)."""
+    texts = [text_of(m.get("content")).strip() for m in messages if m.get("role") in ("user", "assistant")]
     return "\n".join(reversed([text for text in texts if text][-RECENT_MESSAGES:]))
 
 
