@@ -216,9 +216,11 @@ def test_gguf_file_matches_transformers(folder, reference, tmp_path, qtype):
     dense = LLM(str(path), dtype="float32", block_size=4, num_kv_blocks=64, quantization="none")
     got = torch.cat([o.metrics["prompt_logits"] for o in outputs])
     want = torch.cat([o.metrics["prompt_logits"] for o in dense.generate(PROMPTS, params)])
-    # int8 activations against float ones (as tests/test_quant.py measures ISQ int8): relative RMS < 5%
-    assert ((got - want).norm() / want.norm()).item() < 0.05
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
+    # int8 weights against float ones (as tests/test_quant.py measures ISQ int8): relative RMS < 5% where the
+    # prompt's rows take a dense matmul (AVX-512 from 12 rows on); < 8% where every row count takes the W8A8
+    # kernel, activations rounded to 8 bits in blocks of 32 as llama.cpp's (AVX2, NEON; observed 6.2%)
+    assert ((got - want).norm() / want.norm()).item() < 0.08
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.8  # 0.88 observed with 8-bit activations
 
 
 # -- MatFormer: a smaller model cut out of the checkpoint ---------------------------------------------------
