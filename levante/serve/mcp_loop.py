@@ -8,24 +8,22 @@ The request is offered the MCP tools that matter to it (serve/tool_selection.py:
 they fit the budget). Each round renders the conversation with those tools, generates, and parses
 the reply; calls are run against MCP (at once, up to `max_concurrent_calls`), appended to the
 conversation as an assistant message with `tool_calls` and one `tool` message per result, and the
-model goes again, until it answers. Identical calls (same tool, same arguments) in one round run once.
-A call identical to one of an earlier round is neither run nor shown to the model again: it ends the
-loop, since what the model asks for is already in the conversation. A
+model goes again, until it answers. A call identical to one made before in the request (same tool,
+same arguments) is not run again: its tool message says so and carries the first result. A
 reasoning model's thinking is split off before a reply is read for calls; the thinking of a round
 whose calls ran goes back to the model with them (`reasoning_content`), and only the last round's
 thinking reaches the client.
 
 It is made to answer in an "answer round" when it has had `max_rounds` rounds of calls, when a
-round repeats a call it already made, when, after calls ran, it writes what looks like a call the
-parser cannot take, or when its reply is empty or only repeats a tool's error or the loop's own
-words (small models do all of these, and would otherwise loop, answer JSON, answer nothing or hand
-the user an error message). An answer round offers no tools, adds one user turn (ANSWER_NUDGE, not
-part of any reply) when calls ran, and makes the reply open with a letter or digit (after its
-thinking, for a model that thinks), so it is neither a call nor a bare JSON object nor empty.
-Should it still give no answer of its own, the reply says plainly that the tools did not give an
-answer, and what they returned, with the finish reason "tool_loop" (the model kept calling tools) or
-"no_answer" (it gave no answer after the results): the loop's own notes and a tool's raw error are
-never the answer, and a reply is never empty with "stop". `max_tokens` bounds each round.
+round only repeats calls it already made, when, after calls ran, it writes what looks like a call
+the parser cannot take, or when its reply is empty (small models do all four, and would otherwise
+loop, answer JSON or answer nothing). An answer round offers no tools, adds one user turn
+(ANSWER_NUDGE, not part of any reply) when calls ran, and makes the reply open with a letter or
+digit (after its thinking, for a model that thinks), so it is neither a call nor a bare JSON object
+nor empty. Should it still produce no text,
+the reply says what the tools returned and that no answer was produced, with the finish reason
+"tool_loop" (the model kept calling tools) or "no_answer" (it wrote nothing after the results):
+a reply is never empty with "stop". `max_tokens` bounds each round.
 
 The loop is a source of pipeline events (serve/pipeline.py): `ToolsOffered` first, a `Round` per
 generation (marked as one whose calls the server runs), its `Output`s (held back, `shown=False`,
@@ -35,8 +33,8 @@ while the round's text could still be a call), `McpCalls` after each executed ro
 What the client sees (OpenAI's schema has no place for calls the server ran, so levante adds one):
   non-streaming  `mcp_tools_offered`: the names of the tools offered; the final message carries
                  `content` and `mcp_calls`: [{id, name, server, arguments, content, is_error}] in the
-                 order the model made them (a repeated call, not run, also has `repeat_of`: the id of
-                 the call whose result it stands for); `usage` sums every round.
+                 order they ran (a repeated call also has `repeat_of`: the id of the call whose result
+                 it got); `usage` sums every round.
   streaming      the first chunk carries `mcp_tools_offered`; content deltas as they come (a round's
                  text is held back while it could still be a call); after each executed call a chunk
                  whose delta is {"mcp_calls": [that call]}; the finish_reason and usage chunks close
@@ -62,8 +60,8 @@ DEFAULT_MAX_ROUNDS = 5
 ANSWER_PATTERN = r"[\p{L}\p{N}][\s\S]*"  # an answer round's reply: text, not a call, a JSON object or nothing
 CALL_OPENERS = ("{", "[", "<", "`")  # how a call the parser missed begins
 ANSWER_NUDGE = "Answer my question above in plain text, using the tool results."  # the answer round's last turn
+REPEAT_NOTE = "You already made this call ({first}); it was not run again. Its result:\n"
 RESULT_CHARS = 500  # of each tool result quoted in a reply that has no answer
-ECHO_CHARS, ECHO_SHARE = 24, 0.8  # a reply that is a piece of a note this long, or mostly one, only repeats it
 
 
 def offers_mcp_tools(state, body: ChatCompletionRequest) -> bool:
@@ -86,7 +84,6 @@ class McpChat:
         self.calls: list[dict] = []  # what ran, in order, as the client sees it
         self.first_runs: dict[tuple[str, str], dict] = {}  # (tool, canonical arguments) -> its first call
         self.rounds = 0  # rounds whose calls ran
-        self.round_message: dict = {}  # the assistant message of the round being reviewed, less its calls
         self.answering: str | None = None  # why the next round must answer in text: "tool_loop" or "no_answer"
 
     @property
@@ -102,13 +99,10 @@ class McpChat:
         if not answer_round:
             data["tools"] = self.tools
         elif self.calls:
-            data["messages"] = self.messages + [{"role": "user", "content": self._answer_nudge()}]
+            data["messages"] = self.messages + [{"role": "user", "content": ANSWER_NUDGE}]
         forced = answer_round and (self.calls or self.answering)
         structured = StructuredOutput("regex", self.answer_pattern()) if forced else None
         return await self.pipeline.plan_chat(self.route, ChatCompletionRequest.model_validate(data), structured)
-
-    def _answer_nudge(self) -> str:
-        return ANSWER_NUDGE
 
     def answer_pattern(self) -> str:
         """ANSWER_PATTERN, after the thinking of a model that thinks (`<think>...</think>`)."""
@@ -154,72 +148,60 @@ class McpChat:
 
     def _review(self, plan: ChatPlan, final, answer_round: bool) -> tuple[str, list]:
         """What follows a round: ("calls", calls) to run, ("answer", []) for an answer round, ("done", []),
-        or ("empty", []) when even an answer round gave no answer of its own."""
+        or ("empty", []) when even an answer round gave no text."""
         completion = final.outputs[0]
         reasoning, answer = plan.split_reasoning(completion.text)
         reply, calls = answer, []
         if plan.tool_parser is not None:
             content, calls = plan.tool_parser.parse(answer)
             if calls and completion.finish_reason != "length":
-                self.round_message = {"role": "assistant", "content": content}
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [call.to_openai() for call in calls]}
                 if reasoning is not None:  # Qwen3's template keeps the thinking of the turn's tool calls
-                    self.round_message["reasoning_content"] = reasoning
+                    message["reasoning_content"] = reasoning
+                self.messages.append(message)
                 return "calls", calls
             if self.calls and answer.lstrip().startswith(CALL_OPENERS):
                 self.answering = "no_answer"  # a call the parser could not take, or cut off: make it answer
                 return "answer", []
             reply = answer if calls else content  # calls cut off by max_tokens are shown as text
-        if (reply or "").strip() and not self._echoes(reply):
+        if (reply or "").strip():
             return "done", []
         if answer_round:
             return "empty", []
         self.answering = "no_answer"
         return "answer", []
 
-    def _echoes(self, reply: str) -> bool:
-        """Whether a reply only repeats what the loop itself wrote into the conversation, or a tool's error:
-        no answer of the model's own."""
-        said = [ANSWER_NUDGE, self._answer_nudge()] + [c["content"] for c in self.calls if c["is_error"]]
-        return any(_repeats(reply, text) for text in said)
-
     async def _execute(self, calls) -> list[dict]:
-        """Run one round's calls concurrently, each distinct call once, and append them with their results
-        to the conversation. A call made in an earlier round is not run again nor shown to the model again:
-        it ends the loop (the next round answers from the results it has). The client sees every call."""
+        """Run one round's calls concurrently, each distinct call once; append their results to the
+        conversation. A call made before in this request gets the first result back, and is told so."""
         self.rounds += 1
         fresh: dict[tuple[str, str], object] = {}
         for call in calls:
             if _key(call) not in self.first_runs:
                 fresh.setdefault(_key(call), call)
-        if len(fresh) < len({_key(call) for call in calls}):
-            self.answering = "tool_loop"  # it asks again for what it has: make it answer from that
         results = dict(zip(fresh, await asyncio.gather(*(self._call(call) for call in fresh.values()))))
-        if fresh:
-            self.messages.append({**self.round_message,
-                                  "tool_calls": [call.to_openai() for call in fresh.values()]})
         done = []
         for call in calls:
-            record = self._record(call, fresh, results)
-            if fresh.get(_key(call)) is call:
-                self.messages.append({"role": "tool", "tool_call_id": call.id, "content": record["content"]})
+            key = _key(call)
+            record = {"id": call.id, "name": call.name, "server": self.state.mcp.server_of(call.name),
+                      "arguments": call.arguments}
+            if fresh.get(key) is call:
+                record.update(content=results[key].content, is_error=results[key].is_error)
+                self.first_runs[key] = record
+                told = record["content"]
+            else:
+                first = self.first_runs[key]
+                record.update(content=first["content"], is_error=first["is_error"], repeat_of=first["id"])
+                told = REPEAT_NOTE.format(first=first["id"]) + first["content"]
+            outcome = "repeat" if "repeat_of" in record else "error" if record["is_error"] else "ok"
+            self.state.metrics.mcp_tool_calls.labels(outcome).inc()
+            self.messages.append({"role": "tool", "tool_call_id": call.id, "content": told})
             self.calls.append(record)
             done.append(record)
+        if not fresh:
+            self.answering = "tool_loop"  # it only repeats itself: what it asked for is in the conversation
         return done
-
-    def _record(self, call, fresh: dict, results: dict) -> dict:
-        """The call as the client sees it; one that ran before carries `repeat_of` and the first result."""
-        key = _key(call)
-        record = {"id": call.id, "name": call.name, "server": self.state.mcp.server_of(call.name),
-                  "arguments": call.arguments}
-        if fresh.get(key) is call:
-            record.update(content=results[key].content, is_error=results[key].is_error)
-            self.first_runs[key] = record
-        else:
-            first = self.first_runs[key]
-            record.update(content=first["content"], is_error=first["is_error"], repeat_of=first["id"])
-        outcome = "repeat" if "repeat_of" in record else "error" if record["is_error"] else "ok"
-        self.state.metrics.mcp_tool_calls.labels(outcome).inc()
-        return record
 
     async def _call(self, call):
         from levante.mcp import ToolCallResult
@@ -231,17 +213,16 @@ class McpChat:
         return await self.state.mcp.call_tool(call.name, arguments)
 
     def _no_answer(self, plan: ChatPlan) -> list[Event]:
-        """The reply when not even an answer round gave an answer: said plainly, with what the tools returned."""
+        """The reply when not even an answer round gave text: what the tools returned, said plainly."""
         kept_calling = self.answering == "tool_loop" or self.rounds >= self.max_rounds
         reason = "tool_loop" if self.calls and kept_calling else "no_answer"
         if not self.calls:
             text = "No answer was produced: the model wrote nothing."
         else:
-            doing = "kept calling tools" if reason == "tool_loop" else "gave no answer"
-            results = "\n".join(f"- {c['name']}({c['arguments']})" + (" failed" if c["is_error"] else "")
+            doing = "kept calling tools" if reason == "tool_loop" else "wrote nothing"
+            results = "\n".join(f"- {c['name']}({c['arguments']})" + (" [error]" if c["is_error"] else "")
                                 + f": {_clip(c['content'])}" for c in self.calls if "repeat_of" not in c)
-            text = (f"The tools did not give an answer: the model {doing} after these calls.\n"
-                    f"What the tools returned:\n{results}")
+            text = f"No answer was produced: the model {doing} after the tools returned:\n{results}"
         note = RequestOutput("levante-no-answer", None, [], [CompletionOutput(0, text, [], finish_reason=reason)],
                              True)
         return [Round(ChatPlan([], plan.params), server_runs_tools=True), Output(0, note), Finish(reason)]
@@ -254,16 +235,6 @@ def _key(call) -> tuple[str, str]:
     except json.JSONDecodeError:
         arguments = call.arguments
     return call.name, arguments
-
-
-def _repeats(reply: str, said: str) -> bool:
-    """Whether `reply` is `said`, or a piece of it, or little more than it (whitespace aside)."""
-    reply, said = " ".join(reply.split()), " ".join(said.split())
-    if not reply or not said:
-        return False
-    if reply in said:
-        return reply == said or len(reply) >= ECHO_CHARS
-    return len(said) >= ECHO_CHARS and said in reply and len(said) >= ECHO_SHARE * len(reply)
 
 
 def _clip(text: str) -> str:
