@@ -30,9 +30,6 @@ def _mcp_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mcp-max-tools", type=int, default=16,
                         help="MCP tools offered per request: beyond this many (or a quarter of the context), the "
                              "most relevant to the conversation are chosen; 0: no cap by count (default: 16)")
-    parser.add_argument("--mcp-offer-all", action="store_true",
-                        help="offer every MCP tool in every request, in the order the servers list them (as "
-                             "mistral.rs and Ollama do), rather than the relevant ones, most relevant first")
 
 
 def _load(args, warmup: bool):

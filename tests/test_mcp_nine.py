@@ -149,23 +149,6 @@ def test_a_question_about_files_ranks_the_filesystem_tools_first(nine, minilm):
     assert chosen == [t.name for t in tools[:3]] + ["thinking_sequentialthinking"]  # no ranking model: in order
 
 
-def test_tools_within_the_limit_are_offered_most_relevant_first(nine, minilm):
-    """Issue 28: with the time and filesystem servers (16 tools, within --mcp-max-tools) the tools went to
-    the model in the servers' order, time first, and the model asked for the time to read a file."""
-    tools = [tool for tool in nine.manager.offered_tools() if tool.server_id in ("time", "filesystem")]
-    selector = ToolSelector(tools, max_tools=16, max_tool_tokens=1 << 30, count_tokens=len,
-                            embedder=lambda: embed_with(minilm))
-    assert not selector.selects and tools[0].server_id == "time"
-
-    def offered(question: str) -> list[str]:
-        return [tool.name for tool in selector.select([{"role": "user", "content": question}])]
-
-    read = offered(f"Read the file {nine.files}/secret.txt and tell me the secret word.")
-    assert sorted(read) == sorted(tool.name for tool in tools)  # all of them, reordered
-    assert read[0].startswith("filesystem_read") and all(name.startswith("filesystem_") for name in read[:4]), read
-    assert offered("What time is it in Tokyo?")[:2] == ["time_get_current_time", "time_convert_time"]
-
-
 @pytest.fixture(scope="module")
 def served(nine, default_llm):
     """The default model behind a server with all nine servers' tools (the packaged MiniLM ranks them)."""

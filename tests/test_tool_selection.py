@@ -47,13 +47,13 @@ def test_named_tools_and_earlier_calls_are_always_offered():
     selector = ToolSelector(TOOLS, max_tools=2, max_tool_tokens=1 << 30, count_tokens=len)
     # by the offered name, or the server's own name when it has a _ or -; a plain word ("fetch") names nothing
     assert names(selector, "Use memory_search_nodes and READ_QUERY, then fetch it") == \
-        ["sqlite_read_query", "memory_search_nodes"]  # named ones in registration order
+        ["sqlite_read_query", "memory_search_nodes"]
     assert names(selector, "Use my_read_query_tool") == ["time_get_current_time", "time_convert_time"]
     earlier = [{"role": "user", "content": "hi"},
                {"role": "assistant", "content": None, "tool_calls": [
                    {"id": "c1", "type": "function", "function": {"name": "sqlite_list_tables", "arguments": "{}"}}]},
                {"role": "tool", "tool_call_id": "c1", "content": "orders"}, {"role": "user", "content": "and?"}]
-    assert [t.name for t in selector.select(earlier)] == ["sqlite_list_tables", "time_get_current_time"]  # named first
+    assert [t.name for t in selector.select(earlier)] == ["time_get_current_time", "sqlite_list_tables"]
     many = ToolSelector(TOOLS, max_tools=1, max_tool_tokens=1 << 30, count_tokens=len)
     assert len(names(many, "time_convert_time, sqlite_list_tables and fetch_fetch")) == 3  # beyond the count
 

@@ -109,15 +109,15 @@ def ranking_model(router: ModelRouter):
 
 
 def _prepare_tool_selection(state: ServerState, served) -> None:
-    """Say how MCP tools will be offered to chat model `served`, and embed them now to rank them (not in a
-    request)."""
+    """Say how MCP tools will be offered to chat model `served`, and embed them now if they will be ranked
+    (not in a request)."""
     from levante.serve.tool_selection import selector_for
 
     selector = selector_for(state, Route(served.name, served))
     if selector.selects:
         logger.warning("levante: MCP: more tools than fit the budget (%d, or %d tokens): each request is offered "
                        "the most relevant", state.mcp_max_tools, selector.max_tool_tokens)
-    selector.prepare()
+        selector.prepare()
 
 
 def _serve_mcp(state: ServerState, args, sites: SitePolicy):
@@ -175,7 +175,6 @@ def server_state(args, progress: bool = False) -> tuple[ServerState, list[ModelS
         fetch_policy=policy)
     state.mcp_max_rounds = getattr(args, "mcp_max_rounds", state.mcp_max_rounds)
     state.mcp_max_tools = getattr(args, "mcp_max_tools", state.mcp_max_tools)
-    state.mcp_offer_all = getattr(args, "mcp_offer_all", state.mcp_offer_all)
     if not getattr(args, "no_webui", False):
         state.webui = WebUI()
     return state, specs, policy, manager

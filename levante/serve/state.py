@@ -30,7 +30,6 @@ class ServerState:
         self.mcp = None  # levante.mcp.McpToolManager, when MCP servers are configured (see serve/mcp_loop.py)
         self.mcp_max_rounds = DEFAULT_MAX_ROUNDS
         self.mcp_max_tools = DEFAULT_MAX_TOOLS  # per request, beyond which the most relevant are chosen; 0: no cap
-        self.mcp_offer_all = False  # every tool in every request, as registered: no selection, no ranking
         self.tool_selectors = {}  # chat model name -> serve/tool_selection.py's ToolSelector, built on first need
         self.ranker = Ranker()  # ranks search passages and MCP tools: the served embedding model, else MiniLM
         self.load_image = load_image  # image sources -> images; `levante serve` may confine local paths

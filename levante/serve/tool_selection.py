@@ -1,20 +1,21 @@
 """Which MCP tools a chat request is offered (serve/mcp_loop.py).
 
-mistral.rs, llama.cpp and Ollama put every registered tool into every prompt, in the order the servers
-list them. With a real setup (nine servers, sixty tools: some 9,000 prompt tokens of JSON schemas) that
-costs prompt time and loses a small model among tools it does not need; and a small model tends to call
-the first tool it sees. So the tools are ranked: by cosine similarity of "server tool: description" to
-the recent messages (with serve/ranking.py's embedding model). While they fit the budget (at most
+mistral.rs, llama.cpp and Ollama put every registered tool into every prompt. With a real setup
+(nine servers, sixty tools: some 9,000 prompt tokens of JSON schemas) that costs prompt time and
+loses a small model among tools it does not need. While the tools fit the budget (at most
 `max_tools`, their definitions within TOOL_CONTEXT_SHARE of the context window) all are offered;
-beyond it a request is offered:
+beyond it a request is offered, in this order:
   1. the tools of servers marked `always_offer` in the MCP config;
   2. every tool the conversation names: by its offered name (`sqlite_read_query`), by the server's
      own name for it when that has a `_` or `-` (`read_query`), or by a call made earlier in it;
-  3. the others best first, while they fit the budget and score at least RELEVANCE_FLOOR of the best
-     score: a clear question gets its few tools, not a full budget.
-The first two kinds are offered whatever the budget says. Either way the offered tools go to the model
-most relevant first: the named ones, then by score. Without an embedding model (or any text to rank
-by) the others keep their registration order. One request keeps one selection for all its rounds.
+  3. the others by cosine similarity of "server tool: description" to the recent messages (with
+     serve/ranking.py's embedding model), best first, while they fit the budget and score at least
+     RELEVANCE_FLOOR of the best score: a clear question gets its few tools, not a full budget.
+The first two kinds are offered whatever the budget says. Without an embedding model the others
+keep their registration order. The chosen tools go to the model in registration order, not by
+score: each server's own order (its main tool usually first, which a small model tends to pick)
+and, for requests that choose the same tools, the same prompt prefix. One request keeps one
+selection for all its rounds.
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ DEFAULT_MAX_TOOLS = 16
 TOOL_CONTEXT_SHARE = 0.25  # of the context window, at most, for the tool definitions
 RELEVANCE_FLOOR = 0.5  # a ranked tool scoring below this share of the best score is left out
 RECENT_MESSAGES = 4  # the messages the tools are ranked against, newest first
-UNLIMITED = 1 << 62  # a token budget that holds every tool (--mcp-offer-all)
 DOCUMENT_CHARS = 512  # of a tool's "server tool: description" embedded (its first sentences say what it does)
 
 
@@ -60,28 +60,27 @@ class ToolSelector:
 
     def prepare(self) -> None:
         """Embed the tools now rather than in the first request that needs it. Blocking."""
-        if self.tools:
+        if self.selects:
             self._tool_vectors()
 
     def select(self, messages: list[dict]) -> list[McpTool]:
-        """The tools to offer for a conversation (OpenAI chat messages as dicts), most relevant first.
+        """The tools to offer for a conversation (OpenAI chat messages as dicts), in registration order.
         Blocking: it may embed."""
-        named = self.named(messages)
-        ranked = self.ranked(messages)
         if not self.selects:
-            return _relevance_order(ranked, named)
+            return list(self.tools)
+        named = self.named(messages)
         chosen = {t.name for t in self.tools if t.name in self.always or t.name in named}
         tokens = sum(self.tokens[name] for name in chosen)
-        others = [(tool, score) for tool, score in ranked if tool.name not in chosen]
-        floor = others[0][1] * RELEVANCE_FLOOR if others and others[0][1] > 0 else float("-inf")
-        for tool, score in others:
+        ranked = [(tool, score) for tool, score in self.ranked(messages) if tool.name not in chosen]
+        floor = ranked[0][1] * RELEVANCE_FLOOR if ranked and ranked[0][1] > 0 else float("-inf")
+        for tool, score in ranked:
             if (self.max_tools and len(chosen) >= self.max_tools) or score < floor:
                 break
             if chosen and tokens + self.tokens[tool.name] > self.max_tool_tokens:
                 continue
             chosen.add(tool.name)
             tokens += self.tokens[tool.name]
-        return _relevance_order([(tool, score) for tool, score in ranked if tool.name in chosen], named)
+        return [tool for tool in self.tools if tool.name in chosen]
 
     def ranked(self, messages: list[dict]) -> list[tuple[McpTool, float]]:
         """Every tool with its similarity to the recent messages, best first; without a ranking model
@@ -108,11 +107,6 @@ class ToolSelector:
                 if self._embed is not None:
                     self._vectors = unit_vectors(self._embed, [_document(t) for t in self.tools], "document")
             return self._vectors
-
-
-def _relevance_order(ranked: list[tuple[McpTool, float]], named: set[str]) -> list[McpTool]:
-    """Tools the conversation names first, then the others best first (`ranked` is already sorted)."""
-    return [tool for tool, _ in ranked if tool.name in named] + [tool for tool, _ in ranked if tool.name not in named]
 
 
 def _document(tool: McpTool) -> str:
@@ -147,14 +141,9 @@ def selector_for(state, route) -> ToolSelector:
 
 
 def _build(state, engine) -> ToolSelector:
-    def count_tokens(text: str) -> int:
-        return len(engine.tokenizer.encode(text))
-
-    if state.mcp_offer_all:  # no cap, no budget, no ranking model: every tool, as registered
-        selector = ToolSelector(state.mcp.offered_tools(), 0, UNLIMITED, count_tokens)
-    else:
-        selector = ToolSelector(state.mcp.offered_tools(), state.mcp_max_tools,
-                                int(engine.max_model_len * TOOL_CONTEXT_SHARE), count_tokens,
-                                state.ranker.embedder, state.mcp.always_offered_servers)
+    selector = ToolSelector(state.mcp.offered_tools(), state.mcp_max_tools,
+                            int(engine.max_model_len * TOOL_CONTEXT_SHARE),
+                            lambda text: len(engine.tokenizer.encode(text)), state.ranker.embedder,
+                            state.mcp.always_offered_servers)
     state.metrics.mcp_tools_registered.set(len(selector.tools))
     return selector
