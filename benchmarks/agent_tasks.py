@@ -11,9 +11,9 @@ everything, sequential-thinking (npm; `make mcp-servers` installs them all) and 
 `--mcp-port` server (smollm2:135m). Then for each mode `levante serve --mcp-config` runs the model
 (default: the default model), and each task is one chat request at temperature 0, checked by
 reading the answer (or, for a task that changes the world, the world). Modes:
-  ranked  the tools as levante offers them: the relevant ones, most relevant first (the default)
-  all     every tool in every request, in the servers' order (`--mcp-offer-all`, as mistral.rs and
-          Ollama offer them)
+  ranked  the tools as levante offers them: the relevant ones when they exceed --mcp-max-tools (the default)
+  all     every tool in every request, in the servers' order (a --mcp-max-tools above their count, as
+          mistral.rs and Ollama offer them)
 Prints a row per task (pass or fail per mode, the calls made, seconds) and the success rate per
 mode; `--out` keeps the answers and calls as JSON. Runs for minutes: prefill of the tool
 definitions and decode on CPU.
@@ -290,7 +290,7 @@ def run_mode(mode: str, args, tasks: list[Task], scratch: Path) -> list[dict]:
         world = make_world(scratch / mode, site)
         config = scratch / mode / "mcp.json"
         config.write_text(json.dumps(mcp_config(world, f"http://127.0.0.1:{mcp_port}/mcp")))
-        extra = ["--mcp-offer-all"] if mode == "all" else []
+        extra = ["--mcp-max-tools", "100000"] if mode == "all" else []
         with levante(["--model", args.model, "--mcp-config", str(config), *extra], scratch / f"{mode}.log") as base:
             for task in tasks:
                 result = run_task(base, args.model, task, world, args.max_tokens)
