@@ -24,7 +24,27 @@ from levante.models.registry import build_embedding_model, load_weights
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 
-class Embedder:
+class SleepsByRebuilding:
+    """Sleep and wake for a runner of one model (`self.model`, built by `self._build()` on `self.device`):
+    asleep, the weights go back to the system and the tokenizer and settings stay for `wake_up`."""
+
+    @property
+    def asleep(self) -> bool:
+        return self.model is None
+
+    def sleep(self) -> None:
+        self.model = None
+        release_memory(self.device)
+
+    def wake_up(self) -> None:
+        if self.model is None:
+            self.model = self._build()
+
+    def memory_bytes(self) -> int:
+        return weight_bytes(self.model) if self.model is not None else 0
+
+
+class Embedder(SleepsByRebuilding):
     def __init__(self, source: ModelSource, dtype: torch.dtype, device: torch.device,
                  max_batch_tokens: int = 16384, max_batch_size: int = 128):
         started = time.monotonic()
@@ -43,18 +63,6 @@ class Embedder:
         load_weights(model, model.checkpoint_tensors(self.source.weights()))
         return model.eval()
 
-    @property
-    def asleep(self) -> bool:
-        return self.model is None
-
-    def sleep(self) -> None:
-        """Give the weights back to the system; the tokenizer and settings stay for `wake_up`."""
-        self.model = None
-        release_memory(self.device)
-
-    def wake_up(self) -> None:
-        if self.model is None:
-            self.model = self._build()
 
     @classmethod
     def load(cls, model: str, config: EngineConfig) -> Embedder:
@@ -66,9 +74,6 @@ class Embedder:
         if not source.is_embedding:
             raise InvalidRequest(f"'{model}' is not a sentence-embedding model")
         return cls(source, config.dtype or default_dtype(device), device)
-
-    def memory_bytes(self) -> int:
-        return weight_bytes(self.model) if self.model is not None else 0
 
     def _output_dimensions(self) -> int:
         if self.pipeline.dense:

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from levante.config import EngineConfig
-from levante.engine.embedder import forward_padded, length_batches
-from levante.engine.engine import default_dtype, weight_bytes
+from levante.engine.embedder import SleepsByRebuilding, forward_padded, length_batches
+from levante.engine.engine import default_dtype
 from levante.errors import InvalidRequest, ModelLoadError
 from levante.layers.pooling import DENSE_ACTIVATIONS
 from levante.loader import hf
 from levante.loader.auto import ModelSource, open_model
-from levante.loader.memory import release_memory
 from levante.models.bert import position_offset
 from levante.models.registry import build_scoring_model, load_weights
 
@@ -47,7 +46,7 @@ class Pair:
         return [0] * self.first + [1] * (len(self.ids) - self.first)
 
 
-class Scorer:
+class Scorer(SleepsByRebuilding):
     def __init__(self, source: ModelSource, dtype: torch.dtype, device: torch.device,
                  max_batch_tokens: int = 16384, max_batch_size: int = 128):
         self.source, self.config, self.device, self.dtype = source, source.config, device, dtype
@@ -88,21 +87,7 @@ class Scorer:
         default = positions if self.yes_no is None else min(positions, DEFAULT_MAX_LENGTH)
         return int(declared) if isinstance(declared, (int, float)) and 0 < declared < default else default
 
-    def memory_bytes(self) -> int:
-        return weight_bytes(self.model) if self.model is not None else 0
 
-    # -- sleep --------------------------------------------------------------
-    @property
-    def asleep(self) -> bool:
-        return self.model is None
-
-    def sleep(self) -> None:
-        self.model = None
-        release_memory(self.device)
-
-    def wake_up(self) -> None:
-        if self.model is None:
-            self.model = self._build()
 
     # -- inputs -------------------------------------------------------------
     def pairs(self, queries: list[str], documents: list[str], instruction: str | None = None) -> list[Pair]:

@@ -22,12 +22,11 @@ import numpy as np
 import torch
 
 from levante.config import EngineConfig
-from levante.engine.embedder import padded_metadata
-from levante.engine.engine import default_dtype, weight_bytes
+from levante.engine.embedder import SleepsByRebuilding, padded_metadata
+from levante.engine.engine import default_dtype
 from levante.errors import InvalidRequest, ModelLoadError
 from levante.layers.attention import AttentionMetadata, attention_metadata
 from levante.loader.auto import ModelSource, open_model
-from levante.loader.memory import release_memory
 from levante.models.registry import build_transcription_model, load_weights
 
 WINDOW_FRAMES = 3000  # log-mel frames of the 30 s the encoder reads
@@ -119,7 +118,7 @@ class WhisperSettings:
         return tokens + ([] if timestamps else [self.no_timestamps])
 
 
-class Transcriber:
+class Transcriber(SleepsByRebuilding):
     def __init__(self, source: ModelSource, dtype: torch.dtype, device: torch.device, max_batch_size: int = 16):
         from transformers import WhisperFeatureExtractor  # the log-mel features, as Whisper's checkpoints expect
 
@@ -148,20 +147,7 @@ class Transcriber:
         load_weights(model, model.checkpoint_tensors(self.source.weights()))
         return model.eval()
 
-    def memory_bytes(self) -> int:
-        return weight_bytes(self.model) if self.model is not None else 0
 
-    @property
-    def asleep(self) -> bool:
-        return self.model is None
-
-    def sleep(self) -> None:
-        self.model = None
-        release_memory(self.device)
-
-    def wake_up(self) -> None:
-        if self.model is None:
-            self.model = self._build()
 
     # -- inputs -------------------------------------------------------------
     def decoding(self, language: str | None = None, prompt: str | None = None, timestamps: bool = False,
